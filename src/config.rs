@@ -1,0 +1,376 @@
+//! Server settings: embedded defaults overridden by `RUSTY_SOCKS_*` environment variables.
+//!
+//! Every setting is validated at startup. A value that does not parse or is out of range is a
+//! [`ConfigError`] naming the variable, the value and what is accepted; `main` turns it into
+//! exit code 2. Silently falling back to a default (as the original server did) would leave an
+//! operator believing a limit is in force when it is not.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// A setting that could not be honoured.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {var}={value:?}: expected {expected}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub var: &'static str,
+    /// The value it held.
+    pub value: String,
+    /// What would have been accepted.
+    pub expected: String,
+}
+
+/// Everything the server needs to know to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// `RUSTY_SOCKS_HOST`: address to listen on.
+    pub host: IpAddr,
+    /// `RUSTY_SOCKS_PORT`: port to listen on (0 asks the OS for a free one).
+    pub port: u16,
+    /// `RUSTY_SOCKS_MAX_CONN`: concurrent WebSocket connections; one more is refused with 503.
+    pub max_connections: usize,
+    /// `RUSTY_SOCKS_BUFFER`: per-connection outbound queue, in messages.
+    pub buffer: usize,
+    /// `RUSTY_SOCKS_TIMEOUT`: silence (no frame at all, pongs included) before a close.
+    pub timeout: Duration,
+    /// `RUSTY_SOCKS_PING`: interval between server pings.
+    pub ping_interval: Duration,
+    /// `RUSTY_SOCKS_THREAD_POOL_SIZE`: worker threads of the tokio runtime.
+    pub worker_threads: usize,
+    /// `RUSTY_SOCKS_MAX_QUEUED_TASKS`: accepted sockets allowed to be mid-handshake at once.
+    pub max_queued_tasks: usize,
+    /// `RUSTY_SOCKS_MAX_MESSAGE_SIZE`: largest message accepted on `/ws`, in bytes.
+    pub max_message_size: usize,
+    /// `RUSTY_SOCKS_HISTORY_SIZE`: stored chat messages kept per channel.
+    pub history_size: usize,
+    /// `RUSTY_SOCKS_HISTORY_BYTES`: total bytes of stored chat messages kept per channel.
+    pub history_bytes: usize,
+    /// `RUSTY_SOCKS_REPLAY`: stored messages sent to a newcomer after the welcome.
+    pub replay_count: usize,
+    /// `RUSTY_SOCKS_ECHO_TO_SENDER`: whether a chat message is also sent back to its sender.
+    pub echo_to_sender: bool,
+    /// `RUSTY_SOCKS_ECHO_ENDPOINT`: whether `/echo` (for conformance testing) is served.
+    pub echo_endpoint: bool,
+    /// `RUSTY_SOCKS_ECHO_MAX_MESSAGE_SIZE`: largest message accepted on `/echo`, in bytes.
+    pub echo_max_message_size: usize,
+    /// `RUSTY_SOCKS_HANDSHAKE_TIMEOUT`: time a new socket has to send its HTTP request headers.
+    pub handshake_timeout: Duration,
+    /// `RUSTY_SOCKS_SHUTDOWN_GRACE`: time given to clients to drain on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            host: IpAddr::from([0, 0, 0, 0]),
+            port: 3030,
+            max_connections: 100,
+            buffer: 1024,
+            timeout: Duration::from_secs(60),
+            ping_interval: Duration::from_secs(30),
+            worker_threads: 4,
+            max_queued_tasks: 1000,
+            max_message_size: 64 * 1024,
+            history_size: 100,
+            history_bytes: 1024 * 1024,
+            replay_count: 10,
+            echo_to_sender: false,
+            echo_endpoint: false,
+            echo_max_message_size: 16 * 1024 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(3),
+        }
+    }
+}
+
+/// One row of the settings table: the variable, its default as text, and its meaning.
+pub struct Setting {
+    /// The environment variable.
+    pub var: &'static str,
+    /// Default, as written in the docs.
+    pub default: &'static str,
+    /// One-line meaning.
+    pub meaning: &'static str,
+}
+
+/// The settings table, printed by `rusty_socks --help` and mirrored in README.md.
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        var: "RUSTY_SOCKS_HOST",
+        default: "0.0.0.0",
+        meaning: "listen address (an IPv4 or IPv6 literal)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_PORT",
+        default: "3030",
+        meaning: "listen port, 0-65535 (0 = any free port)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_MAX_CONN",
+        default: "100",
+        meaning: "concurrent WebSocket connections; more get HTTP 503",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_BUFFER",
+        default: "1024",
+        meaning: "per-connection outbound queue (messages); overflow closes with 4001",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_TIMEOUT",
+        default: "60",
+        meaning: "seconds without any frame from a client before close 4000",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_PING",
+        default: "30",
+        meaning: "seconds between server pings (must be below TIMEOUT)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_THREAD_POOL_SIZE",
+        default: "4",
+        meaning: "worker threads of the runtime, 1-1024",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_MAX_QUEUED_TASKS",
+        default: "1000",
+        meaning: "connection attempts mid-handshake at once; more get HTTP 503",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_MAX_MESSAGE_SIZE",
+        default: "65536",
+        meaning: "largest message on /ws in bytes; larger closes with 1009",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_HISTORY_SIZE",
+        default: "100",
+        meaning: "stored chat messages kept in memory (0 disables storage)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_HISTORY_BYTES",
+        default: "1048576",
+        meaning: "total bytes of stored chat messages kept in memory",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_REPLAY",
+        default: "10",
+        meaning: "stored messages replayed to a newcomer after the welcome",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_ECHO_TO_SENDER",
+        default: "false",
+        meaning: "also send a chat message back to its sender",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_ECHO_ENDPOINT",
+        default: "false",
+        meaning: "serve the /echo conformance endpoint",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_ECHO_MAX_MESSAGE_SIZE",
+        default: "16777216",
+        meaning: "largest message on /echo in bytes",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_HANDSHAKE_TIMEOUT",
+        default: "10",
+        meaning: "seconds a new socket has to send its request headers",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_SHUTDOWN_GRACE",
+        default: "3",
+        meaning: "seconds clients get to drain on SIGINT/SIGTERM, 1-4",
+    },
+];
+
+impl Config {
+    /// Reads the process environment over the defaults.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|var| std::env::var(var).ok())
+    }
+
+    /// Reads settings through `lookup` (the environment in production, a map in tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let get = |var: &'static str| lookup(var).map(|value| (var, value));
+        let secs = |var, default: Duration, max| -> Result<Duration, ConfigError> {
+            match get(var) {
+                None => Ok(default),
+                Some((var, v)) => parse_int(var, &v, 1, max).map(Duration::from_secs),
+            }
+        };
+        let int = |var, default: usize, min, max| -> Result<usize, ConfigError> {
+            match get(var) {
+                None => Ok(default),
+                Some((var, v)) => parse_int(var, &v, min, max).map(|n| n as usize),
+            }
+        };
+        let flag = |var, default: bool| match get(var) {
+            None => Ok(default),
+            Some((var, v)) => parse_bool(var, &v),
+        };
+        let config = Self {
+            host: match get("RUSTY_SOCKS_HOST") {
+                None => d.host,
+                Some((var, v)) => v.trim().parse().map_err(|_| ConfigError {
+                    var,
+                    value: v.clone(),
+                    expected: "an IP address such as 0.0.0.0, 127.0.0.1 or ::".into(),
+                })?,
+            },
+            port: int("RUSTY_SOCKS_PORT", usize::from(d.port), 0, 65_535)? as u16,
+            max_connections: int("RUSTY_SOCKS_MAX_CONN", d.max_connections, 1, 10_000_000)?,
+            buffer: int("RUSTY_SOCKS_BUFFER", d.buffer, 1, 1_000_000)?,
+            timeout: secs("RUSTY_SOCKS_TIMEOUT", d.timeout, 86_400)?,
+            ping_interval: secs("RUSTY_SOCKS_PING", d.ping_interval, 86_400)?,
+            worker_threads: int("RUSTY_SOCKS_THREAD_POOL_SIZE", d.worker_threads, 1, 1024)?,
+            max_queued_tasks: int(
+                "RUSTY_SOCKS_MAX_QUEUED_TASKS",
+                d.max_queued_tasks,
+                1,
+                10_000_000,
+            )?,
+            max_message_size: int(
+                "RUSTY_SOCKS_MAX_MESSAGE_SIZE",
+                d.max_message_size,
+                128,
+                64 << 20,
+            )?,
+            history_size: int("RUSTY_SOCKS_HISTORY_SIZE", d.history_size, 0, 1_000_000)?,
+            history_bytes: int("RUSTY_SOCKS_HISTORY_BYTES", d.history_bytes, 0, 1 << 32)?,
+            replay_count: int("RUSTY_SOCKS_REPLAY", d.replay_count, 0, 1000)?,
+            echo_to_sender: flag("RUSTY_SOCKS_ECHO_TO_SENDER", d.echo_to_sender)?,
+            echo_endpoint: flag("RUSTY_SOCKS_ECHO_ENDPOINT", d.echo_endpoint)?,
+            echo_max_message_size: int(
+                "RUSTY_SOCKS_ECHO_MAX_MESSAGE_SIZE",
+                d.echo_max_message_size,
+                128,
+                64 << 20,
+            )?,
+            handshake_timeout: secs("RUSTY_SOCKS_HANDSHAKE_TIMEOUT", d.handshake_timeout, 3600)?,
+            shutdown_grace: secs("RUSTY_SOCKS_SHUTDOWN_GRACE", d.shutdown_grace, 4)?,
+        };
+        if config.ping_interval >= config.timeout {
+            return Err(ConfigError {
+                var: "RUSTY_SOCKS_PING",
+                value: config.ping_interval.as_secs().to_string(),
+                expected: format!(
+                    "fewer seconds than RUSTY_SOCKS_TIMEOUT ({}), or live clients would time out",
+                    config.timeout.as_secs()
+                ),
+            });
+        }
+        Ok(config)
+    }
+}
+
+fn parse_int(var: &'static str, value: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+    match value.trim().parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(ConfigError {
+            var,
+            value: value.to_owned(),
+            expected: format!("a whole number from {min} to {max}"),
+        }),
+    }
+}
+
+fn parse_bool(var: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError {
+            var,
+            value: value.to_owned(),
+            expected: "true or false".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn with(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_original_readme() {
+        let c = with(&[]).expect("defaults are valid");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.host.to_string(), "0.0.0.0");
+        assert_eq!(c.port, 3030);
+        assert_eq!(c.max_connections, 100);
+        assert_eq!(c.buffer, 1024);
+        assert_eq!(c.timeout, Duration::from_secs(60));
+        assert_eq!(c.ping_interval, Duration::from_secs(30));
+        assert_eq!(c.worker_threads, 4);
+        assert_eq!(c.max_queued_tasks, 1000);
+        assert_eq!(c.max_message_size, 65536);
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let c = with(&[
+            ("RUSTY_SOCKS_HOST", "::1"),
+            ("RUSTY_SOCKS_PORT", "8080"),
+            ("RUSTY_SOCKS_MAX_CONN", "7"),
+            ("RUSTY_SOCKS_BUFFER", "8"),
+            ("RUSTY_SOCKS_TIMEOUT", "9"),
+            ("RUSTY_SOCKS_PING", "2"),
+            ("RUSTY_SOCKS_THREAD_POOL_SIZE", "3"),
+            ("RUSTY_SOCKS_MAX_QUEUED_TASKS", "11"),
+            ("RUSTY_SOCKS_MAX_MESSAGE_SIZE", "4096"),
+            ("RUSTY_SOCKS_ECHO_ENDPOINT", "true"),
+            ("RUSTY_SOCKS_ECHO_TO_SENDER", "yes"),
+        ])
+        .expect("valid");
+        assert_eq!(c.host.to_string(), "::1");
+        assert_eq!(
+            (
+                c.port,
+                c.max_connections,
+                c.buffer,
+                c.worker_threads,
+                c.max_queued_tasks
+            ),
+            (8080, 7, 8, 3, 11)
+        );
+        assert_eq!(c.timeout, Duration::from_secs(9));
+        assert_eq!(c.ping_interval, Duration::from_secs(2));
+        assert_eq!(c.max_message_size, 4096);
+        assert!(c.echo_endpoint && c.echo_to_sender);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_the_value() {
+        let cases = [
+            ("RUSTY_SOCKS_THREAD_POOL_SIZE", "0"),
+            ("RUSTY_SOCKS_PORT", "70000"),
+            ("RUSTY_SOCKS_MAX_CONN", "-5"),
+            ("RUSTY_SOCKS_BUFFER", "lots"),
+            ("RUSTY_SOCKS_TIMEOUT", ""),
+            ("RUSTY_SOCKS_HOST", "not-an-ip"),
+            ("RUSTY_SOCKS_ECHO_ENDPOINT", "maybe"),
+            ("RUSTY_SOCKS_MAX_QUEUED_TASKS", "1.5"),
+        ];
+        for (var, value) in cases {
+            let err = with(&[(var, value)]).expect_err(var);
+            assert_eq!(err.var, var);
+            assert_eq!(err.value, value);
+            let text = err.to_string();
+            assert!(text.contains(var) && text.contains("expected"), "{text}");
+        }
+    }
+
+    #[test]
+    fn ping_must_be_shorter_than_timeout() {
+        let err = with(&[("RUSTY_SOCKS_PING", "60")]).expect_err("ping == timeout");
+        assert_eq!(err.var, "RUSTY_SOCKS_PING");
+    }
+}

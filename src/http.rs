@@ -1,0 +1,175 @@
+//! HTTP routing: `/health`, `/stats`, and the WebSocket endpoints.
+//!
+//! Paths match exactly. [`HttpError`] is the one mapping from every refusal to its status.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, UPGRADE};
+use hyper::{Method, Request, Response, StatusCode};
+
+use crate::admission::Overload;
+use crate::server::AppState;
+use crate::ws::handshake::HandshakeError;
+use crate::ws::{self, Endpoint};
+
+/// Every way an HTTP request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HttpError {
+    /// No such path.
+    #[error("not found")]
+    NotFound,
+    /// The path exists but not for this method; holds the methods it allows.
+    #[error("method not allowed; use {0}")]
+    MethodNotAllowed(&'static str),
+    /// A WebSocket endpoint got a request it cannot upgrade.
+    #[error("{0}")]
+    Handshake(HandshakeError),
+    /// An admission bound is reached.
+    #[error("{}", .0.message())]
+    Overloaded(Overload),
+    /// A response could not be built.
+    #[error("internal error")]
+    Internal,
+}
+
+impl HttpError {
+    /// The status this refusal is answered with.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Handshake(HandshakeError::NotAnUpgrade | HandshakeError::UnsupportedVersion) => {
+                StatusCode::UPGRADE_REQUIRED
+            }
+            Self::Handshake(HandshakeError::MissingConnectionUpgrade | HandshakeError::BadKey) => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        let mut body = self.to_string();
+        if !body.ends_with('\n') {
+            body.push('\n');
+        }
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            "text/plain; charset=utf-8".parse().expect_static(),
+        );
+        match self {
+            Self::MethodNotAllowed(allow) => {
+                headers.insert(ALLOW, allow.parse().expect_static());
+            }
+            Self::Handshake(HandshakeError::NotAnUpgrade) => {
+                headers.insert(UPGRADE, "websocket".parse().expect_static());
+            }
+            Self::Handshake(HandshakeError::UnsupportedVersion) => {
+                headers.insert("sec-websocket-version", "13".parse().expect_static());
+            }
+            Self::Overloaded(_) => {
+                headers.insert(RETRY_AFTER, "1".parse().expect_static());
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// Parsing a literal header value cannot fail; this keeps `unwrap` out of the code anyway.
+trait ExpectStatic {
+    fn expect_static(self) -> hyper::header::HeaderValue;
+}
+
+impl ExpectStatic for Result<hyper::header::HeaderValue, hyper::header::InvalidHeaderValue> {
+    fn expect_static(self) -> hyper::header::HeaderValue {
+        self.unwrap_or_else(|_| hyper::header::HeaderValue::from_static(""))
+    }
+}
+
+/// The raw response written to a socket refused before its request is read.
+pub fn raw_overload_response(overload: Overload) -> Vec<u8> {
+    let body = overload.message();
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+        body.len(),
+        body
+    )
+    .into_bytes()
+}
+
+/// Routes one request.
+pub async fn handle(
+    req: Request<Incoming>,
+    state: Arc<AppState>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let result = route(req, &state);
+    Ok(result.unwrap_or_else(HttpError::into_response))
+}
+
+fn route(
+    req: Request<Incoming>,
+    state: &Arc<AppState>,
+) -> Result<Response<Full<Bytes>>, HttpError> {
+    let endpoint = match req.uri().path() {
+        "/health" => return get_only(&req).map(|()| text("OK")),
+        "/stats" => return get_only(&req).map(|()| stats(state)),
+        "/ws" => Endpoint::Chat,
+        "/echo" if state.config.echo_endpoint => Endpoint::Echo,
+        _ => return Err(HttpError::NotFound),
+    };
+    if req.method() != Method::GET {
+        return Err(HttpError::MethodNotAllowed("GET"));
+    }
+    ws::upgrade(req, state, endpoint)
+}
+
+fn get_only(req: &Request<Incoming>) -> Result<(), HttpError> {
+    match *req.method() {
+        Method::GET | Method::HEAD => Ok(()),
+        _ => Err(HttpError::MethodNotAllowed("GET, HEAD")),
+    }
+}
+
+fn text(body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn stats(state: &AppState) -> Response<Full<Bytes>> {
+    let admission = &state.admission;
+    let stats = &state.stats;
+    let body = serde_json::json!({
+        "worker_threads": state.config.worker_threads,
+        "active_tasks": stats.active_tasks(),
+        "connections": admission.connections(),
+        "max_connections": admission.max_connections(),
+        "queued": admission.pending(),
+        "max_queued_tasks": admission.max_pending(),
+        "rejected_total": admission.rejected_total(),
+        "messages_in": stats.messages_in(),
+        "messages_out": stats.messages_out(),
+        "slow_consumer_closes_total": stats.slow_consumer_closes(),
+        "channels": state.hub.channel_count(),
+        "uptime_s": stats.uptime_s(),
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}

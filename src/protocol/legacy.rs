@@ -1,0 +1,253 @@
+//! The original Rusty Socks wire format ("legacy" dialect), as recorded in COMPAT.md.
+//!
+//! Server frames are built by hand-written `serde` structs so that field order and names are
+//! exactly the contract; client messages are parsed from a `serde_json::Value` so every kind of
+//! mistake gets its own precise error instead of serde's generic one.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
+
+use crate::error::ClientError;
+
+/// A chat message as stored, replayed and broadcast.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Chat {
+    /// The message id: the client's if it sent one, otherwise assigned by the server.
+    pub id: Uuid,
+    /// Free-form sender name chosen by the client.
+    pub sender: String,
+    /// The message text.
+    pub content: String,
+    /// RFC 3339 time in UTC: the client's if it sent one, otherwise the server's receive time.
+    pub timestamp: String,
+}
+
+/// Every frame the server sends in the legacy dialect.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type")]
+pub enum ServerFrame<'a> {
+    /// Sent first on every connection.
+    Connect {
+        /// The id the server assigned to this connection.
+        client_id: Uuid,
+    },
+    /// A chat message from another client (or from history).
+    Chat(&'a Chat),
+    /// Another client went away.
+    Disconnect {
+        /// Which one.
+        client_id: Uuid,
+    },
+    /// The last message could not be handled; the connection stays open.
+    Error {
+        /// Stable snake_case code.
+        code: &'static str,
+        /// Human-readable sentence.
+        message: String,
+    },
+}
+
+impl ServerFrame<'_> {
+    /// The JSON text of this frame.
+    pub fn to_json(&self) -> String {
+        // Serializing these plain structs cannot fail: no maps with non-string keys, no
+        // custom serializers. Fall back to a fixed error frame rather than panic regardless.
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"type":"Error","code":"internal","message":"could not encode frame"}"#.into()
+        })
+    }
+
+    /// The error frame for a client mistake.
+    pub fn error(err: &ClientError) -> ServerFrame<'static> {
+        ServerFrame::Error {
+            code: err.code(),
+            message: err.to_string(),
+        }
+    }
+}
+
+/// Parses a client's chat message, filling in what the README's examples leave out.
+///
+/// `now` is used when the message carries no timestamp. Unknown fields are ignored, as the
+/// original did; `"type":"Chat"` is allowed.
+pub fn parse_chat(text: &str, now: OffsetDateTime) -> Result<Chat, ClientError> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| ClientError::InvalidJson(e.to_string()))?;
+    let Value::Object(map) = value else {
+        return Err(ClientError::NotAnObject(kind(&value)));
+    };
+    match map.get("type") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(t)) if t == "Chat" => {}
+        Some(Value::String(t)) => return Err(ClientError::UnknownType(t.clone())),
+        Some(_) => {
+            return Err(ClientError::InvalidField {
+                field: "type",
+                expected: "a string",
+            });
+        }
+    }
+    let id = match present(&map, "id") {
+        None => Uuid::new_v4(),
+        Some(Value::String(s)) => Uuid::parse_str(s).map_err(|_| ClientError::InvalidField {
+            field: "id",
+            expected: "a UUID string",
+        })?,
+        Some(_) => {
+            return Err(ClientError::InvalidField {
+                field: "id",
+                expected: "a UUID string",
+            });
+        }
+    };
+    let timestamp = match present(&map, "timestamp") {
+        None => now,
+        Some(Value::String(s)) => {
+            OffsetDateTime::parse(s, &Rfc3339).map_err(|_| ClientError::InvalidField {
+                field: "timestamp",
+                expected: "an RFC 3339 date-time string",
+            })?
+        }
+        Some(_) => {
+            return Err(ClientError::InvalidField {
+                field: "timestamp",
+                expected: "an RFC 3339 date-time string",
+            });
+        }
+    };
+    Ok(Chat {
+        id,
+        sender: required_string(&map, "sender")?,
+        content: required_string(&map, "content")?,
+        timestamp: format_utc(timestamp),
+    })
+}
+
+/// Formats a time as RFC 3339 in UTC (`...Z`).
+pub fn format_utc(t: OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+fn present<'a>(map: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
+    map.get(field).filter(|v| !v.is_null())
+}
+
+fn required_string(map: &Map<String, Value>, field: &'static str) -> Result<String, ClientError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Err(ClientError::MissingField(field)),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(ClientError::InvalidField {
+            field,
+            expected: "a string",
+        }),
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_700_000_000).expect("valid time")
+    }
+
+    #[test]
+    fn wscat_example_is_kept_as_sent() {
+        let chat = parse_chat(
+            r#"{"id":"00000000-0000-0000-0000-000000000000","sender":"test_user","content":"Hello from wscat!","timestamp":"2025-03-15T12:00:00Z"}"#,
+            now(),
+        )
+        .expect("valid");
+        assert_eq!(chat.id, Uuid::nil());
+        assert_eq!(chat.sender, "test_user");
+        assert_eq!(chat.timestamp, "2025-03-15T12:00:00Z");
+    }
+
+    #[test]
+    fn javascript_example_gets_an_id() {
+        let chat = parse_chat(
+            r#"{"sender":"client","content":"Hello from JS client","timestamp":"2025-03-15T12:00:00.123Z"}"#,
+            now(),
+        )
+        .expect("valid");
+        assert_ne!(chat.id, Uuid::nil());
+        assert_eq!(chat.id.get_version_num(), 4);
+    }
+
+    #[test]
+    fn missing_timestamp_is_the_server_time_and_offsets_become_utc() {
+        let chat = parse_chat(r#"{"sender":"a","content":"b"}"#, now()).expect("valid");
+        assert_eq!(chat.timestamp, "2023-11-14T22:13:20Z");
+        let chat = parse_chat(
+            r#"{"sender":"a","content":"b","timestamp":"2025-03-15T14:00:00+02:00","type":"Chat","extra":1}"#,
+            now(),
+        )
+        .expect("valid");
+        assert_eq!(chat.timestamp, "2025-03-15T12:00:00Z");
+    }
+
+    #[test]
+    fn each_mistake_has_its_own_code() {
+        let cases = [
+            ("{not json", "invalid_json"),
+            ("[1,2]", "invalid_message"),
+            ("42", "invalid_message"),
+            (r#"{"content":"x"}"#, "missing_field"),
+            (r#"{"sender":1,"content":"x"}"#, "invalid_field"),
+            (r#"{"sender":"a","content":["x"]}"#, "invalid_field"),
+            (
+                r#"{"sender":"a","content":"x","id":"nope"}"#,
+                "invalid_field",
+            ),
+            (
+                r#"{"sender":"a","content":"x","timestamp":"yesterday"}"#,
+                "invalid_field",
+            ),
+            (
+                r#"{"sender":"a","content":"x","type":"Shout"}"#,
+                "unknown_type",
+            ),
+        ];
+        for (text, code) in cases {
+            let err = parse_chat(text, now()).expect_err(text);
+            assert_eq!(err.code(), code, "{text}");
+        }
+    }
+
+    #[test]
+    fn frames_have_the_contract_shapes() {
+        let id = Uuid::nil();
+        assert_eq!(
+            ServerFrame::Connect { client_id: id }.to_json(),
+            r#"{"type":"Connect","client_id":"00000000-0000-0000-0000-000000000000"}"#
+        );
+        let chat = Chat {
+            id,
+            sender: "s".into(),
+            content: "c".into(),
+            timestamp: "2025-03-15T12:00:00Z".into(),
+        };
+        assert_eq!(
+            ServerFrame::Chat(&chat).to_json(),
+            r#"{"type":"Chat","id":"00000000-0000-0000-0000-000000000000","sender":"s","content":"c","timestamp":"2025-03-15T12:00:00Z"}"#
+        );
+        let err = ServerFrame::error(&ClientError::BinaryNotSupported).to_json();
+        assert!(err.starts_with(r#"{"type":"Error","code":"binary_not_supported","message":""#));
+    }
+}

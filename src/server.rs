@@ -1,0 +1,162 @@
+//! Accepting connections, serving HTTP on them, and shutting down cleanly.
+//!
+//! [`run`] is what `main` and the integration tests both call: it takes a bound listener, so
+//! tests bind `127.0.0.1:0` and read the port before starting.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admission::{Admission, HandshakePermit, Overload};
+use crate::broker::Broker;
+use crate::broker::memory::MemoryBroker;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::stats::Stats;
+use crate::store::MemoryStore;
+
+/// Shared by every connection.
+#[derive(Debug)]
+pub struct AppState {
+    /// Settings in force.
+    pub config: Config,
+    /// Connection and handshake bounds.
+    pub admission: Arc<Admission>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// Local channel membership.
+    pub hub: Arc<Hub>,
+    /// Message distribution and history.
+    pub broker: Arc<dyn Broker>,
+    /// Cancelled when the server starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Every connection task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+}
+
+impl AppState {
+    /// State for a single node with in-memory broker and store.
+    pub fn new(config: Config) -> Arc<Self> {
+        let hub = Arc::new(Hub::new());
+        let store = Arc::new(MemoryStore::new(config.history_size, config.history_bytes));
+        let broker = Arc::new(MemoryBroker::new(Arc::clone(&hub), store));
+        Arc::new(Self {
+            admission: Admission::new(config.max_connections, config.max_queued_tasks),
+            stats: Arc::new(Stats::default()),
+            hub,
+            broker,
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            config,
+        })
+    }
+}
+
+/// Serves `listener` until `shutdown` resolves, then closes every client with 1001, lets
+/// queued messages drain for up to `RUSTY_SOCKS_SHUTDOWN_GRACE`, and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let state = AppState::new(config);
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(err) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!(%err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match state.admission.try_handshake() {
+            Ok(permit) => {
+                let state2 = Arc::clone(&state);
+                state.tracker.spawn(serve_http(stream, state2, permit));
+            }
+            Err(overload) => {
+                tracing::debug!(?overload, "refusing connection before its handshake");
+                state.tracker.spawn(refuse(stream, overload));
+            }
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: closing connections with 1001");
+    state.shutdown.cancel();
+    state.tracker.close();
+    let limit = state.config.shutdown_grace + Duration::from_millis(500);
+    if tokio::time::timeout(limit, state.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not finish closing in time");
+    }
+    Ok(())
+}
+
+/// Serves HTTP/1.1 on one socket until it closes or upgrades.
+async fn serve_http(stream: TcpStream, state: Arc<AppState>, permit: HandshakePermit) {
+    let _task = state.stats.task();
+    let _ = stream.set_nodelay(true);
+    let permit = Arc::new(permit);
+    let service = {
+        let state = Arc::clone(&state);
+        let permit = Arc::clone(&permit);
+        service_fn(move |req| {
+            // The request is in: this socket no longer counts as a pending handshake.
+            permit.release();
+            crate::http::handle(req, Arc::clone(&state))
+        })
+    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.config.handshake_timeout)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(err) = result {
+                tracing::debug!(%err, "http connection ended with an error");
+            }
+        }
+        () = state.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(state.config.shutdown_grace, conn).await;
+        }
+    }
+}
+
+/// Answers a socket refused before its request was read: 503 + `Retry-After`, then reads and
+/// discards what it sent (closing with unread input would reset the connection and could
+/// destroy the response before the client reads it). Bounded to one second.
+async fn refuse(mut stream: TcpStream, overload: Overload) {
+    let response = crate::http::raw_overload_response(overload);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(&response).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        let mut total = 0usize;
+        while total < 64 * 1024 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => total += n,
+            }
+        }
+        std::io::Result::Ok(())
+    })
+    .await;
+}

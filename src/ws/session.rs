@@ -1,0 +1,357 @@
+//! One task per WebSocket connection: reads frames, writes queued frames, keeps the heartbeat.
+//!
+//! Everything a connection does happens in one `select!` loop over its socket halves, its
+//! outbox, its close signal and one timer, so there is no per-connection lock and no second
+//! task. Frames waiting for the socket are copied into one contiguous write buffer and written
+//! with as few syscalls as the kernel allows; reading pauses while that buffer is over its high
+//! mark, which is what bounds the memory of a client that sends but never reads.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+
+use super::close::{CloseCode, WsViolation};
+use super::frame::{OpCode, encode_close, encode_into};
+use super::outbox::CloseSignal;
+use super::reader::{Incoming, MessageReader};
+use crate::stats::Stats;
+
+/// Reading pauses while this much is waiting to be written.
+const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// Most frames taken from the outbox per wake-up.
+const OUTBOX_BATCH: usize = 256;
+/// Spare room ensured before each read.
+const READ_CHUNK: usize = 4096;
+/// How long the server waits for the client's close frame after sending its own.
+const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(1);
+
+/// Per-endpoint session settings.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Largest message accepted; larger closes with 1009.
+    pub max_message: usize,
+    /// Interval of server pings, or `None` to never ping (the echo endpoint).
+    pub ping_interval: Option<Duration>,
+    /// Silence after which the connection is closed with 4000.
+    pub timeout: Duration,
+    /// Time allowed to flush and close on shutdown or error.
+    pub close_grace: Duration,
+}
+
+/// Frames a handler sends directly on its own connection (replies, welcome, errors).
+#[derive(Debug)]
+pub struct Replies<'a> {
+    buf: &'a mut BytesMut,
+    count: u64,
+}
+
+impl Replies<'_> {
+    /// Queues a text frame.
+    pub fn text(&mut self, text: &str) {
+        encode_into(self.buf, OpCode::Text, text.as_bytes());
+        self.count += 1;
+    }
+
+    /// Queues a text frame from bytes already known to be UTF-8.
+    pub fn frame_text(&mut self, text: &[u8]) {
+        encode_into(self.buf, OpCode::Text, text);
+        self.count += 1;
+    }
+
+    /// Queues a binary frame.
+    pub fn binary(&mut self, data: &[u8]) {
+        encode_into(self.buf, OpCode::Binary, data);
+        self.count += 1;
+    }
+
+    /// Queues an already-encoded frame.
+    pub fn frame(&mut self, frame: &[u8]) {
+        self.buf.extend_from_slice(frame);
+        self.count += 1;
+    }
+}
+
+/// What an endpoint does with a connection's messages.
+pub trait Handler: Send {
+    /// Called once before anything else; may send the welcome.
+    fn on_open(&mut self, out: &mut Replies<'_>) -> impl Future<Output = ()> + Send;
+    /// A complete, UTF-8 validated text message.
+    fn on_text(&mut self, text: Bytes, out: &mut Replies<'_>) -> impl Future<Output = ()> + Send;
+    /// A complete binary message.
+    fn on_binary(&mut self, data: Bytes, out: &mut Replies<'_>) -> impl Future<Output = ()> + Send;
+    /// Called once when the connection ends, for whatever reason.
+    fn on_close(&mut self, server_shutting_down: bool) -> impl Future<Output = ()> + Send;
+}
+
+/// Why the main loop ended.
+#[derive(Debug)]
+enum End {
+    /// The client sent a close frame (with this code, if any).
+    ClientClosed(Option<u16>),
+    /// The server decided to close.
+    Server(CloseCode),
+    /// The client broke the protocol.
+    Violation(WsViolation),
+    /// The socket is gone (EOF without close, reset, write error).
+    Gone,
+}
+
+/// Everything one session task owns.
+pub struct Session<R, W, H> {
+    /// Socket read half.
+    pub reader: R,
+    /// Socket write half.
+    pub writer: W,
+    /// Bytes the client sent right after the handshake request, read by the HTTP layer.
+    pub leftover: Bytes,
+    /// Frames fanned out to this client.
+    pub outbox: mpsc::Receiver<Bytes>,
+    /// Close requests from outside (slow consumer).
+    pub signal: Arc<CloseSignal>,
+    /// The endpoint's behaviour.
+    pub handler: H,
+    /// Endpoint settings.
+    pub config: SessionConfig,
+    /// Server-wide shutdown.
+    pub shutdown: CancellationToken,
+    /// Server counters.
+    pub stats: Arc<Stats>,
+}
+
+impl<R, W, H> Session<R, W, H>
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+    H: Handler,
+{
+    /// Runs the connection to its end, including the close handshake.
+    pub async fn run(mut self) {
+        let mut rbuf = BytesMut::from(&self.leftover[..]);
+        self.leftover = Bytes::new();
+        let mut wbuf = BytesMut::new();
+        let mut parser = MessageReader::new(self.config.max_message);
+        let mut replies = Replies {
+            buf: &mut wbuf,
+            count: 0,
+        };
+        self.handler.on_open(&mut replies).await;
+        self.stats.add_out(replies.count);
+
+        let end = self.main_loop(&mut rbuf, &mut wbuf, &mut parser).await;
+        let shutting_down = self.shutdown.is_cancelled();
+        self.handler.on_close(shutting_down).await;
+        tracing::debug!(?end, "session ending");
+        self.finish(end, rbuf, wbuf, parser).await;
+    }
+
+    async fn main_loop(
+        &mut self,
+        rbuf: &mut BytesMut,
+        wbuf: &mut BytesMut,
+        parser: &mut MessageReader,
+    ) -> End {
+        let mut last_seen = Instant::now();
+        let mut next_ping = self.config.ping_interval.map(|p| last_seen + p);
+        let silence = self.config.timeout;
+        let deadline = |last_seen: Instant, next_ping: Option<Instant>| {
+            let dead = last_seen + silence;
+            next_ping.map_or(dead, |p| p.min(dead))
+        };
+        let timer = sleep_until(deadline(last_seen, next_ping));
+        tokio::pin!(timer);
+        let mut batch = Vec::new();
+        let mut outbox_open = true;
+
+        // Frames the client pipelined right behind its handshake.
+        if !rbuf.is_empty() {
+            if let Some(end) = self.on_readable(rbuf, wbuf, parser).await {
+                return end;
+            }
+        }
+        loop {
+            if rbuf.capacity() - rbuf.len() < READ_CHUNK {
+                let wanted = parser.bytes_wanted(rbuf).max(READ_CHUNK);
+                rbuf.reserve(wanted.min(self.config.max_message + 14));
+            }
+            let can_take = wbuf.len() < WRITE_HIGH_WATER;
+            tokio::select! {
+                biased;
+                code = self.signal.wait() => return End::Server(code),
+                () = self.shutdown.cancelled() => return End::Server(CloseCode::GoingAway),
+                written = self.writer.write(wbuf), if !wbuf.is_empty() => match written {
+                    Ok(0) | Err(_) => return End::Gone,
+                    Ok(n) => {
+                        wbuf.advance(n);
+                        if wbuf.is_empty() && wbuf.capacity() > WRITE_HIGH_WATER {
+                            *wbuf = BytesMut::new();
+                        }
+                    }
+                },
+                read = self.reader.read_buf(rbuf), if can_take => match read {
+                    Ok(0) | Err(_) => return End::Gone,
+                    Ok(_) => {
+                        last_seen = Instant::now();
+                        if let Some(end) = self.on_readable(rbuf, wbuf, parser).await {
+                            return end;
+                        }
+                        if rbuf.is_empty() && rbuf.capacity() > 4 * READ_CHUNK {
+                            *rbuf = BytesMut::new();
+                        }
+                    }
+                },
+                n = self.outbox.recv_many(&mut batch, OUTBOX_BATCH), if can_take && outbox_open => {
+                    if n == 0 {
+                        outbox_open = false;
+                    }
+                    for frame in batch.drain(..) {
+                        wbuf.extend_from_slice(&frame);
+                    }
+                    self.stats.add_out(n as u64);
+                },
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if now >= last_seen + silence {
+                        return End::Server(CloseCode::HeartbeatTimeout);
+                    }
+                    if let (Some(at), Some(every)) = (next_ping, self.config.ping_interval) {
+                        if now >= at {
+                            encode_into(wbuf, OpCode::Ping, b"");
+                            next_ping = Some(now + every);
+                        }
+                    }
+                    timer.as_mut().reset(deadline(last_seen, next_ping));
+                },
+            }
+        }
+    }
+
+    /// Handles every complete message in `rbuf`; `Some` ends the connection.
+    async fn on_readable(
+        &mut self,
+        rbuf: &mut BytesMut,
+        wbuf: &mut BytesMut,
+        parser: &mut MessageReader,
+    ) -> Option<End> {
+        let mut replies = Replies {
+            buf: wbuf,
+            count: 0,
+        };
+        let mut received = 0;
+        let end = loop {
+            match parser.next(rbuf) {
+                Ok(None) => break None,
+                Ok(Some(Incoming::Text(text))) => {
+                    received += 1;
+                    self.handler.on_text(text, &mut replies).await;
+                }
+                Ok(Some(Incoming::Binary(data))) => {
+                    received += 1;
+                    self.handler.on_binary(data, &mut replies).await;
+                }
+                Ok(Some(Incoming::Ping(payload))) => {
+                    encode_into(replies.buf, OpCode::Pong, &payload);
+                }
+                Ok(Some(Incoming::Pong)) => {}
+                Ok(Some(Incoming::Close(code))) => break Some(End::ClientClosed(code)),
+                Err(violation) => {
+                    tracing::debug!(%violation, "closing on client violation");
+                    break Some(End::Violation(violation));
+                }
+            }
+        };
+        self.stats.add_in(received);
+        self.stats.add_out(replies.count);
+        end
+    }
+
+    /// Sends the closing frames, flushes within the grace period and waits briefly for the
+    /// client's close reply, so the server ends the TCP connection only after the handshake.
+    async fn finish(
+        mut self,
+        end: End,
+        mut rbuf: BytesMut,
+        mut wbuf: BytesMut,
+        mut parser: MessageReader,
+    ) {
+        let code = match end {
+            End::Gone => return,
+            End::ClientClosed(code) => {
+                // Echo the client's code, as RFC 6455 §5.5.1 asks; no reply needed after.
+                encode_close(&mut wbuf, code.unwrap_or(1000), "");
+                let _ = timeout(self.config.close_grace, flush(&mut self.writer, &mut wbuf)).await;
+                return;
+            }
+            End::Violation(v) => v.close_code(),
+            End::Server(code) => code,
+        };
+        match code {
+            CloseCode::GoingAway => {
+                // Shutdown: deliver what was already queued for this client first.
+                let mut n = 0;
+                while let Ok(frame) = self.outbox.try_recv() {
+                    wbuf.extend_from_slice(&frame);
+                    n += 1;
+                }
+                self.stats.add_out(n);
+            }
+            CloseCode::SlowConsumer => self.stats.slow_consumer_closed(),
+            _ => {}
+        }
+        encode_close(&mut wbuf, code.code(), code.reason());
+        let closing = async {
+            flush(&mut self.writer, &mut wbuf).await?;
+            wait_for_close(&mut self.reader, &mut rbuf, &mut parser).await;
+            self.writer.shutdown().await
+        };
+        let _ = timeout(self.config.close_grace, closing).await;
+    }
+}
+
+async fn flush<W: AsyncWrite + Unpin>(writer: &mut W, buf: &mut BytesMut) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let n = writer.write(buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        buf.advance(n);
+    }
+    writer.flush().await
+}
+
+/// Reads until the client's close frame, EOF, an error, or [`CLOSE_REPLY_WAIT`]. After a
+/// violation the rest of the stream is discarded unparsed: closing with unread data would make
+/// the kernel send a reset, which can destroy the close frame before the client reads it.
+async fn wait_for_close<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    rbuf: &mut BytesMut,
+    parser: &mut MessageReader,
+) {
+    let wait = async {
+        let mut broken = false;
+        loop {
+            while !broken {
+                match parser.next(rbuf) {
+                    Ok(Some(Incoming::Close(_))) => return,
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => broken = true,
+                }
+            }
+            if broken {
+                rbuf.clear();
+            }
+            rbuf.reserve(READ_CHUNK);
+            match reader.read_buf(rbuf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    let _ = timeout(CLOSE_REPLY_WAIT, wait).await;
+}
