@@ -304,10 +304,19 @@ where
             _ => {}
         }
         encode_close(&mut wbuf, code.code(), code.reason());
+        let violation = matches!(end, End::Violation(_));
         let closing = async {
             flush(&mut self.writer, &mut wbuf).await?;
-            wait_for_close(&mut self.reader, &mut rbuf, &mut parser).await;
-            self.writer.shutdown().await
+            if violation {
+                // Failing the connection: the stream cannot be trusted to parse any more, so
+                // end TCP first and only drain (never parse) what is still arriving.
+                self.writer.shutdown().await?;
+                drain(&mut self.reader, &mut rbuf).await;
+                Ok(())
+            } else {
+                wait_for_close(&mut self.reader, &mut rbuf, &mut parser).await;
+                self.writer.shutdown().await
+            }
         };
         let _ = timeout(self.config.close_grace, closing).await;
     }
@@ -324,28 +333,37 @@ async fn flush<W: AsyncWrite + Unpin>(writer: &mut W, buf: &mut BytesMut) -> std
     writer.flush().await
 }
 
-/// Reads until the client's close frame, EOF, an error, or [`CLOSE_REPLY_WAIT`]. After a
-/// violation the rest of the stream is discarded unparsed: closing with unread data would make
-/// the kernel send a reset, which can destroy the close frame before the client reads it.
+/// Reads until the client's close frame, EOF, an error, or [`CLOSE_REPLY_WAIT`].
 async fn wait_for_close<R: AsyncRead + Unpin>(
     reader: &mut R,
     rbuf: &mut BytesMut,
     parser: &mut MessageReader,
 ) {
     let wait = async {
-        let mut broken = false;
         loop {
-            while !broken {
+            loop {
                 match parser.next(rbuf) {
-                    Ok(Some(Incoming::Close(_))) => return,
+                    Ok(Some(Incoming::Close(_))) | Err(_) => return,
                     Ok(Some(_)) => {}
                     Ok(None) => break,
-                    Err(_) => broken = true,
                 }
             }
-            if broken {
-                rbuf.clear();
+            rbuf.reserve(READ_CHUNK);
+            match reader.read_buf(rbuf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
             }
+        }
+    };
+    let _ = timeout(CLOSE_REPLY_WAIT, wait).await;
+}
+
+/// Discards input until EOF or [`CLOSE_REPLY_WAIT`]: closing a socket with unread input makes
+/// the kernel send a reset, which can destroy the close frame before the client reads it.
+async fn drain<R: AsyncRead + Unpin>(reader: &mut R, rbuf: &mut BytesMut) {
+    let wait = async {
+        loop {
+            rbuf.clear();
             rbuf.reserve(READ_CHUNK);
             match reader.read_buf(rbuf).await {
                 Ok(0) | Err(_) => return,
