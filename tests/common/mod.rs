@@ -1,0 +1,286 @@
+//! Test support: a real server on 127.0.0.1:0 that really shuts down, and real clients.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rusty_socks::config::Config;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// A WebSocket client over plain TCP.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long any single wait in a test may take before it fails.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// The server under test, running `rusty_socks::server::run` in this runtime.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts a server with test-friendly defaults changed by `tweak`.
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut config = Config {
+            host: "127.0.0.1".parse().unwrap(),
+            port: 0,
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let listener = TcpListener::bind((config.host, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(rusty_socks::server::run(listener, config, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Triggers a graceful shutdown; `run` must return within 5 seconds.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("server did not stop within 5 s")
+                .expect("server task panicked")
+                .expect("server returned an error");
+        }
+    }
+
+    /// Starts the shutdown without waiting for it.
+    pub fn begin_stop(&mut self) -> JoinHandle<std::io::Result<()>> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.take().expect("server already stopped")
+    }
+
+    /// `/stats` as JSON.
+    pub async fn stats(&self) -> Value {
+        let (status, _, body) = http(self.addr, "GET", "/stats", &[]).await;
+        assert_eq!(status, 200);
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Connects a WebSocket client to `path`.
+pub async fn connect(server: &TestServer, path: &str) -> Ws {
+    let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(server.url(path)))
+        .await
+        .expect("connect timed out")
+        .expect("connect failed");
+    assert_eq!(response.status(), 101);
+    ws
+}
+
+/// Connects to `/ws` and consumes the welcome, returning the client id.
+pub async fn join(server: &TestServer) -> (Ws, String) {
+    let mut ws = connect(server, "/ws").await;
+    let welcome = recv_json(&mut ws).await;
+    assert_eq!(welcome["type"], "Connect", "{welcome}");
+    let id = welcome["client_id"].as_str().unwrap().to_owned();
+    (ws, id)
+}
+
+/// Next data message (pings are answered by the client and skipped), within [`WAIT`].
+pub async fn recv(ws: &mut Ws) -> Message {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("no message within the wait")
+            .expect("stream ended")
+            .expect("websocket error");
+        match msg {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Next message, parsed as JSON text.
+pub async fn recv_json(ws: &mut Ws) -> Value {
+    match recv(ws).await {
+        Message::Text(text) => serde_json::from_str(&text).unwrap(),
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
+
+pub async fn send_text(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+}
+
+/// Waits for the close frame and returns its code.
+pub async fn recv_close_code(ws: &mut Ws) -> u16 {
+    loop {
+        match recv(ws).await {
+            Message::Close(Some(frame)) => return frame.code.into(),
+            Message::Close(None) => panic!("close frame without a code"),
+            _ => continue,
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 request over a fresh socket: (status, raw headers, body).
+pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
+        .await
+        .expect("http response timed out")
+        .unwrap();
+    split_response(&raw)
+}
+
+pub fn split_response(raw: &[u8]) -> (u16, String, String) {
+    let text = String::from_utf8_lossy(raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// A hand-driven WebSocket client for what real clients refuse to send.
+pub struct RawClient {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl RawClient {
+    pub async fn connect(addr: SocketAddr, path: &str) -> Self {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nhost: {addr}\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk)).await.unwrap().unwrap();
+            assert!(n > 0, "server closed during handshake");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break pos + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+        buf.drain(..end);
+        Self { stream, buf }
+    }
+
+    /// Sends one frame; `masked` should be true for a well-behaved client.
+    pub async fn send_frame(&mut self, first_byte: u8, payload: &[u8], masked: bool) {
+        let mut out = vec![first_byte];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => out.push(mask_bit | n as u8),
+            n if n <= 0xFFFF => {
+                out.push(mask_bit | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(mask_bit | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        let key = [0x12, 0x34, 0x56, 0x78];
+        if masked {
+            out.extend_from_slice(&key);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            out.extend_from_slice(payload);
+        }
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.send_frame(0x81, text.as_bytes(), true).await;
+    }
+
+    /// Next frame as (opcode, payload), or `None` at EOF.
+    pub async fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if self.buf.len() >= 2 {
+                let len7 = (self.buf[1] & 0x7F) as usize;
+                let (len, header) = match len7 {
+                    126 if self.buf.len() >= 4 => (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4),
+                    127 if self.buf.len() >= 10 => {
+                        let mut be = [0u8; 8];
+                        be.copy_from_slice(&self.buf[2..10]);
+                        (u64::from_be_bytes(be) as usize, 10)
+                    }
+                    126 | 127 => (usize::MAX, 0),
+                    n => (n, 2),
+                };
+                if len != usize::MAX && self.buf.len() >= header + len {
+                    assert_eq!(self.buf[1] & 0x80, 0, "server frames must not be masked");
+                    let opcode = self.buf[0] & 0x0F;
+                    let payload = self.buf[header..header + len].to_vec();
+                    self.buf.drain(..header + len);
+                    return Some((opcode, payload));
+                }
+            }
+            let mut chunk = vec![0u8; 64 * 1024];
+            let n = match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await.expect("read timed out") {
+                Ok(n) => n,
+                Err(_) => return None,
+            };
+            if n == 0 {
+                return None;
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads frames until a close frame and returns its code (skipping everything else).
+    pub async fn close_code(&mut self) -> u16 {
+        loop {
+            match self.read_frame().await {
+                Some((0x8, payload)) => {
+                    assert!(payload.len() >= 2, "close without code");
+                    return u16::from_be_bytes([payload[0], payload[1]]);
+                }
+                Some(_) => continue,
+                None => panic!("connection ended without a close frame"),
+            }
+        }
+    }
+}
