@@ -75,6 +75,19 @@ impl TestServer {
         self.task.take().expect("server already stopped")
     }
 
+    /// Polls `/stats` until `key` equals `value`, failing after [`WAIT`].
+    pub async fn wait_for_stat(&self, key: &str, value: u64) -> Value {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let stats = self.stats().await;
+            if stats[key] == value {
+                return stats;
+            }
+            assert!(std::time::Instant::now() < deadline, "{key} never became {value}: {stats}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `/stats` as JSON.
     pub async fn stats(&self) -> Value {
         let (status, _, body) = http(self.addr, "GET", "/stats", &[]).await;

@@ -1,0 +1,108 @@
+//! Slow consumers, graceful shutdown and the conformance endpoint, over real sockets.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_and_nobody_else_loses_a_message() {
+    const TOTAL: usize = 6000;
+    const WINDOW: usize = 64;
+    let server = TestServer::start(|c| c.buffer = 128).await;
+    let (mut publisher, _) = join(&server).await;
+    let (mut reader, _) = join(&server).await;
+    // Joins, reads its welcome, then never reads again.
+    let mut stalled = RawClient::connect(server.addr, "/ws").await;
+
+    let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel();
+    let reading = tokio::spawn(async move {
+        for n in 0..TOTAL {
+            let got = recv_json(&mut reader).await;
+            if got["type"] == "Disconnect" {
+                // The stalled client's departure may arrive at any point; it is not a chat.
+                let again = recv_json(&mut reader).await;
+                assert_eq!(again["content"].as_str().unwrap()[..8], format!("{n:08}"));
+            } else {
+                assert_eq!(got["content"].as_str().unwrap()[..8], format!("{n:08}"), "in order, none lost");
+            }
+            let _ = progress_tx.send(n);
+        }
+        reader
+    });
+    let filler = "x".repeat(4000);
+    for n in 0..TOTAL {
+        publisher
+            .send(Message::text(format!(r#"{{"sender":"p","content":"{n:08}{filler}"}}"#)))
+            .await
+            .unwrap();
+        // Stay within the healthy reader's outbox: never more than WINDOW ahead of it.
+        if n >= WINDOW {
+            while let Some(seen) = progress.recv().await {
+                if seen + WINDOW >= n {
+                    break;
+                }
+            }
+        }
+    }
+    let _reader = reading.await.unwrap();
+
+    // The stalled client gets what fit in its buffers, then a 4001 close.
+    assert_eq!(stalled.close_code().await, 4001);
+    // Its slot is freed once its close handshake has had its chance.
+    let stats = server.wait_for_stat("connections", 2).await;
+    assert_eq!(stats["slow_consumer_closes_total"], 1, "{stats}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_flushes_queued_messages_then_closes_with_1001() {
+    let mut server = TestServer::start(|_| {}).await;
+    let (mut a, _) = join(&server).await;
+    let (mut b, _) = join(&server).await;
+    for n in 0..50 {
+        send_text(&mut a, &format!(r#"{{"sender":"a","content":"q{n}"}}"#)).await;
+    }
+    // Round trip on `a`: all 50 are now queued for `b`, which has read nothing yet.
+    send_text(&mut a, "[]").await;
+    assert_eq!(recv_json(&mut a).await["code"], "invalid_message");
+
+    let started = std::time::Instant::now();
+    let stopping = server.begin_stop();
+    for n in 0..50 {
+        assert_eq!(recv_json(&mut b).await["content"], format!("q{n}"));
+    }
+    assert_eq!(recv_close_code(&mut b).await, 1001);
+    assert_eq!(recv_close_code(&mut a).await, 1001);
+    tokio::time::timeout(std::time::Duration::from_secs(5), stopping)
+        .await
+        .expect("run() returned within 5 s")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // Nothing listens any more.
+    assert!(tokio::net::TcpStream::connect(server.addr).await.is_err());
+}
+
+#[tokio::test]
+async fn echo_endpoint_is_off_by_default_and_echoes_exactly_when_on() {
+    let server = TestServer::start(|_| {}).await;
+    let (status, _, _) = http(server.addr, "GET", "/echo", &[]).await;
+    assert_eq!(status, 404);
+    server.stop().await;
+
+    let server = TestServer::start(|c| c.echo_endpoint = true).await;
+    let mut ws = connect(&server, "/echo").await;
+    ws.send(Message::text("not even json")).await.unwrap();
+    assert_eq!(recv(&mut ws).await, Message::text("not even json"));
+    ws.send(Message::binary(vec![0u8, 255, 7])).await.unwrap();
+    assert_eq!(recv(&mut ws).await, Message::binary(vec![0u8, 255, 7]));
+    // Larger than /ws allows: /echo has its own limit for the conformance suite.
+    let big = "é".repeat(100_000);
+    ws.send(Message::text(big.clone())).await.unwrap();
+    assert_eq!(recv(&mut ws).await, Message::text(big));
+    ws.close(None).await.unwrap();
+    server.stop().await;
+}
