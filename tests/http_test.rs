@@ -123,7 +123,10 @@ async fn max_conn_refuses_at_once_with_503_and_spares_existing_clients() {
     assert_eq!(status, 503, "{head}");
     assert!(head.contains("retry-after: 1"), "{head}");
     assert!(body.contains("RUSTY_SOCKS_MAX_CONN"), "{body}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(2), "refused at once");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "refused at once"
+    );
     // tungstenite sees the refusal as an HTTP error, not a network fault.
     match tokio_tungstenite::connect_async(server.url("/ws")).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
@@ -155,9 +158,15 @@ async fn max_queued_tasks_bounds_pending_handshakes() {
     loop {
         // The refusal is written before the request is read, so any request gets it.
         let mut probe = TcpStream::connect(server.addr).await.unwrap();
-        let _ = probe.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n").await;
+        let _ = probe
+            .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await;
         let mut raw = Vec::new();
-        let _ = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_to_end(&mut probe, &mut raw)).await;
+        let _ = tokio::time::timeout(
+            WAIT,
+            tokio::io::AsyncReadExt::read_to_end(&mut probe, &mut raw),
+        )
+        .await;
         let (status, head, body) = split_response(&raw);
         if status == 503 {
             assert!(head.contains("retry-after: 1"), "{head}");
@@ -165,7 +174,10 @@ async fn max_queued_tasks_bounds_pending_handshakes() {
             break;
         }
         // The accept loop may not have seen both idle sockets yet.
-        assert!(std::time::Instant::now() < deadline, "never refused: {status}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never refused: {status}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     // The existing WebSocket is undisturbed.
@@ -177,9 +189,15 @@ async fn max_queued_tasks_bounds_pending_handshakes() {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let mut probe = TcpStream::connect(server.addr).await.unwrap();
-        let _ = probe.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+        let _ = probe
+            .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await;
         let mut raw = Vec::new();
-        let _ = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_to_end(&mut probe, &mut raw)).await;
+        let _ = tokio::time::timeout(
+            WAIT,
+            tokio::io::AsyncReadExt::read_to_end(&mut probe, &mut raw),
+        )
+        .await;
         if split_response(&raw).0 == 200 {
             break;
         }
@@ -201,7 +219,11 @@ async fn a_silent_socket_loses_its_handshake_slot_after_the_timeout() {
     let mut idle = TcpStream::connect(server.addr).await.unwrap();
     let mut buf = Vec::new();
     // The server gives up on the silent socket by itself.
-    let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read_to_end(&mut idle, &mut buf)).await;
+    let n = tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut idle, &mut buf),
+    )
+    .await;
     assert!(n.is_ok(), "silent socket was never closed");
     let (status, _, _) = http(server.addr, "GET", "/health", &[]).await;
     assert_eq!(status, 200);

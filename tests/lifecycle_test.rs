@@ -26,7 +26,11 @@ async fn a_client_that_stops_reading_is_closed_and_nobody_else_loses_a_message()
                 let again = recv_json(&mut reader).await;
                 assert_eq!(again["content"].as_str().unwrap()[..8], format!("{n:08}"));
             } else {
-                assert_eq!(got["content"].as_str().unwrap()[..8], format!("{n:08}"), "in order, none lost");
+                assert_eq!(
+                    got["content"].as_str().unwrap()[..8],
+                    format!("{n:08}"),
+                    "in order, none lost"
+                );
             }
             let _ = progress_tx.send(n);
         }
@@ -35,7 +39,9 @@ async fn a_client_that_stops_reading_is_closed_and_nobody_else_loses_a_message()
     let filler = "x".repeat(4000);
     for n in 0..TOTAL {
         publisher
-            .send(Message::text(format!(r#"{{"sender":"p","content":"{n:08}{filler}"}}"#)))
+            .send(Message::text(format!(
+                r#"{{"sender":"p","content":"{n:08}{filler}"}}"#
+            )))
             .await
             .unwrap();
         // Stay within the healthy reader's outbox: never more than WINDOW ahead of it.

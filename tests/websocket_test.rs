@@ -69,7 +69,9 @@ async fn javascript_example_without_id_gets_one_assigned() {
     assert!(stamp.ends_with('Z'), "{stamp}");
     let parsed =
         time::OffsetDateTime::parse(stamp, &time::format_description::well_known::Rfc3339).unwrap();
-    assert!(parsed >= before && parsed <= time::OffsetDateTime::now_utc() + time::Duration::seconds(1));
+    assert!(
+        parsed >= before && parsed <= time::OffsetDateTime::now_utc() + time::Duration::seconds(1)
+    );
     server.stop().await;
 }
 
@@ -103,13 +105,19 @@ async fn leaving_is_announced_to_the_others() {
     let (mut b, _) = join(&server).await;
     a.close(None).await.unwrap();
     let got = recv_json(&mut b).await;
-    assert_eq!(got, serde_json::json!({"type":"Disconnect","client_id":a_id}));
+    assert_eq!(
+        got,
+        serde_json::json!({"type":"Disconnect","client_id":a_id})
+    );
 
     // An abrupt TCP drop is announced too.
     let (c, c_id) = join(&server).await;
     drop(c);
     let got = recv_json(&mut b).await;
-    assert_eq!(got, serde_json::json!({"type":"Disconnect","client_id":c_id}));
+    assert_eq!(
+        got,
+        serde_json::json!({"type":"Disconnect","client_id":c_id})
+    );
     server.stop().await;
 }
 
@@ -125,10 +133,22 @@ async fn bad_input_gets_an_error_frame_and_the_connection_stays_open() {
         (r#"{"content":"no sender"}"#, "missing_field"),
         (r#"{"sender":"a"}"#, "missing_field"),
         (r#"{"sender":42,"content":"x"}"#, "invalid_field"),
-        (r#"{"sender":"a","content":{"nested":true}}"#, "invalid_field"),
-        (r#"{"sender":"a","content":"x","id":"not-a-uuid"}"#, "invalid_field"),
-        (r#"{"sender":"a","content":"x","timestamp":12}"#, "invalid_field"),
-        (r#"{"sender":"a","content":"x","type":"Shout"}"#, "unknown_type"),
+        (
+            r#"{"sender":"a","content":{"nested":true}}"#,
+            "invalid_field",
+        ),
+        (
+            r#"{"sender":"a","content":"x","id":"not-a-uuid"}"#,
+            "invalid_field",
+        ),
+        (
+            r#"{"sender":"a","content":"x","timestamp":12}"#,
+            "invalid_field",
+        ),
+        (
+            r#"{"sender":"a","content":"x","type":"Shout"}"#,
+            "unknown_type",
+        ),
     ];
     for (input, code) in cases {
         send_text(&mut a, input).await;
@@ -136,14 +156,21 @@ async fn bad_input_gets_an_error_frame_and_the_connection_stays_open() {
         assert_eq!(err["type"], "Error", "{input}");
         assert_eq!(err["code"], code, "{input}");
         let message = err["message"].as_str().unwrap();
-        assert!(message.len() > 10, "a human sentence for {input}: {message}");
+        assert!(
+            message.len() > 10,
+            "a human sentence for {input}: {message}"
+        );
     }
     a.send(Message::binary(vec![1, 2, 3])).await.unwrap();
     let err = recv_json(&mut a).await;
     assert_eq!(err["code"], "binary_not_supported");
 
     // Still open, and nothing bad was broadcast.
-    send_text(&mut a, r#"{"sender":"a","content":"still here","type":"Chat","extra":[1]}"#).await;
+    send_text(
+        &mut a,
+        r#"{"sender":"a","content":"still here","type":"Chat","extra":[1]}"#,
+    )
+    .await;
     assert_eq!(recv_json(&mut b).await["content"], "still here");
     server.stop().await;
 }
@@ -159,7 +186,10 @@ async fn oversized_message_closes_with_1009_and_is_not_stored() {
     let (mut late, _) = join(&server).await;
     send_text(&mut late, "[]").await;
     let next = recv_json(&mut late).await;
-    assert_eq!(next["code"], "invalid_message", "nothing was replayed: {next}");
+    assert_eq!(
+        next["code"], "invalid_message",
+        "nothing was replayed: {next}"
+    );
     server.stop().await;
 }
 
@@ -168,7 +198,8 @@ async fn a_ten_megabyte_message_is_refused_from_its_header() {
     let server = TestServer::start(|_| {}).await;
     let mut raw = RawClient::connect(server.addr, "/ws").await;
     let _welcome = raw.read_frame().await;
-    raw.send_frame(0x81, &vec![b'a'; 10 * 1024 * 1024], true).await;
+    raw.send_frame(0x81, &vec![b'a'; 10 * 1024 * 1024], true)
+        .await;
     assert_eq!(raw.close_code().await, 1009);
     server.stop().await;
 }
@@ -211,7 +242,10 @@ async fn fragmented_messages_and_pings_are_handled() {
     raw.send_frame(0x80, &msg[10..], true).await;
     // Welcome, then the pong with the ping's payload.
     assert_eq!(raw.read_frame().await.unwrap().0, 0x1);
-    assert_eq!(raw.read_frame().await.unwrap(), (0xA, b"are you there".to_vec()));
+    assert_eq!(
+        raw.read_frame().await.unwrap(),
+        (0xA, b"are you there".to_vec())
+    );
     assert_eq!(recv_json(&mut b).await["content"], "in pieces");
     server.stop().await;
 }
@@ -220,9 +254,13 @@ async fn fragmented_messages_and_pings_are_handled() {
 async fn client_close_is_echoed_with_its_code() {
     let server = TestServer::start(|_| {}).await;
     let mut raw = RawClient::connect(server.addr, "/ws").await;
-    raw.send_frame(0x88, &[0x0F, 0xA0, b'b', b'y', b'e'], true).await; // 4000
+    raw.send_frame(0x88, &[0x0F, 0xA0, b'b', b'y', b'e'], true)
+        .await; // 4000
     assert_eq!(raw.close_code().await, 4000);
-    assert!(raw.read_frame().await.is_none(), "server ends TCP after the close handshake");
+    assert!(
+        raw.read_frame().await.is_none(),
+        "server ends TCP after the close handshake"
+    );
     server.stop().await;
 }
 
@@ -271,7 +309,10 @@ async fn silent_clients_are_closed_with_4000() {
     let started = std::time::Instant::now();
     assert_eq!(raw.close_code().await, 4000);
     let waited = started.elapsed();
-    assert!(waited >= std::time::Duration::from_millis(1900), "closed too early: {waited:?}");
+    assert!(
+        waited >= std::time::Duration::from_millis(1900),
+        "closed too early: {waited:?}"
+    );
     // Its departure is announced like any other.
     assert_eq!(watcher.await.unwrap()["type"], "Disconnect");
     server.stop().await;

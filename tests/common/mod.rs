@@ -83,7 +83,10 @@ impl TestServer {
             if stats[key] == value {
                 return stats;
             }
-            assert!(std::time::Instant::now() < deadline, "{key} never became {value}: {stats}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{key} never became {value}: {stats}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -106,10 +109,11 @@ impl Drop for TestServer {
 
 /// Connects a WebSocket client to `path`.
 pub async fn connect(server: &TestServer, path: &str) -> Ws {
-    let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(server.url(path)))
-        .await
-        .expect("connect timed out")
-        .expect("connect failed");
+    let (ws, response) =
+        tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(server.url(path)))
+            .await
+            .expect("connect timed out")
+            .expect("connect failed");
     assert_eq!(response.status(), 101);
     ws
 }
@@ -162,7 +166,12 @@ pub async fn recv_close_code(ws: &mut Ws) -> u16 {
 }
 
 /// A minimal HTTP/1.1 request over a fresh socket: (status, raw headers, body).
-pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let mut request = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
     for (k, v) in headers {
@@ -205,7 +214,10 @@ impl RawClient {
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
         let end = loop {
-            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk)).await.unwrap().unwrap();
+            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+                .await
+                .unwrap()
+                .unwrap();
             assert!(n > 0, "server closed during handshake");
             buf.extend_from_slice(&chunk[..n]);
             if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -214,7 +226,10 @@ impl RawClient {
         };
         let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
         assert!(head.starts_with("http/1.1 101"), "{head}");
-        assert!(head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
+        assert!(
+            head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+            "{head}"
+        );
         buf.drain(..end);
         Self { stream, buf }
     }
@@ -254,7 +269,9 @@ impl RawClient {
             if self.buf.len() >= 2 {
                 let len7 = (self.buf[1] & 0x7F) as usize;
                 let (len, header) = match len7 {
-                    126 if self.buf.len() >= 4 => (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4),
+                    126 if self.buf.len() >= 4 => {
+                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    }
                     127 if self.buf.len() >= 10 => {
                         let mut be = [0u8; 8];
                         be.copy_from_slice(&self.buf[2..10]);
@@ -272,7 +289,10 @@ impl RawClient {
                 }
             }
             let mut chunk = vec![0u8; 64 * 1024];
-            let n = match tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await.expect("read timed out") {
+            let n = match tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
+                .await
+                .expect("read timed out")
+            {
                 Ok(n) => n,
                 Err(_) => return None,
             };
