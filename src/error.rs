@@ -27,6 +27,9 @@ pub enum ClientError {
     /// The `type` field named something this endpoint does not handle.
     #[error("unknown message type {0:?}")]
     UnknownType(String),
+    /// The message could not be delivered or the channel joined (broker failure).
+    #[error("message not delivered: {0}")]
+    Unavailable(String),
     /// A binary frame arrived where only JSON text is understood.
     #[error("binary frames are not supported on this endpoint; send JSON as a text frame")]
     BinaryNotSupported,
@@ -41,6 +44,7 @@ impl ClientError {
             Self::MissingField(_) => "missing_field",
             Self::InvalidField { .. } => "invalid_field",
             Self::UnknownType(_) => "unknown_type",
+            Self::Unavailable(_) => "unavailable",
             Self::BinaryNotSupported => "binary_not_supported",
         }
     }

@@ -73,32 +73,14 @@ async fn plain_get_on_the_websocket_endpoint_is_426() {
     assert_eq!(status, 426);
     assert!(head.contains("upgrade: websocket"), "{head}");
     assert!(body.contains("WebSocket"), "{body}");
-    let (status, head, _) = http(
-        server.addr,
-        "GET",
-        "/ws",
-        &[
-            ("upgrade", "websocket"),
-            ("connection", "upgrade"),
-            ("sec-websocket-version", "8"),
-            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-        ],
-    )
-    .await;
+    let mut headers = upgrade_headers();
+    headers[2].1 = "8";
+    let (status, head, _) = http(server.addr, "GET", "/ws", &headers).await;
     assert_eq!(status, 426);
     assert!(head.contains("sec-websocket-version: 13"), "{head}");
-    let (status, _, _) = http(
-        server.addr,
-        "GET",
-        "/ws",
-        &[
-            ("upgrade", "websocket"),
-            ("connection", "upgrade"),
-            ("sec-websocket-version", "13"),
-            ("sec-websocket-key", "too-short"),
-        ],
-    )
-    .await;
+    let mut headers = upgrade_headers();
+    headers[3].1 = "too-short";
+    let (status, _, _) = http(server.addr, "GET", "/ws", &headers).await;
     assert_eq!(status, 400);
     server.stop().await;
 }

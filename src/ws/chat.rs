@@ -59,13 +59,7 @@ impl Handler for ChatHandler {
             Ok(frames) => frames.iter().for_each(|f| out.frame(f)),
             Err(err) => {
                 tracing::warn!(%err, "could not join the default channel");
-                out.text(
-                    &ServerFrame::Error {
-                        code: "unavailable",
-                        message: format!("could not join the default channel: {err}"),
-                    }
-                    .to_json(),
-                );
+                Self::error(out, &ClientError::Unavailable(err.to_string()));
             }
         }
     }
@@ -88,13 +82,7 @@ impl Handler for ChatHandler {
         };
         if let Err(err) = self.broker.publish(publication).await {
             tracing::warn!(%err, "publish failed");
-            out.text(
-                &ServerFrame::Error {
-                    code: "unavailable",
-                    message: format!("message not delivered: {err}"),
-                }
-                .to_json(),
-            );
+            Self::error(out, &ClientError::Unavailable(err.to_string()));
         }
     }
 

@@ -30,7 +30,7 @@ use crate::server::AppState;
 use chat::ChatHandler;
 use echo::EchoHandler;
 use outbox::Outbox;
-use session::{Handler, Session, SessionConfig};
+use session::{Handler, SessionConfig, SessionParts};
 
 /// Which WebSocket endpoint a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,41 +128,23 @@ async fn drive<H: Handler>(
     handler: H,
     config: SessionConfig,
 ) {
-    let shutdown = state.shutdown.clone();
-    let stats = Arc::clone(&state.stats);
+    let parts = SessionParts {
+        outbox,
+        signal,
+        handler,
+        config,
+        shutdown: state.shutdown.clone(),
+        stats: Arc::clone(&state.stats),
+    };
     // Plain TCP: take the socket back from hyper and use its zero-cost owned halves.
     match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(parts) => {
-            let (reader, writer) = parts.io.into_inner().into_split();
-            Session {
-                reader,
-                writer,
-                leftover: parts.read_buf,
-                outbox,
-                signal,
-                handler,
-                config,
-                shutdown,
-                stats,
-            }
-            .run()
-            .await;
+        Ok(raw) => {
+            let (reader, writer) = raw.io.into_inner().into_split();
+            parts.run(reader, writer, raw.read_buf).await;
         }
         Err(upgraded) => {
             let (reader, writer) = tokio::io::split(TokioIo::new(upgraded));
-            Session {
-                reader,
-                writer,
-                leftover: Bytes::new(),
-                outbox,
-                signal,
-                handler,
-                config,
-                shutdown,
-                stats,
-            }
-            .run()
-            .await;
+            parts.run(reader, writer, Bytes::new()).await;
         }
     }
 }

@@ -102,8 +102,48 @@ enum End {
     Gone,
 }
 
+/// Everything a session needs besides its socket.
+pub struct SessionParts<H> {
+    /// Frames fanned out to this client.
+    pub outbox: mpsc::Receiver<Bytes>,
+    /// Close requests from outside (slow consumer).
+    pub signal: Arc<CloseSignal>,
+    /// The endpoint's behaviour.
+    pub handler: H,
+    /// Endpoint settings.
+    pub config: SessionConfig,
+    /// Server-wide shutdown.
+    pub shutdown: CancellationToken,
+    /// Server counters.
+    pub stats: Arc<Stats>,
+}
+
+impl<H: Handler> SessionParts<H> {
+    /// Runs the session on a socket's halves; `leftover` holds bytes the client sent right
+    /// behind its handshake request.
+    pub async fn run<R, W>(self, reader: R, writer: W, leftover: Bytes)
+    where
+        R: AsyncRead + Unpin + Send,
+        W: AsyncWrite + Unpin + Send,
+    {
+        Session {
+            reader,
+            writer,
+            leftover,
+            outbox: self.outbox,
+            signal: self.signal,
+            handler: self.handler,
+            config: self.config,
+            shutdown: self.shutdown,
+            stats: self.stats,
+        }
+        .run()
+        .await;
+    }
+}
+
 /// Everything one session task owns.
-pub struct Session<R, W, H> {
+struct Session<R, W, H> {
     /// Socket read half.
     pub reader: R,
     /// Socket write half.
@@ -131,7 +171,7 @@ where
     H: Handler,
 {
     /// Runs the connection to its end, including the close handshake.
-    pub async fn run(mut self) {
+    async fn run(mut self) {
         let mut rbuf = BytesMut::from(&self.leftover[..]);
         self.leftover = Bytes::new();
         let mut wbuf = BytesMut::new();
