@@ -8,6 +8,8 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::namespace::Namespaces;
+
 /// A setting that could not be honoured.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {var}={value:?}: expected {expected}")]
@@ -57,6 +59,12 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// `RUSTY_SOCKS_SHUTDOWN_GRACE`: time given to clients to drain on shutdown.
     pub shutdown_grace: Duration,
+    /// `RUSTY_SOCKS_NAMESPACES`: per-namespace channel options (JSON).
+    pub namespaces: Namespaces,
+    /// `RUSTY_SOCKS_MAX_CHANNELS`: channels one connection may be subscribed to.
+    pub max_channels: usize,
+    /// `RUSTY_SOCKS_MAX_DATA_SIZE`: largest `data` of a v1 publish, in bytes.
+    pub max_data_size: usize,
 }
 
 impl Default for Config {
@@ -79,6 +87,9 @@ impl Default for Config {
             echo_max_message_size: 16 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(3),
+            namespaces: Namespaces::default(),
+            max_channels: 128,
+            max_data_size: 32 * 1024,
         }
     }
 }
@@ -248,6 +259,18 @@ impl Config {
             )?,
             handshake_timeout: secs("RUSTY_SOCKS_HANDSHAKE_TIMEOUT", d.handshake_timeout, 3600)?,
             shutdown_grace: secs("RUSTY_SOCKS_SHUTDOWN_GRACE", d.shutdown_grace, 4)?,
+            namespaces: match get("RUSTY_SOCKS_NAMESPACES") {
+                None => d.namespaces,
+                Some((var, v)) => Namespaces::from_json(&v).map_err(|why| ConfigError {
+                    var,
+                    value: v.clone(),
+                    expected: format!(
+                        "a JSON object of namespace options, like {{\"chat\":{{\"history_size\":50}}}} ({why})"
+                    ),
+                })?,
+            },
+            max_channels: int("RUSTY_SOCKS_MAX_CHANNELS", d.max_channels, 1, 100_000)?,
+            max_data_size: int("RUSTY_SOCKS_MAX_DATA_SIZE", d.max_data_size, 1, 64 << 20)?,
         };
         if config.ping_interval >= config.timeout {
             return Err(ConfigError {
@@ -328,6 +351,9 @@ mod tests {
             ("RUSTY_SOCKS_MAX_MESSAGE_SIZE", "4096"),
             ("RUSTY_SOCKS_ECHO_ENDPOINT", "true"),
             ("RUSTY_SOCKS_ECHO_TO_SENDER", "yes"),
+            ("RUSTY_SOCKS_NAMESPACES", r#"{"chat":{"history_size":5}}"#),
+            ("RUSTY_SOCKS_MAX_CHANNELS", "3"),
+            ("RUSTY_SOCKS_MAX_DATA_SIZE", "100"),
         ])
         .expect("valid");
         assert_eq!(c.host.to_string(), "::1");
@@ -345,6 +371,11 @@ mod tests {
         assert_eq!(c.ping_interval, Duration::from_secs(2));
         assert_eq!(c.max_message_size, 4096);
         assert!(c.echo_endpoint && c.echo_to_sender);
+        assert_eq!(
+            c.namespaces.resolve("chat:x").map(|o| o.history_size),
+            Ok(5)
+        );
+        assert_eq!((c.max_channels, c.max_data_size), (3, 100));
     }
 
     #[test]
@@ -358,6 +389,7 @@ mod tests {
             ("RUSTY_SOCKS_HOST", "not-an-ip"),
             ("RUSTY_SOCKS_ECHO_ENDPOINT", "maybe"),
             ("RUSTY_SOCKS_MAX_QUEUED_TASKS", "1.5"),
+            ("RUSTY_SOCKS_NAMESPACES", r#"{"chat":{"histroy_size":5}}"#),
         ];
         for (var, value) in cases {
             let err = with(&[(var, value)]).expect_err(var);

@@ -1,8 +1,10 @@
 //! Errors a client can cause without breaking the WebSocket protocol.
 //!
-//! Each becomes an `{"type":"Error","code":...,"message":...}` frame and the connection stays
-//! open. The codes are part of the protocol (see `docs/protocol.md`): they are stable,
-//! snake_case, and one variant maps to exactly one code.
+//! Each becomes an error frame (legacy `{"type":"Error",...}` or v1 `{"type":"error",...}`) and
+//! the connection stays open. The codes are part of the protocol: stable, snake_case, and one
+//! variant maps to exactly one code (tables in README.md and `docs/protocol.md`).
+
+use crate::namespace::ChannelError;
 
 /// A message the server understood at the WebSocket level but cannot act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,12 +29,45 @@ pub enum ClientError {
     /// The `type` field named something this endpoint does not handle.
     #[error("unknown message type {0:?}")]
     UnknownType(String),
-    /// The message could not be delivered or the channel joined (broker failure).
-    #[error("message not delivered: {0}")]
-    Unavailable(String),
     /// A binary frame arrived where only JSON text is understood.
     #[error("binary frames are not supported on this endpoint; send JSON as a text frame")]
     BinaryNotSupported,
+    /// The channel name is malformed.
+    #[error("invalid channel name: {0}")]
+    InvalidChannel(ChannelError),
+    /// The channel's namespace is not configured.
+    #[error("{0}")]
+    UnknownNamespace(ChannelError),
+    /// `subscribe` on a channel the connection is already on.
+    #[error("already subscribed to {0:?}")]
+    AlreadySubscribed(String),
+    /// `unsubscribe` on a channel the connection is not on.
+    #[error("not subscribed to {0:?}")]
+    NotSubscribed(String),
+    /// The connection is on as many channels as allowed.
+    #[error("a connection may be subscribed to at most {0} channels")]
+    TooManyChannels(usize),
+    /// The namespace does not allow this to clients.
+    #[error("not allowed: {0}")]
+    PermissionDenied(&'static str),
+    /// The namespace has presence switched off.
+    #[error("presence is disabled for this channel's namespace")]
+    PresenceDisabled,
+    /// `data` is larger than allowed.
+    #[error("data is larger than the {0}-byte limit")]
+    DataTooBig(usize),
+    /// The message could not be delivered or the channel joined (broker failure).
+    #[error("not done: {0}")]
+    Unavailable(String),
+}
+
+impl From<ChannelError> for ClientError {
+    fn from(err: ChannelError) -> Self {
+        match err {
+            ChannelError::InvalidName => Self::InvalidChannel(err),
+            ChannelError::UnknownNamespace(_) => Self::UnknownNamespace(err),
+        }
+    }
 }
 
 impl ClientError {
@@ -44,8 +79,16 @@ impl ClientError {
             Self::MissingField(_) => "missing_field",
             Self::InvalidField { .. } => "invalid_field",
             Self::UnknownType(_) => "unknown_type",
-            Self::Unavailable(_) => "unavailable",
             Self::BinaryNotSupported => "binary_not_supported",
+            Self::InvalidChannel(_) => "invalid_channel",
+            Self::UnknownNamespace(_) => "unknown_namespace",
+            Self::AlreadySubscribed(_) => "already_subscribed",
+            Self::NotSubscribed(_) => "not_subscribed",
+            Self::TooManyChannels(_) => "too_many_channels",
+            Self::PermissionDenied(_) => "permission_denied",
+            Self::PresenceDisabled => "presence_disabled",
+            Self::DataTooBig(_) => "data_too_big",
+            Self::Unavailable(_) => "unavailable",
         }
     }
 }

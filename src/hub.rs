@@ -1,29 +1,96 @@
 //! Local sessions and their channel membership; fan-out to them.
 //!
-//! The hub knows nothing about other nodes or history: a [`Broker`](crate::broker::Broker)
-//! decides *what* reaches this node, the hub decides *which local outboxes* get it. Channels are
-//! spread over independently locked shards so publishes on different channels never contend,
-//! and a lock is only ever held for synchronous work (`try_send` into outboxes), never across an
-//! `.await`. A channel with no members is removed at once.
+//! The hub knows nothing about other nodes or history: the broker decides *what* reaches this
+//! node, the hub decides *which local outboxes* get it. Channels are spread over independently
+//! locked shards so publishes on different channels never contend, and a lock is only ever held
+//! for synchronous work (`try_send` into outboxes), never across an `.await`. A channel with no
+//! members is removed at once.
+//!
+//! Each membership carries a [`MemberState`] for the two situations where a frame must not go
+//! straight to the outbox: while the member is *recovering* (its replay is being prepared, so
+//! live frames are buffered and merged by offset afterwards) and while it is *gapped* (its
+//! outbox overflowed on a `gap` namespace, so frames are dropped until the gap is reported).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
 
+use crate::namespace::SlowPolicy;
+use crate::ws::close::CloseCode;
 use crate::ws::outbox::{ClientId, Outbox, Push};
 
 const SHARDS: usize = 64;
 
-type Members = HashMap<ClientId, Outbox>;
+/// A frame waiting in a recovering member's buffer, with its offset if it is a publication.
+pub type Buffered = (Option<u64>, Bytes);
+
+/// One connection's subscription to one channel.
+#[derive(Debug)]
+pub struct MemberState {
+    /// The channel.
+    pub channel: Arc<str>,
+    policy: SlowPolicy,
+    buffer_limit: usize,
+    recovering: AtomicBool,
+    buffer: Mutex<Vec<Buffered>>,
+    gapped: AtomicBool,
+    last_offset: AtomicU64,
+}
+
+impl MemberState {
+    /// A membership that starts in recovery: live frames are buffered until
+    /// [`Hub::finish_recovery`].
+    pub fn recovering(channel: &str, policy: SlowPolicy, buffer_limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            channel: Arc::from(channel),
+            policy,
+            buffer_limit,
+            recovering: AtomicBool::new(true),
+            buffer: Mutex::default(),
+            gapped: AtomicBool::new(false),
+            last_offset: AtomicU64::new(0),
+        })
+    }
+
+    /// Offset of the last publication queued for this member.
+    pub fn last_offset(&self) -> u64 {
+        self.last_offset.load(Ordering::Acquire)
+    }
+
+    /// Records that everything up to `offset` has been handed to the client.
+    pub fn delivered_up_to(&self, offset: u64) {
+        self.last_offset.fetch_max(offset, Ordering::AcqRel);
+    }
+
+    /// Ends a gap after it was reported; frames flow again.
+    pub fn clear_gap(&self) {
+        self.gapped.store(false, Ordering::Release);
+    }
+
+    fn lock_buffer(&self) -> std::sync::MutexGuard<'_, Vec<Buffered>> {
+        self.buffer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    outbox: Outbox,
+    state: Arc<MemberState>,
+}
+
+type Members = HashMap<ClientId, Member>;
 
 /// Result of delivering one frame to a channel's local members.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery {
-    /// Outboxes that accepted the frame.
+    /// Outboxes (or recovery buffers) that took the frame.
     pub queued: usize,
-    /// Members whose outbox was full or gone.
+    /// Members that did not get it (full outbox, gap, or gone).
     pub dropped: usize,
 }
 
@@ -38,6 +105,28 @@ impl Default for Hub {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// What [`Hub::subscribe`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    /// The client was already a member; nothing changed.
+    Already,
+    /// Added; the node already had members on this channel.
+    Added,
+    /// Added as the node's first member: the node must subscribe to the broker.
+    First,
+}
+
+/// What [`Hub::unsubscribe`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Left {
+    /// The client was not a member.
+    NotMember,
+    /// Removed; others remain.
+    Removed,
+    /// Removed the node's last member: the node should unsubscribe from the broker.
+    Last,
 }
 
 impl Hub {
@@ -55,8 +144,7 @@ impl Hub {
     }
 
     fn read(&self, channel: &str) -> RwLockReadGuard<'_, HashMap<String, Members>> {
-        // A panic while holding the lock cannot leave the maps half-updated (every update is a
-        // single insert/remove), so a poisoned lock is still safe to use.
+        // Every update is a single insert/remove, so a poisoned lock is still consistent.
         self.shard(channel)
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -68,40 +156,72 @@ impl Hub {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Adds a session to a channel. Returns false if it was already a member.
-    pub fn subscribe(&self, channel: &str, outbox: Outbox) -> bool {
-        let mut shard = self.write(channel);
-        let members = shard.entry(channel.to_owned()).or_default();
-        members.insert(outbox.id(), outbox).is_none()
+    /// Adds a membership (normally created with [`MemberState::recovering`]).
+    pub fn subscribe(&self, outbox: &Outbox, state: Arc<MemberState>) -> Joined {
+        let mut shard = self.write(&state.channel);
+        let first = !shard.contains_key(&*state.channel);
+        let members = shard.entry(state.channel.to_string()).or_default();
+        if members.contains_key(&outbox.id()) {
+            return Joined::Already;
+        }
+        members.insert(
+            outbox.id(),
+            Member {
+                outbox: outbox.clone(),
+                state,
+            },
+        );
+        if first { Joined::First } else { Joined::Added }
     }
 
-    /// Removes a session from a channel; the channel goes away with its last member.
-    pub fn unsubscribe(&self, channel: &str, client: ClientId) -> bool {
+    /// Ends recovery: returns the frames buffered meanwhile, after which frames go straight to
+    /// the outbox. Taking the buffer and switching mode happen under the buffer's lock, so no
+    /// frame is both buffered and queued, and none is lost.
+    pub fn finish_recovery(&self, state: &MemberState) -> Vec<Buffered> {
+        let mut buffer = state.lock_buffer();
+        state.recovering.store(false, Ordering::Release);
+        std::mem::take(&mut *buffer)
+    }
+
+    /// Removes a membership; the channel goes away with its last member.
+    pub fn unsubscribe(&self, channel: &str, client: ClientId) -> Left {
         let mut shard = self.write(channel);
         let Some(members) = shard.get_mut(channel) else {
-            return false;
+            return Left::NotMember;
         };
-        let removed = members.remove(&client).is_some();
+        if members.remove(&client).is_none() {
+            return Left::NotMember;
+        }
         if members.is_empty() {
             shard.remove(channel);
+            Left::Last
+        } else {
+            Left::Removed
         }
-        removed
     }
 
-    /// Queues one encoded frame to every local member of `channel` except `skip`.
-    pub fn deliver(&self, channel: &str, frame: &Bytes, skip: Option<ClientId>) -> Delivery {
+    /// Queues one encoded frame to every local member of `channel` except `skip`. `offset` is
+    /// the publication's offset (`None` for join/leave), used to merge recovery buffers.
+    pub fn deliver(
+        &self,
+        channel: &str,
+        offset: Option<u64>,
+        frame: &Bytes,
+        skip: Option<ClientId>,
+    ) -> Delivery {
         let shard = self.read(channel);
         let mut delivery = Delivery::default();
         let Some(members) = shard.get(channel) else {
             return delivery;
         };
-        for (id, outbox) in members {
+        for (id, member) in members {
             if Some(*id) == skip {
                 continue;
             }
-            match outbox.push(frame.clone()) {
-                Push::Queued => delivery.queued += 1,
-                Push::Dropped => delivery.dropped += 1,
+            if deliver_one(member, offset, frame) {
+                delivery.queued += 1;
+            } else {
+                delivery.dropped += 1;
             }
         }
         delivery
@@ -125,20 +245,69 @@ impl Hub {
     }
 }
 
+fn deliver_one(member: &Member, offset: Option<u64>, frame: &Bytes) -> bool {
+    let state = &member.state;
+    if state.recovering.load(Ordering::Acquire) {
+        let mut buffer = state.lock_buffer();
+        // Re-checked under the lock: recovery may have finished while we waited for it.
+        if state.recovering.load(Ordering::Acquire) {
+            if buffer.len() >= state.buffer_limit {
+                member.outbox.close(CloseCode::SlowConsumer);
+                return false;
+            }
+            buffer.push((offset, frame.clone()));
+            return true;
+        }
+    }
+    if state.gapped.load(Ordering::Acquire) {
+        return false;
+    }
+    match member.outbox.try_push(frame.clone()) {
+        Push::Queued => {
+            if let Some(offset) = offset {
+                state.delivered_up_to(offset);
+            }
+            true
+        }
+        Push::Full => {
+            match state.policy {
+                SlowPolicy::Gap => {
+                    if !state.gapped.swap(true, Ordering::AcqRel) {
+                        member.outbox.report_gap(Arc::clone(state));
+                    }
+                }
+                SlowPolicy::Disconnect => member.outbox.close(CloseCode::SlowConsumer),
+            }
+            false
+        }
+        Push::Closed => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use uuid::Uuid;
 
+    fn member(
+        hub: &Hub,
+        channel: &str,
+        capacity: usize,
+        policy: SlowPolicy,
+    ) -> (Outbox, tokio::sync::mpsc::Receiver<Bytes>, Arc<MemberState>) {
+        let (outbox, rx) = Outbox::new(Uuid::new_v4(), capacity);
+        let state = MemberState::recovering(channel, policy, 8);
+        hub.subscribe(&outbox, Arc::clone(&state));
+        hub.finish_recovery(&state);
+        (outbox, rx, state)
+    }
+
     #[tokio::test]
     async fn delivers_to_members_but_the_skipped_one() {
         let hub = Hub::new();
-        let (a, mut ra, _) = Outbox::new(Uuid::new_v4(), 4);
-        let (b, mut rb, _) = Outbox::new(Uuid::new_v4(), 4);
-        let a_id = a.id();
-        assert!(hub.subscribe("room", a));
-        assert!(hub.subscribe("room", b));
-        let d = hub.deliver("room", &Bytes::from_static(b"x"), Some(a_id));
+        let (a, mut ra, _) = member(&hub, "room", 4, SlowPolicy::Disconnect);
+        let (_b, mut rb, _) = member(&hub, "room", 4, SlowPolicy::Disconnect);
+        let d = hub.deliver("room", Some(1), &Bytes::from_static(b"x"), Some(a.id()));
         assert_eq!(
             d,
             Delivery {
@@ -149,31 +318,62 @@ mod tests {
         assert_eq!(rb.recv().await.as_deref(), Some(&b"x"[..]));
         assert!(ra.try_recv().is_err());
         assert_eq!(
-            hub.deliver("other", &Bytes::new(), None),
+            hub.deliver("other", None, &Bytes::new(), None),
             Delivery::default()
         );
     }
 
     #[test]
-    fn empty_channels_are_removed() {
+    fn first_and_last_members_are_reported() {
         let hub = Hub::new();
-        let (a, _ra, _) = Outbox::new(Uuid::new_v4(), 1);
-        let id = a.id();
-        hub.subscribe("room", a);
-        assert_eq!((hub.channel_count(), hub.member_count("room")), (1, 1));
-        assert!(hub.unsubscribe("room", id));
-        assert!(!hub.unsubscribe("room", id));
+        let (outbox, _rx) = Outbox::new(Uuid::new_v4(), 1);
+        let state = MemberState::recovering("room", SlowPolicy::Disconnect, 1);
+        assert_eq!(hub.subscribe(&outbox, Arc::clone(&state)), Joined::First);
+        assert_eq!(hub.subscribe(&outbox, state), Joined::Already);
+        let (_b, _rb, _) = member(&hub, "room", 1, SlowPolicy::Disconnect);
+        assert_eq!(hub.channel_count(), 1);
+        assert_eq!(hub.member_count("room"), 2);
+        assert_eq!(hub.unsubscribe("room", outbox.id()), Left::Removed);
+        assert_eq!(hub.unsubscribe("room", outbox.id()), Left::NotMember);
+        assert_eq!(hub.unsubscribe("room", _b.id()), Left::Last);
         assert_eq!(hub.channel_count(), 0);
     }
 
     #[test]
-    fn a_full_outbox_is_dropped_not_waited_for() {
+    fn recovering_members_buffer_until_recovery_ends() {
         let hub = Hub::new();
-        let (slow, _keep_rx, signal) = Outbox::new(Uuid::new_v4(), 1);
-        hub.subscribe("room", slow);
+        let (outbox, mut rx) = Outbox::new(Uuid::new_v4(), 4);
+        let state = MemberState::recovering("room", SlowPolicy::Disconnect, 8);
+        hub.subscribe(&outbox, Arc::clone(&state));
+        hub.deliver("room", Some(7), &Bytes::from_static(b"7"), None);
+        assert!(rx.try_recv().is_err(), "buffered, not queued");
+        let buffered = hub.finish_recovery(&state);
+        assert_eq!(buffered, vec![(Some(7), Bytes::from_static(b"7"))]);
+        hub.deliver("room", Some(8), &Bytes::from_static(b"8"), None);
+        assert_eq!(rx.try_recv().ok(), Some(Bytes::from_static(b"8")));
+    }
+
+    #[test]
+    fn overflow_disconnects_or_gaps_by_policy() {
+        let hub = Hub::new();
+        let (slow, _keep, _) = member(&hub, "d", 1, SlowPolicy::Disconnect);
         let frame = Bytes::from_static(b"m");
-        assert_eq!(hub.deliver("room", &frame, None).queued, 1);
-        assert_eq!(hub.deliver("room", &frame, None).dropped, 1);
-        assert!(signal.requested().is_some());
+        assert_eq!(hub.deliver("d", Some(1), &frame, None).queued, 1);
+        assert_eq!(hub.deliver("d", Some(2), &frame, None).dropped, 1);
+        assert!(slow.is_closing());
+
+        let (gappy, mut rx, state) = member(&hub, "g", 1, SlowPolicy::Gap);
+        assert_eq!(hub.deliver("g", Some(1), &frame, None).queued, 1);
+        assert_eq!(hub.deliver("g", Some(2), &frame, None).dropped, 1);
+        assert!(!gappy.is_closing(), "gap policy keeps the connection");
+        assert_eq!(state.last_offset(), 1);
+        let gaps = gappy.take_gaps();
+        assert_eq!(gaps.len(), 1);
+        // Room again, but the gap is not reported yet: still dropped.
+        let _ = rx.try_recv();
+        assert_eq!(hub.deliver("g", Some(3), &frame, None).dropped, 1);
+        state.clear_gap();
+        assert_eq!(hub.deliver("g", Some(4), &frame, None).queued, 1);
+        assert_eq!(state.last_offset(), 4);
     }
 }

@@ -8,10 +8,13 @@
 //! - [`admission`]: the connection and handshake bounds (HTTP 503 past them).
 //! - [`ws`]: the WebSocket stack: handshake, frame codec, message reader, one task per
 //!   session, bounded outboxes, close codes, and the endpoints' handlers.
-//! - [`protocol`]: JSON dialects carried in messages (today: the legacy one).
-//! - [`hub`]: local sessions by channel; fan-out.
-//! - [`broker`]: the distribution seam (in-memory now; Redis/NATS later).
-//! - [`store`]: stored messages for replay.
+//! - [`protocol`]: JSON dialects carried in messages: legacy and v1.
+//! - [`node`]: wires hub and broker; subscribe with loss-free recovery, publish, presence.
+//! - [`hub`]: local members by channel; fan-out, recovery buffers, gaps.
+//! - [`broker`]: the distribution seam (in-memory now; Redis/NATS later) and its
+//!   conformance suite.
+//! - [`history`]: stream positions (offset, epoch) and bounded history.
+//! - [`namespace`]: channel names and per-namespace options.
 //! - [`stats`]: counters for `/stats`.
 //! - [`error`]: client mistakes and their error codes.
 
@@ -19,10 +22,12 @@ pub mod admission;
 pub mod broker;
 pub mod config;
 pub mod error;
+pub mod history;
 pub mod http;
 pub mod hub;
+pub mod namespace;
+pub mod node;
 pub mod protocol;
 pub mod server;
 pub mod stats;
-pub mod store;
 pub mod ws;

@@ -15,12 +15,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{Admission, HandshakePermit, Overload};
-use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::namespace::{NamespaceOptions, SlowPolicy};
+use crate::node::{Dispatcher, Node, NodeOptions};
 use crate::stats::Stats;
-use crate::store::MemoryStore;
 
 /// Shared by every connection.
 #[derive(Debug)]
@@ -33,8 +33,8 @@ pub struct AppState {
     pub stats: Arc<Stats>,
     /// Local channel membership.
     pub hub: Arc<Hub>,
-    /// Message distribution and history.
-    pub broker: Arc<dyn Broker>,
+    /// Channels, history and presence through the broker.
+    pub node: Arc<Node>,
     /// Cancelled when the server starts shutting down.
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
@@ -42,16 +42,30 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State for a single node with in-memory broker and store.
+    /// State for a single node with the in-memory broker.
     pub fn new(config: Config) -> Arc<Self> {
         let hub = Arc::new(Hub::new());
-        let store = Arc::new(MemoryStore::new(config.history_size, config.history_bytes));
-        let broker = Arc::new(MemoryBroker::new(Arc::clone(&hub), store));
+        let dispatcher = Arc::new(Dispatcher::new(Arc::clone(&hub), config.echo_to_sender));
+        let broker = Arc::new(MemoryBroker::new(dispatcher));
+        let options = NodeOptions {
+            namespaces: config.namespaces.clone(),
+            legacy: NamespaceOptions {
+                history_size: config.history_size,
+                history_ttl_s: 0,
+                presence: true,
+                join_leave: true,
+                publish: false,
+                slow_policy: SlowPolicy::Disconnect,
+            },
+            history_bytes: config.history_bytes,
+            recovery_buffer: config.buffer,
+        };
+        let node = Arc::new(Node::new(Arc::clone(&hub), broker, options));
         Arc::new(Self {
             admission: Admission::new(config.max_connections, config.max_queued_tasks),
             stats: Arc::new(Stats::default()),
             hub,
-            broker,
+            node,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             config,

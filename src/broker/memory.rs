@@ -1,130 +1,234 @@
-//! The single-node broker: delivery straight into the local [`Hub`], history in a
-//! [`MessageStore`].
+//! The single-node broker: streams, history and presence in this process.
+//!
+//! Channels are spread over independently locked stripes. Publishing takes the channel's stripe
+//! for the whole assign-offset / append / deliver step (synchronous work only, never across an
+//! `.await`), which makes offsets gapless and delivery ordered. A channel's state is freed when
+//! the node is not subscribed, no history is retained and nobody is present; the next use then
+//! starts a new epoch, which is exactly what a client must be told.
 
+use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::Bytes;
+use tokio::time::Instant;
 
-use super::{Broker, BrokerFuture, Publication};
-use crate::hub::Hub;
-use crate::store::MessageStore;
-use crate::ws::outbox::{ClientId, Outbox};
+use super::{Broker, BrokerEvents, BrokerFuture, ClientInfo, HistoryPage, PublishRequest};
+use crate::history::{HistoryLimits, Stream, StreamPosition};
+use crate::ws::outbox::ClientId;
 
-const LOCK_SHARDS: usize = 64;
+const STRIPES: usize = 64;
+/// Every this many operations on a stripe, its idle channels are swept.
+const SWEEP_EVERY: u32 = 64;
 
-/// Broker for one node. Per-channel atomicity comes from a striped lock: publishes on
-/// different channels rarely share a stripe, and the lock is only held for synchronous work.
-#[derive(Debug)]
+#[derive(Debug, Default)]
+struct ChannelState {
+    stream: Stream,
+    /// Node subscriptions minus unsubscriptions (see the trait's counting contract).
+    subscribed: u32,
+    presence: HashMap<ClientId, ClientInfo>,
+    limits: Option<HistoryLimits>,
+}
+
+impl ChannelState {
+    fn idle(&self) -> bool {
+        self.subscribed == 0 && !self.stream.has_history() && self.presence.is_empty()
+    }
+
+    fn trim(&mut self, now: Instant) {
+        if let Some(limits) = self.limits {
+            self.stream.trim(limits, now);
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Stripe {
+    channels: HashMap<String, ChannelState>,
+    ops: u32,
+}
+
+impl Stripe {
+    /// Runs `f` on the channel's state (creating it), then frees it if idle.
+    fn with<T>(&mut self, channel: &str, f: impl FnOnce(&mut ChannelState) -> T) -> T {
+        self.ops = self.ops.wrapping_add(1);
+        if self.ops % SWEEP_EVERY == 0 {
+            let now = Instant::now();
+            self.channels.retain(|_, state| {
+                state.trim(now);
+                !state.idle()
+            });
+        }
+        let state = self.channels.entry(channel.to_owned()).or_default();
+        state.trim(Instant::now());
+        let out = f(state);
+        if state.idle() {
+            self.channels.remove(channel);
+        }
+        out
+    }
+}
+
+/// Broker for one node.
 pub struct MemoryBroker {
-    hub: Arc<Hub>,
-    store: Arc<dyn MessageStore>,
+    events: Arc<dyn BrokerEvents>,
     hasher: RandomState,
-    stripes: Box<[Mutex<()>]>,
+    stripes: Box<[Mutex<Stripe>]>,
+}
+
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker").finish_non_exhaustive()
+    }
 }
 
 impl MemoryBroker {
-    /// A broker delivering to `hub` and keeping history in `store`.
-    pub fn new(hub: Arc<Hub>, store: Arc<dyn MessageStore>) -> Self {
+    /// A broker delivering to `events`.
+    pub fn new(events: Arc<dyn BrokerEvents>) -> Self {
         Self {
-            hub,
-            store,
+            events,
             hasher: RandomState::new(),
-            stripes: (0..LOCK_SHARDS).map(|_| Mutex::new(())).collect(),
+            stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
         }
     }
 
-    fn stripe(&self, channel: &str) -> std::sync::MutexGuard<'_, ()> {
-        let index = self.hasher.hash_one(channel) as usize % LOCK_SHARDS;
+    fn stripe(&self, channel: &str) -> MutexGuard<'_, Stripe> {
+        let index = self.hasher.hash_one(channel) as usize % STRIPES;
+        // Every update leaves the maps consistent, so a poisoned lock is still usable.
         self.stripes[index]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn publish_now(&self, publication: Publication) -> usize {
-        let _atomic = self.stripe(&publication.channel);
-        if publication.persist {
-            self.store
-                .append(&publication.channel, publication.frame.clone());
-        }
-        self.hub
-            .deliver(&publication.channel, &publication.frame, publication.skip)
-            .queued
+    fn now<'a, T: Send + 'a>(value: T) -> BrokerFuture<'a, T> {
+        Box::pin(std::future::ready(Ok(value)))
     }
 }
 
 impl Broker for MemoryBroker {
-    fn publish(&self, publication: Publication) -> BrokerFuture<'_, usize> {
-        let queued = self.publish_now(publication);
-        Box::pin(async move { Ok(queued) })
-    }
-
-    fn subscribe<'a>(
+    fn publish<'a>(
         &'a self,
         channel: &'a str,
-        outbox: Outbox,
-        replay: usize,
-    ) -> BrokerFuture<'a, Vec<Bytes>> {
-        let frames = {
-            let _atomic = self.stripe(channel);
-            self.hub.subscribe(channel, outbox);
-            self.store.recent(channel, replay)
-        };
-        Box::pin(async move { Ok(frames) })
+        request: PublishRequest,
+    ) -> BrokerFuture<'a, StreamPosition> {
+        let position = self.stripe(channel).with(channel, |state| {
+            state.limits = Some(request.history);
+            let publication = state.stream.append(
+                request.data,
+                request.client_id,
+                request.history,
+                Instant::now(),
+            );
+            if state.subscribed > 0 {
+                self.events.on_publication(channel, &publication);
+            }
+            state.stream.position()
+        });
+        Self::now(position)
     }
 
-    fn unsubscribe<'a>(&'a self, channel: &'a str, client: ClientId) -> BrokerFuture<'a, ()> {
-        self.hub.unsubscribe(channel, client);
-        Box::pin(async { Ok(()) })
+    fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
+        self.stripe(channel)
+            .with(channel, |state| state.subscribed += 1);
+        Self::now(())
+    }
+
+    fn unsubscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
+        self.stripe(channel).with(channel, |state| {
+            state.subscribed = state.subscribed.saturating_sub(1);
+        });
+        Self::now(())
+    }
+
+    fn history<'a>(
+        &'a self,
+        channel: &'a str,
+        since: Option<u64>,
+        limit: usize,
+    ) -> BrokerFuture<'a, HistoryPage> {
+        let page = self.stripe(channel).with(channel, |state| HistoryPage {
+            position: state.stream.position(),
+            publications: state.stream.read(since, limit),
+        });
+        Self::now(page)
+    }
+
+    fn add_presence<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
+        self.stripe(channel).with(channel, |state| {
+            state.presence.insert(client.client_id, client);
+        });
+        Self::now(())
+    }
+
+    fn remove_presence<'a>(&'a self, channel: &'a str, client: ClientId) -> BrokerFuture<'a, ()> {
+        self.stripe(channel).with(channel, |state| {
+            state.presence.remove(&client);
+        });
+        Self::now(())
+    }
+
+    fn presence<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, Vec<ClientInfo>> {
+        let clients = self
+            .stripe(channel)
+            .with(channel, |state| state.presence.values().cloned().collect());
+        Self::now(clients)
+    }
+
+    fn publish_join<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
+        self.stripe(channel).with(channel, |state| {
+            if state.subscribed > 0 {
+                self.events.on_join(channel, &client);
+            }
+        });
+        Self::now(())
+    }
+
+    fn publish_leave<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
+        self.stripe(channel).with(channel, |state| {
+            if state.subscribed > 0 {
+                self.events.on_leave(channel, &client);
+            }
+        });
+        Self::now(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MemoryStore;
-    use uuid::Uuid;
+    use crate::broker::conformance;
 
     #[tokio::test]
-    async fn a_subscriber_gets_each_message_once_in_replay_or_live() {
-        let hub = Arc::new(Hub::new());
-        let broker = MemoryBroker::new(Arc::clone(&hub), Arc::new(MemoryStore::new(10, 1 << 20)));
-        let publication = |n: u8| Publication {
-            channel: "c".into(),
-            frame: Bytes::from(vec![n]),
-            skip: None,
-            persist: true,
-        };
-        broker.publish(publication(1)).await.expect("memory broker");
-        let (outbox, mut rx, _) = Outbox::new(Uuid::new_v4(), 8);
-        let replay = broker
-            .subscribe("c", outbox, 10)
-            .await
-            .expect("memory broker");
-        broker.publish(publication(2)).await.expect("memory broker");
-        assert_eq!(replay, vec![Bytes::from(vec![1])]);
-        assert_eq!(rx.recv().await, Some(Bytes::from(vec![2])));
-        assert!(rx.try_recv().is_err());
+    async fn memory_broker_passes_the_conformance_suite() {
+        conformance::run_all(|events| Arc::new(MemoryBroker::new(events)) as Arc<dyn Broker>).await;
     }
 
     #[tokio::test]
-    async fn unpersisted_publications_are_not_replayed() {
-        let hub = Arc::new(Hub::new());
-        let broker = MemoryBroker::new(hub, Arc::new(MemoryStore::new(10, 1 << 20)));
-        let p = Publication {
-            channel: "c".into(),
-            frame: Bytes::from_static(b"bye"),
-            skip: None,
-            persist: false,
+    async fn idle_channels_are_freed_and_start_a_new_epoch() {
+        let events = Arc::new(conformance::Recorder::default());
+        let broker = MemoryBroker::new(events);
+        let limits = HistoryLimits {
+            size: 0,
+            ttl: None,
+            max_bytes: 1024,
         };
-        assert_eq!(broker.publish(p).await.expect("memory broker"), 0);
-        let (outbox, _rx, _) = Outbox::new(Uuid::new_v4(), 8);
-        assert!(
-            broker
-                .subscribe("c", outbox, 10)
-                .await
-                .expect("memory")
-                .is_empty()
+        let request = PublishRequest {
+            data: conformance::json("1"),
+            client_id: None,
+            history: limits,
+        };
+        let first = broker.publish("c", request.clone()).await.expect("memory");
+        let second = broker.publish("c", request).await.expect("memory");
+        assert_eq!(first.offset, 1);
+        assert_eq!(
+            second.offset, 1,
+            "no history, nobody subscribed: state was freed"
         );
+        assert_ne!(first.epoch, second.epoch);
+        let total: usize = broker
+            .stripes
+            .iter()
+            .map(|s| s.lock().map(|s| s.channels.len()).unwrap_or(0))
+            .sum();
+        assert_eq!(total, 0);
     }
 }

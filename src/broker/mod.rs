@@ -1,19 +1,25 @@
-//! How publications reach subscribers: the seam between this node and message distribution.
+//! How publications reach every node: the seam between this node and message distribution.
 //!
 //! A broker is the only part of the server that may know other nodes exist. The in-memory
 //! broker ([`memory::MemoryBroker`]) serves a single node; Redis and NATS brokers plug in behind
-//! the same trait. History lives with the broker because appending to a channel's history and
-//! publishing to it must be atomic with respect to a subscriber joining: a newcomer must get
-//! every message exactly once, either in its replay or live, never both and never neither.
+//! the same trait, and [`conformance`] is the test suite every implementation must pass.
+//!
+//! History lives with the broker because assigning an offset, appending to history and
+//! delivering must be one atomic step per channel: that is what lets a subscriber recover
+//! exactly what it missed.
 
+pub mod conformance;
 pub mod memory;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
-use bytes::Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
 
-use crate::ws::outbox::{ClientId, Outbox};
+use crate::history::{HistoryLimits, Publication, StreamPosition};
+use crate::ws::outbox::ClientId;
 
 /// A boxed future returned by broker methods (the trait is used as `Arc<dyn Broker>`).
 pub type BrokerFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>> + Send + 'a>>;
@@ -26,38 +32,88 @@ pub enum BrokerError {
     Unavailable(String),
 }
 
-/// One message to distribute on a channel.
-#[derive(Debug, Clone)]
-pub struct Publication {
-    /// Channel name.
-    pub channel: String,
-    /// The complete encoded WebSocket frame, shared by every recipient.
-    pub frame: Bytes,
-    /// A client that must not receive it (the sender, unless echo is enabled).
-    pub skip: Option<ClientId>,
-    /// Whether it is appended to the channel's history for replay.
-    pub persist: bool,
+/// Who is subscribed: one entry per connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClientInfo {
+    /// The connection.
+    pub client_id: ClientId,
+    /// The authenticated user, if any (`null` for anonymous connections).
+    pub user: Option<String>,
 }
 
-/// Distributes publications to subscribers and keeps channel history.
-///
-/// Ordering: publications on one channel are delivered to each subscriber in the order
-/// `publish` calls completed. Atomicity: `subscribe` and `publish` on the same channel are
-/// serialized, so a subscriber sees each persisted publication exactly once, in the replay
-/// `subscribe` returns or in its outbox afterwards.
-pub trait Broker: Send + Sync + std::fmt::Debug {
-    /// Appends `publication` to history if asked, then delivers it to every subscriber.
-    fn publish(&self, publication: Publication) -> BrokerFuture<'_, usize>;
+/// What to publish.
+#[derive(Debug, Clone)]
+pub struct PublishRequest {
+    /// The JSON value, verbatim.
+    pub data: Arc<RawValue>,
+    /// The publishing connection, if a client published it.
+    pub client_id: Option<ClientId>,
+    /// History bounds of the channel's namespace.
+    pub history: HistoryLimits,
+}
 
-    /// Subscribes a local session to `channel` and returns up to `replay` stored frames,
-    /// oldest first.
-    fn subscribe<'a>(
+/// What `history` returns: the stream's current position and the requested publications.
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    /// Where the stream is now (taken atomically with `publications`).
+    pub position: StreamPosition,
+    /// Oldest first.
+    pub publications: Vec<Publication>,
+}
+
+/// Where a broker delivers what was published: the node's dispatcher.
+///
+/// Called synchronously by the memory broker while it holds the channel's lock, and from a
+/// receive task by networked brokers; implementations must not block.
+pub trait BrokerEvents: Send + Sync {
+    /// A publication on a channel this node subscribed to, in offset order.
+    fn on_publication(&self, channel: &str, publication: &Publication);
+    /// A client joined a channel this node subscribed to.
+    fn on_join(&self, channel: &str, client: &ClientInfo);
+    /// A client left a channel this node subscribed to.
+    fn on_leave(&self, channel: &str, client: &ClientInfo);
+}
+
+/// Distributes publications, keeps history and presence.
+///
+/// Contract (checked by [`conformance`]):
+/// - `publish` assigns the channel's next offset (1, 2, 3, ... with no gap or reuse within an
+///   epoch), appends to history within the request's limits, and delivers to every subscribed
+///   node's [`BrokerEvents`] in offset order. It returns the new position.
+/// - `subscribe`/`unsubscribe` are per node and per channel: a node subscribes when its first
+///   local subscriber arrives and unsubscribes when the last leaves. Calls are counted, so a
+///   racing "last leaves" and "first arrives" commute: delivery continues while the node has
+///   made more `subscribe` than `unsubscribe` calls.
+/// - `history` returns the current position and, atomically with it, the publications after
+///   `since` (at most `limit`, oldest first) or, without `since`, the newest `limit`.
+/// - Presence is a set of [`ClientInfo`] per channel; join/leave are delivered like
+///   publications but never stored.
+pub trait Broker: Send + Sync + std::fmt::Debug {
+    /// Publishes on `channel` and returns its new position.
+    fn publish<'a>(
         &'a self,
         channel: &'a str,
-        outbox: Outbox,
-        replay: usize,
-    ) -> BrokerFuture<'a, Vec<Bytes>>;
-
-    /// Removes a local session from `channel`.
-    fn unsubscribe<'a>(&'a self, channel: &'a str, client: ClientId) -> BrokerFuture<'a, ()>;
+        request: PublishRequest,
+    ) -> BrokerFuture<'a, StreamPosition>;
+    /// Starts delivering `channel` to this node.
+    fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()>;
+    /// Stops delivering `channel` to this node.
+    fn unsubscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()>;
+    /// Reads history; see the trait docs.
+    fn history<'a>(
+        &'a self,
+        channel: &'a str,
+        since: Option<u64>,
+        limit: usize,
+    ) -> BrokerFuture<'a, HistoryPage>;
+    /// Adds (or refreshes) a presence entry.
+    fn add_presence<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()>;
+    /// Removes a presence entry.
+    fn remove_presence<'a>(&'a self, channel: &'a str, client: ClientId) -> BrokerFuture<'a, ()>;
+    /// Everyone present on `channel`.
+    fn presence<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, Vec<ClientInfo>>;
+    /// Announces a join to every subscribed node.
+    fn publish_join<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()>;
+    /// Announces a leave to every subscribed node.
+    fn publish_leave<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()>;
 }

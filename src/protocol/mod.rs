@@ -1,7 +1,8 @@
 //! What travels inside WebSocket messages.
 //!
-//! Today there is one dialect, [`legacy`], the JSON shapes of the original Rusty Socks. Newer
-//! dialects are added beside it and dispatched on the `type` field, so legacy clients keep
-//! working unchanged on the same endpoint.
+//! Two dialects share `/ws`: [`legacy`], the JSON shapes of the original Rusty Socks, and
+//! [`v1`], channels with presence and history. They are told apart by the `type` field, so
+//! legacy clients keep working unchanged.
 
 pub mod legacy;
+pub mod v1;

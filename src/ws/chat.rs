@@ -1,42 +1,187 @@
-//! The `/ws` endpoint's behaviour: the legacy chat dialect over the default channel.
+//! The `/ws` endpoint's behaviour: the legacy chat dialect and protocol v1 on one connection.
 //!
-//! Every connection joins [`DEFAULT_CHANNEL`] on open. A chat message is stored and published
-//! there; the sender gets no copy unless `RUSTY_SOCKS_ECHO_TO_SENDER` is set. Mistakes get an
-//! `Error` frame and the connection stays open.
+//! Every connection joins [`DEFAULT_CHANNEL`] on open and gets the legacy welcome and replay.
+//! A legacy chat message is published there; a v1 command acts on any channel. Mistakes get an
+//! error frame (legacy `Error` or v1 `error`, matching what the client sent) and the connection
+//! stays open.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
-use super::frame::{OpCode, encode};
 use super::outbox::{ClientId, Outbox};
 use super::session::{Handler, Replies};
-use crate::broker::{Broker, Publication};
+use crate::broker::ClientInfo;
 use crate::error::ClientError;
+use crate::hub::MemberState;
+use crate::node::{DEFAULT_CHANNEL, Node};
 use crate::protocol::legacy::{ServerFrame, parse_chat};
+use crate::protocol::v1::{self, Command, Frame, Parsed};
 
-/// The channel every `/ws` connection joins; legacy chat is published here.
-pub const DEFAULT_CHANNEL: &str = "default";
+/// Per-connection limits of the `/ws` endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct ChatLimits {
+    /// Stored messages replayed after the welcome.
+    pub replay: usize,
+    /// Most channels one connection may be subscribed to.
+    pub max_channels: usize,
+    /// Largest `data` accepted in a v1 publish, in bytes.
+    pub max_data: usize,
+}
 
 /// Handler for one `/ws` connection.
 #[derive(Debug)]
 pub struct ChatHandler {
-    /// This connection's id, sent in the welcome.
-    pub client_id: ClientId,
-    /// Sending side of this connection's own outbox, registered with the broker on open.
-    pub outbox: Option<Outbox>,
-    /// Where publications go.
-    pub broker: Arc<dyn Broker>,
-    /// Stored messages replayed after the welcome.
-    pub replay: usize,
-    /// Whether the sender gets its own messages back.
-    pub echo_to_sender: bool,
+    client: ClientInfo,
+    outbox: Outbox,
+    node: Arc<Node>,
+    limits: ChatLimits,
+    subscriptions: HashMap<String, Arc<MemberState>>,
 }
 
 impl ChatHandler {
-    fn error(out: &mut Replies<'_>, err: &ClientError) {
-        out.text(&ServerFrame::error(err).to_json());
+    /// A handler for connection `client_id` whose fan-out goes to `outbox`.
+    pub fn new(client_id: ClientId, outbox: Outbox, node: Arc<Node>, limits: ChatLimits) -> Self {
+        Self {
+            client: ClientInfo {
+                client_id,
+                user: None,
+            },
+            outbox,
+            node,
+            limits,
+            subscriptions: HashMap::new(),
+        }
+    }
+
+    fn client_id(&self) -> ClientId {
+        self.client.client_id
+    }
+
+    async fn legacy_chat(&mut self, text: &str, out: &mut Replies<'_>) {
+        let chat = match parse_chat(text, OffsetDateTime::now_utc()) {
+            Ok(chat) => chat,
+            Err(err) => return out.text(&ServerFrame::error(&err).to_json()),
+        };
+        // The legacy frame itself is the publication's data: stored once, replayed verbatim.
+        let data = match RawValue::from_string(ServerFrame::Chat(&chat).to_json()) {
+            Ok(raw) => Arc::from(raw),
+            Err(_) => return,
+        };
+        let published = self
+            .node
+            .publish(DEFAULT_CHANNEL, data, Some(self.client_id()), false)
+            .await;
+        if let Err(err) = published {
+            tracing::warn!(%err, "legacy publish failed");
+            out.text(&ServerFrame::error(&err).to_json());
+        }
+    }
+
+    async fn command(
+        &mut self,
+        id: Option<&RawValue>,
+        command: Command<'_>,
+        out: &mut Replies<'_>,
+    ) -> Result<(), ClientError> {
+        match command {
+            Command::Subscribe { channel, since } => {
+                if self.subscriptions.len() >= self.limits.max_channels
+                    && !self.subscriptions.contains_key(&channel)
+                {
+                    return Err(ClientError::TooManyChannels(self.limits.max_channels));
+                }
+                let sub = self
+                    .node
+                    .subscribe(&self.outbox, &self.client, &channel, since.as_ref(), 0)
+                    .await?;
+                out.text(
+                    &Frame::Subscribed {
+                        id,
+                        channel: &channel,
+                        offset: sub.position.offset,
+                        epoch: &sub.position.epoch,
+                        recovered: sub.recovered.unwrap_or(false),
+                        publications: &sub.publications,
+                    }
+                    .to_json(),
+                );
+                sub.live.iter().for_each(|frame| out.frame(frame));
+                self.subscriptions.insert(channel, sub.state);
+            }
+            Command::Unsubscribe { channel } => {
+                self.node
+                    .unsubscribe(self.client_id(), &self.client, &channel, true)
+                    .await?;
+                self.subscriptions.remove(&channel);
+                out.text(
+                    &Frame::Unsubscribed {
+                        id,
+                        channel: &channel,
+                    }
+                    .to_json(),
+                );
+            }
+            Command::Publish { channel, data } => {
+                if data.get().len() > self.limits.max_data {
+                    return Err(ClientError::DataTooBig(self.limits.max_data));
+                }
+                if channel == DEFAULT_CHANNEL {
+                    return Err(ClientError::PermissionDenied(
+                        "the default channel carries legacy chat; send a legacy message",
+                    ));
+                }
+                let position = self
+                    .node
+                    .publish(
+                        &channel,
+                        Arc::from(data.to_owned()),
+                        Some(self.client_id()),
+                        true,
+                    )
+                    .await?;
+                out.text(
+                    &Frame::Published {
+                        id,
+                        channel: &channel,
+                        offset: position.offset,
+                    }
+                    .to_json(),
+                );
+            }
+            Command::Presence { channel } => {
+                let clients = self.node.presence(&channel).await?;
+                out.text(
+                    &Frame::Presence {
+                        id,
+                        channel: &channel,
+                        clients: &clients,
+                    }
+                    .to_json(),
+                );
+            }
+            Command::History {
+                channel,
+                limit,
+                since,
+            } => {
+                let page = self.node.history(&channel, since.as_ref(), limit).await?;
+                out.text(
+                    &Frame::History {
+                        id,
+                        channel: &channel,
+                        offset: page.position.offset,
+                        epoch: &page.position.epoch,
+                        publications: &page.publications,
+                    }
+                    .to_json(),
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -44,81 +189,84 @@ impl Handler for ChatHandler {
     async fn on_open(&mut self, out: &mut Replies<'_>) {
         out.text(
             &ServerFrame::Connect {
-                client_id: self.client_id,
+                client_id: self.client_id(),
             }
             .to_json(),
         );
-        let Some(outbox) = self.outbox.take() else {
-            return;
-        };
-        match self
-            .broker
-            .subscribe(DEFAULT_CHANNEL, outbox, self.replay)
-            .await
-        {
-            Ok(frames) => frames.iter().for_each(|f| out.frame(f)),
+        let joined = self
+            .node
+            .subscribe(
+                &self.outbox,
+                &self.client,
+                DEFAULT_CHANNEL,
+                None,
+                self.limits.replay,
+            )
+            .await;
+        match joined {
+            Ok(sub) => {
+                for publication in &sub.publications {
+                    out.text(publication.data.get());
+                }
+                sub.live.iter().for_each(|frame| out.frame(frame));
+                self.subscriptions
+                    .insert(DEFAULT_CHANNEL.to_owned(), sub.state);
+            }
             Err(err) => {
                 tracing::warn!(%err, "could not join the default channel");
-                Self::error(out, &ClientError::Unavailable(err.to_string()));
+                out.text(&ServerFrame::error(&err).to_json());
             }
         }
     }
 
     async fn on_text(&mut self, text: Bytes, out: &mut Replies<'_>) {
         let Ok(text) = std::str::from_utf8(&text) else {
-            // The session only hands over validated UTF-8; this is unreachable in practice.
-            return Self::error(out, &ClientError::InvalidJson("not UTF-8".into()));
+            return; // The session only hands over validated UTF-8.
         };
-        let chat = match parse_chat(text, OffsetDateTime::now_utc()) {
-            Ok(chat) => chat,
-            Err(err) => return Self::error(out, &err),
-        };
-        let frame = encode(OpCode::Text, ServerFrame::Chat(&chat).to_json().as_bytes());
-        let publication = Publication {
-            channel: DEFAULT_CHANNEL.to_owned(),
-            frame,
-            skip: (!self.echo_to_sender).then_some(self.client_id),
-            persist: true,
-        };
-        if let Err(err) = self.broker.publish(publication).await {
-            tracing::warn!(%err, "publish failed");
-            Self::error(out, &ClientError::Unavailable(err.to_string()));
+        match v1::parse(text) {
+            Parsed::Legacy => self.legacy_chat(text, out).await,
+            Parsed::Invalid(err) => out.text(&ServerFrame::error(&err).to_json()),
+            Parsed::BadCommand(id, err) => out.text(&Frame::error(id, &err).to_json()),
+            Parsed::Command(id, command) => {
+                if let Err(err) = self.command(id, command, out).await {
+                    out.text(&Frame::error(id, &err).to_json());
+                }
+            }
         }
     }
 
     async fn on_binary(&mut self, _data: Bytes, out: &mut Replies<'_>) {
-        Self::error(out, &ClientError::BinaryNotSupported);
+        out.text(&ServerFrame::error(&ClientError::BinaryNotSupported).to_json());
+    }
+
+    fn on_gaps(&mut self, out: &mut Replies<'_>) {
+        for state in self.outbox.take_gaps() {
+            let current = self.subscriptions.get(&*state.channel);
+            if current.is_some_and(|s| Arc::ptr_eq(s, &state)) {
+                out.text(
+                    &Frame::Gap {
+                        channel: &state.channel,
+                        offset: state.last_offset(),
+                    }
+                    .to_json(),
+                );
+            }
+            state.clear_gap();
+        }
     }
 
     async fn on_close(&mut self, server_shutting_down: bool) {
-        if let Err(err) = self
-            .broker
-            .unsubscribe(DEFAULT_CHANNEL, self.client_id)
-            .await
-        {
-            tracing::warn!(%err, "unsubscribe failed");
-        }
-        // On shutdown every client is leaving at once; N disconnect notices to N clients would
-        // be N² frames for nobody.
-        if server_shutting_down {
-            return;
-        }
-        let frame = encode(
-            OpCode::Text,
-            ServerFrame::Disconnect {
-                client_id: self.client_id,
+        // On shutdown every client is leaving at once; N leave notices to N clients would be
+        // N² frames for nobody.
+        let announce = !server_shutting_down;
+        for channel in std::mem::take(&mut self.subscriptions).into_keys() {
+            if let Err(err) = self
+                .node
+                .unsubscribe(self.client_id(), &self.client, &channel, announce)
+                .await
+            {
+                tracing::warn!(%err, channel, "unsubscribe on close failed");
             }
-            .to_json()
-            .as_bytes(),
-        );
-        let publication = Publication {
-            channel: DEFAULT_CHANNEL.to_owned(),
-            frame,
-            skip: Some(self.client_id),
-            persist: false,
-        };
-        if let Err(err) = self.broker.publish(publication).await {
-            tracing::warn!(%err, "could not announce disconnect");
         }
     }
 }

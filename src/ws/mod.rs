@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::admission::ConnectionPermit;
 use crate::http::HttpError;
 use crate::server::AppState;
-use chat::ChatHandler;
+use chat::{ChatHandler, ChatLimits};
 use echo::EchoHandler;
 use outbox::Outbox;
 use session::{Handler, SessionConfig, SessionParts};
@@ -86,7 +86,8 @@ async fn run(
 ) {
     let _task = state.stats.task();
     let config = &state.config;
-    let (outbox, rx, signal) = Outbox::new(client_id, config.buffer);
+    let (outbox, rx) = Outbox::new(client_id, config.buffer);
+    let signal = Arc::clone(outbox.signals());
     let session_config = SessionConfig {
         max_message: match endpoint {
             Endpoint::Chat => config.max_message_size,
@@ -102,13 +103,12 @@ async fn run(
     tracing::debug!("connected");
     match endpoint {
         Endpoint::Chat => {
-            let handler = ChatHandler {
-                client_id,
-                outbox: Some(outbox),
-                broker: Arc::clone(&state.broker),
+            let limits = ChatLimits {
                 replay: config.replay_count,
-                echo_to_sender: config.echo_to_sender,
+                max_channels: config.max_channels,
+                max_data: config.max_data_size,
             };
+            let handler = ChatHandler::new(client_id, outbox, Arc::clone(&state.node), limits);
             drive(upgraded, &state, rx, signal, handler, session_config).await;
         }
         Endpoint::Echo => {
@@ -124,7 +124,7 @@ async fn drive<H: Handler>(
     upgraded: hyper::upgrade::Upgraded,
     state: &Arc<AppState>,
     outbox: tokio::sync::mpsc::Receiver<Bytes>,
-    signal: Arc<outbox::CloseSignal>,
+    signal: Arc<outbox::Signals>,
     handler: H,
     config: SessionConfig,
 ) {

@@ -1,45 +1,51 @@
-//! The bounded queue between fan-out and one connection's writer, and the slow-client policy.
+//! The bounded queue between fan-out and one connection's writer, and the signals that travel
+//! beside it.
 //!
 //! Fan-out never waits: it `try_send`s an already-encoded frame (a cheap `Bytes` clone). When a
-//! connection's queue is full, the client is not keeping up; it is told to close with
-//! [`CloseCode::SlowConsumer`] (4001) and every later push to it is dropped. Waiting instead
-//! would let one client that stops reading stall every other subscriber, and growing the queue
-//! would let it grow the server's memory without bound.
+//! connection's queue is full, the client is not keeping up, and the hub applies the channel's
+//! slow-client policy: close the connection with [`CloseCode::SlowConsumer`] (4001), or, on a
+//! `gap` namespace, drop that channel's frames and report a gap once the queue has drained.
+//! Waiting instead would let one client that stops reading stall every other subscriber, and
+//! growing the queue would let it grow the server's memory without bound.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc};
 use uuid::Uuid;
 
 use super::close::CloseCode;
+use crate::hub::MemberState;
 
 /// Identifies one WebSocket connection for its whole life.
 pub type ClientId = Uuid;
 
-/// Asks a session to close from outside its task (slow consumer, administrative close).
+/// Requests that reach a session from outside its task.
 #[derive(Debug, Default)]
-pub struct CloseSignal {
-    /// 0 while open; otherwise the [`CloseCode`] index + 1 of the first request.
-    requested: AtomicU8,
+pub struct Signals {
+    /// 0 while open; otherwise the index + 1 in [`SIGNAL_CODES`] of the first close request.
+    close: AtomicU8,
     notify: Notify,
+    has_gaps: AtomicBool,
+    gaps: Mutex<Vec<Arc<MemberState>>>,
 }
 
+/// The close codes that can be requested from outside a session.
 const SIGNAL_CODES: [CloseCode; 3] = [
     CloseCode::SlowConsumer,
     CloseCode::GoingAway,
     CloseCode::InternalError,
 ];
 
-impl CloseSignal {
+impl Signals {
     /// Requests a close; only the first request counts. Returns whether this one did.
-    pub fn request(&self, code: CloseCode) -> bool {
+    pub fn close(&self, code: CloseCode) -> bool {
         let Some(index) = SIGNAL_CODES.iter().position(|c| *c == code) else {
             return false;
         };
         let first = self
-            .requested
+            .close
             .compare_exchange(0, index as u8 + 1, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if first {
@@ -51,7 +57,7 @@ impl CloseSignal {
 
     /// The close requested so far, if any.
     pub fn requested(&self) -> Option<CloseCode> {
-        match self.requested.load(Ordering::Acquire) {
+        match self.close.load(Ordering::Acquire) {
             0 => None,
             n => SIGNAL_CODES.get(usize::from(n) - 1).copied(),
         }
@@ -66,6 +72,33 @@ impl CloseSignal {
             self.notify.notified().await;
         }
     }
+
+    /// Whether a gap is waiting to be reported.
+    pub fn has_gaps(&self) -> bool {
+        self.has_gaps.load(Ordering::Acquire)
+    }
+
+    /// Takes the memberships whose gaps must be reported now.
+    pub fn take_gaps(&self) -> Vec<Arc<MemberState>> {
+        if !self.has_gaps() {
+            return Vec::new();
+        }
+        let mut gaps = self
+            .gaps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.has_gaps.store(false, Ordering::Release);
+        std::mem::take(&mut *gaps)
+    }
+
+    fn report_gap(&self, state: Arc<MemberState>) {
+        let mut gaps = self
+            .gaps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        gaps.push(state);
+        self.has_gaps.store(true, Ordering::Release);
+    }
 }
 
 /// The sending side of one connection's queue, held by the hub.
@@ -73,7 +106,7 @@ impl CloseSignal {
 pub struct Outbox {
     id: ClientId,
     tx: mpsc::Sender<Bytes>,
-    signal: Arc<CloseSignal>,
+    signals: Arc<Signals>,
 }
 
 /// What happened to one push.
@@ -81,23 +114,23 @@ pub struct Outbox {
 pub enum Push {
     /// The frame is queued.
     Queued,
-    /// The queue was full (the client was told to close) or the session is gone.
-    Dropped,
+    /// The queue is full: the client is not keeping up.
+    Full,
+    /// The session is gone.
+    Closed,
 }
 
 impl Outbox {
     /// A queue of `capacity` frames for client `id`, and its receiving end.
-    pub fn new(id: ClientId, capacity: usize) -> (Self, mpsc::Receiver<Bytes>, Arc<CloseSignal>) {
+    pub fn new(id: ClientId, capacity: usize) -> (Self, mpsc::Receiver<Bytes>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        let signal = Arc::new(CloseSignal::default());
         (
             Self {
                 id,
                 tx,
-                signal: Arc::clone(&signal),
+                signals: Arc::default(),
             },
             rx,
-            signal,
         )
     }
 
@@ -106,23 +139,41 @@ impl Outbox {
         self.id
     }
 
-    /// Queues an encoded frame without waiting; a full queue triggers the slow-client close.
-    pub fn push(&self, frame: Bytes) -> Push {
+    /// The session's signals.
+    pub fn signals(&self) -> &Arc<Signals> {
+        &self.signals
+    }
+
+    /// Queues an encoded frame without waiting.
+    pub fn try_push(&self, frame: Bytes) -> Push {
         match self.tx.try_send(frame) {
             Ok(()) => Push::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if self.signal.request(CloseCode::SlowConsumer) {
-                    tracing::info!(client_id = %self.id, "closing slow consumer: outbox full");
-                }
-                Push::Dropped
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Push::Dropped,
+            Err(mpsc::error::TrySendError::Full(_)) => Push::Full,
+            Err(mpsc::error::TrySendError::Closed(_)) => Push::Closed,
         }
     }
 
-    /// Whether a close was requested (by overflow or otherwise).
+    /// Asks the session to close with `code` (the first request wins).
+    pub fn close(&self, code: CloseCode) {
+        if self.signals.close(code) {
+            tracing::info!(client_id = %self.id, code = code.code(), reason = code.reason(), "closing connection");
+        }
+    }
+
+    /// Whether a close was requested.
     pub fn is_closing(&self) -> bool {
-        self.signal.requested().is_some()
+        self.signals.requested().is_some()
+    }
+
+    /// Records that a membership overflowed on a `gap` namespace.
+    pub fn report_gap(&self, state: Arc<MemberState>) {
+        tracing::debug!(client_id = %self.id, channel = %state.channel, "outbox overflow: gap");
+        self.signals.report_gap(state);
+    }
+
+    /// Takes the gaps to report (see [`Signals::take_gaps`]).
+    pub fn take_gaps(&self) -> Vec<Arc<MemberState>> {
+        self.signals.take_gaps()
     }
 }
 
@@ -131,14 +182,16 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn overflow_requests_a_slow_consumer_close_once() {
-        let (outbox, mut rx, signal) = Outbox::new(Uuid::new_v4(), 2);
-        assert_eq!(outbox.push(Bytes::from_static(b"1")), Push::Queued);
-        assert_eq!(outbox.push(Bytes::from_static(b"2")), Push::Queued);
+    async fn only_the_first_close_request_counts() {
+        let (outbox, mut rx) = Outbox::new(Uuid::new_v4(), 1);
+        assert_eq!(outbox.try_push(Bytes::from_static(b"1")), Push::Queued);
+        assert_eq!(outbox.try_push(Bytes::from_static(b"2")), Push::Full);
         assert!(!outbox.is_closing());
-        assert_eq!(outbox.push(Bytes::from_static(b"3")), Push::Dropped);
-        assert_eq!(signal.wait().await, CloseCode::SlowConsumer);
-        assert!(!signal.request(CloseCode::GoingAway), "first request wins");
+        outbox.close(CloseCode::SlowConsumer);
+        outbox.close(CloseCode::GoingAway);
+        assert_eq!(outbox.signals().wait().await, CloseCode::SlowConsumer);
         assert_eq!(rx.recv().await.as_deref(), Some(&b"1"[..]));
+        drop(rx);
+        assert_eq!(outbox.try_push(Bytes::new()), Push::Closed);
     }
 }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::close::{CloseCode, WsViolation};
 use super::frame::{OpCode, encode_close, encode_into};
-use super::outbox::CloseSignal;
+use super::outbox::Signals;
 use super::reader::{Incoming, MessageReader};
 use crate::stats::Stats;
 
@@ -85,6 +85,9 @@ pub trait Handler: Send {
     fn on_text(&mut self, text: Bytes, out: &mut Replies<'_>) -> impl Future<Output = ()> + Send;
     /// A complete binary message.
     fn on_binary(&mut self, data: Bytes, out: &mut Replies<'_>) -> impl Future<Output = ()> + Send;
+    /// Called when the outbox has drained and the hub reported gaps (see `Signals`), so gap
+    /// notices follow everything queued before them.
+    fn on_gaps(&mut self, _out: &mut Replies<'_>) {}
     /// Called once when the connection ends, for whatever reason.
     fn on_close(&mut self, server_shutting_down: bool) -> impl Future<Output = ()> + Send;
 }
@@ -107,7 +110,7 @@ pub struct SessionParts<H> {
     /// Frames fanned out to this client.
     pub outbox: mpsc::Receiver<Bytes>,
     /// Close requests from outside (slow consumer).
-    pub signal: Arc<CloseSignal>,
+    pub signal: Arc<Signals>,
     /// The endpoint's behaviour.
     pub handler: H,
     /// Endpoint settings.
@@ -153,7 +156,7 @@ struct Session<R, W, H> {
     /// Frames fanned out to this client.
     pub outbox: mpsc::Receiver<Bytes>,
     /// Close requests from outside (slow consumer).
-    pub signal: Arc<CloseSignal>,
+    pub signal: Arc<Signals>,
     /// The endpoint's behaviour.
     pub handler: H,
     /// Endpoint settings.
@@ -253,6 +256,11 @@ where
                         wbuf.extend_from_slice(&frame);
                     }
                     self.stats.add_out(n as u64);
+                    if self.signal.has_gaps() && self.outbox.is_empty() {
+                        let mut replies = Replies { buf: wbuf, count: 0 };
+                        self.handler.on_gaps(&mut replies);
+                        self.stats.add_out(replies.count);
+                    }
                 },
                 () = &mut timer => {
                     let now = Instant::now();

@@ -1,0 +1,319 @@
+//! The conformance suite every [`Broker`] implementation must pass.
+//!
+//! Call [`run_all`] with a factory that builds the broker around the given events sink. The
+//! suite uses channel names with a random prefix, so it can run against a shared Redis or NATS
+//! server, and it waits (bounded) for deliveries, so networked brokers can pass it too.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+
+use super::{Broker, BrokerEvents, ClientInfo, PublishRequest};
+use crate::history::{HistoryLimits, Publication};
+use crate::ws::outbox::ClientId;
+
+/// What a broker delivered, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// `on_publication(channel, offset)`.
+    Publication(String, u64),
+    /// `on_join(channel, client)`.
+    Join(String, ClientId),
+    /// `on_leave(channel, client)`.
+    Leave(String, ClientId),
+}
+
+/// An events sink that records everything.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    events: Mutex<Vec<Event>>,
+}
+
+impl Recorder {
+    fn push(&self, event: Event) {
+        self.events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(event);
+    }
+
+    /// Everything recorded for channels starting with `prefix`.
+    pub fn taken(&self, prefix: &str) -> Vec<Event> {
+        let events = self
+            .events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        events
+            .iter()
+            .filter(|e| match e {
+                Event::Publication(c, _) | Event::Join(c, _) | Event::Leave(c, _) => {
+                    c.starts_with(prefix)
+                }
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Waits up to five seconds for `count` events under `prefix`.
+    pub async fn wait_for(&self, prefix: &str, count: usize) -> Vec<Event> {
+        for _ in 0..500 {
+            let got = self.taken(prefix);
+            if got.len() >= count {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.taken(prefix)
+    }
+}
+
+impl BrokerEvents for Recorder {
+    fn on_publication(&self, channel: &str, publication: &Publication) {
+        self.push(Event::Publication(channel.to_owned(), publication.offset));
+    }
+    fn on_join(&self, channel: &str, client: &ClientInfo) {
+        self.push(Event::Join(channel.to_owned(), client.client_id));
+    }
+    fn on_leave(&self, channel: &str, client: &ClientInfo) {
+        self.push(Event::Leave(channel.to_owned(), client.client_id));
+    }
+}
+
+/// A JSON value for test data.
+pub fn json(text: &str) -> Arc<RawValue> {
+    match RawValue::from_string(text.to_owned()) {
+        Ok(raw) => Arc::from(raw),
+        Err(_) => Arc::from(RawValue::NULL.to_owned()),
+    }
+}
+
+const LIMITS: HistoryLimits = HistoryLimits {
+    size: 10,
+    ttl: None,
+    max_bytes: 1 << 20,
+};
+
+fn request(n: u64) -> PublishRequest {
+    PublishRequest {
+        data: json(&n.to_string()),
+        client_id: None,
+        history: LIMITS,
+    }
+}
+
+fn prefix() -> String {
+    format!("conf{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// Runs every case against fresh brokers from `make`. Panics on the first violation.
+pub async fn run_all<F>(make: F)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Arc<dyn Broker>,
+{
+    offsets_are_gapless_per_channel(&make).await;
+    delivery_follows_node_subscription_in_order(&make).await;
+    history_since_and_limit(&make).await;
+    presence_and_join_leave(&make).await;
+    concurrent_publishers_get_unique_offsets(&make).await;
+}
+
+async fn offsets_are_gapless_per_channel<F>(make: &F)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Arc<dyn Broker>,
+{
+    let broker = make(Arc::new(Recorder::default()));
+    let p = prefix();
+    let (a, b) = (format!("{p}:a"), format!("{p}:b"));
+    let mut epoch = None;
+    for n in 1..=5 {
+        let pos = broker.publish(&a, request(n)).await.expect("publish");
+        assert_eq!(pos.offset, n, "offsets of one channel are 1, 2, 3, ...");
+        assert!(
+            epoch.get_or_insert(pos.epoch.clone()) == &pos.epoch,
+            "epoch is stable"
+        );
+    }
+    let pos = broker.publish(&b, request(1)).await.expect("publish");
+    assert_eq!(pos.offset, 1, "each channel has its own offsets");
+}
+
+async fn delivery_follows_node_subscription_in_order<F>(make: &F)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Arc<dyn Broker>,
+{
+    let events = Arc::new(Recorder::default());
+    let broker = make(events.clone());
+    let p = prefix();
+    let c = format!("{p}:c");
+    broker.publish(&c, request(1)).await.expect("publish");
+    broker.subscribe(&c).await.expect("subscribe");
+    for n in 2..=101 {
+        broker.publish(&c, request(n)).await.expect("publish");
+    }
+    let got = events.wait_for(&p, 100).await;
+    let expected: Vec<Event> = (2..=101)
+        .map(|n| Event::Publication(c.clone(), n))
+        .collect();
+    assert_eq!(got, expected, "only while subscribed, every one, in order");
+    // Subscriptions are counted: one more subscribe needs one more unsubscribe.
+    broker.subscribe(&c).await.expect("subscribe");
+    broker.unsubscribe(&c).await.expect("unsubscribe");
+    broker.publish(&c, request(102)).await.expect("publish");
+    assert_eq!(
+        events.wait_for(&p, 101).await.len(),
+        101,
+        "still subscribed once"
+    );
+    broker.unsubscribe(&c).await.expect("unsubscribe");
+    broker.publish(&c, request(103)).await.expect("publish");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        events.taken(&p).len(),
+        101,
+        "nothing after the last unsubscribe"
+    );
+}
+
+async fn history_since_and_limit<F>(make: &F)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Arc<dyn Broker>,
+{
+    let broker = make(Arc::new(Recorder::default()));
+    let c = format!("{}:h", prefix());
+    for n in 1..=15 {
+        broker.publish(&c, request(n)).await.expect("publish");
+    }
+    let offsets = |page: &super::HistoryPage| -> Vec<u64> {
+        page.publications.iter().map(|p| p.offset).collect()
+    };
+    let all = broker.history(&c, None, 100).await.expect("history");
+    assert_eq!(all.position.offset, 15);
+    assert_eq!(
+        offsets(&all),
+        (6..=15).collect::<Vec<_>>(),
+        "bounded to the newest 10"
+    );
+    assert_eq!(all.publications[0].data.get(), "6", "data is kept verbatim");
+    let newest = broker.history(&c, None, 3).await.expect("history");
+    assert_eq!(offsets(&newest), vec![13, 14, 15]);
+    let since = broker.history(&c, Some(11), 100).await.expect("history");
+    assert_eq!(offsets(&since), vec![12, 13, 14, 15]);
+    let since_limited = broker.history(&c, Some(11), 2).await.expect("history");
+    assert_eq!(offsets(&since_limited), vec![12, 13]);
+    let position_only = broker.history(&c, None, 0).await.expect("history");
+    assert!(position_only.publications.is_empty());
+    assert_eq!(position_only.position, all.position);
+}
+
+async fn presence_and_join_leave<F>(make: &F)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Arc<dyn Broker>,
+{
+    let events = Arc::new(Recorder::default());
+    let broker = make(events.clone());
+    let p = prefix();
+    let c = format!("{p}:p");
+    broker.subscribe(&c).await.expect("subscribe");
+    let alice = ClientInfo {
+        client_id: uuid::Uuid::new_v4(),
+        user: Some("alice".into()),
+    };
+    let anon = ClientInfo {
+        client_id: uuid::Uuid::new_v4(),
+        user: None,
+    };
+    broker
+        .add_presence(&c, alice.clone())
+        .await
+        .expect("presence");
+    broker
+        .add_presence(&c, anon.clone())
+        .await
+        .expect("presence");
+    broker
+        .add_presence(&c, anon.clone())
+        .await
+        .expect("idempotent");
+    let mut present = broker.presence(&c).await.expect("presence");
+    present.sort_by_key(|i| i.user.clone());
+    assert_eq!(present, vec![anon.clone(), alice.clone()]);
+    broker
+        .remove_presence(&c, anon.client_id)
+        .await
+        .expect("remove");
+    assert_eq!(
+        broker.presence(&c).await.expect("presence"),
+        vec![alice.clone()]
+    );
+    broker.publish_join(&c, alice.clone()).await.expect("join");
+    broker
+        .publish_leave(&c, alice.clone())
+        .await
+        .expect("leave");
+    let got = events.wait_for(&p, 2).await;
+    assert_eq!(
+        got,
+        vec![
+            Event::Join(c.clone(), alice.client_id),
+            Event::Leave(c.clone(), alice.client_id)
+        ]
+    );
+    assert!(
+        broker
+            .presence(&format!("{p}:empty"))
+            .await
+            .expect("presence")
+            .is_empty()
+    );
+}
+
+async fn concurrent_publishers_get_unique_offsets<F>(make: &F)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Arc<dyn Broker>,
+{
+    let events = Arc::new(Recorder::default());
+    let broker = make(events.clone());
+    let p = prefix();
+    let c = format!("{p}:race");
+    broker.subscribe(&c).await.expect("subscribe");
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let broker = Arc::clone(&broker);
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut offsets = Vec::new();
+                for n in 0..50 {
+                    offsets.push(
+                        broker
+                            .publish(&c, request(n))
+                            .await
+                            .expect("publish")
+                            .offset,
+                    );
+                }
+                offsets
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("publisher task"));
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=200).collect::<Vec<_>>(), "unique and gapless");
+    let delivered: Vec<u64> = events
+        .wait_for(&p, 200)
+        .await
+        .into_iter()
+        .map(|e| match e {
+            Event::Publication(_, offset) => offset,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        delivered,
+        (1..=200).collect::<Vec<_>>(),
+        "delivered in offset order"
+    );
+}

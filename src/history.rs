@@ -1,0 +1,258 @@
+//! Stream positions and bounded channel history.
+//!
+//! Every publication on a channel gets the next offset (1, 2, 3, ...). The `epoch` names one
+//! life of a channel's stream: it changes whenever the history that backs the offsets is lost
+//! (for the memory broker: on restart, or when an idle channel's state was freed), so a client
+//! can tell "offset 12 of this life" from "offset 12 of the last one" and never recovers from
+//! the wrong stream.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use crate::ws::outbox::ClientId;
+
+/// A place in a channel's stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamPosition {
+    /// Offset of the last publication (0 before the first).
+    pub offset: u64,
+    /// The stream's life this offset belongs to.
+    pub epoch: String,
+}
+
+/// One published message, as kept in history and sent in replies.
+#[derive(Debug, Clone, Serialize)]
+pub struct Publication {
+    /// Position in the channel's stream.
+    pub offset: u64,
+    /// The published JSON value, verbatim.
+    pub data: Arc<RawValue>,
+    /// The publishing connection, if a client published it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<ClientId>,
+}
+
+/// Bounds on one channel's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Most publications kept (0 = keep none).
+    pub size: usize,
+    /// Oldest publication kept, if bounded by age.
+    pub ttl: Option<Duration>,
+    /// Most bytes of `data` kept.
+    pub max_bytes: usize,
+}
+
+/// A channel's stream: its epoch, last offset and retained publications.
+#[derive(Debug)]
+pub struct Stream {
+    epoch: String,
+    offset: u64,
+    entries: VecDeque<(Instant, Publication)>,
+    bytes: usize,
+}
+
+impl Default for Stream {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Stream {
+    /// A new stream life with a fresh epoch.
+    pub fn new() -> Self {
+        let mut epoch = uuid::Uuid::new_v4().simple().to_string();
+        epoch.truncate(12);
+        Self {
+            epoch,
+            offset: 0,
+            entries: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Where the stream is now.
+    pub fn position(&self) -> StreamPosition {
+        StreamPosition {
+            offset: self.offset,
+            epoch: self.epoch.clone(),
+        }
+    }
+
+    /// Assigns the next offset and keeps the publication within `limits`.
+    pub fn append(
+        &mut self,
+        data: Arc<RawValue>,
+        client_id: Option<ClientId>,
+        limits: HistoryLimits,
+        now: Instant,
+    ) -> Publication {
+        self.offset += 1;
+        let publication = Publication {
+            offset: self.offset,
+            data,
+            client_id,
+        };
+        let size = publication.data.get().len();
+        if limits.size > 0 && size <= limits.max_bytes {
+            self.entries.push_back((now, publication.clone()));
+            self.bytes += size;
+        }
+        self.trim(limits, now);
+        publication
+    }
+
+    /// Drops what is past the count, byte and age bounds.
+    pub fn trim(&mut self, limits: HistoryLimits, now: Instant) {
+        while self.entries.len() > limits.size
+            || self.bytes > limits.max_bytes
+            || self.entries.front().is_some_and(|(at, _)| {
+                limits
+                    .ttl
+                    .is_some_and(|ttl| now.saturating_duration_since(*at) > ttl)
+            })
+        {
+            match self.entries.pop_front() {
+                Some((_, old)) => self.bytes -= old.data.get().len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Whether any publication is retained.
+    pub fn has_history(&self) -> bool {
+        !self.entries.is_empty()
+    }
+
+    /// Publications after `since` (oldest first, at most `limit`), or the newest `limit`.
+    pub fn read(&self, since: Option<u64>, limit: usize) -> Vec<Publication> {
+        match since {
+            Some(after) => self
+                .entries
+                .iter()
+                .map(|(_, p)| p)
+                .filter(|p| p.offset > after)
+                .take(limit)
+                .cloned()
+                .collect(),
+            None => {
+                let skip = self.entries.len().saturating_sub(limit);
+                self.entries
+                    .iter()
+                    .skip(skip)
+                    .map(|(_, p)| p.clone())
+                    .collect()
+            }
+        }
+    }
+}
+
+/// Decides whether a replay from `since` is complete: every publication after `since.offset`
+/// up to `current.offset` is in `publications`, in order, in the same epoch. Recovery is all or
+/// nothing, so anything less is a failure.
+pub fn is_complete_replay(
+    since: &StreamPosition,
+    current: &StreamPosition,
+    publications: &[Publication],
+) -> bool {
+    if since.epoch != current.epoch || since.offset > current.offset {
+        return false;
+    }
+    let missed = current.offset - since.offset;
+    publications.len() as u64 == missed
+        && publications
+            .iter()
+            .zip(since.offset + 1..)
+            .all(|(p, expected)| p.offset == expected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: u64) -> Arc<RawValue> {
+        Arc::from(RawValue::from_string(n.to_string()).expect("number is JSON"))
+    }
+
+    const LIMITS: HistoryLimits = HistoryLimits {
+        size: 3,
+        ttl: None,
+        max_bytes: 1 << 20,
+    };
+
+    #[test]
+    fn offsets_start_at_one_and_have_no_gaps() {
+        let mut s = Stream::new();
+        let now = Instant::now();
+        let offsets: Vec<u64> = (0..5)
+            .map(|n| s.append(data(n), None, LIMITS, now).offset)
+            .collect();
+        assert_eq!(offsets, vec![1, 2, 3, 4, 5]);
+        assert_eq!(s.position().offset, 5);
+        let kept: Vec<u64> = s.read(None, 10).iter().map(|p| p.offset).collect();
+        assert_eq!(kept, vec![3, 4, 5]);
+        let after: Vec<u64> = s.read(Some(3), 10).iter().map(|p| p.offset).collect();
+        assert_eq!(after, vec![4, 5]);
+        assert_eq!(s.read(None, 1)[0].offset, 5);
+    }
+
+    #[test]
+    fn age_and_bytes_bound_history() {
+        let mut s = Stream::new();
+        let start = Instant::now();
+        let limits = HistoryLimits {
+            size: 10,
+            ttl: Some(Duration::from_secs(5)),
+            max_bytes: 4,
+        };
+        s.append(data(11), None, limits, start);
+        s.append(data(22), None, limits, start);
+        s.append(data(33), None, limits, start);
+        assert_eq!(s.read(None, 10).len(), 2, "4 bytes hold two 2-byte values");
+        s.trim(limits, start + Duration::from_secs(6));
+        assert!(!s.has_history());
+        assert_eq!(s.position().offset, 3, "offsets survive trimming");
+    }
+
+    #[test]
+    fn epochs_differ_between_lives() {
+        assert_ne!(
+            Stream::new().position().epoch,
+            Stream::new().position().epoch
+        );
+    }
+
+    #[test]
+    fn replay_must_be_whole() {
+        let mut s = Stream::new();
+        let now = Instant::now();
+        for n in 0..5 {
+            s.append(data(n), None, LIMITS, now);
+        }
+        let current = s.position();
+        let at = |offset| StreamPosition {
+            offset,
+            epoch: current.epoch.clone(),
+        };
+        assert!(is_complete_replay(&at(3), &current, &s.read(Some(3), 100)));
+        assert!(is_complete_replay(&at(5), &current, &[]));
+        assert!(
+            !is_complete_replay(&at(1), &current, &s.read(Some(1), 100)),
+            "2 was trimmed"
+        );
+        assert!(
+            !is_complete_replay(&at(6), &current, &[]),
+            "from the future"
+        );
+        let other = StreamPosition {
+            offset: 3,
+            epoch: "other".into(),
+        };
+        assert!(!is_complete_replay(&other, &current, &s.read(Some(3), 100)));
+    }
+}

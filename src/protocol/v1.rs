@@ -1,0 +1,478 @@
+//! Protocol v1: channels, presence and history (see `docs/protocol.md`).
+//!
+//! A v1 message is a JSON object whose `type` is one of the lower-case commands below. Messages
+//! without `type`, or with `"type":"Chat"`, belong to the legacy dialect, so both kinds share
+//! one endpoint. Every command may carry an `id` (a JSON number or string) that is echoed in its
+//! reply or error.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use crate::broker::ClientInfo;
+use crate::error::ClientError;
+use crate::history::{Publication, StreamPosition};
+use crate::ws::outbox::ClientId;
+
+/// Most publications one `history` reply carries.
+pub const MAX_HISTORY_LIMIT: usize = 1000;
+
+/// A v1 command.
+#[derive(Debug)]
+pub enum Command<'a> {
+    /// Join a channel, optionally recovering what was missed since a position.
+    Subscribe {
+        /// Channel name.
+        channel: String,
+        /// Last position the client saw.
+        since: Option<StreamPosition>,
+    },
+    /// Leave a channel.
+    Unsubscribe {
+        /// Channel name.
+        channel: String,
+    },
+    /// Publish a JSON value.
+    Publish {
+        /// Channel name.
+        channel: String,
+        /// The value, verbatim.
+        data: &'a RawValue,
+    },
+    /// Who is on a channel.
+    Presence {
+        /// Channel name.
+        channel: String,
+    },
+    /// Read history.
+    History {
+        /// Channel name.
+        channel: String,
+        /// Most publications to return.
+        limit: Option<usize>,
+        /// Only publications after this position.
+        since: Option<StreamPosition>,
+    },
+}
+
+/// What a text message turned out to be.
+#[derive(Debug)]
+pub enum Parsed<'a> {
+    /// A legacy chat message (no `type`, or `"type":"Chat"`); parse it with the legacy parser.
+    Legacy,
+    /// A message that is not even a valid legacy or v1 message at the top level; answered in
+    /// the legacy error shape, which is all a client that sent it can be assumed to know.
+    Invalid(ClientError),
+    /// A v1 command with its id.
+    Command(Option<&'a RawValue>, Command<'a>),
+    /// A v1 command that is malformed; answered with a v1 `error` carrying the id.
+    BadCommand(Option<&'a RawValue>, ClientError),
+}
+
+#[derive(Deserialize)]
+struct Raw<'a> {
+    #[serde(rename = "type")]
+    kind: Option<Value>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    channel: Option<Value>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    since: Option<Value>,
+    limit: Option<Value>,
+}
+
+/// Sorts a text message into legacy, v1 command, or error.
+pub fn parse(text: &str) -> Parsed<'_> {
+    let raw: Raw<'_> = match serde_json::from_str(text) {
+        Ok(raw) => raw,
+        Err(err) => {
+            return Parsed::Invalid(match serde_json::from_str::<Value>(text) {
+                Ok(value) => ClientError::NotAnObject(kind_of(&value)),
+                Err(_) => ClientError::InvalidJson(err.to_string()),
+            });
+        }
+    };
+    let kind = match &raw.kind {
+        None | Some(Value::Null) => return Parsed::Legacy,
+        Some(Value::String(kind)) if kind == "Chat" => return Parsed::Legacy,
+        Some(Value::String(kind)) => kind.as_str(),
+        Some(_) => {
+            return Parsed::Invalid(ClientError::InvalidField {
+                field: "type",
+                expected: "a string",
+            });
+        }
+    };
+    if !matches!(
+        kind,
+        "subscribe" | "unsubscribe" | "publish" | "presence" | "history"
+    ) {
+        return Parsed::Invalid(ClientError::UnknownType(kind.to_owned()));
+    }
+    let id = raw.id.filter(|id| id.get() != "null");
+    if let Some(id) = id {
+        let first = id.get().as_bytes().first().copied().unwrap_or(b' ');
+        if !(first == b'"' || first == b'-' || first.is_ascii_digit()) {
+            return Parsed::BadCommand(
+                None,
+                ClientError::InvalidField {
+                    field: "id",
+                    expected: "a number or a string",
+                },
+            );
+        }
+    }
+    match command(kind, &raw) {
+        Ok(command) => Parsed::Command(id, command),
+        Err(err) => Parsed::BadCommand(id, err),
+    }
+}
+
+fn command<'a>(kind: &str, raw: &Raw<'a>) -> Result<Command<'a>, ClientError> {
+    let channel = match &raw.channel {
+        None | Some(Value::Null) => return Err(ClientError::MissingField("channel")),
+        Some(Value::String(channel)) => channel.clone(),
+        Some(_) => {
+            return Err(ClientError::InvalidField {
+                field: "channel",
+                expected: "a string",
+            });
+        }
+    };
+    Ok(match kind {
+        "subscribe" => Command::Subscribe {
+            channel,
+            since: since(raw)?,
+        },
+        "unsubscribe" => Command::Unsubscribe { channel },
+        "publish" => Command::Publish {
+            channel,
+            data: raw.data.ok_or(ClientError::MissingField("data"))?,
+        },
+        "presence" => Command::Presence { channel },
+        _ => Command::History {
+            channel,
+            limit: match &raw.limit {
+                None | Some(Value::Null) => None,
+                Some(Value::Number(n)) => match n.as_u64() {
+                    Some(n) if n as usize <= MAX_HISTORY_LIMIT => Some(n as usize),
+                    _ => return Err(limit_error()),
+                },
+                Some(_) => return Err(limit_error()),
+            },
+            since: since(raw)?,
+        },
+    })
+}
+
+fn limit_error() -> ClientError {
+    ClientError::InvalidField {
+        field: "limit",
+        expected: "a whole number from 0 to 1000",
+    }
+}
+
+fn since(raw: &Raw<'_>) -> Result<Option<StreamPosition>, ClientError> {
+    match &raw.since {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => serde_json::from_value(value.clone())
+            .map(Some)
+            .map_err(|_| ClientError::InvalidField {
+                field: "since",
+                expected: "an object {\"offset\": <whole number>, \"epoch\": <string>}",
+            }),
+    }
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Every v1 frame the server sends.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Frame<'a> {
+    /// Reply to `subscribe`.
+    Subscribed {
+        /// The command's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+        /// Channel name.
+        channel: &'a str,
+        /// Offset of the last publication before live delivery starts.
+        offset: u64,
+        /// The stream's epoch.
+        epoch: &'a str,
+        /// Whether `since` was given and everything after it is in `publications`.
+        recovered: bool,
+        /// What was missed (only when recovered).
+        publications: &'a [Publication],
+    },
+    /// Reply to `unsubscribe`.
+    Unsubscribed {
+        /// The command's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+        /// Channel name.
+        channel: &'a str,
+    },
+    /// Reply to `publish`.
+    Published {
+        /// The command's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+        /// Channel name.
+        channel: &'a str,
+        /// The publication's offset.
+        offset: u64,
+    },
+    /// Reply to `presence`.
+    Presence {
+        /// The command's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+        /// Channel name.
+        channel: &'a str,
+        /// One entry per subscribed connection.
+        clients: &'a [ClientInfo],
+    },
+    /// Reply to `history`.
+    History {
+        /// The command's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+        /// Channel name.
+        channel: &'a str,
+        /// Current offset.
+        offset: u64,
+        /// Current epoch.
+        epoch: &'a str,
+        /// Oldest first.
+        publications: &'a [Publication],
+    },
+    /// A command failed; the connection stays open.
+    Error {
+        /// The command's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+        /// Stable snake_case code.
+        code: &'static str,
+        /// Human sentence.
+        message: String,
+    },
+    /// A live publication.
+    Publication {
+        /// Channel name.
+        channel: &'a str,
+        /// Its offset.
+        offset: u64,
+        /// The value.
+        data: &'a RawValue,
+        /// The publisher, if a client.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_id: Option<ClientId>,
+    },
+    /// Someone subscribed.
+    Join {
+        /// Channel name.
+        channel: &'a str,
+        /// Who.
+        client: &'a ClientInfo,
+    },
+    /// Someone left.
+    Leave {
+        /// Channel name.
+        channel: &'a str,
+        /// Who.
+        client: &'a ClientInfo,
+    },
+    /// This client's outbox overflowed: publications after `offset` were dropped for it;
+    /// fetch them with `history` (`since` = this offset).
+    Gap {
+        /// Channel name.
+        channel: &'a str,
+        /// The last offset this client got.
+        offset: u64,
+    },
+}
+
+impl Frame<'_> {
+    /// The JSON text of this frame.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"type":"error","code":"internal","message":"could not encode frame"}"#.into()
+        })
+    }
+
+    /// The error frame for a failed command.
+    pub fn error<'a>(id: Option<&'a RawValue>, err: &ClientError) -> Frame<'a> {
+        Frame::Error {
+            id,
+            code: err.code(),
+            message: err.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(text: &str) -> (Option<String>, Command<'_>) {
+        match parse(text) {
+            Parsed::Command(id, c) => (id.map(|i| i.get().to_owned()), c),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+
+    fn bad(text: &str) -> (Option<String>, &'static str) {
+        match parse(text) {
+            Parsed::BadCommand(id, e) => (id.map(|i| i.get().to_owned()), e.code()),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_every_command() {
+        let (id, c) = command(
+            r#"{"type":"subscribe","id":1,"channel":"chat:lobby","since":{"offset":12,"epoch":"ab"}}"#,
+        );
+        assert_eq!(id.as_deref(), Some("1"));
+        match c {
+            Command::Subscribe { channel, since } => {
+                assert_eq!(channel, "chat:lobby");
+                assert_eq!(
+                    since,
+                    Some(StreamPosition {
+                        offset: 12,
+                        epoch: "ab".into()
+                    })
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let (id, c) = command(r#"{"type":"publish","id":"x","channel":"c","data":{"a":[1,2]}}"#);
+        assert_eq!(id.as_deref(), Some("\"x\""));
+        match c {
+            Command::Publish { data, .. } => assert_eq!(data.get(), r#"{"a":[1,2]}"#),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            command(r#"{"type":"unsubscribe","channel":"c"}"#).1,
+            Command::Unsubscribe { .. }
+        ));
+        assert!(matches!(
+            command(r#"{"type":"presence","channel":"c"}"#).1,
+            Command::Presence { .. }
+        ));
+        assert!(matches!(
+            command(r#"{"type":"history","channel":"c","limit":5}"#).1,
+            Command::History {
+                limit: Some(5),
+                since: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn legacy_and_invalid_are_told_apart() {
+        assert!(matches!(
+            parse(r#"{"sender":"a","content":"b"}"#),
+            Parsed::Legacy
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"Chat","sender":"a"}"#),
+            Parsed::Legacy
+        ));
+        assert!(matches!(
+            parse("{nope"),
+            Parsed::Invalid(ClientError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            parse("[1]"),
+            Parsed::Invalid(ClientError::NotAnObject(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"type":"shout"}"#),
+            Parsed::Invalid(ClientError::UnknownType(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"type":5}"#),
+            Parsed::Invalid(ClientError::InvalidField { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_commands_keep_their_id() {
+        assert_eq!(
+            bad(r#"{"type":"subscribe","id":7}"#),
+            (Some("7".into()), "missing_field")
+        );
+        assert_eq!(
+            bad(r#"{"type":"subscribe","id":7,"channel":3}"#),
+            (Some("7".into()), "invalid_field")
+        );
+        assert_eq!(
+            bad(r#"{"type":"publish","id":8,"channel":"c"}"#),
+            (Some("8".into()), "missing_field")
+        );
+        assert_eq!(
+            bad(r#"{"type":"history","id":9,"channel":"c","limit":-1}"#),
+            (Some("9".into()), "invalid_field")
+        );
+        assert_eq!(
+            bad(r#"{"type":"history","channel":"c","limit":1001}"#),
+            (None, "invalid_field")
+        );
+        assert_eq!(
+            bad(r#"{"type":"subscribe","channel":"c","since":{"offset":"x"}}"#),
+            (None, "invalid_field")
+        );
+        assert_eq!(
+            bad(r#"{"type":"subscribe","id":{"a":1},"channel":"c"}"#),
+            (None, "invalid_field")
+        );
+    }
+
+    #[test]
+    fn frames_have_the_contract_shapes() {
+        let id = RawValue::from_string("3".into()).expect("json");
+        assert_eq!(
+            Frame::Published {
+                id: Some(&id),
+                channel: "c",
+                offset: 9
+            }
+            .to_json(),
+            r#"{"type":"published","id":3,"channel":"c","offset":9}"#
+        );
+        assert_eq!(
+            Frame::Gap {
+                channel: "c",
+                offset: 4
+            }
+            .to_json(),
+            r#"{"type":"gap","channel":"c","offset":4}"#
+        );
+        let data = RawValue::from_string(r#"{"x":1}"#.into()).expect("json");
+        assert_eq!(
+            Frame::Publication {
+                channel: "c",
+                offset: 1,
+                data: &data,
+                client_id: None
+            }
+            .to_json(),
+            r#"{"type":"publication","channel":"c","offset":1,"data":{"x":1}}"#
+        );
+    }
+}
