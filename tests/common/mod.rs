@@ -317,3 +317,48 @@ impl RawClient {
         }
     }
 }
+
+/// A `/ws` client that has left the default (legacy) channel, so it only sees v1 traffic.
+pub async fn v1_client(server: &TestServer) -> (Ws, String) {
+    let (mut ws, id) = join(server).await;
+    send_text(
+        &mut ws,
+        r#"{"type":"unsubscribe","id":"leave-default","channel":"default"}"#,
+    )
+    .await;
+    let reply = recv_json(&mut ws).await;
+    assert_eq!(reply["type"], "unsubscribed", "{reply}");
+    (ws, id)
+}
+
+/// Sends a JSON command and returns the next frame (which must be its reply or error).
+pub async fn call(ws: &mut Ws, command: Value) -> Value {
+    send_text(ws, &command.to_string()).await;
+    let reply = recv_json(ws).await;
+    if let Some(id) = command.get("id") {
+        assert_eq!(&reply["id"], id, "reply to {command}: {reply}");
+    }
+    reply
+}
+
+/// Subscribes and returns the `subscribed` reply.
+pub async fn subscribe(ws: &mut Ws, channel: &str) -> Value {
+    let reply = call(
+        ws,
+        serde_json::json!({"type":"subscribe","id":"sub","channel":channel}),
+    )
+    .await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    reply
+}
+
+/// Publishes `data` and returns the offset.
+pub async fn publish(ws: &mut Ws, channel: &str, data: Value) -> u64 {
+    let reply = call(
+        ws,
+        serde_json::json!({"type":"publish","id":"pub","channel":channel,"data":data}),
+    )
+    .await;
+    assert_eq!(reply["type"], "published", "{reply}");
+    reply["offset"].as_u64().unwrap()
+}

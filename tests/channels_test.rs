@@ -1,0 +1,578 @@
+//! Protocol v1 over real sockets: channels, offsets, history, recovery, presence, namespaces.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use rusty_socks::namespace::{NamespaceOptions, SlowPolicy};
+use serde_json::{Value, json};
+
+fn with_namespaces(config: &mut rusty_socks::config::Config) {
+    config.namespaces.insert(
+        "chat",
+        NamespaceOptions {
+            history_size: 100,
+            join_leave: true,
+            ..NamespaceOptions::default()
+        },
+    );
+    config.namespaces.insert(
+        "small",
+        NamespaceOptions {
+            history_size: 10,
+            ..NamespaceOptions::default()
+        },
+    );
+    config.namespaces.insert(
+        "readonly",
+        NamespaceOptions {
+            publish: false,
+            presence: false,
+            ..NamespaceOptions::default()
+        },
+    );
+}
+
+fn offsets(publications: &Value) -> Vec<u64> {
+    publications
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn publications_reach_subscribers_with_sequential_offsets() {
+    let server = TestServer::start(with_namespaces).await;
+    let (mut a, _) = v1_client(&server).await;
+    let (mut b, b_id) = v1_client(&server).await;
+    let sub = call(&mut a, json!({"type":"subscribe","id":1,"channel":"news"})).await;
+    assert_eq!(sub["type"], "subscribed");
+    assert_eq!(sub["channel"], "news");
+    assert_eq!(sub["offset"], 0);
+    assert_eq!(sub["recovered"], false);
+    assert_eq!(sub["publications"], json!([]));
+    assert!(sub["epoch"].as_str().unwrap().len() >= 8);
+
+    for n in 1..=3u64 {
+        let reply = call(
+            &mut b,
+            json!({"type":"publish","id":format!("p{n}"),"channel":"news","data":{"n":n}}),
+        )
+        .await;
+        assert_eq!(
+            reply,
+            json!({"type":"published","id":format!("p{n}"),"channel":"news","offset":n})
+        );
+        let push = recv_json(&mut a).await;
+        assert_eq!(
+            push,
+            json!({"type":"publication","channel":"news","offset":n,"data":{"n":n},"client_id":b_id})
+        );
+    }
+    // The publisher, subscribed too, gets its own publications.
+    subscribe(&mut b, "news").await;
+    let offset = publish(&mut b, "news", json!("self")).await;
+    assert_eq!(offset, 4);
+    assert_eq!(recv_json(&mut b).await["data"], "self");
+    assert_eq!(recv_json(&mut a).await["offset"], 4);
+
+    let reply = call(
+        &mut a,
+        json!({"type":"unsubscribe","id":9,"channel":"news"}),
+    )
+    .await;
+    assert_eq!(
+        reply,
+        json!({"type":"unsubscribed","id":9,"channel":"news"})
+    );
+    publish(&mut b, "news", json!("after")).await;
+    assert_eq!(recv_json(&mut b).await["data"], "after");
+    // `a` left: its next frame is the answer to its next command, not a publication.
+    let reply = call(&mut a, json!({"type":"presence","id":10,"channel":"news"})).await;
+    assert_eq!(reply["type"], "presence");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn history_returns_the_newest_or_what_follows_a_position() {
+    let server = TestServer::start(with_namespaces).await;
+    let (mut a, _) = v1_client(&server).await;
+    for n in 1..=15 {
+        publish(&mut a, "small:h", json!(n)).await;
+    }
+    let all = call(&mut a, json!({"type":"history","id":1,"channel":"small:h"})).await;
+    assert_eq!(all["offset"], 15);
+    assert_eq!(
+        offsets(&all["publications"]),
+        (6..=15).collect::<Vec<_>>(),
+        "bounded to 10"
+    );
+    let newest = call(
+        &mut a,
+        json!({"type":"history","id":2,"channel":"small:h","limit":2}),
+    )
+    .await;
+    assert_eq!(offsets(&newest["publications"]), vec![14, 15]);
+    let since = call(
+        &mut a,
+        json!({"type":"history","id":3,"channel":"small:h","since":{"offset":12,"epoch":all["epoch"]}}),
+    )
+    .await;
+    assert_eq!(offsets(&since["publications"]), vec![13, 14, 15]);
+    assert_eq!(since["publications"][0]["data"], 13);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_missed_50_publications_recovers_exactly_those() {
+    let server = TestServer::start(with_namespaces).await;
+    let (mut publisher, _) = v1_client(&server).await;
+    let (mut reader, _) = v1_client(&server).await;
+    subscribe(&mut reader, "chat:room").await;
+    for n in 1..=5 {
+        publish(&mut publisher, "chat:room", json!(n)).await;
+    }
+    let mut last = json!(null);
+    for _ in 1..=5 {
+        last = recv_json(&mut reader).await;
+    }
+    let epoch = subscribe(&mut publisher, "chat:room").await["epoch"].clone();
+    drop(reader);
+    // The leave of `reader` reaches the publisher (join_leave is on in `chat`).
+    assert_eq!(recv_json(&mut publisher).await["type"], "leave");
+
+    for n in 6..=55 {
+        publish(&mut publisher, "chat:room", json!(n)).await;
+        assert_eq!(recv_json(&mut publisher).await["offset"], n);
+    }
+    let (mut back, _) = v1_client(&server).await;
+    let sub = call(
+        &mut back,
+        json!({"type":"subscribe","id":"again","channel":"chat:room","since":{"offset":last["offset"],"epoch":epoch}}),
+    )
+    .await;
+    assert_eq!(sub["recovered"], true, "{sub}");
+    assert_eq!(sub["offset"], 55);
+    assert_eq!(offsets(&sub["publications"]), (6..=55).collect::<Vec<_>>());
+    assert_eq!(sub["publications"][49]["data"], 55);
+    assert_eq!(recv_json(&mut publisher).await["type"], "join");
+    // Live delivery continues with no gap.
+    publish(&mut publisher, "chat:room", json!(56)).await;
+    assert_eq!(recv_json(&mut back).await["offset"], 56);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn recovery_fails_whole_when_history_no_longer_covers_it_or_the_epoch_changed() {
+    let server = TestServer::start(with_namespaces).await;
+    let (mut a, _) = v1_client(&server).await;
+    let mut epoch = Value::Null;
+    for n in 1..=20 {
+        publish(&mut a, "small:x", json!(n)).await;
+        if n == 1 {
+            let h = call(
+                &mut a,
+                json!({"type":"history","id":0,"channel":"small:x","limit":0}),
+            )
+            .await;
+            epoch = h["epoch"].clone();
+        }
+    }
+    let (mut b, _) = v1_client(&server).await;
+    let sub = call(
+        &mut b,
+        json!({"type":"subscribe","id":1,"channel":"small:x","since":{"offset":3,"epoch":epoch}}),
+    )
+    .await;
+    assert_eq!(sub["recovered"], false, "offsets 4..10 were trimmed: {sub}");
+    assert_eq!(sub["publications"], json!([]), "never a partial replay");
+    assert_eq!(sub["offset"], 20);
+
+    let (mut c, _) = v1_client(&server).await;
+    let sub = call(
+        &mut c,
+        json!({"type":"subscribe","id":2,"channel":"small:x","since":{"offset":15,"epoch":"another-life"}}),
+    )
+    .await;
+    assert_eq!(sub["recovered"], false);
+    assert_eq!(sub["publications"], json!([]));
+
+    let (mut d, _) = v1_client(&server).await;
+    let sub = call(
+        &mut d,
+        json!({"type":"subscribe","id":3,"channel":"small:x","since":{"offset":20,"epoch":epoch}}),
+    )
+    .await;
+    assert_eq!(sub["recovered"], true, "nothing missed is a full recovery");
+    assert_eq!(sub["publications"], json!([]));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_while_publications_keep_arriving_loses_and_doubles_nothing() {
+    let server = TestServer::start(|c| {
+        with_namespaces(c);
+        c.namespaces.insert(
+            "busy",
+            NamespaceOptions {
+                history_size: 5000,
+                ..NamespaceOptions::default()
+            },
+        );
+    })
+    .await;
+    let (mut publisher, _) = v1_client(&server).await;
+    for n in 1..=100 {
+        publish(&mut publisher, "busy:x", json!(n)).await;
+    }
+    let epoch = call(
+        &mut publisher,
+        json!({"type":"history","id":0,"channel":"busy:x","limit":0}),
+    )
+    .await["epoch"]
+        .clone();
+    const TOTAL: u64 = 1500;
+    let publishing = tokio::spawn(async move {
+        for n in 101..=TOTAL {
+            publish(&mut publisher, "busy:x", json!(n)).await;
+        }
+        publisher
+    });
+    let mut seen = Vec::new();
+    for attempt in 0..5 {
+        // Recover from offset 50 while the publisher runs, several times.
+        let (mut r, _) = v1_client(&server).await;
+        let sub = call(
+            &mut r,
+            json!({"type":"subscribe","id":attempt,"channel":"busy:x","since":{"offset":50,"epoch":epoch}}),
+        )
+        .await;
+        assert_eq!(sub["recovered"], true, "{sub}");
+        let mut got = offsets(&sub["publications"]);
+        let mut next = got.last().copied().unwrap_or(50) + 1;
+        // Live publications must continue exactly where the replay ended.
+        while next <= sub["offset"].as_u64().unwrap() + 20 && next <= TOTAL {
+            let push = recv_json(&mut r).await;
+            got.push(push["offset"].as_u64().unwrap());
+            next += 1;
+        }
+        let expected: Vec<u64> = (51..51 + got.len() as u64).collect();
+        assert_eq!(got, expected, "attempt {attempt}: contiguous, no duplicate");
+        seen.push(got.len());
+    }
+    let _publisher = publishing.await.unwrap();
+    assert!(seen.iter().all(|n| *n > 0));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn presence_and_join_leave_follow_connections_without_ghosts() {
+    let server = TestServer::start(|c| {
+        with_namespaces(c);
+        c.ping_interval = std::time::Duration::from_secs(1);
+        c.timeout = std::time::Duration::from_secs(2);
+    })
+    .await;
+    let (mut a, a_id) = v1_client(&server).await;
+    let (mut b, b_id) = v1_client(&server).await;
+    subscribe(&mut a, "chat:p").await;
+    subscribe(&mut b, "chat:p").await;
+    let join = recv_json(&mut a).await;
+    assert_eq!(
+        join,
+        json!({"type":"join","channel":"chat:p","client":{"client_id":b_id,"user":null}})
+    );
+
+    let present = call(
+        &mut a,
+        json!({"type":"presence","id":"who","channel":"chat:p"}),
+    )
+    .await;
+    let mut ids: Vec<String> = present["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["client_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    let mut expected = vec![a_id.clone(), b_id.clone()];
+    expected.sort();
+    assert_eq!(ids, expected);
+
+    // Abrupt TCP loss: the entry goes and a leave is pushed.
+    drop(b);
+    let leave = recv_json(&mut a).await;
+    assert_eq!(
+        leave,
+        json!({"type":"leave","channel":"chat:p","client":{"client_id":b_id,"user":null}})
+    );
+    let present = call(
+        &mut a,
+        json!({"type":"presence","id":"who2","channel":"chat:p"}),
+    )
+    .await;
+    assert_eq!(present["clients"], json!([{"client_id":a_id,"user":null}]));
+
+    // A half-open client (never answers pings) is removed once the heartbeat gives up.
+    let mut silent = RawClient::connect(server.addr, "/ws").await;
+    silent
+        .send_text(r#"{"type":"subscribe","id":1,"channel":"chat:p"}"#)
+        .await;
+    let join = recv_json(&mut a).await;
+    assert_eq!(join["type"], "join");
+    let silent_id = join["client"]["client_id"].clone();
+    // `a` keeps answering pings by reading; the silent one is closed with 4000.
+    let leave = recv_json(&mut a).await;
+    assert_eq!(leave["type"], "leave");
+    assert_eq!(leave["client"]["client_id"], silent_id);
+    assert_eq!(silent.close_code().await, 4000);
+    let present = call(
+        &mut a,
+        json!({"type":"presence","id":"who3","channel":"chat:p"}),
+    )
+    .await;
+    assert_eq!(present["clients"].as_array().unwrap().len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_commands_get_error_replies_with_their_id_and_the_connection_stays_open() {
+    let server = TestServer::start(|c| {
+        with_namespaces(c);
+        c.max_channels = 3;
+        c.max_data_size = 64;
+    })
+    .await;
+    let (mut a, _) = v1_client(&server).await;
+    subscribe(&mut a, "one").await;
+    subscribe(&mut a, "two").await;
+    let cases = [
+        (
+            json!({"type":"subscribe","id":1,"channel":"nope:x"}),
+            "unknown_namespace",
+        ),
+        (
+            json!({"type":"subscribe","id":2,"channel":"bad name"}),
+            "invalid_channel",
+        ),
+        (
+            json!({"type":"subscribe","id":3,"channel":""}),
+            "invalid_channel",
+        ),
+        (
+            json!({"type":"subscribe","id":4,"channel":"one"}),
+            "already_subscribed",
+        ),
+        (
+            json!({"type":"unsubscribe","id":5,"channel":"three"}),
+            "not_subscribed",
+        ),
+        (json!({"type":"subscribe","id":6}), "missing_field"),
+        (
+            json!({"type":"subscribe","id":7,"channel":["x"]}),
+            "invalid_field",
+        ),
+        (
+            json!({"type":"subscribe","id":8,"channel":"x","since":{"offset":-1,"epoch":"e"}}),
+            "invalid_field",
+        ),
+        (
+            json!({"type":"publish","id":9,"channel":"one"}),
+            "missing_field",
+        ),
+        (
+            json!({"type":"publish","id":10,"channel":"one","data":"x".repeat(100)}),
+            "data_too_big",
+        ),
+        (
+            json!({"type":"publish","id":11,"channel":"readonly:x","data":1}),
+            "permission_denied",
+        ),
+        (
+            json!({"type":"publish","id":12,"channel":"default","data":1}),
+            "permission_denied",
+        ),
+        (
+            json!({"type":"presence","id":13,"channel":"readonly:x"}),
+            "presence_disabled",
+        ),
+        (
+            json!({"type":"history","id":14,"channel":"one","limit":"ten"}),
+            "invalid_field",
+        ),
+        (
+            json!({"type":"history","id":"s","channel":"one","limit":100000}),
+            "invalid_field",
+        ),
+    ];
+    for (command, code) in cases {
+        let reply = call(&mut a, command.clone()).await;
+        assert_eq!(reply["type"], "error", "{command}: {reply}");
+        assert_eq!(reply["code"], code, "{command}: {reply}");
+        assert!(reply["message"].as_str().unwrap().len() > 5);
+    }
+    subscribe(&mut a, "three").await;
+    let reply = call(&mut a, json!({"type":"subscribe","id":15,"channel":"four"})).await;
+    assert_eq!(reply["code"], "too_many_channels");
+    // Unknown types and non-objects answer in the legacy shape, which any client understands.
+    send_text(&mut a, r#"{"type":"dance","id":16}"#).await;
+    assert_eq!(
+        recv_json(&mut a).await,
+        json!({"type":"Error","code":"unknown_type","message":"unknown message type \"dance\""})
+    );
+    // Still open and working.
+    assert_eq!(publish(&mut a, "one", json!({"ok":true})).await, 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn legacy_and_v1_share_the_default_channel() {
+    let server = TestServer::start(with_namespaces).await;
+    let (mut legacy, _) = join(&server).await;
+    let (mut modern, _) = join(&server).await;
+    send_text(&mut legacy, r#"{"sender":"old","content":"hello"}"#).await;
+    let chat = recv_json(&mut modern).await;
+    assert_eq!(chat["type"], "Chat", "the default channel speaks legacy");
+    let history = call(
+        &mut modern,
+        json!({"type":"history","id":1,"channel":"default"}),
+    )
+    .await;
+    assert_eq!(history["publications"][0]["data"]["content"], "hello");
+    let present = call(
+        &mut modern,
+        json!({"type":"presence","id":2,"channel":"default"}),
+    )
+    .await;
+    assert_eq!(present["clients"].as_array().unwrap().len(), 2);
+    // A v1 client may leave the default channel, after which legacy chat no longer reaches it.
+    call(
+        &mut modern,
+        json!({"type":"unsubscribe","id":3,"channel":"default"}),
+    )
+    .await;
+    send_text(&mut legacy, r#"{"sender":"old","content":"anyone?"}"#).await;
+    let reply = call(
+        &mut modern,
+        json!({"type":"history","id":4,"channel":"default","limit":1}),
+    )
+    .await;
+    assert_eq!(
+        reply["type"], "history",
+        "no Chat frame arrived before the reply"
+    );
+    assert_eq!(reply["publications"][0]["data"]["content"], "anyone?");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_reading_client_on_a_gap_namespace_gets_a_gap_and_catches_up() {
+    const TOTAL: u64 = 4000;
+    const WINDOW: u64 = 32;
+    let server = TestServer::start(|c| {
+        c.buffer = 64;
+        c.history_bytes = 64 << 20;
+        c.namespaces.insert(
+            "live",
+            NamespaceOptions {
+                history_size: 10_000,
+                slow_policy: SlowPolicy::Gap,
+                ..NamespaceOptions::default()
+            },
+        );
+    })
+    .await;
+    let (mut publisher, _) = v1_client(&server).await;
+    let (mut fast, _) = v1_client(&server).await;
+    subscribe(&mut fast, "live:feed").await;
+    let mut slow = RawClient::connect(server.addr, "/ws").await;
+    slow.send_text(r#"{"type":"unsubscribe","id":0,"channel":"default"}"#)
+        .await;
+    slow.send_text(r#"{"type":"subscribe","id":1,"channel":"live:feed"}"#)
+        .await;
+    // Wait until the slow client is really subscribed (it still reads, for now).
+    loop {
+        let (_, payload) = slow.read_frame().await.unwrap();
+        let frame: Value = serde_json::from_slice(&payload).unwrap();
+        if frame["type"] == "subscribed" {
+            break;
+        }
+    }
+
+    let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel();
+    let reading = tokio::spawn(async move {
+        for n in 1..=TOTAL {
+            let push = recv_json(&mut fast).await;
+            assert_eq!(
+                push["offset"], n,
+                "the fast client sees every message in order"
+            );
+            let _ = progress_tx.send(n);
+        }
+        fast
+    });
+    let filler = "y".repeat(2000);
+    for n in 1..=TOTAL {
+        send_text(
+            &mut publisher,
+            &json!({"type":"publish","channel":"live:feed","data":{"n":n,"pad":filler}})
+                .to_string(),
+        )
+        .await;
+        if n > WINDOW {
+            while let Some(seen) = progress.recv().await {
+                if seen + WINDOW >= n {
+                    break;
+                }
+            }
+        }
+    }
+    let _fast = reading.await.unwrap();
+
+    // The slow client now reads: contiguous publications, then one gap, and it is still open.
+    let mut last = 0;
+    let gap = loop {
+        let (opcode, payload) = slow.read_frame().await.expect("still connected");
+        if opcode != 0x1 {
+            continue;
+        }
+        let frame: Value = serde_json::from_slice(&payload).unwrap();
+        match frame["type"].as_str().unwrap() {
+            "publication" => {
+                let offset = frame["offset"].as_u64().unwrap();
+                assert_eq!(offset, last + 1, "no hole before the gap");
+                last = offset;
+            }
+            "gap" => break frame,
+            other => panic!("unexpected {other}: {frame}"),
+        }
+    };
+    assert_eq!(gap["channel"], "live:feed");
+    assert_eq!(
+        gap["offset"], last,
+        "the gap names the last offset the client got"
+    );
+    assert!(last < TOTAL, "the client really fell behind");
+    // Catch up with history, without reconnecting.
+    slow.send_text(&json!({"type":"history","id":"catch-up","channel":"live:feed","since":{"offset":last,"epoch":""},"limit":1000}).to_string())
+        .await;
+    let history = loop {
+        let (_, payload) = slow.read_frame().await.expect("still connected");
+        let frame: Value = serde_json::from_slice(&payload).unwrap();
+        if frame["type"] == "history" {
+            break frame;
+        }
+    };
+    let got = offsets(&history["publications"]);
+    assert_eq!(got.first().copied(), Some(last + 1));
+    assert_eq!(
+        got,
+        (last + 1..last + 1 + got.len() as u64).collect::<Vec<_>>()
+    );
+    let stats = server.stats().await;
+    assert_eq!(stats["slow_consumer_closes_total"], 0, "{stats}");
+    assert_eq!(stats["connections"], 3);
+    server.stop().await;
+}
