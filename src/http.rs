@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, UPGRADE};
+use hyper::header::{ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode};
 
 use crate::admission::Overload;
@@ -111,8 +111,15 @@ pub async fn handle(
     req: Request<Incoming>,
     state: Arc<AppState>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let result = route(req, &state);
-    Ok(result.unwrap_or_else(HttpError::into_response))
+    let mut response = route(req, &state).unwrap_or_else(HttpError::into_response);
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // One request per connection: an idle keep-alive socket would hold a task without
+        // counting against either admission bound.
+        response
+            .headers_mut()
+            .insert(CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    }
+    Ok(response)
 }
 
 fn route(

@@ -211,3 +211,26 @@ async fn a_silent_socket_loses_its_handshake_slot_after_the_timeout() {
     assert_eq!(status, 200);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn plain_http_connections_serve_one_request_then_close() {
+    let server = TestServer::start(|_| {}).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    // HTTP/1.1 defaults to keep-alive; the server still closes after answering.
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut raw),
+    )
+    .await
+    .expect("server closed the connection")
+    .unwrap();
+    let (status, head, body) = split_response(&raw);
+    assert_eq!((status, body.as_str()), (200, "OK"));
+    assert!(head.contains("connection: close"), "{head}");
+    server.stop().await;
+}

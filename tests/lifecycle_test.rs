@@ -63,24 +63,48 @@ async fn a_client_that_stops_reading_is_closed_and_nobody_else_loses_a_message()
     server.stop().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_flushes_queued_messages_then_closes_with_1001() {
-    let mut server = TestServer::start(|_| {}).await;
+    const TOTAL: usize = 3000;
+    let mut server = TestServer::start(|c| c.buffer = 4096).await;
     let (mut a, _) = join(&server).await;
-    let (mut b, _) = join(&server).await;
-    for n in 0..50 {
-        send_text(&mut a, &format!(r#"{{"sender":"a","content":"q{n}"}}"#)).await;
+    // `b` does not read yet, so its socket buffers fill and frames wait in its outbox.
+    let mut b = RawClient::connect(server.addr, "/ws").await;
+    let filler = "z".repeat(4000);
+    for n in 0..TOTAL {
+        send_text(
+            &mut a,
+            &format!(r#"{{"sender":"a","content":"{n:05}{filler}"}}"#),
+        )
+        .await;
     }
-    // Round trip on `a`: all 50 are now queued for `b`, which has read nothing yet.
+    // Round trip on `a`: every message is now queued for `b` (in its outbox or its socket).
     send_text(&mut a, "[]").await;
     assert_eq!(recv_json(&mut a).await["code"], "invalid_message");
 
     let started = std::time::Instant::now();
     let stopping = server.begin_stop();
-    for n in 0..50 {
-        assert_eq!(recv_json(&mut b).await["content"], format!("q{n}"));
-    }
-    assert_eq!(recv_close_code(&mut b).await, 1001);
+    let mut got = 0;
+    let code = loop {
+        let (opcode, payload) = b.read_frame().await.expect("closed before the close frame");
+        match opcode {
+            0x1 => {
+                let chat: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                if chat["type"] == "Connect" {
+                    continue;
+                }
+                assert_eq!(chat["content"].as_str().unwrap()[..5], format!("{got:05}"));
+                got += 1;
+            }
+            0x8 => break u16::from_be_bytes([payload[0], payload[1]]),
+            _ => {}
+        }
+    };
+    assert_eq!(
+        got, TOTAL,
+        "everything queued was delivered before the close"
+    );
+    assert_eq!(code, 1001);
     assert_eq!(recv_close_code(&mut a).await, 1001);
     tokio::time::timeout(std::time::Duration::from_secs(5), stopping)
         .await
@@ -90,6 +114,59 @@ async fn shutdown_flushes_queued_messages_then_closes_with_1001() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     // Nothing listens any more.
     assert!(tokio::net::TcpStream::connect(server.addr).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_send_fast_and_read_are_never_closed_as_slow() {
+    use futures_util::StreamExt;
+    const EACH: usize = 3000;
+    let server = TestServer::start(|c| c.buffer = 256).await;
+    let (a, _) = join(&server).await;
+    let (b, _) = join(&server).await;
+    let mut tasks = Vec::new();
+    for (name, ws) in [("a", a), ("b", b)] {
+        let (mut sink, mut stream) = ws.split();
+        tasks.push(tokio::spawn(async move {
+            let mut received = 0;
+            while received < EACH {
+                let msg = tokio::time::timeout(WAIT, stream.next())
+                    .await
+                    .expect("stalled")
+                    .unwrap()
+                    .unwrap();
+                match msg {
+                    Message::Text(_) => received += 1,
+                    Message::Close(frame) => panic!("{name} closed after {received}: {frame:?}"),
+                    _ => {}
+                }
+            }
+            received
+        }));
+        tasks.push(tokio::spawn(async move {
+            for n in 0..EACH {
+                sink.send(Message::text(format!(
+                    r#"{{"sender":"{name}","content":"{n}"}}"#
+                )))
+                .await
+                .unwrap();
+            }
+            // Keep the sink (and so the connection) open until the readers are done.
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+            0
+        }));
+    }
+    let counts: Vec<usize> = futures_util::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(
+        counts.iter().filter(|c| **c == EACH).count(),
+        2,
+        "{counts:?}"
+    );
+    assert_eq!(server.stats().await["slow_consumer_closes_total"], 0);
+    server.stop().await;
 }
 
 #[tokio::test]

@@ -317,3 +317,36 @@ async fn silent_clients_are_closed_with_4000() {
     assert_eq!(watcher.await.unwrap()["type"], "Disconnect");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_trickle_of_bytes_is_not_proof_of_life() {
+    let server = TestServer::start(|c| {
+        c.ping_interval = std::time::Duration::from_secs(1);
+        c.timeout = std::time::Duration::from_secs(2);
+    })
+    .await;
+    let mut raw = RawClient::connect(server.addr, "/ws").await;
+    let frame_start = [0x81u8, 0xFE, 0x10, 0x00, 1, 2, 3, 4];
+    let started = std::time::Instant::now();
+    let trickle = async {
+        for byte in frame_start.iter().chain(std::iter::repeat(&b'a')) {
+            if tokio::io::AsyncWriteExt::write_all(&mut raw.stream, &[*byte])
+                .await
+                .is_err()
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            if started.elapsed() > std::time::Duration::from_secs(4) {
+                break;
+            }
+        }
+    };
+    trickle.await;
+    assert_eq!(
+        raw.close_code().await,
+        4000,
+        "a never-finished frame keeps nobody alive"
+    );
+    server.stop().await;
+}

@@ -103,34 +103,29 @@ pub fn parse_chat(text: &str, now: OffsetDateTime) -> Result<Chat, ClientError> 
             });
         }
     };
+    const TIMESTAMP: ClientError = ClientError::InvalidField {
+        field: "timestamp",
+        expected: "an RFC 3339 date-time string within years 0000-9999 in UTC",
+    };
     let timestamp = match present(&map, "timestamp") {
         None => now,
-        Some(Value::String(s)) => {
-            OffsetDateTime::parse(s, &Rfc3339).map_err(|_| ClientError::InvalidField {
-                field: "timestamp",
-                expected: "an RFC 3339 date-time string",
-            })?
-        }
-        Some(_) => {
-            return Err(ClientError::InvalidField {
-                field: "timestamp",
-                expected: "an RFC 3339 date-time string",
-            });
-        }
+        Some(Value::String(s)) => OffsetDateTime::parse(s, &Rfc3339).map_err(|_| TIMESTAMP)?,
+        Some(_) => return Err(TIMESTAMP),
     };
     Ok(Chat {
         id,
         sender: required_string(&map, "sender")?,
         content: required_string(&map, "content")?,
-        timestamp: format_utc(timestamp),
+        timestamp: format_utc(timestamp).ok_or(TIMESTAMP)?,
     })
 }
 
-/// Formats a time as RFC 3339 in UTC (`...Z`).
-pub fn format_utc(t: OffsetDateTime) -> String {
-    t.to_offset(time::UtcOffset::UTC)
+/// Formats a time as RFC 3339 in UTC (`...Z`); `None` if it has no UTC form RFC 3339 can
+/// express (a year outside 0000-9999 once converted).
+pub fn format_utc(t: OffsetDateTime) -> Option<String> {
+    t.checked_to_offset(time::UtcOffset::UTC)?
         .format(&Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+        .ok()
 }
 
 fn present<'a>(map: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {

@@ -39,6 +39,7 @@ struct Partial {
 pub struct MessageReader {
     max_message: usize,
     partial: Option<Partial>,
+    frames: u64,
 }
 
 impl MessageReader {
@@ -47,7 +48,13 @@ impl MessageReader {
         Self {
             max_message,
             partial: None,
+            frames: 0,
         }
+    }
+
+    /// Complete frames parsed so far (fragments and control frames included).
+    pub fn frames(&self) -> u64 {
+        self.frames
     }
 
     /// How many more bytes the buffer needs before the next frame is complete, as a hint for
@@ -85,6 +92,7 @@ impl MessageReader {
             buf.advance(header.header_len);
             let mut payload = buf.split_to(len);
             apply_mask(&mut payload, header.mask);
+            self.frames += 1;
             if let Some(message) = self.on_frame(header.opcode, header.fin, payload)? {
                 return Ok(Some(message));
             }

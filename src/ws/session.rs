@@ -7,10 +7,12 @@
 //! mark, which is what bounds the memory of a client that sends but never reads.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
@@ -25,7 +27,7 @@ use crate::stats::Stats;
 /// Reading pauses while this much is waiting to be written.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
 /// Most frames taken from the outbox per wake-up.
-const OUTBOX_BATCH: usize = 256;
+const OUTBOX_BATCH: u64 = 256;
 /// Spare room ensured before each read.
 const READ_CHUNK: usize = 4096;
 /// How long the server waits for the client's close frame after sending its own.
@@ -186,7 +188,15 @@ where
         self.handler.on_open(&mut replies).await;
         self.stats.add_out(replies.count);
 
-        let end = self.main_loop(&mut rbuf, &mut wbuf, &mut parser).await;
+        // A bug must not skip `on_close`: that would leave the client in its channels and in
+        // presence forever. A panic ends the connection with 1011 instead.
+        let end = AssertUnwindSafe(self.main_loop(&mut rbuf, &mut wbuf, &mut parser))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| {
+                tracing::error!("session panicked; closing with 1011");
+                End::Server(CloseCode::InternalError)
+            });
         let shutting_down = self.shutdown.is_cancelled();
         self.handler.on_close(shutting_down).await;
         tracing::debug!(?end, "session ending");
@@ -208,7 +218,6 @@ where
         };
         let timer = sleep_until(deadline(last_seen, next_ping));
         tokio::pin!(timer);
-        let mut batch = Vec::new();
         let mut outbox_open = true;
 
         // Frames the client pipelined right behind its handshake.
@@ -223,8 +232,11 @@ where
                 rbuf.reserve(wanted.min(self.config.max_message + 14));
             }
             let can_take = wbuf.len() < WRITE_HIGH_WATER;
+            let read_limit = parser.bytes_wanted(rbuf).max(READ_CHUNK) as u64;
+            let mut limited_reader = (&mut self.reader).take(read_limit);
+            // Unbiased: under load every ready branch gets its turn, so a busy outbox cannot
+            // starve reading (and with it the client's pongs), nor busy input the outbox.
             tokio::select! {
-                biased;
                 code = self.signal.wait() => return End::Server(code),
                 () = self.shutdown.cancelled() => return End::Server(CloseCode::GoingAway),
                 written = self.writer.write(wbuf), if !wbuf.is_empty() => match written {
@@ -236,31 +248,27 @@ where
                         }
                     }
                 },
-                read = self.reader.read_buf(rbuf), if can_take => match read {
+                read = limited_reader.read_buf(rbuf), if can_take => match read {
                     Ok(0) | Err(_) => return End::Gone,
                     Ok(_) => {
-                        last_seen = Instant::now();
-                        if let Some(end) = self.on_readable(rbuf, wbuf, parser).await {
+                        let frames_before = parser.frames();
+                        let end = self.on_readable(rbuf, wbuf, parser).await;
+                        // Only whole frames prove the client alive; a trickle of bytes does not.
+                        if parser.frames() != frames_before {
+                            last_seen = Instant::now();
+                        }
+                        if let Some(end) = end {
                             return end;
                         }
                         if rbuf.is_empty() && rbuf.capacity() > 4 * READ_CHUNK {
                             *rbuf = BytesMut::new();
                         }
+                        self.take_from_outbox(None, wbuf);
                     }
                 },
-                n = self.outbox.recv_many(&mut batch, OUTBOX_BATCH), if can_take && outbox_open => {
-                    if n == 0 {
-                        outbox_open = false;
-                    }
-                    for frame in batch.drain(..) {
-                        wbuf.extend_from_slice(&frame);
-                    }
-                    self.stats.add_out(n as u64);
-                    if self.signal.has_gaps() && self.outbox.is_empty() {
-                        let mut replies = Replies { buf: wbuf, count: 0 };
-                        self.handler.on_gaps(&mut replies);
-                        self.stats.add_out(replies.count);
-                    }
+                frame = self.outbox.recv(), if can_take && outbox_open => match frame {
+                    None => outbox_open = false,
+                    Some(frame) => self.take_from_outbox(Some(frame), wbuf),
                 },
                 () = &mut timer => {
                     let now = Instant::now();
@@ -276,6 +284,35 @@ where
                     timer.as_mut().reset(deadline(last_seen, next_ping));
                 },
             }
+        }
+    }
+
+    /// Moves queued frames into the write buffer until it reaches its high mark (so one batch
+    /// never holds more than the mark plus one message), then reports gaps once the outbox is
+    /// empty, so a gap notice follows everything queued before it.
+    fn take_from_outbox(&mut self, first: Option<Bytes>, wbuf: &mut BytesMut) {
+        let mut taken: u64 = 0;
+        if let Some(frame) = first {
+            wbuf.extend_from_slice(&frame);
+            taken += 1;
+        }
+        while wbuf.len() < WRITE_HIGH_WATER && taken < OUTBOX_BATCH {
+            match self.outbox.try_recv() {
+                Ok(frame) => {
+                    wbuf.extend_from_slice(&frame);
+                    taken += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        self.stats.add_out(taken);
+        if self.signal.has_gaps() && self.outbox.is_empty() {
+            let mut replies = Replies {
+                buf: wbuf,
+                count: 0,
+            };
+            self.handler.on_gaps(&mut replies);
+            self.stats.add_out(replies.count);
         }
     }
 
@@ -297,10 +334,12 @@ where
                 Ok(Some(Incoming::Text(text))) => {
                     received += 1;
                     self.handler.on_text(text, &mut replies).await;
+                    yield_every(received).await;
                 }
                 Ok(Some(Incoming::Binary(data))) => {
                     received += 1;
                     self.handler.on_binary(data, &mut replies).await;
+                    yield_every(received).await;
                 }
                 Ok(Some(Incoming::Ping(payload))) => {
                     encode_into(replies.buf, OpCode::Pong, &payload);
@@ -367,6 +406,18 @@ where
             }
         };
         let _ = timeout(self.config.close_grace, closing).await;
+    }
+}
+
+/// Messages handled between two yields to the scheduler.
+const MESSAGES_PER_YIELD: u64 = 16;
+
+/// Each message may fan out to many outboxes. Yielding every few messages makes a client that
+/// pipelines thousands of them share its worker thread, so the sessions it feeds get to drain
+/// their outboxes meanwhile instead of overflowing while this task runs uninterrupted.
+async fn yield_every(handled: u64) {
+    if handled % MESSAGES_PER_YIELD == 0 {
+        tokio::task::yield_now().await;
     }
 }
 
