@@ -117,54 +117,72 @@ async fn shutdown_flushes_queued_messages_then_closes_with_1001() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_that_send_fast_and_read_are_never_closed_as_slow() {
-    use futures_util::StreamExt;
-    const EACH: usize = 3000;
+async fn a_client_flooding_its_own_input_still_gets_its_messages() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const TOTAL: usize = 2000;
+    const WINDOW: usize = 64;
     let server = TestServer::start(|c| c.buffer = 256).await;
-    let (a, _) = join(&server).await;
-    let (b, _) = join(&server).await;
-    let mut tasks = Vec::new();
-    for (name, ws) in [("a", a), ("b", b)] {
-        let (mut sink, mut stream) = ws.split();
-        tasks.push(tokio::spawn(async move {
-            let mut received = 0;
-            while received < EACH {
-                let msg = tokio::time::timeout(WAIT, stream.next())
-                    .await
-                    .expect("stalled")
-                    .unwrap()
-                    .unwrap();
-                match msg {
-                    Message::Text(_) => received += 1,
-                    Message::Close(frame) => panic!("{name} closed after {received}: {frame:?}"),
-                    _ => {}
+    let (mut publisher, _) = join(&server).await;
+    // `busy` reads everything it is sent while its write half floods the server with
+    // publishes nobody receives: its session must keep draining its outbox regardless.
+    let busy = RawClient::connect(server.addr, "/ws").await;
+    let (mut rd, mut wr) = busy.stream.into_split();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooding = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let payload = br#"{"type":"publish","channel":"sink","data":0}"#;
+            let mut frame = vec![0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+            frame.extend_from_slice(payload);
+            let batch = frame.repeat(100);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if wr.write_all(&batch).await.is_err() {
+                    break;
                 }
             }
-            received
-        }));
-        tasks.push(tokio::spawn(async move {
-            for n in 0..EACH {
-                sink.send(Message::text(format!(
-                    r#"{{"sender":"{name}","content":"{n}"}}"#
-                )))
+            wr
+        })
+    };
+    let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel();
+    let reading = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        let mut chats = 0;
+        while chats < TOTAL {
+            let n = tokio::time::timeout(WAIT, rd.read(&mut chunk))
                 .await
+                .expect("starved")
                 .unwrap();
+            assert!(n > 0, "closed after {chats} chats");
+            buf.extend_from_slice(&chunk[..n]);
+            while let Some((opcode, payload)) = take_frame(&mut buf) {
+                let payload = String::from_utf8_lossy(&payload).into_owned();
+                assert_ne!(opcode, 0x8, "closed: {payload}");
+                if payload.contains("\"Chat\"") {
+                    chats += 1;
+                    let _ = progress_tx.send(chats);
+                }
             }
-            // Keep the sink (and so the connection) open until the readers are done.
-            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-            0
-        }));
+        }
+        chats
+    });
+    for n in 1..=TOTAL {
+        send_text(
+            &mut publisher,
+            &format!(r#"{{"sender":"p","content":"{n}"}}"#),
+        )
+        .await;
+        if n > WINDOW {
+            while let Some(seen) = progress.recv().await {
+                if seen + WINDOW >= n {
+                    break;
+                }
+            }
+        }
     }
-    let counts: Vec<usize> = futures_util::future::join_all(tasks)
-        .await
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect();
-    assert_eq!(
-        counts.iter().filter(|c| **c == EACH).count(),
-        2,
-        "{counts:?}"
-    );
+    assert_eq!(reading.await.unwrap(), TOTAL);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _wr = flooding.await.unwrap();
     assert_eq!(server.stats().await["slow_consumer_closes_total"], 0);
     server.stop().await;
 }

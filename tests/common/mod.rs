@@ -266,27 +266,8 @@ impl RawClient {
     /// Next frame as (opcode, payload), or `None` at EOF.
     pub async fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
         loop {
-            if self.buf.len() >= 2 {
-                let len7 = (self.buf[1] & 0x7F) as usize;
-                let (len, header) = match len7 {
-                    126 if self.buf.len() >= 4 => {
-                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
-                    }
-                    127 if self.buf.len() >= 10 => {
-                        let mut be = [0u8; 8];
-                        be.copy_from_slice(&self.buf[2..10]);
-                        (u64::from_be_bytes(be) as usize, 10)
-                    }
-                    126 | 127 => (usize::MAX, 0),
-                    n => (n, 2),
-                };
-                if len != usize::MAX && self.buf.len() >= header + len {
-                    assert_eq!(self.buf[1] & 0x80, 0, "server frames must not be masked");
-                    let opcode = self.buf[0] & 0x0F;
-                    let payload = self.buf[header..header + len].to_vec();
-                    self.buf.drain(..header + len);
-                    return Some((opcode, payload));
-                }
+            if let Some(frame) = take_frame(&mut self.buf) {
+                return Some(frame);
             }
             let mut chunk = vec![0u8; 64 * 1024];
             let n = match tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
@@ -361,4 +342,29 @@ pub async fn publish(ws: &mut Ws, channel: &str, data: Value) -> u64 {
     .await;
     assert_eq!(reply["type"], "published", "{reply}");
     reply["offset"].as_u64().unwrap()
+}
+
+/// Takes one complete server frame from the front of `buf`: (opcode, payload).
+pub fn take_frame(buf: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    assert_eq!(buf[1] & 0x80, 0, "server frames must not be masked");
+    let (len, header) = match buf[1] & 0x7F {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => {
+            let mut be = [0u8; 8];
+            be.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(be) as usize, 10)
+        }
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    if buf.len() < header + len {
+        return None;
+    }
+    let opcode = buf[0] & 0x0F;
+    let payload = buf[header..header + len].to_vec();
+    buf.drain(..header + len);
+    Some((opcode, payload))
 }
