@@ -45,8 +45,10 @@ pub struct Config {
     pub max_message_size: usize,
     /// `RUSTY_SOCKS_HISTORY_SIZE`: stored chat messages kept per channel.
     pub history_size: usize,
-    /// `RUSTY_SOCKS_HISTORY_BYTES`: total bytes of stored chat messages kept per channel.
+    /// `RUSTY_SOCKS_HISTORY_BYTES`: bytes of history kept per channel.
     pub history_bytes: usize,
+    /// `RUSTY_SOCKS_HISTORY_TOTAL_BYTES`: bytes of history kept across all channels.
+    pub history_total_bytes: usize,
     /// `RUSTY_SOCKS_REPLAY`: stored messages sent to a newcomer after the welcome.
     pub replay_count: usize,
     /// `RUSTY_SOCKS_ECHO_TO_SENDER`: whether a chat message is also sent back to its sender.
@@ -81,6 +83,7 @@ impl Default for Config {
             max_message_size: 64 * 1024,
             history_size: 100,
             history_bytes: 1024 * 1024,
+            history_total_bytes: 256 * 1024 * 1024,
             replay_count: 10,
             echo_to_sender: false,
             echo_endpoint: false,
@@ -154,12 +157,17 @@ pub const SETTINGS: &[Setting] = &[
     Setting {
         var: "RUSTY_SOCKS_HISTORY_SIZE",
         default: "100",
-        meaning: "stored chat messages kept in memory (0 disables storage)",
+        meaning: "chat messages kept for the legacy default channel (0 disables storage)",
     },
     Setting {
         var: "RUSTY_SOCKS_HISTORY_BYTES",
         default: "1048576",
-        meaning: "total bytes of stored chat messages kept in memory",
+        meaning: "bytes of history kept per channel",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_HISTORY_TOTAL_BYTES",
+        default: "268435456",
+        meaning: "bytes of history kept across all channels; past it publications are not stored",
     },
     Setting {
         var: "RUSTY_SOCKS_REPLAY",
@@ -248,6 +256,12 @@ impl Config {
             )?,
             history_size: int("RUSTY_SOCKS_HISTORY_SIZE", d.history_size, 0, 1_000_000)?,
             history_bytes: int("RUSTY_SOCKS_HISTORY_BYTES", d.history_bytes, 0, 1 << 32)?,
+            history_total_bytes: int(
+                "RUSTY_SOCKS_HISTORY_TOTAL_BYTES",
+                d.history_total_bytes,
+                0,
+                1 << 40,
+            )?,
             replay_count: int("RUSTY_SOCKS_REPLAY", d.replay_count, 0, 1000)?,
             echo_to_sender: flag("RUSTY_SOCKS_ECHO_TO_SENDER", d.echo_to_sender)?,
             echo_endpoint: flag("RUSTY_SOCKS_ECHO_ENDPOINT", d.echo_endpoint)?,

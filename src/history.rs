@@ -48,6 +48,10 @@ pub struct HistoryLimits {
     pub max_bytes: usize,
 }
 
+/// Bookkeeping bytes counted per retained publication on top of its data, so a budget of
+/// bytes also bounds how many tiny publications (and channels) can be kept.
+pub const ENTRY_OVERHEAD: usize = 96;
+
 /// A channel's stream: its epoch, last offset and retained publications.
 #[derive(Debug)]
 pub struct Stream {
@@ -84,13 +88,19 @@ impl Stream {
         }
     }
 
-    /// Assigns the next offset and keeps the publication within `limits`.
+    /// Memory this stream's history accounts for (data plus [`ENTRY_OVERHEAD`] per entry).
+    pub fn cost(&self) -> usize {
+        self.bytes + self.entries.len() * ENTRY_OVERHEAD
+    }
+
+    /// Assigns the next offset and, if `store`, keeps the publication within `limits`.
     pub fn append(
         &mut self,
         data: Arc<RawValue>,
         client_id: Option<ClientId>,
         limits: HistoryLimits,
         now: Instant,
+        store: bool,
     ) -> Publication {
         self.offset += 1;
         let publication = Publication {
@@ -99,7 +109,7 @@ impl Stream {
             client_id,
         };
         let size = publication.data.get().len();
-        if limits.size > 0 && size <= limits.max_bytes {
+        if store && limits.size > 0 && size <= limits.max_bytes {
             self.entries.push_back((now, publication.clone()));
             self.bytes += size;
         }
@@ -171,6 +181,22 @@ pub fn is_complete_replay(
             .all(|(p, expected)| p.offset == expected)
 }
 
+/// Whether a history page read `since` a position starts right after it, in the same epoch:
+/// nothing between `since` and the first returned publication was lost.
+pub fn continues_from(
+    since: &StreamPosition,
+    current: &StreamPosition,
+    publications: &[Publication],
+) -> bool {
+    since.epoch == current.epoch
+        && since.offset <= current.offset
+        && publications
+            .first()
+            .map_or(since.offset == current.offset, |p| {
+                p.offset == since.offset + 1
+            })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,7 +216,7 @@ mod tests {
         let mut s = Stream::new();
         let now = Instant::now();
         let offsets: Vec<u64> = (0..5)
-            .map(|n| s.append(data(n), None, LIMITS, now).offset)
+            .map(|n| s.append(data(n), None, LIMITS, now, true).offset)
             .collect();
         assert_eq!(offsets, vec![1, 2, 3, 4, 5]);
         assert_eq!(s.position().offset, 5);
@@ -210,13 +236,41 @@ mod tests {
             ttl: Some(Duration::from_secs(5)),
             max_bytes: 4,
         };
-        s.append(data(11), None, limits, start);
-        s.append(data(22), None, limits, start);
-        s.append(data(33), None, limits, start);
+        s.append(data(11), None, limits, start, true);
+        s.append(data(22), None, limits, start, true);
+        s.append(data(33), None, limits, start, true);
         assert_eq!(s.read(None, 10).len(), 2, "4 bytes hold two 2-byte values");
         s.trim(limits, start + Duration::from_secs(6));
         assert!(!s.has_history());
         assert_eq!(s.position().offset, 3, "offsets survive trimming");
+    }
+
+    #[test]
+    fn a_page_continues_only_without_a_hole() {
+        let mut s = Stream::new();
+        let now = Instant::now();
+        for n in 0..5 {
+            s.append(data(n), None, LIMITS, now, true);
+        }
+        let current = s.position();
+        let at = |offset| StreamPosition {
+            offset,
+            epoch: current.epoch.clone(),
+        };
+        assert!(
+            continues_from(&at(3), &current, &s.read(Some(3), 1)),
+            "a limit is not a hole"
+        );
+        assert!(
+            !continues_from(&at(0), &current, &s.read(Some(0), 10)),
+            "1 and 2 were trimmed"
+        );
+        assert!(continues_from(&at(5), &current, &[]));
+        let other = StreamPosition {
+            offset: 3,
+            epoch: "x".into(),
+        };
+        assert!(!continues_from(&other, &current, &s.read(Some(3), 10)));
     }
 
     #[test]
@@ -232,7 +286,7 @@ mod tests {
         let mut s = Stream::new();
         let now = Instant::now();
         for n in 0..5 {
-            s.append(data(n), None, LIMITS, now);
+            s.append(data(n), None, LIMITS, now, true);
         }
         let current = s.position();
         let at = |offset| StreamPosition {

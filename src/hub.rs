@@ -13,10 +13,11 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use bytes::Bytes;
+use tokio::sync::Notify;
 
 use crate::namespace::SlowPolicy;
 use crate::ws::close::CloseCode;
@@ -83,7 +84,47 @@ struct Member {
     state: Arc<MemberState>,
 }
 
-type Members = HashMap<ClientId, Member>;
+/// Whether this node's broker subscription for a channel is in place yet.
+///
+/// The first local member subscribes the node at the broker; members that join meanwhile must
+/// wait for it before reading history, or a publication made in between would reach neither
+/// their replay nor their outbox.
+#[derive(Debug, Default)]
+pub struct BrokerReady {
+    /// 0 pending, 1 subscribed, 2 failed.
+    state: AtomicU8,
+    notify: Notify,
+}
+
+impl BrokerReady {
+    /// Records the outcome of the broker subscription and wakes every waiter.
+    pub fn set(&self, subscribed: bool) {
+        self.state
+            .store(if subscribed { 1 } else { 2 }, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    /// Waits for the outcome; `true` if the node is subscribed.
+    pub async fn wait(&self) -> bool {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a `set` in between is not missed.
+            notified.as_mut().enable();
+            match self.state.load(Ordering::Acquire) {
+                1 => return true,
+                2 => return false,
+                _ => notified.await,
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Channel {
+    members: HashMap<ClientId, Member>,
+    ready: Arc<BrokerReady>,
+}
 
 /// Result of delivering one frame to a channel's local members.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +139,7 @@ pub struct Delivery {
 #[derive(Debug)]
 pub struct Hub {
     hasher: RandomState,
-    shards: Box<[RwLock<HashMap<String, Members>>]>,
+    shards: Box<[RwLock<HashMap<String, Channel>>]>,
 }
 
 impl Default for Hub {
@@ -108,14 +149,16 @@ impl Default for Hub {
 }
 
 /// What [`Hub::subscribe`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Joined {
     /// The client was already a member; nothing changed.
     Already,
-    /// Added; the node already had members on this channel.
-    Added,
-    /// Added as the node's first member: the node must subscribe to the broker.
-    First,
+    /// Added; the node already had members on this channel. Wait for `ready` before reading
+    /// history.
+    Added(Arc<BrokerReady>),
+    /// Added as the node's first member: the node must subscribe at the broker and then
+    /// report the outcome through `ready`.
+    First(Arc<BrokerReady>),
 }
 
 /// What [`Hub::unsubscribe`] did.
@@ -138,19 +181,19 @@ impl Hub {
         }
     }
 
-    fn shard(&self, channel: &str) -> &RwLock<HashMap<String, Members>> {
+    fn shard(&self, channel: &str) -> &RwLock<HashMap<String, Channel>> {
         let index = self.hasher.hash_one(channel) as usize % SHARDS;
         &self.shards[index]
     }
 
-    fn read(&self, channel: &str) -> RwLockReadGuard<'_, HashMap<String, Members>> {
+    fn read(&self, channel: &str) -> RwLockReadGuard<'_, HashMap<String, Channel>> {
         // Every update is a single insert/remove, so a poisoned lock is still consistent.
         self.shard(channel)
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write(&self, channel: &str) -> RwLockWriteGuard<'_, HashMap<String, Members>> {
+    fn write(&self, channel: &str) -> RwLockWriteGuard<'_, HashMap<String, Channel>> {
         self.shard(channel)
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -160,18 +203,23 @@ impl Hub {
     pub fn subscribe(&self, outbox: &Outbox, state: Arc<MemberState>) -> Joined {
         let mut shard = self.write(&state.channel);
         let first = !shard.contains_key(&*state.channel);
-        let members = shard.entry(state.channel.to_string()).or_default();
-        if members.contains_key(&outbox.id()) {
+        let channel = shard.entry(state.channel.to_string()).or_default();
+        if channel.members.contains_key(&outbox.id()) {
             return Joined::Already;
         }
-        members.insert(
+        channel.members.insert(
             outbox.id(),
             Member {
                 outbox: outbox.clone(),
                 state,
             },
         );
-        if first { Joined::First } else { Joined::Added }
+        let ready = Arc::clone(&channel.ready);
+        if first {
+            Joined::First(ready)
+        } else {
+            Joined::Added(ready)
+        }
     }
 
     /// Ends recovery: returns the frames buffered meanwhile, after which frames go straight to
@@ -186,13 +234,13 @@ impl Hub {
     /// Removes a membership; the channel goes away with its last member.
     pub fn unsubscribe(&self, channel: &str, client: ClientId) -> Left {
         let mut shard = self.write(channel);
-        let Some(members) = shard.get_mut(channel) else {
+        let Some(entry) = shard.get_mut(channel) else {
             return Left::NotMember;
         };
-        if members.remove(&client).is_none() {
+        if entry.members.remove(&client).is_none() {
             return Left::NotMember;
         }
-        if members.is_empty() {
+        if entry.members.is_empty() {
             shard.remove(channel);
             Left::Last
         } else {
@@ -211,10 +259,10 @@ impl Hub {
     ) -> Delivery {
         let shard = self.read(channel);
         let mut delivery = Delivery::default();
-        let Some(members) = shard.get(channel) else {
+        let Some(entry) = shard.get(channel) else {
             return delivery;
         };
-        for (id, member) in members {
+        for (id, member) in &entry.members {
             if Some(*id) == skip {
                 continue;
             }
@@ -229,7 +277,9 @@ impl Hub {
 
     /// Local members of a channel.
     pub fn member_count(&self, channel: &str) -> usize {
-        self.read(channel).get(channel).map_or(0, HashMap::len)
+        self.read(channel)
+            .get(channel)
+            .map_or(0, |c| c.members.len())
     }
 
     /// Channels with at least one local member.
@@ -328,8 +378,11 @@ mod tests {
         let hub = Hub::new();
         let (outbox, _rx) = Outbox::new(Uuid::new_v4(), 1);
         let state = MemberState::recovering("room", SlowPolicy::Disconnect, 1);
-        assert_eq!(hub.subscribe(&outbox, Arc::clone(&state)), Joined::First);
-        assert_eq!(hub.subscribe(&outbox, state), Joined::Already);
+        assert!(matches!(
+            hub.subscribe(&outbox, Arc::clone(&state)),
+            Joined::First(_)
+        ));
+        assert!(matches!(hub.subscribe(&outbox, state), Joined::Already));
         let (_b, _rb, _) = member(&hub, "room", 1, SlowPolicy::Disconnect);
         assert_eq!(hub.channel_count(), 1);
         assert_eq!(hub.member_count("room"), 2);
@@ -337,6 +390,31 @@ mod tests {
         assert_eq!(hub.unsubscribe("room", outbox.id()), Left::NotMember);
         assert_eq!(hub.unsubscribe("room", _b.id()), Left::Last);
         assert_eq!(hub.channel_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn later_members_wait_for_the_first_ones_broker_subscription() {
+        let hub = Hub::new();
+        let (a, _ra) = Outbox::new(Uuid::new_v4(), 1);
+        let (b, _rb) = Outbox::new(Uuid::new_v4(), 1);
+        let Joined::First(first) =
+            hub.subscribe(&a, MemberState::recovering("c", SlowPolicy::Disconnect, 1))
+        else {
+            panic!("first member");
+        };
+        let Joined::Added(second) =
+            hub.subscribe(&b, MemberState::recovering("c", SlowPolicy::Disconnect, 1))
+        else {
+            panic!("second member");
+        };
+        let waiting = tokio::spawn(async move { second.wait().await });
+        tokio::task::yield_now().await;
+        assert!(
+            !waiting.is_finished(),
+            "waits while the broker subscription is pending"
+        );
+        first.set(true);
+        assert!(waiting.await.expect("waiter"));
     }
 
     #[test]

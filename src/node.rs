@@ -16,7 +16,7 @@ use crate::history::{HistoryLimits, Publication, StreamPosition, is_complete_rep
 use crate::hub::{Hub, Joined, Left, MemberState};
 use crate::namespace::{NamespaceOptions, Namespaces};
 use crate::protocol::legacy::ServerFrame;
-use crate::protocol::v1::Frame;
+use crate::protocol::v1::{Frame, MAX_HISTORY_LIMIT};
 use crate::ws::frame::{OpCode, encode};
 use crate::ws::outbox::{ClientId, Outbox};
 
@@ -176,15 +176,24 @@ impl Node {
         let options = self.options(channel)?.clone();
         let policy = options.effective_slow_policy();
         let state = MemberState::recovering(channel, policy, self.options.recovery_buffer);
-        match self.hub.subscribe(outbox, Arc::clone(&state)) {
+        let subscribed = match self.hub.subscribe(outbox, Arc::clone(&state)) {
             Joined::Already => return Err(ClientError::AlreadySubscribed(channel.to_owned())),
-            Joined::First => {
-                if let Err(err) = self.broker.subscribe(channel).await {
-                    self.hub.unsubscribe(channel, outbox.id());
-                    return Err(ClientError::Unavailable(err.to_string()));
+            Joined::First(ready) => {
+                let outcome = self.broker.subscribe(channel).await;
+                ready.set(outcome.is_ok());
+                outcome.map_err(|err| err.to_string())
+            }
+            Joined::Added(ready) => {
+                if ready.wait().await {
+                    Ok(())
+                } else {
+                    Err("the node could not subscribe at the broker".to_owned())
                 }
             }
-            Joined::Added => {}
+        };
+        if let Err(why) = subscribed {
+            self.hub.unsubscribe(channel, outbox.id());
+            return Err(ClientError::Unavailable(why));
         }
         if options.presence {
             if let Err(err) = self.broker.add_presence(channel, client.clone()).await {
@@ -333,10 +342,157 @@ impl Node {
         limit: Option<usize>,
     ) -> Result<HistoryPage, ClientError> {
         let options = self.options(channel)?;
-        let limit = limit.unwrap_or(options.history_size);
+        let limit = limit.unwrap_or(options.history_size.min(MAX_HISTORY_LIMIT));
         self.broker
             .history(channel, since.map(|s| s.offset), limit)
             .await
             .map_err(|err| ClientError::Unavailable(err.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::BrokerFuture;
+    use crate::broker::conformance::json;
+    use crate::broker::memory::MemoryBroker;
+    use uuid::Uuid;
+
+    /// A broker whose `history` lets publications race it: one lands just before the read,
+    /// one just after, as they would with a networked broker.
+    #[derive(Debug)]
+    struct Racing {
+        inner: MemoryBroker,
+    }
+
+    fn request() -> PublishRequest {
+        PublishRequest {
+            data: json("0"),
+            client_id: None,
+            history: HistoryLimits {
+                size: 100,
+                ttl: None,
+                max_bytes: 1 << 20,
+            },
+        }
+    }
+
+    impl Broker for Racing {
+        fn publish<'a>(
+            &'a self,
+            channel: &'a str,
+            request: PublishRequest,
+        ) -> BrokerFuture<'a, StreamPosition> {
+            self.inner.publish(channel, request)
+        }
+        fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
+            self.inner.subscribe(channel)
+        }
+        fn unsubscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
+            self.inner.unsubscribe(channel)
+        }
+        fn history<'a>(
+            &'a self,
+            channel: &'a str,
+            since: Option<u64>,
+            limit: usize,
+        ) -> BrokerFuture<'a, HistoryPage> {
+            Box::pin(async move {
+                self.inner.publish(channel, request()).await?;
+                let page = self.inner.history(channel, since, limit).await?;
+                self.inner.publish(channel, request()).await?;
+                Ok(page)
+            })
+        }
+        fn add_presence<'a>(
+            &'a self,
+            channel: &'a str,
+            client: ClientInfo,
+        ) -> BrokerFuture<'a, ()> {
+            self.inner.add_presence(channel, client)
+        }
+        fn remove_presence<'a>(
+            &'a self,
+            channel: &'a str,
+            client: ClientId,
+        ) -> BrokerFuture<'a, ()> {
+            self.inner.remove_presence(channel, client)
+        }
+        fn presence<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, Vec<ClientInfo>> {
+            self.inner.presence(channel)
+        }
+        fn publish_join<'a>(
+            &'a self,
+            channel: &'a str,
+            client: ClientInfo,
+        ) -> BrokerFuture<'a, ()> {
+            self.inner.publish_join(channel, client)
+        }
+        fn publish_leave<'a>(
+            &'a self,
+            channel: &'a str,
+            client: ClientInfo,
+        ) -> BrokerFuture<'a, ()> {
+            self.inner.publish_leave(channel, client)
+        }
+    }
+
+    /// The offset in an encoded (unmasked, short) server text frame.
+    fn offset_of(frame: &Bytes) -> u64 {
+        let header = if frame[1] == 126 { 4 } else { 2 };
+        let value: serde_json::Value = serde_json::from_slice(&frame[header..]).unwrap_or_default();
+        value["offset"].as_u64().unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn publications_racing_a_recovery_arrive_exactly_once() {
+        let hub = Arc::new(Hub::new());
+        let dispatcher = Arc::new(Dispatcher::new(Arc::clone(&hub), false));
+        let broker = Arc::new(Racing {
+            inner: MemoryBroker::new(dispatcher, 1 << 30),
+        });
+        let node = Node::new(
+            Arc::clone(&hub),
+            broker.clone(),
+            NodeOptions {
+                namespaces: Namespaces::default(),
+                legacy: NamespaceOptions::default(),
+                history_bytes: 1 << 20,
+                recovery_buffer: 64,
+            },
+        );
+        for _ in 0..5 {
+            node.publish("room", json("0"), None, false)
+                .await
+                .expect("publish");
+        }
+        let epoch = broker
+            .inner
+            .history("room", None, 0)
+            .await
+            .expect("history")
+            .position
+            .epoch;
+        let (outbox, mut rx) = Outbox::new(Uuid::new_v4(), 64);
+        let client = ClientInfo {
+            client_id: outbox.id(),
+            user: None,
+        };
+        let since = StreamPosition { offset: 2, epoch };
+        let sub = node
+            .subscribe(&outbox, &client, "room", Some(&since), 0)
+            .await
+            .expect("subscribe");
+        assert_eq!(sub.recovered, Some(true));
+        // 3..5 existed, 6 raced in before the history read, 7 after it, 8 is plain live.
+        let mut seen: Vec<u64> = sub.publications.iter().map(|p| p.offset).collect();
+        seen.extend(sub.live.iter().map(offset_of));
+        node.publish("room", json("0"), None, false)
+            .await
+            .expect("publish");
+        while let Ok(frame) = rx.try_recv() {
+            seen.push(offset_of(&frame));
+        }
+        assert_eq!(seen, vec![3, 4, 5, 6, 7, 8], "each exactly once, in order");
     }
 }

@@ -46,7 +46,7 @@ impl AppState {
     pub fn new(config: Config) -> Arc<Self> {
         let hub = Arc::new(Hub::new());
         let dispatcher = Arc::new(Dispatcher::new(Arc::clone(&hub), config.echo_to_sender));
-        let broker = Arc::new(MemoryBroker::new(dispatcher));
+        let broker = Arc::new(MemoryBroker::new(dispatcher, config.history_total_bytes));
         let options = NodeOptions {
             namespaces: config.namespaces.clone(),
             legacy: NamespaceOptions {

@@ -122,6 +122,21 @@ async fn history_returns_the_newest_or_what_follows_a_position() {
     .await;
     assert_eq!(offsets(&since["publications"]), vec![13, 14, 15]);
     assert_eq!(since["publications"][0]["data"], 13);
+    assert_eq!(since["complete"], true);
+    let trimmed = call(
+        &mut a,
+        json!({"type":"history","id":4,"channel":"small:h","since":{"offset":2,"epoch":all["epoch"]}}),
+    )
+    .await;
+    assert_eq!(
+        trimmed["complete"], false,
+        "offsets 3..5 are gone: {trimmed}"
+    );
+    assert_eq!(
+        all.get("complete"),
+        None,
+        "only replies to `since` say whether they continue"
+    );
     server.stop().await;
 }
 
@@ -263,7 +278,7 @@ async fn recovery_while_publications_keep_arriving_loses_and_doubles_nothing() {
         seen.push(got.len());
     }
     let _publisher = publishing.await.unwrap();
-    assert!(seen.iter().all(|n| *n > 0));
+    assert_eq!(seen.len(), 5);
     server.stop().await;
 }
 
@@ -416,12 +431,15 @@ async fn bad_commands_get_error_replies_with_their_id_and_the_connection_stays_o
     subscribe(&mut a, "three").await;
     let reply = call(&mut a, json!({"type":"subscribe","id":15,"channel":"four"})).await;
     assert_eq!(reply["code"], "too_many_channels");
-    // Unknown types and non-objects answer in the legacy shape, which any client understands.
-    send_text(&mut a, r#"{"type":"dance","id":16}"#).await;
+    // An unknown lower-case type is a v1 mistake: a v1 error with its id.
+    let reply = call(&mut a, json!({"type":"dance","id":16})).await;
     assert_eq!(
-        recv_json(&mut a).await,
-        json!({"type":"Error","code":"unknown_type","message":"unknown message type \"dance\""})
+        reply,
+        json!({"type":"error","id":16,"code":"unknown_type","message":"unknown message type \"dance\""})
     );
+    // Anything else answers in the legacy shape, which any client understands.
+    send_text(&mut a, r#"{"type":5,"id":17}"#).await;
+    assert_eq!(recv_json(&mut a).await["type"], "Error");
     // Still open and working.
     assert_eq!(publish(&mut a, "one", json!({"ok":true})).await, 1);
     server.stop().await;
@@ -493,13 +511,13 @@ async fn a_non_reading_client_on_a_gap_namespace_gets_a_gap_and_catches_up() {
     slow.send_text(r#"{"type":"subscribe","id":1,"channel":"live:feed"}"#)
         .await;
     // Wait until the slow client is really subscribed (it still reads, for now).
-    loop {
+    let epoch = loop {
         let (_, payload) = slow.read_frame().await.unwrap();
         let frame: Value = serde_json::from_slice(&payload).unwrap();
         if frame["type"] == "subscribed" {
-            break;
+            break frame["epoch"].clone();
         }
-    }
+    };
 
     let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel();
     let reading = tokio::spawn(async move {
@@ -556,7 +574,7 @@ async fn a_non_reading_client_on_a_gap_namespace_gets_a_gap_and_catches_up() {
     );
     assert!(last < TOTAL, "the client really fell behind");
     // Catch up with history, without reconnecting.
-    slow.send_text(&json!({"type":"history","id":"catch-up","channel":"live:feed","since":{"offset":last,"epoch":""},"limit":1000}).to_string())
+    slow.send_text(&json!({"type":"history","id":"catch-up","channel":"live:feed","since":{"offset":last,"epoch":epoch},"limit":1000}).to_string())
         .await;
     let history = loop {
         let (_, payload) = slow.read_frame().await.expect("still connected");
@@ -565,6 +583,10 @@ async fn a_non_reading_client_on_a_gap_namespace_gets_a_gap_and_catches_up() {
             break frame;
         }
     };
+    assert_eq!(
+        history["complete"], true,
+        "nothing between the gap and the page was lost"
+    );
     let got = offsets(&history["publications"]);
     assert_eq!(got.first().copied(), Some(last + 1));
     assert_eq!(
@@ -574,5 +596,88 @@ async fn a_non_reading_client_on_a_gap_namespace_gets_a_gap_and_catches_up() {
     let stats = server.stats().await;
     assert_eq!(stats["slow_consumer_closes_total"], 0, "{stats}");
     assert_eq!(stats["connections"], 3);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn resubscribing_never_delivers_a_publication_twice() {
+    let server = TestServer::start(with_namespaces).await;
+    let (mut a, _) = v1_client(&server).await;
+    let sub = subscribe(&mut a, "chat:again").await;
+    let epoch = sub["epoch"].clone();
+    // Pipelined: publications queued for the old subscription must go out before the new
+    // subscription's replay, never after it.
+    for n in 1..=5 {
+        send_text(
+            &mut a,
+            &json!({"type":"publish","channel":"chat:again","data":n}).to_string(),
+        )
+        .await;
+    }
+    send_text(
+        &mut a,
+        &json!({"type":"unsubscribe","id":"u","channel":"chat:again"}).to_string(),
+    )
+    .await;
+    send_text(
+        &mut a,
+        &json!({"type":"subscribe","id":"s","channel":"chat:again","since":{"offset":0,"epoch":epoch}})
+            .to_string(),
+    )
+    .await;
+    let resub = loop {
+        let frame = recv_json(&mut a).await;
+        if frame["type"] == "subscribed" {
+            break frame;
+        }
+    };
+    assert_eq!(resub["recovered"], true);
+    assert_eq!(offsets(&resub["publications"]), vec![1, 2, 3, 4, 5]);
+    // Nothing of `chat:again` may follow the replay: the next frame answers the next command.
+    let marker = call(
+        &mut a,
+        json!({"type":"presence","id":"after","channel":"chat:again"}),
+    )
+    .await;
+    assert_eq!(
+        marker["type"], "presence",
+        "no duplicate publication after the replay"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_pipelines_big_replies_without_reading_is_paused_not_buffered() {
+    let server = TestServer::start(|c| {
+        with_namespaces(c);
+        c.history_bytes = 64 << 20;
+    })
+    .await;
+    let (mut a, _) = v1_client(&server).await;
+    let big = "x".repeat(10_000);
+    for _ in 0..100 {
+        publish(&mut a, "chat:big", json!(big)).await;
+    }
+    let before = server.stats().await["messages_in"].as_u64().unwrap();
+    // 300 history commands of about 1 MB each, and no reading.
+    let mut raw = RawClient::connect(server.addr, "/ws").await;
+    let command = json!({"type":"history","channel":"chat:big"}).to_string();
+    for _ in 0..300 {
+        raw.send_text(&command).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let handled = server.stats().await["messages_in"].as_u64().unwrap() - before;
+    assert!(
+        handled < 30,
+        "the server kept answering into its own memory: {handled} handled"
+    );
+    // Once the client reads, every command is answered.
+    let mut replies = 0;
+    while replies < 300 {
+        let (opcode, payload) = raw.read_frame().await.expect("still connected");
+        if opcode == 0x1 && payload.starts_with(br#"{"type":"history""#) {
+            replies += 1;
+        }
+    }
     server.stop().await;
 }

@@ -116,6 +116,7 @@ where
     history_since_and_limit(&make).await;
     presence_and_join_leave(&make).await;
     concurrent_publishers_get_unique_offsets(&make).await;
+    history_ages_out_but_offsets_and_epoch_stay(&make).await;
 }
 
 async fn offsets_are_gapless_per_channel<F>(make: &F)
@@ -316,4 +317,44 @@ where
         (1..=200).collect::<Vec<_>>(),
         "delivered in offset order"
     );
+}
+
+async fn history_ages_out_but_offsets_and_epoch_stay<F>(make: &F)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Arc<dyn Broker>,
+{
+    let broker = make(Arc::new(Recorder::default()));
+    let c = format!("{}:ttl", prefix());
+    // A subscribed node keeps the stream alive while its history ages out.
+    broker.subscribe(&c).await.expect("subscribe");
+    let short = HistoryLimits {
+        size: 10,
+        ttl: Some(Duration::from_millis(300)),
+        max_bytes: 1 << 20,
+    };
+    let mut first = None;
+    for n in 1..=3 {
+        let request = PublishRequest {
+            data: json(&n.to_string()),
+            client_id: None,
+            history: short,
+        };
+        let pos = broker.publish(&c, request).await.expect("publish");
+        first.get_or_insert(pos);
+    }
+    let before = broker.history(&c, None, 10).await.expect("history");
+    assert_eq!(before.publications.len(), 3);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let after = broker.history(&c, None, 10).await.expect("history");
+    assert!(
+        after.publications.is_empty(),
+        "publications older than the TTL are gone"
+    );
+    assert_eq!(after.position.offset, 3, "offsets are not reused");
+    assert_eq!(
+        Some(after.position.epoch),
+        first.map(|p| p.epoch),
+        "the stream's life did not end"
+    );
+    broker.unsubscribe(&c).await.expect("unsubscribe");
 }

@@ -8,12 +8,13 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::time::Instant;
 
 use super::{Broker, BrokerEvents, BrokerFuture, ClientInfo, HistoryPage, PublishRequest};
-use crate::history::{HistoryLimits, Stream, StreamPosition};
+use crate::history::{ENTRY_OVERHEAD, HistoryLimits, Stream, StreamPosition};
 use crate::ws::outbox::ClientId;
 
 const STRIPES: usize = 64;
@@ -48,19 +49,34 @@ struct Stripe {
 }
 
 impl Stripe {
-    /// Runs `f` on the channel's state (creating it), then frees it if idle.
-    fn with<T>(&mut self, channel: &str, f: impl FnOnce(&mut ChannelState) -> T) -> T {
+    /// Runs `f` on the channel's state (creating it), frees it if idle, and keeps the
+    /// server-wide history total up to date.
+    fn with<T>(
+        &mut self,
+        channel: &str,
+        total: &AtomicUsize,
+        f: impl FnOnce(&mut ChannelState) -> T,
+    ) -> T {
         self.ops = self.ops.wrapping_add(1);
+        let now = Instant::now();
         if self.ops % SWEEP_EVERY == 0 {
-            let now = Instant::now();
             self.channels.retain(|_, state| {
+                let before = state.stream.cost();
                 state.trim(now);
+                total.fetch_sub(before - state.stream.cost(), Ordering::Relaxed);
                 !state.idle()
             });
         }
         let state = self.channels.entry(channel.to_owned()).or_default();
-        state.trim(Instant::now());
+        let before = state.stream.cost();
+        state.trim(now);
         let out = f(state);
+        let after = state.stream.cost();
+        if after >= before {
+            total.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            total.fetch_sub(before - after, Ordering::Relaxed);
+        }
         if state.idle() {
             self.channels.remove(channel);
         }
@@ -73,6 +89,11 @@ pub struct MemoryBroker {
     events: Arc<dyn BrokerEvents>,
     hasher: RandomState,
     stripes: Box<[Mutex<Stripe>]>,
+    /// History bytes retained across all channels (see [`Stream::cost`]).
+    history_total: AtomicUsize,
+    /// Server-wide bound on `history_total`: past it, publications are still delivered but
+    /// no longer stored, so publishing to endless new channels cannot exhaust memory.
+    history_budget: usize,
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -82,13 +103,25 @@ impl std::fmt::Debug for MemoryBroker {
 }
 
 impl MemoryBroker {
-    /// A broker delivering to `events`.
-    pub fn new(events: Arc<dyn BrokerEvents>) -> Self {
+    /// A broker delivering to `events`, retaining at most `history_budget` bytes of history
+    /// in all (data plus bookkeeping, see [`Stream::cost`]).
+    pub fn new(events: Arc<dyn BrokerEvents>, history_budget: usize) -> Self {
         Self {
             events,
             hasher: RandomState::new(),
             stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
+            history_total: AtomicUsize::new(0),
+            history_budget,
         }
+    }
+
+    /// History bytes retained across all channels.
+    pub fn history_bytes(&self) -> usize {
+        self.history_total.load(Ordering::Relaxed)
+    }
+
+    fn with<T>(&self, channel: &str, f: impl FnOnce(&mut ChannelState) -> T) -> T {
+        self.stripe(channel).with(channel, &self.history_total, f)
     }
 
     fn stripe(&self, channel: &str) -> MutexGuard<'_, Stripe> {
@@ -110,13 +143,16 @@ impl Broker for MemoryBroker {
         channel: &'a str,
         request: PublishRequest,
     ) -> BrokerFuture<'a, StreamPosition> {
-        let position = self.stripe(channel).with(channel, |state| {
+        let cost = request.data.get().len() + ENTRY_OVERHEAD;
+        let store = self.history_bytes() + cost <= self.history_budget;
+        let position = self.with(channel, |state| {
             state.limits = Some(request.history);
             let publication = state.stream.append(
                 request.data,
                 request.client_id,
                 request.history,
                 Instant::now(),
+                store,
             );
             if state.subscribed > 0 {
                 self.events.on_publication(channel, &publication);
@@ -127,13 +163,12 @@ impl Broker for MemoryBroker {
     }
 
     fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
-        self.stripe(channel)
-            .with(channel, |state| state.subscribed += 1);
+        self.with(channel, |state| state.subscribed += 1);
         Self::now(())
     }
 
     fn unsubscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
-        self.stripe(channel).with(channel, |state| {
+        self.with(channel, |state| {
             state.subscribed = state.subscribed.saturating_sub(1);
         });
         Self::now(())
@@ -145,7 +180,7 @@ impl Broker for MemoryBroker {
         since: Option<u64>,
         limit: usize,
     ) -> BrokerFuture<'a, HistoryPage> {
-        let page = self.stripe(channel).with(channel, |state| HistoryPage {
+        let page = self.with(channel, |state| HistoryPage {
             position: state.stream.position(),
             publications: state.stream.read(since, limit),
         });
@@ -153,28 +188,26 @@ impl Broker for MemoryBroker {
     }
 
     fn add_presence<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
-        self.stripe(channel).with(channel, |state| {
+        self.with(channel, |state| {
             state.presence.insert(client.client_id, client);
         });
         Self::now(())
     }
 
     fn remove_presence<'a>(&'a self, channel: &'a str, client: ClientId) -> BrokerFuture<'a, ()> {
-        self.stripe(channel).with(channel, |state| {
+        self.with(channel, |state| {
             state.presence.remove(&client);
         });
         Self::now(())
     }
 
     fn presence<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, Vec<ClientInfo>> {
-        let clients = self
-            .stripe(channel)
-            .with(channel, |state| state.presence.values().cloned().collect());
+        let clients = self.with(channel, |state| state.presence.values().cloned().collect());
         Self::now(clients)
     }
 
     fn publish_join<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
-        self.stripe(channel).with(channel, |state| {
+        self.with(channel, |state| {
             if state.subscribed > 0 {
                 self.events.on_join(channel, &client);
             }
@@ -183,7 +216,7 @@ impl Broker for MemoryBroker {
     }
 
     fn publish_leave<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
-        self.stripe(channel).with(channel, |state| {
+        self.with(channel, |state| {
             if state.subscribed > 0 {
                 self.events.on_leave(channel, &client);
             }
@@ -199,13 +232,16 @@ mod tests {
 
     #[tokio::test]
     async fn memory_broker_passes_the_conformance_suite() {
-        conformance::run_all(|events| Arc::new(MemoryBroker::new(events)) as Arc<dyn Broker>).await;
+        conformance::run_all(|events| {
+            Arc::new(MemoryBroker::new(events, 1 << 30)) as Arc<dyn Broker>
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn idle_channels_are_freed_and_start_a_new_epoch() {
         let events = Arc::new(conformance::Recorder::default());
-        let broker = MemoryBroker::new(events);
+        let broker = MemoryBroker::new(events, 1 << 30);
         let limits = HistoryLimits {
             size: 0,
             ttl: None,
@@ -230,5 +266,37 @@ mod tests {
             .map(|s| s.lock().map(|s| s.channels.len()).unwrap_or(0))
             .sum();
         assert_eq!(total, 0);
+    }
+
+    #[tokio::test]
+    async fn the_server_wide_budget_stops_storing_but_not_delivering() {
+        let events = Arc::new(conformance::Recorder::default());
+        let broker = MemoryBroker::new(events.clone(), 3 * (ENTRY_OVERHEAD + 1));
+        let limits = HistoryLimits {
+            size: 100,
+            ttl: None,
+            max_bytes: 1 << 20,
+        };
+        for n in 0..10 {
+            let channel = format!("c{n}");
+            broker.subscribe(&channel).await.expect("memory");
+            let request = PublishRequest {
+                data: conformance::json("1"),
+                client_id: None,
+                history: limits,
+            };
+            let position = broker.publish(&channel, request).await.expect("memory");
+            assert_eq!(position.offset, 1, "offsets are assigned regardless");
+        }
+        assert_eq!(events.taken("c").len(), 10, "every publication delivered");
+        assert_eq!(broker.history_bytes(), 3 * (ENTRY_OVERHEAD + 1));
+        let stored: usize = futures_util::future::join_all(
+            (0..10).map(|n| broker.history(Box::leak(format!("c{n}").into_boxed_str()), None, 10)),
+        )
+        .await
+        .into_iter()
+        .map(|page| page.expect("memory").publications.len())
+        .sum();
+        assert_eq!(stored, 3);
     }
 }

@@ -104,16 +104,21 @@ pub fn parse(text: &str) -> Parsed<'_> {
             });
         }
     };
+    let id = raw.id.filter(|id| id.get() != "null");
     if !matches!(
         kind,
         "subscribe" | "unsubscribe" | "publish" | "presence" | "history"
     ) {
-        return Parsed::Invalid(ClientError::UnknownType(kind.to_owned()));
+        let err = ClientError::UnknownType(kind.to_owned());
+        // Lower-case types are the v1 convention: answer in v1, with the command's id.
+        return if kind.starts_with(|c: char| c.is_ascii_lowercase()) {
+            Parsed::BadCommand(id.filter(|id| valid_id(id)), err)
+        } else {
+            Parsed::Invalid(err)
+        };
     }
-    let id = raw.id.filter(|id| id.get() != "null");
     if let Some(id) = id {
-        let first = id.get().as_bytes().first().copied().unwrap_or(b' ');
-        if !(first == b'"' || first == b'-' || first.is_ascii_digit()) {
+        if !valid_id(id) {
             return Parsed::BadCommand(
                 None,
                 ClientError::InvalidField {
@@ -127,6 +132,12 @@ pub fn parse(text: &str) -> Parsed<'_> {
         Ok(command) => Parsed::Command(id, command),
         Err(err) => Parsed::BadCommand(id, err),
     }
+}
+
+/// Ids are JSON numbers or strings.
+fn valid_id(id: &RawValue) -> bool {
+    let first = id.get().as_bytes().first().copied().unwrap_or(b' ');
+    first == b'"' || first == b'-' || first.is_ascii_digit()
 }
 
 fn command<'a>(kind: &str, raw: &Raw<'a>) -> Result<Command<'a>, ClientError> {
@@ -257,6 +268,10 @@ pub enum Frame<'a> {
         epoch: &'a str,
         /// Oldest first.
         publications: &'a [Publication],
+        /// With `since`: whether `publications` start right after it, in the same epoch (no
+        /// publication in between was lost to history bounds or a new epoch).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        complete: Option<bool>,
     },
     /// A command failed; the connection stays open.
     Error {
@@ -402,9 +417,13 @@ mod tests {
             Parsed::Invalid(ClientError::NotAnObject(_))
         ));
         assert!(matches!(
-            parse(r#"{"type":"shout"}"#),
+            parse(r#"{"type":"Shout"}"#),
             Parsed::Invalid(ClientError::UnknownType(_))
         ));
+        match parse(r#"{"type":"shout","id":4}"#) {
+            Parsed::BadCommand(Some(id), ClientError::UnknownType(_)) => assert_eq!(id.get(), "4"),
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
             parse(r#"{"type":5}"#),
             Parsed::Invalid(ClientError::InvalidField { .. })

@@ -16,6 +16,7 @@ use super::outbox::{ClientId, Outbox};
 use super::session::{Handler, Replies};
 use crate::broker::ClientInfo;
 use crate::error::ClientError;
+use crate::history::continues_from;
 use crate::hub::MemberState;
 use crate::node::{DEFAULT_CHANNEL, Node};
 use crate::protocol::legacy::{ServerFrame, parse_chat};
@@ -169,6 +170,9 @@ impl ChatHandler {
                 since,
             } => {
                 let page = self.node.history(&channel, since.as_ref(), limit).await?;
+                let complete = since
+                    .as_ref()
+                    .map(|since| continues_from(since, &page.position, &page.publications));
                 out.text(
                     &Frame::History {
                         id,
@@ -176,6 +180,7 @@ impl ChatHandler {
                         offset: page.position.offset,
                         epoch: &page.position.epoch,
                         publications: &page.publications,
+                        complete,
                     }
                     .to_json(),
                 );

@@ -27,6 +27,7 @@ pub struct Signals {
     /// 0 while open; otherwise the index + 1 in [`SIGNAL_CODES`] of the first close request.
     close: AtomicU8,
     notify: Notify,
+    gap_notify: Notify,
     has_gaps: AtomicBool,
     gaps: Mutex<Vec<Arc<MemberState>>>,
 }
@@ -98,6 +99,13 @@ impl Signals {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         gaps.push(state);
         self.has_gaps.store(true, Ordering::Release);
+        // Wake the session: if its outbox is already empty, nothing else would.
+        self.gap_notify.notify_one();
+    }
+
+    /// Resolves when a gap has been reported since the last call.
+    pub async fn gap_reported(&self) {
+        self.gap_notify.notified().await;
     }
 }
 

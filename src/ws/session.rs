@@ -220,13 +220,25 @@ where
         tokio::pin!(timer);
         let mut outbox_open = true;
 
-        // Frames the client pipelined right behind its handshake.
-        if !rbuf.is_empty() {
-            if let Some(end) = self.on_readable(rbuf, wbuf, parser).await {
-                return end;
-            }
-        }
+        // Bytes the client pipelined right behind its handshake are processed first.
+        let mut pending_input = !rbuf.is_empty();
         loop {
+            if pending_input && wbuf.len() < WRITE_HIGH_WATER {
+                let frames_before = parser.frames();
+                let (end, more) = self.on_readable(rbuf, wbuf, parser).await;
+                // Only whole frames prove the client alive; a trickle of bytes does not.
+                if parser.frames() != frames_before {
+                    last_seen = Instant::now();
+                }
+                if let Some(end) = end {
+                    return end;
+                }
+                pending_input = more;
+                if rbuf.is_empty() && rbuf.capacity() > 4 * READ_CHUNK {
+                    *rbuf = BytesMut::new();
+                }
+                self.take_from_outbox(None, wbuf);
+            }
             if rbuf.capacity() - rbuf.len() < READ_CHUNK {
                 let wanted = parser.bytes_wanted(rbuf).max(READ_CHUNK);
                 rbuf.reserve(wanted.min(self.config.max_message + 14));
@@ -248,24 +260,11 @@ where
                         }
                     }
                 },
-                read = limited_reader.read_buf(rbuf), if can_take => match read {
+                read = limited_reader.read_buf(rbuf), if can_take && !pending_input => match read {
                     Ok(0) | Err(_) => return End::Gone,
-                    Ok(_) => {
-                        let frames_before = parser.frames();
-                        let end = self.on_readable(rbuf, wbuf, parser).await;
-                        // Only whole frames prove the client alive; a trickle of bytes does not.
-                        if parser.frames() != frames_before {
-                            last_seen = Instant::now();
-                        }
-                        if let Some(end) = end {
-                            return end;
-                        }
-                        if rbuf.is_empty() && rbuf.capacity() > 4 * READ_CHUNK {
-                            *rbuf = BytesMut::new();
-                        }
-                        self.take_from_outbox(None, wbuf);
-                    }
+                    Ok(_) => pending_input = true,
                 },
+                () = self.signal.gap_reported() => self.take_from_outbox(None, wbuf),
                 frame = self.outbox.recv(), if can_take && outbox_open => match frame {
                     None => outbox_open = false,
                     Some(frame) => self.take_from_outbox(Some(frame), wbuf),
@@ -316,45 +315,56 @@ where
         }
     }
 
-    /// Handles every complete message in `rbuf`; `Some` ends the connection.
+    /// Handles the complete messages in `rbuf`. Returns `Some` to end the connection, and
+    /// whether it stopped early because the write buffer reached its high mark (the rest stays
+    /// in `rbuf` until the client has read some): replies can be large (a `history`), so
+    /// answering everything a client pipelined before writing would let it grow the server's
+    /// memory at will.
     async fn on_readable(
         &mut self,
         rbuf: &mut BytesMut,
         wbuf: &mut BytesMut,
         parser: &mut MessageReader,
-    ) -> Option<End> {
+    ) -> (Option<End>, bool) {
         let mut replies = Replies {
             buf: wbuf,
             count: 0,
         };
         let mut received = 0;
-        let end = loop {
-            match parser.next(rbuf) {
-                Ok(None) => break None,
-                Ok(Some(Incoming::Text(text))) => {
-                    received += 1;
-                    self.handler.on_text(text, &mut replies).await;
-                    yield_every(received).await;
-                }
-                Ok(Some(Incoming::Binary(data))) => {
-                    received += 1;
-                    self.handler.on_binary(data, &mut replies).await;
-                    yield_every(received).await;
-                }
-                Ok(Some(Incoming::Ping(payload))) => {
-                    encode_into(replies.buf, OpCode::Pong, &payload);
-                }
-                Ok(Some(Incoming::Pong)) => {}
-                Ok(Some(Incoming::Close(code))) => break Some(End::ClientClosed(code)),
+        let mut queued = 0;
+        let outcome = loop {
+            if replies.buf.len() >= WRITE_HIGH_WATER {
+                break (None, true);
+            }
+            let message = match parser.next(rbuf) {
+                Ok(None) => break (None, false),
+                Ok(Some(message)) => message,
                 Err(violation) => {
                     tracing::debug!(%violation, "closing on client violation");
-                    break Some(End::Violation(violation));
+                    break (Some(End::Violation(violation)), false);
                 }
+            };
+            if matches!(message, Incoming::Text(_) | Incoming::Binary(_)) {
+                // Everything queued for this client before its message goes out before the
+                // reply, so a reply (say, a recovery replay) never overtakes older pushes.
+                queued += drain_queued(&mut self.outbox, replies.buf);
+                received += 1;
             }
+            match message {
+                Incoming::Text(text) => self.handler.on_text(text, &mut replies).await,
+                Incoming::Binary(data) => self.handler.on_binary(data, &mut replies).await,
+                Incoming::Ping(payload) => {
+                    encode_into(replies.buf, OpCode::Pong, &payload);
+                    continue;
+                }
+                Incoming::Pong => continue,
+                Incoming::Close(code) => break (Some(End::ClientClosed(code)), false),
+            }
+            yield_every(received).await;
         };
         self.stats.add_in(received);
-        self.stats.add_out(replies.count);
-        end
+        self.stats.add_out(replies.count + queued);
+        outcome
     }
 
     /// Sends the closing frames, flushes within the grace period and waits briefly for the
@@ -409,6 +419,16 @@ where
     }
 }
 
+/// Moves every frame already queued for the client into `buf`; returns how many.
+fn drain_queued(outbox: &mut mpsc::Receiver<Bytes>, buf: &mut BytesMut) -> u64 {
+    let mut n = 0;
+    while let Ok(frame) = outbox.try_recv() {
+        buf.extend_from_slice(&frame);
+        n += 1;
+    }
+    n
+}
+
 /// Messages handled between two yields to the scheduler.
 const MESSAGES_PER_YIELD: u64 = 16;
 
@@ -416,7 +436,7 @@ const MESSAGES_PER_YIELD: u64 = 16;
 /// pipelines thousands of them share its worker thread, so the sessions it feeds get to drain
 /// their outboxes meanwhile instead of overflowing while this task runs uninterrupted.
 async fn yield_every(handled: u64) {
-    if handled % MESSAGES_PER_YIELD == 0 {
+    if handled > 0 && handled % MESSAGES_PER_YIELD == 0 {
         tokio::task::yield_now().await;
     }
 }
