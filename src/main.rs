@@ -38,6 +38,15 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // Every connection is a file descriptor: take the soft limit up to the hard one, so the
+    // connection limit is not silently capped by a low default (often 1024).
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(
+            open_files = limit,
+            "open-file limit raised to the hard limit"
+        ),
+        Err(err) => tracing::warn!(%err, "could not raise the open-file limit"),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)
         .thread_name("rusty-socks-worker")

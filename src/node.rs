@@ -125,6 +125,7 @@ pub struct Node {
     hub: Arc<Hub>,
     broker: Arc<dyn Broker>,
     options: NodeOptions,
+    default_name: Arc<str>,
 }
 
 impl Node {
@@ -134,6 +135,7 @@ impl Node {
             hub,
             broker,
             options,
+            default_name: Arc::from(DEFAULT_CHANNEL),
         }
     }
 
@@ -175,7 +177,13 @@ impl Node {
     ) -> Result<Subscription, ClientError> {
         let options = self.options(channel)?.clone();
         let policy = options.effective_slow_policy();
-        let state = MemberState::recovering(channel, policy, self.options.recovery_buffer);
+        // Every connection is on the default channel: share one copy of its name.
+        let name: Arc<str> = if channel == DEFAULT_CHANNEL {
+            Arc::clone(&self.default_name)
+        } else {
+            Arc::from(channel)
+        };
+        let state = MemberState::recovering(name, policy, self.options.recovery_buffer);
         let subscribed = match self.hub.subscribe(outbox, Arc::clone(&state)) {
             Joined::Already => return Err(ClientError::AlreadySubscribed(channel.to_owned())),
             Joined::First(ready) => {
@@ -490,7 +498,7 @@ mod tests {
         node.publish("room", json("0"), None, false)
             .await
             .expect("publish");
-        while let Ok(frame) = rx.try_recv() {
+        while let Some(frame) = rx.try_recv() {
             seen.push(offset_of(&frame));
         }
         assert_eq!(seen, vec![3, 4, 5, 6, 7, 8], "each exactly once, in order");

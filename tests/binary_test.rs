@@ -20,8 +20,33 @@ fn clean_env(cmd: &mut Command) -> &mut Command {
     cmd.env("RUST_LOG", "info")
 }
 
+/// Kills the server if a test fails before stopping it, so no process outlives the test.
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl std::ops::Deref for Reap {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reap {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// Starts the binary on a free loopback port and returns it with the address it logged.
-fn spawn(extra: &[(&str, &str)]) -> (Child, std::net::SocketAddr) {
+fn spawn(extra: &[(&str, &str)]) -> (Reap, std::net::SocketAddr) {
     let mut cmd = Command::new(BIN);
     clean_env(&mut cmd)
         .env("RUSTY_SOCKS_HOST", "127.0.0.1")
@@ -40,13 +65,14 @@ fn spawn(extra: &[(&str, &str)]) -> (Child, std::net::SocketAddr) {
             }
         }
     });
+    let child = Reap(child);
     let addr = rx
         .recv_timeout(WAIT)
         .expect("server never logged its address");
     (child, addr.parse().unwrap())
 }
 
-fn signal(child: &Child, name: &str) {
+fn signal(child: &Reap, name: &str) {
     let status = Command::new("kill")
         .arg(format!("-{name}"))
         .arg(child.id().to_string())
@@ -55,7 +81,7 @@ fn signal(child: &Child, name: &str) {
     assert!(status.success());
 }
 
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+fn wait_exit(child: &mut Reap, within: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + within;
     loop {
         if let Some(status) = child.try_wait().unwrap() {

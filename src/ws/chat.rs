@@ -5,7 +5,6 @@
 //! error frame (legacy `Error` or v1 `error`, matching what the client sent) and the connection
 //! stays open.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -40,7 +39,9 @@ pub struct ChatHandler {
     outbox: Outbox,
     node: Arc<Node>,
     limits: ChatLimits,
-    subscriptions: HashMap<String, Arc<MemberState>>,
+    /// The connection's memberships (a few at most, usually one: a list beats a map here,
+    /// and costs nothing until the second channel).
+    subscriptions: Vec<Arc<MemberState>>,
 }
 
 impl ChatHandler {
@@ -54,12 +55,16 @@ impl ChatHandler {
             outbox,
             node,
             limits,
-            subscriptions: HashMap::new(),
+            subscriptions: Vec::new(),
         }
     }
 
     fn client_id(&self) -> ClientId {
         self.client.client_id
+    }
+
+    fn membership(&self, channel: &str) -> Option<&Arc<MemberState>> {
+        self.subscriptions.iter().find(|s| &*s.channel == channel)
     }
 
     async fn legacy_chat(&mut self, text: &str, out: &mut Replies<'_>) {
@@ -91,7 +96,7 @@ impl ChatHandler {
         match command {
             Command::Subscribe { channel, since } => {
                 if self.subscriptions.len() >= self.limits.max_channels
-                    && !self.subscriptions.contains_key(&channel)
+                    && self.membership(&channel).is_none()
                 {
                     return Err(ClientError::TooManyChannels(self.limits.max_channels));
                 }
@@ -111,13 +116,13 @@ impl ChatHandler {
                     .to_json(),
                 );
                 sub.live.iter().for_each(|frame| out.frame(frame));
-                self.subscriptions.insert(channel, sub.state);
+                self.subscriptions.push(sub.state);
             }
             Command::Unsubscribe { channel } => {
                 self.node
                     .unsubscribe(self.client_id(), &self.client, &channel, true)
                     .await?;
-                self.subscriptions.remove(&channel);
+                self.subscriptions.retain(|s| *s.channel != *channel);
                 out.text(
                     &Frame::Unsubscribed {
                         id,
@@ -192,52 +197,61 @@ impl ChatHandler {
 
 impl Handler for ChatHandler {
     async fn on_open(&mut self, out: &mut Replies<'_>) {
-        out.text(
-            &ServerFrame::Connect {
-                client_id: self.client_id(),
-            }
-            .to_json(),
-        );
-        let joined = self
-            .node
-            .subscribe(
-                &self.outbox,
-                &self.client,
-                DEFAULT_CHANNEL,
-                None,
-                self.limits.replay,
-            )
-            .await;
-        match joined {
-            Ok(sub) => {
-                for publication in &sub.publications {
-                    out.text(publication.data.get());
+        // Boxed: a connection's task would otherwise be as large as its biggest command
+        // for its whole life, most of which is spent idle.
+        Box::pin(async move {
+            out.text(
+                &ServerFrame::Connect {
+                    client_id: self.client_id(),
                 }
-                sub.live.iter().for_each(|frame| out.frame(frame));
-                self.subscriptions
-                    .insert(DEFAULT_CHANNEL.to_owned(), sub.state);
+                .to_json(),
+            );
+            let joined = self
+                .node
+                .subscribe(
+                    &self.outbox,
+                    &self.client,
+                    DEFAULT_CHANNEL,
+                    None,
+                    self.limits.replay,
+                )
+                .await;
+            match joined {
+                Ok(sub) => {
+                    for publication in &sub.publications {
+                        out.text(publication.data.get());
+                    }
+                    sub.live.iter().for_each(|frame| out.frame(frame));
+                    self.subscriptions.push(sub.state);
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "could not join the default channel");
+                    out.text(&ServerFrame::error(&err).to_json());
+                }
             }
-            Err(err) => {
-                tracing::warn!(%err, "could not join the default channel");
-                out.text(&ServerFrame::error(&err).to_json());
-            }
-        }
+        })
+        .await
     }
 
     async fn on_text(&mut self, text: Bytes, out: &mut Replies<'_>) {
-        let Ok(text) = std::str::from_utf8(&text) else {
-            return; // The session only hands over validated UTF-8.
-        };
-        match v1::parse(text) {
-            Parsed::Legacy => self.legacy_chat(text, out).await,
-            Parsed::Invalid(err) => out.text(&ServerFrame::error(&err).to_json()),
-            Parsed::BadCommand(id, err) => out.text(&Frame::error(id, &err).to_json()),
-            Parsed::Command(id, command) => {
-                if let Err(err) = self.command(id, command, out).await {
-                    out.text(&Frame::error(id, &err).to_json());
+        // Boxed: a connection's task would otherwise be as large as its biggest command
+        // for its whole life, most of which is spent idle.
+        Box::pin(async move {
+            let Ok(text) = std::str::from_utf8(&text) else {
+                return; // The session only hands over validated UTF-8.
+            };
+            match v1::parse(text) {
+                Parsed::Legacy => self.legacy_chat(text, out).await,
+                Parsed::Invalid(err) => out.text(&ServerFrame::error(&err).to_json()),
+                Parsed::BadCommand(id, err) => out.text(&Frame::error(id, &err).to_json()),
+                Parsed::Command(id, command) => {
+                    if let Err(err) = self.command(id, command, out).await {
+                        out.text(&Frame::error(id, &err).to_json());
+                    }
                 }
             }
-        }
+        })
+        .await
     }
 
     async fn on_binary(&mut self, _data: Bytes, out: &mut Replies<'_>) {
@@ -246,7 +260,7 @@ impl Handler for ChatHandler {
 
     fn on_gaps(&mut self, out: &mut Replies<'_>) {
         for state in self.outbox.take_gaps() {
-            let current = self.subscriptions.get(&*state.channel);
+            let current = self.membership(&state.channel);
             if current.is_some_and(|s| Arc::ptr_eq(s, &state)) {
                 out.text(
                     &Frame::Gap {
@@ -261,17 +275,23 @@ impl Handler for ChatHandler {
     }
 
     async fn on_close(&mut self, server_shutting_down: bool) {
-        // On shutdown every client is leaving at once; N leave notices to N clients would be
-        // N² frames for nobody.
-        let announce = !server_shutting_down;
-        for channel in std::mem::take(&mut self.subscriptions).into_keys() {
-            if let Err(err) = self
-                .node
-                .unsubscribe(self.client_id(), &self.client, &channel, announce)
-                .await
-            {
-                tracing::warn!(%err, channel, "unsubscribe on close failed");
+        // Boxed: a connection's task would otherwise be as large as its biggest command
+        // for its whole life, most of which is spent idle.
+        Box::pin(async move {
+            // On shutdown every client is leaving at once; N leave notices to N clients would be
+            // N² frames for nobody.
+            let announce = !server_shutting_down;
+            for state in std::mem::take(&mut self.subscriptions) {
+                let channel = &*state.channel;
+                if let Err(err) = self
+                    .node
+                    .unsubscribe(self.client_id(), &self.client, channel, announce)
+                    .await
+                {
+                    tracing::warn!(%err, channel, "unsubscribe on close failed");
+                }
             }
-        }
+        })
+        .await
     }
 }

@@ -11,6 +11,7 @@ pub mod handshake;
 pub mod outbox;
 pub mod reader;
 pub mod session;
+pub mod transport;
 
 use std::sync::Arc;
 
@@ -31,6 +32,7 @@ use chat::{ChatHandler, ChatLimits};
 use echo::EchoHandler;
 use outbox::Outbox;
 use session::{Handler, SessionConfig, SessionParts};
+use transport::Buffered;
 
 /// Which WebSocket endpoint a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +60,8 @@ pub fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let state2 = Arc::clone(state);
     let client_id = Uuid::new_v4();
-    let span = tracing::info_span!("session", %client_id, ?endpoint);
+    // Debug level: an enabled span costs memory per connection for its whole life.
+    let span = tracing::debug_span!("session", %client_id, ?endpoint);
     state.tracker.spawn(
         async move {
             match on_upgrade.await {
@@ -87,7 +90,6 @@ async fn run(
     let _task = state.stats.task();
     let config = &state.config;
     let (outbox, rx) = Outbox::new(client_id, config.buffer);
-    let signal = Arc::clone(outbox.signals());
     let session_config = SessionConfig {
         max_message: match endpoint {
             Endpoint::Chat => config.max_message_size,
@@ -109,42 +111,38 @@ async fn run(
                 max_data: config.max_data_size,
             };
             let handler = ChatHandler::new(client_id, outbox, Arc::clone(&state.node), limits);
-            drive(upgraded, &state, rx, signal, handler, session_config).await;
+            let parts = SessionParts::new(rx, handler, session_config, &state);
+            drive(upgraded, parts).await;
         }
         Endpoint::Echo => {
             // The echo endpoint has no fan-out; its outbox sender only keeps the queue open.
             let _keep = outbox;
-            drive(upgraded, &state, rx, signal, EchoHandler, session_config).await;
+            // The test-only endpoint is boxed so it does not enlarge every `/ws` task.
+            let parts = SessionParts::new(rx, EchoHandler, session_config, &state);
+            Box::pin(drive(upgraded, parts)).await;
         }
     }
     tracing::debug!("disconnected");
 }
 
-async fn drive<H: Handler>(
-    upgraded: hyper::upgrade::Upgraded,
-    state: &Arc<AppState>,
-    outbox: tokio::sync::mpsc::Receiver<Bytes>,
-    signal: Arc<outbox::Signals>,
-    handler: H,
-    config: SessionConfig,
-) {
-    let parts = SessionParts {
-        outbox,
-        signal,
-        handler,
-        config,
-        shutdown: state.shutdown.clone(),
-        stats: Arc::clone(&state.stats),
-    };
+/// Runs a session on an upgraded connection. `parts` arrives boxed: arguments of an async fn
+/// stay in its state for its whole life, and this one lives as long as the connection.
+async fn drive<H: Handler>(upgraded: hyper::upgrade::Upgraded, parts: Box<SessionParts<H>>) {
     // Plain TCP: take the socket back from hyper and use its zero-cost owned halves.
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(raw) => {
             let (reader, writer) = raw.io.into_inner().into_split();
-            parts.run(reader, writer, raw.read_buf).await;
+            let mut session = parts.into_session(reader, writer);
+            session.run(raw.read_buf).await;
         }
         Err(upgraded) => {
-            let (reader, writer) = tokio::io::split(TokioIo::new(upgraded));
-            parts.run(reader, writer, Bytes::new()).await;
+            // Never taken for plain TCP; boxed so it does not enlarge every TCP session's task.
+            Box::pin(async move {
+                let (reader, writer) = tokio::io::split(TokioIo::new(upgraded));
+                let mut session = parts.into_session(Buffered::new(reader), writer);
+                session.run(Bytes::new()).await;
+            })
+            .await;
         }
     }
 }

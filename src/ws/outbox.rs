@@ -1,18 +1,26 @@
 //! The bounded queue between fan-out and one connection's writer, and the signals that travel
 //! beside it.
 //!
-//! Fan-out never waits: it `try_send`s an already-encoded frame (a cheap `Bytes` clone). When a
-//! connection's queue is full, the client is not keeping up, and the hub applies the channel's
-//! slow-client policy: close the connection with [`CloseCode::SlowConsumer`] (4001), or, on a
-//! `gap` namespace, drop that channel's frames and report a gap once the queue has drained.
-//! Waiting instead would let one client that stops reading stall every other subscriber, and
-//! growing the queue would let it grow the server's memory without bound.
+//! Fan-out never waits: it pushes an already-encoded frame (a cheap `Bytes` clone) and moves
+//! on. When a connection's queue is full, the client is not keeping up, and the hub applies the
+//! channel's slow-client policy: close the connection with [`CloseCode::SlowConsumer`] (4001),
+//! or, on a `gap` namespace, drop that channel's frames and report a gap once the queue has
+//! drained. Waiting instead would let one client that stops reading stall every other
+//! subscriber, and growing the queue would let it grow the server's memory without bound.
+//!
+//! The queue is a `VecDeque` behind a per-connection mutex (never contended by more than the
+//! publishers of that moment and the connection itself) with one wake-up (an atomic flag and
+//! waker) for everything: frames, close requests and gap reports. An idle connection's queue
+//! holds no allocation at all, which is what keeps memory per idle connection small; a general
+//! purpose channel would pre-allocate a block of slots per connection.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use tokio::sync::{Notify, mpsc};
+use bytes::{Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use uuid::Uuid;
 
 use super::close::CloseCode;
@@ -21,17 +29,6 @@ use crate::hub::MemberState;
 /// Identifies one WebSocket connection for its whole life.
 pub type ClientId = Uuid;
 
-/// Requests that reach a session from outside its task.
-#[derive(Debug, Default)]
-pub struct Signals {
-    /// 0 while open; otherwise the index + 1 in [`SIGNAL_CODES`] of the first close request.
-    close: AtomicU8,
-    notify: Notify,
-    gap_notify: Notify,
-    has_gaps: AtomicBool,
-    gaps: Mutex<Vec<Arc<MemberState>>>,
-}
-
 /// The close codes that can be requested from outside a session.
 const SIGNAL_CODES: [CloseCode; 3] = [
     CloseCode::SlowConsumer,
@@ -39,82 +36,62 @@ const SIGNAL_CODES: [CloseCode; 3] = [
     CloseCode::InternalError,
 ];
 
-impl Signals {
-    /// Requests a close; only the first request counts. Returns whether this one did.
-    pub fn close(&self, code: CloseCode) -> bool {
-        let Some(index) = SIGNAL_CODES.iter().position(|c| *c == code) else {
-            return false;
-        };
-        let first = self
-            .close
-            .compare_exchange(0, index as u8 + 1, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if first {
-            // notify_one stores a permit, so a session not yet waiting still sees it.
-            self.notify.notify_one();
-        }
-        first
+/// A queue that has been emptied keeps at most this many slots of capacity.
+const KEEP_SLOTS: usize = 16;
+
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Bytes>,
+    /// The session is gone: pushes are refused.
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    id: ClientId,
+    capacity: usize,
+    queue: Mutex<Queue>,
+    /// Set when the session should look: a frame arrived in an empty queue, a close was
+    /// requested, or a gap was reported.
+    woken: AtomicBool,
+    /// The session task to wake.
+    waker: AtomicWaker,
+    /// 0 while open; otherwise the index + 1 in [`SIGNAL_CODES`] of the first close request.
+    close: AtomicU8,
+    has_gaps: AtomicBool,
+    gaps: Mutex<Vec<Arc<MemberState>>>,
+}
+
+impl Shared {
+    fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
-    /// The close requested so far, if any.
-    pub fn requested(&self) -> Option<CloseCode> {
-        match self.close.load(Ordering::Acquire) {
-            0 => None,
-            n => SIGNAL_CODES.get(usize::from(n) - 1).copied(),
-        }
-    }
-
-    /// Resolves once a close has been requested.
-    pub async fn wait(&self) -> CloseCode {
-        loop {
-            if let Some(code) = self.requested() {
-                return code;
-            }
-            self.notify.notified().await;
-        }
-    }
-
-    /// Whether a gap is waiting to be reported.
-    pub fn has_gaps(&self) -> bool {
-        self.has_gaps.load(Ordering::Acquire)
-    }
-
-    /// Takes the memberships whose gaps must be reported now.
-    pub fn take_gaps(&self) -> Vec<Arc<MemberState>> {
-        if !self.has_gaps() {
-            return Vec::new();
-        }
-        let mut gaps = self
-            .gaps
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        // Every update is a single push or pop, so a poisoned lock is still consistent.
+        self.queue
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.has_gaps.store(false, Ordering::Release);
-        std::mem::take(&mut *gaps)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn report_gap(&self, state: Arc<MemberState>) {
-        let mut gaps = self
-            .gaps
+    fn gaps(&self) -> MutexGuard<'_, Vec<Arc<MemberState>>> {
+        self.gaps
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        gaps.push(state);
-        self.has_gaps.store(true, Ordering::Release);
-        // Wake the session: if its outbox is already empty, nothing else would.
-        self.gap_notify.notify_one();
-    }
-
-    /// Resolves when a gap has been reported since the last call.
-    pub async fn gap_reported(&self) {
-        self.gap_notify.notified().await;
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-/// The sending side of one connection's queue, held by the hub.
+/// The sending side of one connection's queue, held by the hub (cheap to clone).
 #[derive(Debug, Clone)]
 pub struct Outbox {
-    id: ClientId,
-    tx: mpsc::Sender<Bytes>,
-    signals: Arc<Signals>,
+    shared: Arc<Shared>,
+}
+
+/// The receiving side, owned by the connection's session.
+#[derive(Debug)]
+pub struct OutboxReceiver {
+    shared: Arc<Shared>,
 }
 
 /// What happened to one push.
@@ -129,59 +106,163 @@ pub enum Push {
 }
 
 impl Outbox {
-    /// A queue of `capacity` frames for client `id`, and its receiving end.
-    pub fn new(id: ClientId, capacity: usize) -> (Self, mpsc::Receiver<Bytes>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+    /// A queue of at most `capacity` frames for client `id`, and its receiving end.
+    pub fn new(id: ClientId, capacity: usize) -> (Self, OutboxReceiver) {
+        let shared = Arc::new(Shared {
+            id,
+            capacity: capacity.max(1),
+            queue: Mutex::default(),
+            woken: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+            close: AtomicU8::new(0),
+            has_gaps: AtomicBool::new(false),
+            gaps: Mutex::default(),
+        });
         (
             Self {
-                id,
-                tx,
-                signals: Arc::default(),
+                shared: Arc::clone(&shared),
             },
-            rx,
+            OutboxReceiver { shared },
         )
     }
 
     /// The client this queue feeds.
     pub fn id(&self) -> ClientId {
-        self.id
-    }
-
-    /// The session's signals.
-    pub fn signals(&self) -> &Arc<Signals> {
-        &self.signals
+        self.shared.id
     }
 
     /// Queues an encoded frame without waiting.
     pub fn try_push(&self, frame: Bytes) -> Push {
-        match self.tx.try_send(frame) {
-            Ok(()) => Push::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => Push::Full,
-            Err(mpsc::error::TrySendError::Closed(_)) => Push::Closed,
+        let mut queue = self.shared.queue();
+        if queue.closed {
+            return Push::Closed;
         }
+        if queue.frames.len() >= self.shared.capacity {
+            return Push::Full;
+        }
+        queue.frames.push_back(frame);
+        let first = queue.frames.len() == 1;
+        drop(queue);
+        if first {
+            // A non-empty queue is drained until empty, so only this transition needs a wake.
+            self.shared.wake();
+        }
+        Push::Queued
     }
 
     /// Asks the session to close with `code` (the first request wins).
     pub fn close(&self, code: CloseCode) {
-        if self.signals.close(code) {
-            tracing::info!(client_id = %self.id, code = code.code(), reason = code.reason(), "closing connection");
+        let Some(index) = SIGNAL_CODES.iter().position(|c| *c == code) else {
+            return;
+        };
+        let first = self
+            .shared
+            .close
+            .compare_exchange(0, index as u8 + 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if first {
+            tracing::info!(client_id = %self.shared.id, code = code.code(), reason = code.reason(), "closing connection");
+            self.shared.wake();
         }
     }
 
     /// Whether a close was requested.
     pub fn is_closing(&self) -> bool {
-        self.signals.requested().is_some()
+        self.shared.close.load(Ordering::Acquire) != 0
     }
 
-    /// Records that a membership overflowed on a `gap` namespace.
+    /// Records that a membership overflowed on a `gap` namespace; the session reports it once
+    /// everything queued before it has been written.
     pub fn report_gap(&self, state: Arc<MemberState>) {
-        tracing::debug!(client_id = %self.id, channel = %state.channel, "outbox overflow: gap");
-        self.signals.report_gap(state);
+        tracing::debug!(client_id = %self.shared.id, channel = %state.channel, "outbox overflow: gap");
+        self.shared.gaps().push(state);
+        self.shared.has_gaps.store(true, Ordering::Release);
+        self.shared.wake();
     }
 
-    /// Takes the gaps to report (see [`Signals::take_gaps`]).
+    /// Takes the gaps to report (see [`OutboxReceiver::take_gaps`]).
     pub fn take_gaps(&self) -> Vec<Arc<MemberState>> {
-        self.signals.take_gaps()
+        take_gaps(&self.shared)
+    }
+}
+
+fn take_gaps(shared: &Shared) -> Vec<Arc<MemberState>> {
+    if !shared.has_gaps.load(Ordering::Acquire) {
+        return Vec::new();
+    }
+    let mut gaps = shared.gaps();
+    shared.has_gaps.store(false, Ordering::Release);
+    std::mem::take(&mut *gaps)
+}
+
+impl OutboxReceiver {
+    /// Ready once something happened since the last time it was ready: frames, a close request
+    /// or a gap. Wake-ups that happen while nobody polls are kept, not lost.
+    pub fn poll_woken(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.shared.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.shared.waker.register(cx.waker());
+        // Checked again after registering, so a wake in between is not missed.
+        if self.shared.woken.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// The close requested from outside, if any.
+    pub fn close_requested(&self) -> Option<CloseCode> {
+        match self.shared.close.load(Ordering::Acquire) {
+            0 => None,
+            n => SIGNAL_CODES.get(usize::from(n) - 1).copied(),
+        }
+    }
+
+    /// Moves queued frames into `buf` until it holds `limit` bytes (at least one frame if any
+    /// is queued); returns how many frames were moved.
+    pub fn drain_into(&self, buf: &mut BytesMut, limit: usize) -> u64 {
+        let mut queue = self.shared.queue();
+        let mut moved = 0;
+        while buf.len() < limit || moved == 0 {
+            let Some(frame) = queue.frames.pop_front() else {
+                break;
+            };
+            buf.extend_from_slice(&frame);
+            moved += 1;
+        }
+        if queue.frames.is_empty() && queue.frames.capacity() > KEEP_SLOTS {
+            queue.frames = VecDeque::new();
+        }
+        moved
+    }
+
+    /// The next queued frame, if any.
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        self.shared.queue().frames.pop_front()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.shared.queue().frames.is_empty()
+    }
+
+    /// Whether a gap is waiting to be reported.
+    pub fn has_gaps(&self) -> bool {
+        self.shared.has_gaps.load(Ordering::Acquire)
+    }
+
+    /// Takes the memberships whose gaps must be reported now.
+    pub fn take_gaps(&self) -> Vec<Arc<MemberState>> {
+        take_gaps(&self.shared)
+    }
+}
+
+impl Drop for OutboxReceiver {
+    fn drop(&mut self) {
+        let mut queue = self.shared.queue();
+        queue.closed = true;
+        queue.frames = VecDeque::new();
     }
 }
 
@@ -190,16 +271,28 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn only_the_first_close_request_counts() {
-        let (outbox, mut rx) = Outbox::new(Uuid::new_v4(), 1);
+    async fn queues_up_to_capacity_and_wakes_on_the_first_frame() {
+        let (outbox, rx) = Outbox::new(Uuid::new_v4(), 2);
         assert_eq!(outbox.try_push(Bytes::from_static(b"1")), Push::Queued);
-        assert_eq!(outbox.try_push(Bytes::from_static(b"2")), Push::Full);
-        assert!(!outbox.is_closing());
-        outbox.close(CloseCode::SlowConsumer);
-        outbox.close(CloseCode::GoingAway);
-        assert_eq!(outbox.signals().wait().await, CloseCode::SlowConsumer);
-        assert_eq!(rx.recv().await.as_deref(), Some(&b"1"[..]));
+        std::future::poll_fn(|cx| rx.poll_woken(cx)).await;
+        assert_eq!(outbox.try_push(Bytes::from_static(b"2")), Push::Queued);
+        assert_eq!(outbox.try_push(Bytes::from_static(b"3")), Push::Full);
+        let mut buf = BytesMut::new();
+        assert_eq!(rx.drain_into(&mut buf, 1), 1, "stops at the limit");
+        assert_eq!(rx.drain_into(&mut buf, 100), 1);
+        assert_eq!(&buf[..], b"12");
+        assert!(rx.is_empty());
         drop(rx);
         assert_eq!(outbox.try_push(Bytes::new()), Push::Closed);
+    }
+
+    #[tokio::test]
+    async fn only_the_first_close_request_counts_and_it_wakes() {
+        let (outbox, rx) = Outbox::new(Uuid::new_v4(), 1);
+        outbox.close(CloseCode::SlowConsumer);
+        outbox.close(CloseCode::GoingAway);
+        std::future::poll_fn(|cx| rx.poll_woken(cx)).await;
+        assert_eq!(rx.close_requested(), Some(CloseCode::SlowConsumer));
+        assert!(outbox.is_closing());
     }
 }

@@ -1,10 +1,11 @@
 //! One task per WebSocket connection: reads frames, writes queued frames, keeps the heartbeat.
 //!
-//! Everything a connection does happens in one `select!` loop over its socket halves, its
-//! outbox, its close signal and one timer, so there is no per-connection lock and no second
-//! task. Frames waiting for the socket are copied into one contiguous write buffer and written
-//! with as few syscalls as the kernel allows; reading pauses while that buffer is over its high
-//! mark, which is what bounds the memory of a client that sends but never reads.
+//! Everything a connection does happens in one `select!` loop over its socket halves, one
+//! wake-up for its outbox, the server's shutdown and one timer, so there is no second task per
+//! connection. Frames waiting for the socket are copied into one contiguous write buffer and
+//! written with as few syscalls as the kernel allows; reading pauses while that buffer is over
+//! its high mark, which is what bounds the memory of a client that sends but never reads.
+//! While idle, a session holds neither a read nor a write buffer.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -13,22 +14,20 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
 use super::close::{CloseCode, WsViolation};
 use super::frame::{OpCode, encode_close, encode_into};
-use super::outbox::Signals;
+use super::outbox::OutboxReceiver;
 use super::reader::{Incoming, MessageReader};
+use super::transport::{SocketRead, read_some};
 use crate::stats::Stats;
 
 /// Reading pauses while this much is waiting to be written.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
-/// Most frames taken from the outbox per wake-up.
-const OUTBOX_BATCH: u64 = 256;
-/// Spare room ensured before each read.
+/// Room reserved for each read.
 const READ_CHUNK: usize = 4096;
 /// How long the server waits for the client's close frame after sending its own.
 const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(1);
@@ -87,8 +86,8 @@ pub trait Handler: Send {
     fn on_text(&mut self, text: Bytes, out: &mut Replies<'_>) -> impl Future<Output = ()> + Send;
     /// A complete binary message.
     fn on_binary(&mut self, data: Bytes, out: &mut Replies<'_>) -> impl Future<Output = ()> + Send;
-    /// Called when the outbox has drained and the hub reported gaps (see `Signals`), so gap
-    /// notices follow everything queued before them.
+    /// Called when the outbox has drained and the hub reported gaps, so gap notices follow
+    /// everything queued before them.
     fn on_gaps(&mut self, _out: &mut Replies<'_>) {}
     /// Called once when the connection ends, for whatever reason.
     fn on_close(&mut self, server_shutting_down: bool) -> impl Future<Output = ()> + Send;
@@ -109,10 +108,8 @@ enum End {
 
 /// Everything a session needs besides its socket.
 pub struct SessionParts<H> {
-    /// Frames fanned out to this client.
-    pub outbox: mpsc::Receiver<Bytes>,
-    /// Close requests from outside (slow consumer).
-    pub signal: Arc<Signals>,
+    /// Frames fanned out to this client, and close and gap signals.
+    pub outbox: OutboxReceiver,
     /// The endpoint's behaviour.
     pub handler: H,
     /// Endpoint settings.
@@ -124,61 +121,67 @@ pub struct SessionParts<H> {
 }
 
 impl<H: Handler> SessionParts<H> {
-    /// Runs the session on a socket's halves; `leftover` holds bytes the client sent right
-    /// behind its handshake request.
-    pub async fn run<R, W>(self, reader: R, writer: W, leftover: Bytes)
+    /// The parts of a session of `handler`, boxed (see `ws::drive`).
+    pub fn new(
+        outbox: OutboxReceiver,
+        handler: H,
+        config: SessionConfig,
+        state: &crate::server::AppState,
+    ) -> Box<Self> {
+        Box::new(Self {
+            outbox,
+            handler,
+            config,
+            shutdown: state.shutdown.clone(),
+            stats: Arc::clone(&state.stats),
+        })
+    }
+
+    /// Puts the session together with its socket's halves.
+    #[expect(
+        clippy::boxed_local,
+        reason = "the parts travel boxed so the long-lived caller's state stays small"
+    )]
+    pub fn into_session<R, W>(self: Box<Self>, reader: R, writer: W) -> Session<R, W, H>
     where
-        R: AsyncRead + Unpin + Send,
+        R: SocketRead,
         W: AsyncWrite + Unpin + Send,
     {
+        let parts = *self;
         Session {
             reader,
             writer,
-            leftover,
-            outbox: self.outbox,
-            signal: self.signal,
-            handler: self.handler,
-            config: self.config,
-            shutdown: self.shutdown,
-            stats: self.stats,
+            outbox: parts.outbox,
+            handler: parts.handler,
+            config: parts.config,
+            shutdown: parts.shutdown,
+            stats: parts.stats,
         }
-        .run()
-        .await;
     }
 }
 
 /// Everything one session task owns.
-struct Session<R, W, H> {
-    /// Socket read half.
-    pub reader: R,
-    /// Socket write half.
-    pub writer: W,
-    /// Bytes the client sent right after the handshake request, read by the HTTP layer.
-    pub leftover: Bytes,
-    /// Frames fanned out to this client.
-    pub outbox: mpsc::Receiver<Bytes>,
-    /// Close requests from outside (slow consumer).
-    pub signal: Arc<Signals>,
-    /// The endpoint's behaviour.
-    pub handler: H,
-    /// Endpoint settings.
-    pub config: SessionConfig,
-    /// Server-wide shutdown.
-    pub shutdown: CancellationToken,
-    /// Server counters.
-    pub stats: Arc<Stats>,
+pub struct Session<R, W, H> {
+    reader: R,
+    writer: W,
+    outbox: OutboxReceiver,
+    handler: H,
+    config: SessionConfig,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
 }
 
 impl<R, W, H> Session<R, W, H>
 where
-    R: AsyncRead + Unpin + Send,
+    R: SocketRead,
     W: AsyncWrite + Unpin + Send,
     H: Handler,
 {
-    /// Runs the connection to its end, including the close handshake.
-    async fn run(mut self) {
-        let mut rbuf = BytesMut::from(&self.leftover[..]);
-        self.leftover = Bytes::new();
+    /// Runs the connection to its end, including the close handshake; `leftover` holds bytes
+    /// the client sent right behind its handshake request.
+    pub async fn run(&mut self, leftover: Bytes) {
+        let mut rbuf = BytesMut::from(&leftover[..]);
+        drop(leftover);
         let mut wbuf = BytesMut::new();
         let mut parser = MessageReader::new(self.config.max_message);
         let mut replies = Replies {
@@ -200,7 +203,9 @@ where
         let shutting_down = self.shutdown.is_cancelled();
         self.handler.on_close(shutting_down).await;
         tracing::debug!(?end, "session ending");
-        self.finish(end, rbuf, wbuf, parser).await;
+        // Boxed: the closing state is only needed once, and would otherwise enlarge every
+        // connection's task for its whole life.
+        Box::pin(self.finish(end, rbuf, wbuf, parser)).await;
     }
 
     async fn main_loop(
@@ -218,14 +223,20 @@ where
         };
         let timer = sleep_until(deadline(last_seen, next_ping));
         tokio::pin!(timer);
-        let mut outbox_open = true;
+        // Created once and kept: re-registering on every turn of the loop costs locks.
+        let shutdown = self.shutdown.clone();
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
 
         // Bytes the client pipelined right behind its handshake are processed first.
         let mut pending_input = !rbuf.is_empty();
         loop {
-            if pending_input && wbuf.len() < WRITE_HIGH_WATER {
+            // A loop, not an `if`: the opportunistic write below may empty the write buffer,
+            // and then nothing else would bring us back to the input still pending.
+            while pending_input && wbuf.len() < WRITE_HIGH_WATER {
                 let frames_before = parser.frames();
-                let (end, more) = self.on_readable(rbuf, wbuf, parser).await;
+                // Boxed: this state exists only while input is handled, not while idle.
+                let (end, more) = Box::pin(self.on_readable(rbuf, wbuf, parser)).await;
                 // Only whole frames prove the client alive; a trickle of bytes does not.
                 if parser.frames() != frames_before {
                     last_seen = Instant::now();
@@ -234,40 +245,48 @@ where
                     return end;
                 }
                 pending_input = more;
-                if rbuf.is_empty() && rbuf.capacity() > 4 * READ_CHUNK {
+                if rbuf.is_empty() {
                     *rbuf = BytesMut::new();
                 }
-                self.take_from_outbox(None, wbuf);
-            }
-            if rbuf.capacity() - rbuf.len() < READ_CHUNK {
-                let wanted = parser.bytes_wanted(rbuf).max(READ_CHUNK);
-                rbuf.reserve(wanted.min(self.config.max_message + 14));
+                self.take_from_outbox(wbuf);
+                // Answer right away when the socket takes it, without another turn.
+                if !wbuf.is_empty() {
+                    match self.writer.write(wbuf).now_or_never() {
+                        Some(Ok(0) | Err(_)) => return End::Gone,
+                        Some(Ok(n)) => self.wrote(n, wbuf),
+                        None => {}
+                    }
+                }
             }
             let can_take = wbuf.len() < WRITE_HIGH_WATER;
-            let read_limit = parser.bytes_wanted(rbuf).max(READ_CHUNK) as u64;
-            let mut limited_reader = (&mut self.reader).take(read_limit);
             // Unbiased: under load every ready branch gets its turn, so a busy outbox cannot
             // starve reading (and with it the client's pongs), nor busy input the outbox.
             tokio::select! {
-                code = self.signal.wait() => return End::Server(code),
-                () = self.shutdown.cancelled() => return End::Server(CloseCode::GoingAway),
-                written = self.writer.write(wbuf), if !wbuf.is_empty() => match written {
-                    Ok(0) | Err(_) => return End::Gone,
-                    Ok(n) => {
-                        wbuf.advance(n);
-                        if wbuf.is_empty() && wbuf.capacity() > WRITE_HIGH_WATER {
-                            *wbuf = BytesMut::new();
-                        }
+                () = std::future::poll_fn(|cx| self.outbox.poll_woken(cx)) => {
+                    if let Some(code) = self.outbox.close_requested() {
+                        return End::Server(code);
+                    }
+                    if can_take {
+                        self.take_from_outbox(wbuf);
                     }
                 },
-                read = limited_reader.read_buf(rbuf), if can_take && !pending_input => match read {
+                () = &mut cancelled => return End::Server(CloseCode::GoingAway),
+                written = self.writer.write(wbuf), if !wbuf.is_empty() => match written {
                     Ok(0) | Err(_) => return End::Gone,
-                    Ok(_) => pending_input = true,
+                    Ok(n) => self.wrote(n, wbuf),
                 },
-                () = self.signal.gap_reported() => self.take_from_outbox(None, wbuf),
-                frame = self.outbox.recv(), if can_take && outbox_open => match frame {
-                    None => outbox_open = false,
-                    Some(frame) => self.take_from_outbox(Some(frame), wbuf),
+                ready = std::future::poll_fn(|cx| self.reader.poll_ready(cx)), if can_take && !pending_input => {
+                    if ready.is_err() {
+                        return End::Gone;
+                    }
+                    let wanted = parser.bytes_wanted(rbuf).max(READ_CHUNK);
+                    rbuf.reserve(wanted.min(self.config.max_message + 14));
+                    match self.reader.try_read_buf(rbuf) {
+                        Ok(0) => return End::Gone,
+                        Ok(_) => pending_input = true,
+                        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return End::Gone,
+                    }
                 },
                 () = &mut timer => {
                     let now = Instant::now();
@@ -286,26 +305,24 @@ where
         }
     }
 
-    /// Moves queued frames into the write buffer until it reaches its high mark (so one batch
-    /// never holds more than the mark plus one message), then reports gaps once the outbox is
-    /// empty, so a gap notice follows everything queued before it.
-    fn take_from_outbox(&mut self, first: Option<Bytes>, wbuf: &mut BytesMut) {
-        let mut taken: u64 = 0;
-        if let Some(frame) = first {
-            wbuf.extend_from_slice(&frame);
-            taken += 1;
+    /// Accounts for `n` written bytes; an emptied buffer is released, and queued frames that
+    /// waited for room move in (pushes only wake the session when its queue was empty).
+    fn wrote(&mut self, n: usize, wbuf: &mut BytesMut) {
+        wbuf.advance(n);
+        if wbuf.is_empty() {
+            *wbuf = BytesMut::new();
         }
-        while wbuf.len() < WRITE_HIGH_WATER && taken < OUTBOX_BATCH {
-            match self.outbox.try_recv() {
-                Ok(frame) => {
-                    wbuf.extend_from_slice(&frame);
-                    taken += 1;
-                }
-                Err(_) => break,
-            }
+        if wbuf.len() < WRITE_HIGH_WATER {
+            self.take_from_outbox(wbuf);
         }
+    }
+
+    /// Moves queued frames into the write buffer up to its high mark, then reports gaps once
+    /// the outbox is empty, so a gap notice follows everything queued before it.
+    fn take_from_outbox(&mut self, wbuf: &mut BytesMut) {
+        let taken = self.outbox.drain_into(wbuf, WRITE_HIGH_WATER);
         self.stats.add_out(taken);
-        if self.signal.has_gaps() && self.outbox.is_empty() {
+        if self.outbox.has_gaps() && self.outbox.is_empty() {
             let mut replies = Replies {
                 buf: wbuf,
                 count: 0,
@@ -347,7 +364,7 @@ where
             if matches!(message, Incoming::Text(_) | Incoming::Binary(_)) {
                 // Everything queued for this client before its message goes out before the
                 // reply, so a reply (say, a recovery replay) never overtakes older pushes.
-                queued += drain_queued(&mut self.outbox, replies.buf);
+                queued += self.outbox.drain_into(replies.buf, usize::MAX);
                 received += 1;
             }
             match message {
@@ -370,7 +387,7 @@ where
     /// Sends the closing frames, flushes within the grace period and waits briefly for the
     /// client's close reply, so the server ends the TCP connection only after the handshake.
     async fn finish(
-        mut self,
+        &mut self,
         end: End,
         mut rbuf: BytesMut,
         mut wbuf: BytesMut,
@@ -390,11 +407,7 @@ where
         match code {
             CloseCode::GoingAway => {
                 // Shutdown: deliver what was already queued for this client first.
-                let mut n = 0;
-                while let Ok(frame) = self.outbox.try_recv() {
-                    wbuf.extend_from_slice(&frame);
-                    n += 1;
-                }
+                let n = self.outbox.drain_into(&mut wbuf, usize::MAX);
                 self.stats.add_out(n);
             }
             CloseCode::SlowConsumer => self.stats.slow_consumer_closed(),
@@ -417,16 +430,6 @@ where
         };
         let _ = timeout(self.config.close_grace, closing).await;
     }
-}
-
-/// Moves every frame already queued for the client into `buf`; returns how many.
-fn drain_queued(outbox: &mut mpsc::Receiver<Bytes>, buf: &mut BytesMut) -> u64 {
-    let mut n = 0;
-    while let Ok(frame) = outbox.try_recv() {
-        buf.extend_from_slice(&frame);
-        n += 1;
-    }
-    n
 }
 
 /// Messages handled between two yields to the scheduler.
@@ -453,7 +456,7 @@ async fn flush<W: AsyncWrite + Unpin>(writer: &mut W, buf: &mut BytesMut) -> std
 }
 
 /// Reads until the client's close frame, EOF, an error, or [`CLOSE_REPLY_WAIT`].
-async fn wait_for_close<R: AsyncRead + Unpin>(
+async fn wait_for_close<R: SocketRead>(
     reader: &mut R,
     rbuf: &mut BytesMut,
     parser: &mut MessageReader,
@@ -467,8 +470,7 @@ async fn wait_for_close<R: AsyncRead + Unpin>(
                     Ok(None) => break,
                 }
             }
-            rbuf.reserve(READ_CHUNK);
-            match reader.read_buf(rbuf).await {
+            match read_some(reader, rbuf, READ_CHUNK).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
@@ -479,12 +481,11 @@ async fn wait_for_close<R: AsyncRead + Unpin>(
 
 /// Discards input until EOF or [`CLOSE_REPLY_WAIT`]: closing a socket with unread input makes
 /// the kernel send a reset, which can destroy the close frame before the client reads it.
-async fn drain<R: AsyncRead + Unpin>(reader: &mut R, rbuf: &mut BytesMut) {
+async fn drain<R: SocketRead>(reader: &mut R, rbuf: &mut BytesMut) {
     let wait = async {
         loop {
             rbuf.clear();
-            rbuf.reserve(READ_CHUNK);
-            match reader.read_buf(rbuf).await {
+            match read_some(reader, rbuf, READ_CHUNK).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }

@@ -1,0 +1,449 @@
+//! Load generator for Rusty Socks and its peers: `broadcast`, `echo` and `connect` scenarios.
+//!
+//! Every scenario is bounded in count and time and talks to loopback only. Run with `--help`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rusty_bench::{
+    Args, Latencies, each_frame, encode_frame, parse_url, process_cpu, process_rss_kib, ws_connect,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+
+const HELP: &str = "loadgen - load generator for WebSocket broadcast servers (loopback only)
+
+USAGE:
+  loadgen broadcast --url ws://127.0.0.1:3030/ws [--subscribers 1000] [--publishers 1]
+                    [--messages 2000] [--size 64] [--rate 0] [--window 256]
+                    [--server-pid PID] [--timeout 60]
+      N subscribers and P publishers connect; each publisher sends --messages JSON chat
+      messages of --size bytes ({\"sender\":..,\"content\":..}); every one must reach every
+      subscriber. --rate is messages/s per publisher (0 = flat out, at most --window messages
+      ahead of the slowest subscriber). Reports deliveries/s, deliveries per server
+      CPU-second (with --server-pid), publish->delivery latency p50/p99/p999, and lost messages.
+
+  loadgen echo --url ws://127.0.0.1:3030/echo [--connections 100] [--window 1] [--size 64]
+               [--duration 10]
+      Each connection keeps --window messages in flight. Reports echoes/s and round-trip
+      latency p50/p99/p999.
+
+  loadgen connect --url ws://127.0.0.1:3030/ws [--connections 10000] [--concurrency 200]
+                  [--hold 5] [--server-pid PID]
+      Opens and holds connections. Reports connects/s, failures, and the server's RSS growth
+      per connection (VmRSS from /proc/PID/status, before vs. while holding).
+
+Output ends with one machine-readable line starting with RESULT.";
+
+fn main() {
+    let mut argv = std::env::args().skip(1);
+    let scenario = argv.next().unwrap_or_default();
+    if matches!(scenario.as_str(), "" | "-h" | "--help" | "help") {
+        println!("{HELP}");
+        return;
+    }
+    let args = match Args::parse(argv) {
+        Ok(args) => args,
+        Err(err) => fail(&err),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.number("threads", 1).unwrap_or(1) as usize)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(&e.to_string()));
+    let outcome = runtime.block_on(async {
+        match scenario.as_str() {
+            "broadcast" => broadcast(&args).await,
+            "echo" => echo(&args).await,
+            "connect" => connect(&args).await,
+            other => Err(format!("unknown scenario {other:?}; see --help")),
+        }
+    });
+    if let Err(err) = outcome {
+        fail(&err);
+    }
+    // Do not wait for thousands of sockets to close one by one.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("loadgen: {message}");
+    std::process::exit(2);
+}
+
+fn micros_since(start: Instant) -> u64 {
+    start.elapsed().as_micros() as u64
+}
+
+/// Finds `#b<run>:<publisher>:<seq>:<micros>#` in a frame.
+fn marker(payload: &[u8], run: u32) -> Option<(usize, u64, u64)> {
+    let at = memchr::memmem::find(payload, b"#b")?;
+    let text = std::str::from_utf8(&payload[at + 2..]).ok()?;
+    let end = text.find('#')?;
+    let mut parts = text[..end].split(':');
+    let r: u32 = parts.next()?.parse().ok()?;
+    if r != run {
+        return None;
+    }
+    let publisher = parts.next()?.parse().ok()?;
+    let seq = parts.next()?.parse().ok()?;
+    let micros = parts.next()?.parse().ok()?;
+    Some((publisher, seq, micros))
+}
+
+fn chat_message(run: u32, publisher: usize, seq: u64, micros: u64, size: usize) -> Vec<u8> {
+    let mut text = format!(r##"{{"sender":"p","content":"#b{run}:{publisher}:{seq}:{micros}#"##);
+    let closing = "\"}";
+    while text.len() + closing.len() < size {
+        text.push('.');
+    }
+    text.push_str(closing);
+    text.into_bytes()
+}
+
+struct Subscriber {
+    /// Messages received from each publisher, in order.
+    progress: Vec<AtomicU64>,
+}
+
+async fn broadcast(args: &Args) -> Result<(), String> {
+    let (addr, path) = parse_url(&args.string("url", "ws://127.0.0.1:3030/ws"))?;
+    let subscribers = args.number("subscribers", 1000)? as usize;
+    let publishers = args.number("publishers", 1)?.max(1) as usize;
+    let messages = args.number("messages", 2000)?;
+    let size = args.number("size", 64)? as usize;
+    let rate = args.number("rate", 0)?;
+    let window = args.number("window", 256)?.max(1);
+    let timeout = Duration::from_secs(args.number("timeout", 60)?);
+    let server_pid = args.number("server-pid", 0)? as u32;
+    let run = (std::process::id() ^ (Instant::now().elapsed().subsec_nanos())) % 1_000_000;
+    let start = Instant::now();
+
+    let lost = Arc::new(AtomicU64::new(0));
+    let dups = Arc::new(AtomicU64::new(0));
+    let mut subs = Vec::new();
+    let mut readers = Vec::new();
+    let limit = Arc::new(Semaphore::new(200));
+    let mut connecting = Vec::new();
+    for _ in 0..subscribers {
+        let limit = Arc::clone(&limit);
+        let path = path.clone();
+        connecting.push(tokio::spawn(async move {
+            let _permit = limit.acquire().await;
+            ws_connect(addr, &path).await
+        }));
+    }
+    for handle in connecting {
+        let (stream, leftover) = handle
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("subscriber connect failed: {e}"))?;
+        let sub = Arc::new(Subscriber {
+            progress: (0..publishers).map(|_| AtomicU64::new(0)).collect(),
+        });
+        subs.push(Arc::clone(&sub));
+        let (lost, dups) = (Arc::clone(&lost), Arc::clone(&dups));
+        readers.push(tokio::spawn(async move {
+            let mut latencies = Latencies::default();
+            let mut buf = leftover;
+            let mut stream = stream;
+            let expected_total = messages * publishers as u64;
+            let mut got = 0u64;
+            let mut pongs = Vec::new();
+            while got < expected_total {
+                buf.reserve(16 * 1024);
+                match stream.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                each_frame(&mut buf, |opcode, payload| {
+                    if opcode == 0x9 {
+                        encode_frame(&mut pongs, 0xA, payload);
+                        return;
+                    }
+                    let Some((publisher, seq, sent)) = marker(payload, run) else {
+                        return;
+                    };
+                    let Some(progress) = sub.progress.get(publisher) else {
+                        return;
+                    };
+                    let expected = progress.load(Ordering::Relaxed);
+                    if seq < expected {
+                        dups.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    if seq > expected {
+                        lost.fetch_add(seq - expected, Ordering::Relaxed);
+                    }
+                    progress.store(seq + 1, Ordering::Release);
+                    got += 1 + (seq - expected);
+                    latencies.record(micros_since(start).saturating_sub(sent));
+                });
+                if !pongs.is_empty() {
+                    let _ = stream.write_all(&pongs).await;
+                    pongs.clear();
+                }
+            }
+            (latencies, stream)
+        }));
+    }
+    let mut publisher_streams = Vec::new();
+    for _ in 0..publishers {
+        let (stream, _) = ws_connect(addr, &path)
+            .await
+            .map_err(|e| format!("publisher connect failed: {e}"))?;
+        let (mut rd, wr) = stream.into_split();
+        // Publishers receive each other's broadcasts: read and discard them.
+        tokio::spawn(async move {
+            let mut sink = vec![0u8; 64 * 1024];
+            while matches!(rd.read(&mut sink).await, Ok(n) if n > 0) {}
+        });
+        publisher_streams.push(wr);
+    }
+    eprintln!(
+        "broadcast: {subscribers} subscribers, {publishers} publishers connected in {:.1}s",
+        start.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let cpu_before = process_cpu(server_pid);
+    let began = Instant::now();
+    let subs = Arc::new(subs);
+    let mut sending = Vec::new();
+    for (publisher, mut wr) in publisher_streams.into_iter().enumerate() {
+        let subs = Arc::clone(&subs);
+        sending.push(tokio::spawn(async move {
+            let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
+            let mut next = Instant::now();
+            let mut out = Vec::new();
+            let mut seq = 0;
+            while seq < messages {
+                // Never more than `window` ahead of the slowest subscriber.
+                loop {
+                    let slowest = subs
+                        .iter()
+                        .map(|s| s.progress[publisher].load(Ordering::Acquire))
+                        .min()
+                        .unwrap_or(seq);
+                    if seq < slowest + window {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+                let batch_end = (seq + 32).min(messages);
+                out.clear();
+                while seq < batch_end {
+                    let msg = chat_message(run, publisher, seq, micros_since(start), size);
+                    encode_frame(&mut out, 0x1, &msg);
+                    seq += 1;
+                    if interval.is_some() {
+                        break;
+                    }
+                }
+                if wr.write_all(&out).await.is_err() {
+                    return seq;
+                }
+                if let Some(interval) = interval {
+                    next += interval;
+                    tokio::time::sleep_until(next.into()).await;
+                }
+            }
+            seq
+        }));
+    }
+    for handle in sending {
+        let _ = handle.await;
+    }
+    let mut latencies = Latencies::default();
+    let deadline = tokio::time::Instant::now() + timeout;
+    for reader in readers {
+        match tokio::time::timeout_at(deadline, reader).await {
+            Ok(Ok((l, _stream))) => latencies.merge(l),
+            _ => break,
+        }
+    }
+    let elapsed = began.elapsed();
+    let cpu = match (cpu_before, process_cpu(server_pid)) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+        _ => None,
+    };
+    let expected = messages * publishers as u64 * subscribers as u64;
+    let delivered: u64 = subs
+        .iter()
+        .map(|s| {
+            s.progress
+                .iter()
+                .map(|p| p.load(Ordering::Relaxed))
+                .sum::<u64>()
+        })
+        .sum::<u64>()
+        - lost.load(Ordering::Relaxed);
+    let missing = expected - delivered;
+    let (p50, p99, p999) = latencies.percentiles();
+    let per_cpu = cpu.map_or(0.0, |c| delivered as f64 / c.as_secs_f64().max(0.001));
+    println!(
+        "broadcast: delivered {delivered}/{expected} in {:.2}s = {:.0}/s; per server CPU-second {:.0} (cpu {:.2}s); lost {missing}; dup {}; latency p50 {p50}us p99 {p99}us p999 {p999}us",
+        elapsed.as_secs_f64(),
+        delivered as f64 / elapsed.as_secs_f64(),
+        per_cpu,
+        cpu.map_or(0.0, |c| c.as_secs_f64()),
+        dups.load(Ordering::Relaxed),
+    );
+    println!(
+        "RESULT broadcast delivered={delivered} expected={expected} secs={:.3} per_sec={:.0} per_cpu_sec={per_cpu:.0} lost={missing} p50_us={p50} p99_us={p99} p999_us={p999}",
+        elapsed.as_secs_f64(),
+        delivered as f64 / elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn echo(args: &Args) -> Result<(), String> {
+    let (addr, path) = parse_url(&args.string("url", "ws://127.0.0.1:3030/echo"))?;
+    let connections = args.number("connections", 100)? as usize;
+    let window = args.number("window", 1)?.max(1);
+    let size = args.number("size", 64)? as usize;
+    let duration = Duration::from_secs(args.number("duration", 10)?.clamp(1, 600));
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (stream, leftover) = ws_connect(addr, &path)
+            .await
+            .map_err(|e| format!("connect failed: {e}"))?;
+        let stop = Arc::clone(&stop);
+        tasks.push(tokio::spawn(async move {
+            let (mut rd, mut wr) = stream.into_split();
+            let mut latencies = Latencies::default();
+            let message = |micros: u64| {
+                let mut text = format!("#e{micros}#");
+                while text.len() < size {
+                    text.push('.');
+                }
+                let mut out = Vec::new();
+                encode_frame(&mut out, 0x1, text.as_bytes());
+                out
+            };
+            let mut out = Vec::new();
+            for _ in 0..window {
+                out.extend(message(micros_since(start)));
+            }
+            if wr.write_all(&out).await.is_err() {
+                return (0u64, latencies);
+            }
+            let mut buf = leftover;
+            let mut echoes = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                buf.reserve(16 * 1024);
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                out.clear();
+                let now = micros_since(start);
+                each_frame(&mut buf, |opcode, payload| {
+                    if opcode != 0x1 {
+                        return;
+                    }
+                    let text = std::str::from_utf8(payload).unwrap_or("");
+                    if let Some(sent) = text
+                        .strip_prefix("#e")
+                        .and_then(|t| t.split('#').next())
+                        .and_then(|t| t.parse::<u64>().ok())
+                    {
+                        latencies.record(now.saturating_sub(sent));
+                        echoes += 1;
+                        out.extend(message(now));
+                    }
+                });
+                if !out.is_empty() && wr.write_all(&out).await.is_err() {
+                    break;
+                }
+            }
+            (echoes, latencies)
+        }));
+    }
+    let began = Instant::now();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = began.elapsed();
+    let mut total = 0;
+    let mut latencies = Latencies::default();
+    for task in tasks {
+        if let Ok(Ok((n, l))) = tokio::time::timeout(Duration::from_secs(2), task).await {
+            total += n;
+            latencies.merge(l);
+        }
+    }
+    let (p50, p99, p999) = latencies.percentiles();
+    let per_sec = total as f64 / elapsed.as_secs_f64();
+    println!(
+        "echo: {connections} connections, window {window}: {total} echoes in {:.2}s = {per_sec:.0}/s; latency p50 {p50}us p99 {p99}us p999 {p999}us",
+        elapsed.as_secs_f64()
+    );
+    println!("RESULT echo per_sec={per_sec:.0} p50_us={p50} p99_us={p99} p999_us={p999}");
+    Ok(())
+}
+
+async fn connect(args: &Args) -> Result<(), String> {
+    let (addr, path) = parse_url(&args.string("url", "ws://127.0.0.1:3030/ws"))?;
+    let connections = args.number("connections", 10_000)? as usize;
+    let concurrency = args.number("concurrency", 200)?.max(1) as usize;
+    let hold = Duration::from_secs(args.number("hold", 5)?.clamp(1, 120));
+    let server_pid = args.number("server-pid", 0)? as u32;
+    let rss_before = process_rss_kib(server_pid);
+    let limit = Arc::new(Semaphore::new(concurrency));
+    let began = Instant::now();
+    let mut tasks = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let limit = Arc::clone(&limit);
+        let path = path.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = limit.acquire().await;
+            ws_connect(addr, &path).await.map(|(stream, _)| stream)
+        }));
+    }
+    let mut held = Vec::with_capacity(connections);
+    let mut failures = 0;
+    let mut first_error = None;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(stream)) => held.push(stream),
+            Ok(Err(e)) => {
+                failures += 1;
+                first_error.get_or_insert(e.to_string());
+            }
+            Err(e) => {
+                failures += 1;
+                first_error.get_or_insert(e.to_string());
+            }
+        }
+    }
+    let elapsed = began.elapsed();
+    tokio::time::sleep(hold).await;
+    let rss_after = process_rss_kib(server_pid);
+    let per_conn = match (rss_before, rss_after) {
+        (Some(a), Some(b)) if !held.is_empty() => {
+            (b.saturating_sub(a)) as f64 * 1024.0 / held.len() as f64
+        }
+        _ => 0.0,
+    };
+    let rate = held.len() as f64 / elapsed.as_secs_f64();
+    println!(
+        "connect: {} of {connections} connected in {:.2}s = {rate:.0}/s; {failures} failed{}; server RSS {} -> {} KiB = {per_conn:.0} bytes per connection",
+        held.len(),
+        elapsed.as_secs_f64(),
+        first_error
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default(),
+        rss_before.unwrap_or(0),
+        rss_after.unwrap_or(0),
+    );
+    println!(
+        "RESULT connect ok={} failed={failures} per_sec={rate:.0} rss_per_conn_bytes={per_conn:.0}",
+        held.len()
+    );
+    let _ = BytesMut::new();
+    Ok(())
+}
