@@ -39,9 +39,12 @@ pub struct ChatHandler {
     outbox: Outbox,
     node: Arc<Node>,
     limits: ChatLimits,
-    /// The connection's memberships (a few at most, usually one: a list beats a map here,
-    /// and costs nothing until the second channel).
-    subscriptions: Vec<Arc<MemberState>>,
+    /// The membership of the default channel, which nearly every connection has: kept apart
+    /// so the usual connection needs no list allocation at all.
+    default: Option<Arc<MemberState>>,
+    /// Other memberships (a few at most: a list beats a map here, and costs nothing until
+    /// the first v1 subscription).
+    others: Vec<Arc<MemberState>>,
 }
 
 impl ChatHandler {
@@ -55,7 +58,8 @@ impl ChatHandler {
             outbox,
             node,
             limits,
-            subscriptions: Vec::new(),
+            default: None,
+            others: Vec::new(),
         }
     }
 
@@ -63,8 +67,31 @@ impl ChatHandler {
         self.client.client_id
     }
 
+    fn subscription_count(&self) -> usize {
+        usize::from(self.default.is_some()) + self.others.len()
+    }
+
+    fn remember(&mut self, state: Arc<MemberState>) {
+        if &*state.channel == DEFAULT_CHANNEL {
+            self.default = Some(state);
+        } else {
+            self.others.push(state);
+        }
+    }
+
+    fn forget(&mut self, channel: &str) {
+        if channel == DEFAULT_CHANNEL {
+            self.default = None;
+        } else {
+            self.others.retain(|s| &*s.channel != channel);
+        }
+    }
+
     fn membership(&self, channel: &str) -> Option<&Arc<MemberState>> {
-        self.subscriptions.iter().find(|s| &*s.channel == channel)
+        self.default
+            .iter()
+            .chain(self.others.iter())
+            .find(|s| &*s.channel == channel)
     }
 
     async fn legacy_chat(&mut self, text: &str, out: &mut Replies<'_>) {
@@ -95,7 +122,7 @@ impl ChatHandler {
     ) -> Result<(), ClientError> {
         match command {
             Command::Subscribe { channel, since } => {
-                if self.subscriptions.len() >= self.limits.max_channels
+                if self.subscription_count() >= self.limits.max_channels
                     && self.membership(&channel).is_none()
                 {
                     return Err(ClientError::TooManyChannels(self.limits.max_channels));
@@ -116,13 +143,13 @@ impl ChatHandler {
                     .to_json(),
                 );
                 sub.live.iter().for_each(|frame| out.frame(frame));
-                self.subscriptions.push(sub.state);
+                self.remember(sub.state);
             }
             Command::Unsubscribe { channel } => {
                 self.node
                     .unsubscribe(self.client_id(), &self.client, &channel, true)
                     .await?;
-                self.subscriptions.retain(|s| *s.channel != *channel);
+                self.forget(&channel);
                 out.text(
                     &Frame::Unsubscribed {
                         id,
@@ -222,7 +249,7 @@ impl Handler for ChatHandler {
                         out.text(publication.data.get());
                     }
                     sub.live.iter().for_each(|frame| out.frame(frame));
-                    self.subscriptions.push(sub.state);
+                    self.remember(sub.state);
                 }
                 Err(err) => {
                     tracing::warn!(%err, "could not join the default channel");
@@ -281,7 +308,8 @@ impl Handler for ChatHandler {
             // On shutdown every client is leaving at once; N leave notices to N clients would be
             // N² frames for nobody.
             let announce = !server_shutting_down;
-            for state in std::mem::take(&mut self.subscriptions) {
+            let all = self.default.take().into_iter().chain(std::mem::take(&mut self.others));
+            for state in all {
                 let channel = &*state.channel;
                 if let Err(err) = self
                     .node

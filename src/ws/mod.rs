@@ -13,6 +13,8 @@ pub mod reader;
 pub mod session;
 pub mod transport;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -25,7 +27,6 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::admission::ConnectionPermit;
 use crate::http::HttpError;
 use crate::server::AppState;
 use chat::{ChatHandler, ChatLimits};
@@ -64,10 +65,15 @@ pub fn upgrade(
     let span = tracing::debug_span!("session", %client_id, ?endpoint);
     state.tracker.spawn(
         async move {
-            match on_upgrade.await {
-                Ok(upgraded) => run(upgraded, state2, endpoint, client_id, permit).await,
-                Err(err) => tracing::debug!(%err, "upgrade did not complete"),
-            }
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(err) => return tracing::debug!(%err, "upgrade did not complete"),
+            };
+            let _task = state2.stats.task();
+            let _permit = permit;
+            tracing::debug!("connected");
+            session(upgraded, &state2, endpoint, client_id).await;
+            tracing::debug!("disconnected");
         }
         .instrument(span),
     );
@@ -80,14 +86,19 @@ pub fn upgrade(
         .map_err(|_| HttpError::Internal)
 }
 
-async fn run(
+/// The connection's session, ready to run.
+///
+/// Built synchronously and boxed as one future: arguments and captures of an async fn stay in
+/// its state for its whole life, so layers of async calls would each keep a copy of what they
+/// were handed in every connection's task. One boxed future holds exactly the session.
+type SessionFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+fn session(
     upgraded: hyper::upgrade::Upgraded,
-    state: Arc<AppState>,
+    state: &Arc<AppState>,
     endpoint: Endpoint,
     client_id: Uuid,
-    _permit: ConnectionPermit,
-) {
-    let _task = state.stats.task();
+) -> SessionFuture {
     let config = &state.config;
     let (outbox, rx) = Outbox::new(client_id, config.buffer);
     let session_config = SessionConfig {
@@ -102,7 +113,6 @@ async fn run(
         timeout: config.timeout,
         close_grace: config.shutdown_grace,
     };
-    tracing::debug!("connected");
     match endpoint {
         Endpoint::Chat => {
             let limits = ChatLimits {
@@ -111,38 +121,34 @@ async fn run(
                 max_data: config.max_data_size,
             };
             let handler = ChatHandler::new(client_id, outbox, Arc::clone(&state.node), limits);
-            let parts = SessionParts::new(rx, handler, session_config, &state);
-            drive(upgraded, parts).await;
+            on_socket(upgraded, SessionParts::new(rx, handler, session_config, state))
         }
         Endpoint::Echo => {
-            // The echo endpoint has no fan-out; its outbox sender only keeps the queue open.
-            let _keep = outbox;
-            // The test-only endpoint is boxed so it does not enlarge every `/ws` task.
-            let parts = SessionParts::new(rx, EchoHandler, session_config, &state);
-            Box::pin(drive(upgraded, parts)).await;
+            // The echo endpoint has no fan-out; its outbox only carries close requests.
+            drop(outbox);
+            on_socket(upgraded, SessionParts::new(rx, EchoHandler, session_config, state))
         }
     }
-    tracing::debug!("disconnected");
 }
 
-/// Runs a session on an upgraded connection. `parts` arrives boxed: arguments of an async fn
-/// stay in its state for its whole life, and this one lives as long as the connection.
-async fn drive<H: Handler>(upgraded: hyper::upgrade::Upgraded, parts: Box<SessionParts<H>>) {
-    // Plain TCP: take the socket back from hyper and use its zero-cost owned halves.
+/// Puts `parts` on the upgraded socket: for plain TCP, hyper gives the `TcpStream` back and
+/// the session uses its zero-cost owned halves; anything else goes through `Buffered`.
+fn on_socket<H: Handler + 'static>(
+    upgraded: hyper::upgrade::Upgraded,
+    parts: Box<SessionParts<H>>,
+) -> SessionFuture {
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(raw) => {
             let (reader, writer) = raw.io.into_inner().into_split();
-            let mut session = parts.into_session(reader, writer);
-            session.run(raw.read_buf).await;
+            Box::pin(parts.into_session(reader, writer).run(raw.read_buf))
         }
         Err(upgraded) => {
-            // Never taken for plain TCP; boxed so it does not enlarge every TCP session's task.
-            Box::pin(async move {
-                let (reader, writer) = tokio::io::split(TokioIo::new(upgraded));
-                let mut session = parts.into_session(Buffered::new(reader), writer);
-                session.run(Bytes::new()).await;
-            })
-            .await;
+            let (reader, writer) = tokio::io::split(TokioIo::new(upgraded));
+            Box::pin(
+                parts
+                    .into_session(Buffered::new(reader), writer)
+                    .run(Bytes::new()),
+            )
         }
     }
 }

@@ -38,7 +38,8 @@ struct Partial {
 #[derive(Debug)]
 pub struct MessageReader {
     max_message: usize,
-    partial: Option<Partial>,
+    /// Boxed: only fragmented messages need it, and the reader lives in every connection.
+    partial: Option<Box<Partial>>,
     frames: u64,
 }
 
@@ -119,11 +120,11 @@ impl MessageReader {
                 if fin {
                     return finish(text, payload).map(Some);
                 }
-                let mut partial = Partial {
+                let mut partial = Box::new(Partial {
                     text,
                     data: payload,
                     valid_utf8: 0,
-                };
+                });
                 check_utf8_prefix(&mut partial)?;
                 self.partial = Some(partial);
                 Ok(None)
@@ -137,7 +138,8 @@ impl MessageReader {
                 partial.data.extend_from_slice(&payload);
                 check_utf8_prefix(&mut partial)?;
                 if fin {
-                    finish(partial.text, partial.data).map(Some)
+                    let Partial { text, data, .. } = *partial;
+                    finish(text, data).map(Some)
                 } else {
                     self.partial = Some(partial);
                     Ok(None)

@@ -179,7 +179,7 @@ where
 {
     /// Runs the connection to its end, including the close handshake; `leftover` holds bytes
     /// the client sent right behind its handshake request.
-    pub async fn run(&mut self, leftover: Bytes) {
+    pub async fn run(mut self, leftover: Bytes) {
         let mut rbuf = BytesMut::from(&leftover[..]);
         drop(leftover);
         let mut wbuf = BytesMut::new();
