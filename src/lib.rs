@@ -6,6 +6,7 @@
 //!   the entry point for `main` and tests.
 //! - [`http`]: routes (`/health`, `/stats`, `/ws`, `/echo`) and the status of every refusal.
 //! - [`admission`]: the connection and handshake bounds (HTTP 503 past them).
+//! - [`sessions`]: every live session, for the heartbeat tick and shutdown.
 //! - [`ws`]: the WebSocket stack: handshake, frame codec, message reader, one task per
 //!   session, bounded outboxes, close codes, and the endpoints' handlers.
 //! - [`protocol`]: JSON dialects carried in messages: legacy and v1.
@@ -29,5 +30,6 @@ pub mod namespace;
 pub mod node;
 pub mod protocol;
 pub mod server;
+pub mod sessions;
 pub mod stats;
 pub mod ws;

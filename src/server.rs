@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::namespace::{NamespaceOptions, SlowPolicy};
 use crate::node::{Dispatcher, Node, NodeOptions};
+use crate::sessions::Sessions;
 use crate::stats::Stats;
 
 /// Shared by every connection.
@@ -35,6 +36,8 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     /// Channels, history and presence through the broker.
     pub node: Arc<Node>,
+    /// Every live WebSocket session.
+    pub sessions: Arc<Sessions>,
     /// Cancelled when the server starts shutting down.
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
@@ -52,7 +55,9 @@ impl AppState {
             legacy: NamespaceOptions {
                 history_size: config.history_size,
                 history_ttl_s: 0,
-                presence: true,
+                // Everyone is on the default channel: its presence would be a list of every
+                // connection (use /stats), and would cost every connection an entry.
+                presence: false,
                 join_leave: true,
                 publish: false,
                 slow_policy: SlowPolicy::Disconnect,
@@ -66,6 +71,7 @@ impl AppState {
             stats: Arc::new(Stats::default()),
             hub,
             node,
+            sessions: Arc::default(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             config,
@@ -81,6 +87,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let state = AppState::new(config);
+    state.tracker.spawn(heartbeat(Arc::clone(&state)));
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -110,6 +117,7 @@ pub async fn run(
     drop(listener);
     tracing::info!("shutting down: closing connections with 1001");
     state.shutdown.cancel();
+    state.sessions.close_all();
     state.tracker.close();
     let limit = state.config.shutdown_grace + Duration::from_millis(500);
     if tokio::time::timeout(limit, state.tracker.wait())
@@ -119,6 +127,19 @@ pub async fn run(
         tracing::warn!("some connections did not finish closing in time");
     }
     Ok(())
+}
+
+/// Wakes every session once a second to check its ping and timeout deadlines: one timer for
+/// the server instead of one per connection.
+async fn heartbeat(state: Arc<AppState>) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => state.sessions.tick(),
+            () = state.shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Serves HTTP/1.1 on one socket until it closes or upgrades.

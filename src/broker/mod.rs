@@ -38,7 +38,7 @@ pub struct ClientInfo {
     /// The connection.
     pub client_id: ClientId,
     /// The authenticated user, if any (`null` for anonymous connections).
-    pub user: Option<String>,
+    pub user: Option<Arc<str>>,
 }
 
 /// What to publish.

@@ -25,11 +25,11 @@ use crate::protocol::v1::{self, Command, Frame, Parsed};
 #[derive(Debug, Clone, Copy)]
 pub struct ChatLimits {
     /// Stored messages replayed after the welcome.
-    pub replay: usize,
+    pub replay: u32,
     /// Most channels one connection may be subscribed to.
-    pub max_channels: usize,
+    pub max_channels: u32,
     /// Largest `data` accepted in a v1 publish, in bytes.
-    pub max_data: usize,
+    pub max_data: u32,
 }
 
 /// Handler for one `/ws` connection.
@@ -122,10 +122,12 @@ impl ChatHandler {
     ) -> Result<(), ClientError> {
         match command {
             Command::Subscribe { channel, since } => {
-                if self.subscription_count() >= self.limits.max_channels
+                if self.subscription_count() >= self.limits.max_channels as usize
                     && self.membership(&channel).is_none()
                 {
-                    return Err(ClientError::TooManyChannels(self.limits.max_channels));
+                    return Err(ClientError::TooManyChannels(
+                        self.limits.max_channels as usize,
+                    ));
                 }
                 let sub = self
                     .node
@@ -159,8 +161,8 @@ impl ChatHandler {
                 );
             }
             Command::Publish { channel, data } => {
-                if data.get().len() > self.limits.max_data {
-                    return Err(ClientError::DataTooBig(self.limits.max_data));
+                if data.get().len() > self.limits.max_data as usize {
+                    return Err(ClientError::DataTooBig(self.limits.max_data as usize));
                 }
                 if channel == DEFAULT_CHANNEL {
                     return Err(ClientError::PermissionDenied(
@@ -240,7 +242,7 @@ impl Handler for ChatHandler {
                     &self.client,
                     DEFAULT_CHANNEL,
                     None,
-                    self.limits.replay,
+                    self.limits.replay as usize,
                 )
                 .await;
             match joined {
@@ -308,7 +310,11 @@ impl Handler for ChatHandler {
             // On shutdown every client is leaving at once; N leave notices to N clients would be
             // N² frames for nobody.
             let announce = !server_shutting_down;
-            let all = self.default.take().into_iter().chain(std::mem::take(&mut self.others));
+            let all = self
+                .default
+                .take()
+                .into_iter()
+                .chain(std::mem::take(&mut self.others));
             for state in all {
                 let channel = &*state.channel;
                 if let Err(err) = self

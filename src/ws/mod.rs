@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use crate::http::HttpError;
 use crate::server::AppState;
+use crate::sessions::Registration;
 use chat::{ChatHandler, ChatLimits};
 use echo::EchoHandler;
 use outbox::Outbox;
@@ -72,7 +73,8 @@ pub fn upgrade(
             let _task = state2.stats.task();
             let _permit = permit;
             tracing::debug!("connected");
-            session(upgraded, &state2, endpoint, client_id).await;
+            let (session, _registration) = session(upgraded, &state2, endpoint, client_id);
+            session.await;
             tracing::debug!("disconnected");
         }
         .instrument(span),
@@ -98,35 +100,39 @@ fn session(
     state: &Arc<AppState>,
     endpoint: Endpoint,
     client_id: Uuid,
-) -> SessionFuture {
+) -> (SessionFuture, Registration) {
     let config = &state.config;
     let (outbox, rx) = Outbox::new(client_id, config.buffer);
-    let session_config = SessionConfig {
-        max_message: match endpoint {
+    let registration = state.sessions.register(outbox.clone());
+    let session_config = SessionConfig::new(
+        match endpoint {
             Endpoint::Chat => config.max_message_size,
             Endpoint::Echo => config.echo_max_message_size,
         },
-        ping_interval: match endpoint {
+        match endpoint {
             Endpoint::Chat => Some(config.ping_interval),
             Endpoint::Echo => None,
         },
-        timeout: config.timeout,
-        close_grace: config.shutdown_grace,
-    };
+        config.timeout,
+        config.shutdown_grace,
+    );
     match endpoint {
         Endpoint::Chat => {
+            // All three are bounded by configuration validation well below u32::MAX.
             let limits = ChatLimits {
-                replay: config.replay_count,
-                max_channels: config.max_channels,
-                max_data: config.max_data_size,
+                replay: u32::try_from(config.replay_count).unwrap_or(u32::MAX),
+                max_channels: u32::try_from(config.max_channels).unwrap_or(u32::MAX),
+                max_data: u32::try_from(config.max_data_size).unwrap_or(u32::MAX),
             };
             let handler = ChatHandler::new(client_id, outbox, Arc::clone(&state.node), limits);
-            on_socket(upgraded, SessionParts::new(rx, handler, session_config, state))
+            let parts = SessionParts::new(rx, handler, session_config, state);
+            (on_socket(upgraded, parts), registration)
         }
         Endpoint::Echo => {
-            // The echo endpoint has no fan-out; its outbox only carries close requests.
+            // The echo endpoint has no fan-out; its outbox only carries signals.
             drop(outbox);
-            on_socket(upgraded, SessionParts::new(rx, EchoHandler, session_config, state))
+            let parts = SessionParts::new(rx, EchoHandler, session_config, state);
+            (on_socket(upgraded, parts), registration)
         }
     }
 }

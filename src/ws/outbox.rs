@@ -60,6 +60,8 @@ struct Shared {
     close: AtomicU8,
     has_gaps: AtomicBool,
     gaps: Mutex<Vec<Arc<MemberState>>>,
+    /// Set by the server's heartbeat ticker: time to check the heartbeat deadlines.
+    tick: AtomicBool,
 }
 
 impl Shared {
@@ -117,6 +119,7 @@ impl Outbox {
             close: AtomicU8::new(0),
             has_gaps: AtomicBool::new(false),
             gaps: Mutex::default(),
+            tick: AtomicBool::new(false),
         });
         (
             Self {
@@ -166,6 +169,12 @@ impl Outbox {
         }
     }
 
+    /// Asks the session to check its heartbeat deadlines (see `crate::sessions`).
+    pub fn tick(&self) {
+        self.shared.tick.store(true, Ordering::Release);
+        self.shared.wake();
+    }
+
     /// Whether a close was requested.
     pub fn is_closing(&self) -> bool {
         self.shared.close.load(Ordering::Acquire) != 0
@@ -209,6 +218,11 @@ impl OutboxReceiver {
         } else {
             Poll::Pending
         }
+    }
+
+    /// Whether a heartbeat tick arrived since the last call.
+    pub fn take_tick(&self) -> bool {
+        self.shared.tick.swap(false, Ordering::AcqRel)
     }
 
     /// The close requested from outside, if any.

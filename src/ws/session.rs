@@ -1,8 +1,8 @@
 //! One task per WebSocket connection: reads frames, writes queued frames, keeps the heartbeat.
 //!
-//! Everything a connection does happens in one `select!` loop over its socket halves, one
-//! wake-up for its outbox, the server's shutdown and one timer, so there is no second task per
-//! connection. Frames waiting for the socket are copied into one contiguous write buffer and
+//! Everything a connection does happens in one `select!` loop over its socket halves and one
+//! wake-up (frames queued, close requested, heartbeat tick, shutdown), so there is no second
+//! task and no timer per connection. Frames waiting for the socket are copied into one contiguous write buffer and
 //! written with as few syscalls as the kernel allows; reading pauses while that buffer is over
 //! its high mark, which is what bounds the memory of a client that sends but never reads.
 //! While idle, a session holds neither a read nor a write buffer.
@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
 use super::close::{CloseCode, WsViolation};
@@ -29,20 +29,59 @@ use crate::stats::Stats;
 const WRITE_HIGH_WATER: usize = 256 * 1024;
 /// Room reserved for each read.
 const READ_CHUNK: usize = 4096;
+/// How much earlier than due a ping may go out: the heartbeat ticks once a second, and a ping
+/// that waited for the next tick would leave the client too little time to answer.
+const PING_EARLY: Duration = Duration::from_millis(500);
 /// How long the server waits for the client's close frame after sending its own.
 const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(1);
 
-/// Per-endpoint session settings.
-#[derive(Debug, Clone)]
+/// Per-endpoint session settings, stored compactly: every connection carries a copy.
+#[derive(Debug, Clone, Copy)]
 pub struct SessionConfig {
-    /// Largest message accepted; larger closes with 1009.
-    pub max_message: usize,
-    /// Interval of server pings, or `None` to never ping (the echo endpoint).
-    pub ping_interval: Option<Duration>,
-    /// Silence after which the connection is closed with 4000.
-    pub timeout: Duration,
-    /// Time allowed to flush and close on shutdown or error.
-    pub close_grace: Duration,
+    max_message: u32,
+    /// Milliseconds; 0 = never ping.
+    ping_ms: u32,
+    timeout_ms: u32,
+    close_grace_ms: u32,
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+impl SessionConfig {
+    /// Largest message accepted (larger closes with 1009); interval of server pings (`None`
+    /// never pings: the echo endpoint); silence after which the connection is closed with
+    /// 4000; time allowed to flush and close on shutdown or error.
+    pub fn new(
+        max_message: usize,
+        ping_interval: Option<Duration>,
+        timeout: Duration,
+        close_grace: Duration,
+    ) -> Self {
+        Self {
+            max_message: u32::try_from(max_message).unwrap_or(u32::MAX),
+            ping_ms: ping_interval.map_or(0, millis),
+            timeout_ms: millis(timeout),
+            close_grace_ms: millis(close_grace),
+        }
+    }
+
+    fn max_message(&self) -> usize {
+        self.max_message as usize
+    }
+
+    fn ping_interval(&self) -> Option<Duration> {
+        (self.ping_ms > 0).then(|| Duration::from_millis(u64::from(self.ping_ms)))
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.timeout_ms))
+    }
+
+    fn close_grace(&self) -> Duration {
+        Duration::from_millis(u64::from(self.close_grace_ms))
+    }
 }
 
 /// Frames a handler sends directly on its own connection (replies, welcome, errors).
@@ -183,7 +222,7 @@ where
         let mut rbuf = BytesMut::from(&leftover[..]);
         drop(leftover);
         let mut wbuf = BytesMut::new();
-        let mut parser = MessageReader::new(self.config.max_message);
+        let mut parser = MessageReader::new(self.config.max_message());
         let mut replies = Replies {
             buf: &mut wbuf,
             count: 0,
@@ -215,18 +254,10 @@ where
         parser: &mut MessageReader,
     ) -> End {
         let mut last_seen = Instant::now();
-        let mut next_ping = self.config.ping_interval.map(|p| last_seen + p);
-        let silence = self.config.timeout;
-        let deadline = |last_seen: Instant, next_ping: Option<Instant>| {
-            let dead = last_seen + silence;
-            next_ping.map_or(dead, |p| p.min(dead))
-        };
-        let timer = sleep_until(deadline(last_seen, next_ping));
-        tokio::pin!(timer);
-        // Created once and kept: re-registering on every turn of the loop costs locks.
-        let shutdown = self.shutdown.clone();
-        let cancelled = shutdown.cancelled();
-        tokio::pin!(cancelled);
+        let mut next_ping = self.config.ping_interval().map(|p| last_seen + p);
+        if self.shutdown.is_cancelled() {
+            return End::Server(CloseCode::GoingAway);
+        }
 
         // Bytes the client pipelined right behind its handshake are processed first.
         let mut pending_input = !rbuf.is_empty();
@@ -266,11 +297,26 @@ where
                     if let Some(code) = self.outbox.close_requested() {
                         return End::Server(code);
                     }
+                    if self.shutdown.is_cancelled() {
+                        return End::Server(CloseCode::GoingAway);
+                    }
+                    if self.outbox.take_tick() {
+                        let now = Instant::now();
+                        if now.saturating_duration_since(last_seen) >= self.config.timeout() {
+                            return End::Server(CloseCode::HeartbeatTimeout);
+                        }
+                        // Ticks come every second: ping when the next tick would be late.
+                        if let (Some(at), Some(every)) = (next_ping, self.config.ping_interval()) {
+                            if now + PING_EARLY >= at {
+                                encode_into(wbuf, OpCode::Ping, b"");
+                                next_ping = Some(now + every);
+                            }
+                        }
+                    }
                     if can_take {
                         self.take_from_outbox(wbuf);
                     }
                 },
-                () = &mut cancelled => return End::Server(CloseCode::GoingAway),
                 written = self.writer.write(wbuf), if !wbuf.is_empty() => match written {
                     Ok(0) | Err(_) => return End::Gone,
                     Ok(n) => self.wrote(n, wbuf),
@@ -280,26 +326,13 @@ where
                         return End::Gone;
                     }
                     let wanted = parser.bytes_wanted(rbuf).max(READ_CHUNK);
-                    rbuf.reserve(wanted.min(self.config.max_message + 14));
+                    rbuf.reserve(wanted.min(self.config.max_message() + 14));
                     match self.reader.try_read_buf(rbuf) {
                         Ok(0) => return End::Gone,
                         Ok(_) => pending_input = true,
                         Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(_) => return End::Gone,
                     }
-                },
-                () = &mut timer => {
-                    let now = Instant::now();
-                    if now >= last_seen + silence {
-                        return End::Server(CloseCode::HeartbeatTimeout);
-                    }
-                    if let (Some(at), Some(every)) = (next_ping, self.config.ping_interval) {
-                        if now >= at {
-                            encode_into(wbuf, OpCode::Ping, b"");
-                            next_ping = Some(now + every);
-                        }
-                    }
-                    timer.as_mut().reset(deadline(last_seen, next_ping));
                 },
             }
         }
@@ -398,7 +431,11 @@ where
             End::ClientClosed(code) => {
                 // Echo the client's code, as RFC 6455 §5.5.1 asks; no reply needed after.
                 encode_close(&mut wbuf, code.unwrap_or(1000), "");
-                let _ = timeout(self.config.close_grace, flush(&mut self.writer, &mut wbuf)).await;
+                let _ = timeout(
+                    self.config.close_grace(),
+                    flush(&mut self.writer, &mut wbuf),
+                )
+                .await;
                 return;
             }
             End::Violation(v) => v.close_code(),
@@ -428,7 +465,7 @@ where
                 self.writer.shutdown().await
             }
         };
-        let _ = timeout(self.config.close_grace, closing).await;
+        let _ = timeout(self.config.close_grace(), closing).await;
     }
 }
 

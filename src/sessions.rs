@@ -1,0 +1,119 @@
+//! Every live WebSocket session on this node, for the two things that concern all of them at
+//! once: the heartbeat tick and shutdown.
+//!
+//! One server-wide ticker replaces a timer per connection: a connection's own timer would cost
+//! over a hundred bytes in every idle connection, the registry entry a few dozen. The ticker
+//! wakes each session once per tick; the session compares the time with its own deadlines.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::ws::close::CloseCode;
+use crate::ws::outbox::{ClientId, Outbox};
+
+const SHARDS: usize = 64;
+
+/// The registry of live sessions, sharded so registration never contends globally.
+#[derive(Debug)]
+pub struct Sessions {
+    hasher: RandomState,
+    shards: Box<[Mutex<HashMap<ClientId, Outbox>>]>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self {
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+}
+
+/// Keeps a session registered while it lives.
+#[derive(Debug)]
+pub struct Registration {
+    sessions: Arc<Sessions>,
+    id: ClientId,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.sessions.shard(self.id).remove(&self.id);
+    }
+}
+
+impl Sessions {
+    fn shard(&self, id: ClientId) -> MutexGuard<'_, HashMap<ClientId, Outbox>> {
+        let index = self.hasher.hash_one(id) as usize % SHARDS;
+        // Every update is a single insert or remove, so a poisoned lock is still consistent.
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers a session's outbox until the returned guard drops.
+    pub fn register(self: &Arc<Self>, outbox: Outbox) -> Registration {
+        let id = outbox.id();
+        self.shard(id).insert(id, outbox);
+        Registration {
+            sessions: Arc::clone(self),
+            id,
+        }
+    }
+
+    /// Calls `f` on every registered session's outbox, one shard at a time.
+    pub fn for_each(&self, f: impl Fn(&Outbox)) {
+        for shard in self.shards.iter() {
+            let shard = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            shard.values().for_each(&f);
+        }
+    }
+
+    /// Wakes every session to check its heartbeat deadlines.
+    pub fn tick(&self) {
+        self.for_each(Outbox::tick);
+    }
+
+    /// Asks every session to close with 1001.
+    pub fn close_all(&self) {
+        self.for_each(|outbox| outbox.close(CloseCode::GoingAway));
+    }
+
+    /// Live sessions.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .len()
+            })
+            .sum()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    #[test]
+    fn registration_lasts_as_long_as_its_guard() {
+        let sessions = Arc::new(Sessions::default());
+        let (outbox, rx) = Outbox::new(Uuid::new_v4(), 1);
+        let guard = sessions.register(outbox);
+        assert_eq!(sessions.len(), 1);
+        sessions.close_all();
+        assert_eq!(rx.close_requested(), Some(CloseCode::GoingAway));
+        drop(guard);
+        assert!(sessions.is_empty());
+    }
+}
