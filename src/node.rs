@@ -208,7 +208,8 @@ impl Node {
                 tracing::warn!(%err, channel, "presence add failed");
             }
         }
-        if options.join_leave {
+        // The legacy dialect has no join notice: nothing to announce on the default channel.
+        if options.join_leave && channel != DEFAULT_CHANNEL {
             if let Err(err) = self.broker.publish_join(channel, client.clone()).await {
                 tracing::warn!(%err, channel, "join notice failed");
             }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -157,17 +157,21 @@ async fn serve_http(stream: TcpStream, state: Arc<AppState>, permit: HandshakePe
         })
     };
     let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(state.config.handshake_timeout)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
+    // Plain HTTP answers one request and closes, and an upgrade ends this phase, so one timer
+    // over the whole HTTP phase bounds how long a socket can sit without finishing its
+    // handshake (and hold a `MAX_QUEUED_TASKS` slot), at the cost of a single timer.
+    let deadline = tokio::time::sleep(state.config.handshake_timeout);
+    tokio::pin!(deadline);
     tokio::select! {
         result = conn.as_mut() => {
             if let Err(err) = result {
                 tracing::debug!(%err, "http connection ended with an error");
             }
         }
+        () = &mut deadline => tracing::debug!("handshake not finished in time; closing"),
         () = state.shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(state.config.shutdown_grace, conn).await;

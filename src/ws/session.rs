@@ -27,6 +27,9 @@ use crate::stats::Stats;
 
 /// Reading pauses while this much is waiting to be written.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// Empty buffers up to this capacity are kept between messages and released on the next
+/// heartbeat tick; larger ones are released at once.
+const KEEP_BUFFER: usize = 16 * 1024;
 /// Room reserved for each read.
 const READ_CHUNK: usize = 4096;
 /// How much earlier than due a ping may go out: the heartbeat ticks once a second, and a ping
@@ -276,7 +279,7 @@ where
                     return end;
                 }
                 pending_input = more;
-                if rbuf.is_empty() {
+                if rbuf.is_empty() && rbuf.capacity() > KEEP_BUFFER {
                     *rbuf = BytesMut::new();
                 }
                 self.take_from_outbox(wbuf);
@@ -301,6 +304,14 @@ where
                         return End::Server(CloseCode::GoingAway);
                     }
                     if self.outbox.take_tick() {
+                        // Small buffers stay while a connection is busy (no allocation per
+                        // message); an idle one gives them back within a tick.
+                        if rbuf.is_empty() && !pending_input {
+                            *rbuf = BytesMut::new();
+                        }
+                        if wbuf.is_empty() {
+                            *wbuf = BytesMut::new();
+                        }
                         let now = Instant::now();
                         if now.saturating_duration_since(last_seen) >= self.config.timeout() {
                             return End::Server(CloseCode::HeartbeatTimeout);
@@ -342,7 +353,7 @@ where
     /// waited for room move in (pushes only wake the session when its queue was empty).
     fn wrote(&mut self, n: usize, wbuf: &mut BytesMut) {
         wbuf.advance(n);
-        if wbuf.is_empty() {
+        if wbuf.is_empty() && wbuf.capacity() > KEEP_BUFFER {
             *wbuf = BytesMut::new();
         }
         if wbuf.len() < WRITE_HIGH_WATER {

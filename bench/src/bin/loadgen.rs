@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use rusty_bench::{
     Args, Latencies, each_frame, encode_frame, parse_url, process_cpu, process_rss_kib, ws_connect,
 };
@@ -393,6 +392,7 @@ async fn connect(args: &Args) -> Result<(), String> {
     let hold = Duration::from_secs(args.number("hold", 5)?.clamp(1, 120));
     let server_pid = args.number("server-pid", 0)? as u32;
     let rss_before = process_rss_kib(server_pid);
+    let cpu_before = process_cpu(server_pid);
     let limit = Arc::new(Semaphore::new(concurrency));
     let began = Instant::now();
     let mut tasks = Vec::with_capacity(connections);
@@ -421,6 +421,11 @@ async fn connect(args: &Args) -> Result<(), String> {
         }
     }
     let elapsed = began.elapsed();
+    let cpu = match (cpu_before, process_cpu(server_pid)) {
+        (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64(),
+        _ => 0.0,
+    };
+    let per_cpu = held.len() as f64 / cpu.max(0.001);
     tokio::time::sleep(hold).await;
     let rss_after = process_rss_kib(server_pid);
     let per_conn = match (rss_before, rss_after) {
@@ -431,7 +436,7 @@ async fn connect(args: &Args) -> Result<(), String> {
     };
     let rate = held.len() as f64 / elapsed.as_secs_f64();
     println!(
-        "connect: {} of {connections} connected in {:.2}s = {rate:.0}/s; {failures} failed{}; server RSS {} -> {} KiB = {per_conn:.0} bytes per connection",
+        "connect: {} of {connections} connected in {:.2}s = {rate:.0}/s ({per_cpu:.0} per server CPU-second); {failures} failed{}; server RSS {} -> {} KiB = {per_conn:.0} bytes per connection",
         held.len(),
         elapsed.as_secs_f64(),
         first_error
@@ -441,9 +446,8 @@ async fn connect(args: &Args) -> Result<(), String> {
         rss_after.unwrap_or(0),
     );
     println!(
-        "RESULT connect ok={} failed={failures} per_sec={rate:.0} rss_per_conn_bytes={per_conn:.0}",
+        "RESULT connect ok={} failed={failures} per_sec={rate:.0} per_cpu_sec={per_cpu:.0} rss_per_conn_bytes={per_conn:.0}",
         held.len()
     );
-    let _ = BytesMut::new();
     Ok(())
 }

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Measures Rusty Socks against its peers (tokio-tungstenite and fastwebsockets broadcast servers
+# built from bench/) in one run: each scenario on a fresh server process pinned to CPU 1, the
+# load generator pinned to CPU 0, loopback only. Prints every RESULT line, labelled.
+#
+# Usage: bench/run.sh [quick]      (quick: fewer messages and connections, for a smoke test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --quiet --workspace --bins
+BIN=target/release
+QUICK=${1:-}
+scale() { if [ "$QUICK" = quick ]; then echo $(( $1 / 10 )); else echo "$1"; fi; }
+
+SERVER_PID=""
+stop() { if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""; fi; }
+trap stop EXIT
+
+start() { # name -> sets SERVER_PID and PORT
+  local name=$1
+  case "$name" in
+    rusty_socks)
+      PORT=9500
+      RUSTY_SOCKS_HOST=127.0.0.1 RUSTY_SOCKS_PORT=$PORT RUSTY_SOCKS_THREAD_POOL_SIZE=1 \
+        RUSTY_SOCKS_MAX_CONN=20000 RUSTY_SOCKS_MAX_QUEUED_TASKS=20000 RUSTY_SOCKS_ECHO_ENDPOINT=true \
+        RUST_LOG=warn taskset -c 1 "$BIN/rusty_socks" >/dev/null 2>&1 &
+      ;;
+    tungstenite) PORT=9501; taskset -c 1 "$BIN/peer-tungstenite" --port $PORT >/dev/null 2>&1 & ;;
+    fastwebsockets) PORT=9502; taskset -c 1 "$BIN/peer-fastwebsockets" --port $PORT >/dev/null 2>&1 & ;;
+  esac
+  SERVER_PID=$!
+  for _ in $(seq 1 50); do
+    if (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null; then return; fi
+    sleep 0.1
+  done
+  echo "server $name did not start" >&2; exit 1
+}
+
+gen() { taskset -c 0 "$BIN/loadgen" "$@" | grep '^RESULT' || echo "RESULT failed"; }
+
+run() { # label server scenario args...
+  local label=$1 server=$2; shift 2
+  start "$server"
+  local url_path=/ws
+  [ "$1" = echo ] && url_path=/echo
+  local out
+  out=$(gen "$@" --url "ws://127.0.0.1:$PORT$url_path" --server-pid "$SERVER_PID")
+  echo "$label $server $out"
+  stop
+  sleep 1
+}
+
+SERVERS="rusty_socks fastwebsockets tungstenite"
+MSGS=$(scale 10000)
+echo "# machine: $(nproc) cores, $(uname -r); $(date -u +%FT%TZ)"
+for s in $SERVERS; do run burst-1000x64 "$s" broadcast --subscribers 1000 --messages "$MSGS" --size 64 --window 256; done
+for s in $SERVERS; do run rate-1000x64-1k/s "$s" broadcast --subscribers 1000 --messages "$(scale 3000)" --size 64 --rate 1000; done
+for s in $SERVERS; do run echo-100xw1 "$s" echo --connections 100 --window 1 --duration "$(scale 50)"; done
+for s in $SERVERS; do run connect-10k "$s" connect --connections "$(scale 10000)" --hold 3; done
+run connect-19k rusty_socks connect --connections "$(scale 19000)" --hold 3
+# How cost grows with subscribers and with message size (Rusty Socks only).
+run subs-100 rusty_socks broadcast --subscribers 100 --messages "$(scale 50000)" --size 64 --window 256
+run subs-10000 rusty_socks broadcast --subscribers "$(scale 10000)" --messages "$(scale 1000)" --size 64 --window 256
+run size-1024 rusty_socks broadcast --subscribers 1000 --messages "$(scale 5000)" --size 1024 --window 256
+run size-4096 rusty_socks broadcast --subscribers 1000 --messages "$(scale 2000)" --size 4096 --window 256
