@@ -54,6 +54,8 @@ MSGS=$(scale 10000)
 echo "# machine: $(nproc) cores, $(uname -r); $(date -u +%FT%TZ)"
 for s in $SERVERS; do run burst-1000x64 "$s" broadcast --subscribers 1000 --messages "$MSGS" --size 64 --window 256; done
 for s in $SERVERS; do run rate-1000x64-1k/s "$s" broadcast --subscribers 1000 --messages "$(scale 3000)" --size 64 --rate 1000; done
+# The same with 10 subscribers that never read: what they cost the others.
+for s in $SERVERS; do run rate-1000x64-1k/s-stalled10 "$s" broadcast --subscribers 1000 --stalled 10 --messages "$(scale 3000)" --size 64 --rate 1000; done
 for round in 1 2; do
   for s in $SERVERS; do run "echo-100xw1-r$round" "$s" echo --connections 100 --window 1 --duration "$(scale 30)"; done
 done

@@ -129,6 +129,22 @@ async fn max_conn_refuses_at_once_with_503_and_spares_existing_clients() {
     server.stop().await;
 }
 
+/// One `GET /health` on a fresh socket, tolerating a refusal written before the request is
+/// read: (status, headers, body).
+async fn probe_health(addr: std::net::SocketAddr) -> (u16, String, String) {
+    let mut probe = TcpStream::connect(addr).await.unwrap();
+    let _ = probe
+        .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await;
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut probe, &mut raw),
+    )
+    .await;
+    split_response(&raw)
+}
+
 #[tokio::test]
 async fn max_queued_tasks_bounds_pending_handshakes() {
     let server = TestServer::start(|c| c.max_queued_tasks = 2).await;
@@ -139,17 +155,7 @@ async fn max_queued_tasks_bounds_pending_handshakes() {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         // The refusal is written before the request is read, so any request gets it.
-        let mut probe = TcpStream::connect(server.addr).await.unwrap();
-        let _ = probe
-            .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await;
-        let mut raw = Vec::new();
-        let _ = tokio::time::timeout(
-            WAIT,
-            tokio::io::AsyncReadExt::read_to_end(&mut probe, &mut raw),
-        )
-        .await;
-        let (status, head, body) = split_response(&raw);
+        let (status, head, body) = probe_health(server.addr).await;
         if status == 503 {
             assert!(head.contains("retry-after: 1"), "{head}");
             assert!(body.contains("RUSTY_SOCKS_MAX_QUEUED_TASKS"), "{body}");
@@ -170,17 +176,7 @@ async fn max_queued_tasks_bounds_pending_handshakes() {
     drop((idle1, idle2));
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let mut probe = TcpStream::connect(server.addr).await.unwrap();
-        let _ = probe
-            .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-            .await;
-        let mut raw = Vec::new();
-        let _ = tokio::time::timeout(
-            WAIT,
-            tokio::io::AsyncReadExt::read_to_end(&mut probe, &mut raw),
-        )
-        .await;
-        if split_response(&raw).0 == 200 {
+        if probe_health(server.addr).await.0 == 200 {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "slots never freed");

@@ -26,6 +26,18 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
+    /// Every code the server sends (for documentation checks).
+    pub const ALL: [CloseCode; 8] = [
+        Self::Normal,
+        Self::GoingAway,
+        Self::ProtocolError,
+        Self::InvalidPayload,
+        Self::MessageTooBig,
+        Self::InternalError,
+        Self::HeartbeatTimeout,
+        Self::SlowConsumer,
+    ];
+
     /// The numeric code put on the wire.
     pub fn code(self) -> u16 {
         match self {
@@ -104,16 +116,7 @@ mod tests {
 
     #[test]
     fn reasons_fit_a_control_frame() {
-        for code in [
-            CloseCode::Normal,
-            CloseCode::GoingAway,
-            CloseCode::ProtocolError,
-            CloseCode::InvalidPayload,
-            CloseCode::MessageTooBig,
-            CloseCode::InternalError,
-            CloseCode::HeartbeatTimeout,
-            CloseCode::SlowConsumer,
-        ] {
+        for code in CloseCode::ALL {
             assert!(code.reason().len() <= 123);
         }
     }

@@ -17,12 +17,14 @@ const HELP: &str = "loadgen - load generator for WebSocket broadcast servers (lo
 USAGE:
   loadgen broadcast --url ws://127.0.0.1:3030/ws [--subscribers 1000] [--publishers 1]
                     [--messages 2000] [--size 64] [--rate 0] [--window 256]
-                    [--server-pid PID] [--timeout 60]
+                    [--stalled 0] [--server-pid PID] [--timeout 60]
       N subscribers and P publishers connect; each publisher sends --messages JSON chat
       messages of --size bytes ({\"sender\":..,\"content\":..}); every one must reach every
       subscriber. --rate is messages/s per publisher (0 = flat out, at most --window messages
       ahead of the slowest subscriber). Reports deliveries/s, deliveries per server
       CPU-second (with --server-pid), publish->delivery latency p50/p99/p999, and lost messages.
+      --stalled K adds K subscribers that connect and never read: the others' figures show
+      what such clients cost them.
 
   loadgen echo --url ws://127.0.0.1:3030/echo [--connections 100] [--window 1] [--size 64]
                [--duration 10]
@@ -117,6 +119,7 @@ async fn broadcast(args: &Args) -> Result<(), String> {
     let window = args.number("window", 256)?.max(1);
     let timeout = Duration::from_secs(args.number("timeout", 60)?);
     let server_pid = args.number("server-pid", 0)? as u32;
+    let stalled = args.number("stalled", 0)? as usize;
     let run = (std::process::id() ^ (Instant::now().elapsed().subsec_nanos())) % 1_000_000;
     let start = Instant::now();
 
@@ -188,6 +191,14 @@ async fn broadcast(args: &Args) -> Result<(), String> {
             (latencies, stream)
         }));
     }
+    // Connected, never read: held until the end of the run.
+    let mut stalled_streams = Vec::with_capacity(stalled);
+    for _ in 0..stalled {
+        let (stream, _) = ws_connect(addr, &path)
+            .await
+            .map_err(|e| format!("stalled subscriber connect failed: {e}"))?;
+        stalled_streams.push(stream);
+    }
     let mut publisher_streams = Vec::new();
     for _ in 0..publishers {
         let (stream, _) = ws_connect(addr, &path)
@@ -202,7 +213,7 @@ async fn broadcast(args: &Args) -> Result<(), String> {
         publisher_streams.push(wr);
     }
     eprintln!(
-        "broadcast: {subscribers} subscribers, {publishers} publishers connected in {:.1}s",
+        "broadcast: {subscribers} subscribers (+{stalled} stalled), {publishers} publishers connected in {:.1}s",
         start.elapsed().as_secs_f64()
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -264,6 +275,7 @@ async fn broadcast(args: &Args) -> Result<(), String> {
         }
     }
     let elapsed = began.elapsed();
+    drop(stalled_streams);
     let cpu = match (cpu_before, process_cpu(server_pid)) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
