@@ -78,20 +78,26 @@ fn micros_since(start: Instant) -> u64 {
     start.elapsed().as_micros() as u64
 }
 
-/// Finds `#b<run>:<publisher>:<seq>:<micros>#` in a frame.
+/// Finds `#b<run>:<publisher>:<seq>:<micros>#` in a frame, parsing digits in place: this runs
+/// once per delivery and must cost the generator as little as possible.
 fn marker(payload: &[u8], run: u32) -> Option<(usize, u64, u64)> {
     let at = memchr::memmem::find(payload, b"#b")?;
-    let text = std::str::from_utf8(&payload[at + 2..]).ok()?;
-    let end = text.find('#')?;
-    let mut parts = text[..end].split(':');
-    let r: u32 = parts.next()?.parse().ok()?;
-    if r != run {
-        return None;
+    let mut fields = [0u64; 4];
+    let mut index = 0;
+    for &byte in &payload[at + 2..] {
+        match byte {
+            b'0'..=b'9' => fields[index] = fields[index] * 10 + u64::from(byte - b'0'),
+            b':' if index < 3 => index += 1,
+            b'#' if index == 3 => {
+                if fields[0] != u64::from(run) {
+                    return None;
+                }
+                return Some((fields[1] as usize, fields[2], fields[3]));
+            }
+            _ => return None,
+        }
     }
-    let publisher = parts.next()?.parse().ok()?;
-    let seq = parts.next()?.parse().ok()?;
-    let micros = parts.next()?.parse().ok()?;
-    Some((publisher, seq, micros))
+    None
 }
 
 fn chat_message(run: u32, publisher: usize, seq: u64, micros: u64, size: usize) -> Vec<u8> {
@@ -155,7 +161,7 @@ async fn broadcast(args: &Args) -> Result<(), String> {
             let mut got = 0u64;
             let mut pongs = Vec::new();
             while got < expected_total {
-                buf.reserve(16 * 1024);
+                buf.reserve(64 * 1024);
                 match stream.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
@@ -219,6 +225,7 @@ async fn broadcast(args: &Args) -> Result<(), String> {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let cpu_before = process_cpu(server_pid);
+    let own_before = process_cpu(std::process::id());
     let began = Instant::now();
     let subs = Arc::new(subs);
     let mut sending = Vec::new();
@@ -275,11 +282,16 @@ async fn broadcast(args: &Args) -> Result<(), String> {
         }
     }
     let elapsed = began.elapsed();
-    drop(stalled_streams);
     let cpu = match (cpu_before, process_cpu(server_pid)) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
     };
+    let own_busy = match (own_before, process_cpu(std::process::id())) {
+        (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64() / elapsed.as_secs_f64() * 100.0,
+        _ => 0.0,
+    };
+    let server_busy = cpu.map_or(0.0, |c| c.as_secs_f64() / elapsed.as_secs_f64() * 100.0);
+    drop(stalled_streams);
     let expected = messages * publishers as u64 * subscribers as u64;
     let delivered: u64 = subs
         .iter()
@@ -303,7 +315,7 @@ async fn broadcast(args: &Args) -> Result<(), String> {
         dups.load(Ordering::Relaxed),
     );
     println!(
-        "RESULT broadcast delivered={delivered} expected={expected} secs={:.3} per_sec={:.0} per_cpu_sec={per_cpu:.0} lost={missing} p50_us={p50} p99_us={p99} p999_us={p999}",
+        "RESULT broadcast delivered={delivered} expected={expected} secs={:.3} per_sec={:.0} per_cpu_sec={per_cpu:.0} lost={missing} p50_us={p50} p99_us={p99} p999_us={p999} server_busy_pct={server_busy:.0} generator_busy_pct={own_busy:.0}",
         elapsed.as_secs_f64(),
         delivered as f64 / elapsed.as_secs_f64()
     );
@@ -462,4 +474,18 @@ async fn connect(args: &Args) -> Result<(), String> {
         held.len()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_round_trip() {
+        let msg = chat_message(7, 2, 41, 123_456, 64);
+        assert_eq!(msg.len(), 64);
+        assert_eq!(marker(&msg, 7), Some((2, 41, 123_456)));
+        assert_eq!(marker(&msg, 8), None, "another run's message");
+        assert_eq!(marker(b"no marker here", 7), None);
+    }
 }
