@@ -67,7 +67,7 @@ fn main() -> ExitCode {
 
 async fn serve(config: Config) -> ExitCode {
     let addr = SocketAddr::new(config.host, config.port);
-    let listener = match tokio::net::TcpListener::bind(addr).await {
+    let listener = match listen(addr) {
         Ok(listener) => listener,
         Err(err) => {
             eprintln!(
@@ -93,6 +93,24 @@ async fn serve(config: Config) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Pending connections the kernel may queue before `accept`: the usual default of 128
+/// overflows during a connection burst, and every dropped SYN costs its client a one-second
+/// retransmit. The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the listening socket with a large accept backlog and `SO_REUSEADDR` (a restart must
+/// not fail on connections of the previous process still in TIME_WAIT).
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Resolves on SIGINT or SIGTERM.

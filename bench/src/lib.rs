@@ -79,6 +79,15 @@ pub fn parse_url(url: &str) -> Result<(SocketAddr, String), String> {
     Ok((addr, path))
 }
 
+/// Listens on `127.0.0.1:port` with the same accept backlog (4096) as Rusty Socks, so connect
+/// figures compare servers, not kernel defaults.
+pub fn listen(port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
+    socket.listen(4096)
+}
+
 /// Opens a WebSocket connection; returns the stream and any bytes read past the handshake.
 pub async fn ws_connect(addr: SocketAddr, path: &str) -> std::io::Result<(TcpStream, BytesMut)> {
     let mut stream = TcpStream::connect(addr).await?;

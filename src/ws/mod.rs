@@ -144,17 +144,11 @@ fn on_socket<H: Handler + 'static>(
     parts: Box<SessionParts<H>>,
 ) -> SessionFuture {
     match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(raw) => {
-            let (reader, writer) = raw.io.into_inner().into_split();
-            Box::pin(parts.into_session(reader, writer).run(raw.read_buf))
-        }
-        Err(upgraded) => {
-            let (reader, writer) = tokio::io::split(TokioIo::new(upgraded));
-            Box::pin(
-                parts
-                    .into_session(Buffered::new(reader), writer)
-                    .run(Bytes::new()),
-            )
-        }
+        Ok(raw) => Box::pin(parts.into_session(raw.io.into_inner()).run(raw.read_buf)),
+        Err(upgraded) => Box::pin(
+            parts
+                .into_session(Buffered::new(TokioIo::new(upgraded)))
+                .run(Bytes::new()),
+        ),
     }
 }

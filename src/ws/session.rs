@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
@@ -22,7 +21,7 @@ use super::close::{CloseCode, WsViolation};
 use super::frame::{OpCode, encode_close, encode_into};
 use super::outbox::OutboxReceiver;
 use super::reader::{Incoming, MessageReader};
-use super::transport::{SocketRead, read_some};
+use super::transport::{Transport, read_some, write_all};
 use crate::stats::Stats;
 
 /// Reading pauses while this much is waiting to be written.
@@ -184,15 +183,10 @@ impl<H: Handler> SessionParts<H> {
         clippy::boxed_local,
         reason = "the parts travel boxed so the long-lived caller's state stays small"
     )]
-    pub fn into_session<R, W>(self: Box<Self>, reader: R, writer: W) -> Session<R, W, H>
-    where
-        R: SocketRead,
-        W: AsyncWrite + Unpin + Send,
-    {
+    pub fn into_session<T: Transport>(self: Box<Self>, io: T) -> Session<T, H> {
         let parts = *self;
         Session {
-            reader,
-            writer,
+            io,
             outbox: parts.outbox,
             handler: parts.handler,
             config: parts.config,
@@ -203,9 +197,8 @@ impl<H: Handler> SessionParts<H> {
 }
 
 /// Everything one session task owns.
-pub struct Session<R, W, H> {
-    reader: R,
-    writer: W,
+pub struct Session<T, H> {
+    io: T,
     outbox: OutboxReceiver,
     handler: H,
     config: SessionConfig,
@@ -213,10 +206,9 @@ pub struct Session<R, W, H> {
     stats: Arc<Stats>,
 }
 
-impl<R, W, H> Session<R, W, H>
+impl<T, H> Session<T, H>
 where
-    R: SocketRead,
-    W: AsyncWrite + Unpin + Send,
+    T: Transport,
     H: Handler,
 {
     /// Runs the connection to its end, including the close handshake; `leftover` holds bytes
@@ -285,7 +277,7 @@ where
                 self.take_from_outbox(wbuf);
                 // Answer right away when the socket takes it, without another turn.
                 if !wbuf.is_empty() {
-                    match self.writer.write(wbuf).now_or_never() {
+                    match std::future::poll_fn(|cx| self.io.poll_write(cx, wbuf)).now_or_never() {
                         Some(Ok(0) | Err(_)) => return End::Gone,
                         Some(Ok(n)) => self.wrote(n, wbuf),
                         None => {}
@@ -328,17 +320,17 @@ where
                         self.take_from_outbox(wbuf);
                     }
                 },
-                written = self.writer.write(wbuf), if !wbuf.is_empty() => match written {
+                written = std::future::poll_fn(|cx| self.io.poll_write(cx, wbuf)), if !wbuf.is_empty() => match written {
                     Ok(0) | Err(_) => return End::Gone,
                     Ok(n) => self.wrote(n, wbuf),
                 },
-                ready = std::future::poll_fn(|cx| self.reader.poll_ready(cx)), if can_take && !pending_input => {
+                ready = std::future::poll_fn(|cx| self.io.poll_read_ready(cx)), if can_take && !pending_input => {
                     if ready.is_err() {
                         return End::Gone;
                     }
                     let wanted = parser.bytes_wanted(rbuf).max(READ_CHUNK);
                     rbuf.reserve(wanted.min(self.config.max_message() + 14));
-                    match self.reader.try_read_buf(rbuf) {
+                    match self.io.try_read_buf(rbuf) {
                         Ok(0) => return End::Gone,
                         Ok(_) => pending_input = true,
                         Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -442,11 +434,7 @@ where
             End::ClientClosed(code) => {
                 // Echo the client's code, as RFC 6455 §5.5.1 asks; no reply needed after.
                 encode_close(&mut wbuf, code.unwrap_or(1000), "");
-                let _ = timeout(
-                    self.config.close_grace(),
-                    flush(&mut self.writer, &mut wbuf),
-                )
-                .await;
+                let _ = timeout(self.config.close_grace(), write_all(&self.io, &mut wbuf)).await;
                 return;
             }
             End::Violation(v) => v.close_code(),
@@ -464,16 +452,16 @@ where
         encode_close(&mut wbuf, code.code(), code.reason());
         let violation = matches!(end, End::Violation(_));
         let closing = async {
-            flush(&mut self.writer, &mut wbuf).await?;
+            write_all(&self.io, &mut wbuf).await?;
             if violation {
                 // Failing the connection: the stream cannot be trusted to parse any more, so
                 // end TCP first and only drain (never parse) what is still arriving.
-                self.writer.shutdown().await?;
-                drain(&mut self.reader, &mut rbuf).await;
+                std::future::poll_fn(|cx| self.io.poll_shutdown(cx)).await?;
+                drain(&self.io, &mut rbuf).await;
                 Ok(())
             } else {
-                wait_for_close(&mut self.reader, &mut rbuf, &mut parser).await;
-                self.writer.shutdown().await
+                wait_for_close(&self.io, &mut rbuf, &mut parser).await;
+                std::future::poll_fn(|cx| self.io.poll_shutdown(cx)).await
             }
         };
         let _ = timeout(self.config.close_grace(), closing).await;
@@ -492,23 +480,8 @@ async fn yield_every(handled: u64) {
     }
 }
 
-async fn flush<W: AsyncWrite + Unpin>(writer: &mut W, buf: &mut BytesMut) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        let n = writer.write(buf).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        buf.advance(n);
-    }
-    writer.flush().await
-}
-
 /// Reads until the client's close frame, EOF, an error, or [`CLOSE_REPLY_WAIT`].
-async fn wait_for_close<R: SocketRead>(
-    reader: &mut R,
-    rbuf: &mut BytesMut,
-    parser: &mut MessageReader,
-) {
+async fn wait_for_close<T: Transport>(io: &T, rbuf: &mut BytesMut, parser: &mut MessageReader) {
     let wait = async {
         loop {
             loop {
@@ -518,7 +491,7 @@ async fn wait_for_close<R: SocketRead>(
                     Ok(None) => break,
                 }
             }
-            match read_some(reader, rbuf, READ_CHUNK).await {
+            match read_some(io, rbuf, READ_CHUNK).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
@@ -529,11 +502,11 @@ async fn wait_for_close<R: SocketRead>(
 
 /// Discards input until EOF or [`CLOSE_REPLY_WAIT`]: closing a socket with unread input makes
 /// the kernel send a reset, which can destroy the close frame before the client reads it.
-async fn drain<R: SocketRead>(reader: &mut R, rbuf: &mut BytesMut) {
+async fn drain<T: Transport>(io: &T, rbuf: &mut BytesMut) {
     let wait = async {
         loop {
             rbuf.clear();
-            match read_some(reader, rbuf, READ_CHUNK).await {
+            match read_some(io, rbuf, READ_CHUNK).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }

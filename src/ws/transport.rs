@@ -1,111 +1,160 @@
-//! How a session reads its socket: wait for readiness first, allocate a buffer only then.
+//! How a session uses its socket: wait for readiness first, allocate a buffer only then.
 //!
 //! Reading with `AsyncRead::read_buf` needs a buffer *before* data arrives, so every idle
 //! connection would hold one. Waiting for readiness and then reading what is there lets an
-//! idle connection hold no read buffer at all, which is most of what a connection costs.
+//! idle connection hold no read buffer at all. All I/O goes through `&self` readiness polls, so
+//! one socket serves reads and writes at once without being split into two halves (which would
+//! cost every connection a shared allocation).
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Mutex;
+use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, ReadBuf};
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 
-/// The read side of a connection.
+/// A connection's socket, as the session drives it.
 ///
-/// Readiness is polled (`poll_ready`) rather than awaited through a future so that waiting
-/// costs nothing in the session's state: a readiness future would add a waiter node to every
-/// connection's task.
-pub trait SocketRead: Send + Unpin {
+/// Readiness is polled rather than awaited through a future so that waiting costs nothing in
+/// the session's state.
+pub trait Transport: Send + Unpin + 'static {
     /// Ready when data, end of stream or an error can be read.
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     /// Reads what is available into `buf`'s spare capacity without waiting: `Ok(0)` at end of
     /// stream, `WouldBlock` if the readiness was spurious.
-    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize>;
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
+    /// Writes some of `buf`, waiting for the socket to accept it.
+    fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>>;
+    /// Ends the write direction (TCP FIN).
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
-impl SocketRead for OwnedReadHalf {
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.as_ref().poll_read_ready(cx)
+impl Transport for TcpStream {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
     }
 
-    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        OwnedReadHalf::try_read_buf(self, buf)
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        TcpStream::try_read_buf(self, buf)
+    }
+
+    fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.poll_write_ready(cx))?;
+            match self.try_write(buf) {
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_shutdown(Pin::new(self), cx)
     }
 }
 
-/// Any `AsyncRead` (a TLS stream, a split `Upgraded`), adapted by reading into a buffer of its
-/// own while waiting. Costs a buffer per busy connection; plain TCP uses [`OwnedReadHalf`].
+/// Any `AsyncRead + AsyncWrite` stream (TLS, an `Upgraded` hyper could not hand back as TCP),
+/// adapted with a lock and a buffer of its own. Costs more per connection; plain TCP uses
+/// [`TcpStream`] directly.
 #[derive(Debug)]
-pub struct Buffered<R> {
-    inner: R,
+pub struct Buffered<S> {
+    inner: Mutex<Inner<S>>,
+}
+
+#[derive(Debug)]
+struct Inner<S> {
+    stream: S,
     pending: BytesMut,
     eof: bool,
 }
 
-impl<R> Buffered<R> {
-    /// Wraps a reader.
-    pub fn new(inner: R) -> Self {
+impl<S> Buffered<S> {
+    /// Wraps a stream.
+    pub fn new(stream: S) -> Self {
         Self {
-            inner,
-            pending: BytesMut::new(),
-            eof: false,
+            inner: Mutex::new(Inner {
+                stream,
+                pending: BytesMut::new(),
+                eof: false,
+            }),
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<S>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-impl<R: AsyncRead + Unpin + Send> SocketRead for Buffered<R> {
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.pending.is_empty() || self.eof {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for Buffered<S> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut inner = self.lock();
+        if !inner.pending.is_empty() || inner.eof {
             return Poll::Ready(Ok(()));
         }
         let mut chunk = [0u8; 4096];
         let mut read = ReadBuf::new(&mut chunk);
-        match Pin::new(&mut self.inner).poll_read(cx, &mut read) {
-            Poll::Ready(Ok(())) => {
-                if read.filled().is_empty() {
-                    self.eof = true;
-                }
-                self.pending.extend_from_slice(read.filled());
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
-            Poll::Pending => Poll::Pending,
+        ready!(Pin::new(&mut inner.stream).poll_read(cx, &mut read))?;
+        if read.filled().is_empty() {
+            inner.eof = true;
         }
+        inner.pending.extend_from_slice(read.filled());
+        Poll::Ready(Ok(()))
     }
 
-    fn try_read_buf(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
-        if self.pending.is_empty() {
-            return if self.eof {
+    fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        let mut inner = self.lock();
+        if inner.pending.is_empty() {
+            return if inner.eof {
                 Ok(0)
             } else {
                 Err(io::ErrorKind::WouldBlock.into())
             };
         }
-        let n = self.pending.len();
-        buf.extend_from_slice(&self.pending.split_to(n));
-        if self.pending.is_empty() {
-            self.pending = BytesMut::new();
-        }
+        let n = inner.pending.len();
+        buf.extend_from_slice(&inner.pending.split_to(n));
+        inner.pending = BytesMut::new();
         Ok(n)
+    }
+
+    fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.lock().stream).poll_write(cx, buf)
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.lock().stream).poll_shutdown(cx)
     }
 }
 
 /// Waits for data and reads it into `buf`, reserving `chunk` bytes of room first.
-pub async fn read_some<R: SocketRead>(
-    reader: &mut R,
+pub async fn read_some<T: Transport>(
+    io: &T,
     buf: &mut BytesMut,
     chunk: usize,
 ) -> io::Result<usize> {
     loop {
-        std::future::poll_fn(|cx| reader.poll_ready(cx)).await?;
+        std::future::poll_fn(|cx| io.poll_read_ready(cx)).await?;
         buf.reserve(chunk);
-        match reader.try_read_buf(buf) {
+        match io.try_read_buf(buf) {
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
             other => return other,
         }
     }
+}
+
+/// Writes all of `buf`, emptying it.
+pub async fn write_all<T: Transport>(io: &T, buf: &mut BytesMut) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = std::future::poll_fn(|cx| io.poll_write(cx, buf)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        bytes::Buf::advance(buf, n);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -113,21 +162,30 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn buffered_reads_deliver_everything_then_eof() {
-        let data: &[u8] = b"hello world";
-        let mut reader = Buffered::new(data);
+    async fn buffered_streams_read_everything_then_eof_and_write() {
+        let (client, server) = tokio::io::duplex(64);
+        let io = Buffered::new(server);
+        let mut client = client;
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"hello world")
+            .await
+            .expect("in-memory write");
+        drop(tokio::io::AsyncWriteExt::shutdown(&mut client).await);
         let mut buf = BytesMut::new();
         let mut total = 0;
         loop {
-            let n = read_some(&mut reader, &mut buf, 4)
-                .await
-                .expect("in-memory read");
+            let n = read_some(&io, &mut buf, 4).await.expect("in-memory read");
             if n == 0 {
                 break;
             }
             total += n;
         }
-        assert_eq!(total, data.len());
-        assert_eq!(&buf[..], data);
+        assert_eq!(&buf[..total], b"hello world");
+        let mut out = BytesMut::from(&b"back"[..]);
+        write_all(&io, &mut out).await.expect("in-memory write");
+        let mut echoed = [0u8; 4];
+        tokio::io::AsyncReadExt::read_exact(&mut client, &mut echoed)
+            .await
+            .expect("in-memory read");
+        assert_eq!(&echoed, b"back");
     }
 }

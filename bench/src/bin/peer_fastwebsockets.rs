@@ -18,7 +18,6 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use rusty_bench::Args;
 use tokio::io::BufWriter;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 /// What a connection's writer sends: shared text payloads, or control frames it owes.
@@ -47,7 +46,7 @@ fn main() {
             std::process::exit(1)
         });
     runtime.block_on(async move {
-        let listener = match TcpListener::bind(("127.0.0.1", port)).await {
+        let listener = match rusty_bench::listen(port) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("peer-fastwebsockets: cannot listen on {port}: {e}");

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 
 use futures_util::{SinkExt, StreamExt};
 use rusty_bench::Args;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
@@ -36,7 +36,7 @@ fn main() {
             std::process::exit(1)
         });
     runtime.block_on(async move {
-        let listener = match TcpListener::bind(("127.0.0.1", port)).await {
+        let listener = match rusty_bench::listen(port) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("peer-tungstenite: cannot listen on {port}: {e}");
