@@ -15,7 +15,7 @@
 //! purpose channel would pre-allocate a block of slots per connection.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
@@ -51,6 +51,10 @@ struct Shared {
     id: ClientId,
     capacity: usize,
     queue: Mutex<Queue>,
+    /// Frames queued, kept beside the queue so the session's frequent "anything queued?" checks
+    /// need no lock. Updated under the queue's lock; a push that races a zero read wakes the
+    /// session anyway.
+    queued: AtomicUsize,
     /// Set when the session should look: a frame arrived in an empty queue, a close was
     /// requested, or a gap was reported.
     woken: AtomicBool,
@@ -114,6 +118,7 @@ impl Outbox {
             id,
             capacity: capacity.max(1),
             queue: Mutex::default(),
+            queued: AtomicUsize::new(0),
             woken: AtomicBool::new(false),
             waker: AtomicWaker::new(),
             close: AtomicU8::new(0),
@@ -145,6 +150,9 @@ impl Outbox {
         }
         queue.frames.push_back(frame);
         let first = queue.frames.len() == 1;
+        self.shared
+            .queued
+            .store(queue.frames.len(), Ordering::Release);
         drop(queue);
         if first {
             // A non-empty queue is drained until empty, so only this transition needs a wake.
@@ -236,6 +244,9 @@ impl OutboxReceiver {
     /// Moves queued frames into `buf` until it holds `limit` bytes (at least one frame if any
     /// is queued); returns how many frames were moved.
     pub fn drain_into(&self, buf: &mut BytesMut, limit: usize) -> u64 {
+        if self.shared.queued.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
         let mut queue = self.shared.queue();
         let mut moved = 0;
         while buf.len() < limit || moved == 0 {
@@ -248,17 +259,25 @@ impl OutboxReceiver {
         if queue.frames.is_empty() && queue.frames.capacity() > KEEP_SLOTS {
             queue.frames = VecDeque::new();
         }
+        self.shared
+            .queued
+            .store(queue.frames.len(), Ordering::Release);
         moved
     }
 
     /// The next queued frame, if any.
     pub fn try_recv(&mut self) -> Option<Bytes> {
-        self.shared.queue().frames.pop_front()
+        let mut queue = self.shared.queue();
+        let frame = queue.frames.pop_front();
+        self.shared
+            .queued
+            .store(queue.frames.len(), Ordering::Release);
+        frame
     }
 
     /// Whether nothing is queued.
     pub fn is_empty(&self) -> bool {
-        self.shared.queue().frames.is_empty()
+        self.shared.queued.load(Ordering::Acquire) == 0
     }
 
     /// Whether a gap is waiting to be reported.
@@ -277,6 +296,7 @@ impl Drop for OutboxReceiver {
         let mut queue = self.shared.queue();
         queue.closed = true;
         queue.frames = VecDeque::new();
+        self.shared.queued.store(0, Ordering::Release);
     }
 }
 

@@ -27,9 +27,9 @@ USAGE:
       what such clients cost them.
 
   loadgen echo --url ws://127.0.0.1:3030/echo [--connections 100] [--window 1] [--size 64]
-               [--duration 10]
-      Each connection keeps --window messages in flight. Reports echoes/s and round-trip
-      latency p50/p99/p999.
+               [--duration 10] [--server-pid PID]
+      Each connection keeps --window messages in flight. Reports echoes/s (and per server
+      CPU-second with --server-pid) and round-trip latency p50/p99/p999.
 
   loadgen connect --url ws://127.0.0.1:3030/ws [--connections 10000] [--concurrency 200]
                   [--hold 5] [--server-pid PID]
@@ -328,6 +328,7 @@ async fn echo(args: &Args) -> Result<(), String> {
     let window = args.number("window", 1)?.max(1);
     let size = args.number("size", 64)? as usize;
     let duration = Duration::from_secs(args.number("duration", 10)?.clamp(1, 600));
+    let server_pid = args.number("server-pid", 0)? as u32;
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -388,9 +389,14 @@ async fn echo(args: &Args) -> Result<(), String> {
         }));
     }
     let began = Instant::now();
+    let cpu_before = process_cpu(server_pid);
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed = began.elapsed();
+    let cpu = match (cpu_before, process_cpu(server_pid)) {
+        (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64(),
+        _ => 0.0,
+    };
     let mut total = 0;
     let mut latencies = Latencies::default();
     for task in tasks {
@@ -401,11 +407,15 @@ async fn echo(args: &Args) -> Result<(), String> {
     }
     let (p50, p99, p999) = latencies.percentiles();
     let per_sec = total as f64 / elapsed.as_secs_f64();
+    let per_cpu = total as f64 / cpu.max(0.001);
+    let busy = cpu / elapsed.as_secs_f64() * 100.0;
     println!(
-        "echo: {connections} connections, window {window}: {total} echoes in {:.2}s = {per_sec:.0}/s; latency p50 {p50}us p99 {p99}us p999 {p999}us",
+        "echo: {connections} connections, window {window}: {total} echoes in {:.2}s = {per_sec:.0}/s ({per_cpu:.0} per server CPU-second); latency p50 {p50}us p99 {p99}us p999 {p999}us",
         elapsed.as_secs_f64()
     );
-    println!("RESULT echo per_sec={per_sec:.0} p50_us={p50} p99_us={p99} p999_us={p999}");
+    println!(
+        "RESULT echo per_sec={per_sec:.0} per_cpu_sec={per_cpu:.0} server_busy_pct={busy:.0} p50_us={p50} p99_us={p99} p999_us={p999}"
+    );
     Ok(())
 }
 
