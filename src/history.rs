@@ -245,14 +245,20 @@ mod tests {
         assert_eq!(s.position().offset, 3, "offsets survive trimming");
     }
 
-    #[test]
-    fn a_page_continues_only_without_a_hole() {
+    /// A stream with offsets 1..=5 published and 3..=5 retained (`LIMITS` keeps three).
+    fn five_published() -> (Stream, StreamPosition) {
         let mut s = Stream::new();
         let now = Instant::now();
         for n in 0..5 {
             s.append(data(n), None, LIMITS, now, true);
         }
         let current = s.position();
+        (s, current)
+    }
+
+    #[test]
+    fn a_page_continues_only_without_a_hole() {
+        let (s, current) = five_published();
         let at = |offset| StreamPosition {
             offset,
             epoch: current.epoch.clone(),
@@ -283,12 +289,7 @@ mod tests {
 
     #[test]
     fn replay_must_be_whole() {
-        let mut s = Stream::new();
-        let now = Instant::now();
-        for n in 0..5 {
-            s.append(data(n), None, LIMITS, now, true);
-        }
-        let current = s.position();
+        let (s, current) = five_published();
         let at = |offset| StreamPosition {
             offset,
             epoch: current.epoch.clone(),

@@ -53,11 +53,10 @@ pub enum ServerFrame<'a> {
 impl ServerFrame<'_> {
     /// The JSON text of this frame.
     pub fn to_json(&self) -> String {
-        // Serializing these plain structs cannot fail: no maps with non-string keys, no
-        // custom serializers. Fall back to a fixed error frame rather than panic regardless.
-        serde_json::to_string(self).unwrap_or_else(|_| {
-            r#"{"type":"Error","code":"internal","message":"could not encode frame"}"#.into()
-        })
+        super::to_json(
+            self,
+            r#"{"type":"Error","code":"internal","message":"could not encode frame"}"#,
+        )
     }
 
     /// The error frame for a client mistake.

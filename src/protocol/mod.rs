@@ -6,3 +6,9 @@
 
 pub mod legacy;
 pub mod v1;
+
+/// Encodes a server frame as JSON. Serializing the frame structs cannot fail (no maps with
+/// non-string keys, no custom serializers); `fallback` is sent instead of panicking regardless.
+pub(crate) fn to_json(frame: &impl serde::Serialize, fallback: &str) -> String {
+    serde_json::to_string(frame).unwrap_or_else(|_| fallback.to_owned())
+}

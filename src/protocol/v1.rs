@@ -322,9 +322,10 @@ pub enum Frame<'a> {
 impl Frame<'_> {
     /// The JSON text of this frame.
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|_| {
-            r#"{"type":"error","code":"internal","message":"could not encode frame"}"#.into()
-        })
+        super::to_json(
+            self,
+            r#"{"type":"error","code":"internal","message":"could not encode frame"}"#,
+        )
     }
 
     /// The error frame for a failed command.
