@@ -144,11 +144,20 @@ fn help_lists_every_setting() {
 #[test]
 fn thread_pool_size_is_the_number_of_worker_threads() {
     let (mut child, addr) = spawn(&[("RUSTY_SOCKS_THREAD_POOL_SIZE", "3")]);
-    let workers = std::fs::read_dir(format!("/proc/{}/task", child.id()))
-        .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
-        .filter(|comm| comm.starts_with("rusty-socks-wor"))
-        .count();
+    // A new thread names itself once it runs, so give the workers a moment to appear.
+    let count_workers = || {
+        std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.unwrap().path().join("comm")).ok())
+            .filter(|comm| comm.starts_with("rusty-socks-wor"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut workers = count_workers();
+    while workers < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        workers = count_workers();
+    }
     assert_eq!(workers, 3);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -328,9 +328,17 @@ where
                     if ready.is_err() {
                         return End::Gone;
                     }
-                    let wanted = parser.bytes_wanted(rbuf).max(READ_CHUNK);
-                    rbuf.reserve(wanted.min(self.config.max_message() + 14));
-                    match self.io.try_read_buf(rbuf) {
+                    let read = if rbuf.capacity() == 0 {
+                        // No buffer yet (idle): read onto the stack first, so a spurious
+                        // readiness never allocates one, and a small message gets a small one.
+                        let mut chunk = [0u8; READ_CHUNK];
+                        self.io.try_read(&mut chunk).inspect(|n| rbuf.extend_from_slice(&chunk[..*n]))
+                    } else {
+                        let wanted = parser.bytes_wanted(rbuf).max(READ_CHUNK);
+                        rbuf.reserve(wanted.min(self.config.max_message() + 14));
+                        self.io.try_read_buf(rbuf)
+                    };
+                    match read {
                         Ok(0) => return End::Gone,
                         Ok(_) => pending_input = true,
                         Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}

@@ -25,6 +25,8 @@ pub trait Transport: Send + Unpin + 'static {
     /// Reads what is available into `buf`'s spare capacity without waiting: `Ok(0)` at end of
     /// stream, `WouldBlock` if the readiness was spurious.
     fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize>;
+    /// Like [`Transport::try_read_buf`], into a plain slice.
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes some of `buf`, waiting for the socket to accept it.
     fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>>;
     /// Ends the write direction (TCP FIN).
@@ -38,6 +40,10 @@ impl Transport for TcpStream {
 
     fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
         TcpStream::try_read_buf(self, buf)
+    }
+
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        TcpStream::try_read(self, buf)
     }
 
     fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
@@ -117,6 +123,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for Buffered<
         let n = inner.pending.len();
         buf.extend_from_slice(&inner.pending.split_to(n));
         inner.pending = BytesMut::new();
+        Ok(n)
+    }
+
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut inner = self.lock();
+        if inner.pending.is_empty() {
+            return if inner.eof {
+                Ok(0)
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            };
+        }
+        let n = inner.pending.len().min(buf.len());
+        buf[..n].copy_from_slice(&inner.pending.split_to(n));
         Ok(n)
     }
 
