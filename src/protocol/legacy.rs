@@ -76,7 +76,7 @@ pub fn parse_chat(text: &str, now: OffsetDateTime) -> Result<Chat, ClientError> 
     let value: Value =
         serde_json::from_str(text).map_err(|e| ClientError::InvalidJson(e.to_string()))?;
     let Value::Object(map) = value else {
-        return Err(ClientError::NotAnObject(kind(&value)));
+        return Err(ClientError::NotAnObject(super::json_kind(&value)));
     };
     match map.get("type") {
         None | Some(Value::Null) => {}
@@ -139,17 +139,6 @@ fn required_string(map: &Map<String, Value>, field: &'static str) -> Result<Stri
             field,
             expected: "a string",
         }),
-    }
-}
-
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

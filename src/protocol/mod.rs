@@ -12,3 +12,16 @@ pub mod v1;
 pub(crate) fn to_json(frame: &impl serde::Serialize, fallback: &str) -> String {
     serde_json::to_string(frame).unwrap_or_else(|_| fallback.to_owned())
 }
+
+/// How a JSON value's type is named in error messages ("a number", "an array", ...).
+pub(crate) fn json_kind(value: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}

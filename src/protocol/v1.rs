@@ -88,7 +88,7 @@ pub fn parse(text: &str) -> Parsed<'_> {
         Ok(raw) => raw,
         Err(err) => {
             return Parsed::Invalid(match serde_json::from_str::<Value>(text) {
-                Ok(value) => ClientError::NotAnObject(kind_of(&value)),
+                Ok(value) => ClientError::NotAnObject(super::json_kind(&value)),
                 Err(_) => ClientError::InvalidJson(err.to_string()),
             });
         }
@@ -193,17 +193,6 @@ fn since(raw: &Raw<'_>) -> Result<Option<StreamPosition>, ClientError> {
                 field: "since",
                 expected: "an object {\"offset\": <whole number>, \"epoch\": <string>}",
             }),
-    }
-}
-
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

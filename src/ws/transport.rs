@@ -93,6 +93,25 @@ impl<S> Buffered<S> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    /// Takes up to `max` bytes read ahead by `poll_read_ready`: empty at end of stream,
+    /// `WouldBlock` when nothing is pending yet.
+    fn take_pending(&self, max: usize) -> io::Result<BytesMut> {
+        let mut inner = self.lock();
+        if inner.pending.is_empty() {
+            return if inner.eof {
+                Ok(BytesMut::new())
+            } else {
+                Err(io::ErrorKind::WouldBlock.into())
+            };
+        }
+        let n = inner.pending.len().min(max);
+        let taken = inner.pending.split_to(n);
+        if inner.pending.is_empty() {
+            inner.pending = BytesMut::new();
+        }
+        Ok(taken)
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for Buffered<S> {
@@ -112,32 +131,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for Buffered<
     }
 
     fn try_read_buf(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        let mut inner = self.lock();
-        if inner.pending.is_empty() {
-            return if inner.eof {
-                Ok(0)
-            } else {
-                Err(io::ErrorKind::WouldBlock.into())
-            };
-        }
-        let n = inner.pending.len();
-        buf.extend_from_slice(&inner.pending.split_to(n));
-        inner.pending = BytesMut::new();
-        Ok(n)
+        let taken = self.take_pending(usize::MAX)?;
+        buf.extend_from_slice(&taken);
+        Ok(taken.len())
     }
 
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut inner = self.lock();
-        if inner.pending.is_empty() {
-            return if inner.eof {
-                Ok(0)
-            } else {
-                Err(io::ErrorKind::WouldBlock.into())
-            };
-        }
-        let n = inner.pending.len().min(buf.len());
-        buf[..n].copy_from_slice(&inner.pending.split_to(n));
-        Ok(n)
+        let taken = self.take_pending(buf.len())?;
+        buf[..taken.len()].copy_from_slice(&taken);
+        Ok(taken.len())
     }
 
     fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
