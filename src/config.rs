@@ -22,6 +22,55 @@ pub struct ConfigError {
     pub expected: String,
 }
 
+/// Which broker distributes messages (`RUSTY_SOCKS_BROKER`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum BrokerUrl {
+    /// One node, everything in this process.
+    #[default]
+    Memory,
+    /// Redis at this URL (`redis://host:port[/db]`).
+    Redis(String),
+    /// NATS with JetStream at this URL (`nats://host:port`).
+    Nats(String),
+}
+
+impl BrokerUrl {
+    fn parse(var: &'static str, value: &str) -> Result<Self, ConfigError> {
+        let value = value.trim();
+        let err = |expected: &str| ConfigError {
+            var,
+            value: value.to_owned(),
+            expected: expected.to_owned(),
+        };
+        let host_part = |url: &str| -> bool {
+            url.split_once("://")
+                .map(|(_, rest)| rest.rsplit('@').next().unwrap_or(rest))
+                .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+        };
+        if value == "memory" {
+            Ok(Self::Memory)
+        } else if value.starts_with("redis://") || value.starts_with("rediss://") {
+            if !cfg!(feature = "redis") {
+                return Err(err("memory or nats://... (this build has no `redis` feature)"));
+            }
+            if !host_part(value) {
+                return Err(err("redis://host:port[/db]"));
+            }
+            Ok(Self::Redis(value.to_owned()))
+        } else if value.starts_with("nats://") {
+            if !cfg!(feature = "nats") {
+                return Err(err("memory or redis://... (this build has no `nats` feature)"));
+            }
+            if !host_part(value) {
+                return Err(err("nats://host:port"));
+            }
+            Ok(Self::Nats(value.to_owned()))
+        } else {
+            Err(err("memory, redis://host:port[/db] or nats://host:port"))
+        }
+    }
+}
+
 /// Everything the server needs to know to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -67,6 +116,13 @@ pub struct Config {
     pub max_channels: usize,
     /// `RUSTY_SOCKS_MAX_DATA_SIZE`: largest `data` of a v1 publish, in bytes.
     pub max_data_size: usize,
+    /// `RUSTY_SOCKS_BROKER`: how nodes share messages.
+    pub broker: BrokerUrl,
+    /// `RUSTY_SOCKS_BROKER_PREFIX`: prefix of every Redis key and NATS subject the server uses.
+    pub broker_prefix: String,
+    /// `RUSTY_SOCKS_PRESENCE_TTL`: how long a node's presence entries outlive its last refresh
+    /// (with a networked broker), which bounds how long a dead node's clients stay listed.
+    pub presence_ttl: Duration,
 }
 
 impl Default for Config {
@@ -93,6 +149,9 @@ impl Default for Config {
             namespaces: Namespaces::default(),
             max_channels: 128,
             max_data_size: 32 * 1024,
+            broker: BrokerUrl::Memory,
+            broker_prefix: "rusty_socks".to_owned(),
+            presence_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -199,6 +258,21 @@ pub const SETTINGS: &[Setting] = &[
         default: "3",
         meaning: "seconds clients get to drain on SIGINT/SIGTERM, 1-4",
     },
+    Setting {
+        var: "RUSTY_SOCKS_BROKER",
+        default: "memory",
+        meaning: "memory (one node), redis://host:port[/db] or nats://host:port",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_BROKER_PREFIX",
+        default: "rusty_socks",
+        meaning: "prefix of Redis keys and NATS subjects (letters, digits, _ and -)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_PRESENCE_TTL",
+        default: "30",
+        meaning: "seconds a dead node's presence entries remain (networked brokers), 3-3600",
+    },
 ];
 
 impl Config {
@@ -285,6 +359,32 @@ impl Config {
             },
             max_channels: int("RUSTY_SOCKS_MAX_CHANNELS", d.max_channels, 1, 100_000)?,
             max_data_size: int("RUSTY_SOCKS_MAX_DATA_SIZE", d.max_data_size, 1, 64 << 20)?,
+            broker: match get("RUSTY_SOCKS_BROKER") {
+                None => d.broker,
+                Some((var, v)) => BrokerUrl::parse(var, &v)?,
+            },
+            broker_prefix: match get("RUSTY_SOCKS_BROKER_PREFIX") {
+                None => d.broker_prefix,
+                Some((var, v)) => {
+                    let ok = !v.is_empty()
+                        && v.len() <= 64
+                        && v
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                    if !ok {
+                        return Err(ConfigError {
+                            var,
+                            value: v,
+                            expected: "1-64 letters, digits, _ or -".into(),
+                        });
+                    }
+                    v
+                }
+            },
+            presence_ttl: match get("RUSTY_SOCKS_PRESENCE_TTL") {
+                None => d.presence_ttl,
+                Some((var, v)) => parse_int(var, &v, 3, 3600).map(Duration::from_secs)?,
+            },
         };
         if config.ping_interval >= config.timeout {
             return Err(ConfigError {
@@ -368,6 +468,9 @@ mod tests {
             ("RUSTY_SOCKS_NAMESPACES", r#"{"chat":{"history_size":5}}"#),
             ("RUSTY_SOCKS_MAX_CHANNELS", "3"),
             ("RUSTY_SOCKS_MAX_DATA_SIZE", "100"),
+            ("RUSTY_SOCKS_BROKER", "redis://127.0.0.1:6379/2"),
+            ("RUSTY_SOCKS_BROKER_PREFIX", "app-1"),
+            ("RUSTY_SOCKS_PRESENCE_TTL", "5"),
         ])
         .expect("valid");
         assert_eq!(c.host.to_string(), "::1");
@@ -390,6 +493,11 @@ mod tests {
             Ok(5)
         );
         assert_eq!((c.max_channels, c.max_data_size), (3, 100));
+        assert_eq!(c.broker, BrokerUrl::Redis("redis://127.0.0.1:6379/2".into()));
+        assert_eq!(c.broker_prefix, "app-1");
+        assert_eq!(c.presence_ttl, Duration::from_secs(5));
+        let nats = with(&[("RUSTY_SOCKS_BROKER", "nats://127.0.0.1:4222")]).expect("valid");
+        assert_eq!(nats.broker, BrokerUrl::Nats("nats://127.0.0.1:4222".into()));
     }
 
     #[test]
@@ -404,6 +512,11 @@ mod tests {
             ("RUSTY_SOCKS_ECHO_ENDPOINT", "maybe"),
             ("RUSTY_SOCKS_MAX_QUEUED_TASKS", "1.5"),
             ("RUSTY_SOCKS_NAMESPACES", r#"{"chat":{"histroy_size":5}}"#),
+            ("RUSTY_SOCKS_BROKER", "kafka://x"),
+            ("RUSTY_SOCKS_BROKER", "redis://"),
+            ("RUSTY_SOCKS_BROKER", "nats:///x"),
+            ("RUSTY_SOCKS_BROKER_PREFIX", "a.b"),
+            ("RUSTY_SOCKS_PRESENCE_TTL", "1"),
         ];
         for (var, value) in cases {
             let err = with(&[(var, value)]).expect_err(var);

@@ -31,6 +31,9 @@ pub enum HttpError {
     /// An admission bound is reached.
     #[error("{}", .0.message())]
     Overloaded(Overload),
+    /// The broker connection is down: this node cannot deliver across nodes right now.
+    #[error("broker unavailable")]
+    BrokerDown,
     /// A response could not be built.
     #[error("internal error")]
     Internal,
@@ -48,7 +51,7 @@ impl HttpError {
             Self::Handshake(HandshakeError::MissingConnectionUpgrade | HandshakeError::BadKey) => {
                 StatusCode::BAD_REQUEST
             }
-            Self::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded(_) | Self::BrokerDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -75,7 +78,7 @@ impl HttpError {
             Self::Handshake(HandshakeError::UnsupportedVersion) => {
                 headers.insert("sec-websocket-version", "13".parse().expect_static());
             }
-            Self::Overloaded(_) => {
+            Self::Overloaded(_) | Self::BrokerDown => {
                 headers.insert(RETRY_AFTER, "1".parse().expect_static());
             }
             _ => {}
@@ -127,7 +130,16 @@ fn route(
     state: &Arc<AppState>,
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let endpoint = match req.uri().path() {
-        "/health" => return get_only(&req).map(|()| text("OK")),
+        "/health" => {
+            get_only(&req)?;
+            // Readiness: a node that lost its broker must not get new clients from a load
+            // balancer, since what they publish would not reach other nodes.
+            return if state.node.broker().status().connected {
+                Ok(text("OK"))
+            } else {
+                Err(HttpError::BrokerDown)
+            };
+        }
         "/stats" => return get_only(&req).map(|()| stats(state)),
         "/ws" => Endpoint::Chat,
         "/echo" if state.config.echo_endpoint => Endpoint::Echo,
@@ -170,6 +182,7 @@ fn stats(state: &AppState) -> Response<Full<Bytes>> {
         "messages_out": stats.messages_out(),
         "slow_consumer_closes_total": stats.slow_consumer_closes(),
         "channels": state.hub.channel_count(),
+        "broker": state.node.broker().status(),
         "uptime_s": stats.uptime_s(),
         "version": env!("CARGO_PKG_VERSION"),
     });

@@ -279,6 +279,25 @@ impl Hub {
         delivery
     }
 
+    /// Tells every local member of `channel` that publications may have been missed: each
+    /// gets a `gap` (reported by its session like an outbox overflow on a `gap` namespace),
+    /// or, on a channel whose members cannot be told (`close_instead`), is closed with
+    /// [`CloseCode::MessagesMissed`]. Returns how many members were told.
+    pub fn gap(&self, channel: &str, close_instead: bool) -> usize {
+        let shard = self.read(channel);
+        let Some(entry) = shard.get(channel) else {
+            return 0;
+        };
+        for member in entry.members.values() {
+            if close_instead {
+                member.outbox.close(CloseCode::MessagesMissed);
+            } else if !member.state.gapped.swap(true, Ordering::AcqRel) {
+                member.outbox.report_gap(Arc::clone(&member.state));
+            }
+        }
+        entry.members.len()
+    }
+
     /// Local members of a channel.
     pub fn member_count(&self, channel: &str) -> usize {
         self.read(channel)

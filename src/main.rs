@@ -90,6 +90,7 @@ async fn serve(config: Config) -> ExitCode {
         }
         Err(err) => {
             tracing::error!(%err, "server failed");
+            eprintln!("rusty_socks: {err}");
             ExitCode::FAILURE
         }
     }

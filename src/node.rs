@@ -89,6 +89,12 @@ impl BrokerEvents for Dispatcher {
         self.hub
             .deliver(channel, None, &text_frame(&json), Some(client.client_id));
     }
+
+    fn on_gap(&self, channel: &str) {
+        // The legacy dialect has no gap frame: its clients are closed so they reconnect.
+        let told = self.hub.gap(channel, channel == DEFAULT_CHANNEL);
+        tracing::warn!(channel, told, "publications may have been missed; subscribers told");
+    }
 }
 
 /// Settings the node applies.
@@ -142,6 +148,11 @@ impl Node {
     /// The local hub.
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub
+    }
+
+    /// The broker this node distributes through.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
     }
 
     /// Validates a channel and returns its options.
@@ -443,6 +454,9 @@ mod tests {
             client: ClientInfo,
         ) -> BrokerFuture<'a, ()> {
             self.inner.publish_leave(channel, client)
+        }
+        fn status(&self) -> crate::broker::BrokerStatus {
+            self.inner.status()
         }
     }
 

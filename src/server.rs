@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{Admission, HandshakePermit, Overload};
-use crate::broker::memory::MemoryBroker;
+use crate::broker::BrokerError;
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::namespace::{NamespaceOptions, SlowPolicy};
@@ -45,11 +45,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State for a single node with the in-memory broker.
-    pub fn new(config: Config) -> Arc<Self> {
+    /// State for one node, connected to the configured broker.
+    pub async fn new(config: Config) -> Result<Arc<Self>, BrokerError> {
         let hub = Arc::new(Hub::new());
         let dispatcher = Arc::new(Dispatcher::new(Arc::clone(&hub), config.echo_to_sender));
-        let broker = Arc::new(MemoryBroker::new(dispatcher, config.history_total_bytes));
+        let broker = crate::broker::connect(&config, dispatcher).await?;
         let options = NodeOptions {
             namespaces: config.namespaces.clone(),
             legacy: NamespaceOptions {
@@ -66,7 +66,7 @@ impl AppState {
             recovery_buffer: config.buffer,
         };
         let node = Arc::new(Node::new(Arc::clone(&hub), broker, options));
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             admission: Admission::new(config.max_connections, config.max_queued_tasks),
             stats: Arc::new(Stats::default()),
             hub,
@@ -75,18 +75,22 @@ impl AppState {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             config,
-        })
+        }))
     }
 }
 
 /// Serves `listener` until `shutdown` resolves, then closes every client with 1001, lets
 /// queued messages drain for up to `RUSTY_SOCKS_SHUTDOWN_GRACE`, and returns.
+///
+/// Fails at once, before accepting anything, if the configured broker cannot be reached.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let state = AppState::new(config);
+    let state = AppState::new(config)
+        .await
+        .map_err(|err| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, err))?;
     state.tracker.spawn(heartbeat(Arc::clone(&state)));
     tokio::pin!(shutdown);
     loop {

@@ -4,6 +4,7 @@
 //! suite uses channel names with a random prefix, so it can run against a shared Redis or NATS
 //! server, and it waits (bounded) for deliveries, so networked brokers can pass it too.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +23,8 @@ pub enum Event {
     Join(String, ClientId),
     /// `on_leave(channel, client)`.
     Leave(String, ClientId),
+    /// `on_gap(channel)`.
+    Gap(String),
 }
 
 /// An events sink that records everything.
@@ -47,9 +50,10 @@ impl Recorder {
         events
             .iter()
             .filter(|e| match e {
-                Event::Publication(c, _) | Event::Join(c, _) | Event::Leave(c, _) => {
-                    c.starts_with(prefix)
-                }
+                Event::Publication(c, _)
+                | Event::Join(c, _)
+                | Event::Leave(c, _)
+                | Event::Gap(c) => c.starts_with(prefix),
             })
             .cloned()
             .collect()
@@ -77,6 +81,9 @@ impl BrokerEvents for Recorder {
     }
     fn on_leave(&self, channel: &str, client: &ClientInfo) {
         self.push(Event::Leave(channel.to_owned(), client.client_id));
+    }
+    fn on_gap(&self, channel: &str) {
+        self.push(Event::Gap(channel.to_owned()));
     }
 }
 
@@ -106,10 +113,12 @@ fn prefix() -> String {
     format!("conf{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
-/// Runs every case against fresh brokers from `make`. Panics on the first violation.
-pub async fn run_all<F>(make: F)
+/// Runs every case against fresh brokers from `make` (async, so networked brokers can
+/// connect). Panics on the first violation.
+pub async fn run_all<F, Fut>(make: F)
 where
-    F: Fn(Arc<dyn BrokerEvents>) -> Arc<dyn Broker>,
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
 {
     offsets_are_gapless_per_channel(&make).await;
     delivery_follows_node_subscription_in_order(&make).await;
@@ -119,11 +128,12 @@ where
     history_ages_out_but_offsets_and_epoch_stay(&make).await;
 }
 
-async fn offsets_are_gapless_per_channel<F>(make: &F)
+async fn offsets_are_gapless_per_channel<F, Fut>(make: &F)
 where
-    F: Fn(Arc<dyn BrokerEvents>) -> Arc<dyn Broker>,
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
 {
-    let broker = make(Arc::new(Recorder::default()));
+    let broker = make(Arc::new(Recorder::default())).await;
     let p = prefix();
     let (a, b) = (format!("{p}:a"), format!("{p}:b"));
     let mut epoch = None;
@@ -139,12 +149,13 @@ where
     assert_eq!(pos.offset, 1, "each channel has its own offsets");
 }
 
-async fn delivery_follows_node_subscription_in_order<F>(make: &F)
+async fn delivery_follows_node_subscription_in_order<F, Fut>(make: &F)
 where
-    F: Fn(Arc<dyn BrokerEvents>) -> Arc<dyn Broker>,
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
 {
     let events = Arc::new(Recorder::default());
-    let broker = make(events.clone());
+    let broker = make(events.clone()).await;
     let p = prefix();
     let c = format!("{p}:c");
     broker.publish(&c, request(1)).await.expect("publish");
@@ -176,11 +187,12 @@ where
     );
 }
 
-async fn history_since_and_limit<F>(make: &F)
+async fn history_since_and_limit<F, Fut>(make: &F)
 where
-    F: Fn(Arc<dyn BrokerEvents>) -> Arc<dyn Broker>,
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
 {
-    let broker = make(Arc::new(Recorder::default()));
+    let broker = make(Arc::new(Recorder::default())).await;
     let c = format!("{}:h", prefix());
     for n in 1..=15 {
         broker.publish(&c, request(n)).await.expect("publish");
@@ -207,12 +219,13 @@ where
     assert_eq!(position_only.position, all.position);
 }
 
-async fn presence_and_join_leave<F>(make: &F)
+async fn presence_and_join_leave<F, Fut>(make: &F)
 where
-    F: Fn(Arc<dyn BrokerEvents>) -> Arc<dyn Broker>,
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
 {
     let events = Arc::new(Recorder::default());
-    let broker = make(events.clone());
+    let broker = make(events.clone()).await;
     let p = prefix();
     let c = format!("{p}:p");
     broker.subscribe(&c).await.expect("subscribe");
@@ -269,12 +282,13 @@ where
     );
 }
 
-async fn concurrent_publishers_get_unique_offsets<F>(make: &F)
+async fn concurrent_publishers_get_unique_offsets<F, Fut>(make: &F)
 where
-    F: Fn(Arc<dyn BrokerEvents>) -> Arc<dyn Broker>,
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
 {
     let events = Arc::new(Recorder::default());
-    let broker = make(events.clone());
+    let broker = make(events.clone()).await;
     let p = prefix();
     let c = format!("{p}:race");
     broker.subscribe(&c).await.expect("subscribe");
@@ -319,11 +333,12 @@ where
     );
 }
 
-async fn history_ages_out_but_offsets_and_epoch_stay<F>(make: &F)
+async fn history_ages_out_but_offsets_and_epoch_stay<F, Fut>(make: &F)
 where
-    F: Fn(Arc<dyn BrokerEvents>) -> Arc<dyn Broker>,
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
 {
-    let broker = make(Arc::new(Recorder::default()));
+    let broker = make(Arc::new(Recorder::default())).await;
     let c = format!("{}:ttl", prefix());
     // A subscribed node keeps the stream alive while its history ages out.
     broker.subscribe(&c).await.expect("subscribe");

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::time::Instant;
 
-use super::{Broker, BrokerEvents, BrokerFuture, ClientInfo, HistoryPage, PublishRequest};
+use super::{
+    Broker, BrokerEvents, BrokerFuture, BrokerStatus, ClientInfo, HistoryPage, PublishRequest,
+};
 use crate::history::{ENTRY_OVERHEAD, HistoryLimits, Stream, StreamPosition};
 use crate::ws::outbox::ClientId;
 
@@ -223,6 +225,13 @@ impl Broker for MemoryBroker {
         });
         Self::now(())
     }
+
+    fn status(&self) -> BrokerStatus {
+        BrokerStatus {
+            kind: "memory",
+            connected: true,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -232,7 +241,7 @@ mod tests {
 
     #[tokio::test]
     async fn memory_broker_passes_the_conformance_suite() {
-        conformance::run_all(|events| {
+        conformance::run_all(|events| async move {
             Arc::new(MemoryBroker::new(events, 1 << 30)) as Arc<dyn Broker>
         })
         .await;

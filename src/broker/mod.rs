@@ -1,21 +1,28 @@
 //! How publications reach every node: the seam between this node and message distribution.
 //!
 //! A broker is the only part of the server that may know other nodes exist. The in-memory
-//! broker ([`memory::MemoryBroker`]) serves a single node; Redis and NATS brokers plug in behind
-//! the same trait, and [`conformance`] is the test suite every implementation must pass.
+//! broker ([`memory::MemoryBroker`]) serves a single node; the Redis and NATS brokers (cargo
+//! features `redis` and `nats`) connect several nodes through those servers. All of them
+//! implement the same trait, and [`conformance`] is the test suite every one must pass.
 //!
 //! History lives with the broker because assigning an offset, appending to history and
 //! delivering must be one atomic step per channel: that is what lets a subscriber recover
 //! exactly what it missed.
 
 pub mod conformance;
+pub mod local;
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
+pub mod wire;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::history::{HistoryLimits, Publication, StreamPosition};
@@ -30,10 +37,28 @@ pub enum BrokerError {
     /// The backend is unreachable or refused the operation.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// The broker could not be reached at startup (the server does not start).
+    #[error("RUSTY_SOCKS_BROKER: cannot connect to {url}: {reason}")]
+    Connect {
+        /// The configured URL, without credentials.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// How a broker is doing, for `/health` and `/stats`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BrokerStatus {
+    /// `memory`, `redis` or `nats`.
+    pub kind: &'static str,
+    /// Whether live delivery from the backend is up. While it is not, publishing fails with
+    /// an error reply and `/health` answers 503; it never silently falls back to one node.
+    pub connected: bool,
 }
 
 /// Who is subscribed: one entry per connection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientInfo {
     /// The connection.
     pub client_id: ClientId,
@@ -72,6 +97,10 @@ pub trait BrokerEvents: Send + Sync {
     fn on_join(&self, channel: &str, client: &ClientInfo);
     /// A client left a channel this node subscribed to.
     fn on_leave(&self, channel: &str, client: &ClientInfo);
+    /// Publications on `channel` may have been missed (the broker connection dropped, or the
+    /// channel's stream restarted). Local subscribers must be told, so they can recover the
+    /// missed ones from history; live delivery goes on.
+    fn on_gap(&self, channel: &str);
 }
 
 /// Distributes publications, keeps history and presence.
@@ -87,7 +116,10 @@ pub trait BrokerEvents: Send + Sync {
 /// - `history` returns the current position and, atomically with it, the publications after
 ///   `since` (at most `limit`, oldest first) or, without `since`, the newest `limit`.
 /// - Presence is a set of [`ClientInfo`] per channel; join/leave are delivered like
-///   publications but never stored.
+///   publications but never stored. Networked brokers expire a node's entries when the node
+///   stops refreshing them (it died), so presence has no ghosts.
+/// - Nothing is lost silently: if live delivery may have missed publications, the broker calls
+///   [`BrokerEvents::on_gap`] for every affected channel once it can deliver again.
 pub trait Broker: Send + Sync + std::fmt::Debug {
     /// Publishes on `channel` and returns its new position.
     fn publish<'a>(
@@ -116,4 +148,48 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     fn publish_join<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()>;
     /// Announces a leave to every subscribed node.
     fn publish_leave<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()>;
+    /// Where the broker stands now.
+    fn status(&self) -> BrokerStatus;
+}
+
+/// Builds the broker `config` names, delivering to `events`. A networked broker must be
+/// reachable now: failing here stops startup rather than running as a lone node.
+pub async fn connect(
+    config: &crate::config::Config,
+    events: Arc<dyn BrokerEvents>,
+) -> Result<Arc<dyn Broker>, BrokerError> {
+    use crate::config::BrokerUrl;
+    match &config.broker {
+        BrokerUrl::Memory => Ok(Arc::new(memory::MemoryBroker::new(
+            events,
+            config.history_total_bytes,
+        ))),
+        #[cfg(feature = "redis")]
+        BrokerUrl::Redis(url) => {
+            let options = redis::RedisOptions::from_config(url, config);
+            Ok(Arc::new(redis::RedisBroker::connect(options, events).await?))
+        }
+        #[cfg(feature = "nats")]
+        BrokerUrl::Nats(url) => {
+            let options = nats::NatsOptions::from_config(url, config);
+            Ok(Arc::new(nats::NatsBroker::connect(options, events).await?))
+        }
+        // Only reachable in a build without one of the broker features; the settings parser
+        // already refuses such URLs, this keeps the match total.
+        #[allow(unreachable_patterns)]
+        other => Err(BrokerError::Connect {
+            url: format!("{other:?}"),
+            reason: "this build does not include that broker".into(),
+        }),
+    }
+}
+
+/// `url` without a password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
 }

@@ -23,11 +23,14 @@ pub enum CloseCode {
     HeartbeatTimeout,
     /// 4001: the client read too slowly and its outbox (`RUSTY_SOCKS_BUFFER`) overflowed.
     SlowConsumer,
+    /// 4002: a legacy-dialect client may have missed chat messages because this node lost
+    /// its broker connection; it should reconnect (the legacy dialect has no `gap` frame).
+    MessagesMissed,
 }
 
 impl CloseCode {
     /// Every code the server sends (for documentation checks).
-    pub const ALL: [CloseCode; 8] = [
+    pub const ALL: [CloseCode; 9] = [
         Self::Normal,
         Self::GoingAway,
         Self::ProtocolError,
@@ -36,6 +39,7 @@ impl CloseCode {
         Self::InternalError,
         Self::HeartbeatTimeout,
         Self::SlowConsumer,
+        Self::MessagesMissed,
     ];
 
     /// The numeric code put on the wire.
@@ -49,6 +53,7 @@ impl CloseCode {
             Self::InternalError => 1011,
             Self::HeartbeatTimeout => 4000,
             Self::SlowConsumer => 4001,
+            Self::MessagesMissed => 4002,
         }
     }
 
@@ -63,6 +68,7 @@ impl CloseCode {
             Self::InternalError => "internal error",
             Self::HeartbeatTimeout => "heartbeat timeout",
             Self::SlowConsumer => "slow consumer: outbox full",
+            Self::MessagesMissed => "messages missed: reconnect",
         }
     }
 }

@@ -109,18 +109,27 @@ impl Drop for TestServer {
 
 /// Connects a WebSocket client to `path`.
 pub async fn connect(server: &TestServer, path: &str) -> Ws {
-    let (ws, response) =
-        tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(server.url(path)))
-            .await
-            .expect("connect timed out")
-            .expect("connect failed");
+    connect_url(&server.url(path)).await
+}
+
+/// Connects a WebSocket client to `url`.
+pub async fn connect_url(url: &str) -> Ws {
+    let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("connect timed out")
+        .expect("connect failed");
     assert_eq!(response.status(), 101);
     ws
 }
 
 /// Connects to `/ws` and consumes the welcome, returning the client id.
 pub async fn join(server: &TestServer) -> (Ws, String) {
-    let mut ws = connect(server, "/ws").await;
+    join_url(&server.url("/ws")).await
+}
+
+/// Connects to a `/ws` URL and consumes the welcome, returning the client id.
+pub async fn join_url(url: &str) -> (Ws, String) {
+    let mut ws = connect_url(url).await;
     let welcome = recv_json(&mut ws).await;
     assert_eq!(welcome["type"], "Connect", "{welcome}");
     let id = welcome["client_id"].as_str().unwrap().to_owned();
@@ -301,7 +310,12 @@ impl RawClient {
 
 /// A `/ws` client that has left the default (legacy) channel, so it only sees v1 traffic.
 pub async fn v1_client(server: &TestServer) -> (Ws, String) {
-    let (mut ws, id) = join(server).await;
+    v1_client_url(&server.url("/ws")).await
+}
+
+/// [`v1_client`] for a `/ws` URL.
+pub async fn v1_client_url(url: &str) -> (Ws, String) {
+    let (mut ws, id) = join_url(url).await;
     send_text(
         &mut ws,
         r#"{"type":"unsubscribe","id":"leave-default","channel":"default"}"#,

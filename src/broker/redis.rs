@@ -1,0 +1,824 @@
+//! The Redis broker: several nodes share channels through one Redis server.
+//!
+//! - **Offsets and history**: one Lua script per publish assigns the channel's next offset
+//!   (`HINCRBY` on a meta hash that also holds the epoch), appends to a Redis Stream whose
+//!   entry IDs are the offsets, trims it to the namespace's bounds, and `PUBLISH`es the
+//!   publication, all atomically. Scripts run one at a time, so every node receives a
+//!   channel's publications in offset order.
+//! - **Live delivery**: Redis pub/sub, one Redis channel per channel, subscribed on one
+//!   connection per node only while the node has local subscribers. Each publication crosses
+//!   Redis once per subscribed node.
+//! - **Presence**: a hash of entries and a sorted set of their expiry times per channel. Each
+//!   node refreshes its own entries every third of `RUSTY_SOCKS_PRESENCE_TTL`; a node that dies
+//!   stops refreshing, and its entries are dropped by the next read after the TTL.
+//! - **Failure**: pub/sub is at-most-once. When the pub/sub connection drops, this node
+//!   reports itself unavailable, reconnects with capped exponential backoff, resubscribes,
+//!   and compares every channel's position with the last one it delivered: channels that moved
+//!   meanwhile get [`BrokerEvents::on_gap`], so their clients recover from history instead of
+//!   losing messages quietly. Offsets that jump in the live stream are reported the same way.
+//!
+//! Keys (`P` is `RUSTY_SOCKS_BROKER_PREFIX`, `C` the channel): `P:{C}:meta` (epoch, offset,
+//! history bytes and bounds), `P:{C}:history` (stream), `P:{C}:presence` (hash),
+//! `P:{C}:presence-exp` (sorted set); pub/sub channel `P:live:C`. Channel keys expire after a
+//! day without publications or reads (or the history TTL, if longer); a later publication
+//! starts a new epoch.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
+use redis::{AsyncCommands, Script};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::local::{Continuity, PresenceEntries, Subscriptions};
+use super::wire::{self, WireEvent};
+use super::{
+    Broker, BrokerError, BrokerEvents, BrokerFuture, BrokerStatus, ClientInfo, HistoryPage,
+    PublishRequest,
+};
+use crate::config::Config;
+use crate::history::{Publication, StreamPosition};
+use crate::ws::outbox::ClientId;
+
+/// How long a channel's stream outlives its last publication or read.
+const STREAM_KEEP: Duration = Duration::from_secs(24 * 3600);
+/// Longest wait for Redis at startup, per command, and per reconnect attempt.
+const TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest pause between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the pub/sub connection is checked with a `PING`: a silently dead connection is
+/// noticed within this interval plus [`TIMEOUT`].
+const PING_EVERY: Duration = Duration::from_secs(5);
+/// Cap on a history read (Lua numbers are doubles; `usize::MAX` would not survive).
+const MAX_READ: usize = 1_000_000_000;
+
+/// Assigns the next offset, appends and trims history, publishes. See the module docs.
+const PUBLISH: &str = r"
+local meta, stream = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', meta, 'e')
+if not epoch then
+  epoch = ARGV[8]
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'e', epoch, 'o', 0, 'b', 0)
+end
+local offset = redis.call('HINCRBY', meta, 'o', 1)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local data, client = ARGV[2], ARGV[3]
+local size, ttl, maxb = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local bytes = tonumber(redis.call('HGET', meta, 'b') or '0')
+if size > 0 and #data <= maxb then
+  redis.call('XADD', stream, offset .. '-0', 'd', data, 'c', client, 't', now)
+  bytes = bytes + #data
+end
+local count = redis.call('XLEN', stream)
+while count > 0 do
+  local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
+  local len, at = #oldest[2][2], tonumber(oldest[2][6])
+  if count > size or bytes > maxb or (ttl > 0 and at < now - ttl) then
+    redis.call('XDEL', stream, oldest[1])
+    count, bytes = count - 1, bytes - len
+  else
+    break
+  end
+end
+redis.call('HSET', meta, 'b', bytes, 't', ttl)
+redis.call('PEXPIRE', meta, ARGV[7])
+redis.call('PEXPIRE', stream, ARGV[7])
+redis.call('PUBLISH', ARGV[1], 'p|' .. epoch .. '|' .. offset .. '|' .. client .. '|' .. data)
+return {epoch, tostring(offset)}
+";
+
+/// Reads the position and, consistently with it, history. Creates the epoch if the channel
+/// has none yet, so a position read before the first publication stays valid after it.
+const HISTORY: &str = r"
+local meta, stream = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', meta, 'e')
+if not epoch then
+  epoch = ARGV[3]
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'e', epoch, 'o', 0, 'b', 0)
+end
+redis.call('PEXPIRE', meta, ARGV[4])
+redis.call('PEXPIRE', stream, ARGV[4])
+local out = {epoch, tostring(redis.call('HGET', meta, 'o'))}
+local limit = tonumber(ARGV[2])
+if limit == 0 then
+  return out
+end
+local ttl = tonumber(redis.call('HGET', meta, 't') or '0')
+local t = redis.call('TIME')
+local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - ttl
+local entries
+if ARGV[1] == '' then
+  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', limit)
+  entries = {}
+  for i = #newest, 1, -1 do
+    entries[#entries + 1] = newest[i]
+  end
+else
+  entries = redis.call('XRANGE', stream, '(' .. ARGV[1] .. '-0', '+', 'COUNT', limit)
+end
+for _, entry in ipairs(entries) do
+  local f = entry[2]
+  if ttl == 0 or tonumber(f[6]) >= cutoff then
+    out[#out + 1] = string.match(entry[1], '^(%d+)')
+    out[#out + 1] = f[4]
+    out[#out + 1] = f[2]
+  end
+end
+return out
+";
+
+/// Adds or refreshes presence entries: ARGV = ttl ms, then id, info pairs.
+const PRESENCE_ADD: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  redis.call('ZADD', KEYS[2], now + ttl, ARGV[i])
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+return 1
+";
+
+/// Drops expired presence entries and returns the rest.
+const PRESENCE_READ: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+if #expired > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  redis.call('HDEL', KEYS[1], unpack(expired))
+end
+return redis.call('HVALS', KEYS[1])
+";
+
+/// Settings of a [`RedisBroker`].
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://host:port[/db]`.
+    pub url: String,
+    /// Prefix of every key and pub/sub channel.
+    pub prefix: String,
+    /// How long presence entries outlive their node's last refresh.
+    pub presence_ttl: Duration,
+}
+
+impl RedisOptions {
+    /// Options from the server's settings.
+    pub fn from_config(url: &str, config: &Config) -> Self {
+        Self {
+            url: url.to_owned(),
+            prefix: config.broker_prefix.clone(),
+            presence_ttl: config.presence_ttl,
+        }
+    }
+}
+
+/// A request to the pub/sub task: make the connection's subscription to a channel match
+/// [`Subscriptions::wanted`], then answer.
+struct Sync {
+    channel: String,
+    done: Option<oneshot::Sender<Result<(), BrokerError>>>,
+}
+
+struct Shared {
+    options: RedisOptions,
+    client: redis::Client,
+    commands: ConnectionManager,
+    events: Arc<dyn BrokerEvents>,
+    subscriptions: Subscriptions,
+    presence: PresenceEntries,
+    connected: AtomicBool,
+    sync: mpsc::UnboundedSender<Sync>,
+    publish: Script,
+    history: Script,
+    presence_add: Script,
+    presence_read: Script,
+}
+
+/// Broker over Redis; see the module docs.
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+    /// Stops the background tasks when the broker is dropped.
+    _stop: DropGuard,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("url", &super::redact(&self.shared.options.url))
+            .field("prefix", &self.shared.options.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(err: redis::RedisError) -> BrokerError {
+    BrokerError::Unavailable(format!("redis: {err}"))
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl RedisBroker {
+    /// Connects (both the command and the pub/sub connection must come up within a few
+    /// seconds) and starts the pub/sub and presence-refresh tasks.
+    pub async fn connect(
+        options: RedisOptions,
+        events: Arc<dyn BrokerEvents>,
+    ) -> Result<Self, BrokerError> {
+        let failed = |reason: String| BrokerError::Connect {
+            url: super::redact(&options.url),
+            reason,
+        };
+        let client = redis::Client::open(options.url.as_str()).map_err(|e| failed(e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT))
+            .set_number_of_retries(2)
+            .set_max_delay(MAX_BACKOFF);
+        let commands = tokio::time::timeout(
+            TIMEOUT * 2,
+            client.get_connection_manager_with_config(config),
+        )
+        .await
+        .map_err(|_| failed("timed out".into()))?
+        .map_err(|e| failed(e.to_string()))?;
+        let pubsub = tokio::time::timeout(TIMEOUT, client.get_async_pubsub())
+            .await
+            .map_err(|_| failed("timed out".into()))?
+            .map_err(|e| failed(e.to_string()))?;
+        let (sync, requests) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            options,
+            client,
+            commands,
+            events,
+            subscriptions: Subscriptions::default(),
+            presence: PresenceEntries::default(),
+            connected: AtomicBool::new(true),
+            sync,
+            publish: Script::new(PUBLISH),
+            history: Script::new(HISTORY),
+            presence_add: Script::new(PRESENCE_ADD),
+            presence_read: Script::new(PRESENCE_READ),
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(pubsub_task(
+            Arc::clone(&shared),
+            pubsub,
+            requests,
+            stop.clone(),
+        ));
+        tokio::spawn(refresh_presence(Arc::clone(&shared), stop.clone()));
+        Ok(Self {
+            shared,
+            _stop: stop.drop_guard(),
+        })
+    }
+}
+
+impl Shared {
+    fn key(&self, channel: &str, what: &str) -> String {
+        format!("{}:{{{channel}}}:{what}", self.options.prefix)
+    }
+
+    fn live_prefix(&self) -> String {
+        format!("{}:live:", self.options.prefix)
+    }
+
+    fn live(&self, channel: &str) -> String {
+        format!("{}{channel}", self.live_prefix())
+    }
+
+    /// Asks the pub/sub task to apply the channel's subscription state and waits for it.
+    async fn sync(&self, channel: &str) -> Result<(), BrokerError> {
+        let (done, answer) = oneshot::channel();
+        let request = Sync {
+            channel: channel.to_owned(),
+            done: Some(done),
+        };
+        if self.sync.send(request).is_err() {
+            return Err(BrokerError::Unavailable("redis broker stopped".into()));
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(BrokerError::Unavailable("redis broker stopped".into())))
+    }
+
+    /// Position and history; `limit` 0 reads the position only.
+    async fn read(
+        &self,
+        channel: &str,
+        since: Option<u64>,
+        limit: usize,
+    ) -> Result<HistoryPage, BrokerError> {
+        let mut conn = self.commands.clone();
+        let reply: Vec<String> = self
+            .history
+            .key(self.key(channel, "meta"))
+            .key(self.key(channel, "history"))
+            .arg(since.map(|s| s.to_string()).unwrap_or_default())
+            .arg(limit.min(MAX_READ))
+            .arg(wire::new_epoch())
+            .arg(millis(STREAM_KEEP))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut fields = reply.into_iter();
+        let epoch = fields.next().unwrap_or_default();
+        let offset = fields.next().and_then(|o| o.parse().ok()).unwrap_or(0);
+        let mut publications = Vec::new();
+        while let (Some(offset), Some(client), Some(data)) =
+            (fields.next(), fields.next(), fields.next())
+        {
+            let publication = Publication {
+                offset: offset.parse().unwrap_or(0),
+                data: serde_json::value::RawValue::from_string(data)
+                    .map_err(|e| BrokerError::Unavailable(format!("corrupt history: {e}")))?
+                    .into(),
+                client_id: client.parse().ok(),
+            };
+            publications.push(publication);
+        }
+        Ok(HistoryPage {
+            position: StreamPosition { offset, epoch },
+            publications,
+        })
+    }
+
+    async fn write_presence(
+        &self,
+        channel: &str,
+        clients: &[ClientInfo],
+    ) -> Result<(), BrokerError> {
+        if clients.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.presence_add.prepare_invoke();
+        invocation
+            .key(self.key(channel, "presence"))
+            .key(self.key(channel, "presence-exp"))
+            .arg(millis(self.options.presence_ttl));
+        for client in clients {
+            let info = serde_json::to_string(client)
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            invocation.arg(client.client_id.to_string()).arg(info);
+        }
+        let mut conn = self.commands.clone();
+        invocation
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Hands one pub/sub message to the node.
+    fn receive(&self, message: &redis::Msg) {
+        let Some(channel) = message
+            .get_channel_name()
+            .strip_prefix(self.live_prefix().as_str())
+        else {
+            return;
+        };
+        let event = match wire::decode(message.get_payload_bytes()) {
+            Ok(event) => event,
+            Err(err) => {
+                tracing::warn!(%err, channel, "dropping a message from redis");
+                return;
+            }
+        };
+        match event {
+            WireEvent::Publication { epoch, publication } => {
+                match self
+                    .subscriptions
+                    .observe(channel, &epoch, publication.offset)
+                {
+                    Continuity::Next => self.events.on_publication(channel, &publication),
+                    Continuity::Gap => {
+                        self.events.on_gap(channel);
+                        self.events.on_publication(channel, &publication);
+                    }
+                    Continuity::Seen | Continuity::Unwanted => {}
+                }
+            }
+            WireEvent::Join(client) if self.subscriptions.wanted(channel) => {
+                self.events.on_join(channel, &client);
+            }
+            WireEvent::Leave(client) if self.subscriptions.wanted(channel) => {
+                self.events.on_leave(channel, &client);
+            }
+            WireEvent::Join(_) | WireEvent::Leave(_) => {}
+        }
+    }
+
+    /// After a reconnect: every channel whose stream moved while we were away gets a gap.
+    async fn catch_up(&self, channels: &[String]) {
+        for channel in channels {
+            match self.read(channel, None, 0).await {
+                Ok(page) => {
+                    if self.subscriptions.catch_up(channel, page.position) {
+                        self.events.on_gap(channel);
+                    }
+                }
+                // We cannot tell: assume the worst.
+                Err(_) => self.events.on_gap(channel),
+            }
+        }
+    }
+}
+
+/// Owns the pub/sub connection: applies subscription changes in order, delivers messages,
+/// and reconnects with backoff when the connection is lost.
+async fn pubsub_task(
+    shared: Arc<Shared>,
+    first: redis::aio::PubSub,
+    mut requests: mpsc::UnboundedReceiver<Sync>,
+    stop: CancellationToken,
+) {
+    let mut connection = Some(first);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let pubsub = match connection.take() {
+            Some(pubsub) => Ok(pubsub),
+            None => tokio::time::timeout(TIMEOUT, shared.client.get_async_pubsub())
+                .await
+                .unwrap_or_else(|_| Err(redis::RedisError::from(std::io::Error::from(
+                    std::io::ErrorKind::TimedOut,
+                )))),
+        };
+        match pubsub {
+            Ok(pubsub) => {
+                let (sink, stream) = pubsub.split();
+                let lost = serve(&shared, sink, stream, &mut requests, &stop).await;
+                shared.connected.store(false, Ordering::Release);
+                match lost {
+                    Ok(()) => return, // stopped
+                    Err(err) => tracing::warn!(%err, "redis pub/sub connection lost; reconnecting"),
+                }
+                backoff = Duration::from_millis(100);
+            }
+            Err(err) => {
+                tracing::warn!(%err, ?backoff, "redis unreachable; retrying");
+            }
+        }
+        // Wait before the next attempt, refusing subscription changes meanwhile (the caller
+        // gets an error reply; nothing is pretended).
+        let jitter = Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_bytes()[0]));
+        let pause = tokio::time::sleep(backoff + jitter);
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                () = &mut pause => break,
+                () = stop.cancelled() => return,
+                request = requests.recv() => match request {
+                    Some(mut request) => {
+                        if let Some(done) = request.done.take() {
+                            let _ = done.send(Err(BrokerError::Unavailable(
+                                "redis pub/sub connection is down".into(),
+                            )));
+                        }
+                    }
+                    None => return,
+                },
+            }
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Runs one pub/sub connection until it fails (`Err`) or the broker stops (`Ok`).
+async fn serve(
+    shared: &Shared,
+    mut sink: PubSubSink,
+    mut stream: PubSubStream,
+    requests: &mut mpsc::UnboundedReceiver<Sync>,
+    stop: &CancellationToken,
+) -> Result<(), redis::RedisError> {
+    let wanted = shared.subscriptions.channels();
+    let mut active: HashSet<String> = HashSet::new();
+    if !wanted.is_empty() {
+        let names: Vec<String> = wanted.iter().map(|c| shared.live(c)).collect();
+        sink.subscribe(names).await?;
+        active.extend(wanted.iter().cloned());
+        shared.catch_up(&wanted).await;
+    }
+    shared.connected.store(true, Ordering::Release);
+    let mut ping = tokio::time::interval(PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            message = stream.next() => match message {
+                Some(message) => shared.receive(&message),
+                None => return Err(redis::RedisError::from(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionReset,
+                ))),
+            },
+            request = requests.recv() => {
+                let Some(mut request) = request else { return Ok(()) };
+                let outcome = apply(shared, &mut sink, &mut active, &request.channel).await;
+                let failed = outcome.as_ref().err().map(|e| e.to_string());
+                if let Some(done) = request.done.take() {
+                    let _ = done.send(outcome.map_err(unavailable));
+                }
+                if let Some(err) = failed {
+                    return Err(redis::RedisError::from(std::io::Error::other(err)));
+                }
+            }
+            _ = ping.tick() => {
+                match tokio::time::timeout(TIMEOUT, sink.ping::<redis::Value>()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(err)) => return Err(err),
+                    Err(_) => return Err(redis::RedisError::from(std::io::Error::from(
+                        std::io::ErrorKind::TimedOut,
+                    ))),
+                }
+            }
+        }
+    }
+}
+
+/// Makes the connection's subscription to `channel` match what the node wants now.
+async fn apply(
+    shared: &Shared,
+    sink: &mut PubSubSink,
+    active: &mut HashSet<String>,
+    channel: &str,
+) -> Result<(), redis::RedisError> {
+    let wanted = shared.subscriptions.wanted(channel);
+    let have = active.contains(channel);
+    if wanted && !have {
+        sink.subscribe(shared.live(channel)).await?;
+        active.insert(channel.to_owned());
+    } else if !wanted && have {
+        sink.unsubscribe(shared.live(channel)).await?;
+        active.remove(channel);
+    }
+    Ok(())
+}
+
+/// Re-writes this node's presence entries well before they expire.
+async fn refresh_presence(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(shared.options.presence_ttl / 3);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        for (channel, clients) in shared.presence.snapshot() {
+            if let Err(err) = shared.write_presence(&channel, &clients).await {
+                tracing::warn!(%err, channel, "presence refresh failed");
+            }
+        }
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        request: PublishRequest,
+    ) -> BrokerFuture<'a, StreamPosition> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let limits = request.history;
+            let keep = STREAM_KEEP.max(limits.ttl.unwrap_or_default());
+            let mut conn = shared.commands.clone();
+            let (epoch, offset): (String, u64) = shared
+                .publish
+                .key(shared.key(channel, "meta"))
+                .key(shared.key(channel, "history"))
+                .arg(shared.live(channel))
+                .arg(request.data.get())
+                .arg(request.client_id.map(|c| c.to_string()).unwrap_or_default())
+                .arg(limits.size.min(MAX_READ))
+                .arg(limits.ttl.map_or(0, millis))
+                .arg(limits.max_bytes.min(MAX_READ))
+                .arg(millis(keep))
+                .arg(wire::new_epoch())
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(StreamPosition { offset, epoch })
+        })
+    }
+
+    fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let first = shared.subscriptions.add(channel);
+            if let Err(err) = shared.sync(channel).await {
+                if shared.subscriptions.remove(channel) {
+                    let _ = shared.sync.send(Sync {
+                        channel: channel.to_owned(),
+                        done: None,
+                    });
+                }
+                return Err(err);
+            }
+            if first {
+                // The baseline for spotting skipped offsets; also fixes the epoch.
+                if let Ok(page) = shared.read(channel, None, 0).await {
+                    shared.subscriptions.baseline(channel, page.position);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn unsubscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
+        Box::pin(async move {
+            if self.shared.subscriptions.remove(channel) {
+                // A failure means the connection is gone, and with it the subscription.
+                let _ = self.shared.sync(channel).await;
+            }
+            Ok(())
+        })
+    }
+
+    fn history<'a>(
+        &'a self,
+        channel: &'a str,
+        since: Option<u64>,
+        limit: usize,
+    ) -> BrokerFuture<'a, HistoryPage> {
+        Box::pin(self.shared.read(channel, since, limit))
+    }
+
+    fn add_presence<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
+        Box::pin(async move {
+            self.shared
+                .write_presence(channel, std::slice::from_ref(&client))
+                .await?;
+            self.shared.presence.add(channel, client);
+            Ok(())
+        })
+    }
+
+    fn remove_presence<'a>(&'a self, channel: &'a str, client: ClientId) -> BrokerFuture<'a, ()> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            shared.presence.remove(channel, client);
+            let id = client.to_string();
+            let mut conn = shared.commands.clone();
+            redis::pipe()
+                .atomic()
+                .hdel(shared.key(channel, "presence"), &id)
+                .zrem(shared.key(channel, "presence-exp"), &id)
+                .exec_async(&mut conn)
+                .await
+                .map_err(unavailable)
+        })
+    }
+
+    fn presence<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, Vec<ClientInfo>> {
+        Box::pin(async move {
+            let shared = &self.shared;
+            let mut conn = shared.commands.clone();
+            let entries: Vec<String> = shared
+                .presence_read
+                .key(shared.key(channel, "presence"))
+                .key(shared.key(channel, "presence-exp"))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            Ok(entries
+                .iter()
+                .filter_map(|entry| serde_json::from_str(entry).ok())
+                .collect())
+        })
+    }
+
+    fn publish_join<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
+        self.announce(channel, wire::presence_change(&client, false))
+    }
+
+    fn publish_leave<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
+        self.announce(channel, wire::presence_change(&client, true))
+    }
+
+    fn status(&self) -> BrokerStatus {
+        BrokerStatus {
+            kind: "redis",
+            connected: self.shared.connected.load(Ordering::Acquire),
+        }
+    }
+}
+
+impl RedisBroker {
+    fn announce<'a>(&'a self, channel: &'a str, message: Vec<u8>) -> BrokerFuture<'a, ()> {
+        Box::pin(async move {
+            let mut conn = self.shared.commands.clone();
+            conn.publish::<_, _, i64>(self.shared.live(channel), message)
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::conformance::{self, Event, Recorder};
+
+    fn url() -> Option<String> {
+        let url = std::env::var("RUSTY_SOCKS_TEST_REDIS_URL").ok();
+        if url.is_none() {
+            eprintln!("skipped: RUSTY_SOCKS_TEST_REDIS_URL not set");
+        }
+        url
+    }
+
+    fn options(url: &str, prefix: &str) -> RedisOptions {
+        RedisOptions {
+            url: url.to_owned(),
+            prefix: prefix.to_owned(),
+            presence_ttl: Duration::from_secs(3),
+        }
+    }
+
+    fn prefix() -> String {
+        format!("rstest{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    }
+
+    #[tokio::test]
+    async fn redis_broker_passes_the_conformance_suite() {
+        let Some(url) = url() else { return };
+        let prefix = prefix();
+        conformance::run_all(|events| {
+            let options = options(&url, &prefix);
+            async move {
+                let broker = RedisBroker::connect(options, events)
+                    .await
+                    .expect("redis reachable");
+                Arc::new(broker) as Arc<dyn Broker>
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_redis_stops_startup_with_a_clear_error() {
+        let started = std::time::Instant::now();
+        let err = RedisBroker::connect(
+            options("redis://127.0.0.1:1", "x"),
+            Arc::new(Recorder::default()),
+        )
+        .await
+        .expect_err("nothing listens on port 1");
+        assert!(matches!(err, BrokerError::Connect { .. }), "{err}");
+        assert!(err.to_string().contains("RUSTY_SOCKS_BROKER"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn two_nodes_share_publications_and_presence() {
+        let Some(url) = url() else { return };
+        let prefix = prefix();
+        let a_events = Arc::new(Recorder::default());
+        let b_events = Arc::new(Recorder::default());
+        let a = RedisBroker::connect(options(&url, &prefix), a_events.clone())
+            .await
+            .expect("redis");
+        let b = RedisBroker::connect(options(&url, &prefix), b_events.clone())
+            .await
+            .expect("redis");
+        a.subscribe("room").await.expect("subscribe");
+        b.subscribe("room").await.expect("subscribe");
+        for n in 1..=20 {
+            let broker = if n % 2 == 0 { &a } else { &b };
+            let request = PublishRequest {
+                data: conformance::json(&n.to_string()),
+                client_id: None,
+                history: crate::history::HistoryLimits {
+                    size: 100,
+                    ttl: None,
+                    max_bytes: 1 << 20,
+                },
+            };
+            broker.publish("room", request).await.expect("publish");
+        }
+        let expected: Vec<Event> = (1..=20)
+            .map(|n| Event::Publication("room".into(), n))
+            .collect();
+        assert_eq!(a_events.wait_for("room", 20).await, expected);
+        assert_eq!(b_events.wait_for("room", 20).await, expected);
+        let ann = ClientInfo {
+            client_id: uuid::Uuid::new_v4(),
+            user: Some("ann".into()),
+        };
+        a.add_presence("room", ann.clone()).await.expect("presence");
+        assert_eq!(b.presence("room").await.expect("presence"), vec![ann]);
+    }
+}
