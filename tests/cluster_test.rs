@@ -75,7 +75,14 @@ impl Node {
         .await
         .expect("rusty_socks did not start within 15 s");
         // Keep draining its output so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // Warnings are shown with the test's output (on failure).
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("WARN") || line.contains("ERROR") {
+                    println!("node: {line}");
+                }
+            }
+        });
         Node { child, addr }
     }
 
@@ -423,6 +430,133 @@ async fn a_broker_restart_is_survived_with_recovery(kind: Kind) {
         }
     }
     assert_eq!(have, vec![1, 2, 3, 4, 5, 6], "nothing lost, nothing twice");
+}
+
+/// Redis-only checks that look inside Redis.
+#[cfg(feature = "redis")]
+mod redis_only {
+    use super::*;
+    use ::redis::AsyncCommands;
+
+    async fn numsub(conn: &mut ::redis::aio::MultiplexedConnection, channel: &str) -> i64 {
+        let reply: Vec<(String, i64)> = ::redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(conn)
+            .await
+            .unwrap();
+        reply[0].1
+    }
+
+    /// Each node subscribes to a channel once, however many local clients it has, and only
+    /// while it has some: a publication crosses Redis once per interested node.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_subscribes_once_and_only_while_it_has_subscribers() {
+        let Some(url) = Kind::Redis.shared_url() else {
+            return;
+        };
+        let prefix = format!("ct{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let a = Node::start(&url, &prefix).await;
+        let b = Node::start(&url, &prefix).await;
+        let mut conn = ::redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let live = format!("{prefix}:live:room");
+        assert_eq!(numsub(&mut conn, &live).await, 0);
+        let mut on_a = Vec::new();
+        for _ in 0..3 {
+            let (mut ws, _) = a.client().await;
+            subscribe(&mut ws, "room").await;
+            on_a.push(ws);
+        }
+        assert_eq!(numsub(&mut conn, &live).await, 1, "three clients, one subscription");
+        let (mut on_b, _) = b.client().await;
+        subscribe(&mut on_b, "room").await;
+        assert_eq!(numsub(&mut conn, &live).await, 2, "one per node");
+        // What crosses Redis for one publication: exactly one message per subscribed node.
+        let receivers: i64 = conn.publish(&live, "x|probe").await.unwrap();
+        assert_eq!(receivers, 2);
+        let reply = call(&mut on_b, json!({"type":"unsubscribe","id":"u","channel":"room"})).await;
+        assert_eq!(reply["type"], "unsubscribed", "{reply}");
+        let started = Instant::now();
+        while numsub(&mut conn, &live).await != 1 {
+            assert!(started.elapsed() < WAIT, "node B kept its subscription");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A node whose pub/sub connection drops while another node publishes tells its clients:
+    /// v1 subscribers get a `gap` and recover from history, legacy clients are closed with
+    /// 4002. Runs on a Redis of its own, since it kills pub/sub connections.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn missed_publications_are_reported_never_lost_quietly() {
+        let Some(broker) = OwnBroker::start(Kind::Redis).await else {
+            return;
+        };
+        let cluster = nodes(&broker.url(), 2).await;
+        let (mut publisher, _) = cluster[0].client().await;
+        let (mut legacy_publisher, _) = join_url(&cluster[0].ws()).await;
+        let (mut subscriber, _) = cluster[1].client().await;
+        let (mut legacy, _) = join_url(&cluster[1].ws()).await;
+        let reply = subscribe(&mut subscriber, "room").await;
+        let epoch = reply["epoch"].as_str().unwrap().to_owned();
+        publish(&mut publisher, "room", json!(1)).await;
+        assert_eq!(publications(&mut subscriber, "room", 1).await[0].0, 1);
+
+        let mut conn = ::redis::Client::open(broker.url().as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let killed: i64 = ::redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(killed, 2, "both nodes' pub/sub connections");
+        // Published while node B is not listening (it waits at least 100 ms to reconnect).
+        for n in 2..=4 {
+            publish(&mut publisher, "room", json!(n)).await;
+        }
+        send_text(
+            &mut legacy_publisher,
+            r#"{"sender":"a","content":"while you were away"}"#,
+        )
+        .await;
+
+        let gap = loop {
+            let frame = recv_json(&mut subscriber).await;
+            if frame["type"] == "gap" {
+                break frame;
+            }
+            assert_eq!(frame["type"], "publication", "{frame}");
+        };
+        assert_eq!(gap["channel"], "room");
+        assert_eq!(gap["offset"], 1, "it got everything up to 1");
+        let page = call(
+            &mut subscriber,
+            json!({"type":"history","id":"h","channel":"room",
+                   "since":{"offset":1,"epoch":epoch}}),
+        )
+        .await;
+        assert_eq!(page["complete"], true, "{page}");
+        let offsets: Vec<u64> = page["publications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["offset"].as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets, vec![2, 3, 4]);
+        assert_eq!(recv_close_code(&mut legacy).await, 4002);
+        // Live delivery goes on after the reconnect.
+        publish(&mut publisher, "room", json!(5)).await;
+        let next = publications(&mut subscriber, "room", 1).await;
+        assert_eq!(next[0].0, 5);
+    }
 }
 
 macro_rules! for_each_broker {

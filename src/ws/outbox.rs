@@ -30,10 +30,11 @@ use crate::hub::MemberState;
 pub type ClientId = Uuid;
 
 /// The close codes that can be requested from outside a session.
-const SIGNAL_CODES: [CloseCode; 3] = [
+const SIGNAL_CODES: [CloseCode; 4] = [
     CloseCode::SlowConsumer,
     CloseCode::GoingAway,
     CloseCode::InternalError,
+    CloseCode::MessagesMissed,
 ];
 
 /// A queue that has been emptied keeps at most this many slots of capacity.

@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 const HELP: &str = "loadgen - load generator for WebSocket broadcast servers (loopback only)
 
 USAGE:
-  loadgen broadcast --url ws://127.0.0.1:3030/ws [--subscribers 1000] [--publishers 1]
+  loadgen broadcast --url ws://127.0.0.1:3030/ws[,ws://...] [--subscribers 1000] [--publishers 1]
                     [--messages 2000] [--size 64] [--rate 0] [--window 256]
                     [--stalled 0] [--server-pid PID] [--timeout 60]
       N subscribers and P publishers connect; each publisher sends --messages JSON chat
@@ -24,7 +24,9 @@ USAGE:
       ahead of the slowest subscriber). Reports deliveries/s, deliveries per server
       CPU-second (with --server-pid), publish->delivery latency p50/p99/p999, and lost messages.
       --stalled K adds K subscribers that connect and never read: the others' figures show
-      what such clients cost them.
+      what such clients cost them. Several --url values (comma-separated nodes of one
+      cluster) spread the subscribers over the nodes; publishers use the first. --server-pid
+      takes a comma-separated list too, and CPU is summed over those processes.
 
   loadgen echo --url ws://127.0.0.1:3030/echo [--connections 100] [--window 1] [--size 64]
                [--duration 10] [--server-pid PID]
@@ -110,13 +112,25 @@ fn chat_message(run: u32, publisher: usize, seq: u64, micros: u64, size: usize) 
     text.into_bytes()
 }
 
+/// CPU time of every server process together (a cluster's cost).
+fn cluster_cpu(pids: &[u32]) -> Option<Duration> {
+    pids.iter().map(|&pid| process_cpu(pid)).sum()
+}
+
 struct Subscriber {
     /// Messages received from each publisher, in order.
     progress: Vec<AtomicU64>,
 }
 
 async fn broadcast(args: &Args) -> Result<(), String> {
-    let (addr, path) = parse_url(&args.string("url", "ws://127.0.0.1:3030/ws"))?;
+    // Several nodes of one cluster: subscribers are spread over them round-robin; publishers
+    // and stalled subscribers use the first.
+    let nodes = args
+        .string("url", "ws://127.0.0.1:3030/ws")
+        .split(',')
+        .map(parse_url)
+        .collect::<Result<Vec<_>, _>>()?;
+    let (addr, path) = nodes[0].clone();
     let subscribers = args.number("subscribers", 1000)? as usize;
     let publishers = args.number("publishers", 1)?.max(1) as usize;
     let messages = args.number("messages", 2000)?;
@@ -124,7 +138,14 @@ async fn broadcast(args: &Args) -> Result<(), String> {
     let rate = args.number("rate", 0)?;
     let window = args.number("window", 256)?.max(1);
     let timeout = Duration::from_secs(args.number("timeout", 60)?);
-    let server_pid = args.number("server-pid", 0)? as u32;
+    let server_pids = args
+        .string("server-pid", "0")
+        .split(',')
+        .map(|pid| {
+            pid.parse::<u32>()
+                .map_err(|_| format!("--server-pid must be PID[,PID...], got {pid:?}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let stalled = args.number("stalled", 0)? as usize;
     let run = (std::process::id() ^ (Instant::now().elapsed().subsec_nanos())) % 1_000_000;
     let start = Instant::now();
@@ -135,9 +156,9 @@ async fn broadcast(args: &Args) -> Result<(), String> {
     let mut readers = Vec::new();
     let limit = Arc::new(Semaphore::new(200));
     let mut connecting = Vec::new();
-    for _ in 0..subscribers {
+    for n in 0..subscribers {
         let limit = Arc::clone(&limit);
-        let path = path.clone();
+        let (addr, path) = nodes[n % nodes.len()].clone();
         connecting.push(tokio::spawn(async move {
             let _permit = limit.acquire().await;
             ws_connect(addr, &path).await
@@ -224,7 +245,7 @@ async fn broadcast(args: &Args) -> Result<(), String> {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let cpu_before = process_cpu(server_pid);
+    let cpu_before = cluster_cpu(&server_pids);
     let own_before = process_cpu(std::process::id());
     let began = Instant::now();
     let subs = Arc::new(subs);
@@ -282,7 +303,7 @@ async fn broadcast(args: &Args) -> Result<(), String> {
         }
     }
     let elapsed = began.elapsed();
-    let cpu = match (cpu_before, process_cpu(server_pid)) {
+    let cpu = match (cpu_before, cluster_cpu(&server_pids)) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
     };

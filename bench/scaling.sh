@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Cross-node fan-out: 1, 2 and 3 Rusty Socks nodes sharing one broker (Redis, NATS), measured
+# with the load generator's broadcast scenario. Subscribers are spread over the nodes; the
+# publisher is on the first node, so with 2 and 3 nodes most deliveries cross the broker.
+# Nodes run pinned to CPU 1 (one worker thread each), the generator to CPU 0; the broker
+# servers are the machine's own and are not pinned. Loopback only; stops by itself.
+#
+# Usage: bench/scaling.sh [BROKER_URL...]
+#   default: memory (1 node), redis://127.0.0.1:6379, nats://127.0.0.1:4222
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --quiet --workspace --bins
+BIN=target/release
+SUBSCRIBERS=${SUBSCRIBERS:-1000}
+MESSAGES=${MESSAGES:-2000}
+if [ $# -gt 0 ]; then BROKERS=("$@"); else BROKERS=(memory redis://127.0.0.1:6379 nats://127.0.0.1:4222); fi
+
+PIDS=()
+stop_all() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  PIDS=()
+}
+trap stop_all EXIT
+
+start_node() { # broker port prefix
+  RUSTY_SOCKS_HOST=127.0.0.1 RUSTY_SOCKS_PORT=$2 RUSTY_SOCKS_THREAD_POOL_SIZE=1 \
+    RUSTY_SOCKS_MAX_CONN=20000 RUSTY_SOCKS_MAX_QUEUED_TASKS=20000 \
+    RUSTY_SOCKS_BROKER="$1" RUSTY_SOCKS_BROKER_PREFIX="$3" RUST_LOG=warn \
+    taskset -c 1 "$BIN/rusty_socks" >/dev/null 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 1 100); do
+    if curl -fsS "http://127.0.0.1:$2/health" >/dev/null 2>&1; then return; fi
+    sleep 0.1
+  done
+  echo "node on port $2 did not start" >&2; exit 1
+}
+
+for broker in "${BROKERS[@]}"; do
+  max=3
+  if [ "$broker" = memory ]; then max=1; fi
+  for nodes in $(seq 1 $max); do
+    prefix="scale$$n$nodes"
+    urls=""
+    for i in $(seq 1 "$nodes"); do
+      port=$((9600 + i))
+      start_node "$broker" "$port" "$prefix"
+      urls="${urls:+$urls,}ws://127.0.0.1:$port/ws"
+    done
+    pids=$(IFS=,; echo "${PIDS[*]}")
+    printf '%-24s nodes=%s ' "$broker" "$nodes"
+    taskset -c 0 "$BIN/loadgen" broadcast --url "$urls" --server-pid "$pids" \
+      --subscribers "$SUBSCRIBERS" --messages "$MESSAGES" --timeout 120 | grep '^RESULT' \
+      || echo "RESULT failed"
+    stop_all
+  done
+done
