@@ -5,7 +5,8 @@
 //! exit code 2. Silently falling back to a default (as the original server did) would leave an
 //! operator believing a limit is in force when it is not.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::namespace::Namespaces;
@@ -20,6 +21,65 @@ pub struct ConfigError {
     pub value: String,
     /// What would have been accepted.
     pub expected: String,
+}
+
+/// A secret setting: compared and used like a string, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Secret {
+    /// The secret's text.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An address range: `10.0.0.0/8`, `::1/128`, or one address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRange {
+    /// First address of the range.
+    pub network: IpAddr,
+    /// Prefix length in bits.
+    pub prefix: u8,
+}
+
+impl IpRange {
+    /// Parses `addr` or `addr/prefix`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix.parse::<u8>().ok()?)),
+            None => (text, None),
+        };
+        let network: IpAddr = addr.trim().parse().ok()?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(Self { network, prefix })
+    }
+
+    /// Whether `ip` is in the range (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.network, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Which broker distributes messages (`RUSTY_SOCKS_BROKER`).
@@ -123,6 +183,35 @@ pub struct Config {
     /// `RUSTY_SOCKS_PRESENCE_TTL`: how long a node's presence entries outlive its last refresh
     /// (with a networked broker), which bounds how long a dead node's clients stay listed.
     pub presence_ttl: Duration,
+    /// `RUSTY_SOCKS_JWT_SECRET`: HS256 secret for connection tokens.
+    pub jwt_secret: Option<Secret>,
+    /// `RUSTY_SOCKS_JWT_PUBLIC_KEY`: PEM file with an RSA (RS256) or P-256 (ES256) public key.
+    pub jwt_public_key: Option<PathBuf>,
+    /// `RUSTY_SOCKS_ALLOW_ANONYMOUS`: let connections without a token in when a key is set.
+    pub allow_anonymous: bool,
+    /// `RUSTY_SOCKS_REFRESH_WINDOW`: how long before a token expires the client is asked for
+    /// a new one.
+    pub refresh_window: Duration,
+    /// `RUSTY_SOCKS_API_KEY`: key of the server HTTP API under `/api` (unset: API off).
+    pub api_key: Option<Secret>,
+    /// `RUSTY_SOCKS_ALLOWED_ORIGINS`: origins browsers may connect from (empty: any).
+    pub allowed_origins: Vec<String>,
+    /// `RUSTY_SOCKS_TLS_CERT`: PEM certificate chain; with `TLS_KEY`, serve wss:// and https://.
+    pub tls_cert: Option<PathBuf>,
+    /// `RUSTY_SOCKS_TLS_KEY`: PEM private key for `TLS_CERT`.
+    pub tls_key: Option<PathBuf>,
+    /// `RUSTY_SOCKS_METRICS_ADDR`: serve `/metrics` on this address instead of the main port.
+    pub metrics_addr: Option<SocketAddr>,
+    /// `RUSTY_SOCKS_CLIENT_RATE`: messages per second one connection may send (0: no limit).
+    pub client_rate: u32,
+    /// `RUSTY_SOCKS_CLIENT_BURST`: messages a connection may send at once above the rate.
+    pub client_burst: u32,
+    /// `RUSTY_SOCKS_CONNECT_RATE`: connections per second one IP may open (0: no limit).
+    pub connect_rate: u32,
+    /// `RUSTY_SOCKS_CONNECT_BURST`: connections an IP may open at once above the rate.
+    pub connect_burst: u32,
+    /// `RUSTY_SOCKS_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpRange>,
 }
 
 impl Default for Config {
@@ -152,6 +241,20 @@ impl Default for Config {
             broker: BrokerUrl::Memory,
             broker_prefix: "rusty_socks".to_owned(),
             presence_ttl: Duration::from_secs(30),
+            jwt_secret: None,
+            jwt_public_key: None,
+            allow_anonymous: false,
+            refresh_window: Duration::from_secs(30),
+            api_key: None,
+            allowed_origins: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            metrics_addr: None,
+            client_rate: 0,
+            client_burst: 50,
+            connect_rate: 0,
+            connect_burst: 20,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -273,6 +376,76 @@ pub const SETTINGS: &[Setting] = &[
         default: "30",
         meaning: "seconds a dead node's presence entries remain (networked brokers), 3-3600",
     },
+    Setting {
+        var: "RUSTY_SOCKS_JWT_SECRET",
+        default: "(unset)",
+        meaning: "HS256 secret for connection tokens (set a key to require tokens)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_JWT_PUBLIC_KEY",
+        default: "(unset)",
+        meaning: "PEM file: RSA public key (RS256) or P-256 public key (ES256)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_ALLOW_ANONYMOUS",
+        default: "false",
+        meaning: "with a key set, still let connections without a token in",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_REFRESH_WINDOW",
+        default: "30",
+        meaning: "seconds before a token expires that the client is asked to refresh it",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_API_KEY",
+        default: "(unset)",
+        meaning: "key of the /api server API (Authorization: apikey <key>); unset: API off",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_ALLOWED_ORIGINS",
+        default: "(any)",
+        meaning: "comma-separated origins browsers may connect from; others get 403",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_TLS_CERT",
+        default: "(unset)",
+        meaning: "PEM certificate chain; with TLS_KEY, serve wss:// and https://",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_TLS_KEY",
+        default: "(unset)",
+        meaning: "PEM private key of TLS_CERT",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_METRICS_ADDR",
+        default: "(main port)",
+        meaning: "serve /metrics on this host:port instead of the main port",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_CLIENT_RATE",
+        default: "0",
+        meaning: "messages per second per connection (0 = no limit)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_CLIENT_BURST",
+        default: "50",
+        meaning: "messages a connection may send at once above CLIENT_RATE",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_CONNECT_RATE",
+        default: "0",
+        meaning: "new connections per second per client IP (0 = no limit)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_CONNECT_BURST",
+        default: "20",
+        meaning: "connections an IP may open at once above CONNECT_RATE",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_TRUSTED_PROXIES",
+        default: "(none)",
+        meaning: "comma-separated proxy IPs/CIDRs whose X-Forwarded-For is believed",
+    },
 ];
 
 impl Config {
@@ -385,7 +558,63 @@ impl Config {
                 None => d.presence_ttl,
                 Some((var, v)) => parse_int(var, &v, 3, 3600).map(Duration::from_secs)?,
             },
+            jwt_secret: secret(get("RUSTY_SOCKS_JWT_SECRET"), 16)?,
+            jwt_public_key: path(get("RUSTY_SOCKS_JWT_PUBLIC_KEY")),
+            allow_anonymous: flag("RUSTY_SOCKS_ALLOW_ANONYMOUS", d.allow_anonymous)?,
+            refresh_window: secs("RUSTY_SOCKS_REFRESH_WINDOW", d.refresh_window, 3600)?,
+            api_key: secret(get("RUSTY_SOCKS_API_KEY"), 16)?,
+            allowed_origins: match get("RUSTY_SOCKS_ALLOWED_ORIGINS") {
+                None => d.allowed_origins,
+                Some((var, v)) => parse_origins(var, &v)?,
+            },
+            tls_cert: path(get("RUSTY_SOCKS_TLS_CERT")),
+            tls_key: path(get("RUSTY_SOCKS_TLS_KEY")),
+            metrics_addr: match get("RUSTY_SOCKS_METRICS_ADDR") {
+                None => None,
+                Some((_, v)) if v.trim().is_empty() => None,
+                Some((var, v)) => Some(v.trim().parse().map_err(|_| ConfigError {
+                    var,
+                    value: v.clone(),
+                    expected: "host:port, like 127.0.0.1:9090 or [::1]:9090".into(),
+                })?),
+            },
+            client_rate: int("RUSTY_SOCKS_CLIENT_RATE", 0, 0, 1_000_000)? as u32,
+            client_burst: int("RUSTY_SOCKS_CLIENT_BURST", d.client_burst as usize, 1, 1_000_000)?
+                as u32,
+            connect_rate: int("RUSTY_SOCKS_CONNECT_RATE", 0, 0, 1_000_000)? as u32,
+            connect_burst: int(
+                "RUSTY_SOCKS_CONNECT_BURST",
+                d.connect_burst as usize,
+                1,
+                1_000_000,
+            )? as u32,
+            trusted_proxies: match get("RUSTY_SOCKS_TRUSTED_PROXIES") {
+                None => d.trusted_proxies,
+                Some((var, v)) => v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(|t| {
+                        IpRange::parse(t).ok_or_else(|| ConfigError {
+                            var,
+                            value: v.clone(),
+                            expected: "comma-separated IP addresses or CIDR ranges".into(),
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            },
         };
+        if config.tls_cert.is_some() != config.tls_key.is_some() {
+            let (var, value) = match &config.tls_cert {
+                Some(cert) => ("RUSTY_SOCKS_TLS_CERT", cert.display().to_string()),
+                None => ("RUSTY_SOCKS_TLS_KEY", String::new()),
+            };
+            return Err(ConfigError {
+                var,
+                value,
+                expected: "both RUSTY_SOCKS_TLS_CERT and RUSTY_SOCKS_TLS_KEY, or neither".into(),
+            });
+        }
         if config.ping_interval >= config.timeout {
             return Err(ConfigError {
                 var: "RUSTY_SOCKS_PING",
@@ -398,6 +627,54 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+/// An optional secret: unset or empty means none; set, it must be at least `min` bytes.
+fn secret(
+    found: Option<(&'static str, String)>,
+    min: usize,
+) -> Result<Option<Secret>, ConfigError> {
+    match found {
+        None => Ok(None),
+        Some((_, v)) if v.is_empty() => Ok(None),
+        Some((var, v)) if v.len() < min => Err(ConfigError {
+            var,
+            value: "***".into(),
+            expected: format!("at least {min} bytes (a short secret can be guessed)"),
+        }),
+        Some((_, v)) => Ok(Some(Secret(v))),
+    }
+}
+
+fn path(found: Option<(&'static str, String)>) -> Option<PathBuf> {
+    found
+        .map(|(_, v)| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Origins as browsers send them: `scheme://host[:port]`, no path.
+fn parse_origins(var: &'static str, value: &str) -> Result<Vec<String>, ConfigError> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(|origin| {
+            let origin = origin.trim_end_matches('/');
+            let host = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            if host.is_some_and(|h| !h.is_empty() && !h.contains('/')) {
+                Ok(origin.to_ascii_lowercase())
+            } else {
+                Err(ConfigError {
+                    var,
+                    value: value.to_owned(),
+                    expected: "comma-separated origins like https://app.example.com".into(),
+                })
+            }
+        })
+        .collect()
 }
 
 fn parse_int(var: &'static str, value: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
@@ -496,8 +773,10 @@ mod tests {
         assert_eq!(c.broker, BrokerUrl::Redis("redis://127.0.0.1:6379/2".into()));
         assert_eq!(c.broker_prefix, "app-1");
         assert_eq!(c.presence_ttl, Duration::from_secs(5));
-        let nats = with(&[("RUSTY_SOCKS_BROKER", "nats://127.0.0.1:4222")]).expect("valid");
-        assert_eq!(nats.broker, BrokerUrl::Nats("nats://127.0.0.1:4222".into()));
+        if cfg!(feature = "nats") {
+            let nats = with(&[("RUSTY_SOCKS_BROKER", "nats://127.0.0.1:4222")]).expect("valid");
+            assert_eq!(nats.broker, BrokerUrl::Nats("nats://127.0.0.1:4222".into()));
+        }
     }
 
     #[test]

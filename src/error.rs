@@ -59,6 +59,15 @@ pub enum ClientError {
     /// The message could not be delivered or the channel joined (broker failure).
     #[error("not done: {0}")]
     Unavailable(String),
+    /// A `refresh` token was refused (the connection keeps its current token).
+    #[error("token refused: {0}")]
+    InvalidToken(crate::auth::AuthError),
+    /// `refresh` on a connection without authentication configured.
+    #[error("this server does not use tokens")]
+    AuthDisabled,
+    /// The connection sends faster than `RUSTY_SOCKS_CLIENT_RATE`; the message was dropped.
+    #[error("too many messages: at most {0} per second")]
+    RateLimited(u32),
 }
 
 impl From<ChannelError> for ClientError {
@@ -89,6 +98,9 @@ impl ClientError {
             Self::PresenceDisabled => "presence_disabled",
             Self::DataTooBig(_) => "data_too_big",
             Self::Unavailable(_) => "unavailable",
+            Self::InvalidToken(_) => "invalid_token",
+            Self::AuthDisabled => "auth_disabled",
+            Self::RateLimited(_) => "rate_limited",
         }
     }
 }

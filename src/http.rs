@@ -3,21 +3,23 @@
 //! Paths match exactly. [`HttpError`] is the one mapping from every refusal to its status.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER, UPGRADE};
+use hyper::header::{ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER, UPGRADE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 
 use crate::admission::Overload;
+use crate::auth::AuthError;
 use crate::server::AppState;
 use crate::ws::handshake::HandshakeError;
 use crate::ws::{self, Endpoint};
 
 /// Every way an HTTP request is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HttpError {
     /// No such path.
     #[error("not found")]
@@ -34,6 +36,15 @@ pub enum HttpError {
     /// The broker connection is down: this node cannot deliver across nodes right now.
     #[error("broker unavailable")]
     BrokerDown,
+    /// No valid token where one is required, or an invalid one.
+    #[error("unauthorized: {0}")]
+    Unauthorized(AuthError),
+    /// A browser page from an origin not in `RUSTY_SOCKS_ALLOWED_ORIGINS`.
+    #[error("origin not allowed")]
+    OriginNotAllowed,
+    /// This client address opened connections faster than `RUSTY_SOCKS_CONNECT_RATE`.
+    #[error("too many connection attempts from this address")]
+    RateLimited,
     /// A response could not be built.
     #[error("internal error")]
     Internal,
@@ -41,7 +52,7 @@ pub enum HttpError {
 
 impl HttpError {
     /// The status this refusal is answered with.
-    pub fn status(self) -> StatusCode {
+    pub fn status(&self) -> StatusCode {
         match self {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -52,11 +63,15 @@ impl HttpError {
                 StatusCode::BAD_REQUEST
             }
             Self::Overloaded(_) | Self::BrokerDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    fn into_response(self) -> Response<Full<Bytes>> {
+    /// The plain-text response for this refusal.
+    pub fn into_response(self) -> Response<Full<Bytes>> {
         let mut body = self.to_string();
         if !body.ends_with('\n') {
             body.push('\n');
@@ -78,8 +93,11 @@ impl HttpError {
             Self::Handshake(HandshakeError::UnsupportedVersion) => {
                 headers.insert("sec-websocket-version", "13".parse().expect_static());
             }
-            Self::Overloaded(_) | Self::BrokerDown => {
+            Self::Overloaded(_) | Self::BrokerDown | Self::RateLimited => {
                 headers.insert(RETRY_AFTER, "1".parse().expect_static());
+            }
+            Self::Unauthorized(_) => {
+                headers.insert(WWW_AUTHENTICATE, "Bearer".parse().expect_static());
             }
             _ => {}
         }
@@ -109,12 +127,15 @@ pub fn raw_overload_response(overload: Overload) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Routes one request.
+/// Routes one request from `peer`.
 pub async fn handle(
     req: Request<Incoming>,
     state: Arc<AppState>,
+    peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let mut response = route(req, &state).unwrap_or_else(HttpError::into_response);
+    let mut response = route(req, &state, peer)
+        .await
+        .unwrap_or_else(HttpError::into_response);
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         // One request per connection: an idle keep-alive socket would hold a task without
         // counting against either admission bound.
@@ -125,11 +146,16 @@ pub async fn handle(
     Ok(response)
 }
 
-fn route(
+async fn route(
     req: Request<Incoming>,
     state: &Arc<AppState>,
+    peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, HttpError> {
-    let endpoint = match req.uri().path() {
+    let path = req.uri().path();
+    if path == "/api" || path.starts_with("/api/") {
+        return Ok(crate::api::handle(req, state).await);
+    }
+    let endpoint = match path {
         "/health" => {
             get_only(&req)?;
             // Readiness: a node that lost its broker must not get new clients from a load
@@ -141,6 +167,9 @@ fn route(
             };
         }
         "/stats" => return get_only(&req).map(|()| stats(state)),
+        "/metrics" if state.config.metrics_addr.is_none() => {
+            return get_only(&req).map(|()| crate::metrics::response(state));
+        }
         "/ws" => Endpoint::Chat,
         "/echo" if state.config.echo_endpoint => Endpoint::Echo,
         _ => return Err(HttpError::NotFound),
@@ -148,8 +177,9 @@ fn route(
     if req.method() != Method::GET {
         return Err(HttpError::MethodNotAllowed("GET"));
     }
-    ws::upgrade(req, state, endpoint)
+    ws::upgrade(req, state, endpoint, peer)
 }
+
 
 fn get_only(req: &Request<Incoming>) -> Result<(), HttpError> {
     match *req.method() {

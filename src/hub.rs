@@ -305,6 +305,23 @@ impl Hub {
             .map_or(0, |c| c.members.len())
     }
 
+    /// Every channel with local members, with how many (for `/api/channels`).
+    pub fn channels(&self) -> Vec<(String, usize)> {
+        let mut all = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            all.extend(
+                shard
+                    .iter()
+                    .map(|(name, channel)| (name.clone(), channel.members.len())),
+            );
+        }
+        all.sort_unstable();
+        all
+    }
+
     /// Channels with at least one local member.
     pub fn channel_count(&self) -> usize {
         self.shards

@@ -20,16 +20,21 @@
 //! - [`error`]: client mistakes and their error codes.
 
 pub mod admission;
+pub mod api;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod error;
 pub mod history;
 pub mod http;
 pub mod hub;
+pub mod limits;
+pub mod metrics;
 pub mod namespace;
 pub mod node;
 pub mod protocol;
 pub mod server;
 pub mod sessions;
 pub mod stats;
+pub mod tls;
 pub mod ws;

@@ -24,6 +24,48 @@ pub enum SlowPolicy {
     Gap,
 }
 
+/// Who may do something in a namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    /// Every connection, anonymous ones included.
+    Anyone,
+    /// Connections with a valid token.
+    Authenticated,
+    /// Connections whose token's `channels` claim lists the channel.
+    Listed,
+    /// No client (the server API still may).
+    Nobody,
+}
+
+impl Access {
+    /// Whether a connection authenticated as `who` (`None`: anonymous) may act on `channel`.
+    pub fn allows(self, who: Option<&crate::auth::Identity>, channel: &str) -> bool {
+        match self {
+            Self::Anyone => true,
+            Self::Authenticated => who.is_some(),
+            Self::Listed => who.is_some_and(|id| id.lists(channel)),
+            Self::Nobody => false,
+        }
+    }
+}
+
+/// `publish` also accepts the booleans of earlier versions: `true` is `anyone`, `false` is
+/// `nobody`.
+fn access_or_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Access, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Bool(bool),
+        Access(Access),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::Bool(true) => Access::Anyone,
+        Either::Bool(false) => Access::Nobody,
+        Either::Access(access) => access,
+    })
+}
+
 /// Options of one namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -36,8 +78,15 @@ pub struct NamespaceOptions {
     pub presence: bool,
     /// Whether subscribers get `join`/`leave` pushes.
     pub join_leave: bool,
-    /// Whether clients may publish (the server API always may).
-    pub publish: bool,
+    /// Who may publish from a connection (the server API always may).
+    #[serde(deserialize_with = "access_or_bool")]
+    pub publish: Access,
+    /// Who may subscribe.
+    pub subscribe: Access,
+    /// Who may read presence (when `presence` is on).
+    pub read_presence: Access,
+    /// Who may read history (and recover with `since`).
+    pub read_history: Access,
     /// Slow-subscriber policy.
     pub slow_policy: SlowPolicy,
 }
@@ -49,7 +98,10 @@ impl Default for NamespaceOptions {
             history_ttl_s: 300,
             presence: true,
             join_leave: false,
-            publish: true,
+            publish: Access::Anyone,
+            subscribe: Access::Anyone,
+            read_presence: Access::Anyone,
+            read_history: Access::Anyone,
             slow_policy: SlowPolicy::Disconnect,
         }
     }
@@ -121,14 +173,24 @@ impl Namespaces {
         self.by_name.insert(name.to_owned(), options);
     }
 
+    /// Names of every configured namespace (`""` is the default one).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
     /// Validates a channel name and returns its namespace's options.
     pub fn resolve(&self, channel: &str) -> Result<&NamespaceOptions, ChannelError> {
         validate_name(channel)?;
-        let namespace = channel.split_once(':').map_or("", |(ns, _)| ns);
+        let namespace = namespace_of(channel);
         self.by_name
             .get(namespace)
             .ok_or_else(|| ChannelError::UnknownNamespace(namespace.to_owned()))
     }
+}
+
+/// The namespace a channel belongs to: the part before its first `:`, or `""`.
+pub fn namespace_of(channel: &str) -> &str {
+    channel.split_once(':').map_or("", |(ns, _)| ns)
 }
 
 fn is_name_byte(b: u8) -> bool {

@@ -5,7 +5,9 @@
 //! the recovery protocol that makes `subscribe` with `since` loss-free, and renders what the
 //! broker delivers into frames, encoding each publication once for all local subscribers.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -14,7 +16,10 @@ use crate::broker::{Broker, BrokerEvents, ClientInfo, HistoryPage, PublishReques
 use crate::error::ClientError;
 use crate::history::{HistoryLimits, Publication, StreamPosition, is_complete_replay};
 use crate::hub::{Hub, Joined, Left, MemberState};
-use crate::namespace::{NamespaceOptions, Namespaces};
+use crate::auth::{Identity, Verifier};
+use crate::namespace::{Access, NamespaceOptions, Namespaces, namespace_of};
+use crate::sessions::Sessions;
+use crate::stats::Stats;
 use crate::protocol::legacy::ServerFrame;
 use crate::protocol::v1::{Frame, MAX_HISTORY_LIMIT};
 use crate::ws::frame::{OpCode, encode};
@@ -24,19 +29,49 @@ use crate::ws::outbox::{ClientId, Outbox};
 /// frames are rendered in the legacy shapes (`Chat`, `Disconnect`).
 pub const DEFAULT_CHANNEL: &str = "default";
 
+/// The internal channel nodes use to tell each other things (a user to disconnect). Its
+/// name is not a valid client channel name, so no client can subscribe or publish to it.
+pub const CONTROL_CHANNEL: &str = "$control";
+
 /// Renders broker deliveries into frames for the local hub.
 #[derive(Debug)]
 pub struct Dispatcher {
     hub: Arc<Hub>,
     echo_to_sender: bool,
+    stats: Arc<Stats>,
+    sessions: Arc<Sessions>,
 }
 
 impl Dispatcher {
-    /// A dispatcher feeding `hub`.
-    pub fn new(hub: Arc<Hub>, echo_to_sender: bool) -> Self {
+    /// A dispatcher feeding `hub`, counting gaps in `stats`, acting on control messages for
+    /// `sessions`.
+    pub fn new(
+        hub: Arc<Hub>,
+        echo_to_sender: bool,
+        stats: Arc<Stats>,
+        sessions: Arc<Sessions>,
+    ) -> Self {
         Self {
             hub,
             echo_to_sender,
+            stats,
+            sessions,
+        }
+    }
+
+    fn control(&self, data: &RawValue) {
+        #[derive(serde::Deserialize)]
+        struct Control {
+            disconnect: Option<String>,
+        }
+        match serde_json::from_str::<Control>(data.get()) {
+            Ok(Control {
+                disconnect: Some(user),
+            }) => {
+                let closed = self.sessions.disconnect_user(&user);
+                tracing::info!(user, closed, "disconnected through the server API");
+            }
+            _ => tracing::warn!(data = data.get(), "unknown control message"),
         }
     }
 }
@@ -47,6 +82,9 @@ fn text_frame(json: &str) -> Bytes {
 
 impl BrokerEvents for Dispatcher {
     fn on_publication(&self, channel: &str, publication: &Publication) {
+        if channel == CONTROL_CHANNEL {
+            return self.control(&publication.data);
+        }
         if channel == DEFAULT_CHANNEL {
             // Legacy chat: the stored data *is* the legacy Chat frame; the sender gets no copy.
             let frame = text_frame(publication.data.get());
@@ -93,7 +131,27 @@ impl BrokerEvents for Dispatcher {
     fn on_gap(&self, channel: &str) {
         // The legacy dialect has no gap frame: its clients are closed so they reconnect.
         let told = self.hub.gap(channel, channel == DEFAULT_CHANNEL);
+        self.stats.gap(told);
         tracing::warn!(channel, told, "publications may have been missed; subscribers told");
+    }
+}
+
+/// Who is asking the node to act, for the namespace permissions.
+#[derive(Debug, Clone, Copy)]
+pub enum Caller<'a> {
+    /// The application's backend through `/api`: may do anything.
+    Server,
+    /// A connection, authenticated as this identity (`None`: anonymous).
+    Client(Option<&'a Identity>),
+}
+
+impl Caller<'_> {
+    fn check(self, access: Access, channel: &str, what: &'static str) -> Result<(), ClientError> {
+        match self {
+            Self::Server => Ok(()),
+            Self::Client(who) if access.allows(who, channel) => Ok(()),
+            Self::Client(_) => Err(ClientError::PermissionDenied(what)),
+        }
     }
 }
 
@@ -108,6 +166,10 @@ pub struct NodeOptions {
     pub history_bytes: usize,
     /// Most frames buffered for a member while its recovery is prepared.
     pub recovery_buffer: usize,
+    /// Verifies tokens (for `refresh`), when authentication is configured.
+    pub verifier: Option<Arc<Verifier>>,
+    /// How long before a token expires its connection is asked to refresh it.
+    pub refresh_window: std::time::Duration,
 }
 
 /// A successful subscription.
@@ -132,17 +194,87 @@ pub struct Node {
     broker: Arc<dyn Broker>,
     options: NodeOptions,
     default_name: Arc<str>,
+    stats: Arc<Stats>,
+    /// Local subscriptions per namespace (the legacy channel counts as `default`), for the
+    /// metrics. Namespaces are fixed at startup, so the map never changes.
+    subscriptions: HashMap<String, AtomicI64>,
 }
 
 impl Node {
     /// A node over `hub` and `broker` (whose events sink must be a [`Dispatcher`] on `hub`).
-    pub fn new(hub: Arc<Hub>, broker: Arc<dyn Broker>, options: NodeOptions) -> Self {
+    pub fn new(
+        hub: Arc<Hub>,
+        broker: Arc<dyn Broker>,
+        options: NodeOptions,
+        stats: Arc<Stats>,
+    ) -> Self {
+        let subscriptions = options
+            .namespaces
+            .names()
+            .chain([DEFAULT_CHANNEL])
+            .map(|name| (name.to_owned(), AtomicI64::new(0)))
+            .collect();
         Self {
             hub,
             broker,
             options,
             default_name: Arc::from(DEFAULT_CHANNEL),
+            stats,
+            subscriptions,
         }
+    }
+
+    fn count_subscription(&self, channel: &str, delta: i64) {
+        let name = if channel == DEFAULT_CHANNEL {
+            DEFAULT_CHANNEL
+        } else {
+            namespace_of(channel)
+        };
+        if let Some(count) = self.subscriptions.get(name) {
+            count.fetch_add(delta, Ordering::Relaxed);
+        }
+    }
+
+    /// Local subscriptions per namespace (`default` is the legacy channel).
+    pub fn subscription_counts(&self) -> Vec<(&str, i64)> {
+        let mut counts: Vec<(&str, i64)> = self
+            .subscriptions
+            .iter()
+            .map(|(name, count)| (name.as_str(), count.load(Ordering::Relaxed)))
+            .collect();
+        counts.sort_unstable();
+        counts
+    }
+
+    /// Starts listening to the other nodes' control messages.
+    pub async fn start(&self) -> Result<(), crate::broker::BrokerError> {
+        self.broker.subscribe(CONTROL_CHANNEL).await
+    }
+
+    /// Asks every node (this one included) to disconnect `user`'s connections.
+    pub async fn announce_disconnect(&self, user: &str) -> Result<(), ClientError> {
+        let text = serde_json::json!({ "disconnect": user }).to_string();
+        let data = RawValue::from_string(text)
+            .map_err(|e| ClientError::Unavailable(e.to_string()))?;
+        let request = PublishRequest {
+            data: Arc::from(data),
+            client_id: None,
+            history: HistoryLimits {
+                size: 0,
+                ttl: None,
+                max_bytes: 0,
+            },
+        };
+        self.broker
+            .publish(CONTROL_CHANNEL, request)
+            .await
+            .map(|_| ())
+            .map_err(|err| self.unavailable(&err))
+    }
+
+    fn unavailable(&self, err: &crate::broker::BrokerError) -> ClientError {
+        self.stats.broker_error();
+        ClientError::Unavailable(err.to_string())
     }
 
     /// The local hub.
@@ -153,6 +285,21 @@ impl Node {
     /// The broker this node distributes through.
     pub fn broker(&self) -> &Arc<dyn Broker> {
         &self.broker
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// The token verifier, if authentication is configured.
+    pub fn verifier(&self) -> Option<&Verifier> {
+        self.options.verifier.as_deref()
+    }
+
+    /// How long before a token expires its connection is asked to refresh it.
+    pub fn refresh_window(&self) -> std::time::Duration {
+        self.options.refresh_window
     }
 
     /// Validates a channel and returns its options.
@@ -185,8 +332,19 @@ impl Node {
         channel: &str,
         since: Option<&StreamPosition>,
         replay: usize,
+        caller: Caller<'_>,
     ) -> Result<Subscription, ClientError> {
         let options = self.options(channel)?.clone();
+        caller.check(
+            options.subscribe,
+            channel,
+            "this connection may not subscribe to this channel",
+        )?;
+        // Recovery and replay read history: without that right the client only gets live.
+        let (since, replay) = match caller.check(options.read_history, channel, "") {
+            Ok(()) => (since, replay),
+            Err(_) => (None, 0),
+        };
         let policy = options.effective_slow_policy();
         // Every connection is on the default channel: share one copy of its name.
         let name: Arc<str> = if channel == DEFAULT_CHANNEL {
@@ -212,19 +370,19 @@ impl Node {
         };
         if let Err(why) = subscribed {
             self.hub.unsubscribe(channel, outbox.id());
+            self.stats.broker_error();
             return Err(ClientError::Unavailable(why));
         }
-        if options.presence {
-            if let Err(err) = self.broker.add_presence(channel, client.clone()).await {
+        self.count_subscription(channel, 1);
+        if options.presence
+            && let Err(err) = self.broker.add_presence(channel, client.clone()).await {
                 tracing::warn!(%err, channel, "presence add failed");
             }
-        }
         // The legacy dialect has no join notice: nothing to announce on the default channel.
-        if options.join_leave && channel != DEFAULT_CHANNEL {
-            if let Err(err) = self.broker.publish_join(channel, client.clone()).await {
+        if options.join_leave && channel != DEFAULT_CHANNEL
+            && let Err(err) = self.broker.publish_join(channel, client.clone()).await {
                 tracing::warn!(%err, channel, "join notice failed");
             }
-        }
         let page = match since {
             Some(since) => {
                 self.broker
@@ -242,7 +400,7 @@ impl Node {
             Err(err) => {
                 self.leave(outbox.id(), client, channel, &options, false)
                     .await;
-                return Err(ClientError::Unavailable(err.to_string()));
+                return Err(self.unavailable(&err));
             }
         };
         let recovered = since.map(|since| is_complete_replay(since, &position, &publications));
@@ -296,7 +454,11 @@ impl Node {
         options: &NamespaceOptions,
         announce: bool,
     ) -> bool {
-        match self.hub.unsubscribe(channel, client_id) {
+        let left = self.hub.unsubscribe(channel, client_id);
+        if left != Left::NotMember {
+            self.count_subscription(channel, -1);
+        }
+        match left {
             Left::NotMember => return false,
             Left::Last => {
                 if let Err(err) = self.broker.unsubscribe(channel).await {
@@ -305,33 +467,31 @@ impl Node {
             }
             Left::Removed => {}
         }
-        if options.presence {
-            if let Err(err) = self.broker.remove_presence(channel, client_id).await {
+        if options.presence
+            && let Err(err) = self.broker.remove_presence(channel, client_id).await {
                 tracing::warn!(%err, channel, "presence remove failed");
             }
-        }
-        if options.join_leave && announce {
-            if let Err(err) = self.broker.publish_leave(channel, client.clone()).await {
+        if options.join_leave && announce
+            && let Err(err) = self.broker.publish_leave(channel, client.clone()).await {
                 tracing::warn!(%err, channel, "leave notice failed");
             }
-        }
         true
     }
 
-    /// Publishes `data` on `channel`. `from_client` applies the namespace's `publish` switch.
+    /// Publishes `data` on `channel`, if `caller` may.
     pub async fn publish(
         &self,
         channel: &str,
         data: Arc<RawValue>,
         client_id: Option<ClientId>,
-        from_client: bool,
+        caller: Caller<'_>,
     ) -> Result<StreamPosition, ClientError> {
         let options = self.options(channel)?;
-        if from_client && !options.publish {
-            return Err(ClientError::PermissionDenied(
-                "clients may not publish in this channel's namespace",
-            ));
-        }
+        caller.check(
+            options.publish,
+            channel,
+            "this connection may not publish to this channel",
+        )?;
         let request = PublishRequest {
             data,
             client_id,
@@ -340,18 +500,28 @@ impl Node {
         self.broker
             .publish(channel, request)
             .await
-            .map_err(|err| ClientError::Unavailable(err.to_string()))
+            .map_err(|err| self.unavailable(&err))
     }
 
     /// Everyone present on `channel`.
-    pub async fn presence(&self, channel: &str) -> Result<Vec<ClientInfo>, ClientError> {
-        if !self.options(channel)?.presence {
+    pub async fn presence(
+        &self,
+        channel: &str,
+        caller: Caller<'_>,
+    ) -> Result<Vec<ClientInfo>, ClientError> {
+        let options = self.options(channel)?;
+        if !options.presence {
             return Err(ClientError::PresenceDisabled);
         }
+        caller.check(
+            options.read_presence,
+            channel,
+            "this connection may not read this channel's presence",
+        )?;
         self.broker
             .presence(channel)
             .await
-            .map_err(|err| ClientError::Unavailable(err.to_string()))
+            .map_err(|err| self.unavailable(&err))
     }
 
     /// History of `channel`: after `since`, or the newest `limit`.
@@ -360,13 +530,19 @@ impl Node {
         channel: &str,
         since: Option<&StreamPosition>,
         limit: Option<usize>,
+        caller: Caller<'_>,
     ) -> Result<HistoryPage, ClientError> {
         let options = self.options(channel)?;
+        caller.check(
+            options.read_history,
+            channel,
+            "this connection may not read this channel's history",
+        )?;
         let limit = limit.unwrap_or(options.history_size.min(MAX_HISTORY_LIMIT));
         self.broker
             .history(channel, since.map(|s| s.offset), limit)
             .await
-            .map_err(|err| ClientError::Unavailable(err.to_string()))
+            .map_err(|err| self.unavailable(&err))
     }
 }
 
@@ -470,7 +646,13 @@ mod tests {
     #[tokio::test]
     async fn publications_racing_a_recovery_arrive_exactly_once() {
         let hub = Arc::new(Hub::new());
-        let dispatcher = Arc::new(Dispatcher::new(Arc::clone(&hub), false));
+        let stats = Arc::new(Stats::default());
+        let dispatcher = Arc::new(Dispatcher::new(
+            Arc::clone(&hub),
+            false,
+            Arc::clone(&stats),
+            Arc::default(),
+        ));
         let broker = Arc::new(Racing {
             inner: MemoryBroker::new(dispatcher, 1 << 30),
         });
@@ -482,10 +664,13 @@ mod tests {
                 legacy: NamespaceOptions::default(),
                 history_bytes: 1 << 20,
                 recovery_buffer: 64,
+                verifier: None,
+                refresh_window: std::time::Duration::from_secs(30),
             },
+            stats,
         );
         for _ in 0..5 {
-            node.publish("room", json("0"), None, false)
+            node.publish("room", json("0"), None, Caller::Server)
                 .await
                 .expect("publish");
         }
@@ -503,14 +688,14 @@ mod tests {
         };
         let since = StreamPosition { offset: 2, epoch };
         let sub = node
-            .subscribe(&outbox, &client, "room", Some(&since), 0)
+            .subscribe(&outbox, &client, "room", Some(&since), 0, Caller::Server)
             .await
             .expect("subscribe");
         assert_eq!(sub.recovered, Some(true));
         // 3..5 existed, 6 raced in before the history read, 7 after it, 8 is plain live.
         let mut seen: Vec<u64> = sub.publications.iter().map(|p| p.offset).collect();
         seen.extend(sub.live.iter().map(offset_of));
-        node.publish("room", json("0"), None, false)
+        node.publish("room", json("0"), None, Caller::Server)
             .await
             .expect("publish");
         while let Some(frame) = rx.try_recv() {

@@ -15,13 +15,28 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admission::{Admission, HandshakePermit, Overload};
+use crate::auth::{KeyError, Verifier};
 use crate::broker::BrokerError;
 use crate::config::Config;
 use crate::hub::Hub;
-use crate::namespace::{NamespaceOptions, SlowPolicy};
+use crate::namespace::{Access, NamespaceOptions, SlowPolicy};
 use crate::node::{Dispatcher, Node, NodeOptions};
 use crate::sessions::Sessions;
 use crate::stats::Stats;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The broker is unreachable.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// A JWT key could not be loaded.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The TLS certificate or key could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
 
 /// Shared by every connection.
 #[derive(Debug)]
@@ -42,13 +57,25 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tracker: TaskTracker,
+    /// Connection tokens, when authentication is configured.
+    pub verifier: Option<Arc<Verifier>>,
+    /// Per-IP connection rate limit.
+    pub connect_limiter: crate::limits::ConnectLimiter,
 }
 
 impl AppState {
     /// State for one node, connected to the configured broker.
-    pub async fn new(config: Config) -> Result<Arc<Self>, BrokerError> {
+    pub async fn new(config: Config) -> Result<Arc<Self>, StartupError> {
+        let verifier = Verifier::load(&config)?.map(Arc::new);
+        let stats = Arc::new(Stats::default());
+        let sessions: Arc<Sessions> = Arc::default();
         let hub = Arc::new(Hub::new());
-        let dispatcher = Arc::new(Dispatcher::new(Arc::clone(&hub), config.echo_to_sender));
+        let dispatcher = Arc::new(Dispatcher::new(
+            Arc::clone(&hub),
+            config.echo_to_sender,
+            Arc::clone(&stats),
+            Arc::clone(&sessions),
+        ));
         let broker = crate::broker::connect(&config, dispatcher).await?;
         let options = NodeOptions {
             namespaces: config.namespaces.clone(),
@@ -59,19 +86,35 @@ impl AppState {
                 // connection (use /stats), and would cost every connection an entry.
                 presence: false,
                 join_leave: true,
-                publish: false,
+                publish: Access::Nobody,
+                subscribe: Access::Anyone,
+                read_presence: Access::Anyone,
+                read_history: Access::Anyone,
                 slow_policy: SlowPolicy::Disconnect,
             },
             history_bytes: config.history_bytes,
             recovery_buffer: config.buffer,
+            verifier: verifier.clone(),
+            refresh_window: config.refresh_window,
         };
-        let node = Arc::new(Node::new(Arc::clone(&hub), broker, options));
+        let node = Arc::new(Node::new(
+            Arc::clone(&hub),
+            broker,
+            options,
+            Arc::clone(&stats),
+        ));
+        node.start().await?;
         Ok(Arc::new(Self {
             admission: Admission::new(config.max_connections, config.max_queued_tasks),
-            stats: Arc::new(Stats::default()),
+            stats,
+            verifier,
+            connect_limiter: crate::limits::ConnectLimiter::new(
+                config.connect_rate,
+                config.connect_burst,
+            ),
             hub,
             node,
-            sessions: Arc::default(),
+            sessions,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             config,
@@ -88,18 +131,36 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let state = AppState::new(config)
-        .await
-        .map_err(|err| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, err))?;
+    let startup = |err: StartupError| std::io::Error::new(std::io::ErrorKind::InvalidInput, err);
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key).map_err(|e| startup(e.into()))?),
+        _ => None,
+    };
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("RUSTY_SOCKS_METRICS_ADDR: cannot listen on {addr}: {e}"),
+            )
+        })?),
+        None => None,
+    };
+    let state = AppState::new(config).await.map_err(startup)?;
     state.tracker.spawn(heartbeat(Arc::clone(&state)));
+    if let Some(listener) = metrics_listener {
+        tracing::info!(address = ?listener.local_addr().ok(), "serving /metrics");
+        state
+            .tracker
+            .spawn(crate::metrics::serve(listener, Arc::clone(&state)));
+    }
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(err) => {
                 // Out of file descriptors and similar: back off instead of spinning.
                 tracing::warn!(%err, "accept failed");
@@ -107,13 +168,27 @@ pub async fn run(
                 continue;
             }
         };
+        let _ = stream.set_nodelay(true);
         match state.admission.try_handshake() {
             Ok(permit) => {
                 let state2 = Arc::clone(&state);
-                state.tracker.spawn(serve_http(stream, state2, permit));
+                match &tls {
+                    None => {
+                        state
+                            .tracker
+                            .spawn(serve_http(TokioIo::new(stream), peer, state2, permit));
+                    }
+                    Some(acceptor) => {
+                        let acceptor = acceptor.clone();
+                        state
+                            .tracker
+                            .spawn(serve_tls(stream, acceptor, peer, state2, permit));
+                    }
+                }
             }
             Err(overload) => {
                 tracing::debug!(?overload, "refusing connection before its handshake");
+                state.stats.refused(crate::stats::Refusal::Overload);
                 state.tracker.spawn(refuse(stream, overload));
             }
         }
@@ -146,10 +221,27 @@ async fn heartbeat(state: Arc<AppState>) {
     }
 }
 
-/// Serves HTTP/1.1 on one socket until it closes or upgrades.
-async fn serve_http(stream: TcpStream, state: Arc<AppState>, permit: HandshakePermit) {
+/// Completes the TLS handshake (within `RUSTY_SOCKS_HANDSHAKE_TIMEOUT`), then serves HTTP.
+async fn serve_tls(
+    stream: TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    peer: std::net::SocketAddr,
+    state: Arc<AppState>,
+    permit: HandshakePermit,
+) {
+    match tokio::time::timeout(state.config.handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Box::pin(serve_http(TokioIo::new(tls), peer, state, permit)).await,
+        Ok(Err(err)) => tracing::debug!(%err, %peer, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake not finished in time"),
+    }
+}
+
+/// Serves HTTP/1.1 on one connection until it closes or upgrades.
+async fn serve_http<IO>(io: TokioIo<IO>, peer: std::net::SocketAddr, state: Arc<AppState>, permit: HandshakePermit)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let _task = state.stats.task();
-    let _ = stream.set_nodelay(true);
     let permit = Arc::new(permit);
     let service = {
         let state = Arc::clone(&state);
@@ -157,11 +249,11 @@ async fn serve_http(stream: TcpStream, state: Arc<AppState>, permit: HandshakePe
         service_fn(move |req| {
             // The request is in: this socket no longer counts as a pending handshake.
             permit.release();
-            crate::http::handle(req, Arc::clone(&state))
+            crate::http::handle(req, Arc::clone(&state), peer)
         })
     };
     let conn = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(io, service)
         .with_upgrades();
     tokio::pin!(conn);
     // Plain HTTP answers one request and closes, and an upgrade ends this phase, so one timer

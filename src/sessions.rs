@@ -1,5 +1,5 @@
-//! Every live WebSocket session on this node, for the two things that concern all of them at
-//! once: the heartbeat tick and shutdown.
+//! Every live WebSocket session on this node, for what concerns many of them at once: the
+//! heartbeat tick, shutdown, and disconnecting a user through the server API.
 //!
 //! One server-wide ticker replaces a timer per connection: a connection's own timer would cost
 //! over a hundred bytes in every idle connection, the registry entry a few dozen. The ticker
@@ -18,7 +18,14 @@ const SHARDS: usize = 64;
 #[derive(Debug)]
 pub struct Sessions {
     hasher: RandomState,
-    shards: Box<[Mutex<HashMap<ClientId, Outbox>>]>,
+    shards: Box<[Mutex<HashMap<ClientId, Entry>>]>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    outbox: Outbox,
+    /// The authenticated user, if any.
+    user: Option<Arc<str>>,
 }
 
 impl Default for Sessions {
@@ -44,7 +51,7 @@ impl Drop for Registration {
 }
 
 impl Sessions {
-    fn shard(&self, id: ClientId) -> MutexGuard<'_, HashMap<ClientId, Outbox>> {
+    fn shard(&self, id: ClientId) -> MutexGuard<'_, HashMap<ClientId, Entry>> {
         let index = self.hasher.hash_one(id) as usize % SHARDS;
         // Every update is a single insert or remove, so a poisoned lock is still consistent.
         self.shards[index]
@@ -55,10 +62,17 @@ impl Sessions {
     /// Registers a session's outbox until the returned guard drops.
     pub fn register(self: &Arc<Self>, outbox: Outbox) -> Registration {
         let id = outbox.id();
-        self.shard(id).insert(id, outbox);
+        self.shard(id).insert(id, Entry { outbox, user: None });
         Registration {
             sessions: Arc::clone(self),
             id,
+        }
+    }
+
+    /// Records which user a session is authenticated as.
+    pub fn set_user(&self, registration: &Registration, user: Option<Arc<str>>) {
+        if let Some(entry) = self.shard(registration.id).get_mut(&registration.id) {
+            entry.user = user;
         }
     }
 
@@ -68,8 +82,25 @@ impl Sessions {
             let shard = shard
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            shard.values().for_each(&f);
+            shard.values().for_each(|entry| f(&entry.outbox));
         }
+    }
+
+    /// Closes every session of `user` with 4501; returns how many.
+    pub fn disconnect_user(&self, user: &str) -> usize {
+        let mut closed = 0;
+        for shard in self.shards.iter() {
+            let shard = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for entry in shard.values() {
+                if entry.user.as_deref() == Some(user) {
+                    entry.outbox.close(CloseCode::Disconnected);
+                    closed += 1;
+                }
+            }
+        }
+        closed
     }
 
     /// Wakes every session to check its heartbeat deadlines.

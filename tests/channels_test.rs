@@ -26,7 +26,7 @@ fn with_namespaces(config: &mut rusty_socks::config::Config) {
     config.namespaces.insert(
         "readonly",
         NamespaceOptions {
-            publish: false,
+            publish: rusty_socks::namespace::Access::Nobody,
             presence: false,
             ..NamespaceOptions::default()
         },

@@ -86,11 +86,10 @@ impl Subscriptions {
     /// Records where the stream was when the node subscribed, unless something newer was
     /// already seen.
     pub fn baseline(&self, channel: &str, position: StreamPosition) {
-        if let Some(entry) = self.lock().get_mut(channel) {
-            if entry.last.is_none() {
+        if let Some(entry) = self.lock().get_mut(channel)
+            && entry.last.is_none() {
                 entry.last = Some(position);
             }
-        }
     }
 
     /// Classifies a received publication and records it.

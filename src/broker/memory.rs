@@ -61,7 +61,7 @@ impl Stripe {
     ) -> T {
         self.ops = self.ops.wrapping_add(1);
         let now = Instant::now();
-        if self.ops % SWEEP_EVERY == 0 {
+        if self.ops.is_multiple_of(SWEEP_EVERY) {
             self.channels.retain(|_, state| {
                 let before = state.stream.cost();
                 state.trim(now);

@@ -53,6 +53,11 @@ pub enum Command<'a> {
         /// Only publications after this position.
         since: Option<StreamPosition>,
     },
+    /// A new token for this connection (the answer to a `refresh` push).
+    Refresh {
+        /// The JWT.
+        token: String,
+    },
 }
 
 /// What a text message turned out to be.
@@ -80,6 +85,7 @@ struct Raw<'a> {
     data: Option<&'a RawValue>,
     since: Option<Value>,
     limit: Option<Value>,
+    token: Option<Value>,
 }
 
 /// Sorts a text message into legacy, v1 command, or error.
@@ -107,7 +113,7 @@ pub fn parse(text: &str) -> Parsed<'_> {
     let id = raw.id.filter(|id| id.get() != "null");
     if !matches!(
         kind,
-        "subscribe" | "unsubscribe" | "publish" | "presence" | "history"
+        "subscribe" | "unsubscribe" | "publish" | "presence" | "history" | "refresh"
     ) {
         let err = ClientError::UnknownType(kind.to_owned());
         // Lower-case types are the v1 convention: answer in v1, with the command's id.
@@ -117,8 +123,8 @@ pub fn parse(text: &str) -> Parsed<'_> {
             Parsed::Invalid(err)
         };
     }
-    if let Some(id) = id {
-        if !valid_id(id) {
+    if let Some(id) = id
+        && !valid_id(id) {
             return Parsed::BadCommand(
                 None,
                 ClientError::InvalidField {
@@ -127,7 +133,6 @@ pub fn parse(text: &str) -> Parsed<'_> {
                 },
             );
         }
-    }
     match command(kind, &raw) {
         Ok(command) => Parsed::Command(id, command),
         Err(err) => Parsed::BadCommand(id, err),
@@ -141,6 +146,18 @@ fn valid_id(id: &RawValue) -> bool {
 }
 
 fn command<'a>(kind: &str, raw: &Raw<'a>) -> Result<Command<'a>, ClientError> {
+    if kind == "refresh" {
+        return match &raw.token {
+            None | Some(Value::Null) => Err(ClientError::MissingField("token")),
+            Some(Value::String(token)) => Ok(Command::Refresh {
+                token: token.clone(),
+            }),
+            Some(_) => Err(ClientError::InvalidField {
+                field: "token",
+                expected: "a string",
+            }),
+        };
+    }
     let channel = match &raw.channel {
         None | Some(Value::Null) => return Err(ClientError::MissingField("channel")),
         Some(Value::String(channel)) => channel.clone(),
@@ -305,6 +322,20 @@ pub enum Frame<'a> {
         channel: &'a str,
         /// The last offset this client got.
         offset: u64,
+    },
+    /// The connection's token expires soon: answer with a `refresh` command and a new token.
+    Refresh {
+        /// When the current token expires (seconds since the Unix epoch).
+        expires_at: u64,
+    },
+    /// Reply to `refresh`.
+    Refreshed {
+        /// The command's id.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+        /// When the new token expires (seconds since the Unix epoch), if it does.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
     },
 }
 

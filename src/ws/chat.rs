@@ -11,13 +11,15 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
+use super::close::CloseCode;
 use super::outbox::{ClientId, Outbox};
 use super::session::{Handler, Replies};
+use crate::auth::{AuthError, Identity};
 use crate::broker::ClientInfo;
 use crate::error::ClientError;
 use crate::history::continues_from;
 use crate::hub::MemberState;
-use crate::node::{DEFAULT_CHANNEL, Node};
+use crate::node::{Caller, DEFAULT_CHANNEL, Node};
 use crate::protocol::legacy::{ServerFrame, parse_chat};
 use crate::protocol::v1::{self, Command, Frame, Parsed};
 
@@ -30,6 +32,57 @@ pub struct ChatLimits {
     pub max_channels: u32,
     /// Largest `data` accepted in a v1 publish, in bytes.
     pub max_data: u32,
+    /// Messages per second a connection may send (0: no limit).
+    pub rate: u32,
+    /// Messages it may send at once above the rate.
+    pub burst: u32,
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst`. Also counts messages refused
+/// since the bucket was last full: a client that keeps going after `burst` refusals is closed.
+#[derive(Debug, Clone, Copy, Default)]
+struct Bucket {
+    tokens: f32,
+    /// Milliseconds since the server started ([`crate::stats::now_us`] / 1000) at last refill.
+    at_ms: u32,
+    refused: u32,
+}
+
+/// What the bucket says about one message.
+enum Admit {
+    Yes,
+    Refuse,
+    Close,
+}
+
+impl Bucket {
+    fn admit(&mut self, rate: u32, burst: u32) -> Admit {
+        let now_ms = u32::try_from(crate::stats::now_us() / 1000).unwrap_or(u32::MAX);
+        let elapsed = now_ms.saturating_sub(self.at_ms) as f32 / 1000.0;
+        self.at_ms = now_ms;
+        self.tokens = (self.tokens + elapsed * rate as f32).min(burst as f32);
+        if self.tokens >= burst as f32 {
+            self.refused = 0;
+        }
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Admit::Yes;
+        }
+        self.refused += 1;
+        if self.refused > burst {
+            Admit::Close
+        } else {
+            Admit::Refuse
+        }
+    }
+}
+
+/// A token-authenticated connection's state.
+#[derive(Debug)]
+struct Auth {
+    identity: Identity,
+    /// A `refresh` push was sent for the current token.
+    asked: bool,
 }
 
 /// Handler for one `/ws` connection.
@@ -45,21 +98,91 @@ pub struct ChatHandler {
     /// Other memberships (a few at most: a list beats a map here, and costs nothing until
     /// the first v1 subscription).
     others: Vec<Arc<MemberState>>,
+    /// Set for connections that presented a token (boxed: most connections have none).
+    auth: Option<Box<Auth>>,
+    /// The per-connection rate limit's state.
+    bucket: Bucket,
 }
 
 impl ChatHandler {
-    /// A handler for connection `client_id` whose fan-out goes to `outbox`.
-    pub fn new(client_id: ClientId, outbox: Outbox, node: Arc<Node>, limits: ChatLimits) -> Self {
+    /// A handler for connection `client_id` whose fan-out goes to `outbox`, authenticated as
+    /// `identity` (`None`: anonymous).
+    pub fn new(
+        client_id: ClientId,
+        outbox: Outbox,
+        node: Arc<Node>,
+        limits: ChatLimits,
+        identity: Option<Identity>,
+    ) -> Self {
+        let bucket = Bucket {
+            tokens: limits.burst as f32,
+            at_ms: u32::try_from(crate::stats::now_us() / 1000).unwrap_or(u32::MAX),
+            refused: 0,
+        };
         Self {
             client: ClientInfo {
                 client_id,
-                user: None,
+                user: identity.as_ref().map(|id| Arc::clone(&id.user)),
             },
             outbox,
             node,
             limits,
             default: None,
             others: Vec::new(),
+            auth: identity.map(|identity| {
+                Box::new(Auth {
+                    identity,
+                    asked: false,
+                })
+            }),
+            bucket,
+        }
+    }
+
+    fn caller(&self) -> Caller<'_> {
+        Caller::Client(self.auth.as_ref().map(|a| &a.identity))
+    }
+
+    /// Applies the rate limit to one incoming message; `false` drops it (with an error reply,
+    /// or a close for a client that keeps going).
+    fn admit(&mut self, out: &mut Replies<'_>, v1: Option<Option<&RawValue>>) -> bool {
+        if self.limits.rate == 0 {
+            return true;
+        }
+        match self.bucket.admit(self.limits.rate, self.limits.burst) {
+            Admit::Yes => true,
+            Admit::Refuse => {
+                self.node.stats().rate_limited();
+                let err = ClientError::RateLimited(self.limits.rate);
+                match v1 {
+                    Some(id) => out.text(&Frame::error(id, &err).to_json()),
+                    None => out.text(&ServerFrame::error(&err).to_json()),
+                }
+                false
+            }
+            Admit::Close => {
+                self.node.stats().rate_limited();
+                self.outbox.close(CloseCode::RateLimited);
+                false
+            }
+        }
+    }
+
+    fn refresh(&mut self, token: &str) -> Result<Option<u64>, ClientError> {
+        let verifier = self.node.verifier().ok_or(ClientError::AuthDisabled)?;
+        let identity = verifier.verify(token).map_err(ClientError::InvalidToken)?;
+        match &mut self.auth {
+            Some(auth) if auth.identity.user != identity.user => {
+                Err(ClientError::InvalidToken(AuthError::WrongUser))
+            }
+            Some(auth) => {
+                let expires_at = identity.expires_at;
+                auth.identity = identity;
+                auth.asked = false;
+                Ok(expires_at)
+            }
+            // An anonymous connection may not become someone by refreshing.
+            None => Err(ClientError::InvalidToken(AuthError::WrongUser)),
         }
     }
 
@@ -106,7 +229,7 @@ impl ChatHandler {
         };
         let published = self
             .node
-            .publish(DEFAULT_CHANNEL, data, Some(self.client_id()), false)
+            .publish(DEFAULT_CHANNEL, data, Some(self.client_id()), Caller::Server)
             .await;
         if let Err(err) = published {
             tracing::warn!(%err, "legacy publish failed");
@@ -129,9 +252,17 @@ impl ChatHandler {
                         self.limits.max_channels as usize,
                     ));
                 }
+                let caller = Caller::Client(self.auth.as_ref().map(|a| &a.identity));
                 let sub = self
                     .node
-                    .subscribe(&self.outbox, &self.client, &channel, since.as_ref(), 0)
+                    .subscribe(
+                        &self.outbox,
+                        &self.client,
+                        &channel,
+                        since.as_ref(),
+                        0,
+                        caller,
+                    )
                     .await?;
                 out.text(
                     &Frame::Subscribed {
@@ -175,7 +306,7 @@ impl ChatHandler {
                         &channel,
                         Arc::from(data.to_owned()),
                         Some(self.client_id()),
-                        true,
+                        self.caller(),
                     )
                     .await?;
                 out.text(
@@ -188,7 +319,7 @@ impl ChatHandler {
                 );
             }
             Command::Presence { channel } => {
-                let clients = self.node.presence(&channel).await?;
+                let clients = self.node.presence(&channel, self.caller()).await?;
                 out.text(
                     &Frame::Presence {
                         id,
@@ -203,7 +334,10 @@ impl ChatHandler {
                 limit,
                 since,
             } => {
-                let page = self.node.history(&channel, since.as_ref(), limit).await?;
+                let page = self
+                    .node
+                    .history(&channel, since.as_ref(), limit, self.caller())
+                    .await?;
                 let complete = since
                     .as_ref()
                     .map(|since| continues_from(since, &page.position, &page.publications));
@@ -218,6 +352,10 @@ impl ChatHandler {
                     }
                     .to_json(),
                 );
+            }
+            Command::Refresh { token } => {
+                let expires_at = self.refresh(&token)?;
+                out.text(&Frame::Refreshed { id, expires_at }.to_json());
             }
         }
         Ok(())
@@ -243,6 +381,7 @@ impl Handler for ChatHandler {
                     DEFAULT_CHANNEL,
                     None,
                     self.limits.replay as usize,
+                    Caller::Server,
                 )
                 .await;
             match joined {
@@ -269,7 +408,15 @@ impl Handler for ChatHandler {
             let Ok(text) = std::str::from_utf8(&text) else {
                 return; // The session only hands over validated UTF-8.
             };
-            match v1::parse(text) {
+            let parsed = v1::parse(text);
+            let v1_id = match &parsed {
+                Parsed::Command(id, _) | Parsed::BadCommand(id, _) => Some(*id),
+                Parsed::Legacy | Parsed::Invalid(_) => None,
+            };
+            if !self.admit(out, v1_id) {
+                return;
+            }
+            match parsed {
                 Parsed::Legacy => self.legacy_chat(text, out).await,
                 Parsed::Invalid(err) => out.text(&ServerFrame::error(&err).to_json()),
                 Parsed::BadCommand(id, err) => out.text(&Frame::error(id, &err).to_json()),
@@ -285,6 +432,21 @@ impl Handler for ChatHandler {
 
     async fn on_binary(&mut self, _data: Bytes, out: &mut Replies<'_>) {
         out.text(&ServerFrame::error(&ClientError::BinaryNotSupported).to_json());
+    }
+
+    fn on_tick(&mut self, out: &mut Replies<'_>) {
+        let Some(auth) = &mut self.auth else { return };
+        let Some(expires_at) = auth.identity.expires_at else {
+            return;
+        };
+        let now = crate::auth::now_s();
+        if now >= expires_at {
+            tracing::info!(user = %auth.identity.user, "token expired without a refresh");
+            self.outbox.close(CloseCode::TokenExpired);
+        } else if !auth.asked && now + self.node.refresh_window().as_secs() >= expires_at {
+            auth.asked = true;
+            out.text(&Frame::Refresh { expires_at }.to_json());
+        }
     }
 
     fn on_gaps(&mut self, out: &mut Replies<'_>) {

@@ -26,11 +26,18 @@ pub enum CloseCode {
     /// 4002: a legacy-dialect client may have missed chat messages because this node lost
     /// its broker connection; it should reconnect (the legacy dialect has no `gap` frame).
     MessagesMissed,
+    /// 4003: the connection's token expired and no valid `refresh` came in time.
+    TokenExpired,
+    /// 4004: the client kept sending faster than `RUSTY_SOCKS_CLIENT_RATE` after errors.
+    RateLimited,
+    /// 4501: the application disconnected this user through the server API; do not
+    /// reconnect as is.
+    Disconnected,
 }
 
 impl CloseCode {
     /// Every code the server sends (for documentation checks).
-    pub const ALL: [CloseCode; 9] = [
+    pub const ALL: [CloseCode; 12] = [
         Self::Normal,
         Self::GoingAway,
         Self::ProtocolError,
@@ -40,6 +47,9 @@ impl CloseCode {
         Self::HeartbeatTimeout,
         Self::SlowConsumer,
         Self::MessagesMissed,
+        Self::TokenExpired,
+        Self::RateLimited,
+        Self::Disconnected,
     ];
 
     /// The numeric code put on the wire.
@@ -54,6 +64,9 @@ impl CloseCode {
             Self::HeartbeatTimeout => 4000,
             Self::SlowConsumer => 4001,
             Self::MessagesMissed => 4002,
+            Self::TokenExpired => 4003,
+            Self::RateLimited => 4004,
+            Self::Disconnected => 4501,
         }
     }
 
@@ -69,6 +82,9 @@ impl CloseCode {
             Self::HeartbeatTimeout => "heartbeat timeout",
             Self::SlowConsumer => "slow consumer: outbox full",
             Self::MessagesMissed => "messages missed: reconnect",
+            Self::TokenExpired => "token expired",
+            Self::RateLimited => "rate limit exceeded",
+            Self::Disconnected => "disconnected by the server",
         }
     }
 }

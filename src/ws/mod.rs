@@ -14,20 +14,24 @@ pub mod session;
 pub mod transport;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming as IncomingBody;
-use hyper::header::{CONNECTION, UPGRADE};
+use hyper::header::{CONNECTION, SEC_WEBSOCKET_PROTOCOL, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::auth::{self, Identity};
 use crate::http::HttpError;
+use crate::limits::client_ip;
+use crate::stats::Refusal;
 use crate::server::AppState;
 use crate::sessions::Registration;
 use chat::{ChatHandler, ChatLimits};
@@ -53,12 +57,48 @@ pub fn upgrade(
     mut req: Request<IncomingBody>,
     state: &Arc<AppState>,
     endpoint: Endpoint,
+    peer: SocketAddr,
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let accept = handshake::accept(req.headers()).map_err(HttpError::Handshake)?;
+    let refused = |why: Refusal, err: HttpError| {
+        state.stats.refused(why);
+        err
+    };
+    check_origin(req.headers(), &state.config.allowed_origins)
+        .map_err(|err| refused(Refusal::Origin, err))?;
+    let ip = client_ip(
+        peer.ip(),
+        req.headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+        &state.config.trusted_proxies,
+    );
+    if !state.connect_limiter.allow(ip) {
+        return Err(refused(Refusal::RateLimited, HttpError::RateLimited));
+    }
+    let presented = auth::presented(req.headers(), req.uri().query());
+    let identity = match (&state.verifier, endpoint) {
+        (Some(verifier), Endpoint::Chat) => match &presented.token {
+            Some(token) => Some(verifier.verify(token).map_err(|err| {
+                tracing::debug!(%err, %ip, "token refused");
+                refused(Refusal::Unauthorized, HttpError::Unauthorized(err))
+            })?),
+            None if verifier.allow_anonymous => None,
+            None => {
+                return Err(refused(
+                    Refusal::Unauthorized,
+                    HttpError::Unauthorized(auth::AuthError::Missing),
+                ));
+            }
+        },
+        _ => None,
+    };
     let permit = state
         .admission
         .try_connection()
-        .map_err(HttpError::Overloaded)?;
+        .map_err(|err| refused(Refusal::Overload, HttpError::Overloaded(err)))?;
+    state.stats.connected();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let state2 = Arc::clone(state);
     let client_id = Uuid::new_v4();
@@ -73,19 +113,39 @@ pub fn upgrade(
             let _task = state2.stats.task();
             let _permit = permit;
             tracing::debug!("connected");
-            let (session, _registration) = session(upgraded, &state2, endpoint, client_id);
+            let (session, _registration) =
+                session(upgraded, &state2, endpoint, client_id, identity);
             session.await;
             tracing::debug!("disconnected");
         }
         .instrument(span),
     );
-    Response::builder()
+    let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(UPGRADE, "websocket")
         .header(CONNECTION, "Upgrade")
-        .header("sec-websocket-accept", accept)
+        .header("sec-websocket-accept", accept);
+    if let Some(subprotocol) = presented.subprotocol {
+        // A browser fails the handshake unless the server selects one of the offered ones.
+        response = response.header(SEC_WEBSOCKET_PROTOCOL, subprotocol);
+    }
+    response
         .body(Full::default())
         .map_err(|_| HttpError::Internal)
+}
+
+/// Refuses a browser page from an origin not on the allow-list. Requests without `Origin`
+/// (servers, command-line tools, native apps) are not browsers' and pass: the list protects
+/// users' browsers from other sites, it is not authentication.
+fn check_origin(headers: &hyper::HeaderMap, allowed: &[String]) -> Result<(), HttpError> {
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    match headers.get(hyper::header::ORIGIN).map(|v| v.to_str()) {
+        None => Ok(()),
+        Some(Ok(origin)) if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin.trim_end_matches('/'))) => Ok(()),
+        Some(_) => Err(HttpError::OriginNotAllowed),
+    }
 }
 
 /// The connection's session, ready to run.
@@ -100,6 +160,7 @@ fn session(
     state: &Arc<AppState>,
     endpoint: Endpoint,
     client_id: Uuid,
+    identity: Option<Identity>,
 ) -> (SessionFuture, Registration) {
     let config = &state.config;
     let (outbox, rx) = Outbox::new(client_id, config.buffer);
@@ -123,8 +184,18 @@ fn session(
                 replay: u32::try_from(config.replay_count).unwrap_or(u32::MAX),
                 max_channels: u32::try_from(config.max_channels).unwrap_or(u32::MAX),
                 max_data: u32::try_from(config.max_data_size).unwrap_or(u32::MAX),
+                rate: config.client_rate,
+                burst: config.client_burst,
             };
-            let handler = ChatHandler::new(client_id, outbox, Arc::clone(&state.node), limits);
+            let user = identity.as_ref().map(|id| Arc::clone(&id.user));
+            state.sessions.set_user(&registration, user);
+            let handler = ChatHandler::new(
+                client_id,
+                outbox,
+                Arc::clone(&state.node),
+                limits,
+                identity,
+            );
             let parts = SessionParts::new(rx, handler, session_config, state);
             (on_socket(upgraded, parts), registration)
         }

@@ -30,11 +30,14 @@ use crate::hub::MemberState;
 pub type ClientId = Uuid;
 
 /// The close codes that can be requested from outside a session.
-const SIGNAL_CODES: [CloseCode; 4] = [
+const SIGNAL_CODES: [CloseCode; 7] = [
     CloseCode::SlowConsumer,
     CloseCode::GoingAway,
     CloseCode::InternalError,
     CloseCode::MessagesMissed,
+    CloseCode::TokenExpired,
+    CloseCode::RateLimited,
+    CloseCode::Disconnected,
 ];
 
 /// A queue that has been emptied keeps at most this many slots of capacity.
@@ -43,6 +46,8 @@ const KEEP_SLOTS: usize = 16;
 #[derive(Debug, Default)]
 struct Queue {
     frames: VecDeque<Bytes>,
+    /// When the queue last went from empty to non-empty ([`crate::stats::now_us`]).
+    since_us: u64,
     /// The session is gone: pushes are refused.
     closed: bool,
 }
@@ -151,6 +156,9 @@ impl Outbox {
         }
         queue.frames.push_back(frame);
         let first = queue.frames.len() == 1;
+        if first {
+            queue.since_us = crate::stats::now_us();
+        }
         self.shared
             .queued
             .store(queue.frames.len(), Ordering::Release);
@@ -243,10 +251,11 @@ impl OutboxReceiver {
     }
 
     /// Moves queued frames into `buf` until it holds `limit` bytes (at least one frame if any
-    /// is queued); returns how many frames were moved.
-    pub fn drain_into(&self, buf: &mut BytesMut, limit: usize) -> u64 {
+    /// is queued); returns how many frames were moved and since when the oldest of them
+    /// waited ([`crate::stats::now_us`]).
+    pub fn drain_into(&self, buf: &mut BytesMut, limit: usize) -> (u64, u64) {
         if self.shared.queued.load(Ordering::Acquire) == 0 {
-            return 0;
+            return (0, 0);
         }
         let mut queue = self.shared.queue();
         let mut moved = 0;
@@ -263,7 +272,7 @@ impl OutboxReceiver {
         self.shared
             .queued
             .store(queue.frames.len(), Ordering::Release);
-        moved
+        (moved, queue.since_us)
     }
 
     /// The next queued frame, if any.
@@ -313,8 +322,8 @@ mod tests {
         assert_eq!(outbox.try_push(Bytes::from_static(b"2")), Push::Queued);
         assert_eq!(outbox.try_push(Bytes::from_static(b"3")), Push::Full);
         let mut buf = BytesMut::new();
-        assert_eq!(rx.drain_into(&mut buf, 1), 1, "stops at the limit");
-        assert_eq!(rx.drain_into(&mut buf, 100), 1);
+        assert_eq!(rx.drain_into(&mut buf, 1).0, 1, "stops at the limit");
+        assert_eq!(rx.drain_into(&mut buf, 100).0, 1);
         assert_eq!(&buf[..], b"12");
         assert!(rx.is_empty());
         drop(rx);

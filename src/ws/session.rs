@@ -130,6 +130,8 @@ pub trait Handler: Send {
     /// Called when the outbox has drained and the hub reported gaps, so gap notices follow
     /// everything queued before them.
     fn on_gaps(&mut self, _out: &mut Replies<'_>) {}
+    /// Called on the server's one-second tick (token expiry and the like).
+    fn on_tick(&mut self, _out: &mut Replies<'_>) {}
     /// Called once when the connection ends, for whatever reason.
     fn on_close(&mut self, server_shutting_down: bool) -> impl Future<Output = ()> + Send;
 }
@@ -192,6 +194,7 @@ impl<H: Handler> SessionParts<H> {
             config: parts.config,
             shutdown: parts.shutdown,
             stats: parts.stats,
+            batch_since: 0,
         }
     }
 }
@@ -204,6 +207,9 @@ pub struct Session<T, H> {
     config: SessionConfig,
     shutdown: CancellationToken,
     stats: Arc<Stats>,
+    /// When the oldest frame in the write buffer was queued (0: none), for the
+    /// queue-to-socket latency histogram.
+    batch_since: u64,
 }
 
 impl<T, H> Session<T, H>
@@ -308,13 +314,15 @@ where
                         if now.saturating_duration_since(last_seen) >= self.config.timeout() {
                             return End::Server(CloseCode::HeartbeatTimeout);
                         }
+                        let mut replies = Replies { buf: wbuf, count: 0 };
+                        self.handler.on_tick(&mut replies);
+                        self.stats.add_out(replies.count);
                         // Ticks come every second: ping when the next tick would be late.
-                        if let (Some(at), Some(every)) = (next_ping, self.config.ping_interval()) {
-                            if now + PING_EARLY >= at {
+                        if let (Some(at), Some(every)) = (next_ping, self.config.ping_interval())
+                            && now + PING_EARLY >= at {
                                 encode_into(wbuf, OpCode::Ping, b"");
                                 next_ping = Some(now + every);
                             }
-                        }
                     }
                     if can_take {
                         self.take_from_outbox(wbuf);
@@ -340,7 +348,10 @@ where
                     };
                     match read {
                         Ok(0) => return End::Gone,
-                        Ok(_) => pending_input = true,
+                        Ok(n) => {
+                            self.stats.add_bytes_in(n);
+                            pending_input = true;
+                        }
                         Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
                         Err(_) => return End::Gone,
                     }
@@ -353,6 +364,11 @@ where
     /// waited for room move in (pushes only wake the session when its queue was empty).
     fn wrote(&mut self, n: usize, wbuf: &mut BytesMut) {
         wbuf.advance(n);
+        self.stats.add_bytes_out(n);
+        if wbuf.is_empty() && self.batch_since != 0 {
+            self.stats.observe_write_delay(self.batch_since);
+            self.batch_since = 0;
+        }
         if wbuf.is_empty() && wbuf.capacity() > KEEP_BUFFER {
             *wbuf = BytesMut::new();
         }
@@ -364,8 +380,11 @@ where
     /// Moves queued frames into the write buffer up to its high mark, then reports gaps once
     /// the outbox is empty, so a gap notice follows everything queued before it.
     fn take_from_outbox(&mut self, wbuf: &mut BytesMut) {
-        let taken = self.outbox.drain_into(wbuf, WRITE_HIGH_WATER);
+        let (taken, since) = self.outbox.drain_into(wbuf, WRITE_HIGH_WATER);
         self.stats.add_out(taken);
+        if taken > 0 && self.batch_since == 0 {
+            self.batch_since = since;
+        }
         if self.outbox.has_gaps() && self.outbox.is_empty() {
             let mut replies = Replies {
                 buf: wbuf,
@@ -408,7 +427,11 @@ where
             if matches!(message, Incoming::Text(_) | Incoming::Binary(_)) {
                 // Everything queued for this client before its message goes out before the
                 // reply, so a reply (say, a recovery replay) never overtakes older pushes.
-                queued += self.outbox.drain_into(replies.buf, usize::MAX);
+                let (taken, since) = self.outbox.drain_into(replies.buf, usize::MAX);
+                queued += taken;
+                if taken > 0 && self.batch_since == 0 {
+                    self.batch_since = since;
+                }
                 received += 1;
             }
             match message {
@@ -451,7 +474,7 @@ where
         match code {
             CloseCode::GoingAway => {
                 // Shutdown: deliver what was already queued for this client first.
-                let n = self.outbox.drain_into(&mut wbuf, usize::MAX);
+                let (n, _) = self.outbox.drain_into(&mut wbuf, usize::MAX);
                 self.stats.add_out(n);
             }
             CloseCode::SlowConsumer => self.stats.slow_consumer_closed(),
@@ -483,7 +506,7 @@ const MESSAGES_PER_YIELD: u64 = 16;
 /// pipelines thousands of them share its worker thread, so the sessions it feeds get to drain
 /// their outboxes meanwhile instead of overflowing while this task runs uninterrupted.
 async fn yield_every(handled: u64) {
-    if handled > 0 && handled % MESSAGES_PER_YIELD == 0 {
+    if handled > 0 && handled.is_multiple_of(MESSAGES_PER_YIELD) {
         tokio::task::yield_now().await;
     }
 }
