@@ -254,12 +254,19 @@ async fn broadcast(body: Bytes, state: &AppState) -> Result<Response<Full<Bytes>
             .publish(channel, Arc::clone(&data), None, Caller::Server)
             .await
         {
-            Ok(position) => serde_json::json!({"channel": channel, "offset": position.offset, "epoch": position.epoch}),
-            Err(err) => serde_json::json!({"channel": channel, "error": {"code": err.code(), "message": err.to_string()}}),
+            Ok(position) => {
+                serde_json::json!({"channel": channel, "offset": position.offset, "epoch": position.epoch})
+            }
+            Err(err) => {
+                serde_json::json!({"channel": channel, "error": {"code": err.code(), "message": err.to_string()}})
+            }
         };
         results.push(result);
     }
-    Ok(json(StatusCode::OK, &serde_json::json!({"results": results})))
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"results": results}),
+    ))
 }
 
 #[derive(Deserialize)]

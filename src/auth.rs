@@ -72,10 +72,12 @@ impl Identity {
     /// Whether the token lists `channel`: an exact name, or a pattern ending in `*` that is a
     /// prefix of it (`chat:*`, `*`).
     pub fn lists(&self, channel: &str) -> bool {
-        self.channels.iter().any(|pattern| match pattern.strip_suffix('*') {
-            Some(prefix) => channel.starts_with(prefix),
-            None => pattern == channel,
-        })
+        self.channels
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => channel.starts_with(prefix),
+                None => pattern == channel,
+            })
     }
 }
 
@@ -180,16 +182,16 @@ impl Verifier {
         validation.leeway = LEEWAY_S;
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["sub"]);
-        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| {
-            match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-                ErrorKind::InvalidSignature => AuthError::BadSignature,
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                    AuthError::WrongAlgorithm
-                }
-                _ => AuthError::Malformed(e.to_string()),
+        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e
+            .kind()
+        {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                AuthError::WrongAlgorithm
             }
+            _ => AuthError::Malformed(e.to_string()),
         })?;
         let claims = data.claims;
         if claims.sub.is_empty() {
@@ -321,7 +323,10 @@ mod tests {
         let id = verifier().verify(&t).expect("valid");
         assert_eq!(&*id.user, "ann");
         assert!(id.lists("chat:x") && id.lists("news") && !id.lists("newsy"));
-        assert_eq!(id.info.as_deref().map(RawValue::get), Some(r#"{"name":"Ann"}"#));
+        assert_eq!(
+            id.info.as_deref().map(RawValue::get),
+            Some(r#"{"name":"Ann"}"#)
+        );
     }
 
     #[test]
@@ -329,9 +334,18 @@ mod tests {
         let v = verifier();
         let now = now_s();
         let cases = [
-            (token(serde_json::json!({"sub":"a","exp":now-60}), b"s3cret"), AuthError::Expired),
-            (token(serde_json::json!({"sub":"a","nbf":now+60}), b"s3cret"), AuthError::NotYetValid),
-            (token(serde_json::json!({"sub":"a"}), b"other"), AuthError::BadSignature),
+            (
+                token(serde_json::json!({"sub":"a","exp":now-60}), b"s3cret"),
+                AuthError::Expired,
+            ),
+            (
+                token(serde_json::json!({"sub":"a","nbf":now+60}), b"s3cret"),
+                AuthError::NotYetValid,
+            ),
+            (
+                token(serde_json::json!({"sub":"a"}), b"other"),
+                AuthError::BadSignature,
+            ),
             ("x".repeat(MAX_TOKEN_LEN + 1), AuthError::TooLarge),
         ];
         for (t, expected) in cases {
@@ -343,7 +357,10 @@ mod tests {
             v.verify(none),
             Err(AuthError::Malformed(_) | AuthError::WrongAlgorithm)
         ));
-        assert!(matches!(v.verify("not a jwt"), Err(AuthError::Malformed(_))));
+        assert!(matches!(
+            v.verify("not a jwt"),
+            Err(AuthError::Malformed(_))
+        ));
         let no_sub = token(serde_json::json!({"exp":now+60}), b"s3cret");
         assert!(matches!(v.verify(&no_sub), Err(AuthError::Malformed(_))));
     }
@@ -351,10 +368,17 @@ mod tests {
     #[test]
     fn tokens_are_found_where_browsers_and_servers_put_them() {
         let mut headers = hyper::HeaderMap::new();
-        assert_eq!(presented(&headers, Some("token=abc.def.g%2D")).token.as_deref(), Some("abc.def.g-"));
+        assert_eq!(
+            presented(&headers, Some("token=abc.def.g%2D"))
+                .token
+                .as_deref(),
+            Some("abc.def.g-")
+        );
         headers.insert(
             hyper::header::SEC_WEBSOCKET_PROTOCOL,
-            "rusty-socks.v1, token.aaa.bbb.ccc".parse().expect("valid header"),
+            "rusty-socks.v1, token.aaa.bbb.ccc"
+                .parse()
+                .expect("valid header"),
         );
         let p = presented(&headers, None);
         assert_eq!(p.token.as_deref(), Some("aaa.bbb.ccc"));
@@ -363,6 +387,9 @@ mod tests {
             hyper::header::AUTHORIZATION,
             "Bearer xxx.yyy.zzz".parse().expect("valid header"),
         );
-        assert_eq!(presented(&headers, None).token.as_deref(), Some("xxx.yyy.zzz"));
+        assert_eq!(
+            presented(&headers, None).token.as_deref(),
+            Some("xxx.yyy.zzz")
+        );
     }
 }

@@ -70,11 +70,15 @@ impl IpRange {
         };
         match (self.network, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -111,7 +115,9 @@ impl BrokerUrl {
             Ok(Self::Memory)
         } else if value.starts_with("redis://") || value.starts_with("rediss://") {
             if !cfg!(feature = "redis") {
-                return Err(err("memory or nats://... (this build has no `redis` feature)"));
+                return Err(err(
+                    "memory or nats://... (this build has no `redis` feature)",
+                ));
             }
             if !host_part(value) {
                 return Err(err("redis://host:port[/db]"));
@@ -119,7 +125,9 @@ impl BrokerUrl {
             Ok(Self::Redis(value.to_owned()))
         } else if value.starts_with("nats://") {
             if !cfg!(feature = "nats") {
-                return Err(err("memory or redis://... (this build has no `nats` feature)"));
+                return Err(err(
+                    "memory or redis://... (this build has no `nats` feature)",
+                ));
             }
             if !host_part(value) {
                 return Err(err("nats://host:port"));
@@ -770,7 +778,10 @@ mod tests {
             Ok(5)
         );
         assert_eq!((c.max_channels, c.max_data_size), (3, 100));
-        assert_eq!(c.broker, BrokerUrl::Redis("redis://127.0.0.1:6379/2".into()));
+        assert_eq!(
+            c.broker,
+            BrokerUrl::Redis("redis://127.0.0.1:6379/2".into())
+        );
         assert_eq!(c.broker_prefix, "app-1");
         assert_eq!(c.presence_ttl, Duration::from_secs(5));
         if cfg!(feature = "nats") {

@@ -180,7 +180,6 @@ async fn route(
     ws::upgrade(req, state, endpoint, peer)
 }
 
-
 fn get_only(req: &Request<Incoming>) -> Result<(), HttpError> {
     match *req.method() {
         Method::GET | Method::HEAD => Ok(()),

@@ -77,9 +77,7 @@ impl ConnectLimiter {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if buckets.len() >= SWEEP_AT {
             let (rate, burst) = (self.rate, self.burst);
-            buckets.retain(|_, b| {
-                b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst
-            });
+            buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
         }
         let bucket = buckets.entry(ip).or_insert(Bucket {
             tokens: self.burst,
@@ -107,12 +105,10 @@ mod tests {
 
     #[test]
     fn forwarded_for_is_read_only_from_trusted_proxies_and_from_the_right() {
-        let trusted = [
-            IpRange::parse("10.0.0.0/8").unwrap_or(IpRange {
-                network: ip("10.0.0.0"),
-                prefix: 8,
-            }),
-        ];
+        let trusted = [IpRange::parse("10.0.0.0/8").unwrap_or(IpRange {
+            network: ip("10.0.0.0"),
+            prefix: 8,
+        })];
         let xff = ["1.1.1.1, 2.2.2.2, 10.0.0.7"];
         assert_eq!(
             client_ip(ip("10.0.0.1"), xff.iter().copied(), &trusted),
@@ -136,7 +132,10 @@ mod tests {
         let a = ip("1.2.3.4");
         assert!(limiter.allow(a) && limiter.allow(a));
         assert!(!limiter.allow(a), "burst spent");
-        assert!(limiter.allow(ip("5.6.7.8")), "another address is not affected");
+        assert!(
+            limiter.allow(ip("5.6.7.8")),
+            "another address is not affected"
+        );
         assert!(ConnectLimiter::new(0, 1).allow(a), "0 means no limit");
     }
 }

@@ -91,7 +91,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>) {
                     Ok::<_, Infallible>(if req.uri().path() == "/metrics" {
                         response(&state)
                     } else {
-                        let mut not_found = Response::new(Full::new(Bytes::from_static(b"not found\n")));
+                        let mut not_found =
+                            Response::new(Full::new(Bytes::from_static(b"not found\n")));
                         *not_found.status_mut() = StatusCode::NOT_FOUND;
                         not_found
                     })

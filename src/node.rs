@@ -12,16 +12,16 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
+use crate::auth::{Identity, Verifier};
 use crate::broker::{Broker, BrokerEvents, ClientInfo, HistoryPage, PublishRequest};
 use crate::error::ClientError;
 use crate::history::{HistoryLimits, Publication, StreamPosition, is_complete_replay};
 use crate::hub::{Hub, Joined, Left, MemberState};
-use crate::auth::{Identity, Verifier};
 use crate::namespace::{Access, NamespaceOptions, Namespaces, namespace_of};
-use crate::sessions::Sessions;
-use crate::stats::Stats;
 use crate::protocol::legacy::ServerFrame;
 use crate::protocol::v1::{Frame, MAX_HISTORY_LIMIT};
+use crate::sessions::Sessions;
+use crate::stats::Stats;
 use crate::ws::frame::{OpCode, encode};
 use crate::ws::outbox::{ClientId, Outbox};
 
@@ -132,7 +132,11 @@ impl BrokerEvents for Dispatcher {
         // The legacy dialect has no gap frame: its clients are closed so they reconnect.
         let told = self.hub.gap(channel, channel == DEFAULT_CHANNEL);
         self.stats.gap(told);
-        tracing::warn!(channel, told, "publications may have been missed; subscribers told");
+        tracing::warn!(
+            channel,
+            told,
+            "publications may have been missed; subscribers told"
+        );
     }
 }
 
@@ -254,8 +258,8 @@ impl Node {
     /// Asks every node (this one included) to disconnect `user`'s connections.
     pub async fn announce_disconnect(&self, user: &str) -> Result<(), ClientError> {
         let text = serde_json::json!({ "disconnect": user }).to_string();
-        let data = RawValue::from_string(text)
-            .map_err(|e| ClientError::Unavailable(e.to_string()))?;
+        let data =
+            RawValue::from_string(text).map_err(|e| ClientError::Unavailable(e.to_string()))?;
         let request = PublishRequest {
             data: Arc::from(data),
             client_id: None,
@@ -375,14 +379,17 @@ impl Node {
         }
         self.count_subscription(channel, 1);
         if options.presence
-            && let Err(err) = self.broker.add_presence(channel, client.clone()).await {
-                tracing::warn!(%err, channel, "presence add failed");
-            }
+            && let Err(err) = self.broker.add_presence(channel, client.clone()).await
+        {
+            tracing::warn!(%err, channel, "presence add failed");
+        }
         // The legacy dialect has no join notice: nothing to announce on the default channel.
-        if options.join_leave && channel != DEFAULT_CHANNEL
-            && let Err(err) = self.broker.publish_join(channel, client.clone()).await {
-                tracing::warn!(%err, channel, "join notice failed");
-            }
+        if options.join_leave
+            && channel != DEFAULT_CHANNEL
+            && let Err(err) = self.broker.publish_join(channel, client.clone()).await
+        {
+            tracing::warn!(%err, channel, "join notice failed");
+        }
         let page = match since {
             Some(since) => {
                 self.broker
@@ -468,13 +475,16 @@ impl Node {
             Left::Removed => {}
         }
         if options.presence
-            && let Err(err) = self.broker.remove_presence(channel, client_id).await {
-                tracing::warn!(%err, channel, "presence remove failed");
-            }
-        if options.join_leave && announce
-            && let Err(err) = self.broker.publish_leave(channel, client.clone()).await {
-                tracing::warn!(%err, channel, "leave notice failed");
-            }
+            && let Err(err) = self.broker.remove_presence(channel, client_id).await
+        {
+            tracing::warn!(%err, channel, "presence remove failed");
+        }
+        if options.join_leave
+            && announce
+            && let Err(err) = self.broker.publish_leave(channel, client.clone()).await
+        {
+            tracing::warn!(%err, channel, "leave notice failed");
+        }
         true
     }
 

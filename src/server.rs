@@ -133,7 +133,9 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let startup = |err: StartupError| std::io::Error::new(std::io::ErrorKind::InvalidInput, err);
     let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key).map_err(|e| startup(e.into()))?),
+        (Some(cert), Some(key)) => {
+            Some(crate::tls::acceptor(cert, key).map_err(|e| startup(e.into()))?)
+        }
         _ => None,
     };
     let metrics_listener = match config.metrics_addr {
@@ -237,8 +239,12 @@ async fn serve_tls(
 }
 
 /// Serves HTTP/1.1 on one connection until it closes or upgrades.
-async fn serve_http<IO>(io: TokioIo<IO>, peer: std::net::SocketAddr, state: Arc<AppState>, permit: HandshakePermit)
-where
+async fn serve_http<IO>(
+    io: TokioIo<IO>,
+    peer: std::net::SocketAddr,
+    state: Arc<AppState>,
+    permit: HandshakePermit,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let _task = state.stats.task();

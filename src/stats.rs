@@ -201,8 +201,18 @@ impl Stats {
     /// Appends every counter in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        counter(out, "rusty_socks_connects_total", "WebSocket connections accepted", load(&self.connects));
-        family(out, "rusty_socks_refusals_total", "counter", "Connection attempts refused, by reason");
+        counter(
+            out,
+            "rusty_socks_connects_total",
+            "WebSocket connections accepted",
+            load(&self.connects),
+        );
+        family(
+            out,
+            "rusty_socks_refusals_total",
+            "counter",
+            "Connection attempts refused, by reason",
+        );
         for why in Refusal::ALL {
             out.push_str(&format!(
                 "rusty_socks_refusals_total{{reason=\"{}\"}} {}\n",
@@ -210,16 +220,58 @@ impl Stats {
                 load(&self.refusals[why as usize])
             ));
         }
-        counter(out, "rusty_socks_messages_in_total", "Data messages received from clients", self.messages_in());
-        counter(out, "rusty_socks_messages_out_total", "Data messages queued to clients", self.messages_out());
-        counter(out, "rusty_socks_bytes_in_total", "Bytes read from clients", load(&self.bytes_in));
-        counter(out, "rusty_socks_bytes_out_total", "Bytes written to clients", load(&self.bytes_out));
-        counter(out, "rusty_socks_slow_consumer_closes_total", "Connections closed for reading too slowly (4001)", self.slow_consumer_closes());
-        counter(out, "rusty_socks_gaps_total", "Gap notices sent to subscribers", load(&self.gaps));
-        counter(out, "rusty_socks_broker_errors_total", "Broker operations that failed", load(&self.broker_errors));
-        counter(out, "rusty_socks_rate_limited_messages_total", "Client messages refused by the per-connection rate limit", load(&self.rate_limited_messages));
+        counter(
+            out,
+            "rusty_socks_messages_in_total",
+            "Data messages received from clients",
+            self.messages_in(),
+        );
+        counter(
+            out,
+            "rusty_socks_messages_out_total",
+            "Data messages queued to clients",
+            self.messages_out(),
+        );
+        counter(
+            out,
+            "rusty_socks_bytes_in_total",
+            "Bytes read from clients",
+            load(&self.bytes_in),
+        );
+        counter(
+            out,
+            "rusty_socks_bytes_out_total",
+            "Bytes written to clients",
+            load(&self.bytes_out),
+        );
+        counter(
+            out,
+            "rusty_socks_slow_consumer_closes_total",
+            "Connections closed for reading too slowly (4001)",
+            self.slow_consumer_closes(),
+        );
+        counter(
+            out,
+            "rusty_socks_gaps_total",
+            "Gap notices sent to subscribers",
+            load(&self.gaps),
+        );
+        counter(
+            out,
+            "rusty_socks_broker_errors_total",
+            "Broker operations that failed",
+            load(&self.broker_errors),
+        );
+        counter(
+            out,
+            "rusty_socks_rate_limited_messages_total",
+            "Client messages refused by the per-connection rate limit",
+            load(&self.rate_limited_messages),
+        );
         let encoder = prometheus::TextEncoder::new();
-        if let Ok(text) = encoder.encode_to_string(&prometheus::core::Collector::collect(&self.write_delay)) {
+        if let Ok(text) =
+            encoder.encode_to_string(&prometheus::core::Collector::collect(&self.write_delay))
+        {
             out.push_str(&text);
         }
     }

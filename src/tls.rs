@@ -42,8 +42,12 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
     }
     let pem =
         std::fs::read(key).map_err(|e| key_err(format!("cannot read {}: {e}", key.display())))?;
-    let key_der = PrivateKeyDer::from_pem_slice(&pem)
-        .map_err(|e| key_err(format!("{} holds no usable private key: {e}", key.display())))?;
+    let key_der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        key_err(format!(
+            "{} holds no usable private key: {e}",
+            key.display()
+        ))
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -128,18 +128,13 @@ async fn publications(ws: &mut Ws, channel: &str, count: usize) -> Vec<(u64, Val
 
 /// Asserts nothing more arrives for a while.
 async fn quiet(ws: &mut Ws) {
-    if let Ok(Some(Ok(extra))) = tokio::time::timeout(Duration::from_millis(300), ws.next()).await
-    {
+    if let Ok(Some(Ok(extra))) = tokio::time::timeout(Duration::from_millis(300), ws.next()).await {
         panic!("unexpected frame {extra:?}");
     }
 }
 
 async fn presence_of(ws: &mut Ws, channel: &str) -> Vec<String> {
-    let reply = call(
-        ws,
-        json!({"type":"presence","id":"p","channel":channel}),
-    )
-    .await;
+    let reply = call(ws, json!({"type":"presence","id":"p","channel":channel})).await;
     assert_eq!(reply["type"], "presence", "{reply}");
     let mut ids: Vec<String> = reply["clients"]
         .as_array()
@@ -253,7 +248,12 @@ impl OwnBroker {
             Kind::Redis => "redis-server",
             Kind::Nats => "nats-server",
         };
-        if Command::new(binary).arg("--version").output().await.is_err() {
+        if Command::new(binary)
+            .arg("--version")
+            .output()
+            .await
+            .is_err()
+        {
             eprintln!("skipped: {binary} not installed");
             return None;
         }
@@ -310,7 +310,10 @@ impl OwnBroker {
             .await
             .is_err()
         {
-            assert!(started.elapsed() < Duration::from_secs(10), "broker did not start");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "broker did not start"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // JetStream needs a moment after the port opens.
@@ -471,14 +474,22 @@ mod redis_only {
             subscribe(&mut ws, "room").await;
             on_a.push(ws);
         }
-        assert_eq!(numsub(&mut conn, &live).await, 1, "three clients, one subscription");
+        assert_eq!(
+            numsub(&mut conn, &live).await,
+            1,
+            "three clients, one subscription"
+        );
         let (mut on_b, _) = b.client().await;
         subscribe(&mut on_b, "room").await;
         assert_eq!(numsub(&mut conn, &live).await, 2, "one per node");
         // What crosses Redis for one publication: exactly one message per subscribed node.
         let receivers: i64 = conn.publish(&live, "x|probe").await.unwrap();
         assert_eq!(receivers, 2);
-        let reply = call(&mut on_b, json!({"type":"unsubscribe","id":"u","channel":"room"})).await;
+        let reply = call(
+            &mut on_b,
+            json!({"type":"unsubscribe","id":"u","channel":"room"}),
+        )
+        .await;
         assert_eq!(reply["type"], "unsubscribed", "{reply}");
         let started = Instant::now();
         while numsub(&mut conn, &live).await != 1 {

@@ -87,9 +87,10 @@ impl Subscriptions {
     /// already seen.
     pub fn baseline(&self, channel: &str, position: StreamPosition) {
         if let Some(entry) = self.lock().get_mut(channel)
-            && entry.last.is_none() {
-                entry.last = Some(position);
-            }
+            && entry.last.is_none()
+        {
+            entry.last = Some(position);
+        }
     }
 
     /// Classifies a received publication and records it.
@@ -216,7 +217,10 @@ mod tests {
     fn catching_up_reports_what_moved_while_away() {
         let subs = Subscriptions::default();
         subs.add("c");
-        assert!(!subs.catch_up("c", at(5, "e")), "no baseline: nothing to compare");
+        assert!(
+            !subs.catch_up("c", at(5, "e")),
+            "no baseline: nothing to compare"
+        );
         assert!(!subs.catch_up("c", at(5, "e")));
         assert!(subs.catch_up("c", at(7, "e")));
         assert_eq!(subs.observe("c", "e", 8), Continuity::Next);
@@ -231,7 +235,10 @@ mod tests {
             user: None,
         };
         entries.add("c", client.clone());
-        assert_eq!(entries.snapshot(), vec![("c".to_owned(), vec![client.clone()])]);
+        assert_eq!(
+            entries.snapshot(),
+            vec![("c".to_owned(), vec![client.clone()])]
+        );
         entries.remove("c", client.client_id);
         assert!(entries.snapshot().is_empty());
     }

@@ -167,7 +167,9 @@ pub async fn connect(
         #[cfg(feature = "redis")]
         BrokerUrl::Redis(url) => {
             let options = redis::RedisOptions::from_config(url, config);
-            Ok(Arc::new(redis::RedisBroker::connect(options, events).await?))
+            Ok(Arc::new(
+                redis::RedisBroker::connect(options, events).await?,
+            ))
         }
         #[cfg(feature = "nats")]
         BrokerUrl::Nats(url) => {

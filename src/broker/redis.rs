@@ -239,7 +239,8 @@ impl RedisBroker {
             url: super::redact(&options.url),
             reason,
         };
-        let client = redis::Client::open(options.url.as_str()).map_err(|e| failed(e.to_string()))?;
+        let client =
+            redis::Client::open(options.url.as_str()).map_err(|e| failed(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT))
@@ -451,9 +452,11 @@ async fn pubsub_task(
             Some(pubsub) => Ok(pubsub),
             None => tokio::time::timeout(TIMEOUT, shared.client.get_async_pubsub())
                 .await
-                .unwrap_or_else(|_| Err(redis::RedisError::from(std::io::Error::from(
-                    std::io::ErrorKind::TimedOut,
-                )))),
+                .unwrap_or_else(|_| {
+                    Err(redis::RedisError::from(std::io::Error::from(
+                        std::io::ErrorKind::TimedOut,
+                    )))
+                }),
         };
         match pubsub {
             Ok(pubsub) => {

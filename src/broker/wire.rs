@@ -63,7 +63,11 @@ pub fn publication(epoch: &str, publication: &Publication) -> Vec<u8> {
 
 /// Encodes a join (`leave: false`) or leave notice.
 pub fn presence_change(client: &ClientInfo, leave: bool) -> Vec<u8> {
-    let mut out = if leave { b"l|".to_vec() } else { b"j|".to_vec() };
+    let mut out = if leave {
+        b"l|".to_vec()
+    } else {
+        b"j|".to_vec()
+    };
     // A ClientInfo always serializes (a UUID and an optional string).
     out.extend_from_slice(serde_json::to_string(client).unwrap_or_default().as_bytes());
     out

@@ -124,15 +124,16 @@ pub fn parse(text: &str) -> Parsed<'_> {
         };
     }
     if let Some(id) = id
-        && !valid_id(id) {
-            return Parsed::BadCommand(
-                None,
-                ClientError::InvalidField {
-                    field: "id",
-                    expected: "a number or a string",
-                },
-            );
-        }
+        && !valid_id(id)
+    {
+        return Parsed::BadCommand(
+            None,
+            ClientError::InvalidField {
+                field: "id",
+                expected: "a number or a string",
+            },
+        );
+    }
     match command(kind, &raw) {
         Ok(command) => Parsed::Command(id, command),
         Err(err) => Parsed::BadCommand(id, err),

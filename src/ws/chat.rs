@@ -229,7 +229,12 @@ impl ChatHandler {
         };
         let published = self
             .node
-            .publish(DEFAULT_CHANNEL, data, Some(self.client_id()), Caller::Server)
+            .publish(
+                DEFAULT_CHANNEL,
+                data,
+                Some(self.client_id()),
+                Caller::Server,
+            )
             .await;
         if let Err(err) = published {
             tracing::warn!(%err, "legacy publish failed");

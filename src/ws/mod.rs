@@ -31,9 +31,9 @@ use uuid::Uuid;
 use crate::auth::{self, Identity};
 use crate::http::HttpError;
 use crate::limits::client_ip;
-use crate::stats::Refusal;
 use crate::server::AppState;
 use crate::sessions::Registration;
+use crate::stats::Refusal;
 use chat::{ChatHandler, ChatLimits};
 use echo::EchoHandler;
 use outbox::Outbox;
@@ -143,7 +143,13 @@ fn check_origin(headers: &hyper::HeaderMap, allowed: &[String]) -> Result<(), Ht
     }
     match headers.get(hyper::header::ORIGIN).map(|v| v.to_str()) {
         None => Ok(()),
-        Some(Ok(origin)) if allowed.iter().any(|a| a.eq_ignore_ascii_case(origin.trim_end_matches('/'))) => Ok(()),
+        Some(Ok(origin))
+            if allowed
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(origin.trim_end_matches('/'))) =>
+        {
+            Ok(())
+        }
         Some(_) => Err(HttpError::OriginNotAllowed),
     }
 }
@@ -189,13 +195,8 @@ fn session(
             };
             let user = identity.as_ref().map(|id| Arc::clone(&id.user));
             state.sessions.set_user(&registration, user);
-            let handler = ChatHandler::new(
-                client_id,
-                outbox,
-                Arc::clone(&state.node),
-                limits,
-                identity,
-            );
+            let handler =
+                ChatHandler::new(client_id, outbox, Arc::clone(&state.node), limits, identity);
             let parts = SessionParts::new(rx, handler, session_config, state);
             (on_socket(upgraded, parts), registration)
         }

@@ -174,6 +174,37 @@ pub async fn recv_close_code(ws: &mut Ws) -> u16 {
     }
 }
 
+/// Sends a request and reads only the response head: (status, raw headers). For upgrades,
+/// whose connection stays open after a 101.
+pub async fn http_head(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut byte))
+            .await
+            .expect("http response timed out")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        raw.push(byte[0]);
+    }
+    let (status, head, _) = split_response(&raw);
+    (status, head)
+}
+
 /// A minimal HTTP/1.1 request over a fresh socket: (status, raw headers, body).
 pub async fn http(
     addr: SocketAddr,

@@ -1,0 +1,276 @@
+//! What faces the internet: TLS, the origin allow-list, and abuse limits, over real sockets.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rusty_socks::config::{Config, IpRange};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+
+const UPGRADE: [(&str, &str); 4] = [
+    ("upgrade", "websocket"),
+    ("connection", "Upgrade"),
+    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ("sec-websocket-version", "13"),
+];
+
+/// A self-signed certificate for `localhost`, written to a fresh directory.
+struct TestCert {
+    dir: std::path::PathBuf,
+    der: rustls::pki_types::CertificateDer<'static>,
+}
+
+impl TestCert {
+    fn new() -> Self {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let dir = std::env::temp_dir().join(format!("rusty-socks-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), certified.signing_key.serialize_pem()).unwrap();
+        Self {
+            dir,
+            der: certified.cert.der().clone(),
+        }
+    }
+
+    fn apply(&self, config: &mut Config) {
+        config.tls_cert = Some(self.dir.join("cert.pem"));
+        config.tls_key = Some(self.dir.join("key.pem"));
+    }
+
+    async fn connect(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.der.clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        connector.connect(name, tcp).await.unwrap()
+    }
+}
+
+impl Drop for TestCert {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn tls_serves_wss_and_https() {
+    let cert = TestCert::new();
+    let server = TestServer::start(|c| cert.apply(c)).await;
+    // https://
+    let mut tls = cert.connect(server.addr).await;
+    tls.write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, tls.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let (status, _, body) = split_response(&raw);
+    assert_eq!((status, body.as_str()), (200, "OK"));
+    // wss://: chat between a TLS client and another.
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let tls = cert.connect(server.addr).await;
+        let (mut ws, _) = tokio_tungstenite::client_async("wss://localhost/ws", tls)
+            .await
+            .unwrap();
+        let welcome: serde_json::Value = serde_json::from_str(&ws.next_text().await).unwrap();
+        assert_eq!(welcome["type"], "Connect");
+        clients.push(ws);
+    }
+    use futures_util::SinkExt;
+    clients[0]
+        .send(tokio_tungstenite::tungstenite::Message::text(
+            r#"{"sender":"a","content":"over tls"}"#,
+        ))
+        .await
+        .unwrap();
+    let chat: serde_json::Value = serde_json::from_str(&clients[1].next_text().await).unwrap();
+    assert_eq!(chat["content"], "over tls");
+    // Plain HTTP on the TLS port gets nowhere (and does not hang).
+    let mut plain = TcpStream::connect(server.addr).await.unwrap();
+    plain
+        .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(WAIT, plain.read_to_end(&mut sink)).await;
+    assert!(read.is_ok(), "the server closes a non-TLS client");
+    assert!(!String::from_utf8_lossy(&sink).contains("200 OK"));
+    server.stop().await;
+}
+
+/// Reads text frames, skipping control frames.
+trait NextText {
+    async fn next_text(&mut self) -> String;
+}
+
+impl<S> NextText for tokio_tungstenite::WebSocketStream<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    async fn next_text(&mut self) -> String {
+        use futures_util::StreamExt;
+        loop {
+            let message = tokio::time::timeout(WAIT, self.next())
+                .await
+                .expect("no message within the wait")
+                .expect("stream ended")
+                .expect("websocket error");
+            if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+                return text.to_string();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn unreadable_tls_files_stop_startup_naming_the_setting() {
+    let cert = TestCert::new();
+    for (cert_path, key_path, var) in [
+        (
+            "/nonexistent/cert.pem".into(),
+            cert.dir.join("key.pem"),
+            "RUSTY_SOCKS_TLS_CERT",
+        ),
+        (
+            cert.dir.join("cert.pem"),
+            "/nonexistent/key.pem".into(),
+            "RUSTY_SOCKS_TLS_KEY",
+        ),
+        (
+            cert.dir.join("key.pem"),
+            cert.dir.join("key.pem"),
+            "RUSTY_SOCKS_TLS_CERT",
+        ),
+    ] {
+        let config = Config {
+            host: "127.0.0.1".parse().unwrap(),
+            port: 0,
+            tls_cert: Some(cert_path),
+            tls_key: Some(key_path),
+            ..Config::default()
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let err = rusty_socks::server::run(listener, config, std::future::pending())
+            .await
+            .expect_err("bad TLS files");
+        assert!(err.to_string().contains(var), "{var}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn browsers_from_other_origins_are_refused_before_the_upgrade() {
+    let server = TestServer::start(|c| {
+        c.allowed_origins = vec!["https://app.example.com".into()];
+    })
+    .await;
+    let with_origin = |origin: &'static str| {
+        let mut headers = UPGRADE.to_vec();
+        headers.push(("origin", origin));
+        headers
+    };
+    let (status, _) = http_head(
+        server.addr,
+        "GET",
+        "/ws",
+        &with_origin("https://evil.example"),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = http_head(
+        server.addr,
+        "GET",
+        "/ws",
+        &with_origin("https://app.example.com"),
+    )
+    .await;
+    assert_eq!(status, 101);
+    // No Origin: not a browser (a server, a CLI); it keeps working whatever its User-Agent.
+    let (status, _) = http_head(server.addr, "GET", "/ws", &UPGRADE).await;
+    assert_eq!(status, 101);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_sending_too_fast_gets_errors_then_4004() {
+    let server = TestServer::start(|c| {
+        c.client_rate = 1;
+        c.client_burst = 3;
+    })
+    .await;
+    let (mut ws, _) = v1_client(&server).await;
+    // The burst passes (the unsubscribe in v1_client used one token).
+    for n in 0..2 {
+        let reply = call(
+            &mut ws,
+            json!({"type":"publish","id":n,"channel":"a","data":n}),
+        )
+        .await;
+        assert_eq!(reply["type"], "published", "{reply}");
+    }
+    // Then errors carrying the command's id...
+    let reply = call(
+        &mut ws,
+        json!({"type":"publish","id":"late","channel":"a","data":0}),
+    )
+    .await;
+    assert_eq!(reply["code"], "rate_limited", "{reply}");
+    // ...and a client that keeps going is closed.
+    for _ in 0..10 {
+        send_text(&mut ws, r#"{"type":"publish","channel":"a","data":0}"#).await;
+    }
+    assert_eq!(recv_close_code(&mut ws).await, 4004);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connection_rate_is_per_real_client_address() {
+    let server = TestServer::start(|c| {
+        c.connect_rate = 1;
+        c.connect_burst = 2;
+        c.trusted_proxies = vec![IpRange::parse("127.0.0.1").unwrap()];
+    })
+    .await;
+    let from = |ip: &'static str| {
+        let mut headers = UPGRADE.to_vec();
+        headers.push(("x-forwarded-for", ip));
+        headers
+    };
+    for _ in 0..2 {
+        let (status, _) = http_head(server.addr, "GET", "/ws", &from("203.0.113.7")).await;
+        assert_eq!(status, 101);
+    }
+    let (status, head) = http_head(server.addr, "GET", "/ws", &from("203.0.113.7")).await;
+    assert_eq!(status, 429);
+    assert!(head.contains("retry-after"), "{head}");
+    // Behind the same (trusted) proxy, another client is not affected.
+    let (status, _) = http_head(server.addr, "GET", "/ws", &from("198.51.100.1")).await;
+    assert_eq!(status, 101);
+    // A forged left-most entry does not help: the right-most untrusted hop counts.
+    let (status, _) = http_head(server.addr, "GET", "/ws", &from("192.0.2.99, 203.0.113.7")).await;
+    assert_eq!(status, 429);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (status, _) = http_head(server.addr, "GET", "/ws", &from("203.0.113.7")).await;
+    assert_eq!(status, 101, "the bucket refills");
+    server.stop().await;
+}
