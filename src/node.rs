@@ -695,6 +695,7 @@ mod tests {
         let client = ClientInfo {
             client_id: outbox.id(),
             user: None,
+            info: None,
         };
         let since = StreamPosition { offset: 2, epoch };
         let sub = node

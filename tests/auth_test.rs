@@ -101,10 +101,12 @@ async fn with_a_key_set_a_connection_needs_a_valid_token() {
         assert!(body.contains(reason), "expected {reason:?} in {body:?}");
     }
     // A valid one gets in, and presence shows the user.
-    let (mut ws, _) = v1_with_token(&server, &hs256(json!({"sub":"ann","exp":n+600}))).await;
+    let token = hs256(json!({"sub":"ann","exp":n+600,"info":{"name":"Ann"}}));
+    let (mut ws, _) = v1_with_token(&server, &token).await;
     subscribe(&mut ws, "room").await;
     let reply = call(&mut ws, json!({"type":"presence","id":1,"channel":"room"})).await;
     assert_eq!(reply["clients"][0]["user"], "ann", "{reply}");
+    assert_eq!(reply["clients"][0]["info"], json!({"name":"Ann"}), "{reply}");
     let stats = server.stats().await;
     assert_eq!(stats["connections"], 1);
     server.stop().await;

@@ -232,10 +232,12 @@ where
     let alice = ClientInfo {
         client_id: uuid::Uuid::new_v4(),
         user: Some("alice".into()),
+        info: None,
     };
     let anon = ClientInfo {
         client_id: uuid::Uuid::new_v4(),
         user: None,
+        info: None,
     };
     broker
         .add_presence(&c, alice.clone())

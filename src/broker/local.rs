@@ -233,6 +233,7 @@ mod tests {
         let client = ClientInfo {
             client_id: uuid::Uuid::new_v4(),
             user: None,
+            info: None,
         };
         entries.add("c", client.clone());
         assert_eq!(

@@ -1461,10 +1461,12 @@ mod tests {
         let alice = ClientInfo {
             client_id: uuid::Uuid::new_v4(),
             user: Some("alice".into()),
+            info: None,
         };
         let bob = ClientInfo {
             client_id: uuid::Uuid::new_v4(),
             user: Some("bob".into()),
+            info: None,
         };
         a.add_presence(c, alice.clone()).await.expect("presence");
         b.add_presence(c, bob.clone()).await.expect("presence");

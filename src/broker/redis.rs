@@ -820,6 +820,7 @@ mod tests {
         let ann = ClientInfo {
             client_id: uuid::Uuid::new_v4(),
             user: Some("ann".into()),
+            info: None,
         };
         a.add_presence("room", ann.clone()).await.expect("presence");
         assert_eq!(b.presence("room").await.expect("presence"), vec![ann]);

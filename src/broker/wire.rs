@@ -156,6 +156,7 @@ mod tests {
         let client = ClientInfo {
             client_id: uuid::Uuid::new_v4(),
             user: Some("ann".into()),
+            info: None,
         };
         assert!(
             matches!(decode(&presence_change(&client, false)), Ok(WireEvent::Join(c)) if c == client)

@@ -123,6 +123,7 @@ impl ChatHandler {
             client: ClientInfo {
                 client_id,
                 user: identity.as_ref().map(|id| Arc::clone(&id.user)),
+                info: identity.as_ref().and_then(|id| id.info.clone()),
             },
             outbox,
             node,
