@@ -40,6 +40,9 @@ fn every_error_code_is_documented() {
         ClientError::PresenceDisabled,
         ClientError::DataTooBig(0),
         ClientError::Unavailable(String::new()),
+        ClientError::InvalidToken(rusty_socks::auth::AuthError::Expired),
+        ClientError::AuthDisabled,
+        ClientError::RateLimited(1),
     ];
     for (name, text) in docs() {
         for err in &errors {
