@@ -1,0 +1,476 @@
+//! Channel history on the JetStream stream: the message format (`Rs-*` headers, decoded as
+//! [`Stored`]), offsets and epochs published with `Nats-Expected-Last-Subject-Sequence` and
+//! retried on conflict, the periodic purge, and history reads (following `Rs-Prev` for short
+//! ones, a consumer scan for long ones) with the memory broker's retention applied.
+//!
+//! Kept apart from live delivery and presence because everything here is about what the
+//! stream stores and how a position is agreed on between nodes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::DirectGetErrorKind;
+use async_nats::{HeaderMap, header};
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+
+use super::{Inner, ensure, read, unavailable};
+use crate::broker::{BrokerError, HistoryPage, PublishRequest, wire};
+use crate::history::{HistoryLimits, Publication, StreamPosition};
+use crate::ws::outbox::ClientId;
+
+/// Publish attempts per call under contention before giving up.
+const PUBLISH_ATTEMPTS: u32 = 100;
+/// Every this many offsets, the publisher purges the channel's subject.
+const PURGE_EVERY: u64 = 64;
+/// History reads needing at most this many messages follow `Rs-Prev` with direct gets;
+/// longer ones read the subject through a consumer.
+const WALK_MAX: u64 = 16;
+/// Cached channel heads kept before idle ones are dropped.
+const HEADS_MAX: usize = 4096;
+
+const H_EPOCH: &str = "Rs-Epoch";
+const H_OFFSET: &str = "Rs-Offset";
+const H_CLIENT: &str = "Rs-Client";
+const H_PREV: &str = "Rs-Prev";
+const H_LIMITS: &str = "Rs-Limits";
+
+pub(super) fn encode_limits(limits: HistoryLimits) -> String {
+    let ttl = limits
+        .ttl
+        .map_or_else(|| "-".to_owned(), |ttl| ttl.as_millis().to_string());
+    format!("{} {} {ttl}", limits.size, limits.max_bytes)
+}
+
+pub(super) fn decode_limits(text: &str) -> Result<HistoryLimits, String> {
+    let bad = || format!("bad limits {text:?}");
+    let parts: Vec<&str> = text.split(' ').collect();
+    let [size, max_bytes, ttl] = parts.as_slice() else {
+        return Err(bad());
+    };
+    Ok(HistoryLimits {
+        size: size.parse().map_err(|_| bad())?,
+        max_bytes: max_bytes.parse().map_err(|_| bad())?,
+        ttl: match *ttl {
+            "-" => None,
+            ms => Some(Duration::from_millis(ms.parse().map_err(|_| bad())?)),
+        },
+    })
+}
+
+/// One message of a channel's subject, decoded.
+#[derive(Debug, Clone)]
+pub(super) struct Stored {
+    pub(super) seq: u64,
+    pub(super) epoch: String,
+    pub(super) offset: u64,
+    pub(super) prev: u64,
+    pub(super) client_id: Option<ClientId>,
+    /// `None` on an epoch marker.
+    pub(super) limits: Option<HistoryLimits>,
+    pub(super) time: OffsetDateTime,
+    pub(super) data: Bytes,
+}
+
+impl Stored {
+    fn parse(
+        seq: u64,
+        time: OffsetDateTime,
+        headers: Option<&HeaderMap>,
+        data: Bytes,
+    ) -> Result<Self, String> {
+        let headers = headers.ok_or("no headers")?;
+        let get = |name: &str| headers.get(name).map(|value| value.as_str());
+        let number = |name: &str| get(name).map(str::parse::<u64>).transpose();
+        Ok(Self {
+            seq,
+            epoch: get(H_EPOCH).ok_or("no epoch")?.to_owned(),
+            offset: number(H_OFFSET).ok().flatten().ok_or("bad offset")?,
+            prev: number(H_PREV)
+                .map_err(|_| "bad previous sequence")?
+                .unwrap_or(0),
+            client_id: get(H_CLIENT)
+                .map(str::parse)
+                .transpose()
+                .map_err(|_| "bad client id")?,
+            limits: get(H_LIMITS).map(decode_limits).transpose()?,
+            time,
+            data,
+        })
+    }
+
+    fn from_stream(message: StreamMessage) -> Result<Self, String> {
+        Self::parse(
+            message.sequence,
+            message.time,
+            Some(&message.headers),
+            message.payload,
+        )
+    }
+
+    pub(super) fn from_consumer(message: &jetstream::Message) -> Result<Self, String> {
+        let info = message.info().map_err(|err| err.to_string())?;
+        Self::parse(
+            info.stream_sequence,
+            info.published,
+            message.headers.as_ref(),
+            message.payload.clone(),
+        )
+    }
+
+    pub(super) fn position(&self) -> StreamPosition {
+        StreamPosition {
+            offset: self.offset,
+            epoch: self.epoch.clone(),
+        }
+    }
+
+    pub(super) fn publication(&self) -> Result<Publication, String> {
+        let text = String::from_utf8(self.data.to_vec()).map_err(|_| "data is not UTF-8")?;
+        let data = RawValue::from_string(text).map_err(|_| "data is not JSON")?;
+        Ok(Publication {
+            offset: self.offset,
+            data: Arc::from(data),
+            client_id: self.client_id,
+        })
+    }
+}
+
+fn headers(epoch: &str, offset: u64, prev: u64, request: Option<&PublishRequest>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(H_EPOCH, epoch);
+    headers.insert(H_OFFSET, offset.to_string());
+    headers.insert(H_PREV, prev.to_string());
+    headers.insert(
+        header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        prev.to_string(),
+    );
+    if let Some(request) = request {
+        headers.insert(H_LIMITS, encode_limits(request.history));
+        if let Some(client) = request.client_id {
+            headers.insert(H_CLIENT, client.to_string());
+        }
+    }
+    headers
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    Take,
+    Skip,
+    Stop,
+}
+
+/// What a history read keeps, fed the subject's messages newest first: the memory broker's
+/// retention (count, bytes, age; oversized publications never stored), then `since`/`limit`.
+#[derive(Debug, Clone)]
+struct Window {
+    epoch: String,
+    below: u64,
+    limits: HistoryLimits,
+    since: Option<u64>,
+    limit: usize,
+    now: OffsetDateTime,
+    count: usize,
+    bytes: usize,
+}
+
+impl Window {
+    fn new(last: &Stored, limits: HistoryLimits, since: Option<u64>, limit: usize) -> Self {
+        Self {
+            epoch: last.epoch.clone(),
+            below: last.offset.saturating_add(1),
+            limits,
+            since,
+            limit,
+            now: OffsetDateTime::now_utc(),
+            count: 0,
+            bytes: 0,
+        }
+    }
+
+    fn admit(&mut self, message: &Stored) -> Admit {
+        let age = self.now - message.time;
+        let size = message.data.len();
+        if message.offset == 0
+            || message.offset >= self.below
+            || message.epoch != self.epoch
+            || self.since.is_some_and(|since| message.offset <= since)
+            || self
+                .limits
+                .ttl
+                .is_some_and(|ttl| age.is_positive() && age.unsigned_abs() > ttl)
+        {
+            return Admit::Stop;
+        }
+        self.below = message.offset;
+        if size > self.limits.max_bytes {
+            return Admit::Skip;
+        }
+        if self.count >= self.limits.size
+            || self.bytes + size > self.limits.max_bytes
+            || (self.since.is_none() && self.count >= self.limit)
+        {
+            return Admit::Stop;
+        }
+        self.count += 1;
+        self.bytes += size;
+        Admit::Take
+    }
+}
+
+/// The last message of a channel's subject, as this node last published it.
+#[derive(Debug, Clone)]
+pub(super) struct Head {
+    seq: u64,
+    offset: u64,
+    epoch: String,
+}
+
+enum Append {
+    Done(u64),
+    Conflict,
+}
+
+impl Inner {
+    /// The subject's last message, if any.
+    async fn last(&self, subject: &str) -> Result<Option<Stored>, BrokerError> {
+        match self.stream.direct_get_last_for_subject(subject).await {
+            Ok(message) => Stored::from_stream(message).map(Some).map_err(unavailable),
+            Err(err) if matches!(err.kind(), DirectGetErrorKind::NotFound) => Ok(None),
+            Err(err) => Err(unavailable(err)),
+        }
+    }
+
+    /// Appends to `subject` if its last message is still `prev` (0: none).
+    async fn append(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<Append, BrokerError> {
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_owned(), headers, payload)
+            .await
+            .map_err(unavailable)?
+            .await;
+        match ack {
+            Ok(ack) => Ok(Append::Done(ack.sequence)),
+            Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => Ok(Append::Conflict),
+            Err(err) if err.kind() == PublishErrorKind::StreamNotFound => {
+                tracing::warn!("NATS history stream missing; recreating it");
+                ensure(&self.js, &self.names, &self.options)
+                    .await
+                    .map_err(unavailable)?;
+                Ok(Append::Conflict)
+            }
+            Err(err) => Err(unavailable(err)),
+        }
+    }
+
+    pub(super) async fn publish(
+        &self,
+        channel: &str,
+        request: PublishRequest,
+    ) -> Result<StreamPosition, BrokerError> {
+        self.ready()?;
+        self.heads.shrink(HEADS_MAX);
+        let subject = self.names.history(channel);
+        let slot = self.heads.get(channel);
+        let mut head = slot.lock().await;
+        let payload = Bytes::from(request.data.get().to_owned());
+        for attempt in 0..PUBLISH_ATTEMPTS {
+            let last = match head.take() {
+                Some(head) => Some(head),
+                None => self.last(&subject).await?.map(|last| Head {
+                    seq: last.seq,
+                    offset: last.offset,
+                    epoch: last.epoch,
+                }),
+            };
+            let (prev, offset, epoch) = match last {
+                Some(last) => (last.seq, last.offset + 1, last.epoch),
+                None => (0, 1, wire::new_epoch()),
+            };
+            let headers = headers(&epoch, offset, prev, Some(&request));
+            match self.append(&subject, headers, payload.clone()).await? {
+                Append::Done(seq) => {
+                    *head = Some(Head {
+                        seq,
+                        offset,
+                        epoch: epoch.clone(),
+                    });
+                    if offset.is_multiple_of(PURGE_EVERY) {
+                        let keep = (request.history.size as u64).saturating_add(PURGE_EVERY);
+                        let purge = self.stream.purge().filter(subject.as_str()).keep(keep);
+                        if let Err(err) = purge.await {
+                            tracing::debug!(%err, channel, "history purge failed");
+                        }
+                    }
+                    return Ok(StreamPosition { offset, epoch });
+                }
+                Append::Conflict if attempt >= 2 => {
+                    let jitter = uuid::Uuid::new_v4().as_u128() % 4_000;
+                    tokio::time::sleep(Duration::from_micros(jitter as u64)).await;
+                }
+                Append::Conflict => {}
+            }
+        }
+        Err(unavailable(format!(
+            "{channel}: gave up after {PUBLISH_ATTEMPTS} concurrent publish attempts"
+        )))
+    }
+
+    /// The subject's last message, writing an epoch marker first if it has none.
+    pub(super) async fn head(&self, subject: &str) -> Result<Stored, BrokerError> {
+        for _ in 0..PUBLISH_ATTEMPTS {
+            if let Some(last) = self.last(subject).await? {
+                return Ok(last);
+            }
+            let epoch = wire::new_epoch();
+            if let Append::Done(seq) = self
+                .append(subject, headers(&epoch, 0, 0, None), Bytes::new())
+                .await?
+            {
+                return Ok(Stored {
+                    seq,
+                    epoch,
+                    offset: 0,
+                    prev: 0,
+                    client_id: None,
+                    limits: None,
+                    time: OffsetDateTime::now_utc(),
+                    data: Bytes::new(),
+                });
+            }
+        }
+        Err(unavailable("could not read the channel's position"))
+    }
+
+    pub(super) async fn history(
+        &self,
+        channel: &str,
+        since: Option<u64>,
+        limit: usize,
+    ) -> Result<HistoryPage, BrokerError> {
+        self.ready()?;
+        let subject = self.names.history(channel);
+        let last = self.head(&subject).await?;
+        let mut page = HistoryPage {
+            position: last.position(),
+            publications: Vec::new(),
+        };
+        let Some(limits) = last.limits else {
+            return Ok(page);
+        };
+        let mut span = (last.offset.saturating_sub(since.unwrap_or(0))).min(limits.size as u64);
+        if since.is_none() {
+            span = span.min(limit as u64);
+        }
+        if span == 0 || limit == 0 {
+            return Ok(page);
+        }
+        let window = Window::new(&last, limits, since, limit);
+        let walked = if span <= WALK_MAX {
+            self.walk(&last, window.clone()).await?
+        } else {
+            None
+        };
+        let newest_first = match walked {
+            Some(picked) => picked,
+            None => self.scan(&subject, &last, window).await?,
+        };
+        page.publications = newest_first
+            .iter()
+            .rev()
+            .filter_map(|stored| match stored.publication() {
+                Ok(publication) => Some(publication),
+                Err(why) => {
+                    tracing::warn!(channel, why, "skipped a malformed history message");
+                    None
+                }
+            })
+            .take(limit)
+            .collect();
+        Ok(page)
+    }
+
+    /// History by following `Rs-Prev` from the last message; `None` if that is too long.
+    async fn walk(
+        &self,
+        last: &Stored,
+        mut window: Window,
+    ) -> Result<Option<Vec<Stored>>, BrokerError> {
+        let mut picked = Vec::new();
+        let mut current = last.clone();
+        for _ in 0..WALK_MAX * 2 {
+            match window.admit(&current) {
+                Admit::Stop => return Ok(Some(picked)),
+                Admit::Skip => {}
+                Admit::Take => picked.push(current.clone()),
+            }
+            if current.prev == 0 {
+                return Ok(Some(picked));
+            }
+            current = match self.stream.direct_get(current.prev).await {
+                Ok(message) => match Stored::from_stream(message) {
+                    Ok(stored) => stored,
+                    Err(_) => return Ok(Some(picked)),
+                },
+                // Purged or aged out: so is everything older.
+                Err(err) if matches!(err.kind(), DirectGetErrorKind::NotFound) => {
+                    return Ok(Some(picked));
+                }
+                Err(err) => return Err(unavailable(err)),
+            };
+        }
+        Ok(None)
+    }
+
+    /// History by reading the whole subject (up to the last message) through a consumer.
+    async fn scan(
+        &self,
+        subject: &str,
+        last: &Stored,
+        mut window: Window,
+    ) -> Result<Vec<Stored>, BrokerError> {
+        let start = window
+            .limits
+            .ttl
+            .and_then(|ttl| time::Duration::try_from(ttl).ok())
+            .and_then(|ttl| window.now.checked_sub(ttl));
+        let policy = match start {
+            Some(start_time) => DeliverPolicy::ByStartTime { start_time },
+            None => DeliverPolicy::All,
+        };
+        let messages = read(
+            &self.js,
+            &self.stream,
+            subject.to_owned(),
+            policy,
+            Some(last.seq),
+        )
+        .await?;
+        let mut picked = Vec::new();
+        for message in messages.iter().rev() {
+            let Ok(stored) = Stored::from_consumer(message) else {
+                continue;
+            };
+            if stored.seq > last.seq {
+                continue;
+            }
+            match window.admit(&stored) {
+                Admit::Stop => break,
+                Admit::Skip => {}
+                Admit::Take => picked.push(stored),
+            }
+        }
+        Ok(picked)
+    }
+}

@@ -1,0 +1,246 @@
+//! Live delivery to this node: per subscribed channel an ordered push consumer on its history
+//! subject plus a core subscription to its join/leave subject, run by one task that checks
+//! continuity with [`Subscriptions::observe`](crate::broker::local::Subscriptions::observe),
+//! reports gaps, and reopens both when they end or the history stream was recreated.
+//!
+//! Kept apart from history reads and presence: this is the only code that runs per
+//! subscription and delivers to the broker's events.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::consumer::{DeliverPolicy, push};
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::history::Stored;
+use super::{Inner, unavailable};
+use crate::broker::local::Continuity;
+use crate::broker::{BrokerError, ClientInfo, wire};
+
+/// Live delivery of one channel to this node; dropping it stops the task.
+pub(super) struct Feed {
+    _stop: DropGuard,
+    live: Arc<Live>,
+}
+
+/// Whether a feed may still deliver, checked and acted on under one lock: a stopped feed's
+/// task never touches the channel's next subscription.
+struct Live(Mutex<bool>);
+
+impl Live {
+    fn run(&self, act: impl FnOnce()) {
+        let live = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *live {
+            act();
+        }
+    }
+
+    fn end(&self) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = false;
+    }
+}
+
+struct Streams {
+    history: push::Ordered,
+    events: async_nats::Subscriber,
+}
+
+impl Inner {
+    /// Starts the channel's core subscription and history consumer, right after its current
+    /// last message, and records that position.
+    async fn open(&self, channel: &str, live: &Live) -> Result<Streams, BrokerError> {
+        let events = self
+            .client
+            .subscribe(self.names.events(channel))
+            .await
+            .map_err(unavailable)?;
+        let subject = self.names.history(channel);
+        // With a marker in an empty subject there is always a position to start from.
+        let last = self.head(&subject).await?;
+        let consumer = self
+            .stream
+            .create_consumer(push::OrderedConfig {
+                deliver_subject: self.client.new_inbox(),
+                filter_subject: subject,
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: last.seq + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let history = consumer.messages().await.map_err(unavailable)?;
+        // Only differs from what was delivered last when reopening after a failure.
+        live.run(|| {
+            if self.subs.catch_up(channel, last.position()) {
+                self.events.on_gap(channel);
+            }
+        });
+        Ok(Streams { history, events })
+    }
+
+    pub(super) async fn subscribe(self: &Arc<Self>, channel: &str) -> Result<(), BrokerError> {
+        self.ready()?;
+        let slot = self.feeds.get(channel);
+        let mut feed = slot.lock().await;
+        if !self.subs.add(channel) {
+            return Ok(());
+        }
+        let resets = self.resets.subscribe();
+        let live = Arc::new(Live(Mutex::new(true)));
+        match self.open(channel, &live).await {
+            Ok(streams) => {
+                let stop = self.stop.child_token();
+                let (name, task_live) = (channel.to_owned(), Arc::clone(&live));
+                let task =
+                    Arc::clone(self).run_feed(name, streams, resets, task_live, stop.clone());
+                tokio::spawn(task);
+                *feed = Some(Feed {
+                    _stop: stop.drop_guard(),
+                    live,
+                });
+                Ok(())
+            }
+            Err(err) => {
+                self.subs.remove(channel);
+                drop(feed);
+                drop(slot);
+                self.feeds.release(channel, Option::is_none);
+                Err(err)
+            }
+        }
+    }
+
+    pub(super) async fn unsubscribe(&self, channel: &str) {
+        let slot = self.feeds.get(channel);
+        let mut feed = slot.lock().await;
+        if self.subs.remove(channel)
+            && let Some(stopped) = feed.take()
+        {
+            stopped.live.end();
+        }
+        drop(feed);
+        drop(slot);
+        self.feeds.release(channel, Option::is_none);
+    }
+
+    /// Delivers one channel until stopped, reopening its streams when they end for good or
+    /// the history stream was recreated.
+    async fn run_feed(
+        self: Arc<Self>,
+        channel: String,
+        mut streams: Streams,
+        mut resets: watch::Receiver<u64>,
+        live: Arc<Live>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let reopen = tokio::select! {
+                () = stop.cancelled() => return,
+                changed = resets.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    true
+                }
+                message = streams.history.next() => match message {
+                    Some(Ok(message)) => {
+                        self.deliver(&channel, &message, &live);
+                        false
+                    }
+                    Some(Err(err)) => {
+                        tracing::debug!(%err, channel, "NATS consumer recovering");
+                        false
+                    }
+                    None => true,
+                },
+                message = streams.events.next() => match message {
+                    Some(message) => {
+                        self.deliver_event(&channel, &message.payload, &live);
+                        false
+                    }
+                    None => true,
+                },
+            };
+            if !reopen {
+                continue;
+            }
+            let mut backoff = Duration::from_millis(100);
+            streams = loop {
+                match self.open(&channel, &live).await {
+                    Ok(streams) => break streams,
+                    Err(err) => tracing::warn!(%err, channel, "NATS feed restart failed"),
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            };
+        }
+    }
+
+    fn deliver(&self, channel: &str, message: &jetstream::Message, live: &Live) {
+        let decoded = Stored::from_consumer(message).and_then(|stored| {
+            // Epoch markers (offset 0) are not publications.
+            let publication = (stored.offset > 0)
+                .then(|| stored.publication())
+                .transpose()?;
+            Ok((stored, publication))
+        });
+        let (stored, publication) = match decoded {
+            Ok((stored, Some(publication))) => (stored, publication),
+            Ok((_, None)) => return,
+            Err(why) => {
+                tracing::warn!(channel, why, "dropped a malformed history message");
+                return;
+            }
+        };
+        live.run(
+            || match self.subs.observe(channel, &stored.epoch, stored.offset) {
+                Continuity::Next => self.events.on_publication(channel, &publication),
+                Continuity::Gap => {
+                    self.events.on_gap(channel);
+                    self.events.on_publication(channel, &publication);
+                }
+                Continuity::Seen | Continuity::Unwanted => {}
+            },
+        );
+    }
+
+    fn deliver_event(&self, channel: &str, payload: &[u8], live: &Live) {
+        match wire::decode(payload) {
+            Ok(wire::WireEvent::Join(client)) => {
+                live.run(|| self.events.on_join(channel, &client));
+            }
+            Ok(wire::WireEvent::Leave(client)) => {
+                live.run(|| self.events.on_leave(channel, &client));
+            }
+            Ok(wire::WireEvent::Publication { .. }) => {}
+            Err(err) => tracing::warn!(%err, channel, "dropped a join/leave message"),
+        }
+    }
+
+    pub(super) async fn announce(
+        &self,
+        channel: &str,
+        client: &ClientInfo,
+        leave: bool,
+    ) -> Result<(), BrokerError> {
+        self.ready()?;
+        let payload = wire::presence_change(client, leave);
+        self.client
+            .publish(self.names.events(channel), payload.into())
+            .await
+            .map_err(unavailable)
+    }
+}

@@ -1,0 +1,255 @@
+//! Tests of the NATS broker: encoding round trips without a server, and, when
+//! `RUSTY_SOCKS_TEST_NATS_URL` names one, the shared conformance suite, long and limited
+//! histories, and two nodes sharing publications and presence. Each run uses a fresh prefix
+//! and deletes what it created.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+
+use super::history::{decode_limits, encode_limits};
+use super::{Names, NatsBroker, NatsOptions, token};
+use crate::broker::conformance::{self, Event, Recorder, json};
+use crate::broker::{Broker, BrokerError, ClientInfo, HistoryPage, PublishRequest};
+use crate::history::{HistoryLimits, StreamPosition};
+
+fn url() -> Option<String> {
+    let url = std::env::var("RUSTY_SOCKS_TEST_NATS_URL").ok();
+    if url.is_none() {
+        println!("skipped: RUSTY_SOCKS_TEST_NATS_URL not set");
+    }
+    url
+}
+
+/// Options with a fresh prefix, so runs never share a stream.
+fn options(url: &str) -> NatsOptions {
+    NatsOptions {
+        url: url.to_owned(),
+        prefix: format!("test{}", &uuid::Uuid::new_v4().simple().to_string()[..10]),
+        presence_ttl: Duration::from_secs(3),
+        history_max_bytes: 64 << 20,
+    }
+}
+
+async fn connect(options: &NatsOptions, events: Arc<Recorder>) -> Arc<NatsBroker> {
+    Arc::new(
+        NatsBroker::connect(options.clone(), events)
+            .await
+            .expect("connect to NATS"),
+    )
+}
+
+/// Deletes what a run created on the server.
+async fn cleanup(options: &NatsOptions) {
+    if let Ok(client) = async_nats::connect(options.url.as_str()).await {
+        let js = jetstream::new(client);
+        let names = Names {
+            prefix: options.prefix.clone(),
+        };
+        let _ = js.delete_stream(names.stream()).await;
+        let _ = js.delete_key_value(names.bucket()).await;
+    }
+}
+
+fn request(data: &str, size: usize, max_bytes: usize) -> PublishRequest {
+    PublishRequest {
+        data: json(data),
+        client_id: None,
+        history: HistoryLimits {
+            size,
+            ttl: None,
+            max_bytes,
+        },
+    }
+}
+
+fn offsets(page: &HistoryPage) -> Vec<u64> {
+    page.publications.iter().map(|p| p.offset).collect()
+}
+
+#[test]
+fn tokens_and_limits_round_trip() {
+    assert_eq!(token(""), "_");
+    assert!(!token("a.b *>").contains(['.', '*', '>', ' ']));
+    for limits in [
+        HistoryLimits {
+            size: 3,
+            ttl: None,
+            max_bytes: 10,
+        },
+        HistoryLimits {
+            size: 0,
+            ttl: Some(Duration::from_millis(1500)),
+            max_bytes: 0,
+        },
+    ] {
+        assert_eq!(decode_limits(&encode_limits(limits)), Ok(limits));
+    }
+    assert!(decode_limits("1 2").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_broker_passes_the_conformance_suite() {
+    let Some(url) = url() else { return };
+    let options = options(&url);
+    conformance::run_all(|events| {
+        let options = options.clone();
+        async move {
+            let broker = NatsBroker::connect(options, events).await;
+            Arc::new(broker.expect("connect to NATS")) as Arc<dyn Broker>
+        }
+    })
+    .await;
+    cleanup(&options).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_histories_byte_limits_and_empty_histories() {
+    let Some(url) = url() else { return };
+    let options = options(&url);
+    let broker = connect(&options, Arc::new(Recorder::default())).await;
+    let c = "long.*>";
+    for n in 1..=50 {
+        let position = broker
+            .publish(c, request(&n.to_string(), 40, 1 << 20))
+            .await;
+        assert_eq!(position.expect("publish").offset, n);
+    }
+    let all = broker.history(c, None, 100).await.expect("history");
+    assert_eq!(
+        offsets(&all),
+        (11..=50).collect::<Vec<_>>(),
+        "read through a consumer"
+    );
+    assert_eq!(all.publications[0].data.get(), "11");
+    let since = broker.history(c, Some(20), 5).await.expect("history");
+    assert_eq!(offsets(&since), vec![21, 22, 23, 24, 25]);
+    let recent = broker
+        .history(c, Some(45), usize::MAX)
+        .await
+        .expect("history");
+    assert_eq!(offsets(&recent), vec![46, 47, 48, 49, 50], "read backwards");
+
+    let b = "bytes";
+    for data in ["11", "22", "33", "123456"] {
+        broker
+            .publish(b, request(data, 10, 5))
+            .await
+            .expect("publish");
+    }
+    let page = broker.history(b, None, 10).await.expect("history");
+    assert_eq!(page.position.offset, 4);
+    assert_eq!(
+        offsets(&page),
+        vec![2, 3],
+        "5 bytes at most; oversized never kept"
+    );
+
+    let z = "size zero";
+    broker
+        .publish(z, request("1", 0, 100))
+        .await
+        .expect("publish");
+    let page = broker.history(z, None, 10).await.expect("history");
+    assert_eq!((page.position.offset, page.publications.len()), (1, 0));
+
+    let empty = broker.history("empty", None, 10).await.expect("history");
+    let again = broker.history("empty", None, 10).await.expect("history");
+    assert_eq!(empty.position.offset, 0);
+    assert_eq!(
+        empty.position, again.position,
+        "the epoch marker makes it stable"
+    );
+    let first = broker
+        .publish("empty", request("1", 10, 100))
+        .await
+        .expect("publish");
+    assert_eq!(
+        first,
+        StreamPosition {
+            offset: 1,
+            epoch: empty.position.epoch
+        }
+    );
+    cleanup(&options).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_publications_and_presence() {
+    let Some(url) = url() else { return };
+    let options = options(&url);
+    let (events_a, events_b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+    let a = connect(&options, events_a.clone()).await;
+    let b = connect(&options, events_b.clone()).await;
+    let c = "shared room.>";
+    a.subscribe(c).await.expect("subscribe");
+    b.subscribe(c).await.expect("subscribe");
+    let tasks: Vec<_> = [&a, &b]
+        .into_iter()
+        .map(|node| {
+            let node = Arc::clone(node);
+            tokio::spawn(async move {
+                for n in 0..30 {
+                    node.publish(c, request(&n.to_string(), 100, 1 << 20))
+                        .await
+                        .expect("publish");
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("publisher");
+    }
+    let expected: Vec<Event> = (1..=60).map(|n| Event::Publication(c.into(), n)).collect();
+    assert_eq!(
+        events_a.wait_for(c, 60).await,
+        expected,
+        "in order, exactly once"
+    );
+    assert_eq!(
+        events_b.wait_for(c, 60).await,
+        expected,
+        "in order, exactly once"
+    );
+
+    let alice = ClientInfo {
+        client_id: uuid::Uuid::new_v4(),
+        user: Some("alice".into()),
+        info: None,
+    };
+    let bob = ClientInfo {
+        client_id: uuid::Uuid::new_v4(),
+        user: Some("bob".into()),
+        info: None,
+    };
+    a.add_presence(c, alice.clone()).await.expect("presence");
+    b.add_presence(c, bob.clone()).await.expect("presence");
+    for node in [&a, &b] {
+        let mut present = node.presence(c).await.expect("presence");
+        present.sort_by_key(|client| client.user.clone());
+        assert_eq!(present, vec![alice.clone(), bob.clone()]);
+    }
+    a.publish_join(c, alice.clone()).await.expect("join");
+    let got = events_b.wait_for(c, 61).await;
+    assert_eq!(got.last(), Some(&Event::Join(c.into(), alice.client_id)));
+
+    // Node b dies without removing its entry: it expires; a's own is refreshed.
+    drop(b);
+    tokio::time::sleep(options.presence_ttl + Duration::from_secs(2)).await;
+    assert_eq!(a.presence(c).await.expect("presence"), vec![alice]);
+    cleanup(&options).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_server_fails_fast() {
+    let started = std::time::Instant::now();
+    let mut options = options("nats://127.0.0.1:1");
+    options.url = "nats://127.0.0.1:1".into();
+    let result = NatsBroker::connect(options, Arc::new(Recorder::default())).await;
+    assert!(
+        matches!(&result, Err(BrokerError::Connect { url, .. }) if url == "nats://127.0.0.1:1"),
+        "{result:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
