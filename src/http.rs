@@ -153,7 +153,8 @@ async fn route(
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let path = req.uri().path();
     if path == "/api" || path.starts_with("/api/") {
-        return Ok(crate::api::handle(req, state).await);
+        // Boxed: inline, the API's future would enlarge every connection's HTTP phase.
+        return Ok(Box::pin(crate::api::handle(req, state)).await);
     }
     let endpoint = match path {
         "/health" => {

@@ -61,6 +61,8 @@ pub struct AppState {
     pub verifier: Option<Arc<Verifier>>,
     /// Per-IP connection rate limit.
     pub connect_limiter: crate::limits::ConnectLimiter,
+    /// What every `/ws` session shares.
+    pub chat: Arc<crate::ws::chat::ChatShared>,
 }
 
 impl AppState {
@@ -104,7 +106,20 @@ impl AppState {
             Arc::clone(&stats),
         ));
         node.start().await?;
+        // All bounded by configuration validation well below u32::MAX.
+        let limits = crate::ws::chat::ChatLimits {
+            replay: u32::try_from(config.replay_count).unwrap_or(u32::MAX),
+            max_channels: u32::try_from(config.max_channels).unwrap_or(u32::MAX),
+            max_data: u32::try_from(config.max_data_size).unwrap_or(u32::MAX),
+            rate: config.client_rate,
+            burst: config.client_burst,
+        };
+        let chat = Arc::new(crate::ws::chat::ChatShared {
+            node: Arc::clone(&node),
+            limits,
+        });
         Ok(Arc::new(Self {
+            chat,
             admission: Admission::new(config.max_connections, config.max_queued_tasks),
             stats,
             verifier,

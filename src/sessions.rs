@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::ws::close::CloseCode;
@@ -18,14 +19,12 @@ const SHARDS: usize = 64;
 #[derive(Debug)]
 pub struct Sessions {
     hasher: RandomState,
-    shards: Box<[Mutex<HashMap<ClientId, Entry>>]>,
-}
-
-#[derive(Debug)]
-struct Entry {
-    outbox: Outbox,
-    /// The authenticated user, if any.
-    user: Option<Arc<str>>,
+    shards: Box<[Mutex<HashMap<ClientId, Outbox>>]>,
+    /// The user of each authenticated session. Kept apart so anonymous sessions, the common
+    /// case, pay nothing for it.
+    users: Mutex<HashMap<ClientId, Arc<str>>>,
+    /// Whether `users` may hold anything (skips its lock when no one ever authenticated).
+    any_users: AtomicBool,
 }
 
 impl Default for Sessions {
@@ -33,6 +32,8 @@ impl Default for Sessions {
         Self {
             hasher: RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            users: Mutex::default(),
+            any_users: AtomicBool::new(false),
         }
     }
 }
@@ -47,11 +48,20 @@ pub struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.sessions.shard(self.id).remove(&self.id);
+        if self.sessions.any_users.load(Ordering::Acquire) {
+            self.sessions.lock_users().remove(&self.id);
+        }
     }
 }
 
 impl Sessions {
-    fn shard(&self, id: ClientId) -> MutexGuard<'_, HashMap<ClientId, Entry>> {
+    fn lock_users(&self) -> MutexGuard<'_, HashMap<ClientId, Arc<str>>> {
+        self.users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn shard(&self, id: ClientId) -> MutexGuard<'_, HashMap<ClientId, Outbox>> {
         let index = self.hasher.hash_one(id) as usize % SHARDS;
         // Every update is a single insert or remove, so a poisoned lock is still consistent.
         self.shards[index]
@@ -62,7 +72,7 @@ impl Sessions {
     /// Registers a session's outbox until the returned guard drops.
     pub fn register(self: &Arc<Self>, outbox: Outbox) -> Registration {
         let id = outbox.id();
-        self.shard(id).insert(id, Entry { outbox, user: None });
+        self.shard(id).insert(id, outbox);
         Registration {
             sessions: Arc::clone(self),
             id,
@@ -70,10 +80,9 @@ impl Sessions {
     }
 
     /// Records which user a session is authenticated as.
-    pub fn set_user(&self, registration: &Registration, user: Option<Arc<str>>) {
-        if let Some(entry) = self.shard(registration.id).get_mut(&registration.id) {
-            entry.user = user;
-        }
+    pub fn set_user(&self, registration: &Registration, user: Arc<str>) {
+        self.any_users.store(true, Ordering::Release);
+        self.lock_users().insert(registration.id, user);
     }
 
     /// Calls `f` on every registered session's outbox, one shard at a time.
@@ -82,22 +91,23 @@ impl Sessions {
             let shard = shard
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            shard.values().for_each(|entry| f(&entry.outbox));
+            shard.values().for_each(&f);
         }
     }
 
     /// Closes every session of `user` with 4501; returns how many.
     pub fn disconnect_user(&self, user: &str) -> usize {
+        let ids: Vec<ClientId> = self
+            .lock_users()
+            .iter()
+            .filter(|(_, u)| &***u == user)
+            .map(|(id, _)| *id)
+            .collect();
         let mut closed = 0;
-        for shard in self.shards.iter() {
-            let shard = shard
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for entry in shard.values() {
-                if entry.user.as_deref() == Some(user) {
-                    entry.outbox.close(CloseCode::Disconnected);
-                    closed += 1;
-                }
+        for id in ids {
+            if let Some(outbox) = self.shard(id).get(&id) {
+                outbox.close(CloseCode::Disconnected);
+                closed += 1;
             }
         }
         closed

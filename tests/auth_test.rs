@@ -106,7 +106,11 @@ async fn with_a_key_set_a_connection_needs_a_valid_token() {
     subscribe(&mut ws, "room").await;
     let reply = call(&mut ws, json!({"type":"presence","id":1,"channel":"room"})).await;
     assert_eq!(reply["clients"][0]["user"], "ann", "{reply}");
-    assert_eq!(reply["clients"][0]["info"], json!({"name":"Ann"}), "{reply}");
+    assert_eq!(
+        reply["clients"][0]["info"],
+        json!({"name":"Ann"}),
+        "{reply}"
+    );
     let stats = server.stats().await;
     assert_eq!(stats["connections"], 1);
     server.stop().await;

@@ -88,10 +88,10 @@ struct Auth {
 /// Handler for one `/ws` connection.
 #[derive(Debug)]
 pub struct ChatHandler {
-    client: ClientInfo,
+    client_id: ClientId,
     outbox: Outbox,
-    node: Arc<Node>,
-    limits: ChatLimits,
+    /// The node and the limits, shared by every connection (one pointer per connection).
+    shared: Arc<ChatShared>,
     /// The membership of the default channel, which nearly every connection has: kept apart
     /// so the usual connection needs no list allocation at all.
     default: Option<Arc<MemberState>>,
@@ -100,8 +100,17 @@ pub struct ChatHandler {
     others: Vec<Arc<MemberState>>,
     /// Set for connections that presented a token (boxed: most connections have none).
     auth: Option<Box<Auth>>,
-    /// The per-connection rate limit's state.
-    bucket: Bucket,
+    /// The per-connection rate limit's state, when a rate is configured.
+    bucket: Option<Box<Bucket>>,
+}
+
+/// What every `/ws` connection of a server shares.
+#[derive(Debug)]
+pub struct ChatShared {
+    /// Channels, history and presence.
+    pub node: Arc<Node>,
+    /// Per-connection limits.
+    pub limits: ChatLimits,
 }
 
 impl ChatHandler {
@@ -110,33 +119,48 @@ impl ChatHandler {
     pub fn new(
         client_id: ClientId,
         outbox: Outbox,
-        node: Arc<Node>,
-        limits: ChatLimits,
-        identity: Option<Identity>,
+        shared: Arc<ChatShared>,
+        identity: Option<Box<Identity>>,
     ) -> Self {
-        let bucket = Bucket {
-            tokens: limits.burst as f32,
-            at_ms: u32::try_from(crate::stats::now_us() / 1000).unwrap_or(u32::MAX),
-            refused: 0,
-        };
+        let limits = shared.limits;
+        let bucket = (limits.rate > 0).then(|| {
+            Box::new(Bucket {
+                tokens: limits.burst as f32,
+                at_ms: u32::try_from(crate::stats::now_us() / 1000).unwrap_or(u32::MAX),
+                refused: 0,
+            })
+        });
         Self {
-            client: ClientInfo {
-                client_id,
-                user: identity.as_ref().map(|id| Arc::clone(&id.user)),
-                info: identity.as_ref().and_then(|id| id.info.clone()),
-            },
+            client_id,
             outbox,
-            node,
-            limits,
+            shared,
             default: None,
             others: Vec::new(),
             auth: identity.map(|identity| {
                 Box::new(Auth {
-                    identity,
+                    identity: *identity,
                     asked: false,
                 })
             }),
             bucket,
+        }
+    }
+
+    fn node(&self) -> &Node {
+        &self.shared.node
+    }
+
+    fn limits(&self) -> ChatLimits {
+        self.shared.limits
+    }
+
+    /// This connection as presence, join and leave show it (built when needed, so an idle
+    /// connection does not carry a copy).
+    fn client(&self) -> ClientInfo {
+        ClientInfo {
+            client_id: self.client_id,
+            user: self.auth.as_ref().map(|a| Arc::clone(&a.identity.user)),
+            info: self.auth.as_ref().and_then(|a| a.identity.info.clone()),
         }
     }
 
@@ -147,14 +171,15 @@ impl ChatHandler {
     /// Applies the rate limit to one incoming message; `false` drops it (with an error reply,
     /// or a close for a client that keeps going).
     fn admit(&mut self, out: &mut Replies<'_>, v1: Option<Option<&RawValue>>) -> bool {
-        if self.limits.rate == 0 {
+        let limits = self.limits();
+        let Some(bucket) = self.bucket.as_mut() else {
             return true;
-        }
-        match self.bucket.admit(self.limits.rate, self.limits.burst) {
+        };
+        match bucket.admit(limits.rate, limits.burst) {
             Admit::Yes => true,
             Admit::Refuse => {
-                self.node.stats().rate_limited();
-                let err = ClientError::RateLimited(self.limits.rate);
+                self.node().stats().rate_limited();
+                let err = ClientError::RateLimited(limits.rate);
                 match v1 {
                     Some(id) => out.text(&Frame::error(id, &err).to_json()),
                     None => out.text(&ServerFrame::error(&err).to_json()),
@@ -162,7 +187,7 @@ impl ChatHandler {
                 false
             }
             Admit::Close => {
-                self.node.stats().rate_limited();
+                self.node().stats().rate_limited();
                 self.outbox.close(CloseCode::RateLimited);
                 false
             }
@@ -170,7 +195,7 @@ impl ChatHandler {
     }
 
     fn refresh(&mut self, token: &str) -> Result<Option<u64>, ClientError> {
-        let verifier = self.node.verifier().ok_or(ClientError::AuthDisabled)?;
+        let verifier = self.node().verifier().ok_or(ClientError::AuthDisabled)?;
         let identity = verifier.verify(token).map_err(ClientError::InvalidToken)?;
         match &mut self.auth {
             Some(auth) if auth.identity.user != identity.user => {
@@ -188,7 +213,7 @@ impl ChatHandler {
     }
 
     fn client_id(&self) -> ClientId {
-        self.client.client_id
+        self.client_id
     }
 
     fn subscription_count(&self) -> usize {
@@ -229,6 +254,7 @@ impl ChatHandler {
             Err(_) => return,
         };
         let published = self
+            .shared
             .node
             .publish(
                 DEFAULT_CHANNEL,
@@ -251,19 +277,20 @@ impl ChatHandler {
     ) -> Result<(), ClientError> {
         match command {
             Command::Subscribe { channel, since } => {
-                if self.subscription_count() >= self.limits.max_channels as usize
+                if self.subscription_count() >= self.limits().max_channels as usize
                     && self.membership(&channel).is_none()
                 {
                     return Err(ClientError::TooManyChannels(
-                        self.limits.max_channels as usize,
+                        self.limits().max_channels as usize,
                     ));
                 }
                 let caller = Caller::Client(self.auth.as_ref().map(|a| &a.identity));
                 let sub = self
+                    .shared
                     .node
                     .subscribe(
                         &self.outbox,
-                        &self.client,
+                        &self.client(),
                         &channel,
                         since.as_ref(),
                         0,
@@ -285,8 +312,8 @@ impl ChatHandler {
                 self.remember(sub.state);
             }
             Command::Unsubscribe { channel } => {
-                self.node
-                    .unsubscribe(self.client_id(), &self.client, &channel, true)
+                self.node()
+                    .unsubscribe(self.client_id(), &self.client(), &channel, true)
                     .await?;
                 self.forget(&channel);
                 out.text(
@@ -298,8 +325,8 @@ impl ChatHandler {
                 );
             }
             Command::Publish { channel, data } => {
-                if data.get().len() > self.limits.max_data as usize {
-                    return Err(ClientError::DataTooBig(self.limits.max_data as usize));
+                if data.get().len() > self.limits().max_data as usize {
+                    return Err(ClientError::DataTooBig(self.limits().max_data as usize));
                 }
                 if channel == DEFAULT_CHANNEL {
                     return Err(ClientError::PermissionDenied(
@@ -307,6 +334,7 @@ impl ChatHandler {
                     ));
                 }
                 let position = self
+                    .shared
                     .node
                     .publish(
                         &channel,
@@ -325,7 +353,7 @@ impl ChatHandler {
                 );
             }
             Command::Presence { channel } => {
-                let clients = self.node.presence(&channel, self.caller()).await?;
+                let clients = self.node().presence(&channel, self.caller()).await?;
                 out.text(
                     &Frame::Presence {
                         id,
@@ -341,6 +369,7 @@ impl ChatHandler {
                 since,
             } => {
                 let page = self
+                    .shared
                     .node
                     .history(&channel, since.as_ref(), limit, self.caller())
                     .await?;
@@ -380,13 +409,14 @@ impl Handler for ChatHandler {
                 .to_json(),
             );
             let joined = self
+                .shared
                 .node
                 .subscribe(
                     &self.outbox,
-                    &self.client,
+                    &self.client(),
                     DEFAULT_CHANNEL,
                     None,
-                    self.limits.replay as usize,
+                    self.limits().replay as usize,
                     Caller::Server,
                 )
                 .await;
@@ -449,7 +479,7 @@ impl Handler for ChatHandler {
         if now >= expires_at {
             tracing::info!(user = %auth.identity.user, "token expired without a refresh");
             self.outbox.close(CloseCode::TokenExpired);
-        } else if !auth.asked && now + self.node.refresh_window().as_secs() >= expires_at {
+        } else if !auth.asked && now + self.shared.node.refresh_window().as_secs() >= expires_at {
             auth.asked = true;
             out.text(&Frame::Refresh { expires_at }.to_json());
         }
@@ -486,8 +516,9 @@ impl Handler for ChatHandler {
             for state in all {
                 let channel = &*state.channel;
                 if let Err(err) = self
+                    .shared
                     .node
-                    .unsubscribe(self.client_id(), &self.client, channel, announce)
+                    .unsubscribe(self.client_id(), &self.client(), channel, announce)
                     .await
                 {
                     tracing::warn!(%err, channel, "unsubscribe on close failed");

@@ -34,7 +34,7 @@ use crate::limits::client_ip;
 use crate::server::AppState;
 use crate::sessions::Registration;
 use crate::stats::Refusal;
-use chat::{ChatHandler, ChatLimits};
+use chat::ChatHandler;
 use echo::EchoHandler;
 use outbox::Outbox;
 use session::{Handler, SessionConfig, SessionParts};
@@ -80,7 +80,8 @@ pub fn upgrade(
     let presented = auth::presented(req.headers(), req.uri().query());
     let identity = match (&state.verifier, endpoint) {
         (Some(verifier), Endpoint::Chat) => match &presented.token {
-            Some(token) => Some(verifier.verify(token).map_err(|err| {
+            // Boxed: the connection's task holds this until its session starts.
+            Some(token) => Some(verifier.verify(token).map(Box::new).map_err(|err| {
                 tracing::debug!(%err, %ip, "token refused");
                 refused(Refusal::Unauthorized, HttpError::Unauthorized(err))
             })?),
@@ -166,7 +167,7 @@ fn session(
     state: &Arc<AppState>,
     endpoint: Endpoint,
     client_id: Uuid,
-    identity: Option<Identity>,
+    identity: Option<Box<Identity>>,
 ) -> (SessionFuture, Registration) {
     let config = &state.config;
     let (outbox, rx) = Outbox::new(client_id, config.buffer);
@@ -185,18 +186,12 @@ fn session(
     );
     match endpoint {
         Endpoint::Chat => {
-            // All three are bounded by configuration validation well below u32::MAX.
-            let limits = ChatLimits {
-                replay: u32::try_from(config.replay_count).unwrap_or(u32::MAX),
-                max_channels: u32::try_from(config.max_channels).unwrap_or(u32::MAX),
-                max_data: u32::try_from(config.max_data_size).unwrap_or(u32::MAX),
-                rate: config.client_rate,
-                burst: config.client_burst,
-            };
-            let user = identity.as_ref().map(|id| Arc::clone(&id.user));
-            state.sessions.set_user(&registration, user);
-            let handler =
-                ChatHandler::new(client_id, outbox, Arc::clone(&state.node), limits, identity);
+            if let Some(identity) = &identity {
+                state
+                    .sessions
+                    .set_user(&registration, Arc::clone(&identity.user));
+            }
+            let handler = ChatHandler::new(client_id, outbox, Arc::clone(&state.chat), identity);
             let parts = SessionParts::new(rx, handler, session_config, state);
             (on_socket(upgraded, parts), registration)
         }
