@@ -220,6 +220,8 @@ pub struct Config {
     pub connect_burst: u32,
     /// `RUSTY_SOCKS_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpRange>,
+    /// `RUSTY_SOCKS_DEMO`: serve the demo page at `/` and the client at `/rusty-socks.js`.
+    pub demo: bool,
 }
 
 impl Default for Config {
@@ -263,6 +265,7 @@ impl Default for Config {
             connect_rate: 0,
             connect_burst: 20,
             trusted_proxies: Vec::new(),
+            demo: true,
         }
     }
 }
@@ -454,6 +457,11 @@ pub const SETTINGS: &[Setting] = &[
         default: "(none)",
         meaning: "comma-separated proxy IPs/CIDRs whose X-Forwarded-For is believed",
     },
+    Setting {
+        var: "RUSTY_SOCKS_DEMO",
+        default: "true",
+        meaning: "serve the demo page at / and the browser client at /rusty-socks.js",
+    },
 ];
 
 impl Config {
@@ -611,6 +619,7 @@ impl Config {
                     })
                     .collect::<Result<_, _>>()?,
             },
+            demo: flag("RUSTY_SOCKS_DEMO", d.demo)?,
         };
         if config.tls_cert.is_some() != config.tls_key.is_some() {
             let (var, value) = match &config.tls_cert {

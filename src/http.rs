@@ -156,6 +156,11 @@ async fn route(
         // Boxed: inline, the API's future would enlarge every connection's HTTP phase.
         return Ok(Box::pin(crate::api::handle(req, state)).await);
     }
+    if state.config.demo {
+        if let Some(page) = crate::demo::asset(path) {
+            return get_only(&req).map(|()| page);
+        }
+    }
     let endpoint = match path {
         "/health" => {
             get_only(&req)?;

@@ -24,6 +24,7 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod history;
 pub mod http;

@@ -54,7 +54,14 @@ async fn stats_reports_the_contract_keys_with_live_values() {
 #[tokio::test]
 async fn paths_are_exact_and_methods_checked() {
     let server = TestServer::start(|_| {}).await;
-    for path in ["/", "/healthz", "/health/x", "/stats/", "/echo", "/wss"] {
+    for path in [
+        "/healthz",
+        "/health/x",
+        "/stats/",
+        "/echo",
+        "/wss",
+        "/index.htm",
+    ] {
         let (status, _, _) = http(server.addr, "GET", path, &[]).await;
         assert_eq!(status, 404, "{path}");
     }
@@ -229,4 +236,41 @@ async fn plain_http_connections_serve_one_request_then_close() {
     assert_eq!((status, body.as_str()), (200, "OK"));
     assert!(head.contains("connection: close"), "{head}");
     server.stop().await;
+}
+
+#[tokio::test]
+async fn the_demo_page_and_its_client_are_served_unless_switched_off() {
+    let server = TestServer::start(|_| {}).await;
+    let (status, head, body) = http(server.addr, "GET", "/", &[]).await;
+    assert_eq!(status, 200);
+    assert!(head.contains("content-type: text/html"), "{head}");
+    for hook in [
+        "channel-input",
+        "join-button",
+        "message-input",
+        "send-button",
+        "messages",
+        "presence",
+        "status",
+    ] {
+        assert!(
+            body.contains(&format!("data-testid=\"{hook}\"")),
+            "missing {hook}"
+        );
+    }
+    assert!(
+        body.contains("rusty-socks.js"),
+        "the page loads the client module"
+    );
+    let (status, head, body) = http(server.addr, "GET", "/rusty-socks.js", &[]).await;
+    assert_eq!(status, 200);
+    assert!(head.contains("content-type: text/javascript"), "{head}");
+    assert!(body.contains("export"), "an ES module");
+    server.stop().await;
+    let off = TestServer::start(|c| c.demo = false).await;
+    for path in ["/", "/rusty-socks.js"] {
+        let (status, _, _) = http(off.addr, "GET", path, &[]).await;
+        assert_eq!(status, 404, "{path}");
+    }
+    off.stop().await;
 }
