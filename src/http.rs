@@ -156,10 +156,10 @@ async fn route(
         // Boxed: inline, the API's future would enlarge every connection's HTTP phase.
         return Ok(Box::pin(crate::api::handle(req, state)).await);
     }
-    if state.config.demo {
-        if let Some(page) = crate::demo::asset(path) {
-            return get_only(&req).map(|()| page);
-        }
+    if state.config.demo
+        && let Some(page) = crate::demo::asset(path)
+    {
+        return get_only(&req).map(|()| page);
     }
     let endpoint = match path {
         "/health" => {

@@ -597,3 +597,26 @@ for_each_broker!(
     presence_spans_nodes_and_a_killed_node_leaves_no_ghosts,
     a_broker_restart_is_survived_with_recovery,
 );
+
+/// A broker that cannot be reached stops startup with a message naming the setting; the node
+/// never runs alone.
+#[tokio::test]
+async fn an_unreachable_broker_stops_startup() {
+    for url in ["redis://127.0.0.1:1", "nats://127.0.0.1:1"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_rusty_socks"))
+            .env("RUSTY_SOCKS_HOST", "127.0.0.1")
+            .env("RUSTY_SOCKS_PORT", "0")
+            .env("RUSTY_SOCKS_BROKER", url)
+            .output();
+        let output = tokio::time::timeout(Duration::from_secs(20), output)
+            .await
+            .expect("startup failed within 20 s")
+            .unwrap();
+        assert!(!output.status.success(), "{url}: exited {:?}", output.status);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("RUSTY_SOCKS_BROKER") && stderr.contains("127.0.0.1:1"),
+            "{url}: {stderr}"
+        );
+    }
+}
