@@ -612,7 +612,11 @@ async fn an_unreachable_broker_stops_startup() {
             .await
             .expect("startup failed within 20 s")
             .unwrap();
-        assert!(!output.status.success(), "{url}: exited {:?}", output.status);
+        assert!(
+            !output.status.success(),
+            "{url}: exited {:?}",
+            output.status
+        );
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(
             stderr.contains("RUSTY_SOCKS_BROKER") && stderr.contains("127.0.0.1:1"),
