@@ -127,13 +127,14 @@ pub fn raw_overload_response(overload: Overload) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Routes one request from `peer`.
+/// Routes one request from `peer`; an accepted WebSocket upgrade is left in `slot`.
 pub async fn handle(
     req: Request<Incoming>,
     state: Arc<AppState>,
     peer: SocketAddr,
+    slot: crate::ws::UpgradeSlot,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let mut response = route(req, &state, peer)
+    let mut response = route(req, &state, peer, &slot)
         .await
         .unwrap_or_else(HttpError::into_response);
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -150,6 +151,7 @@ async fn route(
     req: Request<Incoming>,
     state: &Arc<AppState>,
     peer: SocketAddr,
+    slot: &crate::ws::UpgradeSlot,
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let path = req.uri().path();
     if path == "/api" || path.starts_with("/api/") {
@@ -183,7 +185,7 @@ async fn route(
     if req.method() != Method::GET {
         return Err(HttpError::MethodNotAllowed("GET"));
     }
-    ws::upgrade(req, state, endpoint, peer)
+    ws::upgrade(req, state, endpoint, peer, slot)
 }
 
 fn get_only(req: &Request<Incoming>) -> Result<(), HttpError> {

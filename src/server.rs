@@ -262,37 +262,50 @@ async fn serve_http<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let _task = state.stats.task();
-    let permit = Arc::new(permit);
-    let service = {
-        let state = Arc::clone(&state);
-        let permit = Arc::clone(&permit);
-        service_fn(move |req| {
-            // The request is in: this socket no longer counts as a pending handshake.
-            permit.release();
-            crate::http::handle(req, Arc::clone(&state), peer)
-        })
-    };
-    let conn = hyper::server::conn::http1::Builder::new()
-        .serve_connection(io, service)
-        .with_upgrades();
-    tokio::pin!(conn);
-    // Plain HTTP answers one request and closes, and an upgrade ends this phase, so one timer
-    // over the whole HTTP phase bounds how long a socket can sit without finishing its
-    // handshake (and hold a `MAX_QUEUED_TASKS` slot), at the cost of a single timer.
-    let deadline = tokio::time::sleep(state.config.handshake_timeout);
-    tokio::pin!(deadline);
-    tokio::select! {
-        result = conn.as_mut() => {
-            if let Err(err) = result {
-                tracing::debug!(%err, "http connection ended with an error");
+    let slot = crate::ws::UpgradeSlot::default();
+    {
+        let _task = state.stats.task();
+        let permit = Arc::new(permit);
+        let service = {
+            let state = Arc::clone(&state);
+            let slot = Arc::clone(&slot);
+            service_fn(move |req| {
+                // The request is in: this socket no longer counts as a pending handshake.
+                permit.release();
+                crate::http::handle(req, Arc::clone(&state), peer, Arc::clone(&slot))
+            })
+        };
+        // Boxed, and dropped before the session starts: hyper's state is only needed here.
+        let mut conn = Box::pin(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .with_upgrades(),
+        );
+        // Plain HTTP answers one request and closes, and an upgrade ends this phase, so one
+        // timer over the whole HTTP phase bounds how long a socket can sit without finishing
+        // its handshake (and hold a `MAX_QUEUED_TASKS` slot), at the cost of a single timer.
+        let deadline = tokio::time::sleep(state.config.handshake_timeout);
+        tokio::pin!(deadline);
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(err) = result {
+                    tracing::debug!(%err, "http connection ended with an error");
+                }
+            }
+            () = &mut deadline => tracing::debug!("handshake not finished in time; closing"),
+            () = state.shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(state.config.shutdown_grace, conn).await;
             }
         }
-        () = &mut deadline => tracing::debug!("handshake not finished in time; closing"),
-        () = state.shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(state.config.shutdown_grace, conn).await;
-        }
+    }
+    let pending = slot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    drop(slot);
+    if let Some(pending) = pending {
+        crate::ws::start(pending, &state).await;
     }
 }
 

@@ -13,9 +13,7 @@ pub mod reader;
 pub mod session;
 pub mod transport;
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -25,19 +23,18 @@ use hyper::header::{CONNECTION, SEC_WEBSOCKET_PROTOCOL, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::admission::ConnectionPermit;
 use crate::auth::{self, Identity};
 use crate::http::HttpError;
 use crate::limits::client_ip;
 use crate::server::AppState;
-use crate::sessions::Registration;
 use crate::stats::Refusal;
 use chat::ChatHandler;
 use echo::EchoHandler;
 use outbox::Outbox;
-use session::{Handler, SessionConfig, SessionParts};
+use session::{Guards, Handler, SessionConfig, SessionParts};
 use transport::Buffered;
 
 /// Which WebSocket endpoint a request is for.
@@ -58,6 +55,7 @@ pub fn upgrade(
     state: &Arc<AppState>,
     endpoint: Endpoint,
     peer: SocketAddr,
+    slot: &UpgradeSlot,
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let accept = handshake::accept(req.headers()).map_err(HttpError::Handshake)?;
     let refused = |why: Refusal, err: HttpError| {
@@ -100,27 +98,15 @@ pub fn upgrade(
         .try_connection()
         .map_err(|err| refused(Refusal::Overload, HttpError::Overloaded(err)))?;
     state.stats.connected();
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    let state2 = Arc::clone(state);
-    let client_id = Uuid::new_v4();
-    // Debug level: an enabled span costs memory per connection for its whole life.
-    let span = tracing::debug_span!("session", %client_id, ?endpoint);
-    state.tracker.spawn(
-        async move {
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => upgraded,
-                Err(err) => return tracing::debug!(%err, "upgrade did not complete"),
-            };
-            let _task = state2.stats.task();
-            let _permit = permit;
-            tracing::debug!("connected");
-            let (session, _registration) =
-                session(upgraded, &state2, endpoint, client_id, identity);
-            session.await;
-            tracing::debug!("disconnected");
-        }
-        .instrument(span),
-    );
+    let pending = Pending {
+        on_upgrade: hyper::upgrade::on(&mut req),
+        endpoint,
+        identity,
+        permit,
+    };
+    *slot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(pending);
     let mut response = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(UPGRADE, "websocket")
@@ -155,67 +141,93 @@ fn check_origin(headers: &hyper::HeaderMap, allowed: &[String]) -> Result<(), Ht
     }
 }
 
-/// The connection's session, ready to run.
-///
-/// Built synchronously and boxed as one future: arguments and captures of an async fn stay in
-/// its state for its whole life, so layers of async calls would each keep a copy of what they
-/// were handed in every connection's task. One boxed future holds exactly the session.
-type SessionFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-fn session(
-    upgraded: hyper::upgrade::Upgraded,
-    state: &Arc<AppState>,
+/// An upgrade that was answered with 101; its session starts once hyper hands the socket over.
+#[derive(Debug)]
+pub struct Pending {
+    on_upgrade: hyper::upgrade::OnUpgrade,
     endpoint: Endpoint,
-    client_id: Uuid,
     identity: Option<Box<Identity>>,
-) -> (SessionFuture, Registration) {
+    permit: ConnectionPermit,
+}
+
+/// Where [`upgrade`] leaves the accepted upgrade for the connection's HTTP task.
+pub type UpgradeSlot = Arc<std::sync::Mutex<Option<Pending>>>;
+
+/// Starts the session of an accepted upgrade as a task of its own.
+///
+/// The task's future is the session itself, unboxed, holding its guards: one allocation per
+/// connection for its whole life. (A wrapper task awaiting a boxed session would cost a second
+/// allocation and keep the wrapper's captures, and an async fn keeps its arguments in its state
+/// for its whole life.) The HTTP task that calls this ends right after, freeing hyper's state.
+pub async fn start(pending: Pending, state: &Arc<AppState>) {
+    let Pending {
+        on_upgrade,
+        endpoint,
+        identity,
+        permit,
+    } = pending;
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(err) => return tracing::debug!(%err, "upgrade did not complete"),
+    };
     let config = &state.config;
+    let client_id = Uuid::new_v4();
     let (outbox, rx) = Outbox::new(client_id, config.buffer);
     let registration = state.sessions.register(outbox.clone());
-    let session_config = SessionConfig::new(
-        match endpoint {
-            Endpoint::Chat => config.max_message_size,
-            Endpoint::Echo => config.echo_max_message_size,
-        },
-        match endpoint {
-            Endpoint::Chat => Some(config.ping_interval),
-            Endpoint::Echo => None,
-        },
-        config.timeout,
-        config.shutdown_grace,
-    );
+    if let Some(identity) = &identity {
+        state
+            .sessions
+            .set_user(&registration, Arc::clone(&identity.user));
+    }
+    let guards = Guards {
+        registration,
+        permit,
+        task: state.stats.task(),
+    };
+    tracing::debug!(%client_id, ?endpoint, "connected");
     match endpoint {
         Endpoint::Chat => {
-            if let Some(identity) = &identity {
-                state
-                    .sessions
-                    .set_user(&registration, Arc::clone(&identity.user));
-            }
+            let session_config = SessionConfig::new(
+                config.max_message_size,
+                Some(config.ping_interval),
+                config.timeout,
+                config.shutdown_grace,
+            );
             let handler = ChatHandler::new(client_id, outbox, Arc::clone(&state.chat), identity);
-            let parts = SessionParts::new(rx, handler, session_config, state);
-            (on_socket(upgraded, parts), registration)
+            let parts = SessionParts::new(rx, handler, session_config, state, guards);
+            spawn_on_socket(upgraded, parts, state);
         }
         Endpoint::Echo => {
             // The echo endpoint has no fan-out; its outbox only carries signals.
             drop(outbox);
-            let parts = SessionParts::new(rx, EchoHandler, session_config, state);
-            (on_socket(upgraded, parts), registration)
+            let session_config = SessionConfig::new(
+                config.echo_max_message_size,
+                None,
+                config.timeout,
+                config.shutdown_grace,
+            );
+            let parts = SessionParts::new(rx, EchoHandler, session_config, state, guards);
+            spawn_on_socket(upgraded, parts, state);
         }
     }
 }
 
-/// Puts `parts` on the upgraded socket: for plain TCP, hyper gives the `TcpStream` back and
-/// the session uses its zero-cost owned halves; anything else goes through `Buffered`.
-fn on_socket<H: Handler + 'static>(
+/// Puts `parts` on the upgraded socket and spawns it: for plain TCP, hyper gives the
+/// `TcpStream` back and the session polls it directly; anything else (TLS) goes through
+/// `Buffered`.
+fn spawn_on_socket<H: Handler + 'static>(
     upgraded: hyper::upgrade::Upgraded,
     parts: Box<SessionParts<H>>,
-) -> SessionFuture {
+    state: &AppState,
+) {
     match upgraded.downcast::<TokioIo<TcpStream>>() {
-        Ok(raw) => Box::pin(parts.into_session(raw.io.into_inner()).run(raw.read_buf)),
-        Err(upgraded) => Box::pin(
-            parts
-                .into_session(Buffered::new(TokioIo::new(upgraded)))
-                .run(Bytes::new()),
-        ),
+        Ok(raw) => {
+            let session = parts.into_session(raw.io.into_inner());
+            state.tracker.spawn(session.run(raw.read_buf));
+        }
+        Err(upgraded) => {
+            let session = parts.into_session(Buffered::new(TokioIo::new(upgraded)));
+            state.tracker.spawn(session.run(Bytes::new()));
+        }
     }
 }

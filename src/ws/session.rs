@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
-use tokio::time::{Instant, timeout};
+use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use super::close::{CloseCode, WsViolation};
@@ -22,7 +22,11 @@ use super::frame::{OpCode, encode_close, encode_into};
 use super::outbox::OutboxReceiver;
 use super::reader::{Incoming, MessageReader};
 use super::transport::{Transport, read_some, write_all};
-use crate::stats::Stats;
+use crate::stats::{Stats, now_us};
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
 
 /// Reading pauses while this much is waiting to be written.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
@@ -161,15 +165,30 @@ pub struct SessionParts<H> {
     pub shutdown: CancellationToken,
     /// Server counters.
     pub stats: Arc<Stats>,
+    /// What must live exactly as long as the session (registry entry, connection permit,
+    /// task count).
+    pub guards: Guards,
+}
+
+/// Held by a session for its whole life; each releases something when the session ends.
+#[derive(Debug)]
+pub struct Guards {
+    /// The session's entry in the registry (heartbeat, shutdown, disconnect).
+    pub registration: crate::sessions::Registration,
+    /// Its slot under `RUSTY_SOCKS_MAX_CONN`.
+    pub permit: crate::admission::ConnectionPermit,
+    /// Its count in `active_tasks`.
+    pub task: crate::stats::TaskGuard,
 }
 
 impl<H: Handler> SessionParts<H> {
-    /// The parts of a session of `handler`, boxed (see `ws::drive`).
+    /// The parts of a session of `handler`, boxed (see `ws::start`).
     pub fn new(
         outbox: OutboxReceiver,
         handler: H,
         config: SessionConfig,
         state: &crate::server::AppState,
+        guards: Guards,
     ) -> Box<Self> {
         Box::new(Self {
             outbox,
@@ -177,6 +196,7 @@ impl<H: Handler> SessionParts<H> {
             config,
             shutdown: state.shutdown.clone(),
             stats: Arc::clone(&state.stats),
+            guards,
         })
     }
 
@@ -195,6 +215,7 @@ impl<H: Handler> SessionParts<H> {
             shutdown: parts.shutdown,
             stats: parts.stats,
             batch_since: 0,
+            _guards: parts.guards,
         }
     }
 }
@@ -210,6 +231,7 @@ pub struct Session<T, H> {
     /// When the oldest frame in the write buffer was queued (0: none), for the
     /// queue-to-socket latency histogram.
     batch_since: u64,
+    _guards: Guards,
 }
 
 impl<T, H> Session<T, H>
@@ -219,33 +241,43 @@ where
 {
     /// Runs the connection to its end, including the close handshake; `leftover` holds bytes
     /// the client sent right behind its handshake request.
-    pub async fn run(mut self, leftover: Bytes) {
+    ///
+    /// A plain fn returning an `async move` block rather than an `async fn`: an async fn keeps
+    /// its arguments twice in its state (as captured and as locals), which for `self` would
+    /// cost every connection a second copy of the session for its whole life.
+    pub fn run(mut self, leftover: Bytes) -> impl Future<Output = ()> + 'static
+    where
+        T: 'static,
+        H: 'static,
+    {
         let mut rbuf = BytesMut::from(&leftover[..]);
         drop(leftover);
-        let mut wbuf = BytesMut::new();
-        let mut parser = MessageReader::new(self.config.max_message());
-        let mut replies = Replies {
-            buf: &mut wbuf,
-            count: 0,
-        };
-        self.handler.on_open(&mut replies).await;
-        self.stats.add_out(replies.count);
+        async move {
+            let mut wbuf = BytesMut::new();
+            let mut parser = MessageReader::new(self.config.max_message());
+            let mut replies = Replies {
+                buf: &mut wbuf,
+                count: 0,
+            };
+            self.handler.on_open(&mut replies).await;
+            self.stats.add_out(replies.count);
 
-        // A bug must not skip `on_close`: that would leave the client in its channels and in
-        // presence forever. A panic ends the connection with 1011 instead.
-        let end = AssertUnwindSafe(self.main_loop(&mut rbuf, &mut wbuf, &mut parser))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|_| {
-                tracing::error!("session panicked; closing with 1011");
-                End::Server(CloseCode::InternalError)
-            });
-        let shutting_down = self.shutdown.is_cancelled();
-        self.handler.on_close(shutting_down).await;
-        tracing::debug!(?end, "session ending");
-        // Boxed: the closing state is only needed once, and would otherwise enlarge every
-        // connection's task for its whole life.
-        Box::pin(self.finish(end, rbuf, wbuf, parser)).await;
+            // A bug must not skip `on_close`: that would leave the client in its channels and in
+            // presence forever. A panic ends the connection with 1011 instead.
+            let end = AssertUnwindSafe(self.main_loop(&mut rbuf, &mut wbuf, &mut parser))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::error!("session panicked; closing with 1011");
+                    End::Server(CloseCode::InternalError)
+                });
+            let shutting_down = self.shutdown.is_cancelled();
+            self.handler.on_close(shutting_down).await;
+            tracing::debug!(?end, "session ending");
+            // Boxed: the closing state is only needed once, and would otherwise enlarge every
+            // connection's task for its whole life.
+            Box::pin(self.finish(end, rbuf, wbuf, parser)).await;
+        }
     }
 
     async fn main_loop(
@@ -254,8 +286,13 @@ where
         wbuf: &mut BytesMut,
         parser: &mut MessageReader,
     ) -> End {
-        let mut last_seen = Instant::now();
-        let mut next_ping = self.config.ping_interval().map(|p| last_seen + p);
+        // Microsecond stamps ([`now_us`]) rather than `Instant`s: half the size, in every
+        // connection's state.
+        let mut last_seen = now_us();
+        let mut next_ping = self
+            .config
+            .ping_interval()
+            .map_or(0, |p| last_seen + micros(p));
         if self.shutdown.is_cancelled() {
             return End::Server(CloseCode::GoingAway);
         }
@@ -271,7 +308,7 @@ where
                 let (end, more) = Box::pin(self.on_readable(rbuf, wbuf, parser)).await;
                 // Only whole frames prove the client alive; a trickle of bytes does not.
                 if parser.frames() != frames_before {
-                    last_seen = Instant::now();
+                    last_seen = now_us();
                 }
                 if let Some(end) = end {
                     return end;
@@ -310,19 +347,20 @@ where
                         if wbuf.is_empty() {
                             *wbuf = BytesMut::new();
                         }
-                        let now = Instant::now();
-                        if now.saturating_duration_since(last_seen) >= self.config.timeout() {
+                        let now = now_us();
+                        if now.saturating_sub(last_seen) >= micros(self.config.timeout()) {
                             return End::Server(CloseCode::HeartbeatTimeout);
                         }
                         let mut replies = Replies { buf: wbuf, count: 0 };
                         self.handler.on_tick(&mut replies);
                         self.stats.add_out(replies.count);
                         // Ticks come every second: ping when the next tick would be late.
-                        if let (Some(at), Some(every)) = (next_ping, self.config.ping_interval())
-                            && now + PING_EARLY >= at {
-                                encode_into(wbuf, OpCode::Ping, b"");
-                                next_ping = Some(now + every);
-                            }
+                        if let Some(every) = self.config.ping_interval()
+                            && now + micros(PING_EARLY) >= next_ping
+                        {
+                            encode_into(wbuf, OpCode::Ping, b"");
+                            next_ping = now + micros(every);
+                        }
                     }
                     if can_take {
                         self.take_from_outbox(wbuf);
