@@ -300,18 +300,7 @@ async fn presence_and_join_leave_follow_connections_without_ghosts() {
         json!({"type":"join","channel":"chat:p","client":{"client_id":b_id,"user":null}})
     );
 
-    let present = call(
-        &mut a,
-        json!({"type":"presence","id":"who","channel":"chat:p"}),
-    )
-    .await;
-    let mut ids: Vec<String> = present["clients"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["client_id"].as_str().unwrap().to_owned())
-        .collect();
-    ids.sort();
+    let ids = presence_of(&mut a, "chat:p").await;
     let mut expected = vec![a_id.clone(), b_id.clone()];
     expected.sort();
     assert_eq!(ids, expected);

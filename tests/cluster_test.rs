@@ -133,19 +133,6 @@ async fn quiet(ws: &mut Ws) {
     }
 }
 
-async fn presence_of(ws: &mut Ws, channel: &str) -> Vec<String> {
-    let reply = call(ws, json!({"type":"presence","id":"p","channel":channel})).await;
-    assert_eq!(reply["type"], "presence", "{reply}");
-    let mut ids: Vec<String> = reply["clients"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["client_id"].as_str().unwrap().to_owned())
-        .collect();
-    ids.sort();
-    ids
-}
-
 async fn fan_out_reaches_every_node_once_in_order(kind: Kind) {
     let Some(url) = kind.shared_url() else { return };
     let cluster = nodes(&url, 3).await;

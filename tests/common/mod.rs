@@ -174,6 +174,43 @@ pub async fn recv_close_code(ws: &mut Ws) -> u16 {
     }
 }
 
+/// A request head with `headers`, optionally asking the server to close after answering.
+fn request_head(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    close: bool,
+) -> String {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\n");
+    if close {
+        request.push_str("connection: close\r\n");
+    }
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    request
+}
+
+/// The client ids `presence` lists for `channel`, sorted.
+pub async fn presence_of(ws: &mut Ws, channel: &str) -> Vec<String> {
+    let reply = call(
+        ws,
+        serde_json::json!({"type":"presence","id":"p","channel":channel}),
+    )
+    .await;
+    assert_eq!(reply["type"], "presence", "{reply}");
+    let mut ids: Vec<String> = reply["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["client_id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
 /// Sends a request and reads only the response head: (status, raw headers). For upgrades,
 /// whose connection stays open after a 101.
 pub async fn http_head(
@@ -183,11 +220,7 @@ pub async fn http_head(
     headers: &[(&str, &str)],
 ) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let mut request = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\n");
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
+    let request = request_head(addr, method, path, headers, false);
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     let mut byte = [0u8; 1];
@@ -213,11 +246,7 @@ pub async fn http(
     headers: &[(&str, &str)],
 ) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let mut request = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
+    let request = request_head(addr, method, path, headers, true);
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
