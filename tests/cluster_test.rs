@@ -557,6 +557,72 @@ mod redis_only {
     }
 }
 
+/// NATS-only checks that look inside JetStream.
+#[cfg(feature = "nats")]
+mod nats_only {
+    use super::*;
+    use base64::Engine;
+
+    /// The consumers on one channel's subject that something listens to (push-bound): one per
+    /// node with subscribers. A node that stops listening leaves its consumer unbound at once
+    /// (nothing more is delivered to it); the server deletes it 30 s later.
+    async fn consumers_on(url: &str, prefix: &str, channel: &str) -> usize {
+        let client = async_nats::connect(url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let stream = js.get_stream(format!("{prefix}_history")).await.unwrap();
+        let subject = format!(
+            "{prefix}.h.{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(channel)
+        );
+        let mut count = 0;
+        let mut consumers = stream.consumers();
+        while let Some(info) = consumers.next().await {
+            let info = info.unwrap();
+            if info.config.filter_subject == subject && info.push_bound {
+                count += 1;
+            }
+        }
+        count
+    }
+
+    /// Each node consumes a channel once, however many local clients it has, and only while it
+    /// has some: a publication crosses NATS once per interested node.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_consumes_once_and_only_while_it_has_subscribers() {
+        let Some(url) = Kind::Nats.shared_url() else {
+            return;
+        };
+        let prefix = format!("ct{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let a = Node::start(&url, &prefix).await;
+        let b = Node::start(&url, &prefix).await;
+        let mut on_a = Vec::new();
+        for _ in 0..3 {
+            let (mut ws, _) = a.client().await;
+            subscribe(&mut ws, "room").await;
+            on_a.push(ws);
+        }
+        assert_eq!(
+            consumers_on(&url, &prefix, "room").await,
+            1,
+            "three clients, one consumer"
+        );
+        let (mut on_b, _) = b.client().await;
+        subscribe(&mut on_b, "room").await;
+        assert_eq!(consumers_on(&url, &prefix, "room").await, 2, "one per node");
+        let reply = call(
+            &mut on_b,
+            json!({"type":"unsubscribe","id":"u","channel":"room"}),
+        )
+        .await;
+        assert_eq!(reply["type"], "unsubscribed", "{reply}");
+        let started = Instant::now();
+        while consumers_on(&url, &prefix, "room").await != 1 {
+            assert!(started.elapsed() < WAIT, "node B kept listening");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 macro_rules! for_each_broker {
     ($($test:ident),* $(,)?) => {
         mod redis {
