@@ -303,7 +303,37 @@ impl OwnBroker {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // JetStream needs a moment after the port opens.
+        self.wait_ready().await;
+    }
+
+    /// JetStream answers some time after the port opens (longer on a busy machine).
+    #[cfg(feature = "nats")]
+    async fn wait_ready(&self) {
+        if !matches!(self.kind, Kind::Nats) {
+            return;
+        }
+        let started = Instant::now();
+        loop {
+            if let Ok(client) = async_nats::connect(self.url()).await {
+                // Any JetStream API answer without an error means it is up.
+                let reply = client.request("$JS.API.INFO", "".into()).await;
+                if let Ok(reply) = reply {
+                    let info: Value = serde_json::from_slice(&reply.payload).unwrap_or_default();
+                    if info.get("error").is_none() && info.get("type").is_some() {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "JetStream not ready"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[cfg(not(feature = "nats"))]
+    async fn wait_ready(&self) {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
