@@ -304,7 +304,7 @@ async fn history(
     state: &AppState,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let channel = percent_decoded(channel)?;
-    let limit = match query.and_then(|q| q.split('&').find_map(|p| p.strip_prefix("limit="))) {
+    let limit = match crate::http::query_param(query, "limit") {
         None => None,
         Some(text) => match text.parse::<usize>() {
             Ok(n) if n <= crate::protocol::v1::MAX_HISTORY_LIMIT => Some(n),
@@ -344,21 +344,6 @@ fn channels(state: &AppState) -> Response<Full<Bytes>> {
 
 /// Channel names may contain `/` and `:`, which clients escape in a path segment.
 fn percent_decoded(segment: &str) -> Result<String, ApiError> {
-    let mut out = Vec::with_capacity(segment.len());
-    let bytes = segment.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = segment
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| ApiError::BadJson("bad %-escape in the channel name".into()))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| ApiError::BadJson("channel name is not UTF-8".into()))
+    crate::http::percent_decode(segment)
+        .ok_or_else(|| ApiError::BadJson("bad %-escape in the channel name, or not UTF-8".into()))
 }

@@ -251,38 +251,15 @@ pub fn presented(headers: &hyper::HeaderMap, query: Option<&str>) -> Presented {
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(str::trim);
-    let in_query = query.and_then(|q| {
-        q.split('&')
-            .find_map(|pair| pair.strip_prefix("token="))
-            .map(percent_decode)
-    });
+    // A JWT needs no escapes, but a client library may escape anyway. A malformed escape is
+    // kept as sent, and the token then fails verification.
+    let in_query = crate::http::query_param(query, "token")
+        .map(|raw| crate::http::percent_decode(raw).unwrap_or_else(|| raw.to_owned()));
     found.token = bearer
         .map(str::to_owned)
         .or(in_query)
         .or(in_subprotocol.map(str::to_owned));
     found
-}
-
-/// Decodes `%XX` escapes (a JWT needs none, but a client library may escape anyway).
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
-                let value = hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0);
-                out.push(value as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Seconds since the Unix epoch.

@@ -52,6 +52,13 @@ pub struct HistoryLimits {
 /// bytes also bounds how many tiny publications (and channels) can be kept.
 pub const ENTRY_OVERHEAD: usize = 96;
 
+/// A fresh epoch: 12 hex digits, for every broker (no `|`, so it fits the wire format).
+pub fn new_epoch() -> String {
+    let mut epoch = uuid::Uuid::new_v4().simple().to_string();
+    epoch.truncate(12);
+    epoch
+}
+
 /// A channel's stream: its epoch, last offset and retained publications.
 #[derive(Debug)]
 pub struct Stream {
@@ -70,10 +77,8 @@ impl Default for Stream {
 impl Stream {
     /// A new stream life with a fresh epoch.
     pub fn new() -> Self {
-        let mut epoch = uuid::Uuid::new_v4().simple().to_string();
-        epoch.truncate(12);
         Self {
-            epoch,
+            epoch: new_epoch(),
             offset: 0,
             entries: VecDeque::new(),
             bytes: 0,

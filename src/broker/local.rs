@@ -121,15 +121,11 @@ impl Subscriptions {
         let Some(entry) = channels.get_mut(channel) else {
             return false;
         };
-        let missed = match &entry.last {
-            None => false,
-            Some(last) => last.epoch != current.epoch || current.offset > last.offset,
-        };
-        let newer = entry
+        let missed = entry
             .last
             .as_ref()
-            .is_none_or(|last| last.epoch != current.epoch || current.offset > last.offset);
-        if newer {
+            .is_some_and(|last| last.epoch != current.epoch || current.offset > last.offset);
+        if missed || entry.last.is_none() {
             entry.last = Some(current);
         }
         missed

@@ -56,18 +56,35 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 /// Cap on a history read (Lua numbers are doubles; `usize::MAX` would not survive).
 const MAX_READ: usize = 1_000_000_000;
 
+/// Shared by every script: the server's clock, and a channel's epoch (created with its stream
+/// if the channel has none, so a position read before the first publication stays valid).
+const PRELUDE: &str = r"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function epoch_of(meta, stream, fresh)
+  local epoch = redis.call('HGET', meta, 'e')
+  if not epoch then
+    epoch = fresh
+    redis.call('DEL', stream)
+    redis.call('HSET', meta, 'e', epoch, 'o', 0, 'b', 0)
+  end
+  return epoch
+end
+";
+
+/// A script with [`PRELUDE`] in front of `body`.
+fn script(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}{body}"))
+}
+
 /// Assigns the next offset, appends and trims history, publishes. See the module docs.
 const PUBLISH: &str = r"
 local meta, stream = KEYS[1], KEYS[2]
-local epoch = redis.call('HGET', meta, 'e')
-if not epoch then
-  epoch = ARGV[8]
-  redis.call('DEL', stream)
-  redis.call('HSET', meta, 'e', epoch, 'o', 0, 'b', 0)
-end
+local epoch = epoch_of(meta, stream, ARGV[8])
 local offset = redis.call('HINCRBY', meta, 'o', 1)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local data, client = ARGV[2], ARGV[3]
 local size, ttl, maxb = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local bytes = tonumber(redis.call('HGET', meta, 'b') or '0')
@@ -93,16 +110,11 @@ redis.call('PUBLISH', ARGV[1], 'p|' .. epoch .. '|' .. offset .. '|' .. client .
 return {epoch, tostring(offset)}
 ";
 
-/// Reads the position and, consistently with it, history. Creates the epoch if the channel
-/// has none yet, so a position read before the first publication stays valid after it.
+/// Reads the position and, consistently with it, history (creating the epoch, see
+/// [`PRELUDE`]).
 const HISTORY: &str = r"
 local meta, stream = KEYS[1], KEYS[2]
-local epoch = redis.call('HGET', meta, 'e')
-if not epoch then
-  epoch = ARGV[3]
-  redis.call('DEL', stream)
-  redis.call('HSET', meta, 'e', epoch, 'o', 0, 'b', 0)
-end
+local epoch = epoch_of(meta, stream, ARGV[3])
 redis.call('PEXPIRE', meta, ARGV[4])
 redis.call('PEXPIRE', stream, ARGV[4])
 local out = {epoch, tostring(redis.call('HGET', meta, 'o'))}
@@ -111,8 +123,7 @@ if limit == 0 then
   return out
 end
 local ttl = tonumber(redis.call('HGET', meta, 't') or '0')
-local t = redis.call('TIME')
-local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - ttl
+local cutoff = now_ms() - ttl
 local entries
 if ARGV[1] == '' then
   local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', limit)
@@ -136,8 +147,7 @@ return out
 
 /// Adds or refreshes presence entries: ARGV = ttl ms, then id, info pairs.
 const PRESENCE_ADD: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local ttl = tonumber(ARGV[1])
 for i = 2, #ARGV, 2 do
   redis.call('ZADD', KEYS[2], now + ttl, ARGV[i])
@@ -150,8 +160,7 @@ return 1
 
 /// Drops expired presence entries and returns the rest.
 const PRESENCE_READ: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
 if #expired > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
@@ -267,10 +276,10 @@ impl RedisBroker {
             presence: PresenceEntries::default(),
             connected: AtomicBool::new(true),
             sync,
-            publish: Script::new(PUBLISH),
-            history: Script::new(HISTORY),
-            presence_add: Script::new(PRESENCE_ADD),
-            presence_read: Script::new(PRESENCE_READ),
+            publish: script(PUBLISH),
+            history: script(HISTORY),
+            presence_add: script(PRESENCE_ADD),
+            presence_read: script(PRESENCE_READ),
         });
         let stop = CancellationToken::new();
         tokio::spawn(pubsub_task(
@@ -329,7 +338,7 @@ impl Shared {
             .key(self.key(channel, "history"))
             .arg(since.map(|s| s.to_string()).unwrap_or_default())
             .arg(limit.min(MAX_READ))
-            .arg(wire::new_epoch())
+            .arg(crate::history::new_epoch())
             .arg(millis(STREAM_KEEP))
             .invoke_async(&mut conn)
             .await
@@ -608,7 +617,7 @@ impl Broker for RedisBroker {
                 .arg(limits.ttl.map_or(0, millis))
                 .arg(limits.max_bytes.min(MAX_READ))
                 .arg(millis(keep))
-                .arg(wire::new_epoch())
+                .arg(crate::history::new_epoch())
                 .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;

@@ -117,13 +117,6 @@ pub fn decode(bytes: &[u8]) -> Result<WireEvent, WireError> {
     }
 }
 
-/// A fresh epoch: 12 hex digits, like the memory broker's.
-pub fn new_epoch() -> String {
-    let mut epoch = uuid::Uuid::new_v4().simple().to_string();
-    epoch.truncate(12);
-    epoch
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,8 +20,8 @@ use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
 use super::{Inner, ensure, read, unavailable};
-use crate::broker::{BrokerError, HistoryPage, PublishRequest, wire};
-use crate::history::{HistoryLimits, Publication, StreamPosition};
+use crate::broker::{BrokerError, HistoryPage, PublishRequest};
+use crate::history::{HistoryLimits, Publication, StreamPosition, new_epoch};
 use crate::ws::outbox::ClientId;
 
 /// Publish attempts per call under contention before giving up.
@@ -296,7 +296,7 @@ impl Inner {
             };
             let (prev, offset, epoch) = match last {
                 Some(last) => (last.seq, last.offset + 1, last.epoch),
-                None => (0, 1, wire::new_epoch()),
+                None => (0, 1, new_epoch()),
             };
             let headers = headers(&epoch, offset, prev, Some(&request));
             match self.append(&subject, headers, payload.clone()).await? {
@@ -333,7 +333,7 @@ impl Inner {
             if let Some(last) = self.last(subject).await? {
                 return Ok(last);
             }
-            let epoch = wire::new_epoch();
+            let epoch = new_epoch();
             if let Append::Done(seq) = self
                 .append(subject, headers(&epoch, 0, 0, None), Bytes::new())
                 .await?
