@@ -50,16 +50,15 @@ fn with_secret(config: &mut Config) {
     config.jwt_secret = Some(Secret(SECRET.into()));
 }
 
-const UPGRADE: [(&str, &str); 4] = [
-    ("upgrade", "websocket"),
-    ("connection", "Upgrade"),
-    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-    ("sec-websocket-version", "13"),
-];
-
 /// An upgrade request with `token` in the query; returns the status and body.
 async fn try_upgrade(server: &TestServer, token: &str) -> (u16, String) {
-    let (status, _, body) = http(server.addr, "GET", &format!("/ws?token={token}"), &UPGRADE).await;
+    let (status, _, body) = http(
+        server.addr,
+        "GET",
+        &format!("/ws?token={token}"),
+        &UPGRADE_HEADERS,
+    )
+    .await;
     (status, body)
 }
 
@@ -70,7 +69,7 @@ async fn v1_with_token(server: &TestServer, token: &str) -> (Ws, String) {
 #[tokio::test]
 async fn with_a_key_set_a_connection_needs_a_valid_token() {
     let server = TestServer::start(with_secret).await;
-    let (status, _, body) = http(server.addr, "GET", "/ws", &UPGRADE).await;
+    let (status, _, body) = http(server.addr, "GET", "/ws", &UPGRADE_HEADERS).await;
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("token is required"), "{body}");
     let n = now();

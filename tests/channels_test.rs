@@ -33,15 +33,6 @@ fn with_namespaces(config: &mut rusty_socks::config::Config) {
     );
 }
 
-fn offsets(publications: &Value) -> Vec<u64> {
-    publications
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["offset"].as_u64().unwrap())
-        .collect()
-}
-
 #[tokio::test]
 async fn publications_reach_subscribers_with_sequential_offsets() {
     let server = TestServer::start(with_namespaces).await;

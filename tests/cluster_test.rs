@@ -178,13 +178,7 @@ async fn a_client_moving_to_another_node_recovers_what_it_missed(kind: Kind) {
     )
     .await;
     assert_eq!(reply["recovered"], true, "{reply}");
-    let recovered: Vec<u64> = reply["publications"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["offset"].as_u64().unwrap())
-        .collect();
-    assert_eq!(recovered, vec![6, 7, 8, 9, 10]);
+    assert_eq!(offsets(&reply["publications"]), vec![6, 7, 8, 9, 10]);
     publish(&mut publisher, "room", json!(11)).await;
     assert_eq!(publications(&mut on_b, "room", 1).await[0].0, 11);
 }
@@ -572,13 +566,7 @@ mod redis_only {
         )
         .await;
         assert_eq!(page["complete"], true, "{page}");
-        let offsets: Vec<u64> = page["publications"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["offset"].as_u64().unwrap())
-            .collect();
-        assert_eq!(offsets, vec![2, 3, 4]);
+        assert_eq!(offsets(&page["publications"]), vec![2, 3, 4]);
         assert_eq!(recv_close_code(&mut legacy).await, 4002);
         // Live delivery goes on after the reconnect.
         publish(&mut publisher, "room", json!(5)).await;

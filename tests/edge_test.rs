@@ -13,13 +13,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
-const UPGRADE: [(&str, &str); 4] = [
-    ("upgrade", "websocket"),
-    ("connection", "Upgrade"),
-    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-    ("sec-websocket-version", "13"),
-];
-
 /// A self-signed certificate for `localhost`, written to a fresh directory.
 struct TestCert {
     dir: std::path::PathBuf,
@@ -185,7 +178,7 @@ async fn browsers_from_other_origins_are_refused_before_the_upgrade() {
     })
     .await;
     let with_origin = |origin: &'static str| {
-        let mut headers = UPGRADE.to_vec();
+        let mut headers = UPGRADE_HEADERS.to_vec();
         headers.push(("origin", origin));
         headers
     };
@@ -206,7 +199,7 @@ async fn browsers_from_other_origins_are_refused_before_the_upgrade() {
     .await;
     assert_eq!(status, 101);
     // No Origin: not a browser (a server, a CLI); it keeps working whatever its User-Agent.
-    let (status, _) = http_head(server.addr, "GET", "/ws", &UPGRADE).await;
+    let (status, _) = http_head(server.addr, "GET", "/ws", &UPGRADE_HEADERS).await;
     assert_eq!(status, 101);
     server.stop().await;
 }
@@ -252,7 +245,7 @@ async fn connection_rate_is_per_real_client_address() {
     })
     .await;
     let from = |ip: &'static str| {
-        let mut headers = UPGRADE.to_vec();
+        let mut headers = UPGRADE_HEADERS.to_vec();
         headers.push(("x-forwarded-for", ip));
         headers
     };

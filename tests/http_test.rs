@@ -80,25 +80,16 @@ async fn plain_get_on_the_websocket_endpoint_is_426() {
     assert_eq!(status, 426);
     assert!(head.contains("upgrade: websocket"), "{head}");
     assert!(body.contains("WebSocket"), "{body}");
-    let mut headers = upgrade_headers();
+    let mut headers = UPGRADE_HEADERS;
     headers[2].1 = "8";
     let (status, head, _) = http(server.addr, "GET", "/ws", &headers).await;
     assert_eq!(status, 426);
     assert!(head.contains("sec-websocket-version: 13"), "{head}");
-    let mut headers = upgrade_headers();
+    let mut headers = UPGRADE_HEADERS;
     headers[3].1 = "too-short";
     let (status, _, _) = http(server.addr, "GET", "/ws", &headers).await;
     assert_eq!(status, 400);
     server.stop().await;
-}
-
-fn upgrade_headers() -> [(&'static str, &'static str); 4] {
-    [
-        ("upgrade", "websocket"),
-        ("connection", "upgrade"),
-        ("sec-websocket-version", "13"),
-        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-    ]
 }
 
 #[tokio::test]
@@ -108,7 +99,7 @@ async fn max_conn_refuses_at_once_with_503_and_spares_existing_clients() {
     let (mut b, b_id) = join(&server).await;
 
     let started = std::time::Instant::now();
-    let (status, head, body) = http(server.addr, "GET", "/ws", &upgrade_headers()).await;
+    let (status, head, body) = http(server.addr, "GET", "/ws", &UPGRADE_HEADERS).await;
     assert_eq!(status, 503, "{head}");
     assert!(head.contains("retry-after: 1"), "{head}");
     assert!(body.contains("RUSTY_SOCKS_MAX_CONN"), "{body}");

@@ -174,6 +174,24 @@ pub async fn recv_close_code(ws: &mut Ws) -> u16 {
     }
 }
 
+/// The headers of a valid WebSocket upgrade request (version, then key, at indexes 2 and 3).
+pub const UPGRADE_HEADERS: [(&str, &str); 4] = [
+    ("upgrade", "websocket"),
+    ("connection", "upgrade"),
+    ("sec-websocket-version", "13"),
+    ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+];
+
+/// The offsets of a JSON array of publications, in order.
+pub fn offsets(publications: &Value) -> Vec<u64> {
+    publications
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect()
+}
+
 /// A request head with `headers`, optionally asking the server to close after answering.
 fn request_head(
     addr: SocketAddr,
