@@ -11,11 +11,33 @@ use tokio_tungstenite::tungstenite::Message;
 async fn a_client_that_stops_reading_is_closed_and_nobody_else_loses_a_message() {
     const TOTAL: usize = 6000;
     const WINDOW: usize = 64;
-    let server = TestServer::start(|c| c.buffer = 128).await;
+    let server = TestServer::start(|c| {
+        c.buffer = 128;
+        // The close frame waits behind everything already in the stalled client's buffers;
+        // the grace must outlast a loaded machine scheduling this test's reader below.
+        c.shutdown_grace = std::time::Duration::from_secs(60);
+    })
+    .await;
     let (mut publisher, _) = join(&server).await;
     let (mut reader, _) = join(&server).await;
-    // Joins, reads its welcome, then never reads again.
+    // Joins, reads its welcome, then reads nothing until the server has given up on it.
     let mut stalled = RawClient::connect(server.addr, "/ws").await;
+    let addr = server.addr;
+    let stalled_close = tokio::spawn(async move {
+        // The event that ends the stall: the server counted this client as a slow consumer.
+        // Only then does it read, so the close frame behind its full buffers can get through.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let (_, _, body) = http(addr, "GET", "/stats", &[]).await;
+            let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if stats["slow_consumer_closes_total"] == 1 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never slow: {stats}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        stalled.close_code().await
+    });
 
     let (progress_tx, mut progress) = tokio::sync::mpsc::unbounded_channel();
     let reading = tokio::spawn(async move {
@@ -56,10 +78,13 @@ async fn a_client_that_stops_reading_is_closed_and_nobody_else_loses_a_message()
     let _reader = reading.await.unwrap();
 
     // The stalled client gets what fit in its buffers, then a 4001 close.
-    assert_eq!(stalled.close_code().await, 4001);
+    assert_eq!(stalled_close.await.unwrap(), 4001);
     // Its slot is freed once its close handshake has had its chance.
     let stats = server.wait_for_stat("connections", 2).await;
     assert_eq!(stats["slow_consumer_closes_total"], 1, "{stats}");
+    // The others leave first, so the long close grace above never delays the stop.
+    drop((publisher, _reader));
+    server.wait_for_stat("connections", 0).await;
     server.stop().await;
 }
 
