@@ -200,6 +200,10 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
 }
 
 fn checked_data(state: &AppState, data: &RawValue) -> Result<Arc<RawValue>, ApiError> {
+    // As on the WebSocket: `null` is no data, and a publication always carries some.
+    if data.get() == "null" {
+        return Err(ClientError::MissingField("data").into());
+    }
     if data.get().len() > state.config.max_data_size {
         return Err(ClientError::DataTooBig(state.config.max_data_size).into());
     }

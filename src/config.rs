@@ -373,6 +373,21 @@ pub const SETTINGS: &[Setting] = &[
         meaning: "seconds clients get to drain on SIGINT/SIGTERM, 1-4",
     },
     Setting {
+        var: "RUSTY_SOCKS_NAMESPACES",
+        default: "{\"\":{}}",
+        meaning: "JSON object of per-namespace channel options (see docs/protocol.md)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_MAX_CHANNELS",
+        default: "128",
+        meaning: "channels one connection may be subscribed to",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_MAX_DATA_SIZE",
+        default: "32768",
+        meaning: "largest data of a v1 publish or /api publish, in bytes",
+    },
+    Setting {
         var: "RUSTY_SOCKS_BROKER",
         default: "memory",
         meaning: "memory (one node), redis://host:port[/db] or nats://host:port",
@@ -463,6 +478,51 @@ pub const SETTINGS: &[Setting] = &[
         meaning: "serve the demo page at / and the browser client at /rusty-socks.js",
     },
 ];
+
+/// Prefix of the variables the test suite reads; they are not server settings.
+const TEST_PREFIX: &str = "RUSTY_SOCKS_TEST_";
+
+/// The `RUSTY_SOCKS_*` names among `names` that are not settings, each with the setting it was
+/// probably meant to be. A misspelt variable is otherwise silently ignored, leaving a default in
+/// force that the operator believes they changed.
+pub fn unknown_variables(
+    names: impl IntoIterator<Item = String>,
+) -> Vec<(String, Option<&'static str>)> {
+    let mut unknown: Vec<_> = names
+        .into_iter()
+        .filter(|name| name.starts_with("RUSTY_SOCKS_") && !name.starts_with(TEST_PREFIX))
+        .filter(|name| !SETTINGS.iter().any(|s| s.var == name))
+        .map(|name| {
+            let closest = SETTINGS
+                .iter()
+                .map(|s| (edit_distance(&name, s.var), s.var))
+                .min()
+                .filter(|(distance, _)| *distance <= 3)
+                .map(|(_, var)| var);
+            (name, closest)
+        })
+        .collect();
+    unknown.sort();
+    unknown
+}
+
+/// Levenshtein distance over bytes (names are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
 
 impl Config {
     /// Reads the process environment over the defaults.
@@ -824,6 +884,44 @@ mod tests {
             let text = err.to_string();
             assert!(text.contains(var) && text.contains("expected"), "{text}");
         }
+    }
+
+    #[test]
+    fn the_settings_table_lists_exactly_the_variables_that_are_read() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        Config::from_lookup(|var| {
+            asked.borrow_mut().push(var.to_owned());
+            None
+        })
+        .expect("defaults are valid");
+        let mut asked = asked.into_inner();
+        asked.sort();
+        asked.dedup();
+        let mut listed: Vec<String> = SETTINGS.iter().map(|s| s.var.to_owned()).collect();
+        listed.sort();
+        assert_eq!(asked, listed);
+    }
+
+    #[test]
+    fn unknown_variables_are_found_with_what_they_were_probably_meant_to_be() {
+        let names = [
+            "RUSTY_SOCKS_PORT",
+            "RUSTY_SOCKS_MAX_CONNS",
+            "RUSTY_SOCKS_FROBNICATE",
+            "RUSTY_SOCKS_TEST_REDIS_URL",
+            "HOME",
+        ]
+        .map(String::from);
+        assert_eq!(
+            unknown_variables(names),
+            vec![
+                ("RUSTY_SOCKS_FROBNICATE".to_owned(), None),
+                (
+                    "RUSTY_SOCKS_MAX_CONNS".to_owned(),
+                    Some("RUSTY_SOCKS_MAX_CONN")
+                ),
+            ]
+        );
     }
 
     #[test]

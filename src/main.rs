@@ -1,9 +1,26 @@
-//! The `rusty_socks` binary: configuration, logging, runtime, bind, serve.
+//! The `rusty_socks` binary: configuration, logging, runtime, startup checks, bind, serve.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use rusty_socks::config::{Config, SETTINGS};
+use rusty_socks::config::{BrokerUrl, Config, SETTINGS};
+use rusty_socks::server::Prepared;
+
+/// Writes to standard output, ignoring a closed pipe (`rusty_socks --help | head -1`):
+/// `println!` would panic there and exit with 101.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+/// [`say!`] for standard error.
+macro_rules! complain {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
 
 fn main() -> ExitCode {
     if let Some(arg) = std::env::args().nth(1) {
@@ -13,11 +30,11 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             "-V" | "--version" => {
-                println!("rusty_socks {}", env!("CARGO_PKG_VERSION"));
+                say!("rusty_socks {}", env!("CARGO_PKG_VERSION"));
                 ExitCode::SUCCESS
             }
             other => {
-                eprintln!(
+                complain!(
                     "rusty_socks: unknown argument {other:?}; settings come from RUSTY_SOCKS_* variables (see --help)"
                 );
                 ExitCode::from(2)
@@ -27,7 +44,7 @@ fn main() -> ExitCode {
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(err) => {
-            eprintln!("rusty_socks: {err}");
+            complain!("rusty_socks: {err}");
             return ExitCode::from(2);
         }
     };
@@ -37,11 +54,25 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        // Logs piped into `tee` outlive it on Ctrl-C; a failed write must not become a panic
+        // (the default reports it with `eprintln!`, which panics on a closed stderr).
+        .log_internal_errors(false)
         .init();
+    let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
+    for (name, closest) in rusty_socks::config::unknown_variables(names) {
+        match closest {
+            Some(meant) => tracing::warn!(
+                "{name} is not a setting and is ignored; did you mean {meant}? (rusty_socks --help lists them)"
+            ),
+            None => tracing::warn!(
+                "{name} is not a setting and is ignored (rusty_socks --help lists them)"
+            ),
+        }
+    }
     // Every connection is a file descriptor: take the soft limit up to the hard one, so the
     // connection limit is not silently capped by a low default (often 1024).
     match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => tracing::info!(
+        Ok(limit) => tracing::debug!(
             open_files = limit,
             "open-file limit raised to the hard limit"
         ),
@@ -55,7 +86,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!(
+            complain!(
                 "rusty_socks: cannot start {} worker threads: {err}",
                 config.worker_threads
             );
@@ -65,34 +96,93 @@ fn main() -> ExitCode {
     runtime.block_on(serve(config))
 }
 
+/// Connects and loads everything first, then binds and announces the address: a server that
+/// cannot work never says it is listening. Each failure is printed once.
 async fn serve(config: Config) -> ExitCode {
     let addr = SocketAddr::new(config.host, config.port);
+    let prepared = match Prepared::new(config).await {
+        Ok(prepared) => prepared,
+        Err(err) => {
+            complain!("rusty_socks: cannot start: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let listener = match listen(addr) {
         Ok(listener) => listener,
         Err(err) => {
-            eprintln!(
+            complain!(
                 "rusty_socks: cannot listen on {addr} (RUSTY_SOCKS_HOST/RUSTY_SOCKS_PORT): {err}"
             );
             return ExitCode::FAILURE;
         }
     };
     let local = listener.local_addr().unwrap_or(addr);
+    announce(&prepared, local);
+    prepared.serve(listener, shutdown_signal()).await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+/// What an operator needs to see at startup: the broker, the namespaces, where to connect.
+fn announce(prepared: &Prepared, local: SocketAddr) {
+    let config = prepared.config();
+    let broker = match &config.broker {
+        BrokerUrl::Memory => "memory (one node, nothing shared)".to_owned(),
+        BrokerUrl::Redis(url) | BrokerUrl::Nats(url) => redact_password(url),
+    };
+    let mut namespaces: Vec<String> = config
+        .namespaces
+        .names()
+        .map(|name| {
+            if name.is_empty() {
+                "\"\" (channels without ':')".to_owned()
+            } else {
+                format!("{name}:")
+            }
+        })
+        .collect();
+    namespaces.sort();
+    tracing::info!("broker: {broker}");
+    tracing::info!(
+        "namespaces: {} (RUSTY_SOCKS_NAMESPACES)",
+        namespaces.join(", ")
+    );
+    let scheme = if config.tls_cert.is_some() { "s" } else { "" };
+    // A wildcard address is not something a browser can open.
+    let shown = if local.ip().is_unspecified() {
+        SocketAddr::new([127, 0, 0, 1].into(), local.port())
+    } else {
+        local
+    };
+    if config.demo {
+        tracing::info!("demo page: http{scheme}://{shown}/");
+    }
+    if let Some(metrics) = prepared.metrics_addr() {
+        tracing::info!("metrics: http://{metrics}/metrics");
+    }
     tracing::info!(
         address = %local,
         worker_threads = config.worker_threads,
         max_connections = config.max_connections,
-        "rusty_socks listening on {local} (ws://{local}/ws)"
+        "rusty_socks listening on {local} (ws{scheme}://{shown}/ws)"
     );
-    match rusty_socks::server::run(listener, config, shutdown_signal()).await {
-        Ok(()) => {
-            tracing::info!("stopped");
-            ExitCode::SUCCESS
+}
+
+/// `redis://user:secret@host` becomes `redis://user:***@host`: logs are often shared.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}")
+            } else {
+                format!("{scheme}://***@{host}")
+            }
         }
-        Err(err) => {
-            tracing::error!(%err, "server failed");
-            eprintln!("rusty_socks: {err}");
-            ExitCode::FAILURE
-        }
+        None => url.to_owned(),
     }
 }
 
@@ -139,14 +229,58 @@ async fn shutdown_signal() {
 }
 
 fn print_help() {
-    println!(
+    say!(
         "rusty_socks {} - a real-time WebSocket messaging server\n",
         env!("CARGO_PKG_VERSION")
     );
-    println!("Usage: rusty_socks   (settings come from environment variables)\n");
-    println!("Endpoints: GET /ws (WebSocket), GET /health, GET /stats, GET /echo (if enabled)\n");
-    for s in SETTINGS {
-        println!("  {:<36} default {:<10} {}", s.var, s.default, s.meaning);
+    say!("Usage: rusty_socks [--help | --version]   (settings come from environment variables)\n");
+    say!("Endpoints:");
+    for (path, what) in ENDPOINTS {
+        say!("  {path:<24} {what}");
     }
-    println!("\nLogging: RUST_LOG (e.g. RUST_LOG=debug). Invalid settings exit with code 2.");
+    say!("\nSettings (environment variables):");
+    for s in SETTINGS {
+        say!("  {:<36} default {:<10} {}", s.var, s.default, s.meaning);
+    }
+    say!(
+        "\nLogging: RUST_LOG (e.g. RUST_LOG=debug). Invalid settings exit with code 2; an unknown\n\
+         RUSTY_SOCKS_* variable is warned about at startup."
+    );
 }
+
+/// Every endpoint, as `--help` lists them.
+const ENDPOINTS: &[(&str, &str)] = &[
+    (
+        "GET /ws",
+        "WebSocket: legacy chat and protocol v1 (rusty-socks.v1)",
+    ),
+    (
+        "GET /health",
+        "200 while serving, 503 while the broker is down",
+    ),
+    ("GET /stats", "counters as JSON"),
+    (
+        "GET /metrics",
+        "Prometheus metrics (or on RUSTY_SOCKS_METRICS_ADDR)",
+    ),
+    (
+        "GET /",
+        "demo page, and /rusty-socks.js the browser client (RUSTY_SOCKS_DEMO)",
+    ),
+    (
+        "GET /echo",
+        "echo endpoint (RUSTY_SOCKS_ECHO_ENDPOINT=true)",
+    ),
+    (
+        "POST /api/publish",
+        "server API (RUSTY_SOCKS_API_KEY): publish to a channel",
+    ),
+    ("POST /api/broadcast", "publish to several channels"),
+    (
+        "POST /api/disconnect",
+        "close a user's connections on every node",
+    ),
+    ("GET /api/presence/{ch}", "who is subscribed to a channel"),
+    ("GET /api/history/{ch}", "a channel's history"),
+    ("GET /api/channels", "this node's channels"),
+];

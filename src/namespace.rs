@@ -8,14 +8,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use serde::Deserialize;
-
 /// Longest channel name accepted, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 255;
 
 /// What happens to a subscriber whose outbox overflows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlowPolicy {
     /// Close the connection with 4001.
     Disconnect,
@@ -24,9 +21,21 @@ pub enum SlowPolicy {
     Gap,
 }
 
+impl SlowPolicy {
+    /// The words accepted in `RUSTY_SOCKS_NAMESPACES`.
+    const NAMES: &'static str = "\"disconnect\" or \"gap\"";
+
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "disconnect" => Some(Self::Disconnect),
+            "gap" => Some(Self::Gap),
+            _ => None,
+        }
+    }
+}
+
 /// Who may do something in a namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     /// Every connection, anonymous ones included.
     Anyone,
@@ -39,6 +48,19 @@ pub enum Access {
 }
 
 impl Access {
+    /// The words accepted in `RUSTY_SOCKS_NAMESPACES`.
+    const NAMES: &'static str = "\"anyone\", \"authenticated\", \"listed\" or \"nobody\"";
+
+    fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "anyone" => Some(Self::Anyone),
+            "authenticated" => Some(Self::Authenticated),
+            "listed" => Some(Self::Listed),
+            "nobody" => Some(Self::Nobody),
+            _ => None,
+        }
+    }
+
     /// Whether a connection authenticated as `who` (`None`: anonymous) may act on `channel`.
     pub fn allows(self, who: Option<&crate::auth::Identity>, channel: &str) -> bool {
         match self {
@@ -50,25 +72,8 @@ impl Access {
     }
 }
 
-/// `publish` also accepts the booleans of earlier versions: `true` is `anyone`, `false` is
-/// `nobody`.
-fn access_or_bool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Access, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Either {
-        Bool(bool),
-        Access(Access),
-    }
-    Ok(match Either::deserialize(d)? {
-        Either::Bool(true) => Access::Anyone,
-        Either::Bool(false) => Access::Nobody,
-        Either::Access(access) => access,
-    })
-}
-
 /// Options of one namespace.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NamespaceOptions {
     /// Publications kept per channel for history and recovery (0 = none).
     pub history_size: usize,
@@ -79,7 +84,6 @@ pub struct NamespaceOptions {
     /// Whether subscribers get `join`/`leave` pushes.
     pub join_leave: bool,
     /// Who may publish from a connection (the server API always may).
-    #[serde(deserialize_with = "access_or_bool")]
     pub publish: Access,
     /// Who may subscribe.
     pub subscribe: Access,
@@ -90,6 +94,10 @@ pub struct NamespaceOptions {
     /// Slow-subscriber policy.
     pub slow_policy: SlowPolicy,
 }
+
+/// Every option a namespace accepts, as listed in an error about an unknown one.
+const OPTION_NAMES: &str = "history_size, history_ttl_s, presence, join_leave, publish, \
+     subscribe, read_presence, read_history, slow_policy";
 
 impl Default for NamespaceOptions {
     fn default() -> Self {
@@ -108,6 +116,60 @@ impl Default for NamespaceOptions {
 }
 
 impl NamespaceOptions {
+    /// One namespace's options: unset options keep their defaults.
+    fn from_json_value(value: &serde_json::Value) -> Result<Self, String> {
+        use serde_json::Value;
+        let Value::Object(map) = value else {
+            return Err("options must be a JSON object, like {\"history_size\":50}".into());
+        };
+        let mut options = Self::default();
+        for (key, value) in map {
+            let wrong = |expected: &str| format!("option {key:?} must be {expected}, not {value}");
+            let count = || value.as_u64().ok_or_else(|| wrong("a whole number from 0"));
+            let flag = || value.as_bool().ok_or_else(|| wrong("true or false"));
+            let access = || {
+                match value {
+                    Value::String(name) => Access::from_name(name),
+                    _ => None,
+                }
+                .ok_or_else(|| wrong(Access::NAMES))
+            };
+            match key.as_str() {
+                "history_size" => {
+                    options.history_size =
+                        usize::try_from(count()?).map_err(|_| wrong("a smaller number"))?;
+                }
+                "history_ttl_s" => options.history_ttl_s = count()?,
+                "presence" => options.presence = flag()?,
+                "join_leave" => options.join_leave = flag()?,
+                // Earlier versions took a boolean: `true` is `anyone`, `false` is `nobody`.
+                "publish" => {
+                    options.publish = match value {
+                        Value::Bool(true) => Access::Anyone,
+                        Value::Bool(false) => Access::Nobody,
+                        _ => access()
+                            .map_err(|_| wrong(&format!("{}, true or false", Access::NAMES)))?,
+                    };
+                }
+                "subscribe" => options.subscribe = access()?,
+                "read_presence" => options.read_presence = access()?,
+                "read_history" => options.read_history = access()?,
+                "slow_policy" => {
+                    options.slow_policy = value
+                        .as_str()
+                        .and_then(SlowPolicy::from_name)
+                        .ok_or_else(|| wrong(SlowPolicy::NAMES))?;
+                }
+                other => {
+                    return Err(format!(
+                        "unknown option {other:?}; the options are {OPTION_NAMES}"
+                    ));
+                }
+            }
+        }
+        Ok(options)
+    }
+
     /// History age limit, if any.
     pub fn history_ttl(&self) -> Option<Duration> {
         (self.history_ttl_s > 0).then(|| Duration::from_secs(self.history_ttl_s))
@@ -146,16 +208,22 @@ pub enum ChannelError {
     )]
     InvalidName,
     /// The namespace is not configured.
-    #[error("namespace {0:?} is not configured")]
+    #[error(
+        "namespace {0:?} is not configured: add it to RUSTY_SOCKS_NAMESPACES, e.g. RUSTY_SOCKS_NAMESPACES='{{\"{0}\":{{}}}}', or use a channel without a namespace (no ':')"
+    )]
     UnknownNamespace(String),
 }
 
 impl Namespaces {
     /// Parses `RUSTY_SOCKS_NAMESPACES`. The default namespace (`""`) keeps its built-in options
-    /// unless the object configures it.
+    /// unless the object configures it. An error names the namespace, the option and the
+    /// values it accepts, so an operator can fix the setting without reading the source.
     pub fn from_json(json: &str) -> Result<Self, String> {
-        let parsed: HashMap<String, NamespaceOptions> =
-            serde_json::from_str(json).map_err(|e| e.to_string())?;
+        let parsed: serde_json::Map<String, serde_json::Value> = match serde_json::from_str(json) {
+            Ok(serde_json::Value::Object(map)) => map,
+            Ok(_) => return Err("the value must be a JSON object keyed by namespace name".into()),
+            Err(err) => return Err(format!("not valid JSON: {err}")),
+        };
         let mut namespaces = Self::default();
         for (name, options) in parsed {
             if !name.is_empty() && !name.bytes().all(is_name_byte) || name.contains(':') {
@@ -163,6 +231,8 @@ impl Namespaces {
                     "namespace name {name:?} has characters that are not allowed"
                 ));
             }
+            let options = NamespaceOptions::from_json_value(&options)
+                .map_err(|why| format!("namespace {name:?}: {why}"))?;
             namespaces.by_name.insert(name, options);
         }
         Ok(namespaces)
@@ -243,11 +313,72 @@ mod tests {
     }
 
     #[test]
-    fn bad_configuration_is_refused() {
-        assert!(Namespaces::from_json("[]").is_err());
-        assert!(Namespaces::from_json(r#"{"x":{"history":1}}"#).is_err());
-        assert!(Namespaces::from_json(r#"{"x":{"slow_policy":"ignore"}}"#).is_err());
-        assert!(Namespaces::from_json(r#"{"a b":{}}"#).is_err());
+    fn bad_configuration_is_refused_naming_the_option_and_what_it_accepts() {
+        let refused = |json: &str, words: &[&str]| {
+            let why = Namespaces::from_json(json).expect_err(json);
+            for word in words {
+                assert!(why.contains(word), "{json}: {why:?} lacks {word:?}");
+            }
+        };
+        refused("[]", &["JSON object"]);
+        refused("{", &["not valid JSON"]);
+        refused(r#"{"x":[]}"#, &["\"x\"", "JSON object"]);
+        refused(
+            r#"{"x":{"history":1}}"#,
+            &["\"x\"", "\"history\"", "history_size"],
+        );
+        refused(
+            r#"{"x":{"slow_policy":"ignore"}}"#,
+            &["slow_policy", "\"disconnect\" or \"gap\"", "\"ignore\""],
+        );
+        refused(
+            r#"{"x":{"publish":"everyone"}}"#,
+            &["publish", "\"anyone\"", "\"nobody\"", "true or false"],
+        );
+        refused(r#"{"x":{"subscribe":true}}"#, &["subscribe", "\"listed\""]);
+        refused(
+            r#"{"x":{"history_size":-1}}"#,
+            &["history_size", "whole number"],
+        );
+        refused(
+            r#"{"x":{"presence":"yes"}}"#,
+            &["presence", "true or false"],
+        );
+        refused(r#"{"a b":{}}"#, &["not allowed"]);
+    }
+
+    #[test]
+    fn every_option_is_read() {
+        let ns = Namespaces::from_json(
+            r#"{"x":{"history_size":7,"history_ttl_s":9,"presence":false,"join_leave":true,
+                "publish":false,"subscribe":"authenticated","read_presence":"listed",
+                "read_history":"nobody","slow_policy":"gap"}}"#,
+        )
+        .expect("valid");
+        let expected = NamespaceOptions {
+            history_size: 7,
+            history_ttl_s: 9,
+            presence: false,
+            join_leave: true,
+            publish: Access::Nobody,
+            subscribe: Access::Authenticated,
+            read_presence: Access::Listed,
+            read_history: Access::Nobody,
+            slow_policy: SlowPolicy::Gap,
+        };
+        assert_eq!(ns.resolve("x:y"), Ok(&expected));
+        let ns = Namespaces::from_json(r#"{"x":{"publish":true}}"#).expect("valid");
+        assert_eq!(ns.resolve("x:y").map(|o| o.publish), Ok(Access::Anyone));
+    }
+
+    #[test]
+    fn an_unknown_namespace_says_how_to_configure_it() {
+        let why = Namespaces::default()
+            .resolve("chat:lobby")
+            .expect_err("unknown");
+        let text = why.to_string();
+        assert!(text.contains("RUSTY_SOCKS_NAMESPACES"), "{text}");
+        assert!(text.contains(r#"'{"chat":{}}'"#), "{text}");
     }
 
     #[test]

@@ -36,6 +36,14 @@ pub enum StartupError {
     /// The TLS certificate or key could not be loaded.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The separate metrics address could not be bound.
+    #[error("RUSTY_SOCKS_METRICS_ADDR: cannot listen on {addr}: {source}")]
+    Metrics {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why binding failed.
+        source: std::io::Error,
+    },
 }
 
 /// Shared by every connection.
@@ -137,43 +145,125 @@ impl AppState {
     }
 }
 
-/// Serves `listener` until `shutdown` resolves, then closes every client with 1001, lets
-/// queued messages drain for up to `RUSTY_SOCKS_SHUTDOWN_GRACE`, and returns.
+/// A server with everything it needs loaded and connected (keys, TLS, the broker, the metrics
+/// listener), not yet accepting. Preparing first lets `main` report a startup failure before
+/// it announces an address that would never answer.
+pub struct Prepared {
+    state: Arc<AppState>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    metrics: Option<TcpListener>,
+}
+
+impl Prepared {
+    /// Loads the TLS files and JWT keys, binds the metrics address and connects the broker.
+    pub async fn new(config: Config) -> Result<Self, StartupError> {
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+            _ => None,
+        };
+        let metrics = match config.metrics_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartupError::Metrics { addr, source })?,
+            ),
+            None => None,
+        };
+        let state = AppState::new(config).await?;
+        Ok(Self {
+            state,
+            tls,
+            metrics,
+        })
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &Config {
+        &self.state.config
+    }
+
+    /// Where `/metrics` is served when it has its own address.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Serves `listener` until `shutdown` resolves, then closes every client with 1001, lets
+    /// queued messages drain for up to `RUSTY_SOCKS_SHUTDOWN_GRACE`, and returns.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        let Self {
+            state,
+            tls,
+            metrics,
+        } = self;
+        state.tracker.spawn(heartbeat(Arc::clone(&state)));
+        if let Some(listener) = metrics {
+            state
+                .tracker
+                .spawn(crate::metrics::serve(listener, Arc::clone(&state)));
+        }
+        accept_until(&listener, &state, tls.as_ref(), shutdown).await;
+        drop(listener);
+        let started = std::time::Instant::now();
+        let open = state.sessions.len();
+        tracing::info!(
+            connections = open,
+            "shutting down: closing connections with 1001"
+        );
+        state.shutdown.cancel();
+        state.sessions.close_all();
+        state.tracker.close();
+        let limit = state.config.shutdown_grace + Duration::from_millis(500);
+        let finished = tokio::time::timeout(limit, state.tracker.wait())
+            .await
+            .is_ok();
+        // One line for the whole shutdown, not one per connection.
+        let left = state.sessions.len();
+        let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if finished {
+            tracing::info!(
+                closed = open,
+                elapsed_ms,
+                "closed {open} connections in {elapsed_ms} ms"
+            );
+        } else {
+            tracing::warn!(
+                closed = open.saturating_sub(left),
+                unfinished = left,
+                elapsed_ms,
+                "closed {} connections in {elapsed_ms} ms; {left} did not finish closing in time",
+                open.saturating_sub(left)
+            );
+        }
+    }
+}
+
+/// Serves `listener` until `shutdown` resolves (see [`Prepared::serve`]).
 ///
-/// Fails at once, before accepting anything, if the configured broker cannot be reached.
+/// Fails at once, before accepting anything, if the configured broker cannot be reached or a
+/// key, certificate or the metrics address cannot be loaded or bound.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let startup = |err: StartupError| std::io::Error::new(std::io::ErrorKind::InvalidInput, err);
-    let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => {
-            Some(crate::tls::acceptor(cert, key).map_err(|e| startup(e.into()))?)
-        }
-        _ => None,
-    };
-    let metrics_listener = match config.metrics_addr {
-        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("RUSTY_SOCKS_METRICS_ADDR: cannot listen on {addr}: {e}"),
-            )
-        })?),
-        None => None,
-    };
-    let state = AppState::new(config).await.map_err(startup)?;
-    state.tracker.spawn(heartbeat(Arc::clone(&state)));
-    if let Some(listener) = metrics_listener {
-        tracing::info!(address = ?listener.local_addr().ok(), "serving /metrics");
-        state
-            .tracker
-            .spawn(crate::metrics::serve(listener, Arc::clone(&state)));
-    }
+    let prepared = Prepared::new(config)
+        .await
+        .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?;
+    prepared.serve(listener, shutdown).await;
+    Ok(())
+}
+
+/// Accepts connections and starts their HTTP tasks until `shutdown` resolves.
+async fn accept_until(
+    listener: &TcpListener,
+    state: &Arc<AppState>,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
-            () = &mut shutdown => break,
+            () = &mut shutdown => return,
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -188,8 +278,8 @@ pub async fn run(
         let _ = stream.set_nodelay(true);
         match state.admission.try_handshake() {
             Ok(permit) => {
-                let state2 = Arc::clone(&state);
-                match &tls {
+                let state2 = Arc::clone(state);
+                match tls {
                     None => {
                         state
                             .tracker
@@ -210,19 +300,6 @@ pub async fn run(
             }
         }
     }
-    drop(listener);
-    tracing::info!("shutting down: closing connections with 1001");
-    state.shutdown.cancel();
-    state.sessions.close_all();
-    state.tracker.close();
-    let limit = state.config.shutdown_grace + Duration::from_millis(500);
-    if tokio::time::timeout(limit, state.tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some connections did not finish closing in time");
-    }
-    Ok(())
 }
 
 /// Wakes every session once a second to check its ping and timeout deadlines: one timer for

@@ -181,7 +181,12 @@ impl Outbox {
             .compare_exchange(0, index as u8 + 1, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if first {
-            tracing::info!(client_id = %self.shared.id, code = code.code(), reason = code.reason(), "closing connection");
+            // Shutdown closes every connection: one summary line instead (`server`).
+            if code == CloseCode::GoingAway {
+                tracing::debug!(client_id = %self.shared.id, code = code.code(), "closing connection");
+            } else {
+                tracing::info!(client_id = %self.shared.id, code = code.code(), reason = code.reason(), "closing connection");
+            }
             self.shared.wake();
         }
     }
