@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use rusty_socks::hub::{Hub, MemberState};
-use rusty_socks::namespace::SlowPolicy;
+use rusty_socks::engine::hub::{Hub, MemberState};
+use rusty_socks::engine::namespace::SlowPolicy;
+use rusty_socks::engine::outbox::Outbox;
 use rusty_socks::ws::frame::{OpCode, encode};
-use rusty_socks::ws::outbox::Outbox;
 use uuid::Uuid;
 
 fn run(members: usize, messages: usize, size: usize) {

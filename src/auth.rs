@@ -16,44 +16,12 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::config::Config;
-
-/// Largest token accepted, in bytes: a token is carried in a URL or header, and verifying a
-/// huge one would be work an attacker gets for free.
-pub const MAX_TOKEN_LEN: usize = 8192;
+pub use crate::types::AuthError;
+use crate::types::error::MAX_TOKEN_LEN;
+use crate::types::secret::Secret;
 
 /// Clock skew tolerated on `exp` and `nbf`, in seconds.
 const LEEWAY_S: u64 = 5;
-
-/// Why a token was refused. Every variant is answered with HTTP 401 before the upgrade, or an
-/// `error` reply to a `refresh`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuthError {
-    /// A key is configured, anonymous connections are not allowed, and no token came.
-    #[error("a token is required (?token=, Authorization: Bearer, or subprotocol token.<jwt>)")]
-    Missing,
-    /// The token is longer than [`MAX_TOKEN_LEN`].
-    #[error("token larger than {MAX_TOKEN_LEN} bytes")]
-    TooLarge,
-    /// Not a JWT, or its claims have the wrong shape.
-    #[error("malformed token: {0}")]
-    Malformed(String),
-    /// The header names an algorithm no configured key is for (including `none`).
-    #[error("token algorithm not accepted")]
-    WrongAlgorithm,
-    /// The signature does not verify.
-    #[error("token signature is invalid")]
-    BadSignature,
-    /// `exp` has passed.
-    #[error("token expired")]
-    Expired,
-    /// `nbf` is in the future.
-    #[error("token not valid yet")]
-    NotYetValid,
-    /// A refresh token for a different user than the connection's.
-    #[error("token is for a different user")]
-    WrongUser,
-}
 
 /// Who a verified token says the client is.
 #[derive(Debug, Clone)]
@@ -92,6 +60,17 @@ struct Claims {
     info: Option<Box<RawValue>>,
 }
 
+/// The keys tokens are checked with, and whether connections without one are let in.
+#[derive(Debug, Clone, Default)]
+pub struct KeyOptions {
+    /// HS256 secret (`RUSTY_SOCKS_JWT_SECRET`).
+    pub jwt_secret: Option<Secret>,
+    /// PEM file of an RSA or P-256 public key (`RUSTY_SOCKS_JWT_PUBLIC_KEY`).
+    pub jwt_public_key: Option<std::path::PathBuf>,
+    /// Let connections without a token in when a key is set (`RUSTY_SOCKS_ALLOW_ANONYMOUS`).
+    pub allow_anonymous: bool,
+}
+
 /// Verifies tokens with the configured keys.
 pub struct Verifier {
     secret: Option<DecodingKey>,
@@ -123,7 +102,7 @@ pub struct KeyError {
 impl Verifier {
     /// The verifier `config` asks for, or `None` when no key is configured (every connection
     /// is anonymous, as in the original server). Reads the public key file.
-    pub fn load(config: &Config) -> Result<Option<Self>, KeyError> {
+    pub fn load(config: &KeyOptions) -> Result<Option<Self>, KeyError> {
         let secret = config
             .jwt_secret
             .as_ref()
@@ -213,65 +192,10 @@ pub const SUBPROTOCOL: &str = "rusty-socks.v1";
 /// Prefix of the subprotocol that carries a token: `token.<jwt>`.
 pub const TOKEN_SUBPROTOCOL_PREFIX: &str = "token.";
 
-/// Where a token was found in an upgrade request, and which subprotocol to answer with.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Presented {
-    /// The token, if any.
-    pub token: Option<String>,
-    /// The subprotocol to select in the 101, if the client offered ours.
-    pub subprotocol: Option<String>,
-}
-
-/// Finds a token in `Authorization: Bearer`, `?token=` or the `token.<jwt>` subprotocol (in
-/// that order of preference), and the subprotocol to select.
-pub fn presented(headers: &hyper::HeaderMap, query: Option<&str>) -> Presented {
-    let mut found = Presented::default();
-    let offered: Vec<&str> = headers
-        .get_all(hyper::header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-        .collect();
-    let in_subprotocol = offered
-        .iter()
-        .find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX));
-    if offered.contains(&SUBPROTOCOL) {
-        found.subprotocol = Some(SUBPROTOCOL.to_owned());
-    } else if let Some(token) = in_subprotocol {
-        // Only the token entry was offered: it is the one we can select.
-        found.subprotocol = Some(format!("{TOKEN_SUBPROTOCOL_PREFIX}{token}"));
-    }
-    let bearer = headers
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    // A JWT needs no escapes, but a client library may escape anyway. A malformed escape is
-    // kept as sent, and the token then fails verification.
-    let in_query = crate::http::query_param(query, "token")
-        .map(|raw| crate::http::percent_decode(raw).unwrap_or_else(|| raw.to_owned()));
-    found.token = bearer
-        .map(str::to_owned)
-        .or(in_query)
-        .or(in_subprotocol.map(str::to_owned));
-    found
-}
-
-/// Seconds since the Unix epoch.
-pub fn now_s() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::clock::now_s;
     use jsonwebtoken::{EncodingKey, Header, encode};
 
     fn verifier() -> Verifier {
@@ -340,33 +264,5 @@ mod tests {
         ));
         let no_sub = token(serde_json::json!({"exp":now+60}), b"s3cret");
         assert!(matches!(v.verify(&no_sub), Err(AuthError::Malformed(_))));
-    }
-
-    #[test]
-    fn tokens_are_found_where_browsers_and_servers_put_them() {
-        let mut headers = hyper::HeaderMap::new();
-        assert_eq!(
-            presented(&headers, Some("token=abc.def.g%2D"))
-                .token
-                .as_deref(),
-            Some("abc.def.g-")
-        );
-        headers.insert(
-            hyper::header::SEC_WEBSOCKET_PROTOCOL,
-            "rusty-socks.v1, token.aaa.bbb.ccc"
-                .parse()
-                .expect("valid header"),
-        );
-        let p = presented(&headers, None);
-        assert_eq!(p.token.as_deref(), Some("aaa.bbb.ccc"));
-        assert_eq!(p.subprotocol.as_deref(), Some(SUBPROTOCOL));
-        headers.insert(
-            hyper::header::AUTHORIZATION,
-            "Bearer xxx.yyy.zzz".parse().expect("valid header"),
-        );
-        assert_eq!(
-            presented(&headers, None).token.as_deref(),
-            Some("xxx.yyy.zzz")
-        );
     }
 }

@@ -4,8 +4,8 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use rusty_socks::config::{BrokerUrl, Config, SETTINGS};
 use rusty_socks::server::Prepared;
+use rusty_socks::settings::{BrokerUrl, Config, SETTINGS};
 
 /// Writes to standard output, ignoring a closed pipe (`rusty_socks --help | head -1`):
 /// `println!` would panic there and exit with 101.
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
         .log_internal_errors(false)
         .init();
     let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
-    for (name, closest) in rusty_socks::config::unknown_variables(names) {
+    for (name, closest) in rusty_socks::settings::unknown_variables(names) {
         match closest {
             Some(meant) => tracing::warn!(
                 "{name} is not a setting and is ignored; did you mean {meant}? (rusty_socks --help lists them)"

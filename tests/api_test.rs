@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use rusty_socks::config::{Config, Secret};
+use rusty_socks::settings::{Config, Secret};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-use rusty_socks::config::{Config, Secret};
-use rusty_socks::namespace::{Access, NamespaceOptions};
+use rusty_socks::engine::namespace::{Access, NamespaceOptions};
+use rusty_socks::settings::{Config, Secret};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 

@@ -4,10 +4,10 @@
 mod common;
 
 use common::*;
-use rusty_socks::namespace::{NamespaceOptions, SlowPolicy};
+use rusty_socks::engine::namespace::{NamespaceOptions, SlowPolicy};
 use serde_json::{Value, json};
 
-fn with_namespaces(config: &mut rusty_socks::config::Config) {
+fn with_namespaces(config: &mut rusty_socks::settings::Config) {
     config.namespaces.insert(
         "chat",
         NamespaceOptions {
@@ -26,7 +26,7 @@ fn with_namespaces(config: &mut rusty_socks::config::Config) {
     config.namespaces.insert(
         "readonly",
         NamespaceOptions {
-            publish: rusty_socks::namespace::Access::Nobody,
+            publish: rusty_socks::engine::namespace::Access::Nobody,
             presence: false,
             ..NamespaceOptions::default()
         },

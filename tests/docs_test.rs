@@ -1,8 +1,8 @@
 //! The documentation lists every code the server can send.
 #![allow(clippy::unwrap_used)]
 
-use rusty_socks::error::ClientError;
-use rusty_socks::namespace::ChannelError;
+use rusty_socks::types::ChannelError;
+use rusty_socks::types::error::ClientError;
 use rusty_socks::ws::close::CloseCode;
 
 fn docs() -> [(&'static str, String); 2] {
@@ -74,7 +74,7 @@ fn every_close_code_is_documented() {
 #[test]
 fn every_setting_is_in_the_readme() {
     let readme = &docs()[0].1;
-    for setting in rusty_socks::config::SETTINGS {
+    for setting in rusty_socks::settings::SETTINGS {
         let row = format!("| `{}` | `{}` |", setting.var, setting.default);
         assert!(readme.contains(&row), "README lacks {row}");
     }

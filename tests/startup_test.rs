@@ -15,7 +15,7 @@ fn help_lists_every_setting_and_endpoint_and_survives_a_closed_pipe() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for setting in rusty_socks::config::SETTINGS {
+    for setting in rusty_socks::settings::SETTINGS {
         assert!(
             text.contains(setting.var),
             "{} missing from --help",

@@ -11,8 +11,9 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 
 use super::{Broker, BrokerEvents, ClientInfo, PublishRequest};
-use crate::history::{HistoryLimits, Publication};
-use crate::ws::outbox::ClientId;
+use crate::broker::history::HistoryLimits;
+use crate::types::ClientId;
+use crate::types::Publication;
 
 /// What a broker delivered, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 use super::ClientInfo;
-use crate::history::StreamPosition;
-use crate::ws::outbox::ClientId;
+use crate::types::ClientId;
+use crate::types::StreamPosition;
 
 /// What a received publication means for a channel's continuity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

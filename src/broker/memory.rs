@@ -16,8 +16,9 @@ use tokio::time::Instant;
 use super::{
     Broker, BrokerEvents, BrokerFuture, BrokerStatus, ClientInfo, HistoryPage, PublishRequest,
 };
-use crate::history::{ENTRY_OVERHEAD, HistoryLimits, Stream, StreamPosition};
-use crate::ws::outbox::ClientId;
+use crate::broker::history::{ENTRY_OVERHEAD, HistoryLimits, Stream};
+use crate::types::ClientId;
+use crate::types::StreamPosition;
 
 const STRIPES: usize = 64;
 /// Every this many operations on a stripe, its idle channels are swept.

@@ -10,6 +10,7 @@
 //! exactly what it missed.
 
 pub mod conformance;
+pub mod history;
 pub mod local;
 pub mod memory;
 #[cfg(feature = "nats")]
@@ -22,11 +23,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::history::{HistoryLimits, Publication, StreamPosition};
-use crate::ws::outbox::ClientId;
+pub use crate::types::ClientInfo;
+use crate::types::{ClientId, Publication, StreamPosition};
+use history::HistoryLimits;
 
 /// A boxed future returned by broker methods (the trait is used as `Arc<dyn Broker>`).
 pub type BrokerFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>> + Send + 'a>>;
@@ -56,39 +58,6 @@ pub struct BrokerStatus {
     /// an error reply and `/health` answers 503; it never silently falls back to one node.
     pub connected: bool,
 }
-
-/// Who is subscribed: one entry per connection.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClientInfo {
-    /// The connection.
-    pub client_id: ClientId,
-    /// The authenticated user, if any (`null` for anonymous connections).
-    pub user: Option<Arc<str>>,
-    /// The token's `info` claim, verbatim (absent without one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub info: Option<Arc<RawValue>>,
-}
-
-impl ClientInfo {
-    /// An anonymous connection's entry.
-    pub fn anonymous(client_id: ClientId) -> Self {
-        Self {
-            client_id,
-            user: None,
-            info: None,
-        }
-    }
-}
-
-impl PartialEq for ClientInfo {
-    fn eq(&self, other: &Self) -> bool {
-        self.client_id == other.client_id
-            && self.user == other.user
-            && self.info.as_ref().map(|i| i.get()) == other.info.as_ref().map(|i| i.get())
-    }
-}
-
-impl Eq for ClientInfo {}
 
 /// What to publish.
 #[derive(Debug, Clone)]
@@ -176,37 +145,43 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     fn status(&self) -> BrokerStatus;
 }
 
-/// Builds the broker `config` names, delivering to `events`. A networked broker must be
+/// Which broker this node runs, with that broker's own options (built from the settings).
+#[derive(Debug, Clone)]
+pub enum BrokerChoice {
+    /// One node, everything in this process, history bounded to this many bytes in all.
+    Memory {
+        /// `RUSTY_SOCKS_HISTORY_TOTAL_BYTES`.
+        history_total_bytes: usize,
+    },
+    /// Redis.
+    #[cfg(feature = "redis")]
+    Redis(redis::RedisOptions),
+    /// NATS with JetStream.
+    #[cfg(feature = "nats")]
+    Nats(nats::NatsOptions),
+}
+
+/// Builds the broker `choice` names, delivering to `events`. A networked broker must be
 /// reachable now: failing here stops startup rather than running as a lone node.
 pub async fn connect(
-    config: &crate::config::Config,
+    choice: BrokerChoice,
     events: Arc<dyn BrokerEvents>,
 ) -> Result<Arc<dyn Broker>, BrokerError> {
-    use crate::config::BrokerUrl;
-    match &config.broker {
-        BrokerUrl::Memory => Ok(Arc::new(memory::MemoryBroker::new(
+    match choice {
+        BrokerChoice::Memory {
+            history_total_bytes,
+        } => Ok(Arc::new(memory::MemoryBroker::new(
             events,
-            config.history_total_bytes,
+            history_total_bytes,
         ))),
         #[cfg(feature = "redis")]
-        BrokerUrl::Redis(url) => {
-            let options = redis::RedisOptions::from_config(url, config);
-            Ok(Arc::new(
-                redis::RedisBroker::connect(options, events).await?,
-            ))
-        }
+        BrokerChoice::Redis(options) => Ok(Arc::new(
+            redis::RedisBroker::connect(options, events).await?,
+        )),
         #[cfg(feature = "nats")]
-        BrokerUrl::Nats(url) => {
-            let options = nats::NatsOptions::from_config(url, config);
+        BrokerChoice::Nats(options) => {
             Ok(Arc::new(nats::NatsBroker::connect(options, events).await?))
         }
-        // Only reachable in a build without one of the broker features; the settings parser
-        // already refuses such URLs, this keeps the match total.
-        #[allow(unreachable_patterns)]
-        other => Err(BrokerError::Connect {
-            url: format!("{other:?}"),
-            reason: "this build does not include that broker".into(),
-        }),
     }
 }
 

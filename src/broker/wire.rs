@@ -18,7 +18,7 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 
 use super::ClientInfo;
-use crate::history::Publication;
+use crate::types::Publication;
 
 /// One message from another node (or from this one, through the broker).
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
 
-use crate::error::ClientError;
+use crate::types::error::ClientError;
 
 /// A chat message as stored, replayed and broadcast.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -9,10 +9,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::broker::ClientInfo;
-use crate::error::ClientError;
-use crate::history::{Publication, StreamPosition};
-use crate::ws::outbox::ClientId;
+use crate::types::ClientId;
+use crate::types::ClientInfo;
+use crate::types::error::ClientError;
+use crate::types::{Publication, StreamPosition};
 
 /// Most publications one `history` reply carries.
 pub const MAX_HISTORY_LIMIT: usize = 1000;

@@ -20,9 +20,10 @@ use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
 use super::{Inner, ensure, read, unavailable};
+use crate::broker::history::{HistoryLimits, new_epoch};
 use crate::broker::{BrokerError, HistoryPage, PublishRequest};
-use crate::history::{HistoryLimits, Publication, StreamPosition, new_epoch};
-use crate::ws::outbox::ClientId;
+use crate::types::ClientId;
+use crate::types::{Publication, StreamPosition};
 
 /// Publish attempts per call under contention before giving up.
 const PUBLISH_ATTEMPTS: u32 = 100;

@@ -54,9 +54,8 @@ use super::{
     Broker, BrokerError, BrokerEvents, BrokerFuture, BrokerStatus, ClientInfo, HistoryPage,
     PublishRequest,
 };
-use crate::config::Config;
-use crate::history::StreamPosition;
-use crate::ws::outbox::ClientId;
+use crate::types::ClientId;
+use crate::types::StreamPosition;
 
 mod history;
 mod live;
@@ -80,18 +79,6 @@ pub struct NatsOptions {
     pub presence_ttl: Duration,
     /// Bound on the history stream on the server, in bytes, oldest dropped first (0: none).
     pub history_max_bytes: usize,
-}
-
-impl NatsOptions {
-    /// The options `config` gives for the server at `url`.
-    pub fn from_config(url: &str, config: &Config) -> Self {
-        Self {
-            url: url.to_owned(),
-            prefix: config.broker_prefix.clone(),
-            presence_ttl: config.presence_ttl,
-            history_max_bytes: config.history_total_bytes,
-        }
-    }
 }
 
 fn unavailable(err: impl std::fmt::Display) -> BrokerError {

@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 
 use super::{Inner, ensure, read, token, unavailable};
 use crate::broker::{BrokerError, ClientInfo};
-use crate::ws::outbox::ClientId;
+use crate::types::ClientId;
 
 fn is_kv_removal(message: &jetstream::Message) -> bool {
     message

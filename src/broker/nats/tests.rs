@@ -11,8 +11,9 @@ use async_nats::jetstream;
 use super::history::{decode_limits, encode_limits};
 use super::{Names, NatsBroker, NatsOptions, token};
 use crate::broker::conformance::{self, Event, Recorder, json};
+use crate::broker::history::HistoryLimits;
 use crate::broker::{Broker, BrokerError, ClientInfo, HistoryPage, PublishRequest};
-use crate::history::{HistoryLimits, StreamPosition};
+use crate::types::StreamPosition;
 
 fn url() -> Option<String> {
     let url = std::env::var("RUSTY_SOCKS_TEST_NATS_URL").ok();

@@ -17,12 +17,13 @@ use futures_util::FutureExt;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-use super::close::{CloseCode, WsViolation};
-use super::frame::{OpCode, encode_close, encode_into};
 use super::outbox::OutboxReceiver;
-use super::reader::{Incoming, MessageReader};
-use super::transport::{Transport, read_some, write_all};
-use crate::stats::{Stats, now_us};
+use crate::engine::stats::Stats;
+use crate::types::clock::now_us;
+use crate::ws::close::{CloseCode, WsViolation};
+use crate::ws::frame::{OpCode, encode_close, encode_into};
+use crate::ws::reader::{Incoming, MessageReader};
+use crate::ws::transport::{Transport, read_some, write_all};
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -174,11 +175,11 @@ pub struct SessionParts<H> {
 #[derive(Debug)]
 pub struct Guards {
     /// The session's entry in the registry (heartbeat, shutdown, disconnect).
-    pub registration: crate::sessions::Registration,
+    pub registration: crate::engine::sessions::Registration,
     /// Its slot under `RUSTY_SOCKS_MAX_CONN`.
-    pub permit: crate::admission::ConnectionPermit,
+    pub permit: crate::engine::admission::ConnectionPermit,
     /// Its count in `active_tasks`.
-    pub task: crate::stats::TaskGuard,
+    pub task: crate::engine::stats::TaskGuard,
 }
 
 impl<H: Handler> SessionParts<H> {
@@ -187,15 +188,16 @@ impl<H: Handler> SessionParts<H> {
         outbox: OutboxReceiver,
         handler: H,
         config: SessionConfig,
-        state: &crate::server::AppState,
+        shutdown: CancellationToken,
+        stats: Arc<Stats>,
         guards: Guards,
     ) -> Box<Self> {
         Box::new(Self {
             outbox,
             handler,
             config,
-            shutdown: state.shutdown.clone(),
-            stats: Arc::clone(&state.stats),
+            shutdown,
+            stats,
             guards,
         })
     }

@@ -3,6 +3,15 @@
 //! [`run`] is what `main` and the integration tests both call: it takes a bound listener, so
 //! tests bind `127.0.0.1:0` and read the port before starting.
 
+pub mod api;
+pub mod demo;
+pub mod http;
+pub mod limits;
+pub mod metrics;
+pub mod tls;
+pub mod token;
+pub mod upgrade;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,15 +23,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::{Admission, HandshakePermit, Overload};
 use crate::auth::{KeyError, Verifier};
 use crate::broker::BrokerError;
-use crate::config::Config;
-use crate::hub::Hub;
-use crate::namespace::{Access, NamespaceOptions, SlowPolicy};
-use crate::node::{Dispatcher, Node, NodeOptions};
-use crate::sessions::Sessions;
-use crate::stats::Stats;
+use crate::engine::admission::{Admission, HandshakePermit, Overload};
+use crate::engine::hub::Hub;
+use crate::engine::namespace::{Access, NamespaceOptions, SlowPolicy};
+use crate::engine::node::{Dispatcher, Node, NodeOptions};
+use crate::engine::sessions::Sessions;
+use crate::engine::stats::Stats;
+use crate::settings::Config;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +44,7 @@ pub enum StartupError {
     Key(#[from] KeyError),
     /// The TLS certificate or key could not be loaded.
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::server::tls::TlsError),
     /// The separate metrics address could not be bound.
     #[error("RUSTY_SOCKS_METRICS_ADDR: cannot listen on {addr}: {source}")]
     Metrics {
@@ -68,15 +77,15 @@ pub struct AppState {
     /// Connection tokens, when authentication is configured.
     pub verifier: Option<Arc<Verifier>>,
     /// Per-IP connection rate limit.
-    pub connect_limiter: crate::limits::ConnectLimiter,
+    pub connect_limiter: crate::server::limits::ConnectLimiter,
     /// What every `/ws` session shares.
-    pub chat: Arc<crate::ws::chat::ChatShared>,
+    pub chat: Arc<crate::engine::chat::ChatShared>,
 }
 
 impl AppState {
     /// State for one node, connected to the configured broker.
     pub async fn new(config: Config) -> Result<Arc<Self>, StartupError> {
-        let verifier = Verifier::load(&config)?.map(Arc::new);
+        let verifier = Verifier::load(&config.key_options())?.map(Arc::new);
         let stats = Arc::new(Stats::default());
         let sessions: Arc<Sessions> = Arc::default();
         let hub = Arc::new(Hub::new());
@@ -86,7 +95,7 @@ impl AppState {
             Arc::clone(&stats),
             Arc::clone(&sessions),
         ));
-        let broker = crate::broker::connect(&config, dispatcher).await?;
+        let broker = crate::broker::connect(config.broker_choice()?, dispatcher).await?;
         let options = NodeOptions {
             namespaces: config.namespaces.clone(),
             legacy: NamespaceOptions {
@@ -115,14 +124,14 @@ impl AppState {
         ));
         node.start().await?;
         // All bounded by configuration validation well below u32::MAX.
-        let limits = crate::ws::chat::ChatLimits {
+        let limits = crate::engine::chat::ChatLimits {
             replay: u32::try_from(config.replay_count).unwrap_or(u32::MAX),
             max_channels: u32::try_from(config.max_channels).unwrap_or(u32::MAX),
             max_data: u32::try_from(config.max_data_size).unwrap_or(u32::MAX),
             rate: config.client_rate,
             burst: config.client_burst,
         };
-        let chat = Arc::new(crate::ws::chat::ChatShared {
+        let chat = Arc::new(crate::engine::chat::ChatShared {
             node: Arc::clone(&node),
             limits,
         });
@@ -131,7 +140,7 @@ impl AppState {
             admission: Admission::new(config.max_connections, config.max_queued_tasks),
             stats,
             verifier,
-            connect_limiter: crate::limits::ConnectLimiter::new(
+            connect_limiter: crate::server::limits::ConnectLimiter::new(
                 config.connect_rate,
                 config.connect_burst,
             ),
@@ -158,7 +167,7 @@ impl Prepared {
     /// Loads the TLS files and JWT keys, binds the metrics address and connects the broker.
     pub async fn new(config: Config) -> Result<Self, StartupError> {
         let tls = match (&config.tls_cert, &config.tls_key) {
-            (Some(cert), Some(key)) => Some(crate::tls::acceptor(cert, key)?),
+            (Some(cert), Some(key)) => Some(crate::server::tls::acceptor(cert, key)?),
             _ => None,
         };
         let metrics = match config.metrics_addr {
@@ -199,7 +208,7 @@ impl Prepared {
         if let Some(listener) = metrics {
             state
                 .tracker
-                .spawn(crate::metrics::serve(listener, Arc::clone(&state)));
+                .spawn(crate::server::metrics::serve(listener, Arc::clone(&state)));
         }
         accept_until(&listener, &state, tls.as_ref(), shutdown).await;
         drop(listener);
@@ -295,7 +304,7 @@ async fn accept_until(
             }
             Err(overload) => {
                 tracing::debug!(?overload, "refusing connection before its handshake");
-                state.stats.refused(crate::stats::Refusal::Overload);
+                state.stats.refused(crate::engine::stats::Refusal::Overload);
                 state.tracker.spawn(refuse(stream, overload));
             }
         }
@@ -339,7 +348,7 @@ async fn serve_http<IO>(
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let slot = crate::ws::UpgradeSlot::default();
+    let slot = crate::server::upgrade::UpgradeSlot::default();
     {
         let _task = state.stats.task();
         let permit = Arc::new(permit);
@@ -349,7 +358,7 @@ async fn serve_http<IO>(
             service_fn(move |req| {
                 // The request is in: this socket no longer counts as a pending handshake.
                 permit.release();
-                crate::http::handle(req, Arc::clone(&state), peer, Arc::clone(&slot))
+                crate::server::http::handle(req, Arc::clone(&state), peer, Arc::clone(&slot))
             })
         };
         // Boxed, and dropped before the session starts: hyper's state is only needed here.
@@ -382,7 +391,7 @@ async fn serve_http<IO>(
         .take();
     drop(slot);
     if let Some(pending) = pending {
-        crate::ws::start(pending, &state).await;
+        crate::server::upgrade::start(pending, &state).await;
     }
 }
 
@@ -390,7 +399,7 @@ async fn serve_http<IO>(
 /// discards what it sent (closing with unread input would reset the connection and could
 /// destroy the response before the client reads it). Bounded to one second.
 async fn refuse(mut stream: TcpStream, overload: Overload) {
-    let response = crate::http::raw_overload_response(overload);
+    let response = crate::server::http::raw_overload_response(overload);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         stream.write_all(&response).await?;
         stream.shutdown().await?;

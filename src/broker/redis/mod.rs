@@ -23,6 +23,8 @@
 //! day without publications or reads (or the history TTL, if longer); a later publication
 //! starts a new epoch.
 
+mod scripts;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,9 +42,9 @@ use super::{
     Broker, BrokerError, BrokerEvents, BrokerFuture, BrokerStatus, ClientInfo, HistoryPage,
     PublishRequest,
 };
-use crate::config::Config;
-use crate::history::{Publication, StreamPosition};
-use crate::ws::outbox::ClientId;
+use crate::types::ClientId;
+use crate::types::{Publication, StreamPosition};
+use scripts::{HISTORY, PRESENCE_ADD, PRESENCE_READ, PUBLISH, script};
 
 /// How long a channel's stream outlives its last publication or read.
 const STREAM_KEEP: Duration = Duration::from_secs(24 * 3600);
@@ -56,119 +58,6 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 /// Cap on a history read (Lua numbers are doubles; `usize::MAX` would not survive).
 const MAX_READ: usize = 1_000_000_000;
 
-/// Shared by every script: the server's clock, and a channel's epoch (created with its stream
-/// if the channel has none, so a position read before the first publication stays valid).
-const PRELUDE: &str = r"
-local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function epoch_of(meta, stream, fresh)
-  local epoch = redis.call('HGET', meta, 'e')
-  if not epoch then
-    epoch = fresh
-    redis.call('DEL', stream)
-    redis.call('HSET', meta, 'e', epoch, 'o', 0, 'b', 0)
-  end
-  return epoch
-end
-";
-
-/// A script with [`PRELUDE`] in front of `body`.
-fn script(body: &str) -> Script {
-    Script::new(&format!("{PRELUDE}{body}"))
-}
-
-/// Assigns the next offset, appends and trims history, publishes. See the module docs.
-const PUBLISH: &str = r"
-local meta, stream = KEYS[1], KEYS[2]
-local epoch = epoch_of(meta, stream, ARGV[8])
-local offset = redis.call('HINCRBY', meta, 'o', 1)
-local now = now_ms()
-local data, client = ARGV[2], ARGV[3]
-local size, ttl, maxb = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local bytes = tonumber(redis.call('HGET', meta, 'b') or '0')
-if size > 0 and #data <= maxb then
-  redis.call('XADD', stream, offset .. '-0', 'd', data, 'c', client, 't', now)
-  bytes = bytes + #data
-end
-local count = redis.call('XLEN', stream)
-while count > 0 do
-  local oldest = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)[1]
-  local len, at = #oldest[2][2], tonumber(oldest[2][6])
-  if count > size or bytes > maxb or (ttl > 0 and at < now - ttl) then
-    redis.call('XDEL', stream, oldest[1])
-    count, bytes = count - 1, bytes - len
-  else
-    break
-  end
-end
-redis.call('HSET', meta, 'b', bytes, 't', ttl)
-redis.call('PEXPIRE', meta, ARGV[7])
-redis.call('PEXPIRE', stream, ARGV[7])
-redis.call('PUBLISH', ARGV[1], 'p|' .. epoch .. '|' .. offset .. '|' .. client .. '|' .. data)
-return {epoch, tostring(offset)}
-";
-
-/// Reads the position and, consistently with it, history (creating the epoch, see
-/// [`PRELUDE`]).
-const HISTORY: &str = r"
-local meta, stream = KEYS[1], KEYS[2]
-local epoch = epoch_of(meta, stream, ARGV[3])
-redis.call('PEXPIRE', meta, ARGV[4])
-redis.call('PEXPIRE', stream, ARGV[4])
-local out = {epoch, tostring(redis.call('HGET', meta, 'o'))}
-local limit = tonumber(ARGV[2])
-if limit == 0 then
-  return out
-end
-local ttl = tonumber(redis.call('HGET', meta, 't') or '0')
-local cutoff = now_ms() - ttl
-local entries
-if ARGV[1] == '' then
-  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', limit)
-  entries = {}
-  for i = #newest, 1, -1 do
-    entries[#entries + 1] = newest[i]
-  end
-else
-  entries = redis.call('XRANGE', stream, '(' .. ARGV[1] .. '-0', '+', 'COUNT', limit)
-end
-for _, entry in ipairs(entries) do
-  local f = entry[2]
-  if ttl == 0 or tonumber(f[6]) >= cutoff then
-    out[#out + 1] = string.match(entry[1], '^(%d+)')
-    out[#out + 1] = f[4]
-    out[#out + 1] = f[2]
-  end
-end
-return out
-";
-
-/// Adds or refreshes presence entries: ARGV = ttl ms, then id, info pairs.
-const PRESENCE_ADD: &str = r"
-local now = now_ms()
-local ttl = tonumber(ARGV[1])
-for i = 2, #ARGV, 2 do
-  redis.call('ZADD', KEYS[2], now + ttl, ARGV[i])
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-end
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PEXPIRE', KEYS[2], ttl)
-return 1
-";
-
-/// Drops expired presence entries and returns the rest.
-const PRESENCE_READ: &str = r"
-local now = now_ms()
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-if #expired > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  redis.call('HDEL', KEYS[1], unpack(expired))
-end
-return redis.call('HVALS', KEYS[1])
-";
-
 /// Settings of a [`RedisBroker`].
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
@@ -178,17 +67,6 @@ pub struct RedisOptions {
     pub prefix: String,
     /// How long presence entries outlive their node's last refresh.
     pub presence_ttl: Duration,
-}
-
-impl RedisOptions {
-    /// Options from the server's settings.
-    pub fn from_config(url: &str, config: &Config) -> Self {
-        Self {
-            url: url.to_owned(),
-            prefix: config.broker_prefix.clone(),
-            presence_ttl: config.presence_ttl,
-        }
-    }
 }
 
 /// A request to the pub/sub task: make the connection's subscription to a channel match
@@ -338,7 +216,7 @@ impl Shared {
             .key(self.key(channel, "history"))
             .arg(since.map(|s| s.to_string()).unwrap_or_default())
             .arg(limit.min(MAX_READ))
-            .arg(crate::history::new_epoch())
+            .arg(crate::broker::history::new_epoch())
             .arg(millis(STREAM_KEEP))
             .invoke_async(&mut conn)
             .await
@@ -617,7 +495,7 @@ impl Broker for RedisBroker {
                 .arg(limits.ttl.map_or(0, millis))
                 .arg(limits.max_bytes.min(MAX_READ))
                 .arg(millis(keep))
-                .arg(crate::history::new_epoch())
+                .arg(crate::broker::history::new_epoch())
                 .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
@@ -813,7 +691,7 @@ mod tests {
             let request = PublishRequest {
                 data: conformance::json(&n.to_string()),
                 client_id: None,
-                history: crate::history::HistoryLimits {
+                history: crate::broker::history::HistoryLimits {
                     size: 100,
                     ttl: None,
                     max_bytes: 1 << 20,

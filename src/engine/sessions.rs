@@ -10,8 +10,9 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::engine::outbox::Outbox;
+use crate::types::ClientId;
 use crate::ws::close::CloseCode;
-use crate::ws::outbox::{ClientId, Outbox};
 
 const SHARDS: usize = 64;
 

@@ -11,17 +11,17 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
-use super::close::CloseCode;
-use super::outbox::{ClientId, Outbox};
+use super::outbox::Outbox;
 use super::session::{Handler, Replies};
-use crate::auth::{AuthError, Identity};
-use crate::broker::ClientInfo;
-use crate::error::ClientError;
-use crate::history::continues_from;
-use crate::hub::MemberState;
-use crate::node::{Caller, DEFAULT_CHANNEL, Node};
+use crate::auth::Identity;
+use crate::engine::hub::MemberState;
+use crate::engine::node::{Caller, DEFAULT_CHANNEL, Node};
 use crate::protocol::legacy::{ServerFrame, parse_chat};
 use crate::protocol::v1::{self, Command, Frame, Parsed};
+use crate::types::error::ClientError;
+use crate::types::position::continues_from;
+use crate::types::{AuthError, ClientId, ClientInfo};
+use crate::ws::close::CloseCode;
 
 /// Per-connection limits of the `/ws` endpoint.
 #[derive(Debug, Clone, Copy)]
@@ -43,7 +43,7 @@ pub struct ChatLimits {
 #[derive(Debug, Clone, Copy, Default)]
 struct Bucket {
     tokens: f32,
-    /// Milliseconds since the server started ([`crate::stats::now_us`] / 1000) at last refill.
+    /// Milliseconds since the server started ([`crate::types::clock::now_us`] / 1000) at last refill.
     at_ms: u32,
     refused: u32,
 }
@@ -57,7 +57,7 @@ enum Admit {
 
 impl Bucket {
     fn admit(&mut self, rate: u32, burst: u32) -> Admit {
-        let now_ms = u32::try_from(crate::stats::now_us() / 1000).unwrap_or(u32::MAX);
+        let now_ms = u32::try_from(crate::types::clock::now_us() / 1000).unwrap_or(u32::MAX);
         let elapsed = now_ms.saturating_sub(self.at_ms) as f32 / 1000.0;
         self.at_ms = now_ms;
         self.tokens = (self.tokens + elapsed * rate as f32).min(burst as f32);
@@ -126,7 +126,7 @@ impl ChatHandler {
         let bucket = (limits.rate > 0).then(|| {
             Box::new(Bucket {
                 tokens: limits.burst as f32,
-                at_ms: u32::try_from(crate::stats::now_us() / 1000).unwrap_or(u32::MAX),
+                at_ms: u32::try_from(crate::types::clock::now_us() / 1000).unwrap_or(u32::MAX),
                 refused: 0,
             })
         });
@@ -475,7 +475,7 @@ impl Handler for ChatHandler {
         let Some(expires_at) = auth.identity.expires_at else {
             return;
         };
-        let now = crate::auth::now_s();
+        let now = crate::types::clock::now_s();
         if now >= expires_at {
             tracing::info!(user = %auth.identity.user, "token expired without a refresh");
             self.outbox.close(CloseCode::TokenExpired);

@@ -7,9 +7,9 @@ use hyper::Response;
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 
 /// `clients/js/demo/index.html`.
-const PAGE: &str = include_str!("../clients/js/demo/index.html");
+const PAGE: &str = include_str!("../../clients/js/demo/index.html");
 /// `clients/js/src/rusty-socks.js`, the client library the page imports.
-const CLIENT: &str = include_str!("../clients/js/src/rusty-socks.js");
+const CLIENT: &str = include_str!("../../clients/js/src/rusty-socks.js");
 
 /// The demo page or the client module, for `path`, if it is one of theirs.
 pub fn asset(path: &str) -> Option<Response<Full<Bytes>>> {

@@ -19,9 +19,10 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::namespace::SlowPolicy;
+use crate::engine::namespace::SlowPolicy;
+use crate::engine::outbox::{Outbox, Push};
+use crate::types::ClientId;
 use crate::ws::close::CloseCode;
-use crate::ws::outbox::{ClientId, Outbox, Push};
 
 const SHARDS: usize = 64;
 
@@ -384,7 +385,11 @@ mod tests {
         channel: &str,
         capacity: usize,
         policy: SlowPolicy,
-    ) -> (Outbox, crate::ws::outbox::OutboxReceiver, Arc<MemberState>) {
+    ) -> (
+        Outbox,
+        crate::engine::outbox::OutboxReceiver,
+        Arc<MemberState>,
+    ) {
         let (outbox, rx) = Outbox::new(Uuid::new_v4(), capacity);
         let state = MemberState::recovering(channel, policy, 8);
         hub.subscribe(&outbox, Arc::clone(&state));

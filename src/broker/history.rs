@@ -1,4 +1,5 @@
-//! Stream positions and bounded channel history.
+//! Bounded channel history: the memory broker's store, the limits every broker applies, and
+//! epochs.
 //!
 //! Every publication on a channel gets the next offset (1, 2, 3, ...). The `epoch` names one
 //! life of a channel's stream: it changes whenever the history that backs the offsets is lost
@@ -10,32 +11,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
-use crate::ws::outbox::ClientId;
-
-/// A place in a channel's stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StreamPosition {
-    /// Offset of the last publication (0 before the first).
-    pub offset: u64,
-    /// The stream's life this offset belongs to.
-    pub epoch: String,
-}
-
-/// One published message, as kept in history and sent in replies.
-#[derive(Debug, Clone, Serialize)]
-pub struct Publication {
-    /// Position in the channel's stream.
-    pub offset: u64,
-    /// The published JSON value, verbatim.
-    pub data: Arc<RawValue>,
-    /// The publishing connection, if a client published it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub client_id: Option<ClientId>,
-}
+use crate::types::{ClientId, Publication, StreamPosition};
 
 /// Bounds on one channel's history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,44 +146,10 @@ impl Stream {
     }
 }
 
-/// Decides whether a replay from `since` is complete: every publication after `since.offset`
-/// up to `current.offset` is in `publications`, in order, in the same epoch. Recovery is all or
-/// nothing, so anything less is a failure.
-pub fn is_complete_replay(
-    since: &StreamPosition,
-    current: &StreamPosition,
-    publications: &[Publication],
-) -> bool {
-    if since.epoch != current.epoch || since.offset > current.offset {
-        return false;
-    }
-    let missed = current.offset - since.offset;
-    publications.len() as u64 == missed
-        && publications
-            .iter()
-            .zip(since.offset + 1..)
-            .all(|(p, expected)| p.offset == expected)
-}
-
-/// Whether a history page read `since` a position starts right after it, in the same epoch:
-/// nothing between `since` and the first returned publication was lost.
-pub fn continues_from(
-    since: &StreamPosition,
-    current: &StreamPosition,
-    publications: &[Publication],
-) -> bool {
-    since.epoch == current.epoch
-        && since.offset <= current.offset
-        && publications
-            .first()
-            .map_or(since.offset == current.offset, |p| {
-                p.offset == since.offset + 1
-            })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::types::position::{continues_from, is_complete_replay};
 
     fn data(n: u64) -> Arc<RawValue> {
         Arc::from(RawValue::from_string(n.to_string()).expect("number is JSON"))

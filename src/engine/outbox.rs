@@ -21,13 +21,10 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
-use uuid::Uuid;
 
-use super::close::CloseCode;
-use crate::hub::MemberState;
-
-/// Identifies one WebSocket connection for its whole life.
-pub type ClientId = Uuid;
+use crate::engine::hub::MemberState;
+use crate::types::ClientId;
+use crate::ws::close::CloseCode;
 
 /// The close codes that can be requested from outside a session.
 const SIGNAL_CODES: [CloseCode; 7] = [
@@ -46,7 +43,7 @@ const KEEP_SLOTS: usize = 16;
 #[derive(Debug, Default)]
 struct Queue {
     frames: VecDeque<Bytes>,
-    /// When the queue last went from empty to non-empty ([`crate::stats::now_us`]).
+    /// When the queue last went from empty to non-empty ([`crate::types::clock::now_us`]).
     since_us: u64,
     /// The session is gone: pushes are refused.
     closed: bool,
@@ -157,7 +154,7 @@ impl Outbox {
         queue.frames.push_back(frame);
         let first = queue.frames.len() == 1;
         if first {
-            queue.since_us = crate::stats::now_us();
+            queue.since_us = crate::types::clock::now_us();
         }
         self.shared
             .queued
@@ -191,7 +188,7 @@ impl Outbox {
         }
     }
 
-    /// Asks the session to check its heartbeat deadlines (see `crate::sessions`).
+    /// Asks the session to check its heartbeat deadlines (see `crate::engine::sessions`).
     pub fn tick(&self) {
         self.shared.tick.store(true, Ordering::Release);
         self.shared.wake();
@@ -257,7 +254,7 @@ impl OutboxReceiver {
 
     /// Moves queued frames into `buf` until it holds `limit` bytes (at least one frame if any
     /// is queued); returns how many frames were moved and since when the oldest of them
-    /// waited ([`crate::stats::now_us`]).
+    /// waited ([`crate::types::clock::now_us`]).
     pub fn drain_into(&self, buf: &mut BytesMut, limit: usize) -> (u64, u64) {
         if self.shared.queued.load(Ordering::Acquire) == 0 {
             return (0, 0);
@@ -321,7 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn queues_up_to_capacity_and_wakes_on_the_first_frame() {
-        let (outbox, rx) = Outbox::new(Uuid::new_v4(), 2);
+        let (outbox, rx) = Outbox::new(uuid::Uuid::new_v4(), 2);
         assert_eq!(outbox.try_push(Bytes::from_static(b"1")), Push::Queued);
         std::future::poll_fn(|cx| rx.poll_woken(cx)).await;
         assert_eq!(outbox.try_push(Bytes::from_static(b"2")), Push::Queued);
@@ -337,7 +334,7 @@ mod tests {
 
     #[tokio::test]
     async fn only_the_first_close_request_counts_and_it_wakes() {
-        let (outbox, rx) = Outbox::new(Uuid::new_v4(), 1);
+        let (outbox, rx) = Outbox::new(uuid::Uuid::new_v4(), 1);
         outbox.close(CloseCode::SlowConsumer);
         outbox.close(CloseCode::GoingAway);
         std::future::poll_fn(|cx| rx.poll_woken(cx)).await;

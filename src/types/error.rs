@@ -4,7 +4,41 @@
 //! the connection stays open. The codes are part of the protocol: stable, snake_case, and one
 //! variant maps to exactly one code (tables in README.md and `docs/protocol.md`).
 
-use crate::namespace::ChannelError;
+use super::channel::ChannelError;
+
+/// Largest token accepted, in bytes: a token is carried in a URL or header, and verifying a
+/// huge one would be work an attacker gets for free.
+pub const MAX_TOKEN_LEN: usize = 8192;
+
+/// Why a token was refused. Every variant is answered with HTTP 401 before the upgrade, or an
+/// `error` reply to a `refresh`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// A key is configured, anonymous connections are not allowed, and no token came.
+    #[error("a token is required (?token=, Authorization: Bearer, or subprotocol token.<jwt>)")]
+    Missing,
+    /// The token is longer than [`MAX_TOKEN_LEN`].
+    #[error("token larger than {MAX_TOKEN_LEN} bytes")]
+    TooLarge,
+    /// Not a JWT, or its claims have the wrong shape.
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    /// The header names an algorithm no configured key is for (including `none`).
+    #[error("token algorithm not accepted")]
+    WrongAlgorithm,
+    /// The signature does not verify.
+    #[error("token signature is invalid")]
+    BadSignature,
+    /// `exp` has passed.
+    #[error("token expired")]
+    Expired,
+    /// `nbf` is in the future.
+    #[error("token not valid yet")]
+    NotYetValid,
+    /// A refresh token for a different user than the connection's.
+    #[error("token is for a different user")]
+    WrongUser,
+}
 
 /// A message the server understood at the WebSocket level but cannot act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,7 +95,7 @@ pub enum ClientError {
     Unavailable(String),
     /// A `refresh` token was refused (the connection keeps its current token).
     #[error("token refused: {0}")]
-    InvalidToken(crate::auth::AuthError),
+    InvalidToken(AuthError),
     /// `refresh` on a connection without authentication configured.
     #[error("this server does not use tokens")]
     AuthDisabled,

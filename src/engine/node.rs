@@ -13,17 +13,20 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use crate::auth::{Identity, Verifier};
-use crate::broker::{Broker, BrokerEvents, ClientInfo, HistoryPage, PublishRequest};
-use crate::error::ClientError;
-use crate::history::{HistoryLimits, Publication, StreamPosition, is_complete_replay};
-use crate::hub::{Hub, Joined, Left, MemberState};
-use crate::namespace::{Access, NamespaceOptions, Namespaces, namespace_of};
+use crate::broker::history::HistoryLimits;
+use crate::broker::{Broker, BrokerEvents, HistoryPage, PublishRequest};
+use crate::engine::hub::{Hub, Joined, Left, MemberState};
+use crate::engine::namespace::{Access, NamespaceOptions, Namespaces};
+use crate::engine::outbox::Outbox;
+use crate::engine::sessions::Sessions;
+use crate::engine::stats::Stats;
 use crate::protocol::legacy::ServerFrame;
 use crate::protocol::v1::{Frame, MAX_HISTORY_LIMIT};
-use crate::sessions::Sessions;
-use crate::stats::Stats;
+use crate::types::channel::namespace_of;
+use crate::types::error::ClientError;
+use crate::types::position::is_complete_replay;
+use crate::types::{ClientId, ClientInfo, Publication, StreamPosition};
 use crate::ws::frame::{OpCode, encode};
-use crate::ws::outbox::{ClientId, Outbox};
 
 /// The channel every `/ws` connection joins on connect; legacy chat is published here and its
 /// frames are rendered in the legacy shapes (`Chat`, `Disconnect`).

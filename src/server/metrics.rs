@@ -1,6 +1,6 @@
 //! Prometheus metrics at `/metrics` (on the main port, or on `RUSTY_SOCKS_METRICS_ADDR`).
 //!
-//! Counters live where the work happens ([`crate::stats::Stats`], the node's per-namespace
+//! Counters live where the work happens ([`crate::engine::stats::Stats`], the node's per-namespace
 //! subscription counts); this module renders them, with the gauges read at scrape time, in
 //! the Prometheus text format. Every name starts with `rusty_socks_`.
 
@@ -15,8 +15,8 @@ use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::engine::stats::{family, gauge};
 use crate::server::AppState;
-use crate::stats::{family, gauge};
 
 /// The text exposition of every metric.
 pub fn render(state: &AppState) -> String {

@@ -12,11 +12,11 @@ use hyper::body::Incoming;
 use hyper::header::{ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER, UPGRADE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::admission::Overload;
 use crate::auth::AuthError;
+use crate::engine::admission::Overload;
 use crate::server::AppState;
+use crate::server::upgrade::{self, Endpoint};
 use crate::ws::handshake::HandshakeError;
-use crate::ws::{self, Endpoint};
 
 /// Every way an HTTP request is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -158,7 +158,7 @@ pub async fn handle(
     req: Request<Incoming>,
     state: Arc<AppState>,
     peer: SocketAddr,
-    slot: crate::ws::UpgradeSlot,
+    slot: crate::server::upgrade::UpgradeSlot,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let mut response = route(req, &state, peer, &slot)
         .await
@@ -177,15 +177,15 @@ async fn route(
     req: Request<Incoming>,
     state: &Arc<AppState>,
     peer: SocketAddr,
-    slot: &crate::ws::UpgradeSlot,
+    slot: &crate::server::upgrade::UpgradeSlot,
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let path = req.uri().path();
     if path == "/api" || path.starts_with("/api/") {
         // Boxed: inline, the API's future would enlarge every connection's HTTP phase.
-        return Ok(Box::pin(crate::api::handle(req, state)).await);
+        return Ok(Box::pin(crate::server::api::handle(req, state)).await);
     }
     if state.config.demo
-        && let Some(page) = crate::demo::asset(path)
+        && let Some(page) = crate::server::demo::asset(path)
     {
         return get_only(&req).map(|()| page);
     }
@@ -202,7 +202,7 @@ async fn route(
         }
         "/stats" => return get_only(&req).map(|()| stats(state)),
         "/metrics" if state.config.metrics_addr.is_none() => {
-            return get_only(&req).map(|()| crate::metrics::response(state));
+            return get_only(&req).map(|()| crate::server::metrics::response(state));
         }
         "/ws" => Endpoint::Chat,
         "/echo" if state.config.echo_endpoint => Endpoint::Echo,
@@ -211,7 +211,7 @@ async fn route(
     if req.method() != Method::GET {
         return Err(HttpError::MethodNotAllowed("GET"));
     }
-    ws::upgrade(req, state, endpoint, peer, slot)
+    upgrade::upgrade(req, state, endpoint, peer, slot)
 }
 
 fn get_only(req: &Request<Incoming>) -> Result<(), HttpError> {

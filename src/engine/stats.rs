@@ -3,17 +3,11 @@
 //! Plain relaxed atomics: each is independent, readers only need a recent value, and the hot
 //! path adds per batch (one `fetch_add` per fan-out or per write), not per frame.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-/// Microseconds since the first call: a cheap monotonic clock for latency stamps (never 0
-/// once running, so 0 can mean "none").
-pub fn now_us() -> u64 {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    let base = BASE.get_or_init(Instant::now);
-    u64::try_from(base.elapsed().as_micros()).unwrap_or(u64::MAX) + 1
-}
+use crate::types::clock::now_us;
 
 /// Why a connection attempt was refused, for the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::config::IpRange;
+use crate::types::net::IpRange;
 
 /// Past this many tracked addresses, full buckets (addresses that have been quiet) are
 /// forgotten, so a scan from many addresses cannot grow the map without bound.

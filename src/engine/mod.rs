@@ -1,0 +1,23 @@
+//! The engine: ties the WebSocket codec, the JSON protocol and the broker together.
+//!
+//! - [`node`]: channels through the broker; subscribe with loss-free recovery, publish,
+//!   presence; the [`node::Dispatcher`] that receives what the broker delivers.
+//! - [`hub`]: this node's members by channel; fan-out, recovery buffers, gaps.
+//! - [`session`]: one task per connection, driving the codec; [`chat`] and [`echo`] are what
+//!   the `/ws` and `/echo` endpoints do with its messages.
+//! - [`outbox`]: the bounded queue between fan-out and one connection.
+//! - [`sessions`]: every live session, for the heartbeat tick and shutdown.
+//! - [`admission`]: the connection and handshake bounds.
+//! - [`namespace`]: per-namespace channel options.
+//! - [`stats`]: counters for `/stats` and `/metrics`.
+
+pub mod admission;
+pub mod chat;
+pub mod echo;
+pub mod hub;
+pub mod namespace;
+pub mod node;
+pub mod outbox;
+pub mod session;
+pub mod sessions;
+pub mod stats;

@@ -1,0 +1,237 @@
+//! The WebSocket upgrade: every admission decision made while HTTP metadata is at hand (origin,
+//! per-address rate, token, connection bound), the 101, and the start of the session on the
+//! upgraded socket.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming as IncomingBody;
+use hyper::header::{CONNECTION, SEC_WEBSOCKET_PROTOCOL, UPGRADE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use uuid::Uuid;
+
+use crate::auth::{self, Identity};
+use crate::engine::admission::ConnectionPermit;
+use crate::engine::chat::ChatHandler;
+use crate::engine::echo::EchoHandler;
+use crate::engine::outbox::Outbox;
+use crate::engine::session::{Guards, Handler, SessionConfig, SessionParts};
+use crate::engine::stats::Refusal;
+use crate::server::AppState;
+use crate::server::http::HttpError;
+use crate::server::limits::client_ip;
+use crate::ws::handshake;
+use crate::ws::transport::Buffered;
+
+/// Which WebSocket endpoint a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/ws`: chat.
+    Chat,
+    /// `/echo`: conformance testing.
+    Echo,
+}
+
+/// Answers an upgrade request: 101 and a spawned session, or the HTTP error that refuses it.
+///
+/// This is the last place with HTTP metadata, so every admission decision is made here, before
+/// the 101 is sent.
+pub fn upgrade(
+    mut req: Request<IncomingBody>,
+    state: &Arc<AppState>,
+    endpoint: Endpoint,
+    peer: SocketAddr,
+    slot: &UpgradeSlot,
+) -> Result<Response<Full<Bytes>>, HttpError> {
+    let accept = handshake::accept(req.headers()).map_err(HttpError::Handshake)?;
+    let refused = |why: Refusal, err: HttpError| {
+        state.stats.refused(why);
+        err
+    };
+    check_origin(req.headers(), &state.config.allowed_origins)
+        .map_err(|err| refused(Refusal::Origin, err))?;
+    let ip = client_ip(
+        peer.ip(),
+        req.headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+        &state.config.trusted_proxies,
+    );
+    if !state.connect_limiter.allow(ip) {
+        return Err(refused(Refusal::RateLimited, HttpError::RateLimited));
+    }
+    let presented = super::token::presented(req.headers(), req.uri().query());
+    let identity = match (&state.verifier, endpoint) {
+        (Some(verifier), Endpoint::Chat) => match &presented.token {
+            // Boxed: the connection's task holds this until its session starts.
+            Some(token) => Some(verifier.verify(token).map(Box::new).map_err(|err| {
+                tracing::debug!(%err, %ip, "token refused");
+                refused(Refusal::Unauthorized, HttpError::Unauthorized(err))
+            })?),
+            None if verifier.allow_anonymous => None,
+            None => {
+                return Err(refused(
+                    Refusal::Unauthorized,
+                    HttpError::Unauthorized(auth::AuthError::Missing),
+                ));
+            }
+        },
+        _ => None,
+    };
+    let permit = state
+        .admission
+        .try_connection()
+        .map_err(|err| refused(Refusal::Overload, HttpError::Overloaded(err)))?;
+    state.stats.connected();
+    let pending = Pending {
+        on_upgrade: hyper::upgrade::on(&mut req),
+        endpoint,
+        identity,
+        permit,
+    };
+    *slot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(pending);
+    let mut response = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "Upgrade")
+        .header("sec-websocket-accept", accept);
+    if let Some(subprotocol) = presented.subprotocol {
+        // A browser fails the handshake unless the server selects one of the offered ones.
+        response = response.header(SEC_WEBSOCKET_PROTOCOL, subprotocol);
+    }
+    response
+        .body(Full::default())
+        .map_err(|_| HttpError::Internal)
+}
+
+/// Refuses a browser page from an origin not on the allow-list. Requests without `Origin`
+/// (servers, command-line tools, native apps) are not browsers' and pass: the list protects
+/// users' browsers from other sites, it is not authentication.
+fn check_origin(headers: &hyper::HeaderMap, allowed: &[String]) -> Result<(), HttpError> {
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    match headers.get(hyper::header::ORIGIN).map(|v| v.to_str()) {
+        None => Ok(()),
+        Some(Ok(origin))
+            if allowed
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(origin.trim_end_matches('/'))) =>
+        {
+            Ok(())
+        }
+        Some(_) => Err(HttpError::OriginNotAllowed),
+    }
+}
+
+/// An upgrade that was answered with 101; its session starts once hyper hands the socket over.
+#[derive(Debug)]
+pub struct Pending {
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    endpoint: Endpoint,
+    identity: Option<Box<Identity>>,
+    permit: ConnectionPermit,
+}
+
+/// Where [`upgrade`] leaves the accepted upgrade for the connection's HTTP task.
+pub type UpgradeSlot = Arc<std::sync::Mutex<Option<Pending>>>;
+
+/// Starts the session of an accepted upgrade as a task of its own.
+///
+/// The task's future is the session itself, unboxed, holding its guards: one allocation per
+/// connection for its whole life. (A wrapper task awaiting a boxed session would cost a second
+/// allocation and keep the wrapper's captures, and an async fn keeps its arguments in its state
+/// for its whole life.) The HTTP task that calls this ends right after, freeing hyper's state.
+pub async fn start(pending: Pending, state: &Arc<AppState>) {
+    let Pending {
+        on_upgrade,
+        endpoint,
+        identity,
+        permit,
+    } = pending;
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(err) => return tracing::debug!(%err, "upgrade did not complete"),
+    };
+    let config = &state.config;
+    let client_id = Uuid::new_v4();
+    let (outbox, rx) = Outbox::new(client_id, config.buffer);
+    let registration = state.sessions.register(outbox.clone());
+    if let Some(identity) = &identity {
+        state
+            .sessions
+            .set_user(&registration, Arc::clone(&identity.user));
+    }
+    let guards = Guards {
+        registration,
+        permit,
+        task: state.stats.task(),
+    };
+    tracing::debug!(%client_id, ?endpoint, "connected");
+    match endpoint {
+        Endpoint::Chat => {
+            let session_config = SessionConfig::new(
+                config.max_message_size,
+                Some(config.ping_interval),
+                config.timeout,
+                config.shutdown_grace,
+            );
+            let handler = ChatHandler::new(client_id, outbox, Arc::clone(&state.chat), identity);
+            let parts = SessionParts::new(
+                rx,
+                handler,
+                session_config,
+                state.shutdown.clone(),
+                Arc::clone(&state.stats),
+                guards,
+            );
+            spawn_on_socket(upgraded, parts, state);
+        }
+        Endpoint::Echo => {
+            // The echo endpoint has no fan-out; its outbox only carries signals.
+            drop(outbox);
+            let session_config = SessionConfig::new(
+                config.echo_max_message_size,
+                None,
+                config.timeout,
+                config.shutdown_grace,
+            );
+            let parts = SessionParts::new(
+                rx,
+                EchoHandler,
+                session_config,
+                state.shutdown.clone(),
+                Arc::clone(&state.stats),
+                guards,
+            );
+            spawn_on_socket(upgraded, parts, state);
+        }
+    }
+}
+
+/// Puts `parts` on the upgraded socket and spawns it: for plain TCP, hyper gives the
+/// `TcpStream` back and the session polls it directly; anything else (TLS) goes through
+/// `Buffered`.
+fn spawn_on_socket<H: Handler + 'static>(
+    upgraded: hyper::upgrade::Upgraded,
+    parts: Box<SessionParts<H>>,
+    state: &AppState,
+) {
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(raw) => {
+            let session = parts.into_session(raw.io.into_inner());
+            state.tracker.spawn(session.run(raw.read_buf));
+        }
+        Err(upgraded) => {
+            let session = parts.into_session(Buffered::new(TokioIo::new(upgraded)));
+            state.tracker.spawn(session.run(Bytes::new()));
+        }
+    }
+}

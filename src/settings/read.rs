@@ -1,0 +1,456 @@
+//! Reading settings from the environment (or any lookup), validating each one.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{BrokerUrl, Config, ConfigError, IpRange, Secret};
+use crate::engine::namespace::Namespaces;
+
+impl BrokerUrl {
+    fn parse(var: &'static str, value: &str) -> Result<Self, ConfigError> {
+        let value = value.trim();
+        let err = |expected: &str| ConfigError {
+            var,
+            value: value.to_owned(),
+            expected: expected.to_owned(),
+        };
+        let host_part = |url: &str| -> bool {
+            url.split_once("://")
+                .map(|(_, rest)| rest.rsplit('@').next().unwrap_or(rest))
+                .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+        };
+        if value == "memory" {
+            Ok(Self::Memory)
+        } else if value.starts_with("redis://") || value.starts_with("rediss://") {
+            if !cfg!(feature = "redis") {
+                return Err(err(
+                    "memory or nats://... (this build has no `redis` feature)",
+                ));
+            }
+            if !host_part(value) {
+                return Err(err("redis://host:port[/db]"));
+            }
+            Ok(Self::Redis(value.to_owned()))
+        } else if value.starts_with("nats://") {
+            if !cfg!(feature = "nats") {
+                return Err(err(
+                    "memory or redis://... (this build has no `nats` feature)",
+                ));
+            }
+            if !host_part(value) {
+                return Err(err("nats://host:port"));
+            }
+            Ok(Self::Nats(value.to_owned()))
+        } else {
+            Err(err("memory, redis://host:port[/db] or nats://host:port"))
+        }
+    }
+}
+
+impl Config {
+    /// Reads the process environment over the defaults.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|var| std::env::var(var).ok())
+    }
+
+    /// Reads settings through `lookup` (the environment in production, a map in tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let d = Self::default();
+        let get = |var: &'static str| lookup(var).map(|value| (var, value));
+        let secs = |var, default: Duration, max| -> Result<Duration, ConfigError> {
+            match get(var) {
+                None => Ok(default),
+                Some((var, v)) => parse_int(var, &v, 1, max).map(Duration::from_secs),
+            }
+        };
+        let int = |var, default: usize, min, max| -> Result<usize, ConfigError> {
+            match get(var) {
+                None => Ok(default),
+                Some((var, v)) => parse_int(var, &v, min, max).map(|n| n as usize),
+            }
+        };
+        let flag = |var, default: bool| match get(var) {
+            None => Ok(default),
+            Some((var, v)) => parse_bool(var, &v),
+        };
+        let config = Self {
+            host: match get("RUSTY_SOCKS_HOST") {
+                None => d.host,
+                Some((var, v)) => v.trim().parse().map_err(|_| ConfigError {
+                    var,
+                    value: v.clone(),
+                    expected: "an IP address such as 0.0.0.0, 127.0.0.1 or ::".into(),
+                })?,
+            },
+            port: int("RUSTY_SOCKS_PORT", usize::from(d.port), 0, 65_535)? as u16,
+            max_connections: int("RUSTY_SOCKS_MAX_CONN", d.max_connections, 1, 10_000_000)?,
+            buffer: int("RUSTY_SOCKS_BUFFER", d.buffer, 1, 1_000_000)?,
+            timeout: secs("RUSTY_SOCKS_TIMEOUT", d.timeout, 86_400)?,
+            ping_interval: secs("RUSTY_SOCKS_PING", d.ping_interval, 86_400)?,
+            worker_threads: int("RUSTY_SOCKS_THREAD_POOL_SIZE", d.worker_threads, 1, 1024)?,
+            max_queued_tasks: int(
+                "RUSTY_SOCKS_MAX_QUEUED_TASKS",
+                d.max_queued_tasks,
+                1,
+                10_000_000,
+            )?,
+            max_message_size: int(
+                "RUSTY_SOCKS_MAX_MESSAGE_SIZE",
+                d.max_message_size,
+                128,
+                64 << 20,
+            )?,
+            history_size: int("RUSTY_SOCKS_HISTORY_SIZE", d.history_size, 0, 1_000_000)?,
+            history_bytes: int("RUSTY_SOCKS_HISTORY_BYTES", d.history_bytes, 0, 1 << 32)?,
+            history_total_bytes: int(
+                "RUSTY_SOCKS_HISTORY_TOTAL_BYTES",
+                d.history_total_bytes,
+                0,
+                1 << 40,
+            )?,
+            replay_count: int("RUSTY_SOCKS_REPLAY", d.replay_count, 0, 1000)?,
+            echo_to_sender: flag("RUSTY_SOCKS_ECHO_TO_SENDER", d.echo_to_sender)?,
+            echo_endpoint: flag("RUSTY_SOCKS_ECHO_ENDPOINT", d.echo_endpoint)?,
+            echo_max_message_size: int(
+                "RUSTY_SOCKS_ECHO_MAX_MESSAGE_SIZE",
+                d.echo_max_message_size,
+                128,
+                64 << 20,
+            )?,
+            handshake_timeout: secs("RUSTY_SOCKS_HANDSHAKE_TIMEOUT", d.handshake_timeout, 3600)?,
+            shutdown_grace: secs("RUSTY_SOCKS_SHUTDOWN_GRACE", d.shutdown_grace, 4)?,
+            namespaces: match get("RUSTY_SOCKS_NAMESPACES") {
+                None => d.namespaces,
+                Some((var, v)) => Namespaces::from_json(&v).map_err(|why| ConfigError {
+                    var,
+                    value: v.clone(),
+                    expected: format!(
+                        "a JSON object of namespace options, like {{\"chat\":{{\"history_size\":50}}}} ({why})"
+                    ),
+                })?,
+            },
+            max_channels: int("RUSTY_SOCKS_MAX_CHANNELS", d.max_channels, 1, 100_000)?,
+            max_data_size: int("RUSTY_SOCKS_MAX_DATA_SIZE", d.max_data_size, 1, 64 << 20)?,
+            broker: match get("RUSTY_SOCKS_BROKER") {
+                None => d.broker,
+                Some((var, v)) => BrokerUrl::parse(var, &v)?,
+            },
+            broker_prefix: match get("RUSTY_SOCKS_BROKER_PREFIX") {
+                None => d.broker_prefix,
+                Some((var, v)) => {
+                    let ok = !v.is_empty()
+                        && v.len() <= 64
+                        && v
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                    if !ok {
+                        return Err(ConfigError {
+                            var,
+                            value: v,
+                            expected: "1-64 letters, digits, _ or -".into(),
+                        });
+                    }
+                    v
+                }
+            },
+            presence_ttl: match get("RUSTY_SOCKS_PRESENCE_TTL") {
+                None => d.presence_ttl,
+                Some((var, v)) => parse_int(var, &v, 3, 3600).map(Duration::from_secs)?,
+            },
+            jwt_secret: secret(get("RUSTY_SOCKS_JWT_SECRET"), 16)?,
+            jwt_public_key: path(get("RUSTY_SOCKS_JWT_PUBLIC_KEY")),
+            allow_anonymous: flag("RUSTY_SOCKS_ALLOW_ANONYMOUS", d.allow_anonymous)?,
+            refresh_window: secs("RUSTY_SOCKS_REFRESH_WINDOW", d.refresh_window, 3600)?,
+            api_key: secret(get("RUSTY_SOCKS_API_KEY"), 16)?,
+            allowed_origins: match get("RUSTY_SOCKS_ALLOWED_ORIGINS") {
+                None => d.allowed_origins,
+                Some((var, v)) => parse_origins(var, &v)?,
+            },
+            tls_cert: path(get("RUSTY_SOCKS_TLS_CERT")),
+            tls_key: path(get("RUSTY_SOCKS_TLS_KEY")),
+            metrics_addr: match get("RUSTY_SOCKS_METRICS_ADDR") {
+                None => None,
+                Some((_, v)) if v.trim().is_empty() => None,
+                Some((var, v)) => Some(v.trim().parse().map_err(|_| ConfigError {
+                    var,
+                    value: v.clone(),
+                    expected: "host:port, like 127.0.0.1:9090 or [::1]:9090".into(),
+                })?),
+            },
+            client_rate: int("RUSTY_SOCKS_CLIENT_RATE", 0, 0, 1_000_000)? as u32,
+            client_burst: int("RUSTY_SOCKS_CLIENT_BURST", d.client_burst as usize, 1, 1_000_000)?
+                as u32,
+            connect_rate: int("RUSTY_SOCKS_CONNECT_RATE", 0, 0, 1_000_000)? as u32,
+            connect_burst: int(
+                "RUSTY_SOCKS_CONNECT_BURST",
+                d.connect_burst as usize,
+                1,
+                1_000_000,
+            )? as u32,
+            trusted_proxies: match get("RUSTY_SOCKS_TRUSTED_PROXIES") {
+                None => d.trusted_proxies,
+                Some((var, v)) => v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(|t| {
+                        IpRange::parse(t).ok_or_else(|| ConfigError {
+                            var,
+                            value: v.clone(),
+                            expected: "comma-separated IP addresses or CIDR ranges".into(),
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            },
+            demo: flag("RUSTY_SOCKS_DEMO", d.demo)?,
+        };
+        if config.tls_cert.is_some() != config.tls_key.is_some() {
+            let (var, value) = match &config.tls_cert {
+                Some(cert) => ("RUSTY_SOCKS_TLS_CERT", cert.display().to_string()),
+                None => ("RUSTY_SOCKS_TLS_KEY", String::new()),
+            };
+            return Err(ConfigError {
+                var,
+                value,
+                expected: "both RUSTY_SOCKS_TLS_CERT and RUSTY_SOCKS_TLS_KEY, or neither".into(),
+            });
+        }
+        if config.ping_interval >= config.timeout {
+            return Err(ConfigError {
+                var: "RUSTY_SOCKS_PING",
+                value: config.ping_interval.as_secs().to_string(),
+                expected: format!(
+                    "fewer seconds than RUSTY_SOCKS_TIMEOUT ({}), or live clients would time out",
+                    config.timeout.as_secs()
+                ),
+            });
+        }
+        Ok(config)
+    }
+}
+
+/// An optional secret: unset or empty means none; set, it must be at least `min` bytes.
+fn secret(
+    found: Option<(&'static str, String)>,
+    min: usize,
+) -> Result<Option<Secret>, ConfigError> {
+    match found {
+        None => Ok(None),
+        Some((_, v)) if v.is_empty() => Ok(None),
+        Some((var, v)) if v.len() < min => Err(ConfigError {
+            var,
+            value: "***".into(),
+            expected: format!("at least {min} bytes (a short secret can be guessed)"),
+        }),
+        Some((_, v)) => Ok(Some(Secret(v))),
+    }
+}
+
+fn path(found: Option<(&'static str, String)>) -> Option<PathBuf> {
+    found
+        .map(|(_, v)| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Origins as browsers send them: `scheme://host[:port]`, no path.
+fn parse_origins(var: &'static str, value: &str) -> Result<Vec<String>, ConfigError> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .map(|origin| {
+            let origin = origin.trim_end_matches('/');
+            let host = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            if host.is_some_and(|h| !h.is_empty() && !h.contains('/')) {
+                Ok(origin.to_ascii_lowercase())
+            } else {
+                Err(ConfigError {
+                    var,
+                    value: value.to_owned(),
+                    expected: "comma-separated origins like https://app.example.com".into(),
+                })
+            }
+        })
+        .collect()
+}
+
+fn parse_int(var: &'static str, value: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+    match value.trim().parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(ConfigError {
+            var,
+            value: value.to_owned(),
+            expected: format!("a whole number from {min} to {max}"),
+        }),
+    }
+}
+
+fn parse_bool(var: &'static str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError {
+            var,
+            value: value.to_owned(),
+            expected: "true or false".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::{SETTINGS, unknown_variables};
+    use std::collections::HashMap;
+
+    fn with(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_original_readme() {
+        let c = with(&[]).expect("defaults are valid");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.host.to_string(), "0.0.0.0");
+        assert_eq!(c.port, 3030);
+        assert_eq!(c.max_connections, 100);
+        assert_eq!(c.buffer, 1024);
+        assert_eq!(c.timeout, Duration::from_secs(60));
+        assert_eq!(c.ping_interval, Duration::from_secs(30));
+        assert_eq!(c.worker_threads, 4);
+        assert_eq!(c.max_queued_tasks, 1000);
+        assert_eq!(c.max_message_size, 65536);
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let c = with(&[
+            ("RUSTY_SOCKS_HOST", "::1"),
+            ("RUSTY_SOCKS_PORT", "8080"),
+            ("RUSTY_SOCKS_MAX_CONN", "7"),
+            ("RUSTY_SOCKS_BUFFER", "8"),
+            ("RUSTY_SOCKS_TIMEOUT", "9"),
+            ("RUSTY_SOCKS_PING", "2"),
+            ("RUSTY_SOCKS_THREAD_POOL_SIZE", "3"),
+            ("RUSTY_SOCKS_MAX_QUEUED_TASKS", "11"),
+            ("RUSTY_SOCKS_MAX_MESSAGE_SIZE", "4096"),
+            ("RUSTY_SOCKS_ECHO_ENDPOINT", "true"),
+            ("RUSTY_SOCKS_ECHO_TO_SENDER", "yes"),
+            ("RUSTY_SOCKS_NAMESPACES", r#"{"chat":{"history_size":5}}"#),
+            ("RUSTY_SOCKS_MAX_CHANNELS", "3"),
+            ("RUSTY_SOCKS_MAX_DATA_SIZE", "100"),
+            ("RUSTY_SOCKS_BROKER", "redis://127.0.0.1:6379/2"),
+            ("RUSTY_SOCKS_BROKER_PREFIX", "app-1"),
+            ("RUSTY_SOCKS_PRESENCE_TTL", "5"),
+        ])
+        .expect("valid");
+        assert_eq!(c.host.to_string(), "::1");
+        assert_eq!(
+            (
+                c.port,
+                c.max_connections,
+                c.buffer,
+                c.worker_threads,
+                c.max_queued_tasks
+            ),
+            (8080, 7, 8, 3, 11)
+        );
+        assert_eq!(c.timeout, Duration::from_secs(9));
+        assert_eq!(c.ping_interval, Duration::from_secs(2));
+        assert_eq!(c.max_message_size, 4096);
+        assert!(c.echo_endpoint && c.echo_to_sender);
+        assert_eq!(
+            c.namespaces.resolve("chat:x").map(|o| o.history_size),
+            Ok(5)
+        );
+        assert_eq!((c.max_channels, c.max_data_size), (3, 100));
+        assert_eq!(
+            c.broker,
+            BrokerUrl::Redis("redis://127.0.0.1:6379/2".into())
+        );
+        assert_eq!(c.broker_prefix, "app-1");
+        assert_eq!(c.presence_ttl, Duration::from_secs(5));
+        if cfg!(feature = "nats") {
+            let nats = with(&[("RUSTY_SOCKS_BROKER", "nats://127.0.0.1:4222")]).expect("valid");
+            assert_eq!(nats.broker, BrokerUrl::Nats("nats://127.0.0.1:4222".into()));
+        }
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_the_value() {
+        let cases = [
+            ("RUSTY_SOCKS_THREAD_POOL_SIZE", "0"),
+            ("RUSTY_SOCKS_PORT", "70000"),
+            ("RUSTY_SOCKS_MAX_CONN", "-5"),
+            ("RUSTY_SOCKS_BUFFER", "lots"),
+            ("RUSTY_SOCKS_TIMEOUT", ""),
+            ("RUSTY_SOCKS_HOST", "not-an-ip"),
+            ("RUSTY_SOCKS_ECHO_ENDPOINT", "maybe"),
+            ("RUSTY_SOCKS_MAX_QUEUED_TASKS", "1.5"),
+            ("RUSTY_SOCKS_NAMESPACES", r#"{"chat":{"histroy_size":5}}"#),
+            ("RUSTY_SOCKS_BROKER", "kafka://x"),
+            ("RUSTY_SOCKS_BROKER", "redis://"),
+            ("RUSTY_SOCKS_BROKER", "nats:///x"),
+            ("RUSTY_SOCKS_BROKER_PREFIX", "a.b"),
+            ("RUSTY_SOCKS_PRESENCE_TTL", "1"),
+        ];
+        for (var, value) in cases {
+            let err = with(&[(var, value)]).expect_err(var);
+            assert_eq!(err.var, var);
+            assert_eq!(err.value, value);
+            let text = err.to_string();
+            assert!(text.contains(var) && text.contains("expected"), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_settings_table_lists_exactly_the_variables_that_are_read() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        Config::from_lookup(|var| {
+            asked.borrow_mut().push(var.to_owned());
+            None
+        })
+        .expect("defaults are valid");
+        let mut asked = asked.into_inner();
+        asked.sort();
+        asked.dedup();
+        let mut listed: Vec<String> = SETTINGS.iter().map(|s| s.var.to_owned()).collect();
+        listed.sort();
+        assert_eq!(asked, listed);
+    }
+
+    #[test]
+    fn unknown_variables_are_found_with_what_they_were_probably_meant_to_be() {
+        let names = [
+            "RUSTY_SOCKS_PORT",
+            "RUSTY_SOCKS_MAX_CONNS",
+            "RUSTY_SOCKS_FROBNICATE",
+            "RUSTY_SOCKS_TEST_REDIS_URL",
+            "HOME",
+        ]
+        .map(String::from);
+        assert_eq!(
+            unknown_variables(names),
+            vec![
+                ("RUSTY_SOCKS_FROBNICATE".to_owned(), None),
+                (
+                    "RUSTY_SOCKS_MAX_CONNS".to_owned(),
+                    Some("RUSTY_SOCKS_MAX_CONN")
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn ping_must_be_shorter_than_timeout() {
+        let err = with(&[("RUSTY_SOCKS_PING", "60")]).expect_err("ping == timeout");
+        assert_eq!(err.var, "RUSTY_SOCKS_PING");
+    }
+}

@@ -1,0 +1,256 @@
+//! The table of settings: every variable, its default and meaning, for `--help`, README and
+//! the warning about variables that are not settings.
+
+/// One row of the settings table: the variable, its default as text, and its meaning.
+pub struct Setting {
+    /// The environment variable.
+    pub var: &'static str,
+    /// Default, as written in the docs.
+    pub default: &'static str,
+    /// One-line meaning.
+    pub meaning: &'static str,
+}
+
+/// The settings table, printed by `rusty_socks --help` and mirrored in README.md.
+pub const SETTINGS: &[Setting] = &[
+    Setting {
+        var: "RUSTY_SOCKS_HOST",
+        default: "0.0.0.0",
+        meaning: "listen address (an IPv4 or IPv6 literal)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_PORT",
+        default: "3030",
+        meaning: "listen port, 0-65535 (0 = any free port)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_MAX_CONN",
+        default: "100",
+        meaning: "concurrent WebSocket connections; more get HTTP 503",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_BUFFER",
+        default: "1024",
+        meaning: "per-connection outbound queue (messages); overflow closes with 4001",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_TIMEOUT",
+        default: "60",
+        meaning: "seconds without any frame from a client before close 4000",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_PING",
+        default: "30",
+        meaning: "seconds between server pings (must be below TIMEOUT)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_THREAD_POOL_SIZE",
+        default: "4",
+        meaning: "worker threads of the runtime, 1-1024",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_MAX_QUEUED_TASKS",
+        default: "1000",
+        meaning: "connection attempts mid-handshake at once; more get HTTP 503",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_MAX_MESSAGE_SIZE",
+        default: "65536",
+        meaning: "largest message on /ws in bytes; larger closes with 1009",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_HISTORY_SIZE",
+        default: "100",
+        meaning: "chat messages kept for the legacy default channel (0 disables storage)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_HISTORY_BYTES",
+        default: "1048576",
+        meaning: "bytes of history kept per channel",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_HISTORY_TOTAL_BYTES",
+        default: "268435456",
+        meaning: "bytes of history kept across all channels; past it publications are not stored",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_REPLAY",
+        default: "10",
+        meaning: "stored messages replayed to a newcomer after the welcome",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_ECHO_TO_SENDER",
+        default: "false",
+        meaning: "also send a chat message back to its sender",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_ECHO_ENDPOINT",
+        default: "false",
+        meaning: "serve the /echo conformance endpoint",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_ECHO_MAX_MESSAGE_SIZE",
+        default: "16777216",
+        meaning: "largest message on /echo in bytes",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_HANDSHAKE_TIMEOUT",
+        default: "10",
+        meaning: "seconds a new socket has to send its request headers",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_SHUTDOWN_GRACE",
+        default: "3",
+        meaning: "seconds clients get to drain on SIGINT/SIGTERM, 1-4",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_NAMESPACES",
+        default: "{\"\":{}}",
+        meaning: "JSON object of per-namespace channel options (see docs/protocol.md)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_MAX_CHANNELS",
+        default: "128",
+        meaning: "channels one connection may be subscribed to",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_MAX_DATA_SIZE",
+        default: "32768",
+        meaning: "largest data of a v1 publish or /api publish, in bytes",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_BROKER",
+        default: "memory",
+        meaning: "memory (one node), redis://host:port[/db] or nats://host:port",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_BROKER_PREFIX",
+        default: "rusty_socks",
+        meaning: "prefix of Redis keys and NATS subjects (letters, digits, _ and -)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_PRESENCE_TTL",
+        default: "30",
+        meaning: "seconds a dead node's presence entries remain (networked brokers), 3-3600",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_JWT_SECRET",
+        default: "(unset)",
+        meaning: "HS256 secret for connection tokens (set a key to require tokens)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_JWT_PUBLIC_KEY",
+        default: "(unset)",
+        meaning: "PEM file: RSA public key (RS256) or P-256 public key (ES256)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_ALLOW_ANONYMOUS",
+        default: "false",
+        meaning: "with a key set, still let connections without a token in",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_REFRESH_WINDOW",
+        default: "30",
+        meaning: "seconds before a token expires that the client is asked to refresh it",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_API_KEY",
+        default: "(unset)",
+        meaning: "key of the /api server API (Authorization: apikey <key>); unset: API off",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_ALLOWED_ORIGINS",
+        default: "(any)",
+        meaning: "comma-separated origins browsers may connect from; others get 403",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_TLS_CERT",
+        default: "(unset)",
+        meaning: "PEM certificate chain; with TLS_KEY, serve wss:// and https://",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_TLS_KEY",
+        default: "(unset)",
+        meaning: "PEM private key of TLS_CERT",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_METRICS_ADDR",
+        default: "(main port)",
+        meaning: "serve /metrics on this host:port instead of the main port",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_CLIENT_RATE",
+        default: "0",
+        meaning: "messages per second per connection (0 = no limit)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_CLIENT_BURST",
+        default: "50",
+        meaning: "messages a connection may send at once above CLIENT_RATE",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_CONNECT_RATE",
+        default: "0",
+        meaning: "new connections per second per client IP (0 = no limit)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_CONNECT_BURST",
+        default: "20",
+        meaning: "connections an IP may open at once above CONNECT_RATE",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_TRUSTED_PROXIES",
+        default: "(none)",
+        meaning: "comma-separated proxy IPs/CIDRs whose X-Forwarded-For is believed",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_DEMO",
+        default: "true",
+        meaning: "serve the demo page at / and the browser client at /rusty-socks.js",
+    },
+];
+
+/// Prefix of the variables the test suite reads; they are not server settings.
+const TEST_PREFIX: &str = "RUSTY_SOCKS_TEST_";
+
+/// The `RUSTY_SOCKS_*` names among `names` that are not settings, each with the setting it was
+/// probably meant to be. A misspelt variable is otherwise silently ignored, leaving a default in
+/// force that the operator believes they changed.
+pub fn unknown_variables(
+    names: impl IntoIterator<Item = String>,
+) -> Vec<(String, Option<&'static str>)> {
+    let mut unknown: Vec<_> = names
+        .into_iter()
+        .filter(|name| name.starts_with("RUSTY_SOCKS_") && !name.starts_with(TEST_PREFIX))
+        .filter(|name| !SETTINGS.iter().any(|s| s.var == name))
+        .map(|name| {
+            let closest = SETTINGS
+                .iter()
+                .map(|s| (edit_distance(&name, s.var), s.var))
+                .min()
+                .filter(|(distance, _)| *distance <= 3)
+                .map(|(_, var)| var);
+            (name, closest)
+        })
+        .collect();
+    unknown.sort();
+    unknown
+}
+
+/// Levenshtein distance over bytes (names are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b = b.as_bytes();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.bytes().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}

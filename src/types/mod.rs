@@ -1,0 +1,17 @@
+//! Plain types every layer shares: client ids, stream positions and publications, channel
+//! names, the errors a client can cause, clocks, secrets and address ranges.
+//!
+//! The lowest layer: it imports nothing else of the crate, so anything may use it.
+
+pub mod channel;
+pub mod client;
+pub mod clock;
+pub mod error;
+pub mod net;
+pub mod position;
+pub mod secret;
+
+pub use channel::ChannelError;
+pub use client::{ClientId, ClientInfo};
+pub use error::{AuthError, ClientError};
+pub use position::{Publication, StreamPosition};
