@@ -308,7 +308,7 @@ async fn history(
     state: &AppState,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let channel = percent_decoded(channel)?;
-    let limit = match crate::server::http::query_param(query, "limit") {
+    let limit = match crate::server::query::query_param(query, "limit") {
         None => None,
         Some(text) => match text.parse::<usize>() {
             Ok(n) if n <= crate::protocol::v1::MAX_HISTORY_LIMIT => Some(n),
@@ -348,6 +348,6 @@ fn channels(state: &AppState) -> Response<Full<Bytes>> {
 
 /// Channel names may contain `/` and `:`, which clients escape in a path segment.
 fn percent_decoded(segment: &str) -> Result<String, ApiError> {
-    crate::server::http::percent_decode(segment)
+    crate::server::query::percent_decode(segment)
         .ok_or_else(|| ApiError::BadJson("bad %-escape in the channel name, or not UTF-8".into()))
 }

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod query;
 pub mod tls;
 pub mod token;
 pub mod upgrade;

@@ -42,8 +42,8 @@ pub fn presented(headers: &hyper::HeaderMap, query: Option<&str>) -> Presented {
         .map(str::trim);
     // A JWT needs no escapes, but a client library may escape anyway. A malformed escape is
     // kept as sent, and the token then fails verification.
-    let in_query = super::http::query_param(query, "token")
-        .map(|raw| super::http::percent_decode(raw).unwrap_or_else(|| raw.to_owned()));
+    let in_query = super::query::query_param(query, "token")
+        .map(|raw| super::query::percent_decode(raw).unwrap_or_else(|| raw.to_owned()));
     found.token = bearer
         .map(str::to_owned)
         .or(in_query)
