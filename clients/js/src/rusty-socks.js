@@ -33,6 +33,9 @@ const LEGACY_CHANNEL = "default";
  * @typedef {object} Publication
  * @property {string} channel
  * @property {number} offset Position in the channel's stream (1, 2, 3, ...).
+ * @property {string} epoch The stream the offset belongs to. Offsets start again at 1 under a
+ *   new epoch (a server restart, or the channel's history lost), so a publication is identified
+ *   by its epoch and offset together, never by the offset alone.
  * @property {any} data The published JSON value.
  * @property {string} [clientId] The publishing connection, when a client published it.
  */
@@ -55,7 +58,15 @@ const LEGACY_CHANNEL = "default";
 
 /**
  * @typedef {object} RecoveryInfo
- * @property {number} missed Publications delivered by the recovery (0 when `recovered` is false).
+ * @property {number} missed Publications delivered by the recovery: the missed ones, or, when
+ *   the epoch changed, those of the new epoch (fetched from history).
+ * @property {number | null} lost Publications missed and not delivered: 0 when `recovered` is
+ *   true; the exact number when the epoch is the same (history no longer held them, or the
+ *   namespace denies `read_history`); `null` when it cannot be known (the epoch changed).
+ * @property {boolean} epochChanged The channel's stream restarted since the position resumed
+ *   from (a server restart, or its history was lost): publications that followed that
+ *   position in the old epoch, if there were any, are gone. Publications of the new epoch are
+ *   all newer than the ones already delivered, and are delivered (from history, all or nothing).
  * @property {number} offset The channel's offset after the recovery.
  * @property {string} epoch The channel's epoch after the recovery.
  */
@@ -65,6 +76,9 @@ const LEGACY_CHANNEL = "default";
  * @property {number} offset The last offset received before the gap.
  * @property {boolean} recovered Whether every missing publication was fetched and delivered.
  * @property {number} missed Publications fetched from history and delivered.
+ * @property {boolean} epochChanged The stream restarted under a new epoch meanwhile (see
+ *   {@link RecoveryInfo}); `recovered` is then false, and `missed` counts the new epoch's
+ *   publications delivered from history.
  */
 
 /**
@@ -80,7 +94,10 @@ const LEGACY_CHANNEL = "default";
  *   delivered.
  * @property {(recovered: boolean, info: RecoveryInfo) => void} [onRecovered] After a resubscribe
  *   with `since` (reconnect, or a `since` passed here): `true` when every missed publication was
- *   delivered (before this call), `false` when the server could not cover them (none delivered).
+ *   delivered (before this call; also when none was missed), `false` when the server could not
+ *   cover them (none of them delivered: `info.lost` says how many, if known) or the epoch
+ *   changed (`info.epochChanged`; then it is called once the new epoch's publications were
+ *   fetched and delivered).
  * @property {(info: {offset: number, epoch: string, recovered: boolean, resubscribe: boolean}) => void} [onSubscribed]
  *   Each time the server confirms the subscription (first time and after every reconnect).
  * @property {(error: RustySocksError) => void} [onError] The server refused the subscription
@@ -152,12 +169,13 @@ function toClientInfo(client) {
 
 /**
  * @param {string} channel
+ * @param {string} epoch
  * @param {any} p
  * @returns {Publication}
  */
-function toPublication(channel, p) {
+function toPublication(channel, epoch, p) {
   /** @type {Publication} */
-  const out = { channel, offset: p.offset, data: p.data };
+  const out = { channel, offset: p.offset, epoch, data: p.data };
   if (p.client_id != null) out.clientId = p.client_id;
   return out;
 }
@@ -199,6 +217,8 @@ export class Subscription {
     this._catchUp = null;
     /** @internal */
     this._confirmed = false;
+    /** @internal Whether the epoch changed and `onRecovered` has not said so yet. */
+    this._restarted = false;
     /** @internal @type {(v: any) => void} */
     this._resolveReady = noop;
     /** @internal @type {(e: any) => void} */
@@ -446,7 +466,7 @@ export class RustySocks {
         channel,
         offset: r.offset,
         epoch: r.epoch,
-        publications: (r.publications ?? []).map((/** @type {any} */ p) => toPublication(channel, p)),
+        publications: (r.publications ?? []).map((/** @type {any} */ p) => toPublication(channel, r.epoch, p)),
       };
       if (r.complete !== undefined) out.complete = r.complete;
       return out;
@@ -759,7 +779,7 @@ export class RustySocks {
     sub._catchUp = null;
     this._send(
       frame,
-      (reply) => this._onSubscribed(sub, reply, since != null),
+      (reply) => this._onSubscribed(sub, reply, since),
       (error) => {
         if (this._subs.get(sub.channel) !== sub) return;
         if (error.code === "disconnected" || error.code === "closed") return; // resubscribed later
@@ -777,12 +797,13 @@ export class RustySocks {
     );
   }
 
-  /** @private @param {Subscription} sub @param {any} reply @param {boolean} withSince */
-  _onSubscribed(sub, reply, withSince) {
+  /** @private @param {Subscription} sub @param {any} reply @param {StreamPosition | null} since */
+  _onSubscribed(sub, reply, since) {
     if (this._subs.get(sub.channel) !== sub) return;
     sub.state = "subscribed";
+    const recovered = Boolean(reply.recovered);
     let missed = 0;
-    if (withSince && reply.recovered) {
+    if (since && recovered) {
       for (const p of reply.publications ?? []) {
         if (sub.offset == null || p.offset > sub.offset) {
           this._deliver(sub, p);
@@ -790,21 +811,48 @@ export class RustySocks {
         }
       }
     }
-    sub.offset = reply.offset;
+    // A new epoch: the stream restarted after `since` (server restart, history lost) and its
+    // offsets start again at 1, so `since.offset` means nothing in it. Every publication of the
+    // new epoch is newer than the ones delivered: deliver them from its start.
+    const restarted = since != null && !recovered && reply.epoch !== since.epoch;
+    if (restarted) sub._restarted = true;
     sub.epoch = reply.epoch;
+    sub.offset = restarted ? 0 : reply.offset;
     const resubscribe = sub._confirmed;
     sub._confirmed = true;
-    if (withSince) {
-      this._call(sub, "onRecovered", Boolean(reply.recovered), { missed, offset: sub.offset, epoch: sub.epoch });
+    const info = { offset: reply.offset, epoch: reply.epoch, recovered };
+    if (since && restarted && reply.offset > 0) {
+      // Live ones are held back meanwhile; `onRecovered` follows the fetch.
+      this._startCatchUp(sub, 0, reply.offset);
+    } else if (since) {
+      this._reportRecovery(sub, since, reply, missed);
     }
-    this._call(sub, "onSubscribed", { offset: reply.offset, epoch: reply.epoch, recovered: Boolean(reply.recovered), resubscribe });
-    sub._resolveReady({ offset: reply.offset, epoch: reply.epoch, recovered: Boolean(reply.recovered) });
+    this._call(sub, "onSubscribed", { ...info, resubscribe });
+    sub._resolveReady(info);
+  }
+
+  /**
+   * Calls `onRecovered` after a resubscribe with `since`.
+   * @private @param {Subscription} sub @param {StreamPosition} since @param {any} reply @param {number} missed
+   */
+  _reportRecovery(sub, since, reply, missed) {
+    const restarted = sub._restarted;
+    sub._restarted = false;
+    const sameEpoch = reply.epoch === since.epoch;
+    // Nothing to recover is a success too (a namespace that denies `read_history` answers
+    // `recovered: false` even then).
+    const ok = !restarted && (Boolean(reply.recovered) || (sameEpoch && reply.offset === since.offset));
+    /** @type {number | null} */
+    let lost = null;
+    if (ok) lost = 0;
+    else if (!restarted && sameEpoch && reply.offset > since.offset) lost = reply.offset - since.offset;
+    this._call(sub, "onRecovered", ok, { missed, lost, epochChanged: restarted, offset: /** @type {number} */ (sub.offset), epoch: /** @type {string} */ (sub.epoch) });
   }
 
   /** @private @param {Subscription} sub @param {any} p */
   _deliver(sub, p) {
     if (typeof p.offset === "number") sub.offset = p.offset;
-    this._call(sub, "onPublication", toPublication(sub.channel, p));
+    this._call(sub, "onPublication", toPublication(sub.channel, /** @type {string} */ (sub.epoch), p));
   }
 
   /** @private @param {Subscription} sub @param {any} msg */
@@ -844,18 +892,34 @@ export class RustySocks {
    * Fetches the publications after `sub.offset` from history (paging on if `limit` cut a
    * reply), delivers them, then the live ones buffered meanwhile. All or nothing, like
    * recovery: if history no longer covers them, none is delivered and `onGap` says so.
-   * @private @param {Subscription} sub @param {number} gapOffset
+   *
+   * If the channel's epoch turns out to have changed (its stream restarted, offsets starting
+   * again at 1), what followed `sub.offset` in the old epoch is gone, and every publication of
+   * the new epoch is newer than those delivered: it fetches the new epoch from its start.
+   * With `restartTop` (the offset a resubscribe found in a new epoch), that is what it does from
+   * the beginning, and it reports with `onRecovered` instead of `onGap`.
+   * @private @param {Subscription} sub @param {number} gapOffset @param {number} [restartTop]
    */
-  _startCatchUp(sub, gapOffset) {
+  _startCatchUp(sub, gapOffset, restartTop) {
     if (sub.offset == null || sub.epoch == null) return;
     const catchUp = { buffer: /** @type {any[]} */ ([]), regap: false, gapOffset };
     sub._catchUp = catchUp;
+    const since = { offset: sub.offset, epoch: sub.epoch };
     /** @type {any[]} */
-    const fetched = [];
+    let fetched = [];
     let from = sub.offset;
-    const epoch = sub.epoch;
-    const finish = (/** @type {boolean} */ recovered, /** @type {number} */ top, /** @type {string} */ topEpoch) => {
+    let epoch = sub.epoch;
+    let epochChanged = restartTop != null;
+    /** @type {number | undefined} the stream's offset, as far as known */
+    let top = restartTop;
+    let restarts = 0;
+    const finish = (/** @type {boolean} */ recovered) => {
       sub._catchUp = null;
+      if (epoch !== sub.epoch) {
+        // Positions of the old epoch mean nothing in the new one.
+        sub.epoch = epoch;
+        sub.offset = 0;
+      }
       let missed = 0;
       if (recovered) {
         for (const p of fetched) {
@@ -864,16 +928,17 @@ export class RustySocks {
             missed++;
           }
         }
-        this._call(sub, "onGap", { offset: gapOffset, recovered, missed });
+      }
+      if (restartTop != null) {
+        this._reportRecovery(sub, since, { recovered: false, offset: top, epoch }, missed);
+      } else {
+        this._call(sub, "onGap", { offset: gapOffset, recovered: recovered && !epochChanged, missed, epochChanged });
+      }
+      if (recovered) {
         for (const msg of catchUp.buffer) this._onPublication(sub, msg);
       } else {
         // None of the missing ones is delivered; the live ones received meanwhile still are
         // (they follow the gap), then live publications continue after `top`.
-        this._call(sub, "onGap", { offset: gapOffset, recovered, missed });
-        if (topEpoch !== sub.epoch) {
-          sub.epoch = topEpoch;
-          sub.offset = top;
-        }
         for (const msg of catchUp.buffer) {
           if (typeof msg.offset === "number" && msg.offset > /** @type {number} */ (sub.offset)) this._deliver(sub, msg);
         }
@@ -889,16 +954,27 @@ export class RustySocks {
         (reply) => {
           if (sub._catchUp !== catchUp) return;
           const pubs = reply.publications ?? [];
-          if (reply.complete === false || reply.epoch !== epoch) {
-            finish(false, reply.offset, reply.epoch);
+          top = reply.offset;
+          if (reply.epoch !== epoch) {
+            // A new epoch: start again from its beginning (a few times at most).
+            epoch = reply.epoch;
+            epochChanged = true;
+            fetched = [];
+            from = 0;
+            if (++restarts > 3) finish(false);
+            else step();
+            return;
+          }
+          if (reply.complete === false) {
+            finish(false);
             return;
           }
           fetched.push(...pubs);
           const last = pubs.length ? pubs[pubs.length - 1].offset : from;
           if (last >= reply.offset) {
-            finish(true, reply.offset, reply.epoch);
+            finish(true);
           } else if (pubs.length === 0) {
-            finish(false, reply.offset, reply.epoch);
+            finish(false);
           } else {
             from = last; // `limit` cut the reply: page on
             step();
@@ -914,7 +990,7 @@ export class RustySocks {
             return;
           }
           // History refused (e.g. permission_denied): the gap is not recovered.
-          finish(false, /** @type {number} */ (sub.offset), /** @type {string} */ (sub.epoch));
+          finish(false);
         },
       );
     };

@@ -39,7 +39,7 @@ process.on("exit", () => {
 /**
  * Starts the server on 127.0.0.1 with a free port and waits for its `listening on` line.
  * @param {Record<string, string>} [env] extra environment
- * @returns {Promise<{port: number, wsUrl: string, httpUrl: string, pid: number, output: () => string, stop: () => Promise<void>}>}
+ * @returns {Promise<{port: number, wsUrl: string, httpUrl: string, pid: number, output: () => string, stop: () => Promise<void>, kill: () => Promise<void>}>}
  */
 export function startServer(env = {}) {
   const bin = serverBinary();
@@ -71,6 +71,12 @@ export function startServer(env = {}) {
     await exited;
     clearTimeout(timer);
   };
+  /** A crash: SIGKILL, no goodbye to the clients; resolves once the process is gone. */
+  const kill = async () => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    process.kill(/** @type {number} */ (child.pid), "SIGKILL");
+    await exited;
+  };
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => {
       stop();
@@ -96,6 +102,7 @@ export function startServer(env = {}) {
           httpUrl: `http://127.0.0.1:${port}`,
           output: () => out,
           stop,
+          kill,
         });
       }
     };
@@ -108,6 +115,25 @@ export function startServer(env = {}) {
       reject(new Error(`server exited early (${code ?? signal}); output:\n${out}`));
     });
   });
+}
+
+/**
+ * Starts the server again on `port` (after a stop or a kill: a restart, with a fresh in-memory
+ * state and so new epochs), retrying while the port is not free yet.
+ * @param {number} port
+ * @param {Record<string, string>} [env]
+ * @returns {ReturnType<typeof startServer>}
+ */
+export async function restartServer(port, env = {}) {
+  const deadline = Date.now() + 20000;
+  for (;;) {
+    try {
+      return await startServer({ ...env, RUSTY_SOCKS_PORT: String(port) });
+    } catch (err) {
+      if (Date.now() > deadline) throw err;
+      await sleep(200);
+    }
+  }
 }
 
 /**

@@ -42,8 +42,8 @@ describe("against the real server", { timeout: 30000 }, () => {
     assert.deepEqual([r1, r2], [{ offset: 1 }, { offset: 2 }]);
     await waitFor(() => got.length === 2, { what: "two publications" });
     assert.deepEqual(got, [
-      { channel: "room-rt", offset: 1, data: { text: "one" }, clientId: alice.clientId },
-      { channel: "room-rt", offset: 2, data: { text: "two" }, clientId: alice.clientId },
+      { channel: "room-rt", offset: 1, epoch, data: { text: "one" }, clientId: alice.clientId },
+      { channel: "room-rt", offset: 2, epoch, data: { text: "two" }, clientId: alice.clientId },
     ]);
     // The publisher gets its own publication when subscribed.
     const mine = [];
@@ -83,6 +83,44 @@ describe("against the real server", { timeout: 30000 }, () => {
     assert.deepEqual(since.publications.map((p) => p.offset), [3, 4, 5]);
     const other = await c.history("room-history", { since: { offset: 2, epoch: "not-the-epoch" } });
     assert.equal(other.complete, false);
+  });
+
+  test("the README's first examples work on a server with no settings; `chat:lobby` needs a namespace", async () => {
+    // `lobby` (default namespace): history and presence on out of the box.
+    const a = client();
+    const b = client();
+    await Promise.all([a.connect(), b.connect()]);
+    const got = [];
+    const lobby = a.subscribe("lobby", { onPublication: (p) => got.push(p.data.text) });
+    await lobby.ready;
+    await b.publish("lobby", { text: "hello" });
+    await waitFor(() => got.length === 1, { what: "the lobby message" });
+    assert.deepEqual(got, ["hello"]);
+    assert.deepEqual((await lobby.presence()).map((c) => c.clientId), [a.clientId]);
+    assert.deepEqual((await lobby.history({ limit: 10 })).publications.map((p) => p.data.text), ["hello"]);
+    // `chat:lobby` without RUSTY_SOCKS_NAMESPACES: refused, as the README says.
+    const errors = [];
+    const chat = a.subscribe("chat:lobby", { onError: (err) => errors.push(err.code) });
+    await assert.rejects(chat.ready, { code: "unknown_namespace" });
+    assert.deepEqual(errors, ["unknown_namespace"]);
+    // ... and accepted, with join/leave pushes, on a server configured as the README shows.
+    const configured = await startServer({ RUSTY_SOCKS_NAMESPACES: '{"chat":{"history_size":100,"join_leave":true}}' });
+    try {
+      const c = new RustySocks(configured.wsUrl, { WebSocket, timeout: 5000 });
+      const d = new RustySocks(configured.wsUrl, { WebSocket, timeout: 5000 });
+      clients.push(c, d);
+      await Promise.all([c.connect(), d.connect()]);
+      const joined = [];
+      await c.subscribe("chat:lobby", { onJoin: (who) => joined.push(who.clientId) }).ready;
+      await d.subscribe("chat:lobby").ready;
+      await waitFor(() => joined.length === 1, { what: "the join push" });
+      assert.deepEqual(joined, [d.clientId]);
+      await c.subscribe("lobby").ready; // the default namespace is still there
+      c.close();
+      d.close();
+    } finally {
+      await configured.stop();
+    }
   });
 
   test("replies and errors are correlated by id when commands overlap", async () => {

@@ -200,8 +200,8 @@ describe("commands", () => {
       epoch: "e",
       complete: true,
       publications: [
-        { channel: "room", offset: 4, data: "a", clientId: "c1" },
-        { channel: "room", offset: 5, data: "b" },
+        { channel: "room", offset: 4, epoch: "e", data: "a", clientId: "c1" },
+        { channel: "room", offset: 5, epoch: "e", data: "b" },
       ],
     });
   });
@@ -262,7 +262,7 @@ describe("subscriptions", () => {
     const ws = await connected(c);
     const got = [];
     const recovered = [];
-    c.subscribe("room", { onPublication: (p) => got.push(p.offset), onRecovered: (ok) => recovered.push(ok) });
+    c.subscribe("room", { onPublication: (p) => got.push(p.offset), onRecovered: (ok, info) => recovered.push([ok, info]) });
     answerSubscribe(ws, "room", { offset: 10, epoch: "e" });
     ws.serverClose(4000);
     await waitFor(() => FakeWebSocket.instances.length === 2);
@@ -270,8 +270,107 @@ describe("subscriptions", () => {
     ws2.accept();
     answerSubscribe(ws2, "room", { offset: 20, epoch: "e", recovered: false });
     ws2.push({ type: "publication", channel: "room", offset: 21, data: 21 });
-    assert.deepEqual(recovered, [false]);
+    assert.deepEqual(recovered, [[false, { missed: 0, lost: 10, epochChanged: false, offset: 20, epoch: "e" }]]);
     assert.deepEqual(got, [21]);
+    assert.equal(ws2.lastSent("history"), undefined, "nothing is fetched: the missed ones are gone");
+  });
+
+  test("recovered:false with nothing missed (read_history denied) is not reported as a loss", async () => {
+    const c = client();
+    const ws = await connected(c);
+    const recovered = [];
+    c.subscribe("room", { onRecovered: (ok, info) => recovered.push([ok, info.missed, info.lost]) });
+    answerSubscribe(ws, "room", { offset: 10, epoch: "e" });
+    ws.serverClose(1006);
+    await waitFor(() => FakeWebSocket.instances.length === 2);
+    const ws2 = FakeWebSocket.last;
+    ws2.accept();
+    answerSubscribe(ws2, "room", { offset: 10, epoch: "e", recovered: false });
+    assert.deepEqual(recovered, [[true, 0, 0]]);
+  });
+
+  test("a new epoch on resubscribe (server restart): the new epoch is delivered from its start", async () => {
+    const c = client();
+    const ws = await connected(c);
+    const got = [];
+    const events = [];
+    const sub = c.subscribe("room", {
+      onPublication: (p) => {
+        got.push(`${p.offset}/${p.epoch}`);
+        events.push("publication");
+      },
+      onRecovered: (ok, info) => events.push(["recovered", ok, info]),
+    });
+    answerSubscribe(ws, "room", { offset: 2, epoch: "old" });
+    ws.push({ type: "publication", channel: "room", offset: 3, data: 3 });
+    ws.serverClose(1006);
+    await waitFor(() => FakeWebSocket.instances.length === 2);
+    let ws2 = FakeWebSocket.last;
+    ws2.accept();
+    assert.deepEqual(ws2.lastSent("subscribe", "room").since, { offset: 3, epoch: "old" });
+    // Offsets start again at 1: 1 and 2 are new publications, not the old 1 and 2.
+    answerSubscribe(ws2, "room", { offset: 2, epoch: "new", recovered: false });
+    const h = ws2.lastSent("history", "room");
+    assert.deepEqual(h.since, { offset: 0, epoch: "new" });
+    // A live one arrives before the history reply: held back, delivered after.
+    ws2.push({ type: "publication", channel: "room", offset: 3, data: "n3" });
+    assert.deepEqual(got, ["3/old"]);
+    // The connection drops before the reply: the next resubscribe resumes in the new epoch,
+    // and the epoch change is still reported.
+    ws2.serverClose(1006);
+    await waitFor(() => FakeWebSocket.instances.length === 3);
+    ws2 = FakeWebSocket.last;
+    ws2.accept();
+    const cmd = ws2.lastSent("subscribe", "room");
+    assert.deepEqual(cmd.since, { offset: 0, epoch: "new" });
+    ws2.push({ type: "subscribed", id: cmd.id, channel: "room", offset: 3, epoch: "new", recovered: true, publications: [{ offset: 1, data: "n1" }, { offset: 2, data: "n2" }, { offset: 3, data: "n3" }] });
+    ws2.push({ type: "publication", channel: "room", offset: 3, data: "n3" });
+    ws2.push({ type: "publication", channel: "room", offset: 4, data: "n4" });
+    assert.deepEqual(got, ["3/old", "1/new", "2/new", "3/new", "4/new"]);
+    assert.deepEqual(events.slice(1), [
+      "publication", "publication", "publication",
+      ["recovered", false, { missed: 3, lost: null, epochChanged: true, offset: 3, epoch: "new" }],
+      "publication",
+    ]);
+    assert.deepEqual(sub.position, { offset: 4, epoch: "new" });
+  });
+
+  test("a new epoch on resubscribe, fetched from history, held-back live ones after it", async () => {
+    const c = client();
+    const ws = await connected(c);
+    const got = [];
+    const recovered = [];
+    c.subscribe("room", { onPublication: (p) => got.push(`${p.offset}/${p.epoch}`), onRecovered: (ok, info) => recovered.push([ok, info.missed, info.epochChanged, got.length]) });
+    answerSubscribe(ws, "room", { offset: 5, epoch: "old" });
+    ws.serverClose(1006);
+    await waitFor(() => FakeWebSocket.instances.length === 2);
+    const ws2 = FakeWebSocket.last;
+    ws2.accept();
+    answerSubscribe(ws2, "room", { offset: 2, epoch: "new", recovered: false });
+    ws2.push({ type: "publication", channel: "room", offset: 3, data: 3 });
+    const h = ws2.lastSent("history", "room");
+    ws2.push({ type: "history", id: h.id, channel: "room", offset: 3, epoch: "new", complete: true, publications: [{ offset: 1 }, { offset: 2 }, { offset: 3 }] });
+    ws2.push({ type: "publication", channel: "room", offset: 4, data: 4 });
+    assert.deepEqual(got, ["1/new", "2/new", "3/new", "4/new"]);
+    assert.deepEqual(recovered, [[false, 3, true, 3]]);
+  });
+
+  test("a new epoch with nothing in it yet: reported at once, live ones from offset 1", async () => {
+    const c = client();
+    const ws = await connected(c);
+    const got = [];
+    const recovered = [];
+    c.subscribe("room", { onPublication: (p) => got.push(`${p.offset}/${p.epoch}`), onRecovered: (ok, info) => recovered.push([ok, info]) });
+    answerSubscribe(ws, "room", { offset: 5, epoch: "old" });
+    ws.serverClose(1006);
+    await waitFor(() => FakeWebSocket.instances.length === 2);
+    const ws2 = FakeWebSocket.last;
+    ws2.accept();
+    answerSubscribe(ws2, "room", { offset: 0, epoch: "new", recovered: false });
+    assert.deepEqual(recovered, [[false, { missed: 0, lost: null, epochChanged: true, offset: 0, epoch: "new" }]]);
+    assert.equal(ws2.lastSent("history"), undefined);
+    ws2.push({ type: "publication", channel: "room", offset: 1, data: 1 });
+    assert.deepEqual(got, ["1/new"]);
   });
 
   test("a gap push is filled from history (paged), in order, without duplicates", async () => {
@@ -297,7 +396,7 @@ describe("subscriptions", () => {
     ws.push({ type: "history", id: h2.id, channel: "feed", offset: 5, epoch: "e", complete: true, publications: [{ offset: 4, data: 4 }, { offset: 5, data: 5 }] });
     ws.push({ type: "publication", channel: "feed", offset: 7, data: 7 });
     assert.deepEqual(got, [1, 2, 3, 4, 5, 6, 7]);
-    assert.deepEqual(gaps, [{ offset: 1, recovered: true, missed: 4 }]);
+    assert.deepEqual(gaps, [{ offset: 1, recovered: true, missed: 4, epochChanged: false }]);
   });
 
   test("an incomplete history after a gap is reported, and no partial replay is delivered", async () => {
@@ -313,7 +412,33 @@ describe("subscriptions", () => {
     ws.push({ type: "history", id: h.id, channel: "feed", offset: 9, epoch: "e", complete: false, publications: [{ offset: 8, data: 8 }, { offset: 9, data: 9 }] });
     ws.push({ type: "publication", channel: "feed", offset: 10, data: 10 });
     assert.deepEqual(got, [9, 10]);
-    assert.deepEqual(gaps, [{ offset: 1, recovered: false, missed: 0 }]);
+    assert.deepEqual(gaps, [{ offset: 1, recovered: false, missed: 0, epochChanged: false }]);
+  });
+
+  test("a gap whose history shows a new epoch: the new epoch is fetched from its start", async () => {
+    // A networked broker reports a gap when a channel's stream restarts (its history lost), then
+    // delivers the new epoch, whose offsets start again at 1.
+    const c = client();
+    const ws = await connected(c);
+    const got = [];
+    const gaps = [];
+    const sub = c.subscribe("feed", { onPublication: (p) => got.push(`${p.offset}/${p.epoch}`), onGap: (g) => gaps.push(g) });
+    answerSubscribe(ws, "feed", { offset: 4, epoch: "old" });
+    ws.push({ type: "publication", channel: "feed", offset: 5, data: 5 });
+    ws.push({ type: "gap", channel: "feed", offset: 5 });
+    ws.push({ type: "publication", channel: "feed", offset: 2, data: "n2" });
+    ws.push({ type: "publication", channel: "feed", offset: 3, data: "n3" });
+    const h1 = ws.lastSent("history", "feed");
+    assert.deepEqual(h1.since, { offset: 5, epoch: "old" });
+    ws.push({ type: "history", id: h1.id, channel: "feed", offset: 3, epoch: "new", complete: false, publications: [] });
+    const h2 = ws.lastSent("history", "feed");
+    assert.notEqual(h2.id, h1.id);
+    assert.deepEqual(h2.since, { offset: 0, epoch: "new" });
+    ws.push({ type: "history", id: h2.id, channel: "feed", offset: 3, epoch: "new", complete: true, publications: [{ offset: 1 }, { offset: 2 }, { offset: 3 }] });
+    ws.push({ type: "publication", channel: "feed", offset: 4, data: "n4" });
+    assert.deepEqual(got, ["5/old", "1/new", "2/new", "3/new", "4/new"]);
+    assert.deepEqual(gaps, [{ offset: 5, recovered: false, missed: 3, epochChanged: true }]);
+    assert.deepEqual(sub.position, { offset: 4, epoch: "new" });
   });
 
   test("an offset jump in live traffic is treated as a gap", async () => {
