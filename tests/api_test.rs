@@ -159,6 +159,21 @@ async fn bad_requests_get_json_errors_with_the_right_status() {
             400,
             "unknown_namespace",
         ),
+        // As the WebSocket `publish` answers (`missing_field`): a publication carries data.
+        (
+            "POST",
+            "/api/publish",
+            Some(r#"{"channel":"a","data":null}"#),
+            400,
+            "missing_field",
+        ),
+        (
+            "POST",
+            "/api/broadcast",
+            Some(r#"{"channels":["a"],"data":null}"#),
+            400,
+            "missing_field",
+        ),
         ("POST", "/api/publish", Some(&big), 413, "body_too_large"),
         (
             "POST",
@@ -198,6 +213,13 @@ async fn bad_requests_get_json_errors_with_the_right_status() {
             "invalid_field",
         ),
     ];
+    let (mut ws, _) = v1_client(&server).await;
+    let refused = call(
+        &mut ws,
+        serde_json::json!({"type":"publish","id":1,"channel":"a","data":null}),
+    )
+    .await;
+    assert_eq!(refused["code"], "missing_field", "{refused}");
     for (method, path, body, status, code) in cases {
         let (got, reply) = api(&server, method, path, body).await;
         assert_eq!(
@@ -294,15 +316,16 @@ async fn metrics_can_live_on_their_own_address() {
     let server = TestServer::start(|c| c.metrics_addr = Some(addr)).await;
     let (status, _, _) = http(server.addr, "GET", "/metrics", &[]).await;
     assert_eq!(status, 404, "not on the main port any more");
-    let mut served = None;
-    for _ in 0..50 {
-        if TcpStream::connect(addr).await.is_ok() {
-            served = Some(http(addr, "GET", "/metrics", &[]).await);
-            break;
-        }
+    // The listener comes up with the server; wait (bounded) until it accepts.
+    let deadline = std::time::Instant::now() + WAIT;
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics listener never came up"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let (status, _, body) = served.expect("metrics listener up");
+    let (status, _, body) = http(addr, "GET", "/metrics", &[]).await;
     assert_eq!(status, 200);
     assert!(body.contains("rusty_socks_connections 0"), "{body}");
     server.stop().await;

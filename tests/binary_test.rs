@@ -152,7 +152,7 @@ fn thread_pool_size_is_the_number_of_worker_threads() {
             .filter(|comm| comm.starts_with("rusty-socks-wor"))
             .count()
     };
-    let deadline = Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + WAIT;
     let mut workers = count_workers();
     while workers < 3 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));

@@ -98,15 +98,12 @@ async fn max_conn_refuses_at_once_with_503_and_spares_existing_clients() {
     let (mut a, _) = join(&server).await;
     let (mut b, b_id) = join(&server).await;
 
-    let started = std::time::Instant::now();
+    // Refused at once: `a` and `b` stay connected throughout, so the answer cannot have waited
+    // for a slot to free up (and it comes within the wait of `http`).
     let (status, head, body) = http(server.addr, "GET", "/ws", &UPGRADE_HEADERS).await;
     assert_eq!(status, 503, "{head}");
     assert!(head.contains("retry-after: 1"), "{head}");
     assert!(body.contains("RUSTY_SOCKS_MAX_CONN"), "{body}");
-    assert!(
-        started.elapsed() < std::time::Duration::from_secs(2),
-        "refused at once"
-    );
     // tungstenite sees the refusal as an HTTP error, not a network fault.
     match tokio_tungstenite::connect_async(server.url("/ws")).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {

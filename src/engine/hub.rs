@@ -40,6 +40,12 @@ pub struct MemberState {
     buffer: Mutex<Vec<Buffered>>,
     gapped: AtomicBool,
     last_offset: AtomicU64,
+    /// Publications up to this offset were in the recovery's replay or live frames already:
+    /// a networked broker may still deliver them after recovery finished (history and live
+    /// delivery travel on different connections), and they must not reach the client twice.
+    /// Reset when a gap is cleared: from then on the client recovers by itself, and a stream
+    /// that restarted numbers its publications from 1 again.
+    replayed_through: AtomicU64,
 }
 
 impl MemberState {
@@ -58,6 +64,7 @@ impl MemberState {
             buffer: Mutex::default(),
             gapped: AtomicBool::new(false),
             last_offset: AtomicU64::new(0),
+            replayed_through: AtomicU64::new(0),
         })
     }
 
@@ -71,8 +78,16 @@ impl MemberState {
         self.last_offset.fetch_max(offset, Ordering::AcqRel);
     }
 
+    /// Records that the client got everything up to `offset` when its recovery finished, so a
+    /// late live delivery of any of those is dropped.
+    pub fn replayed_through(&self, offset: u64) {
+        self.delivered_up_to(offset);
+        self.replayed_through.fetch_max(offset, Ordering::AcqRel);
+    }
+
     /// Ends a gap after it was reported; frames flow again.
     pub fn clear_gap(&self) {
+        self.replayed_through.store(0, Ordering::Release);
         self.gapped.store(false, Ordering::Release);
     }
 
@@ -353,6 +368,10 @@ fn deliver_one(member: &Member, offset: Option<u64>, frame: &Bytes) -> bool {
     if state.gapped.load(Ordering::Acquire) {
         return false;
     }
+    if offset.is_some_and(|o| o <= state.replayed_through.load(Ordering::Acquire)) {
+        // Already in the client's replay (see `MemberState::replayed_through`).
+        return true;
+    }
     match member.outbox.try_push(frame.clone()) {
         Push::Queued => {
             if let Some(offset) = offset {
@@ -474,6 +493,23 @@ mod tests {
         assert_eq!(buffered, vec![(Some(7), Bytes::from_static(b"7"))]);
         hub.deliver("room", Some(8), &Bytes::from_static(b"8"), None);
         assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"8")));
+    }
+
+    #[test]
+    fn a_late_live_copy_of_a_replayed_publication_is_dropped_until_a_gap() {
+        let hub = Hub::new();
+        let (_outbox, mut rx, state) = member(&hub, "room", 8, SlowPolicy::Gap);
+        // Recovery replayed 1..=5; a networked broker's live delivery of 5 comes afterwards.
+        state.replayed_through(5);
+        hub.deliver("room", Some(5), &Bytes::from_static(b"5"), None);
+        hub.deliver("room", Some(6), &Bytes::from_static(b"6"), None);
+        assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"6")));
+        assert!(rx.try_recv().is_none(), "5 reached the client twice");
+        // After a gap the client recovers by itself, and a restarted stream counts from 1.
+        hub.gap("room", false);
+        state.clear_gap();
+        hub.deliver("room", Some(1), &Bytes::from_static(b"1"), None);
+        assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"1")));
     }
 
     #[test]

@@ -434,7 +434,7 @@ impl Node {
                 frame
             })
             .collect();
-        state.delivered_up_to(last);
+        state.replayed_through(last);
         Ok(Subscription {
             state,
             position,

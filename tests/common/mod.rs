@@ -469,3 +469,147 @@ pub fn take_frame(buf: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
     buf.drain(..header + len);
     Some((opcode, payload))
 }
+
+/// Clients publishing to one channel without pause, each keeping `in_flight` publishes
+/// pipelined, until stopped; the highest offset their `published` replies carried is watched.
+pub struct Publishing {
+    stop: tokio::sync::watch::Sender<bool>,
+    acked: tokio::sync::watch::Receiver<u64>,
+    tasks: Vec<tokio::task::JoinHandle<Ws>>,
+}
+
+impl Publishing {
+    pub fn start(publishers: Vec<Ws>, channel: &'static str, in_flight: usize) -> Self {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let (acked_tx, acked) = tokio::sync::watch::channel(0);
+        let tasks = publishers
+            .into_iter()
+            .map(|mut ws| {
+                let (stopped, acked_tx) = (stopped.clone(), acked_tx.clone());
+                tokio::spawn(async move {
+                    // 1 KB of data: each publication keeps the channel busy a little longer.
+                    let command =
+                        serde_json::json!({"type":"publish","channel":channel,"data":"x".repeat(1000)});
+                    let command = command.to_string();
+                    let mut pending = 0;
+                    loop {
+                        if !*stopped.borrow() && pending < in_flight {
+                            send_text(&mut ws, &command).await;
+                            pending += 1;
+                        } else if pending > 0 {
+                            let reply = recv_json(&mut ws).await;
+                            assert_eq!(reply["type"], "published", "{reply}");
+                            pending -= 1;
+                            let offset = reply["offset"].as_u64().unwrap();
+                            acked_tx.send_modify(|acked| *acked = offset.max(*acked));
+                        } else {
+                            return ws;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Publishing { stop, acked, tasks }
+    }
+
+    /// Waits until a publication at `offset` or later is acknowledged; returns the latest.
+    pub async fn reached(&self, offset: u64) -> u64 {
+        let mut acked = self.acked.clone();
+        let acked = tokio::time::timeout(WAIT, acked.wait_for(|&acked| acked >= offset))
+            .await
+            .expect("the publishers stalled");
+        *acked.expect("the publishers failed")
+    }
+
+    pub fn latest(&self) -> u64 {
+        *self.acked.borrow()
+    }
+
+    pub async fn stop(self) {
+        self.stop.send_replace(true);
+        for task in self.tasks {
+            task.await.expect("a publisher failed");
+        }
+    }
+}
+
+/// Fails unless `got` is exactly `expected`, naming the first difference (whole sequences
+/// would be too long to read).
+pub fn assert_sequence(got: &[u64], expected: std::ops::RangeInclusive<u64>, context: &str) {
+    let expected: Vec<u64> = expected.collect();
+    if got != expected {
+        let at = got
+            .iter()
+            .zip(&expected)
+            .position(|(g, e)| g != e)
+            .unwrap_or(got.len().min(expected.len()));
+        let window = |v: &[u64]| v[at.saturating_sub(3)..(at + 4).min(v.len())].to_vec();
+        let mut sorted = got.to_vec();
+        sorted.sort_unstable();
+        let twice: Vec<u64> = sorted
+            .windows(2)
+            .filter(|w| w[0] == w[1])
+            .map(|w| w[0])
+            .collect();
+        let missing: Vec<u64> = expected
+            .iter()
+            .filter(|o| sorted.binary_search(o).is_err())
+            .copied()
+            .collect();
+        panic!(
+            "{context}: got {} offsets, expected {} ({}..={}); first difference at #{at}: got \
+             ...{:?}..., expected ...{:?}...; delivered twice: {twice:?}; missing: {missing:?}",
+            got.len(),
+            expected.len(),
+            expected[0],
+            expected[expected.len() - 1],
+            window(got),
+            window(&expected),
+        );
+    }
+}
+
+/// One client recovering while `publishing` goes on before, during and after its `subscribe`
+/// (it waits for new acknowledgements before subscribing and after the reply): it last saw
+/// `missed` publications behind the head, and the replay plus the live publications after it
+/// must be every offset from there on, each once, in order.
+pub async fn recover_while_publishing(
+    ws: &mut Ws,
+    channel: &str,
+    publishing: &Publishing,
+    epoch: &Value,
+    missed: u64,
+    live: u64,
+    attempt: u64,
+) {
+    let head = publishing.reached(publishing.latest() + 1).await;
+    let since = head - missed;
+    let sub = call(
+        ws,
+        serde_json::json!({"type":"subscribe","id":attempt,"channel":channel,"since":{"offset":since,"epoch":epoch}}),
+    )
+    .await;
+    assert_eq!(sub["type"], "subscribed", "attempt {attempt}: {sub}");
+    assert_eq!(sub["recovered"], true, "attempt {attempt}: {sub}");
+    let position = sub["offset"].as_u64().unwrap();
+    assert!(
+        position >= head,
+        "attempt {attempt}: the replay covers what was acknowledged before: {sub}"
+    );
+    let mut got = offsets(&sub["publications"]);
+    // Live publications follow the replay, up to one acknowledged after the reply.
+    let until = publishing.reached(position + live).await;
+    while (got.len() as u64) < until - since {
+        let push = recv_json(ws).await;
+        if matches!(push["type"].as_str(), Some("join" | "leave")) {
+            continue;
+        }
+        assert_eq!(push["type"], "publication", "attempt {attempt}: {push}");
+        got.push(push["offset"].as_u64().unwrap());
+    }
+    assert_sequence(
+        &got,
+        since + 1..=until,
+        &format!("attempt {attempt} (since {since}, replay up to {position})"),
+    );
+}

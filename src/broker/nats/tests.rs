@@ -1,7 +1,7 @@
-//! Tests of the NATS broker: encoding round trips without a server, and, when
-//! `RUSTY_SOCKS_TEST_NATS_URL` names one, the shared conformance suite, long and limited
-//! histories, and two nodes sharing publications and presence. Each run uses a fresh prefix
-//! and deletes what it created.
+//! Tests of the NATS broker: encoding round trips without a server, and, against the server
+//! `RUSTY_SOCKS_TEST_NATS_URL` names (`#[ignore]`d tests: `cargo test -- --include-ignored`),
+//! the shared conformance suite, long and limited histories, and two nodes sharing
+//! publications and presence. Each run uses a fresh prefix and deletes what it created.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,12 +15,15 @@ use crate::broker::history::HistoryLimits;
 use crate::broker::{Broker, BrokerError, ClientInfo, HistoryPage, PublishRequest};
 use crate::types::StreamPosition;
 
-fn url() -> Option<String> {
-    let url = std::env::var("RUSTY_SOCKS_TEST_NATS_URL").ok();
-    if url.is_none() {
-        println!("skipped: RUSTY_SOCKS_TEST_NATS_URL not set");
-    }
-    url
+/// The NATS server the tests run against; a test that needs it and runs without it fails (the
+/// tests that need it are `#[ignore]`d, so a plain `cargo test` lists them as ignored).
+fn url() -> String {
+    std::env::var("RUSTY_SOCKS_TEST_NATS_URL").unwrap_or_else(|_| {
+        panic!(
+            "RUSTY_SOCKS_TEST_NATS_URL is not set: this test needs NATS with JetStream, \
+             e.g. RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222"
+        )
+    })
 }
 
 /// Options with a fresh prefix, so runs never share a stream.
@@ -41,15 +44,36 @@ async fn connect(options: &NatsOptions, events: Arc<Recorder>) -> Arc<NatsBroker
     )
 }
 
-/// Deletes what a run created on the server.
-async fn cleanup(options: &NatsOptions) {
-    if let Ok(client) = async_nats::connect(options.url.as_str()).await {
-        let js = jetstream::new(client);
-        let names = Names {
-            prefix: options.prefix.clone(),
-        };
-        let _ = js.delete_stream(names.stream()).await;
-        let _ = js.delete_key_value(names.bucket()).await;
+/// Deletes what a run created on the server when dropped, so a failing test does not leave
+/// its stream behind either (each reserves JetStream storage; leaked ones end up exhausting
+/// it). Dropped inside the test's runtime, which cannot be blocked on: a thread of its own.
+struct Cleanup(NatsOptions);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let options = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let cleanup = async {
+                    let client = async_nats::connect(options.url.as_str()).await.ok()?;
+                    let js = jetstream::new(client);
+                    let names = Names {
+                        prefix: options.prefix.clone(),
+                    };
+                    let _ = js.delete_stream(names.stream()).await;
+                    let _ = js.delete_key_value(names.bucket()).await;
+                    Some(())
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(5), cleanup).await;
+            });
+        })
+        .join();
     }
 }
 
@@ -91,9 +115,11 @@ fn tokens_and_limits_round_trip() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
 async fn nats_broker_passes_the_conformance_suite() {
-    let Some(url) = url() else { return };
+    let url = url();
     let options = options(&url);
+    let _cleanup = Cleanup(options.clone());
     conformance::run_all(|events| {
         let options = options.clone();
         async move {
@@ -102,13 +128,14 @@ async fn nats_broker_passes_the_conformance_suite() {
         }
     })
     .await;
-    cleanup(&options).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
 async fn long_histories_byte_limits_and_empty_histories() {
-    let Some(url) = url() else { return };
+    let url = url();
     let options = options(&url);
+    let _cleanup = Cleanup(options.clone());
     let broker = connect(&options, Arc::new(Recorder::default())).await;
     let c = "long.*>";
     for n in 1..=50 {
@@ -173,13 +200,14 @@ async fn long_histories_byte_limits_and_empty_histories() {
             epoch: empty.position.epoch
         }
     );
-    cleanup(&options).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
 async fn two_nodes_share_publications_and_presence() {
-    let Some(url) = url() else { return };
+    let url = url();
     let options = options(&url);
+    let _cleanup = Cleanup(options.clone());
     let (events_a, events_b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
     let a = connect(&options, events_a.clone()).await;
     let b = connect(&options, events_b.clone()).await;
@@ -239,7 +267,6 @@ async fn two_nodes_share_publications_and_presence() {
     drop(b);
     tokio::time::sleep(options.presence_ttl + Duration::from_secs(2)).await;
     assert_eq!(a.presence(c).await.expect("presence"), vec![alice]);
-    cleanup(&options).await;
 }
 
 #[tokio::test]
