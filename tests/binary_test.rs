@@ -3,96 +3,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::process::*;
 use common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_rusty_socks");
-
-fn clean_env(cmd: &mut Command) -> &mut Command {
-    for (key, _) in std::env::vars() {
-        if key.starts_with("RUSTY_SOCKS_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("RUST_LOG", "info")
-}
-
-/// Kills the server if a test fails before stopping it, so no process outlives the test.
-struct Reap(Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-impl std::ops::Deref for Reap {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Reap {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
 
 /// Starts the binary on a free loopback port and returns it with the address it logged.
 fn spawn(extra: &[(&str, &str)]) -> (Reap, std::net::SocketAddr) {
-    let mut cmd = Command::new(BIN);
-    clean_env(&mut cmd)
-        .env("RUSTY_SOCKS_HOST", "127.0.0.1")
-        .env("RUSTY_SOCKS_PORT", "0")
-        .envs(extra.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap().to_owned();
-                let _ = tx.send(addr);
-            }
-        }
-    });
-    let child = Reap(child);
-    let addr = rx
-        .recv_timeout(WAIT)
-        .expect("server never logged its address");
-    (child, addr.parse().unwrap())
-}
-
-fn signal(child: &Reap, name: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn wait_exit(child: &mut Reap, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut server = Logged::start(extra);
+    let addr = server.address();
+    (server.child, addr)
 }
 
 #[test]
