@@ -14,29 +14,7 @@ BASELINE=${2:-}
 cargo build --release --quiet --workspace --bins
 BIN=target/release
 
-SERVER_PID=""
-stop() { if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""; fi; }
-trap stop EXIT
-
-start() { # name -> sets SERVER_PID and PORT
-  case "$1" in
-    rusty_socks | baseline)
-      local binary="$BIN/rusty_socks"
-      [ "$1" = baseline ] && binary=$BASELINE
-      PORT=9500
-      RUSTY_SOCKS_HOST=127.0.0.1 RUSTY_SOCKS_PORT=$PORT RUSTY_SOCKS_THREAD_POOL_SIZE=1 \
-        RUSTY_SOCKS_MAX_CONN=20000 RUSTY_SOCKS_MAX_QUEUED_TASKS=20000 \
-        RUST_LOG=warn taskset -c 1 "$binary" >/dev/null 2>&1 &
-      ;;
-    fastwebsockets) PORT=9502; taskset -c 1 "$BIN/peer-fastwebsockets" --port $PORT >/dev/null 2>&1 & ;;
-  esac
-  SERVER_PID=$!
-  for _ in $(seq 1 50); do
-    if (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null; then return; fi
-    sleep 0.1
-  done
-  echo "server $1 did not start" >&2; exit 1
-}
+. bench/servers.sh
 
 SERVERS="rusty_socks fastwebsockets"
 [ -n "$BASELINE" ] && SERVERS="baseline rusty_socks fastwebsockets"

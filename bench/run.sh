@@ -11,29 +11,7 @@ BIN=target/release
 QUICK=${1:-}
 scale() { if [ "$QUICK" = quick ]; then echo $(( $1 / 10 )); else echo "$1"; fi; }
 
-SERVER_PID=""
-stop() { if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""; fi; }
-trap stop EXIT
-
-start() { # name -> sets SERVER_PID and PORT
-  local name=$1
-  case "$name" in
-    rusty_socks)
-      PORT=9500
-      RUSTY_SOCKS_HOST=127.0.0.1 RUSTY_SOCKS_PORT=$PORT RUSTY_SOCKS_THREAD_POOL_SIZE=1 \
-        RUSTY_SOCKS_MAX_CONN=20000 RUSTY_SOCKS_MAX_QUEUED_TASKS=20000 RUSTY_SOCKS_ECHO_ENDPOINT=true \
-        RUST_LOG=warn taskset -c 1 "$BIN/rusty_socks" >/dev/null 2>&1 &
-      ;;
-    tungstenite) PORT=9501; taskset -c 1 "$BIN/peer-tungstenite" --port $PORT >/dev/null 2>&1 & ;;
-    fastwebsockets) PORT=9502; taskset -c 1 "$BIN/peer-fastwebsockets" --port $PORT >/dev/null 2>&1 & ;;
-  esac
-  SERVER_PID=$!
-  for _ in $(seq 1 50); do
-    if (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null; then return; fi
-    sleep 0.1
-  done
-  echo "server $name did not start" >&2; exit 1
-}
+. bench/servers.sh
 
 gen() { taskset -c 0 "$BIN/loadgen" "$@" | grep '^RESULT' || echo "RESULT failed"; }
 

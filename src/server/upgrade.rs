@@ -184,15 +184,7 @@ pub async fn start(pending: Pending, state: &Arc<AppState>) {
                 config.shutdown_grace,
             );
             let handler = ChatHandler::new(client_id, outbox, Arc::clone(&state.chat), identity);
-            let parts = SessionParts::new(
-                rx,
-                handler,
-                session_config,
-                state.shutdown.clone(),
-                Arc::clone(&state.stats),
-                guards,
-            );
-            spawn_on_socket(upgraded, parts, state);
+            spawn_on_socket(upgraded, rx, handler, session_config, guards, state);
         }
         Endpoint::Echo => {
             // The echo endpoint has no fan-out; its outbox only carries signals.
@@ -203,27 +195,30 @@ pub async fn start(pending: Pending, state: &Arc<AppState>) {
                 config.timeout,
                 config.shutdown_grace,
             );
-            let parts = SessionParts::new(
-                rx,
-                EchoHandler,
-                session_config,
-                state.shutdown.clone(),
-                Arc::clone(&state.stats),
-                guards,
-            );
-            spawn_on_socket(upgraded, parts, state);
+            spawn_on_socket(upgraded, rx, EchoHandler, session_config, guards, state);
         }
     }
 }
 
-/// Puts `parts` on the upgraded socket and spawns it: for plain TCP, hyper gives the
-/// `TcpStream` back and the session polls it directly; anything else (TLS) goes through
+/// Puts a session of `handler` on the upgraded socket and spawns it: for plain TCP, hyper gives
+/// the `TcpStream` back and the session polls it directly; anything else (TLS) goes through
 /// `Buffered`.
 fn spawn_on_socket<H: Handler + 'static>(
     upgraded: hyper::upgrade::Upgraded,
-    parts: Box<SessionParts<H>>,
+    rx: crate::engine::outbox::OutboxReceiver,
+    handler: H,
+    config: SessionConfig,
+    guards: Guards,
     state: &AppState,
 ) {
+    let parts = SessionParts::new(
+        rx,
+        handler,
+        config,
+        state.shutdown.clone(),
+        Arc::clone(&state.stats),
+        guards,
+    );
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(raw) => {
             let session = parts.into_session(raw.io.into_inner());
