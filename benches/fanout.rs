@@ -22,7 +22,7 @@ fn run(members: usize, messages: usize, size: usize) {
         let (outbox, rx) = Outbox::new(Uuid::new_v4(), 1024);
         let state = MemberState::recovering("bench", SlowPolicy::Disconnect, 1024);
         hub.subscribe(&outbox, Arc::clone(&state));
-        hub.finish_recovery(&state);
+        hub.finish_recovery(&state, 0);
         receivers.push(rx);
     }
     let frame: Bytes = encode(OpCode::Text, &vec![b'x'; size]);

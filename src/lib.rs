@@ -11,7 +11,7 @@
 //! - [`engine`]: hub, node, sessions, outboxes; the chat and echo endpoints' behaviour.
 //! - [`settings`]: every `RUSTY_SOCKS_*` setting, read and validated in one place.
 //! - [`server`]: accept loop, HTTP, upgrade, admission, TLS, server API, metrics, demo;
-//!   [`server::run`] is the entry point for `main` and tests.
+//!   `main` prepares with [`server::Prepared`], tests call [`server::run`].
 
 pub mod auth;
 pub mod broker;

@@ -23,8 +23,9 @@ macro_rules! complain {
 }
 
 fn main() -> ExitCode {
-    if let Some(arg) = std::env::args().nth(1) {
-        return match arg.as_str() {
+    if let Some(arg) = std::env::args_os().nth(1) {
+        let arg = arg.to_string_lossy();
+        return match &*arg {
             "-h" | "--help" => {
                 print_help();
                 ExitCode::SUCCESS
@@ -212,8 +213,15 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).ok();
-        let mut int = signal(SignalKind::interrupt()).ok();
+        let install = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(sig) => Some(sig),
+            Err(err) => {
+                tracing::warn!(%err, "cannot handle {name}: it will stop the server abruptly");
+                None
+            }
+        };
+        let mut term = install(SignalKind::terminate(), "SIGTERM");
+        let mut int = install(SignalKind::interrupt(), "SIGINT");
         async move {
             let term = async {
                 match term.as_mut() {

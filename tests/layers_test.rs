@@ -140,6 +140,47 @@ fn code_only(text: &str) -> String {
     out
 }
 
+/// Words an item can start with (after its attributes).
+const ITEM_KEYWORDS: &[&str] = &[
+    "mod",
+    "fn",
+    "impl",
+    "use",
+    "const",
+    "static",
+    "struct",
+    "enum",
+    "trait",
+    "type",
+    "pub",
+    "async",
+    "unsafe",
+    "macro_rules",
+];
+
+/// `text` after any leading attributes (`#[...]`) and whitespace.
+fn skip_attributes(mut text: &str) -> &str {
+    while let Some(attr) = text.strip_prefix("#[") {
+        let mut depth = 1usize;
+        let mut end = attr.len();
+        for (k, ch) in attr.char_indices() {
+            match ch {
+                '[' => depth += 1,
+                ']' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = k + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        text = attr[end..].trim_start();
+    }
+    text
+}
+
 /// Removes every `#[cfg(test)]` item (a `mod x { ... }`, a `fn`, an `impl`...) and returns
 /// the rest, with the names of `#[cfg(test)] mod x;` files it declares.
 fn without_test_code(code: &str) -> (String, Vec<String>) {
@@ -150,6 +191,16 @@ fn without_test_code(code: &str) -> (String, Vec<String>) {
         out.push_str(&rest[..at]);
         let after = &rest[at + "#[cfg(test)]".len()..];
         let trimmed = after.trim_start();
+        // Only a whole item is exempt; on a field, variant or match arm the attribute is
+        // dropped and the code around it still counts.
+        let first_word: String = skip_attributes(trimmed)
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !ITEM_KEYWORDS.contains(&first_word.as_str()) {
+            rest = after;
+            continue;
+        }
         // `mod name;`: a file of its own, used only by tests.
         if let Some(decl) = trimmed.strip_prefix("mod ")
             && let Some(semi) = decl.find(';')
@@ -192,9 +243,36 @@ fn without_test_code(code: &str) -> (String, Vec<String>) {
     (out, test_files)
 }
 
-/// The top-level modules named by `crate::` paths in `code` (`use crate::{a, b::c}` included).
-fn crate_deps(code: &str) -> BTreeSet<String> {
+/// The top-level modules named by `crate::` (or `$crate::`) paths in `code`, grouped
+/// `use crate::{a, b::c}` included, and by `super::` chains that climb to the crate root from a
+/// file `depth` modules deep (`src/a.rs` and `src/a/mod.rs` are 1 deep, `src/a/b.rs` 2).
+/// `crate as` (an alias the checker could not follow) is reported as the dependency `crate`.
+fn crate_deps(code: &str, depth: usize) -> BTreeSet<String> {
     let mut deps = BTreeSet::new();
+    if code.contains("crate as") {
+        deps.insert("crate".to_owned());
+    }
+    let mut at = 0;
+    while let Some(found) = code[at..].find("super::") {
+        let start = at + found;
+        at = start + "super::".len();
+        if start > 0 {
+            let before = code.as_bytes()[start - 1];
+            if before.is_ascii_alphanumeric() || before == b'_' || before == b':' {
+                continue;
+            }
+        }
+        let mut climbs = 1;
+        while code[at..].starts_with("super::") {
+            climbs += 1;
+            at += "super::".len();
+        }
+        if climbs >= depth {
+            // Past the crate root: read what follows as if it came after `crate::`.
+            let rest = format!("crate::{}", first_path(&code[at..]));
+            deps.extend(crate_deps(&rest, 0));
+        }
+    }
     let ident = |s: &str| -> String {
         s.trim_start()
             .chars()
@@ -204,7 +282,7 @@ fn crate_deps(code: &str) -> BTreeSet<String> {
     for (at, _) in code.match_indices("crate::") {
         if at > 0 {
             let before = code.as_bytes()[at - 1];
-            if before.is_ascii_alphanumeric() || before == b'_' || before == b'$' {
+            if before.is_ascii_alphanumeric() || before == b'_' {
                 continue;
             }
         }
@@ -234,6 +312,56 @@ fn crate_deps(code: &str) -> BTreeSet<String> {
     }
     deps.retain(|d| !d.is_empty());
     deps
+}
+
+/// The path (or `{...}` group) at the start of `text`.
+fn first_path(text: &str) -> &str {
+    if text.starts_with('{') {
+        let mut depth = 0usize;
+        for (k, ch) in text.char_indices() {
+            match ch {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return &text[..=k];
+                    }
+                }
+                _ => {}
+            }
+        }
+        text
+    } else {
+        let end = text
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(text.len());
+        &text[..end]
+    }
+}
+
+/// Whether `code` reads the process environment: `std::env`, or `env` imported from a
+/// `use std::{...}` group.
+fn reads_env(code: &str) -> bool {
+    if code.contains("std::env") || code.contains("env::var") {
+        return true;
+    }
+    code.match_indices("std::{").any(|(at, _)| {
+        let group = first_path(&code[at + "std::".len()..]);
+        group
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .any(|word| word == "env")
+    })
+}
+
+/// How many modules deep a file is: `src/a.rs` and `src/a/mod.rs` are 1, `src/a/b.rs` 2.
+fn depth(src: &Path, file: &Path) -> usize {
+    let rel = file.strip_prefix(src).unwrap();
+    let parts = rel.components().count();
+    if file.file_name().is_some_and(|n| n == "mod.rs") {
+        parts - 1
+    } else {
+        parts
+    }
 }
 
 struct Module {
@@ -283,12 +411,12 @@ fn scan() -> (BTreeMap<String, Module>, Vec<(String, usize)>) {
             deps: BTreeMap::new(),
             reads_env: BTreeSet::new(),
         });
-        for dep in crate_deps(&code) {
+        for dep in crate_deps(&code, depth(&src, &file)) {
             if dep != top {
                 module.deps.entry(dep).or_default().insert(rel.clone());
             }
         }
-        if code.contains("std::env") || code.contains("env::var") {
+        if reads_env(&code) {
             module.reads_env.insert(rel);
         }
     }
@@ -371,9 +499,37 @@ mod helpers;
 "##,
     );
     let (code, test_files) = without_test_code(&code);
-    let deps: Vec<_> = crate_deps(&code).into_iter().collect();
+    let deps: Vec<_> = crate_deps(&code, 1).into_iter().collect();
     assert_eq!(deps, ["alpha", "beta", "delta", "gamma"]);
     assert_eq!(test_files, ["helpers"]);
+}
+
+#[test]
+fn the_checker_sees_super_chains_aliases_and_test_attributes_on_fields() {
+    // From src/engine/mod.rs (1 deep) `super::` is the crate root; from src/engine/x.rs
+    // (2 deep) it takes two.
+    let deps = |code: &str, depth| -> Vec<String> {
+        let (code, _) = without_test_code(&code_only(code));
+        crate_deps(&code, depth).into_iter().collect()
+    };
+    assert_eq!(deps("use super::server::AppState;", 1), ["server"]);
+    assert_eq!(deps("use super::outbox::Outbox;", 2), Vec::<String>::new());
+    assert_eq!(
+        deps("use super::super::{server, ws::frame};", 2),
+        ["server", "ws"]
+    );
+    assert_eq!(deps("$crate::server::run()", 1), ["server"]);
+    assert_eq!(deps("use crate as root;", 1), ["crate"]);
+    // A test-only field does not hide the code after it.
+    assert_eq!(
+        deps(
+            "struct S { #[cfg(test)] probe: u8 } impl S { fn f() { crate::engine::x() } }",
+            1
+        ),
+        ["engine"]
+    );
+    assert!(reads_env("use std::{env as e, io};"));
+    assert!(!reads_env("use std::{io, environment_free};"));
 }
 
 #[test]

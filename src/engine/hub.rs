@@ -43,8 +43,9 @@ pub struct MemberState {
     /// Publications up to this offset were in the recovery's replay or live frames already:
     /// a networked broker may still deliver them after recovery finished (history and live
     /// delivery travel on different connections), and they must not reach the client twice.
-    /// Reset when a gap is cleared: from then on the client recovers by itself, and a stream
-    /// that restarted numbers its publications from 1 again.
+    /// Reset when the broker reports a gap (`Hub::gap`): the client then recovers by itself,
+    /// and a stream that restarted numbers its publications from 1 again. A gap from this
+    /// client's own overflow keeps it, since late copies may still follow a recovery.
     replayed_through: AtomicU64,
 }
 
@@ -87,7 +88,6 @@ impl MemberState {
 
     /// Ends a gap after it was reported; frames flow again.
     pub fn clear_gap(&self) {
-        self.replayed_through.store(0, Ordering::Release);
         self.gapped.store(false, Ordering::Release);
     }
 
@@ -245,8 +245,11 @@ impl Hub {
     /// Ends recovery: returns the frames buffered meanwhile, after which frames go straight to
     /// the outbox. Taking the buffer and switching mode happen under the buffer's lock, so no
     /// frame is both buffered and queued, and none is lost.
-    pub fn finish_recovery(&self, state: &MemberState) -> Vec<Buffered> {
+    pub fn finish_recovery(&self, state: &MemberState, replayed_through: u64) -> Vec<Buffered> {
         let mut buffer = state.lock_buffer();
+        // Before live delivery starts: a late copy of a replayed publication arriving right
+        // after the switch must already be recognised.
+        state.replayed_through(replayed_through);
         state.recovering.store(false, Ordering::Release);
         std::mem::take(&mut *buffer)
     }
@@ -305,6 +308,8 @@ impl Hub {
             return 0;
         };
         for member in entry.members.values() {
+            // The stream may have restarted (offsets from 1 again): nothing is a late copy now.
+            member.state.replayed_through.store(0, Ordering::Release);
             if close_instead {
                 member.outbox.close(CloseCode::MessagesMissed);
             } else if !member.state.gapped.swap(true, Ordering::AcqRel) {
@@ -412,7 +417,7 @@ mod tests {
         let (outbox, rx) = Outbox::new(Uuid::new_v4(), capacity);
         let state = MemberState::recovering(channel, policy, 8);
         hub.subscribe(&outbox, Arc::clone(&state));
-        hub.finish_recovery(&state);
+        hub.finish_recovery(&state, 0);
         (outbox, rx, state)
     }
 
@@ -489,7 +494,7 @@ mod tests {
         hub.subscribe(&outbox, Arc::clone(&state));
         hub.deliver("room", Some(7), &Bytes::from_static(b"7"), None);
         assert!(rx.try_recv().is_none(), "buffered, not queued");
-        let buffered = hub.finish_recovery(&state);
+        let buffered = hub.finish_recovery(&state, 0);
         assert_eq!(buffered, vec![(Some(7), Bytes::from_static(b"7"))]);
         hub.deliver("room", Some(8), &Bytes::from_static(b"8"), None);
         assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"8")));
@@ -505,7 +510,12 @@ mod tests {
         hub.deliver("room", Some(6), &Bytes::from_static(b"6"), None);
         assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"6")));
         assert!(rx.try_recv().is_none(), "5 reached the client twice");
-        // After a gap the client recovers by itself, and a restarted stream counts from 1.
+        // A gap of its own (an overflow) keeps the bound: late copies may still come.
+        state.clear_gap();
+        hub.deliver("room", Some(4), &Bytes::from_static(b"4"), None);
+        assert!(rx.try_recv().is_none(), "4 was replayed");
+        // After a broker's gap the client recovers by itself, and a restarted stream counts
+        // from 1.
         hub.gap("room", false);
         state.clear_gap();
         hub.deliver("room", Some(1), &Bytes::from_static(b"1"), None);

@@ -409,7 +409,10 @@ impl Node {
             }
             None => self.broker.history(channel, None, replay).await,
         };
-        let buffered = self.hub.finish_recovery(&state);
+        // Anything at or below the position read is in this reply (or, when recovery fails,
+        // behind the position the client is told): a later live copy of it is dropped.
+        let replayed = page.as_ref().map_or(0, |page| page.position.offset);
+        let buffered = self.hub.finish_recovery(&state, replayed);
         let HistoryPage {
             position,
             mut publications,

@@ -1,7 +1,8 @@
 //! Accepting connections, serving HTTP on them, and shutting down cleanly.
 //!
-//! [`run`] is what `main` and the integration tests both call: it takes a bound listener, so
-//! tests bind `127.0.0.1:0` and read the port before starting.
+//! `main` calls [`Prepared::new`] (keys, TLS, broker: everything that can fail) before it binds
+//! and announces the address, then [`Prepared::serve`]. The integration tests call [`run`], the
+//! two in one: it takes a bound listener, so tests bind `127.0.0.1:0` and read the port first.
 
 pub mod api;
 pub mod demo;

@@ -1,8 +1,9 @@
 //! Server settings: embedded defaults overridden by `RUSTY_SOCKS_*` environment variables.
 //!
 //! This is the one place that reads the process environment. The layers below never see
-//! [`Config`]: the server builds each one's typed options from it (`broker::BrokerChoice`,
-//! `engine::SessionConfig`, `auth::KeyOptions`, ...).
+//! [`Config`]: they take typed options, built here for the broker and the token verifier
+//! (`Config::broker_choice`, `Config::key_options`) and by the server for the engine
+//! (`engine::node::NodeOptions`, `engine::session::SessionConfig`).
 //!
 //! Every setting is validated at startup. A value that does not parse or is out of range is a
 //! [`ConfigError`] naming the variable, the value and what is accepted; `main` turns it into

@@ -2,7 +2,7 @@
 // through a dropped connection, errors shown in the page, and a server restart (new epoch).
 //
 // Each page is served through its own small HTTP + WebSocket proxy in front of the server: the
-// proxy serves `/` and `/rusty-socks.js` from the files (or, with RUSTY_SOCKS_DEMO_FROM_SERVER=1,
+// proxy serves `/` and `/rusty-socks.js` from the files (or, with RUSTY_SOCKS_TEST_DEMO_FROM_SERVER=1,
 // fetches them from the server), forwards everything else, including the `/ws` upgrade, and
 // lets the test cut that page's connection.
 //
@@ -19,7 +19,7 @@ import { restartServer, startServer } from "../test/helpers.js";
 const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, "..");
 const CHROMIUM = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
-const FROM_SERVER = process.env.RUSTY_SOCKS_DEMO_FROM_SERVER === "1";
+const FROM_SERVER = process.env.RUSTY_SOCKS_TEST_DEMO_FROM_SERVER === "1";
 const ARTIFACTS = path.join(here, "artifacts");
 const CHANNEL = "E2E-Room"; // mixed case: channel names are case-sensitive
 
@@ -119,7 +119,7 @@ before(async () => {
     // The server must serve the page and the module itself.
     for (const [route, type] of [["/", /text\/html/], ["/rusty-socks.js", /javascript/]]) {
       const res = await fetch(`${server.httpUrl}${route}`);
-      assert.equal(res.status, 200, `RUSTY_SOCKS_DEMO_FROM_SERVER=1 but the server answers ${res.status} for ${route}`);
+      assert.equal(res.status, 200, `RUSTY_SOCKS_TEST_DEMO_FROM_SERVER=1 but the server answers ${res.status} for ${route}`);
       assert.match(res.headers.get("content-type") ?? "", type, `Content-Type of ${route}`);
     }
   }

@@ -11,15 +11,15 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 /** clients/js */
 export const packageDir = path.resolve(here, "..");
 
-/** The server binary: `RUSTY_SOCKS_BIN`, or `../../target/debug/rusty_socks` from clients/js. */
+/** The server binary: `RUSTY_SOCKS_TEST_BIN`, or `../../target/debug/rusty_socks` from clients/js. */
 export function serverBinary() {
-  const bin = process.env.RUSTY_SOCKS_BIN
-    ? path.resolve(packageDir, process.env.RUSTY_SOCKS_BIN)
+  const bin = process.env.RUSTY_SOCKS_TEST_BIN
+    ? path.resolve(packageDir, process.env.RUSTY_SOCKS_TEST_BIN)
     : path.resolve(packageDir, "../../target/debug/rusty_socks");
   if (!existsSync(bin)) {
     throw new Error(
       `server binary not found at ${bin}: build it with \`cargo build --bin rusty_socks\` ` +
-        "in the repository root, or set RUSTY_SOCKS_BIN",
+        "in the repository root, or set RUSTY_SOCKS_TEST_BIN",
     );
   }
   return bin;

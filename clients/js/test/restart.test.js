@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { after, describe, test } from "node:test";
 import WebSocket from "ws";
 import { RustySocks } from "../src/rusty-socks.js";
-import { nextEvent, restartServer, startServer, startTcpProxy, waitFor, sleep } from "./helpers.js";
+import { nextEvent, restartServer, startServer, startTcpProxy, waitFor } from "./helpers.js";
 
 const cleanups = [];
 after(async () => {
@@ -63,7 +63,11 @@ describe("server restart (new epoch)", { timeout: 60000 }, () => {
     await late.publish("room-restart", { i: 6 });
     const lastIs6 = (list) => list.at(-1)?.data.i === 6;
     await waitFor(() => lastIs6(got.early) && lastIs6(got.late), { what: "the sixth" });
-    await sleep(100);
+    // A marker behind everything: a late duplicate would arrive before it, so nothing can hide.
+    await late.publish("room-restart", { i: "end" });
+    const lastIsEnd = (list) => list.at(-1)?.data.i === "end";
+    await waitFor(() => lastIsEnd(got.early) && lastIsEnd(got.late), { what: "the marker" });
+    for (const name of ["early", "late"]) got[name].pop();
     for (const name of ["early", "late"]) {
       assert.deepEqual(got[name].map((p) => `${p.data.i}@${p.offset}`), ["1@1", "2@2", "3@3", "4@1", "5@2", "6@3"], `${name}: every one once, in order`);
     }
@@ -75,7 +79,7 @@ describe("server restart (new epoch)", { timeout: 60000 }, () => {
     // in the old epoch is unknown (`lost: null`); the new epoch's publications were delivered.
     assert.deepEqual(recovered.early, [{ ok: false, missed: 0, lost: null, epochChanged: true, offset: 0, epoch: newEpoch }]);
     assert.deepEqual(recovered.late, [{ ok: false, missed: 2, lost: null, epochChanged: true, offset: 2, epoch: newEpoch }]);
-    assert.deepEqual(subs.late.position, { offset: 3, epoch: newEpoch });
+    assert.deepEqual(subs.late.position, { offset: 4, epoch: newEpoch }, "after the marker");
   });
 
   test("a position saved before the restart (page reload) resumes in the new epoch", async () => {
@@ -109,7 +113,10 @@ describe("server restart (new epoch)", { timeout: 60000 }, () => {
     await waitFor(() => recovered.length === 1, { what: "the recovery report" });
     await writer.publish("room-saved", { i: "new 2" });
     await waitFor(() => got.length >= 2, { what: "the live one" });
-    await sleep(100);
+    // A marker behind everything: a late duplicate would arrive before it.
+    await writer.publish("room-saved", { i: "end" });
+    await waitFor(() => got.at(-1)?.[1] === "end", { what: "the marker" });
+    got.pop();
     assert.deepEqual(got, [[1, "new 1"], [2, "new 2"]]);
     assert.deepEqual(recovered, [[false, 1, true]]);
   });
