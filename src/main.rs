@@ -130,7 +130,7 @@ fn announce(prepared: &Prepared, local: SocketAddr) {
     let config = prepared.config();
     let broker = match &config.broker {
         BrokerUrl::Memory => "memory (one node, nothing shared)".to_owned(),
-        BrokerUrl::Redis(url) | BrokerUrl::Nats(url) => redact_password(url),
+        BrokerUrl::Redis(url) | BrokerUrl::Nats(url) => rusty_socks::broker::redact(url),
     };
     let mut namespaces: Vec<String> = config
         .namespaces
@@ -170,24 +170,6 @@ fn announce(prepared: &Prepared, local: SocketAddr) {
     );
 }
 
-/// `redis://user:secret@host` becomes `redis://user:***@host`: logs are often shared.
-fn redact_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}")
-            } else {
-                format!("{scheme}://***@{host}")
-            }
-        }
-        None => url.to_owned(),
-    }
-}
-
 /// Pending connections the kernel may queue before `accept`: the usual default of 128
 /// overflows during a connection burst, and every dropped SYN costs its client a one-second
 /// retransmit. The kernel caps it at `net.core.somaxconn`.
@@ -220,28 +202,12 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
                 None
             }
         };
-        let mut term = install(SignalKind::terminate(), "SIGTERM");
-        let mut int = install(SignalKind::interrupt(), "SIGINT");
+        let term = install(SignalKind::terminate(), "SIGTERM");
+        let int = install(SignalKind::interrupt(), "SIGINT");
         async move {
-            let term = async {
-                match term.as_mut() {
-                    Some(sig) => {
-                        sig.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            let int = async {
-                match int.as_mut() {
-                    Some(sig) => {
-                        sig.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
             tokio::select! {
-                () = int => tracing::info!("SIGINT received"),
-                () = term => tracing::info!("SIGTERM received"),
+                () = arrival(int) => tracing::info!("SIGINT received"),
+                () = arrival(term) => tracing::info!("SIGTERM received"),
             }
         }
     }
@@ -254,6 +220,17 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
                 std::future::pending::<()>().await;
             }
         }
+    }
+}
+
+/// Resolves when `signal` arrives; never, for a signal that could not be handled.
+#[cfg(unix)]
+async fn arrival(signal: Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(mut signal) => {
+            signal.recv().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
