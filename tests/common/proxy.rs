@@ -1,0 +1,204 @@
+//! A fault-injecting TCP proxy for broker tests: the server under test talks to Redis or NATS
+//! through it, and the test breaks the link in the ways networks and brokers break.
+//!
+//! - [`FaultProxy::pause`]: nothing passes in either direction, and nothing is lost: what was
+//!   sent meanwhile arrives after [`FaultProxy::heal`], like a broker stopped with SIGSTOP or a
+//!   stall that TCP rides out. New connections are accepted and held.
+//! - [`FaultProxy::black_hole`]: nothing passes and nobody is told (no RST, no FIN), and the
+//!   connections open at that moment never carry another byte, even after `heal`: like a
+//!   partition that lasted until TCP silently gave up. Only deadlines and keepalives notice.
+//!   New connections are held until `heal`, then pass.
+//! - [`FaultProxy::reset`]: every open connection is closed at once with an RST; new ones pass.
+//!
+//! Everything runs on the test's runtime and stops when the proxy is dropped.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// What the link does now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Pass,
+    Pause,
+    BlackHole,
+}
+
+#[derive(Debug)]
+struct Control {
+    mode: watch::Sender<Mode>,
+    /// Bumped by every `black_hole`: a connection older than the current value is dead.
+    black_holes: AtomicU64,
+    /// Bumped by every `reset`.
+    resets: watch::Sender<u64>,
+}
+
+/// A TCP proxy in front of `target`; see the module docs.
+#[derive(Debug)]
+pub struct FaultProxy {
+    addr: SocketAddr,
+    control: Arc<Control>,
+    /// The accept loop and every connection's task: aborted on drop.
+    _tasks: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Listens on a free loopback port and forwards every connection to `target`.
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let control = Arc::new(Control {
+            mode: watch::Sender::new(Mode::Pass),
+            black_holes: AtomicU64::new(0),
+            resets: watch::Sender::new(0),
+        });
+        let tasks = tokio::spawn(accept_loop(listener, target, Arc::clone(&control)));
+        Self {
+            addr,
+            control,
+            _tasks: tasks,
+        }
+    }
+
+    /// Where to connect instead of the target.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `scheme://127.0.0.1:port` of the proxy, e.g. `url("redis")`.
+    pub fn url(&self, scheme: &str) -> String {
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Stops everything, losing nothing (see the module docs).
+    pub fn pause(&self) {
+        self.control.mode.send_replace(Mode::Pause);
+    }
+
+    /// Drops the link silently; open connections stay dead for good (see the module docs).
+    pub fn black_hole(&self) {
+        self.control.black_holes.fetch_add(1, Ordering::SeqCst);
+        self.control.mode.send_replace(Mode::BlackHole);
+    }
+
+    /// Lets traffic pass again.
+    pub fn heal(&self) {
+        self.control.mode.send_replace(Mode::Pass);
+    }
+
+    /// Resets every open connection (RST), then lets new ones pass.
+    pub fn reset(&self) {
+        self.control.resets.send_modify(|n| *n += 1);
+        self.heal();
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self._tasks.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, target: SocketAddr, control: Arc<Control>) {
+    // Connection tasks live in the set, so aborting this task (on drop) aborts them all.
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((client, _)) = accepted else { continue };
+                connections.spawn(connection(client, target, Arc::clone(&control)));
+            }
+            Some(_) = connections.join_next() => {}
+        }
+    }
+}
+
+/// Waits until the link lets this connection's bytes pass; `None` if the connection is dead.
+async fn passable(control: &Control, born: u64, mode: &mut watch::Receiver<Mode>) -> Option<()> {
+    loop {
+        if control.black_holes.load(Ordering::SeqCst) > born {
+            return None;
+        }
+        if *mode.borrow_and_update() == Mode::Pass {
+            return Some(());
+        }
+        if mode.changed().await.is_err() {
+            return None;
+        }
+    }
+}
+
+async fn connection(client: TcpStream, target: SocketAddr, control: Arc<Control>) {
+    let mut resets = control.resets.subscribe();
+    resets.borrow_and_update();
+    let mut mode = control.mode.subscribe();
+    // Held while the link is down; it may come up again for new connections.
+    let born = loop {
+        let born = control.black_holes.load(Ordering::SeqCst);
+        if *mode.borrow_and_update() == Mode::Pass {
+            break born;
+        }
+        tokio::select! {
+            changed = mode.changed() => if changed.is_err() { return },
+            _ = resets.changed() => return reset(&client),
+        }
+    };
+    let Ok(mut upstream) = TcpStream::connect(target).await else {
+        return reset(&client);
+    };
+    let mut client = client;
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    // Borrowed halves: unlike owned ones, they send no FIN of their own when dropped, so a
+    // reset below is an RST and nothing else.
+    let (client_read, client_write) = client.split();
+    let (upstream_read, upstream_write) = upstream.split();
+    let up = pump(client_read, upstream_write, &control, born);
+    let down = pump(upstream_read, client_write, &control, born);
+    let was_reset = tokio::select! {
+        () = async { tokio::join!(up, down); } => false,
+        _ = resets.changed() => true,
+    };
+    if was_reset {
+        reset(&client);
+        reset(&upstream);
+    }
+}
+
+/// Copies `from` to `to` while the link allows, until `from` ends.
+async fn pump(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, control: &Control, born: u64) {
+    let mut mode = control.mode.subscribe();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if passable(control, born, &mut mode).await.is_none() {
+            // Dead for good: hold the sockets open and silent until the proxy goes away.
+            std::future::pending::<()>().await;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        // Bytes read while the link went down wait (pause) or vanish (black hole).
+        if passable(control, born, &mut mode).await.is_none() {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    // A plain end is passed on as a plain end.
+    let _ = to.shutdown().await;
+}
+
+/// Makes closing `stream` (when it is dropped) send an RST.
+fn reset(stream: &TcpStream) {
+    let _ = stream.set_zero_linger();
+}
