@@ -41,6 +41,36 @@ impl TestCert {
         &self,
         addr: std::net::SocketAddr,
     ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        self.handshake(tcp).await.unwrap()
+    }
+
+    /// Like [`TestCert::connect`], with the small segments and receive buffer of a real
+    /// network: on loopback (64 KB segments) the kernel buffers megabytes for a client that
+    /// stops reading, which would hide a server that stops writing to it.
+    async fn connect_small(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .unwrap();
+        socket.set_tcp_mss(1400).unwrap();
+        socket.set_recv_buffer_size(32 * 1024).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+        let tcp = socket.connect(addr).await.unwrap();
+        self.handshake(tcp).await.unwrap()
+    }
+
+    /// The client's TLS handshake on `tcp`, which may fail.
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.der.clone()).unwrap();
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -51,9 +81,10 @@ impl TestCert {
         .with_root_certificates(roots)
         .with_no_client_auth();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let tcp = TcpStream::connect(addr).await.unwrap();
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        connector.connect(name, tcp).await.unwrap()
+        tokio::time::timeout(WAIT, connector.connect(name, tcp))
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
     }
 }
 
@@ -284,5 +315,144 @@ async fn connection_rate_is_per_real_client_address() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (status, _) = http_head(server.addr, "GET", "/ws", &from(&client)).await;
     assert_eq!(status, 101, "the bucket refills");
+    server.stop().await;
+}
+
+/// A legacy `/ws` client over TLS, its welcome consumed.
+async fn wss_join(
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>> {
+    let (mut ws, _) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::client_async("wss://localhost/ws", tls),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let welcome: serde_json::Value = serde_json::from_str(&ws.next_text().await).unwrap();
+    assert_eq!(welcome["type"], "Connect", "{welcome}");
+    ws
+}
+
+/// Messages of about 32 KB: 64 of them are 2 MB, far more than the socket buffers of a
+/// client that does not read.
+const BIG: usize = 32 * 1024;
+const BIG_COUNT: usize = 64;
+
+/// `sender` sends [`BIG_COUNT`] chat messages tagged `round`, then waits until they are
+/// surely queued for the other client (which is not reading).
+async fn flood<S>(sender: &mut tokio_tungstenite::WebSocketStream<S>, round: usize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::SinkExt;
+    let filler = "x".repeat(BIG);
+    for n in 0..BIG_COUNT {
+        let chat = json!({"sender":"b","content":format!("{round}:{n}:{filler}")});
+        sender
+            .send(tokio_tungstenite::tungstenite::Message::text(
+                chat.to_string(),
+            ))
+            .await
+            .unwrap();
+    }
+    // Not a measurement: only lets the server move everything it can towards the reader.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn a_wss_client_that_pauses_reading_gets_everything_and_the_close_frame() {
+    let cert = TestCert::new();
+    // Pings every 30 s: no ping comes along to push stuck bytes out during the test.
+    let server = TestServer::start(|c| {
+        cert.apply(c);
+        c.ping_interval = Duration::from_secs(30);
+    })
+    .await;
+    let mut reader = wss_join(cert.connect_small(server.addr).await).await;
+    let mut sender = wss_join(cert.connect(server.addr).await).await;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    // 2 MB queued while the reader reads nothing; then it reads everything, in order.
+    flood(&mut sender, 0).await;
+    for n in 0..BIG_COUNT {
+        let chat: serde_json::Value = serde_json::from_str(&reader.next_text().await).unwrap();
+        let content = chat["content"].as_str().unwrap_or_default();
+        assert!(
+            content.starts_with(&format!("0:{n}:")),
+            "message {n}: {}",
+            &content[..content.len().min(20)]
+        );
+    }
+
+    // Again, and this time the reader closes before reading: the server's close reply comes
+    // after whatever it still had to write, and is not lost in the TLS layer.
+    flood(&mut sender, 1).await;
+    reader.send(Message::Close(None)).await.unwrap();
+    let mut texts = 0;
+    let close = loop {
+        match tokio::time::timeout(WAIT, reader.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => texts += 1,
+            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no close frame after {texts} messages: {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(1000));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn overload_refusals_on_a_tls_port_are_answered_inside_tls() {
+    let cert = TestCert::new();
+    let server = TestServer::start(|c| {
+        cert.apply(c);
+        c.max_queued_tasks = 1;
+    })
+    .await;
+    // A socket that never starts its TLS handshake holds the only handshake slot.
+    let _idle = TcpStream::connect(server.addr).await.unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let (status, head, body) = loop {
+        // The refusal is written before any request is read: a TLS client gets it after its
+        // handshake, encrypted, instead of plaintext that breaks the handshake.
+        let tcp = TcpStream::connect(server.addr).await.unwrap();
+        let mut tls = cert
+            .handshake(tcp)
+            .await
+            .expect("the TLS handshake completes even when the server is overloaded");
+        let _ = tls
+            .write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await;
+        let mut raw = Vec::new();
+        let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut raw)).await;
+        let response = split_response(&raw);
+        if response.0 == 503 {
+            break response;
+        }
+        // The accept loop may not have seen the idle socket yet.
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never refused: {response:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status, 503);
+    assert!(head.contains("retry-after: 1"), "{head}");
+    assert!(body.contains("RUSTY_SOCKS_MAX_QUEUED_TASKS"), "{body}");
+    // A client speaking plain HTTP to the TLS port is refused too, without plaintext.
+    let mut plain = TcpStream::connect(server.addr).await.unwrap();
+    let _ = plain
+        .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await;
+    let mut raw = Vec::new();
+    let read = tokio::time::timeout(WAIT, plain.read_to_end(&mut raw)).await;
+    assert!(read.is_ok(), "the server closes a plaintext client");
+    assert!(
+        !String::from_utf8_lossy(&raw).contains("HTTP/1.1"),
+        "plaintext on a TLS port: {}",
+        String::from_utf8_lossy(&raw)
+    );
     server.stop().await;
 }

@@ -372,6 +372,13 @@ where
                     Ok(0) | Err(_) => return End::Gone,
                     Ok(n) => self.wrote(n, wbuf),
                 },
+                // TLS may hold the last records it took when the socket was full; nothing else
+                // would send them until the next frame (or ping) comes along.
+                flushed = std::future::poll_fn(|cx| self.io.poll_flush(cx)), if wbuf.is_empty() && self.io.has_unflushed() => {
+                    if flushed.is_err() {
+                        return End::Gone;
+                    }
+                },
                 ready = std::future::poll_fn(|cx| self.io.poll_read_ready(cx)), if can_take && !pending_input => {
                     if ready.is_err() {
                         return End::Gone;
@@ -585,3 +592,6 @@ async fn drain<T: Transport>(io: &T, rbuf: &mut BytesMut) {
     };
     let _ = timeout(CLOSE_REPLY_WAIT, wait).await;
 }
+
+#[cfg(test)]
+mod tests;

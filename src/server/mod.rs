@@ -307,7 +307,7 @@ async fn accept_until(
             Err(overload) => {
                 tracing::debug!(?overload, "refusing connection before its handshake");
                 state.stats.refused(crate::engine::stats::Refusal::Overload);
-                state.tracker.spawn(refuse(stream, overload));
+                state.tracker.spawn(refuse(stream, tls.cloned(), overload));
             }
         }
     }
@@ -397,23 +397,46 @@ async fn serve_http<IO>(
     }
 }
 
+/// How long a refused socket may take, TLS handshake included.
+const REFUSAL_TIME: Duration = Duration::from_secs(1);
+
 /// Answers a socket refused before its request was read: 503 + `Retry-After`, then reads and
 /// discards what it sent (closing with unread input would reset the connection and could
-/// destroy the response before the client reads it). Bounded to one second.
-async fn refuse(mut stream: TcpStream, overload: Overload) {
+/// destroy the response before the client reads it). Bounded to [`REFUSAL_TIME`].
+///
+/// On a TLS port the answer goes inside TLS, after the handshake: plaintext there would only
+/// break the client's handshake with a confusing error. A client that does not speak TLS is
+/// just closed. The handshake costs a little CPU while overloaded, but tells a real client
+/// why it was refused and when to retry, where a bare close would look like a network fault.
+async fn refuse(stream: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>, overload: Overload) {
     let response = crate::server::http::raw_overload_response(overload);
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        stream.write_all(&response).await?;
-        stream.shutdown().await?;
-        let mut sink = [0u8; 1024];
-        let mut total = 0usize;
-        while total < 64 * 1024 {
-            match stream.read(&mut sink).await? {
-                0 => break,
-                n => total += n,
-            }
+    let refused = tokio::time::timeout(REFUSAL_TIME, async {
+        match tls {
+            None => answer_and_drain(stream, &response).await,
+            Some(acceptor) => answer_and_drain(acceptor.accept(stream).await?, &response).await,
         }
-        std::io::Result::Ok(())
     })
     .await;
+    if let Ok(Err(err)) = refused {
+        tracing::debug!(%err, "refused connection ended with an error");
+    }
+}
+
+/// Writes `response`, ends the write direction, and discards up to 64 KB of input until EOF.
+async fn answer_and_drain<S>(mut stream: S, response: &[u8]) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(response).await?;
+    // Flushes TLS records too, and sends TLS's close_notify.
+    stream.shutdown().await?;
+    let mut sink = [0u8; 1024];
+    let mut total = 0usize;
+    while total < 64 * 1024 {
+        match stream.read(&mut sink).await? {
+            0 => break,
+            n => total += n,
+        }
+    }
+    Ok(())
 }

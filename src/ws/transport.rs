@@ -29,6 +29,17 @@ pub trait Transport: Send + Unpin + 'static {
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes some of `buf`, waiting for the socket to accept it.
     fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>>;
+    /// Whether bytes that `poll_write` accepted may still wait in a buffer of the transport's
+    /// own (TLS records the socket had no room for). Nothing wakes a caller for them once its
+    /// own buffer is empty, so it must call [`Transport::poll_flush`] while this is true.
+    fn has_unflushed(&self) -> bool {
+        false
+    }
+    /// Writes out what an earlier `poll_write` left in the transport's own buffer, waiting for
+    /// the socket to accept it. Plain TCP buffers nothing of its own.
+    fn poll_flush(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
     /// Ends the write direction (TCP FIN).
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
@@ -74,6 +85,9 @@ struct Inner<S> {
     stream: S,
     pending: BytesMut,
     eof: bool,
+    /// Written since the last completed flush: a TLS stream may hold these bytes as records
+    /// its socket had no room for, and sends them only when written to or flushed again.
+    unflushed: bool,
 }
 
 impl<S> Buffered<S> {
@@ -84,6 +98,7 @@ impl<S> Buffered<S> {
                 stream,
                 pending: BytesMut::new(),
                 eof: false,
+                unflushed: false,
             }),
         }
     }
@@ -143,7 +158,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for Buffered<
     }
 
     fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.lock().stream).poll_write(cx, buf)
+        let mut inner = self.lock();
+        let written = ready!(Pin::new(&mut inner.stream).poll_write(cx, buf))?;
+        if written > 0 {
+            inner.unflushed = true;
+        }
+        Poll::Ready(Ok(written))
+    }
+
+    fn has_unflushed(&self) -> bool {
+        self.lock().unflushed
+    }
+
+    fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut inner = self.lock();
+        if !inner.unflushed {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(Pin::new(&mut inner.stream).poll_flush(cx))?;
+        inner.unflushed = false;
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -167,7 +201,8 @@ pub async fn read_some<T: Transport>(
     }
 }
 
-/// Writes all of `buf`, emptying it.
+/// Writes all of `buf`, emptying it, and flushes: once it returns, every byte has reached the
+/// socket (the last frames before a close would otherwise die in a TLS buffer).
 pub async fn write_all<T: Transport>(io: &T, buf: &mut BytesMut) -> io::Result<()> {
     while !buf.is_empty() {
         let n = std::future::poll_fn(|cx| io.poll_write(cx, buf)).await?;
@@ -176,7 +211,7 @@ pub async fn write_all<T: Transport>(io: &T, buf: &mut BytesMut) -> io::Result<(
         }
         bytes::Buf::advance(buf, n);
     }
-    Ok(())
+    std::future::poll_fn(|cx| io.poll_flush(cx)).await
 }
 
 #[cfg(test)]

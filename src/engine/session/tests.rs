@@ -1,0 +1,242 @@
+//! The session's write path over real TLS on a real loopback socket. A full send buffer is simulated
+//! by a gate in front of the socket: the kernel's buffer sizes (megabytes on loopback) would
+//! make the moment a write blocks a matter of luck.
+use super::*;
+use crate::engine::admission::Admission;
+use crate::engine::echo::EchoHandler;
+use crate::engine::outbox::Outbox;
+use crate::engine::sessions::Sessions;
+use crate::ws::transport::Buffered;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::rustls;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// Whether writes are held back, the waker of the last held-back write, and whether one
+/// was held back since the gate closed.
+#[derive(Debug, Default)]
+struct GateState {
+    closed: bool,
+    waker: Option<Waker>,
+    blocked: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+struct GateControl(Arc<Mutex<GateState>>);
+
+impl GateControl {
+    fn state(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn close(&self) {
+        let mut state = self.state();
+        state.closed = true;
+        state.blocked = false;
+    }
+
+    fn open(&self) {
+        let waker = {
+            let mut state = self.state();
+            state.closed = false;
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Waits until a write was held back: the session has handed its bytes to TLS.
+    async fn wait_blocked(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !self.state().blocked {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the session never wrote"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// A socket behind a gate: closed, it accepts no bytes, like a full send buffer.
+struct Gate {
+    io: TcpStream,
+    control: GateControl,
+}
+
+impl Gate {
+    fn held(&self, cx: &Context<'_>) -> bool {
+        let mut state = self.control.state();
+        if state.closed {
+            state.waker = Some(cx.waker().clone());
+            state.blocked = true;
+        }
+        state.closed
+    }
+}
+
+impl AsyncRead for Gate {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Gate {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.held(cx) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.held(cx) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.held(cx) {
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+type Client = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// A TLS server end (behind a gate) and its client, over loopback.
+async fn tls_pair() -> (tokio_rustls::server::TlsStream<Gate>, Client, GateControl) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()])
+        .expect("self-signed certificate");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+    let server_config = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![certified.cert.der().clone()], key)
+        .expect("server config");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(certified.cert.der().clone())
+        .expect("root certificate");
+    let client_config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let client = async {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        tokio_rustls::TlsConnector::from(Arc::new(client_config))
+            .connect(name, tcp)
+            .await
+            .expect("client handshake")
+    };
+    let control = GateControl::default();
+    let server = async {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let gate = Gate {
+            io: tcp,
+            control: control.clone(),
+        };
+        tokio_rustls::TlsAcceptor::from(Arc::new(server_config))
+            .accept(gate)
+            .await
+            .expect("server handshake")
+    };
+    let (client, server) = timeout(WAIT, async { tokio::join!(client, server) })
+        .await
+        .expect("TLS handshake in time");
+    (server, client, control)
+}
+
+/// An echo session on the server end; returns its outbox.
+fn start(server: tokio_rustls::server::TlsStream<Gate>) -> Outbox {
+    let stats = Arc::new(Stats::default());
+    let (outbox, rx) = Outbox::new(uuid::Uuid::new_v4(), 64);
+    let sessions: Arc<Sessions> = Arc::default();
+    let admission = Admission::new(10, 10);
+    let guards = Guards {
+        registration: sessions.register(outbox.clone()),
+        permit: admission.try_connection().expect("a free slot"),
+        task: stats.task(),
+    };
+    let config = SessionConfig::new(
+        64 * 1024,
+        Some(Duration::from_secs(30)),
+        Duration::from_secs(60),
+        Duration::from_secs(3),
+    );
+    let session = SessionParts::new(
+        rx,
+        EchoHandler,
+        config,
+        CancellationToken::new(),
+        stats,
+        guards,
+    )
+    .into_session(Buffered::new(server));
+    tokio::spawn(session.run(Bytes::new()));
+    outbox
+}
+
+async fn read_exactly(client: &mut Client, n: usize) -> Vec<u8> {
+    let mut got = vec![0u8; n];
+    timeout(WAIT, client.read_exact(&mut got))
+        .await
+        .expect("the bytes arrive once the socket takes them")
+        .expect("read");
+    got
+}
+
+#[tokio::test]
+async fn frames_written_while_the_socket_was_full_go_out_once_it_takes_them() {
+    let (server, mut client, gate) = tls_pair().await;
+    let outbox = start(server);
+    gate.close();
+    let mut frame = BytesMut::new();
+    encode_into(&mut frame, OpCode::Text, b"queued while full");
+    let frame = frame.freeze();
+    outbox.try_push(frame.clone());
+    // TLS took the frame's bytes and found the socket full: the ciphertext waits in TLS.
+    gate.wait_blocked().await;
+    // Nothing else happens on this connection (no ping for 30 s): only a flush sends it.
+    gate.open();
+    assert_eq!(read_exactly(&mut client, frame.len()).await, frame);
+}
+
+#[tokio::test]
+async fn the_close_reply_written_while_the_socket_was_full_is_not_lost() {
+    let (server, mut client, gate) = tls_pair().await;
+    let _outbox = start(server);
+    gate.close();
+    // A masked close frame with code 1000 (zero mask key).
+    client
+        .write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
+        .await
+        .expect("write");
+    client.flush().await.expect("flush");
+    gate.wait_blocked().await;
+    gate.open();
+    assert_eq!(read_exactly(&mut client, 4).await, [0x88, 0x02, 0x03, 0xe8]);
+}
