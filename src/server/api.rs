@@ -50,6 +50,12 @@ pub enum ApiError {
     /// A channel, namespace, limit or data value is not acceptable.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The request (its body and the work) took longer than `RUSTY_SOCKS_API_TIMEOUT`. A
+    /// publish cut off this way may or may not have taken effect.
+    #[error(
+        "the request did not finish within RUSTY_SOCKS_API_TIMEOUT ({0} s); a publish or broadcast may or may not have taken effect"
+    )]
+    Timeout(u64),
 }
 
 impl ApiError {
@@ -66,6 +72,7 @@ impl ApiError {
             Self::Client(ClientError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Client(ClientError::PresenceDisabled) => StatusCode::CONFLICT,
             Self::Client(_) => StatusCode::BAD_REQUEST,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -79,6 +86,7 @@ impl ApiError {
             Self::BodyTooLarge => "body_too_large",
             Self::BadJson(_) => "bad_json",
             Self::Client(err) => err.code(),
+            Self::Timeout(_) => "timeout",
         }
     }
 
@@ -113,9 +121,14 @@ fn json(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
     response
 }
 
-/// Answers one `/api` request.
+/// Answers one `/api` request within `RUSTY_SOCKS_API_TIMEOUT`, counted from the moment its
+/// headers are in: a slow body or slow work gets a 504, never a silently closed socket.
 pub async fn handle(req: Request<Incoming>, state: &Arc<AppState>) -> Response<Full<Bytes>> {
-    match route(req, state).await {
+    let limit = state.config.api_timeout;
+    let answered = tokio::time::timeout(limit, route(req, state))
+        .await
+        .unwrap_or_else(|_| Err(ApiError::Timeout(limit.as_secs())));
+    match answered {
         Ok(response) => response,
         Err(err) => {
             tracing::debug!(%err, "api request refused");

@@ -147,6 +147,11 @@ pub async fn handle(
     Ok(response)
 }
 
+/// Whether `path` belongs to the server API (which has its own time bound).
+pub fn is_api(path: &str) -> bool {
+    path == "/api" || path.starts_with("/api/")
+}
+
 async fn route(
     req: Request<Incoming>,
     state: &Arc<AppState>,
@@ -154,7 +159,7 @@ async fn route(
     slot: &crate::server::upgrade::UpgradeSlot,
 ) -> Result<Response<Full<Bytes>>, HttpError> {
     let path = req.uri().path();
-    if path == "/api" || path.starts_with("/api/") {
+    if is_api(path) {
         // Boxed: inline, the API's future would enlarge every connection's HTTP phase.
         return Ok(Box::pin(crate::server::api::handle(req, state)).await);
     }

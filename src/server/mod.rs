@@ -16,6 +16,7 @@ pub mod upgrade;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -341,6 +342,9 @@ async fn serve_tls(
     }
 }
 
+/// Time beyond `RUSTY_SOCKS_API_TIMEOUT` for an API answer (a 504 at worst) to be written.
+const API_ANSWER_GRACE: Duration = Duration::from_secs(1);
+
 /// Serves HTTP/1.1 on one connection until it closes or upgrades.
 async fn serve_http<IO>(
     io: TokioIo<IO>,
@@ -354,12 +358,19 @@ async fn serve_http<IO>(
     {
         let _task = state.stats.task();
         let permit = Arc::new(permit);
+        // Set when an `/api` request's headers are in: from then on it is bounded by
+        // `RUSTY_SOCKS_API_TIMEOUT` (the API answers 504 itself), not by the handshake deadline.
+        let api_request = Arc::new(AtomicBool::new(false));
         let service = {
             let state = Arc::clone(&state);
             let slot = Arc::clone(&slot);
+            let api_request = Arc::clone(&api_request);
             service_fn(move |req| {
                 // The request is in: this socket no longer counts as a pending handshake.
                 permit.release();
+                if crate::server::http::is_api(req.uri().path()) {
+                    api_request.store(true, Ordering::Release);
+                }
                 crate::server::http::handle(req, Arc::clone(&state), peer, Arc::clone(&slot))
             })
         };
@@ -374,17 +385,30 @@ async fn serve_http<IO>(
         // its handshake (and hold a `MAX_QUEUED_TASKS` slot), at the cost of a single timer.
         let deadline = tokio::time::sleep(state.config.handshake_timeout);
         tokio::pin!(deadline);
-        tokio::select! {
-            result = conn.as_mut() => {
-                if let Err(err) = result {
-                    tracing::debug!(%err, "http connection ended with an error");
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(err) = result {
+                        tracing::debug!(%err, "http connection ended with an error");
+                    }
+                }
+                () = &mut deadline => {
+                    // An API request under way has its own, longer bound: the API answers
+                    // when it passes, and this deadline, moved once, still closes a socket
+                    // that does not take the answer.
+                    if api_request.swap(false, Ordering::AcqRel) {
+                        let more = state.config.api_timeout + API_ANSWER_GRACE;
+                        deadline.as_mut().reset(tokio::time::Instant::now() + more);
+                        continue;
+                    }
+                    tracing::debug!("handshake not finished in time; closing");
+                }
+                () = state.shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(state.config.shutdown_grace, conn).await;
                 }
             }
-            () = &mut deadline => tracing::debug!("handshake not finished in time; closing"),
-            () = state.shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(state.config.shutdown_grace, conn).await;
-            }
+            break;
         }
     }
     let pending = slot

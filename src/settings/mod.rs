@@ -110,6 +110,9 @@ pub struct Config {
     pub refresh_window: Duration,
     /// `RUSTY_SOCKS_API_KEY`: key of the server HTTP API under `/api` (unset: API off).
     pub api_key: Option<Secret>,
+    /// `RUSTY_SOCKS_API_TIMEOUT`: how long one `/api` request may take, reading its body and
+    /// doing the work; it replaces the handshake deadline once the request headers are in.
+    pub api_timeout: Duration,
     /// `RUSTY_SOCKS_ALLOWED_ORIGINS`: origins browsers may connect from (empty: any).
     pub allowed_origins: Vec<String>,
     /// `RUSTY_SOCKS_TLS_CERT`: PEM certificate chain; with `TLS_KEY`, serve wss:// and https://.
@@ -164,6 +167,7 @@ impl Default for Config {
             allow_anonymous: false,
             refresh_window: Duration::from_secs(30),
             api_key: None,
+            api_timeout: Duration::from_secs(10),
             allowed_origins: Vec::new(),
             tls_cert: None,
             tls_key: None,

@@ -162,6 +162,7 @@ impl Config {
             allow_anonymous: flag("RUSTY_SOCKS_ALLOW_ANONYMOUS", d.allow_anonymous)?,
             refresh_window: secs("RUSTY_SOCKS_REFRESH_WINDOW", d.refresh_window, 3600)?,
             api_key: secret(get("RUSTY_SOCKS_API_KEY"), 16)?,
+            api_timeout: secs("RUSTY_SOCKS_API_TIMEOUT", d.api_timeout, 3600)?,
             allowed_origins: match get("RUSTY_SOCKS_ALLOWED_ORIGINS") {
                 None => d.allowed_origins,
                 Some((var, v)) => parse_origins(var, &v)?,
@@ -446,6 +447,24 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn the_api_timeout_is_read_and_bad_values_name_it() {
+        let c = with(&[("RUSTY_SOCKS_API_TIMEOUT", "25")]).expect("valid");
+        assert_eq!(c.api_timeout, Duration::from_secs(25));
+        assert_eq!(
+            with(&[]).map(|c| c.api_timeout),
+            Ok(Duration::from_secs(10))
+        );
+        for value in ["0", "-1", "3601", "ten", ""] {
+            let err = with(&[("RUSTY_SOCKS_API_TIMEOUT", value)]).expect_err(value);
+            assert_eq!(
+                (err.var, err.value.as_str()),
+                ("RUSTY_SOCKS_API_TIMEOUT", value)
+            );
+            assert!(err.to_string().contains("RUSTY_SOCKS_API_TIMEOUT"), "{err}");
+        }
     }
 
     #[test]

@@ -159,6 +159,11 @@ pub const SETTINGS: &[Setting] = &[
         meaning: "key of the /api server API (Authorization: apikey <key>); unset: API off",
     },
     Setting {
+        var: "RUSTY_SOCKS_API_TIMEOUT",
+        default: "10",
+        meaning: "seconds an /api request may take, body and work included (then 504)",
+    },
+    Setting {
         var: "RUSTY_SOCKS_ALLOWED_ORIGINS",
         default: "(any)",
         meaning: "comma-separated origins browsers may connect from; others get 403",
