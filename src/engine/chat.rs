@@ -20,6 +20,7 @@ use crate::protocol::legacy::{ServerFrame, parse_chat};
 use crate::protocol::v1::{self, Command, Frame, Parsed};
 use crate::types::error::ClientError;
 use crate::types::position::continues_from;
+use crate::types::rate::{Rate, TokenBucket};
 use crate::types::{AuthError, ClientId, ClientInfo};
 use crate::ws::close::CloseCode;
 
@@ -38,13 +39,12 @@ pub struct ChatLimits {
     pub burst: u32,
 }
 
-/// A token bucket: `rate` tokens a second, at most `burst`. Also counts messages refused
-/// since the bucket was last full: a client that keeps going after `burst` refusals is closed.
-#[derive(Debug, Clone, Copy, Default)]
+/// The per-connection rate limit: a token bucket of `rate` messages a second, at most `burst`
+/// at once, and the count of messages refused since the bucket was last full: a client that
+/// keeps going after `burst` refusals is closed.
+#[derive(Debug, Clone, Copy)]
 struct Bucket {
-    tokens: f32,
-    /// Milliseconds since the server started ([`crate::types::clock::now_us`] / 1000) at last refill.
-    at_ms: u32,
+    tokens: TokenBucket,
     refused: u32,
 }
 
@@ -56,19 +56,33 @@ enum Admit {
 }
 
 impl Bucket {
-    fn admit(&mut self, rate: u32, burst: u32) -> Admit {
-        let now_ms = u32::try_from(crate::types::clock::now_us() / 1000).unwrap_or(u32::MAX);
-        let elapsed = now_ms.saturating_sub(self.at_ms) as f32 / 1000.0;
-        self.at_ms = now_ms;
-        self.tokens = (self.tokens + elapsed * rate as f32).min(burst as f32);
-        if self.tokens >= burst as f32 {
+    fn new(burst: u32, now_us: u64) -> Self {
+        Self {
+            tokens: TokenBucket::full(
+                Rate {
+                    per_second: 0,
+                    burst,
+                },
+                now_us,
+            ),
+            refused: 0,
+        }
+    }
+
+    /// One message at `now_us` (microseconds, [`crate::types::clock::now_us`]).
+    fn admit(&mut self, rate: u32, burst: u32, now_us: u64) -> Admit {
+        let rate = Rate {
+            per_second: rate,
+            burst,
+        };
+        self.tokens.refill(rate, now_us);
+        if self.tokens.is_full(rate) {
             self.refused = 0;
         }
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens.try_take() {
             return Admit::Yes;
         }
-        self.refused += 1;
+        self.refused = self.refused.saturating_add(1);
         if self.refused > burst {
             Admit::Close
         } else {
@@ -123,13 +137,8 @@ impl ChatHandler {
         identity: Option<Box<Identity>>,
     ) -> Self {
         let limits = shared.limits;
-        let bucket = (limits.rate > 0).then(|| {
-            Box::new(Bucket {
-                tokens: limits.burst as f32,
-                at_ms: u32::try_from(crate::types::clock::now_us() / 1000).unwrap_or(u32::MAX),
-                refused: 0,
-            })
-        });
+        let bucket = (limits.rate > 0)
+            .then(|| Box::new(Bucket::new(limits.burst, crate::types::clock::now_us())));
         Self {
             client_id,
             outbox,
@@ -175,7 +184,7 @@ impl ChatHandler {
         let Some(bucket) = self.bucket.as_mut() else {
             return true;
         };
-        match bucket.admit(limits.rate, limits.burst) {
+        match bucket.admit(limits.rate, limits.burst, crate::types::clock::now_us()) {
             Admit::Yes => true,
             Admit::Refuse => {
                 self.node().stats().rate_limited();
@@ -526,5 +535,63 @@ impl Handler for ChatHandler {
             }
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY_US: u64 = 86_400 * 1_000_000;
+
+    fn admitted(admit: Admit) -> bool {
+        matches!(admit, Admit::Yes)
+    }
+
+    #[test]
+    fn the_rate_limit_still_refills_after_fifty_days() {
+        // 2 messages a second, 3 at once, for a connection opened at `start`.
+        for start in [1, 49 * DAY_US, 60 * DAY_US, 400 * DAY_US] {
+            let mut bucket = Bucket::new(3, start);
+            let mut now = start;
+            for _ in 0..3 {
+                assert!(admitted(bucket.admit(2, 3, now)), "the burst passes");
+            }
+            assert!(matches!(bucket.admit(2, 3, now), Admit::Refuse));
+            // Half a second later, one more token.
+            now += 500_000;
+            assert!(admitted(bucket.admit(2, 3, now)), "refilled at {start}");
+            assert!(matches!(bucket.admit(2, 3, now), Admit::Refuse));
+            // Across the 49.7-day mark of a millisecond count in 32 bits.
+            now += 50 * DAY_US;
+            for _ in 0..3 {
+                assert!(
+                    admitted(bucket.admit(2, 3, now)),
+                    "full again after 50 days"
+                );
+            }
+            assert!(matches!(bucket.admit(2, 3, now), Admit::Refuse));
+            now += 500_000;
+            assert!(admitted(bucket.admit(2, 3, now)), "still refilling");
+        }
+    }
+
+    #[test]
+    fn a_client_that_keeps_going_after_the_burst_of_refusals_is_closed() {
+        let mut bucket = Bucket::new(2, 1);
+        assert!(admitted(bucket.admit(1, 2, 1)));
+        assert!(admitted(bucket.admit(1, 2, 1)));
+        assert!(matches!(bucket.admit(1, 2, 1), Admit::Refuse));
+        assert!(matches!(bucket.admit(1, 2, 1), Admit::Refuse));
+        assert!(matches!(bucket.admit(1, 2, 1), Admit::Close));
+        // A full bucket forgives earlier refusals.
+        let mut bucket = Bucket::new(2, 1);
+        for _ in 0..4 {
+            let _ = bucket.admit(1, 2, 1);
+        }
+        let later = 1 + 2_000_000;
+        assert!(admitted(bucket.admit(1, 2, later)));
+        assert!(admitted(bucket.admit(1, 2, later)));
+        assert!(matches!(bucket.admit(1, 2, later), Admit::Refuse));
     }
 }

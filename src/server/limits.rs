@@ -8,9 +8,10 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::Instant;
 
+use crate::types::clock::now_us;
 use crate::types::net::IpRange;
+use crate::types::rate::{Rate, TokenBucket};
 
 /// Past this many tracked addresses, full buckets (addresses that have been quiet) are
 /// forgotten, so a scan from many addresses cannot grow the map without bound.
@@ -41,57 +42,56 @@ pub fn client_ip<'a>(
     client
 }
 
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
 /// Connections per second per address.
 #[derive(Debug)]
 pub struct ConnectLimiter {
-    rate: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    /// `None`: no limit.
+    rate: Option<Rate>,
+    buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
 }
 
 impl ConnectLimiter {
     /// `rate` connections a second per address (0: no limit), `burst` at once.
     pub fn new(rate: u32, burst: u32) -> Self {
         Self {
-            rate: f64::from(rate),
-            burst: f64::from(burst.max(1)),
+            rate: (rate > 0).then_some(Rate {
+                per_second: rate,
+                burst: burst.max(1),
+            }),
             buckets: Mutex::default(),
         }
     }
 
     /// Whether `ip` may open one more connection now (and counts it).
     pub fn allow(&self, ip: IpAddr) -> bool {
-        if self.rate == 0.0 {
+        self.allow_at(ip, now_us())
+    }
+
+    /// [`ConnectLimiter::allow`] at `now_us` (microseconds, [`now_us`]'s clock).
+    pub fn allow_at(&self, ip: IpAddr, now_us: u64) -> bool {
+        let Some(rate) = self.rate else {
             return true;
-        }
-        let now = Instant::now();
+        };
         let mut buckets = self
             .buckets
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if buckets.len() >= SWEEP_AT {
-            let (rate, burst) = (self.rate, self.burst);
-            buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+            buckets.retain(|_, bucket| !bucket.full_at(rate, now_us));
         }
-        let bucket = buckets.entry(ip).or_insert(Bucket {
-            tokens: self.burst,
-            at: now,
-        });
-        let elapsed = now.duration_since(bucket.at).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        buckets
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::full(rate, now_us))
+            .try_take_at(rate, now_us)
+    }
+
+    /// How many addresses are tracked (tests of the sweep).
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 }
 
@@ -137,5 +137,35 @@ mod tests {
             "another address is not affected"
         );
         assert!(ConnectLimiter::new(0, 1).allow(a), "0 means no limit");
+    }
+
+    #[test]
+    fn the_connect_rate_refills_past_fifty_days_and_quiet_addresses_are_forgotten() {
+        const SECOND: u64 = 1_000_000;
+        const DAY: u64 = 86_400 * SECOND;
+        let limiter = ConnectLimiter::new(1, 2);
+        let a = ip("1.2.3.4");
+        for now in [SECOND, 49 * DAY, 50 * DAY, 51 * DAY, 400 * DAY] {
+            assert!(
+                limiter.allow_at(a, now) && limiter.allow_at(a, now),
+                "burst at {now}"
+            );
+            assert!(!limiter.allow_at(a, now), "burst spent at {now}");
+            assert!(limiter.allow_at(a, now + SECOND), "refilled at {now}");
+            assert!(!limiter.allow_at(a, now + SECOND));
+        }
+        // Past the sweep threshold, addresses whose buckets refilled are dropped.
+        let start = 500 * DAY;
+        for n in 0..SWEEP_AT {
+            let octets = u32::try_from(n).unwrap_or(0).to_be_bytes();
+            assert!(limiter.allow_at(IpAddr::from(octets), start));
+        }
+        assert!(limiter.tracked() >= SWEEP_AT);
+        assert!(limiter.allow_at(ip("9.9.9.9"), start + 10 * SECOND));
+        assert!(
+            limiter.tracked() <= 2,
+            "{} still tracked",
+            limiter.tracked()
+        );
     }
 }

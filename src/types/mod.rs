@@ -1,5 +1,6 @@
 //! Plain types every layer shares: client ids, stream positions and publications, channel
-//! names, the errors a client can cause, clocks, secrets and address ranges.
+//! names, the errors a client can cause, clocks and the token bucket, secrets and address
+//! ranges.
 //!
 //! The lowest layer: it imports nothing else of the crate, so anything may use it.
 
@@ -9,6 +10,7 @@ pub mod clock;
 pub mod error;
 pub mod net;
 pub mod position;
+pub mod rate;
 pub mod secret;
 
 pub use channel::ChannelError;
