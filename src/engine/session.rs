@@ -52,6 +52,10 @@ pub struct SessionConfig {
     close_grace_ms: u32,
 }
 
+/// Milliseconds in 32 bits, saturating at 49.7 days: these are durations (ping interval,
+/// timeout, close grace), never clock readings, and the settings cap them at one day, 2 % of
+/// the range. A longer duration given through the library would mean "practically never",
+/// which the saturation keeps.
 fn millis(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }

@@ -185,7 +185,8 @@ fn command<'a>(kind: &str, raw: &Raw<'a>) -> Result<Command<'a>, ClientError> {
             limit: match &raw.limit {
                 None | Some(Value::Null) => None,
                 Some(Value::Number(n)) => match n.as_u64() {
-                    Some(n) if n as usize <= MAX_HISTORY_LIMIT => Some(n as usize),
+                    // Compared in 64 bits: a cast first would truncate on a 32-bit target.
+                    Some(n) if n <= MAX_HISTORY_LIMIT as u64 => Some(n as usize),
                     _ => return Err(limit_error()),
                 },
                 Some(_) => return Err(limit_error()),

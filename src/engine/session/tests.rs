@@ -240,3 +240,17 @@ async fn the_close_reply_written_while_the_socket_was_full_is_not_lost() {
     gate.open();
     assert_eq!(read_exactly(&mut client, 4).await, [0x88, 0x02, 0x03, 0xe8]);
 }
+
+#[test]
+fn session_durations_up_to_the_settings_limits_are_kept_exactly() {
+    let day = Duration::from_secs(86_400);
+    let config = SessionConfig::new(64 << 20, Some(day), day, Duration::from_secs(4));
+    assert_eq!(config.ping_interval(), Some(day));
+    assert_eq!(config.timeout(), day);
+    assert_eq!(config.close_grace(), Duration::from_secs(4));
+    assert_eq!(config.max_message(), 64 << 20);
+    // Beyond 49.7 days a duration saturates: still "practically never", never wrapped short.
+    let long = SessionConfig::new(1, None, Duration::from_secs(100 * 86_400), day);
+    assert!(long.timeout() > Duration::from_secs(49 * 86_400));
+    assert_eq!(long.ping_interval(), None);
+}
