@@ -17,6 +17,8 @@ pub mod echo;
 pub mod hub;
 pub mod namespace;
 pub mod node;
+#[cfg(test)]
+mod node_tests;
 pub mod outbox;
 pub mod session;
 pub mod sessions;
