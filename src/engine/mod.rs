@@ -19,6 +19,8 @@ pub mod namespace;
 pub mod node;
 #[cfg(test)]
 mod node_tests;
+#[cfg(test)]
+mod open_tests;
 pub mod outbox;
 pub mod session;
 pub mod sessions;

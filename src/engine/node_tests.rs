@@ -159,11 +159,11 @@ async fn publications_racing_a_recovery_arrive_exactly_once() {
 /// A memory broker whose calls can be made to fail or to hang on demand, as a broker that
 /// stops answering would.
 #[derive(Debug)]
-struct Faulty {
+pub(super) struct Faulty {
     inner: MemoryBroker,
     fail_history: AtomicBool,
     stall_history: AtomicBool,
-    stall_subscribe: AtomicBool,
+    pub(super) stall_subscribe: AtomicBool,
 }
 
 fn unavailable() -> crate::broker::BrokerError {
@@ -222,7 +222,7 @@ impl Broker for Faulty {
 }
 
 /// A node on a [`Faulty`] broker whose default namespace has presence and join/leave.
-fn faulty_node() -> (Node, Arc<Faulty>) {
+pub(super) fn faulty_node() -> (Node, Arc<Faulty>) {
     let hub = Arc::new(Hub::new());
     let stats = Arc::new(Stats::default());
     let dispatcher = Arc::new(Dispatcher::new(
