@@ -361,23 +361,25 @@ impl Node {
             (None, 0)
         };
         let policy = options.effective_slow_policy();
-        // Every connection is on the default channel: share one copy of its name.
+        // Every legacy connection is on the default channel: share one copy of its name.
         let name: Arc<str> = if channel == DEFAULT_CHANNEL {
             Arc::clone(&self.default_name)
         } else {
             Arc::from(channel)
         };
         let state = MemberState::recovering(name, policy, self.options.recovery_buffer);
-        let joined = self.hub.subscribe(outbox, Arc::clone(&state));
-        if let Joined::Already = joined {
-            return Err(ClientError::AlreadySubscribed(channel.to_owned()));
-        }
+        let (ready, first) = match self.hub.subscribe(outbox, Arc::clone(&state)) {
+            Joined::Already => return Err(ClientError::AlreadySubscribed(channel.to_owned())),
+            Joined::First(ready) => (ready, true),
+            Joined::Added(ready) => (ready, false),
+        };
         // The membership exists from here, before any `.await`: `joining` takes it back out
         // (with its presence entry and a `leave` for its `join`) unless it is kept, also when
         // this future is dropped (a caller's timeout) or panics.
         self.count_subscription(channel, 1);
         let mut joining = Joining {
             node: self,
+            member: outbox.id(),
             client,
             channel,
             options: &options,
@@ -387,23 +389,16 @@ impl Node {
             announced: false,
             armed: true,
         };
-        let subscribed = match joined {
-            Joined::Already => Ok(()),
-            Joined::First(ready) => {
-                joining.first = Some(ready);
-                let outcome = self.broker.subscribe(channel).await;
-                if let Some(ready) = joining.first.take() {
-                    ready.set(outcome.is_ok());
-                }
-                outcome.map_err(|err| err.to_string())
-            }
-            Joined::Added(ready) => {
-                if ready.wait().await {
-                    Ok(())
-                } else {
-                    Err("the node could not subscribe at the broker".to_owned())
-                }
-            }
+        let subscribed = if first {
+            joining.first = Some(Arc::clone(&ready));
+            let outcome = self.broker.subscribe(channel).await;
+            joining.first = None;
+            ready.set(outcome.is_ok());
+            outcome.map_err(|err| err.to_string())
+        } else if ready.wait().await {
+            Ok(())
+        } else {
+            Err("the node could not subscribe at the broker".to_owned())
         };
         if let Err(why) = subscribed {
             joining.broker_subscribed = false;
@@ -617,6 +612,8 @@ impl Departure {
 /// leave a member in the hub that no session knows of, and a presence entry nobody removes.
 struct Joining<'a> {
     node: &'a Node,
+    /// The member's key in the hub (its outbox).
+    member: ClientId,
     client: &'a ClientInfo,
     channel: &'a str,
     options: &'a NamespaceOptions,
@@ -640,10 +637,7 @@ impl Joining<'_> {
         if let Some(ready) = self.first.take() {
             ready.set(false);
         }
-        let left = self
-            .node
-            .hub
-            .unsubscribe(self.channel, self.client.client_id);
+        let left = self.node.hub.unsubscribe(self.channel, self.member);
         if left == Left::NotMember {
             return None;
         }
