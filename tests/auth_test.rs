@@ -118,7 +118,8 @@ async fn with_a_key_set_a_connection_needs_a_valid_token() {
 #[tokio::test]
 async fn the_token_may_come_as_bearer_or_subprotocol() {
     let server = TestServer::start(with_secret).await;
-    let token = hs256(json!({"sub":"bob","exp":now()+600}));
+    let exp = now() + 600;
+    let token = hs256(json!({"sub":"bob","exp":exp}));
     // Authorization: Bearer (servers and native clients).
     let mut request = server.url("/ws").into_client_request().unwrap();
     request
@@ -138,7 +139,11 @@ async fn the_token_may_come_as_bearer_or_subprotocol() {
         response.headers()["sec-websocket-protocol"],
         "rusty-socks.v1"
     );
-    assert_eq!(recv_json(&mut ws).await["type"], "Connect");
+    // Offering rusty-socks.v1 makes it a v1 connection: the v1 welcome, naming the user.
+    let welcome = recv_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    assert_eq!(welcome["user"], "bob", "{welcome}");
+    assert_eq!(welcome["expires_at"], exp, "{welcome}");
     server.stop().await;
 }
 

@@ -422,9 +422,12 @@ async fn bad_commands_get_error_replies_with_their_id_and_the_connection_stays_o
         reply,
         json!({"type":"error","id":16,"code":"unknown_type","message":"unknown message type \"dance\""})
     );
-    // Anything else answers in the legacy shape, which any client understands.
+    // Anything else, even what a legacy connection gets a legacy `Error` for, is a v1 error
+    // on a v1 connection.
     send_text(&mut a, r#"{"type":5,"id":17}"#).await;
-    assert_eq!(recv_json(&mut a).await["type"], "Error");
+    let reply = recv_json(&mut a).await;
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["code"], "invalid_field", "{reply}");
     // Still open and working.
     assert_eq!(publish(&mut a, "one", json!({"ok":true})).await, 1);
     server.stop().await;

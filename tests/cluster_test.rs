@@ -763,6 +763,8 @@ mod redis_only {
         let (mut legacy_publisher, _) = join_url(&cluster[0].ws()).await;
         let (mut subscriber, _) = cluster[1].client().await;
         let (mut legacy, _) = join_url(&cluster[1].ws()).await;
+        // A v1 connection on no channel at all: a gap on `default` is none of its business.
+        let (mut bystander, _) = cluster[1].client().await;
         let reply = subscribe(&mut subscriber, "room").await;
         let epoch = reply["epoch"].as_str().unwrap().to_owned();
         publish(&mut publisher, "room", json!(1)).await;
@@ -809,6 +811,16 @@ mod redis_only {
         assert_eq!(page["complete"], true, "{page}");
         assert_eq!(offsets(&page["publications"]), vec![2, 3, 4]);
         assert_eq!(recv_close_code(&mut legacy).await, 4002);
+        // Only legacy clients are closed for it: the v1 ones are not on `default`.
+        let reply = call(
+            &mut bystander,
+            json!({"type":"history","id":"b","channel":"room","limit":1}),
+        )
+        .await;
+        assert_eq!(
+            reply["type"], "history",
+            "still open, nothing else came: {reply}"
+        );
         // Live delivery goes on after the reconnect.
         publish(&mut publisher, "room", json!(5)).await;
         let next = publications(&mut subscriber, "room", 1).await;

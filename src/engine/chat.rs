@@ -1,9 +1,12 @@
 //! The `/ws` endpoint's behaviour: the legacy chat dialect and protocol v1 on one connection.
 //!
-//! Every connection joins [`DEFAULT_CHANNEL`] on open and gets the legacy welcome and replay.
-//! A legacy chat message is published there; a v1 command acts on any channel. Mistakes get an
-//! error frame (legacy `Error` or v1 `error`, matching what the client sent) and the connection
-//! stays open.
+//! A legacy connection (no subprotocol) joins [`DEFAULT_CHANNEL`] on open and gets the legacy
+//! welcome and replay; a legacy chat message is published there, and it may send v1 commands
+//! too. A connection that offered `rusty-socks.v1` ([`Dialect::V1`]) gets the v1 `welcome`
+//! instead and no legacy traffic at all: it never joins [`DEFAULT_CHANNEL`], so a broker gap
+//! there (which closes legacy clients with 4002) cannot touch it. Mistakes get an error frame
+//! (legacy `Error` or v1 `error`, matching what the client speaks) and the connection stays
+//! open.
 
 use std::sync::Arc;
 
@@ -23,6 +26,18 @@ use crate::types::position::continues_from;
 use crate::types::rate::{Rate, TokenBucket};
 use crate::types::{AuthError, ClientId, ClientInfo};
 use crate::ws::close::CloseCode;
+
+/// What a `/ws` connection speaks, chosen by the subprotocols it offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// No subprotocol: legacy chat on [`DEFAULT_CHANNEL`] (`Connect`, replay, `Chat`,
+    /// `Disconnect`), plus v1 commands; today's wire contract for old clients.
+    Legacy,
+    /// Offered `rusty-socks.v1`: a v1 `welcome`, v1 frames only, never on
+    /// [`DEFAULT_CHANNEL`]. A v1 client must not lose its connection (4002) to a gap on a
+    /// channel it never asked for, nor pay for legacy chat it ignores.
+    V1,
+}
 
 /// Per-connection limits of the `/ws` endpoint.
 #[derive(Debug, Clone, Copy)]
@@ -116,6 +131,8 @@ pub struct ChatHandler {
     auth: Option<Box<Auth>>,
     /// The per-connection rate limit's state, when a rate is configured.
     bucket: Option<Box<Bucket>>,
+    /// Legacy or v1-only.
+    dialect: Dialect,
 }
 
 /// What every `/ws` connection of a server shares.
@@ -129,12 +146,13 @@ pub struct ChatShared {
 
 impl ChatHandler {
     /// A handler for connection `client_id` whose fan-out goes to `outbox`, authenticated as
-    /// `identity` (`None`: anonymous).
+    /// `identity` (`None`: anonymous), speaking `dialect`.
     pub fn new(
         client_id: ClientId,
         outbox: Outbox,
         shared: Arc<ChatShared>,
         identity: Option<Box<Identity>>,
+        dialect: Dialect,
     ) -> Self {
         let limits = shared.limits;
         let bucket = (limits.rate > 0)
@@ -152,6 +170,7 @@ impl ChatHandler {
                 })
             }),
             bucket,
+            dialect,
         }
     }
 
@@ -286,6 +305,12 @@ impl ChatHandler {
     ) -> Result<(), ClientError> {
         match command {
             Command::Subscribe { channel, since } => {
+                if self.dialect == Dialect::V1 && channel == DEFAULT_CHANNEL {
+                    return Err(ClientError::PermissionDenied(
+                        "the default channel carries legacy chat, which a rusty-socks.v1 \
+                         connection does not get; connect without the subprotocol for it",
+                    ));
+                }
                 if self.subscription_count() >= self.limits().max_channels as usize
                     && self.membership(&channel).is_none()
                 {
@@ -407,16 +432,36 @@ impl ChatHandler {
 }
 
 impl Handler for ChatHandler {
-    async fn on_open(&mut self, out: &mut Replies<'_>) {
-        // Boxed: a connection's task would otherwise be as large as its biggest command
-        // for its whole life, most of which is spent idle.
-        Box::pin(async move {
-            out.text(
+    fn on_welcome(&mut self, out: &mut Replies<'_>) {
+        match self.dialect {
+            Dialect::Legacy => out.text(
                 &ServerFrame::Connect {
                     client_id: self.client_id(),
                 }
                 .to_json(),
-            );
+            ),
+            Dialect::V1 => {
+                let identity = self.auth.as_ref().map(|a| &a.identity);
+                out.text(
+                    &Frame::Welcome {
+                        client_id: self.client_id(),
+                        version: env!("CARGO_PKG_VERSION"),
+                        user: identity.map(|i| &*i.user),
+                        expires_at: identity.and_then(|i| i.expires_at),
+                    }
+                    .to_json(),
+                );
+            }
+        }
+    }
+
+    async fn on_open(&mut self, out: &mut Replies<'_>) {
+        if self.dialect == Dialect::V1 {
+            return; // Nothing to join: a v1 client subscribes to what it wants.
+        }
+        // Boxed: a connection's task would otherwise be as large as its biggest command
+        // for its whole life, most of which is spent idle.
+        Box::pin(async move {
             let joined = self
                 .shared
                 .node
@@ -453,7 +498,10 @@ impl Handler for ChatHandler {
             let Ok(text) = std::str::from_utf8(&text) else {
                 return; // The session only hands over validated UTF-8.
             };
-            let parsed = v1::parse(text);
+            let parsed = match self.dialect {
+                Dialect::Legacy => v1::parse(text),
+                Dialect::V1 => v1::parse_v1_only(text),
+            };
             let v1_id = match &parsed {
                 Parsed::Command(id, _) | Parsed::BadCommand(id, _) => Some(*id),
                 Parsed::Legacy | Parsed::Invalid(_) => None,
@@ -476,7 +524,11 @@ impl Handler for ChatHandler {
     }
 
     async fn on_binary(&mut self, _data: Bytes, out: &mut Replies<'_>) {
-        out.text(&ServerFrame::error(&ClientError::BinaryNotSupported).to_json());
+        let err = ClientError::BinaryNotSupported;
+        match self.dialect {
+            Dialect::Legacy => out.text(&ServerFrame::error(&err).to_json()),
+            Dialect::V1 => out.text(&Frame::error(None, &err).to_json()),
+        }
     }
 
     fn on_tick(&mut self, out: &mut Replies<'_>) {

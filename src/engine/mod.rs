@@ -17,6 +17,10 @@ pub mod echo;
 pub mod hub;
 pub mod namespace;
 pub mod node;
+#[cfg(test)]
+mod node_tests;
+#[cfg(test)]
+mod open_tests;
 pub mod outbox;
 pub mod session;
 pub mod sessions;

@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 use crate::auth::{Identity, Verifier};
 use crate::broker::history::HistoryLimits;
 use crate::broker::{Broker, BrokerEvents, HistoryPage, PublishRequest};
-use crate::engine::hub::{Hub, Joined, Left, MemberState};
+use crate::engine::hub::{BrokerReady, Hub, Joined, Left, MemberState};
 use crate::engine::namespace::{Access, NamespaceOptions, Namespaces};
 use crate::engine::outbox::Outbox;
 use crate::engine::sessions::Sessions;
@@ -361,45 +361,63 @@ impl Node {
             (None, 0)
         };
         let policy = options.effective_slow_policy();
-        // Every connection is on the default channel: share one copy of its name.
+        // Every legacy connection is on the default channel: share one copy of its name.
         let name: Arc<str> = if channel == DEFAULT_CHANNEL {
             Arc::clone(&self.default_name)
         } else {
             Arc::from(channel)
         };
         let state = MemberState::recovering(name, policy, self.options.recovery_buffer);
-        let subscribed = match self.hub.subscribe(outbox, Arc::clone(&state)) {
+        let (ready, first) = match self.hub.subscribe(outbox, Arc::clone(&state)) {
             Joined::Already => return Err(ClientError::AlreadySubscribed(channel.to_owned())),
-            Joined::First(ready) => {
-                let outcome = self.broker.subscribe(channel).await;
-                ready.set(outcome.is_ok());
-                outcome.map_err(|err| err.to_string())
-            }
-            Joined::Added(ready) => {
-                if ready.wait().await {
-                    Ok(())
-                } else {
-                    Err("the node could not subscribe at the broker".to_owned())
-                }
-            }
+            Joined::First(ready) => (ready, true),
+            Joined::Added(ready) => (ready, false),
+        };
+        // The membership exists from here, before any `.await`: `joining` takes it back out
+        // (with its presence entry and a `leave` for its `join`) unless it is kept, also when
+        // this future is dropped (a caller's timeout) or panics.
+        self.count_subscription(channel, 1);
+        let mut joining = Joining {
+            node: self,
+            member: outbox.id(),
+            client,
+            channel,
+            options: &options,
+            first: None,
+            broker_subscribed: true,
+            presence: false,
+            announced: false,
+            armed: true,
+        };
+        let subscribed = if first {
+            joining.first = Some(Arc::clone(&ready));
+            let outcome = self.broker.subscribe(channel).await;
+            joining.first = None;
+            ready.set(outcome.is_ok());
+            outcome.map_err(|err| err.to_string())
+        } else if ready.wait().await {
+            Ok(())
+        } else {
+            Err("the node could not subscribe at the broker".to_owned())
         };
         if let Err(why) = subscribed {
-            self.hub.unsubscribe(channel, outbox.id());
+            joining.broker_subscribed = false;
+            joining.undo().await;
             self.stats.broker_error();
             return Err(ClientError::Unavailable(why));
         }
-        self.count_subscription(channel, 1);
-        if options.presence
-            && let Err(err) = self.broker.add_presence(channel, client.clone()).await
-        {
-            tracing::warn!(%err, channel, "presence add failed");
+        if options.presence {
+            joining.presence = true;
+            if let Err(err) = self.broker.add_presence(channel, client.clone()).await {
+                tracing::warn!(%err, channel, "presence add failed");
+            }
         }
         // The legacy dialect has no join notice: nothing to announce on the default channel.
-        if options.join_leave
-            && channel != DEFAULT_CHANNEL
-            && let Err(err) = self.broker.publish_join(channel, client.clone()).await
-        {
-            tracing::warn!(%err, channel, "join notice failed");
+        if options.join_leave && channel != DEFAULT_CHANNEL {
+            joining.announced = true;
+            if let Err(err) = self.broker.publish_join(channel, client.clone()).await {
+                tracing::warn!(%err, channel, "join notice failed");
+            }
         }
         let page = match since {
             Some(since) => {
@@ -419,11 +437,11 @@ impl Node {
         } = match page {
             Ok(page) => page,
             Err(err) => {
-                self.leave(outbox.id(), client, channel, &options, false)
-                    .await;
+                joining.undo().await;
                 return Err(self.unavailable(&err));
             }
         };
+        joining.armed = false;
         let recovered = since.map(|since| is_complete_replay(since, &position, &publications));
         if recovered == Some(false) {
             publications.clear();
@@ -476,29 +494,16 @@ impl Node {
         announce: bool,
     ) -> bool {
         let left = self.hub.unsubscribe(channel, client_id);
-        if left != Left::NotMember {
-            self.count_subscription(channel, -1);
+        if left == Left::NotMember {
+            return false;
         }
-        match left {
-            Left::NotMember => return false,
-            Left::Last => {
-                if let Err(err) = self.broker.unsubscribe(channel).await {
-                    tracing::warn!(%err, channel, "broker unsubscribe failed");
-                }
-            }
-            Left::Removed => {}
-        }
-        if options.presence
-            && let Err(err) = self.broker.remove_presence(channel, client_id).await
-        {
-            tracing::warn!(%err, channel, "presence remove failed");
-        }
-        if options.join_leave
-            && announce
-            && let Err(err) = self.broker.publish_leave(channel, client.clone()).await
-        {
-            tracing::warn!(%err, channel, "leave notice failed");
-        }
+        self.count_subscription(channel, -1);
+        let departure = Departure {
+            unsubscribe: left == Left::Last,
+            presence: options.presence,
+            leave_notice: options.join_leave && announce,
+        };
+        departure.run(&*self.broker, channel, client).await;
         true
     }
 
@@ -570,162 +575,108 @@ impl Node {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::broker::BrokerFuture;
-    use crate::broker::conformance::json;
-    use crate::broker::memory::MemoryBroker;
-    use uuid::Uuid;
+/// What the broker must hear when a member leaves.
+#[derive(Debug, Clone, Copy)]
+struct Departure {
+    /// It was the node's last member: stop delivery to this node.
+    unsubscribe: bool,
+    /// Remove its presence entry.
+    presence: bool,
+    /// Tell the others (`leave`).
+    leave_notice: bool,
+}
 
-    /// A broker whose `history` lets publications race it: one lands just before the read,
-    /// one just after, as they would with a networked broker.
-    #[derive(Debug)]
-    struct Racing {
-        inner: MemoryBroker,
-    }
-
-    fn request() -> PublishRequest {
-        PublishRequest {
-            data: json("0"),
-            client_id: None,
-            history: HistoryLimits {
-                size: 100,
-                ttl: None,
-                max_bytes: 1 << 20,
-            },
+impl Departure {
+    async fn run(self, broker: &dyn Broker, channel: &str, client: &ClientInfo) {
+        if self.unsubscribe
+            && let Err(err) = broker.unsubscribe(channel).await
+        {
+            tracing::warn!(%err, channel, "broker unsubscribe failed");
         }
-    }
-
-    impl Broker for Racing {
-        fn publish<'a>(
-            &'a self,
-            channel: &'a str,
-            request: PublishRequest,
-        ) -> BrokerFuture<'a, StreamPosition> {
-            self.inner.publish(channel, request)
+        if self.presence
+            && let Err(err) = broker.remove_presence(channel, client.client_id).await
+        {
+            tracing::warn!(%err, channel, "presence remove failed");
         }
-        fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
-            self.inner.subscribe(channel)
-        }
-        fn unsubscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
-            self.inner.unsubscribe(channel)
-        }
-        fn history<'a>(
-            &'a self,
-            channel: &'a str,
-            since: Option<u64>,
-            limit: usize,
-        ) -> BrokerFuture<'a, HistoryPage> {
-            Box::pin(async move {
-                self.inner.publish(channel, request()).await?;
-                let page = self.inner.history(channel, since, limit).await?;
-                self.inner.publish(channel, request()).await?;
-                Ok(page)
-            })
-        }
-        fn add_presence<'a>(
-            &'a self,
-            channel: &'a str,
-            client: ClientInfo,
-        ) -> BrokerFuture<'a, ()> {
-            self.inner.add_presence(channel, client)
-        }
-        fn remove_presence<'a>(
-            &'a self,
-            channel: &'a str,
-            client: ClientId,
-        ) -> BrokerFuture<'a, ()> {
-            self.inner.remove_presence(channel, client)
-        }
-        fn presence<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, Vec<ClientInfo>> {
-            self.inner.presence(channel)
-        }
-        fn publish_join<'a>(
-            &'a self,
-            channel: &'a str,
-            client: ClientInfo,
-        ) -> BrokerFuture<'a, ()> {
-            self.inner.publish_join(channel, client)
-        }
-        fn publish_leave<'a>(
-            &'a self,
-            channel: &'a str,
-            client: ClientInfo,
-        ) -> BrokerFuture<'a, ()> {
-            self.inner.publish_leave(channel, client)
-        }
-        fn status(&self) -> crate::broker::BrokerStatus {
-            self.inner.status()
+        if self.leave_notice
+            && let Err(err) = broker.publish_leave(channel, client.clone()).await
+        {
+            tracing::warn!(%err, channel, "leave notice failed");
         }
     }
+}
 
-    /// The offset in an encoded (unmasked, short) server text frame.
-    fn offset_of(frame: &Bytes) -> u64 {
-        let header = if frame[1] == 126 { 4 } else { 2 };
-        let value: serde_json::Value = serde_json::from_slice(&frame[header..]).unwrap_or_default();
-        value["offset"].as_u64().unwrap_or(0)
+/// A membership `Node::subscribe` is still setting up. Unless kept (`armed` cleared), it is
+/// taken back out: by [`Joining::undo`] on an error, or on drop, when the subscribe future was
+/// dropped or panicked in the middle of an `.await`. Without this, a caller's timeout would
+/// leave a member in the hub that no session knows of, and a presence entry nobody removes.
+struct Joining<'a> {
+    node: &'a Node,
+    /// The member's key in the hub (its outbox).
+    member: ClientId,
+    client: &'a ClientInfo,
+    channel: &'a str,
+    options: &'a NamespaceOptions,
+    /// Set while this first member's broker subscribe is under way: the members waiting on it
+    /// must hear that it will not happen, or they would wait forever.
+    first: Option<Arc<BrokerReady>>,
+    /// Whether the node may be subscribed at the broker for this member (false once that
+    /// subscribe failed).
+    broker_subscribed: bool,
+    /// Whether its presence entry may have been written.
+    presence: bool,
+    /// Whether its `join` may have been announced (and so needs a `leave`).
+    announced: bool,
+    armed: bool,
+}
+
+impl Joining<'_> {
+    /// Takes the membership out of the hub (synchronously) and says what the broker must hear.
+    fn take_out(&mut self) -> Option<Departure> {
+        self.armed = false;
+        if let Some(ready) = self.first.take() {
+            ready.set(false);
+        }
+        let left = self.node.hub.unsubscribe(self.channel, self.member);
+        if left == Left::NotMember {
+            return None;
+        }
+        self.node.count_subscription(self.channel, -1);
+        Some(Departure {
+            unsubscribe: left == Left::Last && self.broker_subscribed,
+            presence: self.options.presence && self.presence,
+            leave_notice: self.options.join_leave && self.announced,
+        })
     }
 
-    #[tokio::test]
-    async fn publications_racing_a_recovery_arrive_exactly_once() {
-        let hub = Arc::new(Hub::new());
-        let stats = Arc::new(Stats::default());
-        let dispatcher = Arc::new(Dispatcher::new(
-            Arc::clone(&hub),
-            false,
-            Arc::clone(&stats),
-            Arc::default(),
-        ));
-        let broker = Arc::new(Racing {
-            inner: MemoryBroker::new(dispatcher, 1 << 30),
-        });
-        let node = Node::new(
-            Arc::clone(&hub),
-            broker.clone(),
-            NodeOptions {
-                namespaces: Namespaces::default(),
-                legacy: NamespaceOptions::default(),
-                history_bytes: 1 << 20,
-                recovery_buffer: 64,
-                verifier: None,
-                refresh_window: std::time::Duration::from_secs(30),
-            },
-            stats,
-        );
-        for _ in 0..5 {
-            node.publish("room", json("0"), None, Caller::Server)
-                .await
-                .expect("publish");
+    /// Undoes the membership after an error, waiting for the broker's part.
+    async fn undo(mut self) {
+        if let Some(departure) = self.take_out() {
+            departure
+                .run(&*self.node.broker, self.channel, self.client)
+                .await;
         }
-        let epoch = broker
-            .inner
-            .history("room", None, 0)
-            .await
-            .expect("history")
-            .position
-            .epoch;
-        let (outbox, mut rx) = Outbox::new(Uuid::new_v4(), 64);
-        let client = ClientInfo {
-            client_id: outbox.id(),
-            user: None,
-            info: None,
+    }
+}
+
+impl Drop for Joining<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Some(departure) = self.take_out() else {
+            return;
         };
-        let since = StreamPosition { offset: 2, epoch };
-        let sub = node
-            .subscribe(&outbox, &client, "room", Some(&since), 0, Caller::Server)
-            .await
-            .expect("subscribe");
-        assert_eq!(sub.recovered, Some(true));
-        // 3..5 existed, 6 raced in before the history read, 7 after it, 8 is plain live.
-        let mut seen: Vec<u64> = sub.publications.iter().map(|p| p.offset).collect();
-        seen.extend(sub.live.iter().map(offset_of));
-        node.publish("room", json("0"), None, Caller::Server)
-            .await
-            .expect("publish");
-        while let Some(frame) = rx.try_recv() {
-            seen.push(offset_of(&frame));
+        tracing::debug!(channel = self.channel, "subscribe abandoned; undoing it");
+        // Drop cannot wait: the broker's part runs as a task of its own.
+        let broker = Arc::clone(&self.node.broker);
+        let channel = self.channel.to_owned();
+        let client = self.client.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move { departure.run(&*broker, &channel, &client).await });
+            }
+            Err(_) => tracing::warn!(channel, "no runtime to undo an abandoned subscribe"),
         }
-        assert_eq!(seen, vec![3, 4, 5, 6, 7, 8], "each exactly once, in order");
     }
 }

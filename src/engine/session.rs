@@ -130,7 +130,12 @@ impl Replies<'_> {
 
 /// What an endpoint does with a connection's messages.
 pub trait Handler: Send {
-    /// Called once before anything else; may send the welcome.
+    /// Called once before anything else, without waiting on anything: the welcome. What it
+    /// queues is written to the socket before [`Handler::on_open`] runs, so a client learns
+    /// who it is even while the broker stalls.
+    fn on_welcome(&mut self, _out: &mut Replies<'_>) {}
+    /// Called once after the welcome went out, before any message is read; may wait on the
+    /// broker (joining a channel, a replay).
     fn on_open(&mut self, out: &mut Replies<'_>) -> impl Future<Output = ()> + Send;
     /// A complete, UTF-8 validated text message.
     fn on_text(&mut self, text: Bytes, out: &mut Replies<'_>) -> impl Future<Output = ()> + Send;
@@ -265,6 +270,13 @@ where
                 buf: &mut wbuf,
                 count: 0,
             };
+            self.handler.on_welcome(&mut replies);
+            self.stats.add_out(replies.count);
+            self.flush_welcome(&mut wbuf).await;
+            let mut replies = Replies {
+                buf: &mut wbuf,
+                count: 0,
+            };
             self.handler.on_open(&mut replies).await;
             self.stats.add_out(replies.count);
 
@@ -284,6 +296,27 @@ where
             // connection's task for its whole life.
             Box::pin(self.finish(end, rbuf, wbuf, parser)).await;
         }
+    }
+
+    /// Writes the welcome before `on_open` may wait on the broker. Bounded by the close grace
+    /// (a fresh socket takes a welcome at once; a client that reads nothing must not hold the
+    /// session here): whatever is left is written by the main loop, and a broken socket is
+    /// noticed there too.
+    async fn flush_welcome(&mut self, wbuf: &mut BytesMut) {
+        let io = &self.io;
+        let stats = &self.stats;
+        let write = async {
+            while !wbuf.is_empty() {
+                match std::future::poll_fn(|cx| io.poll_write(cx, wbuf)).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        wbuf.advance(n);
+                        stats.add_bytes_out(n);
+                    }
+                }
+            }
+        };
+        let _ = timeout(self.config.close_grace(), write).await;
     }
 
     async fn main_loop(

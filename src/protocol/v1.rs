@@ -140,6 +140,29 @@ pub fn parse(text: &str) -> Parsed<'_> {
     }
 }
 
+/// Sorts a text message from a connection that speaks v1 only (it offered the
+/// `rusty-socks.v1` subprotocol): what [`parse`] would call legacy or invalid is a malformed
+/// v1 command here, answered with a v1 `error`, because such a client gets no legacy frames.
+pub fn parse_v1_only(text: &str) -> Parsed<'_> {
+    match parse(text) {
+        Parsed::Legacy => {
+            // Only reached when `text` is an object whose `type` is absent, null or "Chat".
+            let raw: Option<Raw<'_>> = serde_json::from_str(text).ok();
+            let id = raw
+                .as_ref()
+                .and_then(|raw| raw.id)
+                .filter(|id| id.get() != "null" && valid_id(id));
+            let err = match raw.and_then(|raw| raw.kind) {
+                Some(Value::String(kind)) => ClientError::UnknownType(kind),
+                _ => ClientError::MissingField("type"),
+            };
+            Parsed::BadCommand(id, err)
+        }
+        Parsed::Invalid(err) => Parsed::BadCommand(None, err),
+        parsed => parsed,
+    }
+}
+
 /// Ids are JSON numbers or strings.
 fn valid_id(id: &RawValue) -> bool {
     let first = id.get().as_bytes().first().copied().unwrap_or(b' ');
@@ -330,6 +353,20 @@ pub enum Frame<'a> {
         /// When the current token expires (seconds since the Unix epoch).
         expires_at: u64,
     },
+    /// The first frame of a `rusty-socks.v1` connection: who it is, before anything else
+    /// (such a connection gets no legacy `Connect`, so this is where it learns its id).
+    Welcome {
+        /// The connection's id (as in presence, `join`, `leave` and `client_id` of its
+        /// publications).
+        client_id: ClientId,
+        /// The server's version, for client logs and feature checks.
+        version: &'a str,
+        /// The token's `sub`, `null` for an anonymous connection.
+        user: Option<&'a str>,
+        /// When the connection's token expires (seconds since the Unix epoch), if it does.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
+    },
     /// Reply to `refresh`.
     Refreshed {
         /// The command's id.
@@ -454,6 +491,30 @@ mod tests {
     }
 
     #[test]
+    fn a_v1_only_connection_gets_v1_errors_for_legacy_and_invalid_messages() {
+        let bad_v1 = |text| match parse_v1_only(text) {
+            Parsed::BadCommand(id, e) => (id.map(|i| i.get().to_owned()), e.code()),
+            other => panic!("{text}: {other:?}"),
+        };
+        assert_eq!(
+            bad_v1(r#"{"sender":"a","content":"b","id":"x"}"#),
+            (Some("\"x\"".into()), "missing_field")
+        );
+        assert_eq!(
+            bad_v1(r#"{"type":"Chat","sender":"a"}"#),
+            (None, "unknown_type")
+        );
+        assert_eq!(bad_v1("{nope"), (None, "invalid_json"));
+        assert_eq!(bad_v1("[1]"), (None, "invalid_message"));
+        assert_eq!(bad_v1(r#"{"type":"Shout"}"#), (None, "unknown_type"));
+        assert_eq!(bad_v1(r#"{"type":5}"#), (None, "invalid_field"));
+        assert!(matches!(
+            parse_v1_only(r#"{"type":"presence","id":1,"channel":"c"}"#),
+            Parsed::Command(Some(_), Command::Presence { .. })
+        ));
+    }
+
+    #[test]
     fn malformed_commands_keep_their_id() {
         assert_eq!(
             bad(r#"{"type":"subscribe","id":7}"#),
@@ -504,6 +565,27 @@ mod tests {
             }
             .to_json(),
             r#"{"type":"gap","channel":"c","offset":4}"#
+        );
+        let client_id = ClientId::nil();
+        assert_eq!(
+            Frame::Welcome {
+                client_id,
+                version: "1.2.3",
+                user: None,
+                expires_at: None
+            }
+            .to_json(),
+            r#"{"type":"welcome","client_id":"00000000-0000-0000-0000-000000000000","version":"1.2.3","user":null}"#
+        );
+        assert_eq!(
+            Frame::Welcome {
+                client_id,
+                version: "1.2.3",
+                user: Some("ann"),
+                expires_at: Some(7)
+            }
+            .to_json(),
+            r#"{"type":"welcome","client_id":"00000000-0000-0000-0000-000000000000","version":"1.2.3","user":"ann","expires_at":7}"#
         );
         let data = RawValue::from_string(r#"{"x":1}"#.into()).expect("json");
         assert_eq!(

@@ -9,6 +9,10 @@ pub struct Presented {
     pub token: Option<String>,
     /// The subprotocol to select in the 101, if the client offered ours.
     pub subprotocol: Option<String>,
+    /// The client offered `rusty-socks.v1` (with or without a `token.<jwt>` entry): it speaks
+    /// protocol v1 only, so it gets the v1 welcome and no legacy traffic. A client that offered
+    /// only `token.<jwt>` did not ask for v1 and stays a legacy connection.
+    pub v1: bool,
 }
 
 /// Finds a token in `Authorization: Bearer`, `?token=` or the `token.<jwt>` subprotocol (in
@@ -28,6 +32,7 @@ pub fn presented(headers: &hyper::HeaderMap, query: Option<&str>) -> Presented {
         .find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX));
     if offered.contains(&SUBPROTOCOL) {
         found.subprotocol = Some(SUBPROTOCOL.to_owned());
+        found.v1 = true;
     } else if let Some(token) = in_subprotocol {
         // Only the token entry was offered: it is the one we can select.
         found.subprotocol = Some(format!("{TOKEN_SUBPROTOCOL_PREFIX}{token}"));
@@ -58,6 +63,7 @@ mod tests {
     #[test]
     fn tokens_are_found_where_browsers_and_servers_put_them() {
         let mut headers = hyper::HeaderMap::new();
+        assert!(!presented(&headers, None).v1, "no subprotocol: legacy");
         assert_eq!(
             presented(&headers, Some("token=abc.def.g%2D"))
                 .token
@@ -73,6 +79,7 @@ mod tests {
         let p = presented(&headers, None);
         assert_eq!(p.token.as_deref(), Some("aaa.bbb.ccc"));
         assert_eq!(p.subprotocol.as_deref(), Some(SUBPROTOCOL));
+        assert!(p.v1, "rusty-socks.v1 with a token is a v1 connection");
         headers.insert(
             hyper::header::AUTHORIZATION,
             "Bearer xxx.yyy.zzz".parse().expect("valid header"),
@@ -81,5 +88,13 @@ mod tests {
             presented(&headers, None).token.as_deref(),
             Some("xxx.yyy.zzz")
         );
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert(
+            hyper::header::SEC_WEBSOCKET_PROTOCOL,
+            "token.aaa.bbb.ccc".parse().expect("valid header"),
+        );
+        let p = presented(&headers, None);
+        assert!(!p.v1, "a token alone does not ask for v1");
+        assert_eq!(p.subprotocol.as_deref(), Some("token.aaa.bbb.ccc"));
     }
 }

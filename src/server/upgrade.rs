@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::auth::{self, Identity};
 use crate::engine::admission::ConnectionPermit;
-use crate::engine::chat::ChatHandler;
+use crate::engine::chat::{ChatHandler, Dialect};
 use crate::engine::echo::EchoHandler;
 use crate::engine::outbox::Outbox;
 use crate::engine::session::{Guards, Handler, SessionConfig, SessionParts};
@@ -92,6 +92,7 @@ pub fn upgrade(
         on_upgrade: hyper::upgrade::on(&mut req),
         endpoint,
         identity,
+        v1: presented.v1,
         permit,
     };
     *slot
@@ -137,6 +138,8 @@ pub struct Pending {
     on_upgrade: hyper::upgrade::OnUpgrade,
     endpoint: Endpoint,
     identity: Option<Box<Identity>>,
+    /// The client offered `rusty-socks.v1`: a v1-only connection (see `ChatHandler::new`).
+    v1: bool,
     permit: ConnectionPermit,
 }
 
@@ -154,6 +157,7 @@ pub async fn start(pending: Pending, state: &Arc<AppState>) {
         on_upgrade,
         endpoint,
         identity,
+        v1,
         permit,
     } = pending;
     let upgraded = match on_upgrade.await {
@@ -183,7 +187,14 @@ pub async fn start(pending: Pending, state: &Arc<AppState>) {
                 config.timeout,
                 config.shutdown_grace,
             );
-            let handler = ChatHandler::new(client_id, outbox, Arc::clone(&state.chat), identity);
+            let dialect = if v1 { Dialect::V1 } else { Dialect::Legacy };
+            let handler = ChatHandler::new(
+                client_id,
+                outbox,
+                Arc::clone(&state.chat),
+                identity,
+                dialect,
+            );
             spawn_on_socket(upgraded, rx, handler, session_config, guards, state);
         }
         Endpoint::Echo => {

@@ -389,29 +389,38 @@ impl RawClient {
     }
 }
 
-/// A `/ws` client that has left the default (legacy) channel, so it only sees v1 traffic.
+/// A `/ws` client that offered the `rusty-socks.v1` subprotocol, so it only sees v1 traffic;
+/// returns it with the id from its `welcome`.
 pub async fn v1_client(server: &TestServer) -> (Ws, String) {
     v1_client_url(&server.url("/ws")).await
 }
 
 /// [`v1_client`] for a `/ws` URL.
 pub async fn v1_client_url(url: &str) -> (Ws, String) {
-    let (mut ws, id) = join_url(url).await;
-    send_text(
-        &mut ws,
-        r#"{"type":"unsubscribe","id":"leave-default","channel":"default"}"#,
-    )
-    .await;
-    // Legacy traffic of the default channel may arrive before the reply (another client
-    // leaving, on this node or, with a broker, on another one).
-    let reply = loop {
-        let frame = recv_json(&mut ws).await;
-        if !matches!(frame["type"].as_str(), Some("Disconnect" | "Chat")) {
-            break frame;
-        }
-    };
-    assert_eq!(reply["type"], "unsubscribed", "{reply}");
+    let (mut ws, response) =
+        tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(v1_request(url)))
+            .await
+            .expect("connect timed out")
+            .expect("connect failed");
+    assert_eq!(response.status(), 101);
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        "rusty-socks.v1"
+    );
+    let welcome = recv_json(&mut ws).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    let id = welcome["client_id"].as_str().unwrap().to_owned();
     (ws, id)
+}
+
+/// An upgrade request for `url` that offers the `rusty-socks.v1` subprotocol.
+pub fn v1_request(url: &str) -> tokio_tungstenite::tungstenite::handshake::client::Request {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "rusty-socks.v1".parse().unwrap());
+    request
 }
 
 /// Sends a JSON command and returns the next frame (which must be its reply or error).

@@ -292,7 +292,7 @@ export class RustySocks {
     this.timeout = options.timeout ?? 10000;
     /** @private */
     this._random = options.random ?? Math.random;
-    /** The server's id for the current connection (from its `Connect` welcome).
+    /** The server's id for the current connection (from its `welcome`).
      * @type {string | null} */
     this.clientId = null;
     /** @private @type {ConnectionState} */
@@ -583,8 +583,6 @@ export class RustySocks {
     if (ws !== this._ws) return;
     clearTimeout(this._connectTimer);
     this._open = true;
-    // v1 traffic only: leave the legacy channel every connection starts on.
-    this._send({ type: "unsubscribe", channel: LEGACY_CHANNEL }, noop, noop);
     for (const sub of this._subs.values()) this._sendSubscribe(sub);
     const queued = this._queue;
     this._queue = [];
@@ -605,6 +603,11 @@ export class RustySocks {
     this._emit("message", msg);
     switch (msg.type) {
       case "Connect":
+        // A server from before v1 welcomes: it put this connection on the legacy channel
+        // (and sends its traffic) even though it offered rusty-socks.v1. Leave it.
+        this._send({ type: "unsubscribe", channel: LEGACY_CHANNEL }, noop, noop);
+      // falls through
+      case "welcome":
         this.clientId = msg.client_id ?? null;
         this._attempt = 0;
         this._setState("connected");
@@ -613,7 +616,7 @@ export class RustySocks {
         return;
       case "Chat":
       case "Disconnect":
-        return; // legacy traffic of the `default` channel
+        return; // legacy traffic of the `default` channel (older servers only)
       case "Error":
         this._emit("error", new RustySocksError(msg.code ?? "server_error", msg.message ?? "legacy error"));
         return;

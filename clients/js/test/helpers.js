@@ -286,8 +286,14 @@ export class FakeWebSocket {
     setTimeout(() => this.onclose?.({ code: code ?? 1005, reason: reason ?? "" }), 0);
   }
   // ---- the test's side
-  /** Opens and sends the `Connect` welcome (plus a legacy replay frame, to be ignored). */
+  /** Opens and sends the v1 `welcome`, as a server does for a connection offering rusty-socks.v1. */
   accept(clientId = "00000000-0000-4000-8000-000000000001") {
+    this.readyState = 1;
+    this.onopen?.({});
+    this.push({ type: "welcome", client_id: clientId, version: "0.1.0", user: null });
+  }
+  /** Opens like a server from before the v1 welcome: `Connect` and a legacy replay frame. */
+  acceptLegacy(clientId = "00000000-0000-4000-8000-000000000001") {
     this.readyState = 1;
     this.onopen?.({});
     this.push({ type: "Connect", client_id: clientId });

@@ -66,7 +66,7 @@ describe("backoffDelay (full jitter)", () => {
 });
 
 describe("connection", () => {
-  test("offers the v1 subprotocol and the token, leaves `default`, exposes clientId", async () => {
+  test("offers the v1 subprotocol and the token, takes clientId from the welcome", async () => {
     const c = client({ token: "aaa.bbb.ccc" });
     const states = [];
     c.on("state", (s) => states.push(s));
@@ -75,7 +75,21 @@ describe("connection", () => {
     assert.equal(c.clientId, "00000000-0000-4000-8000-000000000001");
     assert.equal(c.state, "connected");
     assert.deepEqual(states, ["connecting", "connected"]);
-    assert.deepEqual(ws.sent[0], { type: "unsubscribe", id: ws.sent[0].id, channel: "default" });
+    assert.deepEqual(ws.sent, [], "a v1 connection is on no channel: nothing to leave");
+  });
+
+  test("with an older server's `Connect` welcome, leaves `default` and ignores its traffic", async () => {
+    const c = client();
+    const errors = [];
+    c.on("error", (e) => errors.push(e));
+    const connecting = c.connect();
+    await waitFor(() => FakeWebSocket.instances.length === 1, { what: "socket" });
+    const ws = FakeWebSocket.last;
+    ws.acceptLegacy("00000000-0000-4000-8000-000000000002");
+    await connecting;
+    assert.equal(c.clientId, "00000000-0000-4000-8000-000000000002");
+    assert.deepEqual(ws.sent, [{ type: "unsubscribe", id: ws.sent[0].id, channel: "default" }]);
+    assert.deepEqual(errors, []);
   });
 
   test("reconnects with backoff delays after drops, calling the token function each time", async () => {
