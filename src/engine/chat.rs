@@ -264,7 +264,9 @@ impl ChatHandler {
             )
             .await;
         if let Err(err) = published {
-            tracing::warn!(%err, "legacy publish failed");
+            if err != ClientError::ShuttingDown {
+                tracing::warn!(%err, "legacy publish failed");
+            }
             out.text(&ServerFrame::error(&err).to_json());
         }
     }

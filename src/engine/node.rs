@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -212,6 +212,20 @@ pub struct Node {
     /// Local subscriptions per namespace (the legacy channel counts as `default`), for the
     /// metrics. Namespaces are fixed at startup, so the map never changes.
     subscriptions: HashMap<String, AtomicI64>,
+    /// Set when shutdown begins: every publish is refused from then on.
+    shutting_down: AtomicBool,
+    /// Publishes past their shutdown check whose broker call has not returned yet.
+    publishing: AtomicUsize,
+}
+
+/// Counts one publish in [`Node::publishing`] until dropped (also when its future is
+/// cancelled).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Node {
@@ -235,7 +249,33 @@ impl Node {
             default_name: Arc::from(DEFAULT_CHANNEL),
             stats,
             subscriptions,
+            shutting_down: AtomicBool::new(false),
+            publishing: AtomicUsize::new(0),
         }
+    }
+
+    /// Refuses every publish from now on ([`ClientError::ShuttingDown`]), then waits up to
+    /// `within` for the publishes already past that check to return. Called before sessions
+    /// are asked to close: a publish acknowledged after that point would be delivered to
+    /// subscribers whose sessions already said goodbye, acknowledged and then lost.
+    pub async fn begin_shutdown(&self, within: std::time::Duration) {
+        // SeqCst pairs with `enter_publish`: either the publish sees the flag, or this loop
+        // sees the publish counted.
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + within;
+        while self.publishing.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Counts a publish as in flight, or refuses it once shutdown has begun.
+    fn enter_publish(&self) -> Result<InFlight<'_>, ClientError> {
+        self.publishing.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlight(&self.publishing);
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ClientError::ShuttingDown);
+        }
+        Ok(guard)
     }
 
     fn count_subscription(&self, channel: &str, delta: i64) {
@@ -516,6 +556,7 @@ impl Node {
             channel,
             "this connection may not publish to this channel",
         )?;
+        let _in_flight = self.enter_publish()?;
         let request = PublishRequest {
             data,
             client_id,
