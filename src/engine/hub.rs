@@ -47,6 +47,9 @@ pub struct MemberState {
     /// and a stream that restarted numbers its publications from 1 again. A gap from this
     /// client's own overflow keeps it, since late copies may still follow a recovery.
     replayed_through: AtomicU64,
+    /// What taking the connection off the channel did, once its closing session detached it
+    /// (see `Node::detach`): 0 still attached (or never), else [`Left`] as 1 + its index.
+    left: AtomicU8,
 }
 
 impl MemberState {
@@ -66,6 +69,7 @@ impl MemberState {
             gapped: AtomicBool::new(false),
             last_offset: AtomicU64::new(0),
             replayed_through: AtomicU64::new(0),
+            left: AtomicU8::new(0),
         })
     }
 
@@ -84,6 +88,25 @@ impl MemberState {
     pub fn replayed_through(&self, offset: u64) {
         self.delivered_up_to(offset);
         self.replayed_through.fetch_max(offset, Ordering::AcqRel);
+    }
+
+    /// Records what detaching the closing connection from the hub did.
+    pub fn set_left(&self, left: Left) {
+        let code = match left {
+            Left::NotMember => 1,
+            Left::Removed => 2,
+            Left::Last => 3,
+        };
+        self.left.store(code, Ordering::Release);
+    }
+
+    /// What detaching did ([`Left::NotMember`] if it was not detached).
+    pub fn left(&self) -> Left {
+        match self.left.load(Ordering::Acquire) {
+            2 => Left::Removed,
+            3 => Left::Last,
+            _ => Left::NotMember,
+        }
     }
 
     /// Ends a gap after it was reported; frames flow again.

@@ -515,31 +515,85 @@ impl Node {
         options: &NamespaceOptions,
         announce: bool,
     ) -> bool {
+        let left = self.detach_channel(channel, client_id);
+        if left == Left::NotMember {
+            return false;
+        }
+        self.release(left, client, channel, options, announce, false)
+            .await;
+        true
+    }
+
+    fn detach_channel(&self, channel: &str, client_id: ClientId) -> Left {
         let left = self.hub.unsubscribe(channel, client_id);
         if left != Left::NotMember {
             self.count_subscription(channel, -1);
         }
-        match left {
-            Left::NotMember => return false,
-            Left::Last => {
-                if let Err(err) = self.broker.unsubscribe(channel).await {
-                    tracing::warn!(%err, channel, "broker unsubscribe failed");
-                }
+        left
+    }
+
+    /// Takes a closing connection off `state`'s channel on this node, at once and without
+    /// the broker: nothing more is queued for it (no notices for a client that is leaving
+    /// anyway), and a cleanup that is cut short later leaves nothing behind locally. The
+    /// broker's part follows in [`Node::release_detached`].
+    pub fn detach(&self, client_id: ClientId, state: &MemberState) {
+        state.set_left(self.detach_channel(&state.channel, client_id));
+    }
+
+    /// The broker's part of leaving a channel [`Node::detach`]ed before: unsubscribes the
+    /// node with its last member, removes the presence entry and, if `announce`, sends the
+    /// leave notice. `quiet` logs failures at debug level (on shutdown every connection
+    /// leaves at once, and one line per connection would drown the log).
+    pub async fn release_detached(
+        &self,
+        state: &MemberState,
+        client: &ClientInfo,
+        announce: bool,
+        quiet: bool,
+    ) {
+        let left = state.left();
+        let channel = &*state.channel;
+        let Ok(options) = self.options(channel) else {
+            return;
+        };
+        if left != Left::NotMember {
+            self.release(left, client, channel, options, announce, quiet)
+                .await;
+        }
+    }
+
+    async fn release(
+        &self,
+        left: Left,
+        client: &ClientInfo,
+        channel: &str,
+        options: &NamespaceOptions,
+        announce: bool,
+        quiet: bool,
+    ) {
+        let failed = |err: &crate::broker::BrokerError, what: &str| {
+            if quiet {
+                tracing::debug!(%err, channel, "{what} failed");
+            } else {
+                tracing::warn!(%err, channel, "{what} failed");
             }
-            Left::Removed => {}
+        };
+        if left == Left::Last
+            && let Err(err) = self.broker.unsubscribe(channel).await
+        {
+            failed(&err, "broker unsubscribe");
         }
         if options.presence
-            && let Err(err) = self.broker.remove_presence(channel, client_id).await
+            && let Err(err) = self.broker.remove_presence(channel, client.client_id).await
         {
-            tracing::warn!(%err, channel, "presence remove failed");
+            failed(&err, "presence remove");
         }
         if options.join_leave
             && announce
             && let Err(err) = self.broker.publish_leave(channel, client.clone()).await
         {
-            tracing::warn!(%err, channel, "leave notice failed");
+            failed(&err, "leave notice");
         }
-        true
     }
 
     /// Publishes `data` on `channel`, if `caller` may.

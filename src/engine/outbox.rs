@@ -178,12 +178,9 @@ impl Outbox {
             .compare_exchange(0, index as u8 + 1, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if first {
-            // Shutdown closes every connection: one summary line instead (`server`).
-            if code == CloseCode::GoingAway {
-                tracing::debug!(client_id = %self.shared.id, code = code.code(), "closing connection");
-            } else {
-                tracing::info!(client_id = %self.shared.id, code = code.code(), reason = code.reason(), "closing connection");
-            }
+            // Debug only: shutdown and mass disconnects close thousands at once (the server logs
+            // a summary, and the counters say how many and why).
+            tracing::debug!(client_id = %self.shared.id, code = code.code(), reason = code.reason(), "closing connection");
             self.shared.wake();
         }
     }
