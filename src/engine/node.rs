@@ -92,8 +92,10 @@ impl BrokerEvents for Dispatcher {
             // Legacy chat: the stored data *is* the legacy Chat frame; the sender gets no copy.
             let frame = text_frame(publication.data.get());
             let skip = publication.client_id.filter(|_| !self.echo_to_sender);
-            self.hub
+            let delivery = self
+                .hub
                 .deliver(channel, Some(publication.offset), &frame, skip);
+            self.stats.notices_dropped(delivery.notices_dropped);
             return;
         }
         let frame = text_frame(
@@ -105,8 +107,10 @@ impl BrokerEvents for Dispatcher {
             }
             .to_json(),
         );
-        self.hub
+        let delivery = self
+            .hub
             .deliver(channel, Some(publication.offset), &frame, None);
+        self.stats.notices_dropped(delivery.notices_dropped);
     }
 
     fn on_join(&self, channel: &str, client: &ClientInfo) {
@@ -114,8 +118,10 @@ impl BrokerEvents for Dispatcher {
             return; // The legacy dialect has no join notice.
         }
         let frame = text_frame(&Frame::Join { channel, client }.to_json());
-        self.hub
+        let delivery = self
+            .hub
             .deliver(channel, None, &frame, Some(client.client_id));
+        self.stats.notices_dropped(delivery.notices_dropped);
     }
 
     fn on_leave(&self, channel: &str, client: &ClientInfo) {
@@ -127,8 +133,10 @@ impl BrokerEvents for Dispatcher {
         } else {
             Frame::Leave { channel, client }.to_json()
         };
-        self.hub
+        let delivery = self
+            .hub
             .deliver(channel, None, &text_frame(&json), Some(client.client_id));
+        self.stats.notices_dropped(delivery.notices_dropped);
     }
 
     fn on_gap(&self, channel: &str) {
