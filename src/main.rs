@@ -101,11 +101,22 @@ fn main() -> ExitCode {
 /// cannot work never says it is listening. Each failure is printed once.
 async fn serve(config: Config) -> ExitCode {
     let addr = SocketAddr::new(config.host, config.port);
-    let prepared = match Prepared::new(config).await {
-        Ok(prepared) => prepared,
-        Err(err) => {
-            complain!("rusty_socks: cannot start: {err}");
-            return ExitCode::FAILURE;
+    // Installed before the broker is contacted: connecting can take a while (a broker that
+    // accepts and never answers), and a SIGTERM meanwhile must stop the process cleanly, not
+    // kill it with the default action.
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    let prepared = tokio::select! {
+        prepared = Prepared::new(config) => match prepared {
+            Ok(prepared) => prepared,
+            Err(err) => {
+                complain!("rusty_socks: cannot start: {err}");
+                return ExitCode::FAILURE;
+            }
+        },
+        () = &mut stop => {
+            tracing::info!("stopped before startup finished");
+            return ExitCode::SUCCESS;
         }
     };
     let listener = match listen(addr) {
@@ -118,7 +129,6 @@ async fn serve(config: Config) -> ExitCode {
         }
     };
     let local = listener.local_addr().unwrap_or(addr);
-    let stop = shutdown_signal();
     announce(&prepared, local);
     prepared.serve(listener, stop).await;
     tracing::info!("stopped");
@@ -189,8 +199,8 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when
-/// the future is first polled: a signal that arrives right after "listening on" is logged must
-/// stop the server gracefully, not kill it with the default action.
+/// the future is first polled: a signal that arrives during startup or right after "listening
+/// on" is logged must stop the server gracefully, not kill it with the default action.
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {

@@ -43,6 +43,7 @@ fn every_error_code_is_documented() {
         ClientError::InvalidToken(rusty_socks::auth::AuthError::Expired),
         ClientError::AuthDisabled,
         ClientError::RateLimited(1),
+        ClientError::ShuttingDown,
     ];
     for (name, text) in docs() {
         for err in &errors {

@@ -292,7 +292,9 @@ impl ChatHandler {
             )
             .await;
         if let Err(err) = published {
-            tracing::warn!(%err, "legacy publish failed");
+            if err != ClientError::ShuttingDown {
+                tracing::warn!(%err, "legacy publish failed");
+            }
             out.text(&ServerFrame::error(&err).to_json());
         }
     }
@@ -562,6 +564,13 @@ impl Handler for ChatHandler {
         }
     }
 
+    fn on_closing(&mut self) {
+        let node = &self.shared.node;
+        for state in self.default.iter().chain(self.others.iter()) {
+            node.detach(self.client_id, state);
+        }
+    }
+
     async fn on_close(&mut self, server_shutting_down: bool) {
         // Boxed: a connection's task would otherwise be as large as its biggest command
         // for its whole life, most of which is spent idle.
@@ -569,21 +578,17 @@ impl Handler for ChatHandler {
             // On shutdown every client is leaving at once; N leave notices to N clients would be
             // N² frames for nobody.
             let announce = !server_shutting_down;
+            let client = self.client();
             let all = self
                 .default
                 .take()
                 .into_iter()
                 .chain(std::mem::take(&mut self.others));
             for state in all {
-                let channel = &*state.channel;
-                if let Err(err) = self
-                    .shared
+                self.shared
                     .node
-                    .unsubscribe(self.client_id(), &self.client(), channel, announce)
-                    .await
-                {
-                    tracing::warn!(%err, channel, "unsubscribe on close failed");
-                }
+                    .release_detached(&state, &client, announce, server_shutting_down)
+                    .await;
             }
         })
         .await

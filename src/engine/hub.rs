@@ -47,6 +47,9 @@ pub struct MemberState {
     /// and a stream that restarted numbers its publications from 1 again. A gap from this
     /// client's own overflow keeps it, since late copies may still follow a recovery.
     replayed_through: AtomicU64,
+    /// What taking the connection off the channel did, once its closing session detached it
+    /// (see `Node::detach`): 0 still attached (or never), else [`Left`] as 1 + its index.
+    left: AtomicU8,
 }
 
 impl MemberState {
@@ -66,6 +69,7 @@ impl MemberState {
             gapped: AtomicBool::new(false),
             last_offset: AtomicU64::new(0),
             replayed_through: AtomicU64::new(0),
+            left: AtomicU8::new(0),
         })
     }
 
@@ -84,6 +88,25 @@ impl MemberState {
     pub fn replayed_through(&self, offset: u64) {
         self.delivered_up_to(offset);
         self.replayed_through.fetch_max(offset, Ordering::AcqRel);
+    }
+
+    /// Records what detaching the closing connection from the hub did.
+    pub fn set_left(&self, left: Left) {
+        let code = match left {
+            Left::NotMember => 1,
+            Left::Removed => 2,
+            Left::Last => 3,
+        };
+        self.left.store(code, Ordering::Release);
+    }
+
+    /// What detaching did ([`Left::NotMember`] if it was not detached).
+    pub fn left(&self) -> Left {
+        match self.left.load(Ordering::Acquire) {
+            2 => Left::Removed,
+            3 => Left::Last,
+            _ => Left::NotMember,
+        }
     }
 
     /// Ends a gap after it was reported; frames flow again.
@@ -140,10 +163,52 @@ impl BrokerReady {
     }
 }
 
+/// How many member frames of join/leave/`Disconnect` notices one channel fans out per second
+/// at most (and in one burst). A notice costs one frame per member, so when N members leave
+/// at once the notices alone would be N² frames: 361 million for 19,000 legacy clients. Past
+/// this budget a notice is dropped for the whole channel at once, at the cost of a counter.
+/// At 1,000 members that is still 1,000 notices a second.
+pub const NOTICE_FRAMES_PER_SECOND: f64 = 1_000_000.0;
+
+/// A channel's budget of notice frames (see [`NOTICE_FRAMES_PER_SECOND`]).
+#[derive(Debug)]
+struct NoticeBudget {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Default for NoticeBudget {
+    fn default() -> Self {
+        Self {
+            tokens: NOTICE_FRAMES_PER_SECOND,
+            at: std::time::Instant::now(),
+        }
+    }
+}
+
+impl NoticeBudget {
+    /// Whether a notice to `frames` members may go out now. A full budget always lets one
+    /// through (a channel larger than the budget still gets its notices, at a lower rate).
+    fn take(&mut self, frames: usize) -> bool {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * NOTICE_FRAMES_PER_SECOND;
+        self.tokens = (self.tokens + refill).min(NOTICE_FRAMES_PER_SECOND);
+        self.at = now;
+        let cost = frames as f64;
+        if self.tokens >= cost.min(NOTICE_FRAMES_PER_SECOND) {
+            self.tokens -= cost;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Channel {
     members: HashMap<ClientId, Member>,
     ready: Arc<BrokerReady>,
+    notices: Mutex<NoticeBudget>,
 }
 
 /// Result of delivering one frame to a channel's local members.
@@ -153,6 +218,20 @@ pub struct Delivery {
     pub queued: usize,
     /// Members that did not get it (full outbox, gap, or gone).
     pub dropped: usize,
+    /// Notice frames dropped instead of queued: this notice, for members whose queue was
+    /// at least half full or for the whole channel past its budget, or, for a publication,
+    /// older notices it pushed out of full queues. Never anyone's fault.
+    pub notices_dropped: usize,
+}
+
+/// What happened to one frame for one member.
+enum Outcome {
+    Queued,
+    /// Queued in place of a notice that was dropped.
+    QueuedOverNotice,
+    /// A notice that was not queued.
+    NoticeDropped,
+    Dropped,
 }
 
 /// Local channel membership, sharded by channel name.
@@ -272,7 +351,10 @@ impl Hub {
     }
 
     /// Queues one encoded frame to every local member of `channel` except `skip`. `offset` is
-    /// the publication's offset (`None` for join/leave), used to merge recovery buffers.
+    /// the publication's offset, used to merge recovery buffers; `None` marks a join, leave
+    /// or `Disconnect` notice, which is dropped rather than ever making a member a slow
+    /// consumer: past the channel's [`NOTICE_FRAMES_PER_SECOND`], or for a member whose queue
+    /// is at least half full, and a publication pushes queued notices out of a full queue.
     pub fn deliver(
         &self,
         channel: &str,
@@ -285,14 +367,31 @@ impl Hub {
         let Some(entry) = shard.get(channel) else {
             return delivery;
         };
+        if offset.is_none() {
+            let skipped = skip.is_some_and(|id| entry.members.contains_key(&id));
+            let frames = entry.members.len() - usize::from(skipped);
+            let allowed = entry
+                .notices
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(frames);
+            if !allowed {
+                delivery.notices_dropped = frames;
+                return delivery;
+            }
+        }
         for (id, member) in &entry.members {
             if Some(*id) == skip {
                 continue;
             }
-            if deliver_one(member, offset, frame) {
-                delivery.queued += 1;
-            } else {
-                delivery.dropped += 1;
+            match deliver_one(member, offset, frame) {
+                Outcome::Queued => delivery.queued += 1,
+                Outcome::QueuedOverNotice => {
+                    delivery.queued += 1;
+                    delivery.notices_dropped += 1;
+                }
+                Outcome::NoticeDropped => delivery.notices_dropped += 1,
+                Outcome::Dropped => delivery.dropped += 1,
             }
         }
         delivery
@@ -356,33 +455,37 @@ impl Hub {
     }
 }
 
-fn deliver_one(member: &Member, offset: Option<u64>, frame: &Bytes) -> bool {
+fn deliver_one(member: &Member, offset: Option<u64>, frame: &Bytes) -> Outcome {
     let state = &member.state;
     if state.recovering.load(Ordering::Acquire) {
         let mut buffer = state.lock_buffer();
         // Re-checked under the lock: recovery may have finished while we waited for it.
         if state.recovering.load(Ordering::Acquire) {
-            if buffer.len() >= state.buffer_limit {
-                member.outbox.close(CloseCode::SlowConsumer);
-                return false;
-            }
-            buffer.push((offset, frame.clone()));
-            return true;
+            return buffer_one(&mut buffer, member, offset, frame);
         }
     }
     if state.gapped.load(Ordering::Acquire) {
-        return false;
+        return Outcome::Dropped;
     }
-    if offset.is_some_and(|o| o <= state.replayed_through.load(Ordering::Acquire)) {
+    let Some(offset) = offset else {
+        return match member.outbox.try_push_notice(frame.clone()) {
+            Push::Queued => Outcome::Queued,
+            Push::Closed => Outcome::Dropped,
+            _ => Outcome::NoticeDropped,
+        };
+    };
+    if offset <= state.replayed_through.load(Ordering::Acquire) {
         // Already in the client's replay (see `MemberState::replayed_through`).
-        return true;
+        return Outcome::Queued;
     }
     match member.outbox.try_push(frame.clone()) {
-        Push::Queued => {
-            if let Some(offset) = offset {
-                state.delivered_up_to(offset);
+        pushed @ (Push::Queued | Push::QueuedOverNotice) => {
+            state.delivered_up_to(offset);
+            if pushed == Push::Queued {
+                Outcome::Queued
+            } else {
+                Outcome::QueuedOverNotice
             }
-            true
         }
         Push::Full => {
             match state.policy {
@@ -393,10 +496,44 @@ fn deliver_one(member: &Member, offset: Option<u64>, frame: &Bytes) -> bool {
                 }
                 SlowPolicy::Disconnect => member.outbox.close(CloseCode::SlowConsumer),
             }
-            false
+            Outcome::Dropped
         }
-        Push::Closed => false,
+        Push::Closed | Push::NoticeDropped => Outcome::Dropped,
     }
+}
+
+/// [`deliver_one`] for a recovering member, under its buffer's lock: notices as in the
+/// outbox (up to half the buffer, and pushed out by publications), so only publications can
+/// overflow it.
+fn buffer_one(
+    buffer: &mut Vec<Buffered>,
+    member: &Member,
+    offset: Option<u64>,
+    frame: &Bytes,
+) -> Outcome {
+    let limit = member.state.buffer_limit;
+    if offset.is_none() {
+        if buffer.len() >= (limit / 2).max(1) {
+            return Outcome::NoticeDropped;
+        }
+        buffer.push((None, frame.clone()));
+        return Outcome::Queued;
+    }
+    let mut outcome = Outcome::Queued;
+    if buffer.len() >= limit {
+        match buffer.iter().position(|(o, _)| o.is_none()) {
+            Some(notice) => {
+                buffer.remove(notice);
+                outcome = Outcome::QueuedOverNotice;
+            }
+            None => {
+                member.outbox.close(CloseCode::SlowConsumer);
+                return Outcome::Dropped;
+            }
+        }
+    }
+    buffer.push((offset, frame.clone()));
+    outcome
 }
 
 #[cfg(test)]
@@ -431,7 +568,8 @@ mod tests {
             d,
             Delivery {
                 queued: 1,
-                dropped: 0
+                dropped: 0,
+                notices_dropped: 0,
             }
         );
         assert_eq!(rb.try_recv().as_deref(), Some(&b"x"[..]));
@@ -544,5 +682,39 @@ mod tests {
         state.clear_gap();
         assert_eq!(hub.deliver("g", Some(4), &frame, None).queued, 1);
         assert_eq!(state.last_offset(), 4);
+    }
+
+    #[test]
+    fn notices_never_make_a_slow_consumer_in_the_outbox_or_the_recovery_buffer() {
+        let hub = Hub::new();
+        let (_live, live_rx, _) = member(&hub, "n", 4, SlowPolicy::Disconnect);
+        // Recovering: a buffer of 8, so at most 4 notices.
+        let (outbox, rx) = Outbox::new(Uuid::new_v4(), 4);
+        let recovering = MemberState::recovering("n", SlowPolicy::Disconnect, 8);
+        hub.subscribe(&outbox, Arc::clone(&recovering));
+        let notice = Bytes::from_static(b"leave");
+        let mut dropped = 0;
+        for _ in 0..10 {
+            dropped += hub.deliver("n", None, &notice, None).notices_dropped;
+        }
+        assert_eq!(
+            dropped,
+            (10 - 2) + (10 - 4),
+            "2 fit the outbox, 4 the buffer"
+        );
+        for offset in 1..=8 {
+            hub.deliver("n", Some(offset), &Bytes::from_static(b"p"), None);
+        }
+        assert_eq!(live_rx.close_requested(), Some(CloseCode::SlowConsumer));
+        assert_eq!(
+            rx.close_requested(),
+            None,
+            "the buffer's notices made room for 8 publications"
+        );
+        let buffered = hub.finish_recovery(&recovering, 0);
+        let offsets: Vec<Option<u64>> = buffered.iter().map(|(o, _)| *o).collect();
+        assert_eq!(offsets, (1..=8).map(Some).collect::<Vec<_>>());
+        hub.deliver("n", Some(9), &Bytes::from_static(b"p"), None);
+        assert_eq!(rx.close_requested(), None);
     }
 }

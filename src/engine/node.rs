@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -92,8 +92,10 @@ impl BrokerEvents for Dispatcher {
             // Legacy chat: the stored data *is* the legacy Chat frame; the sender gets no copy.
             let frame = text_frame(publication.data.get());
             let skip = publication.client_id.filter(|_| !self.echo_to_sender);
-            self.hub
+            let delivery = self
+                .hub
                 .deliver(channel, Some(publication.offset), &frame, skip);
+            self.stats.notices_dropped(delivery.notices_dropped);
             return;
         }
         let frame = text_frame(
@@ -105,8 +107,10 @@ impl BrokerEvents for Dispatcher {
             }
             .to_json(),
         );
-        self.hub
+        let delivery = self
+            .hub
             .deliver(channel, Some(publication.offset), &frame, None);
+        self.stats.notices_dropped(delivery.notices_dropped);
     }
 
     fn on_join(&self, channel: &str, client: &ClientInfo) {
@@ -114,8 +118,10 @@ impl BrokerEvents for Dispatcher {
             return; // The legacy dialect has no join notice.
         }
         let frame = text_frame(&Frame::Join { channel, client }.to_json());
-        self.hub
+        let delivery = self
+            .hub
             .deliver(channel, None, &frame, Some(client.client_id));
+        self.stats.notices_dropped(delivery.notices_dropped);
     }
 
     fn on_leave(&self, channel: &str, client: &ClientInfo) {
@@ -127,8 +133,10 @@ impl BrokerEvents for Dispatcher {
         } else {
             Frame::Leave { channel, client }.to_json()
         };
-        self.hub
+        let delivery = self
+            .hub
             .deliver(channel, None, &text_frame(&json), Some(client.client_id));
+        self.stats.notices_dropped(delivery.notices_dropped);
     }
 
     fn on_gap(&self, channel: &str) {
@@ -212,6 +220,20 @@ pub struct Node {
     /// Local subscriptions per namespace (the legacy channel counts as `default`), for the
     /// metrics. Namespaces are fixed at startup, so the map never changes.
     subscriptions: HashMap<String, AtomicI64>,
+    /// Set when shutdown begins: every publish is refused from then on.
+    shutting_down: AtomicBool,
+    /// Publishes past their shutdown check whose broker call has not returned yet.
+    publishing: AtomicUsize,
+}
+
+/// Counts one publish in [`Node::publishing`] until dropped (also when its future is
+/// cancelled).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Node {
@@ -235,7 +257,33 @@ impl Node {
             default_name: Arc::from(DEFAULT_CHANNEL),
             stats,
             subscriptions,
+            shutting_down: AtomicBool::new(false),
+            publishing: AtomicUsize::new(0),
         }
+    }
+
+    /// Refuses every publish from now on ([`ClientError::ShuttingDown`]), then waits up to
+    /// `within` for the publishes already past that check to return. Called before sessions
+    /// are asked to close: a publish acknowledged after that point would be delivered to
+    /// subscribers whose sessions already said goodbye, acknowledged and then lost.
+    pub async fn begin_shutdown(&self, within: std::time::Duration) {
+        // SeqCst pairs with `enter_publish`: either the publish sees the flag, or this loop
+        // sees the publish counted.
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + within;
+        while self.publishing.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Counts a publish as in flight, or refuses it once shutdown has begun.
+    fn enter_publish(&self) -> Result<InFlight<'_>, ClientError> {
+        self.publishing.fetch_add(1, Ordering::SeqCst);
+        let guard = InFlight(&self.publishing);
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(ClientError::ShuttingDown);
+        }
+        Ok(guard)
     }
 
     fn count_subscription(&self, channel: &str, delta: i64) {
@@ -493,18 +541,69 @@ impl Node {
         options: &NamespaceOptions,
         announce: bool,
     ) -> bool {
-        let left = self.hub.unsubscribe(channel, client_id);
+        let left = self.detach_channel(channel, client_id);
         if left == Left::NotMember {
             return false;
         }
-        self.count_subscription(channel, -1);
-        let departure = Departure {
+        self.release(left, client, channel, options, announce, false)
+            .await;
+        true
+    }
+
+    fn detach_channel(&self, channel: &str, client_id: ClientId) -> Left {
+        let left = self.hub.unsubscribe(channel, client_id);
+        if left != Left::NotMember {
+            self.count_subscription(channel, -1);
+        }
+        left
+    }
+
+    /// Takes a closing connection off `state`'s channel on this node, at once and without
+    /// the broker: nothing more is queued for it (no notices for a client that is leaving
+    /// anyway), and a cleanup that is cut short later leaves nothing behind locally. The
+    /// broker's part follows in [`Node::release_detached`].
+    pub fn detach(&self, client_id: ClientId, state: &MemberState) {
+        state.set_left(self.detach_channel(&state.channel, client_id));
+    }
+
+    /// The broker's part of leaving a channel [`Node::detach`]ed before: unsubscribes the
+    /// node with its last member, removes the presence entry and, if `announce`, sends the
+    /// leave notice. `quiet` logs failures at debug level (on shutdown every connection
+    /// leaves at once, and one line per connection would drown the log).
+    pub async fn release_detached(
+        &self,
+        state: &MemberState,
+        client: &ClientInfo,
+        announce: bool,
+        quiet: bool,
+    ) {
+        let left = state.left();
+        let channel = &*state.channel;
+        let Ok(options) = self.options(channel) else {
+            return;
+        };
+        if left != Left::NotMember {
+            self.release(left, client, channel, options, announce, quiet)
+                .await;
+        }
+    }
+
+    async fn release(
+        &self,
+        left: Left,
+        client: &ClientInfo,
+        channel: &str,
+        options: &NamespaceOptions,
+        announce: bool,
+        quiet: bool,
+    ) {
+        Departure {
             unsubscribe: left == Left::Last,
             presence: options.presence,
             leave_notice: options.join_leave && announce,
-        };
-        departure.run(&*self.broker, channel, client).await;
-        true
+        }
+        .run(&*self.broker, channel, client, quiet)
+        .await;
     }
 
     /// Publishes `data` on `channel`, if `caller` may.
@@ -521,6 +620,7 @@ impl Node {
             channel,
             "this connection may not publish to this channel",
         )?;
+        let _in_flight = self.enter_publish()?;
         let request = PublishRequest {
             data,
             client_id,
@@ -587,21 +687,30 @@ struct Departure {
 }
 
 impl Departure {
-    async fn run(self, broker: &dyn Broker, channel: &str, client: &ClientInfo) {
+    /// Tells the broker. `quiet` logs failures at debug level (on shutdown every connection
+    /// leaves at once, and one line per connection would drown the log).
+    async fn run(self, broker: &dyn Broker, channel: &str, client: &ClientInfo, quiet: bool) {
+        let failed = |err: &crate::broker::BrokerError, what: &str| {
+            if quiet {
+                tracing::debug!(%err, channel, "{what} failed");
+            } else {
+                tracing::warn!(%err, channel, "{what} failed");
+            }
+        };
         if self.unsubscribe
             && let Err(err) = broker.unsubscribe(channel).await
         {
-            tracing::warn!(%err, channel, "broker unsubscribe failed");
+            failed(&err, "broker unsubscribe");
         }
         if self.presence
             && let Err(err) = broker.remove_presence(channel, client.client_id).await
         {
-            tracing::warn!(%err, channel, "presence remove failed");
+            failed(&err, "presence remove");
         }
         if self.leave_notice
             && let Err(err) = broker.publish_leave(channel, client.clone()).await
         {
-            tracing::warn!(%err, channel, "leave notice failed");
+            failed(&err, "leave notice");
         }
     }
 }
@@ -653,7 +762,7 @@ impl Joining<'_> {
     async fn undo(mut self) {
         if let Some(departure) = self.take_out() {
             departure
-                .run(&*self.node.broker, self.channel, self.client)
+                .run(&*self.node.broker, self.channel, self.client, false)
                 .await;
         }
     }
@@ -674,7 +783,7 @@ impl Drop for Joining<'_> {
         let client = self.client.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn(async move { departure.run(&*broker, &channel, &client).await });
+                runtime.spawn(async move { departure.run(&*broker, &channel, &client, false).await });
             }
             Err(_) => tracing::warn!(channel, "no runtime to undo an abandoned subscribe"),
         }

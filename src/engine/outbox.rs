@@ -40,9 +40,19 @@ const SIGNAL_CODES: [CloseCode; 7] = [
 /// A queue that has been emptied keeps at most this many slots of capacity.
 const KEEP_SLOTS: usize = 16;
 
+/// One queued frame; `notice` marks a join/leave/`Disconnect` notice, which may be dropped
+/// to make room (see [`Outbox::try_push_notice`]).
+#[derive(Debug)]
+struct Queued {
+    frame: Bytes,
+    notice: bool,
+}
+
 #[derive(Debug, Default)]
 struct Queue {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<Queued>,
+    /// How many of `frames` are notices.
+    notices: usize,
     /// When the queue last went from empty to non-empty ([`crate::types::clock::now_us`]).
     since_us: u64,
     /// The session is gone: pushes are refused.
@@ -112,6 +122,10 @@ pub enum Push {
     Full,
     /// The session is gone.
     Closed,
+    /// The frame is queued in place of the oldest queued notice, which was dropped.
+    QueuedOverNotice,
+    /// A notice was not queued: the queue is at least half full (the client is not at fault).
+    NoticeDropped,
 }
 
 impl Outbox {
@@ -142,16 +156,51 @@ impl Outbox {
         self.shared.id
     }
 
-    /// Queues an encoded frame without waiting.
+    /// Queues an encoded frame without waiting. A full queue that holds notices drops the
+    /// oldest of them to make room: only a queue full of publications is the client's fault.
     pub fn try_push(&self, frame: Bytes) -> Push {
         let mut queue = self.shared.queue();
         if queue.closed {
             return Push::Closed;
         }
+        let mut pushed = Push::Queued;
         if queue.frames.len() >= self.shared.capacity {
-            return Push::Full;
+            let oldest = if queue.notices > 0 {
+                queue.frames.iter().position(|q| q.notice)
+            } else {
+                None
+            };
+            match oldest.and_then(|i| queue.frames.remove(i)) {
+                Some(_) => {
+                    queue.notices -= 1;
+                    pushed = Push::QueuedOverNotice;
+                }
+                None => return Push::Full,
+            }
         }
-        queue.frames.push_back(frame);
+        self.push_locked(queue, frame, false);
+        pushed
+    }
+
+    /// Queues a join/leave/`Disconnect` notice, only while the queue is less than half full:
+    /// notices are the first thing to give up when a client falls behind, so they never make
+    /// it a slow consumer (4001), and a burst of them (thousands of clients leaving at once)
+    /// cannot grow a connection's queue past half its capacity.
+    pub fn try_push_notice(&self, frame: Bytes) -> Push {
+        let queue = self.shared.queue();
+        if queue.closed {
+            return Push::Closed;
+        }
+        if queue.frames.len() >= (self.shared.capacity / 2).max(1) {
+            return Push::NoticeDropped;
+        }
+        self.push_locked(queue, frame, true);
+        Push::Queued
+    }
+
+    fn push_locked(&self, mut queue: MutexGuard<'_, Queue>, frame: Bytes, notice: bool) {
+        queue.frames.push_back(Queued { frame, notice });
+        queue.notices += usize::from(notice);
         let first = queue.frames.len() == 1;
         if first {
             queue.since_us = crate::types::clock::now_us();
@@ -164,7 +213,6 @@ impl Outbox {
             // A non-empty queue is drained until empty, so only this transition needs a wake.
             self.shared.wake();
         }
-        Push::Queued
     }
 
     /// Asks the session to close with `code` (the first request wins).
@@ -178,12 +226,9 @@ impl Outbox {
             .compare_exchange(0, index as u8 + 1, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if first {
-            // Shutdown closes every connection: one summary line instead (`server`).
-            if code == CloseCode::GoingAway {
-                tracing::debug!(client_id = %self.shared.id, code = code.code(), "closing connection");
-            } else {
-                tracing::info!(client_id = %self.shared.id, code = code.code(), reason = code.reason(), "closing connection");
-            }
+            // Debug only: shutdown and mass disconnects close thousands at once (the server logs
+            // a summary, and the counters say how many and why).
+            tracing::debug!(client_id = %self.shared.id, code = code.code(), reason = code.reason(), "closing connection");
             self.shared.wake();
         }
     }
@@ -262,10 +307,11 @@ impl OutboxReceiver {
         let mut queue = self.shared.queue();
         let mut moved = 0;
         while buf.len() < limit || moved == 0 {
-            let Some(frame) = queue.frames.pop_front() else {
+            let Some(queued) = queue.frames.pop_front() else {
                 break;
             };
-            buf.extend_from_slice(&frame);
+            queue.notices -= usize::from(queued.notice);
+            buf.extend_from_slice(&queued.frame);
             moved += 1;
         }
         if queue.frames.is_empty() && queue.frames.capacity() > KEEP_SLOTS {
@@ -280,11 +326,12 @@ impl OutboxReceiver {
     /// The next queued frame, if any.
     pub fn try_recv(&mut self) -> Option<Bytes> {
         let mut queue = self.shared.queue();
-        let frame = queue.frames.pop_front();
+        let queued = queue.frames.pop_front()?;
+        queue.notices -= usize::from(queued.notice);
         self.shared
             .queued
             .store(queue.frames.len(), Ordering::Release);
-        frame
+        Some(queued.frame)
     }
 
     /// Whether nothing is queued.
@@ -308,6 +355,7 @@ impl Drop for OutboxReceiver {
         let mut queue = self.shared.queue();
         queue.closed = true;
         queue.frames = VecDeque::new();
+        queue.notices = 0;
         self.shared.queued.store(0, Ordering::Release);
     }
 }
@@ -330,6 +378,35 @@ mod tests {
         assert!(rx.is_empty());
         drop(rx);
         assert_eq!(outbox.try_push(Bytes::new()), Push::Closed);
+    }
+
+    #[test]
+    fn notices_fill_half_the_queue_at_most_and_make_room_for_publications() {
+        let (outbox, mut rx) = Outbox::new(uuid::Uuid::new_v4(), 4);
+        assert_eq!(
+            outbox.try_push_notice(Bytes::from_static(b"n1")),
+            Push::Queued
+        );
+        assert_eq!(outbox.try_push(Bytes::from_static(b"p1")), Push::Queued);
+        assert_eq!(
+            outbox.try_push_notice(Bytes::from_static(b"n2")),
+            Push::NoticeDropped,
+            "half full: no more notices"
+        );
+        assert_eq!(outbox.try_push(Bytes::from_static(b"p2")), Push::Queued);
+        assert_eq!(outbox.try_push(Bytes::from_static(b"p3")), Push::Queued);
+        assert_eq!(
+            outbox.try_push(Bytes::from_static(b"p4")),
+            Push::QueuedOverNotice,
+            "the notice gives way"
+        );
+        assert_eq!(outbox.try_push(Bytes::from_static(b"p5")), Push::Full);
+        let got: Vec<Bytes> = std::iter::from_fn(|| rx.try_recv()).collect();
+        assert_eq!(got, [&b"p1"[..], b"p2", b"p3", b"p4"]);
+        assert_eq!(
+            outbox.try_push_notice(Bytes::from_static(b"n3")),
+            Push::Queued
+        );
     }
 
     #[tokio::test]

@@ -146,7 +146,13 @@ pub trait Handler: Send {
     fn on_gaps(&mut self, _out: &mut Replies<'_>) {}
     /// Called on the server's one-second tick (token expiry and the like).
     fn on_tick(&mut self, _out: &mut Replies<'_>) {}
-    /// Called once when the connection ends, for whatever reason.
+    /// Called once when the connection ends, for whatever reason, before the close frame is
+    /// written: drops what must not outlive the connection locally (its channel memberships),
+    /// without waiting for anything.
+    fn on_closing(&mut self) {}
+    /// Called once after the close frame went out (and the close handshake ended or timed
+    /// out): the cleanup that needs other parties (the broker). During a server shutdown it is
+    /// cut short after the close grace period.
     fn on_close(&mut self, server_shutting_down: bool) -> impl Future<Output = ()> + Send;
 }
 
@@ -290,11 +296,24 @@ where
                     End::Server(CloseCode::InternalError)
                 });
             let shutting_down = self.shutdown.is_cancelled();
-            self.handler.on_close(shutting_down).await;
+            self.handler.on_closing();
             tracing::debug!(?end, "session ending");
+            // The close frame goes first: the broker's part of leaving (unsubscribe, presence,
+            // leave notices) may be slow, or stuck while the broker is unreachable, and must
+            // never hold back a client's close frame.
             // Boxed: the closing state is only needed once, and would otherwise enlarge every
             // connection's task for its whole life.
             Box::pin(self.finish(end, rbuf, wbuf, parser)).await;
+            let grace = self.config.close_grace();
+            let cleanup = self.handler.on_close(shutting_down);
+            if shutting_down {
+                // Best effort: a broker that does not answer must not hold the exit.
+                if timeout(grace, cleanup).await.is_err() {
+                    tracing::debug!("broker cleanup cut short by shutdown");
+                }
+            } else {
+                cleanup.await;
+            }
         }
     }
 

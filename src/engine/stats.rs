@@ -62,6 +62,7 @@ pub struct Stats {
     gaps: AtomicU64,
     broker_errors: AtomicU64,
     rate_limited_messages: AtomicU64,
+    notices_dropped: AtomicU64,
     write_delay: prometheus::Histogram,
 }
 
@@ -80,6 +81,7 @@ impl Default for Stats {
             gaps: AtomicU64::new(0),
             broker_errors: AtomicU64::new(0),
             rate_limited_messages: AtomicU64::new(0),
+            notices_dropped: AtomicU64::new(0),
             write_delay: prometheus::Histogram::with_opts(
                 prometheus::HistogramOpts::new(
                     "rusty_socks_queue_to_socket_seconds",
@@ -181,6 +183,20 @@ impl Stats {
         self.rate_limited_messages.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Join/leave/`Disconnect` notice frames that were dropped instead of queued (see
+    /// `Hub::deliver`).
+    pub fn notices_dropped(&self, frames: usize) {
+        if frames > 0 {
+            self.notices_dropped
+                .fetch_add(frames as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Total notice frames dropped.
+    pub fn notices_dropped_total(&self) -> u64 {
+        self.notices_dropped.load(Ordering::Relaxed)
+    }
+
     /// Records how long the oldest frame of a written batch waited (`since` from [`now_us`]).
     pub fn observe_write_delay(&self, since: u64) {
         let waited = now_us().saturating_sub(since);
@@ -261,6 +277,12 @@ impl Stats {
             "rusty_socks_rate_limited_messages_total",
             "Client messages refused by the per-connection rate limit",
             load(&self.rate_limited_messages),
+        );
+        counter(
+            out,
+            "rusty_socks_notices_dropped_total",
+            "Join, leave and Disconnect notice frames dropped instead of queued (a burst past a channel's budget, or a queue at least half full)",
+            self.notices_dropped_total(),
         );
         let encoder = prometheus::TextEncoder::new();
         if let Ok(text) =

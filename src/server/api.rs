@@ -69,7 +69,9 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             Self::BadJson(_) => StatusCode::BAD_REQUEST,
-            Self::Client(ClientError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Client(ClientError::Unavailable(_) | ClientError::ShuttingDown) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Client(ClientError::PresenceDisabled) => StatusCode::CONFLICT,
             Self::Client(_) => StatusCode::BAD_REQUEST,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,

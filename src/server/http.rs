@@ -223,6 +223,7 @@ fn stats(state: &AppState) -> Response<Full<Bytes>> {
         "messages_in": stats.messages_in(),
         "messages_out": stats.messages_out(),
         "slow_consumer_closes_total": stats.slow_consumer_closes(),
+        "notices_dropped_total": stats.notices_dropped_total(),
         "channels": state.hub.channel_count(),
         "broker": state.node.broker().status(),
         "uptime_s": stats.uptime_s(),

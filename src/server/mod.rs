@@ -221,6 +221,9 @@ impl Prepared {
             connections = open,
             "shutting down: closing connections with 1001"
         );
+        // Publishes are refused first, and those in flight finish, so every acknowledged
+        // publication is in its subscribers' outboxes before they are closed.
+        state.node.begin_shutdown(state.config.shutdown_grace).await;
         state.shutdown.cancel();
         state.sessions.close_all();
         state.tracker.close();

@@ -102,6 +102,11 @@ pub enum ClientError {
     /// The connection sends faster than `RUSTY_SOCKS_CLIENT_RATE`; the message was dropped.
     #[error("too many messages: at most {0} per second")]
     RateLimited(u32),
+    /// The server has begun shutting down: the publish was refused, not stored and not
+    /// delivered. Refusing is what makes an acknowledgement mean "delivered to the local
+    /// subscribers before their 1001"; publish again on another node or after reconnecting.
+    #[error("the server is shutting down; nothing was published")]
+    ShuttingDown,
 }
 
 impl From<ChannelError> for ClientError {
@@ -135,6 +140,7 @@ impl ClientError {
             Self::InvalidToken(_) => "invalid_token",
             Self::AuthDisabled => "auth_disabled",
             Self::RateLimited(_) => "rate_limited",
+            Self::ShuttingDown => "shutting_down",
         }
     }
 }
