@@ -14,7 +14,7 @@ use serde_json::value::RawValue;
 
 use crate::auth::{Identity, Verifier};
 use crate::broker::history::HistoryLimits;
-use crate::broker::{Broker, BrokerEvents, HistoryPage, PublishRequest};
+use crate::broker::{Broker, BrokerEvents, HistoryPage, Idempotency, PublishRequest, Published};
 use crate::engine::hub::{Hub, Joined, Left, MemberState};
 use crate::engine::namespace::{Access, NamespaceOptions, Namespaces};
 use crate::engine::outbox::Outbox;
@@ -184,6 +184,8 @@ pub struct NodeOptions {
     pub verifier: Option<Arc<Verifier>>,
     /// How long before a token expires its connection is asked to refresh it.
     pub refresh_window: std::time::Duration,
+    /// How long a publish's idempotency key is remembered per channel.
+    pub idempotency_window: std::time::Duration,
 }
 
 /// A successful subscription.
@@ -278,6 +280,7 @@ impl Node {
                 ttl: None,
                 max_bytes: 0,
             },
+            idempotency: None,
         };
         self.broker
             .publish(CONTROL_CHANNEL, request)
@@ -502,14 +505,17 @@ impl Node {
         true
     }
 
-    /// Publishes `data` on `channel`, if `caller` may.
+    /// Publishes `data` on `channel`, if `caller` may. With an `idempotency_key` (checked by
+    /// the protocol) used on this channel within the idempotency window, nothing is published
+    /// and the first publish's position comes back as a duplicate.
     pub async fn publish(
         &self,
         channel: &str,
         data: Arc<RawValue>,
         client_id: Option<ClientId>,
+        idempotency_key: Option<String>,
         caller: Caller<'_>,
-    ) -> Result<StreamPosition, ClientError> {
+    ) -> Result<Published, ClientError> {
         let options = self.options(channel)?;
         caller.check(
             options.publish,
@@ -520,6 +526,10 @@ impl Node {
             data,
             client_id,
             history: self.limits(options),
+            idempotency: idempotency_key.map(|key| Idempotency {
+                key,
+                window: self.options.idempotency_window,
+            }),
         };
         self.broker
             .publish(channel, request)
@@ -594,6 +604,7 @@ mod tests {
                 ttl: None,
                 max_bytes: 1 << 20,
             },
+            idempotency: None,
         }
     }
 
@@ -602,7 +613,7 @@ mod tests {
             &'a self,
             channel: &'a str,
             request: PublishRequest,
-        ) -> BrokerFuture<'a, StreamPosition> {
+        ) -> BrokerFuture<'a, Published> {
             self.inner.publish(channel, request)
         }
         fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
@@ -690,11 +701,12 @@ mod tests {
                 recovery_buffer: 64,
                 verifier: None,
                 refresh_window: std::time::Duration::from_secs(30),
+                idempotency_window: std::time::Duration::from_secs(300),
             },
             stats,
         );
         for _ in 0..5 {
-            node.publish("room", json("0"), None, Caller::Server)
+            node.publish("room", json("0"), None, None, Caller::Server)
                 .await
                 .expect("publish");
         }
@@ -720,7 +732,7 @@ mod tests {
         // 3..5 existed, 6 raced in before the history read, 7 after it, 8 is plain live.
         let mut seen: Vec<u64> = sub.publications.iter().map(|p| p.offset).collect();
         seen.extend(sub.live.iter().map(offset_of));
-        node.publish("room", json("0"), None, Caller::Server)
+        node.publish("room", json("0"), None, None, Caller::Server)
             .await
             .expect("publish");
         while let Some(frame) = rx.try_recv() {

@@ -117,6 +117,7 @@ impl AppState {
             recovery_buffer: config.buffer,
             verifier: verifier.clone(),
             refresh_window: config.refresh_window,
+            idempotency_window: config.idempotency_window,
         };
         let node = Arc::new(Node::new(
             Arc::clone(&hub),
