@@ -355,6 +355,10 @@ async fn a_broadcast_reports_each_channel_and_one_bad_channel_does_not_stop_the_
     assert_eq!(results[2]["error"]["code"], "invalid_channel", "{body}");
     assert_eq!(results[3]["channel"], "late");
     assert_eq!(results[3]["offset"], 1, "{body}");
-    assert_eq!(recv_json(&mut ws).await["data"], 7, "the good channels got it");
+    assert_eq!(
+        recv_json(&mut ws).await["data"],
+        7,
+        "the good channels got it"
+    );
     server.stop().await;
 }
