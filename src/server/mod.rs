@@ -97,6 +97,7 @@ impl AppState {
             Arc::clone(&stats),
             Arc::clone(&sessions),
         ));
+        let control = dispatcher.control();
         let broker = crate::broker::connect(config.broker_choice()?, dispatcher).await?;
         let options = NodeOptions {
             namespaces: config.namespaces.clone(),
@@ -125,7 +126,7 @@ impl AppState {
             options,
             Arc::clone(&stats),
         ));
-        node.start().await?;
+        node.start(control).await?;
         // All bounded by configuration validation well below u32::MAX.
         let limits = crate::engine::chat::ChatLimits {
             replay: u32::try_from(config.replay_count).unwrap_or(u32::MAX),
