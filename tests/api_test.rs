@@ -330,3 +330,35 @@ async fn metrics_can_live_on_their_own_address() {
     assert!(body.contains("rusty_socks_connections 0"), "{body}");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_broadcast_reports_each_channel_and_one_bad_channel_does_not_stop_the_others() {
+    let server = TestServer::start(with_api).await;
+    let (mut ws, _) = v1_client(&server).await;
+    subscribe(&mut ws, "late").await;
+    let (status, body) = api(
+        &server,
+        "POST",
+        "/api/broadcast",
+        Some(r#"{"channels":["early","nope:x","a b","late"],"data":7}"#),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4, "{body}");
+    assert_eq!(results[0]["channel"], "early");
+    assert_eq!(results[0]["offset"], 1, "{body}");
+    assert_eq!(results[1]["channel"], "nope:x");
+    assert_eq!(results[1]["error"]["code"], "unknown_namespace", "{body}");
+    assert!(results[1].get("offset").is_none(), "{body}");
+    assert_eq!(results[2]["channel"], "a b");
+    assert_eq!(results[2]["error"]["code"], "invalid_channel", "{body}");
+    assert_eq!(results[3]["channel"], "late");
+    assert_eq!(results[3]["offset"], 1, "{body}");
+    assert_eq!(
+        recv_json(&mut ws).await["data"],
+        7,
+        "the good channels got it"
+    );
+    server.stop().await;
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::value::RawValue;
 
-use super::{Broker, BrokerEvents, ClientInfo, PublishRequest};
+use super::{Broker, BrokerEvents, ClientInfo, Idempotency, PublishRequest};
 use crate::broker::history::HistoryLimits;
 use crate::types::ClientId;
 use crate::types::Publication;
@@ -107,11 +107,22 @@ const LIMITS: HistoryLimits = HistoryLimits {
     max_bytes: 1 << 20,
 };
 
+/// A request publishing `data` (JSON) with the suite's history bounds and no key.
+pub fn request_for_tests(data: &str) -> PublishRequest {
+    PublishRequest {
+        data: json(data),
+        client_id: None,
+        history: LIMITS,
+        idempotency: None,
+    }
+}
+
 fn request(n: u64) -> PublishRequest {
     PublishRequest {
         data: json(&n.to_string()),
         client_id: None,
         history: LIMITS,
+        idempotency: None,
     }
 }
 
@@ -132,6 +143,104 @@ where
     presence_and_join_leave(&make).await;
     concurrent_publishers_get_unique_offsets(&make).await;
     history_ages_out_but_offsets_and_epoch_stay(&make).await;
+    idempotency_keys_publish_once_per_channel(&make).await;
+    idempotency_keys_are_forgotten_after_their_window(&make).await;
+}
+
+/// The idempotency window the suite publishes with. A broker that takes its window from its
+/// own options (NATS: the stream's duplicate window) must be built with this one.
+pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(2);
+
+fn keyed(n: u64, key: &str) -> PublishRequest {
+    PublishRequest {
+        idempotency: Some(Idempotency {
+            key: key.to_owned(),
+            window: IDEMPOTENCY_WINDOW,
+        }),
+        ..request(n)
+    }
+}
+
+async fn idempotency_keys_publish_once_per_channel<F, Fut>(make: &F)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let events = Arc::new(Recorder::default());
+    let broker = make(events.clone()).await;
+    let p = prefix();
+    let (c, other) = (format!("{p}:idem"), format!("{p}:idem2"));
+    broker.subscribe(&c).await.expect("subscribe");
+    let first = broker.publish(&c, keyed(1, "k1")).await.expect("publish");
+    assert!(!first.duplicate, "a new key publishes");
+    assert_eq!(first.position.offset, 1);
+    let again = broker.publish(&c, keyed(2, "k1")).await.expect("publish");
+    assert!(again.duplicate, "the same key again is a duplicate");
+    assert_eq!(
+        again.position, first.position,
+        "the first publish's position"
+    );
+    let second = broker.publish(&c, keyed(3, "k2")).await.expect("publish");
+    assert_eq!((second.position.offset, second.duplicate), (2, false));
+    let plain = broker.publish(&c, request(4)).await.expect("publish");
+    assert_eq!((plain.position.offset, plain.duplicate), (3, false));
+    let once_more = broker.publish(&c, keyed(5, "k1")).await.expect("publish");
+    assert_eq!(
+        once_more.position, first.position,
+        "still within the window"
+    );
+    assert!(once_more.duplicate);
+    let elsewhere = broker
+        .publish(&other, keyed(6, "k1"))
+        .await
+        .expect("publish");
+    assert!(!elsewhere.duplicate, "keys are per channel");
+    assert_eq!(elsewhere.position.offset, 1);
+    // A marker after the duplicates: anything they delivered would come before it.
+    broker.publish(&c, request(7)).await.expect("publish");
+    let got = events.wait_for(&p, 4).await;
+    let expected: Vec<Event> = (1..=4).map(|n| Event::Publication(c.clone(), n)).collect();
+    assert_eq!(got, expected, "duplicates deliver nothing");
+    let page = broker.history(&c, None, 10).await.expect("history");
+    let data: Vec<&str> = page.publications.iter().map(|p| p.data.get()).collect();
+    assert_eq!(data, vec!["1", "3", "4", "7"], "duplicates store nothing");
+    assert_eq!(page.position.epoch, first.position.epoch);
+    broker.unsubscribe(&c).await.expect("unsubscribe");
+}
+
+async fn idempotency_keys_are_forgotten_after_their_window<F, Fut>(make: &F)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let broker = make(Arc::new(Recorder::default())).await;
+    let c = format!("{}:idemttl", prefix());
+    let started = std::time::Instant::now();
+    let first = broker.publish(&c, keyed(1, "k")).await.expect("publish");
+    assert!(!first.duplicate);
+    // Retried until the key is forgotten: each retry inside the window publishes nothing, and
+    // the first one past it publishes the next offset of the same stream.
+    let mut retries = 0;
+    let fresh = loop {
+        let retry = broker.publish(&c, keyed(2, "k")).await.expect("publish");
+        if !retry.duplicate {
+            break retry;
+        }
+        assert_eq!(retry.position, first.position);
+        retries += 1;
+        assert!(
+            started.elapsed() < IDEMPOTENCY_WINDOW + Duration::from_secs(5),
+            "the key is still remembered long after its window"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(retries > 0, "the key was remembered at first");
+    assert!(
+        started.elapsed() >= IDEMPOTENCY_WINDOW - Duration::from_millis(100),
+        "the key was forgotten before its window ended"
+    );
+    assert_eq!(fresh.position.offset, 2, "the next offset, once");
+    assert_eq!(fresh.position.epoch, first.position.epoch);
 }
 
 async fn offsets_are_gapless_per_channel<F, Fut>(make: &F)
@@ -144,14 +253,22 @@ where
     let (a, b) = (format!("{p}:a"), format!("{p}:b"));
     let mut epoch = None;
     for n in 1..=5 {
-        let pos = broker.publish(&a, request(n)).await.expect("publish");
+        let pos = broker
+            .publish(&a, request(n))
+            .await
+            .expect("publish")
+            .position;
         assert_eq!(pos.offset, n, "offsets of one channel are 1, 2, 3, ...");
         assert!(
             epoch.get_or_insert(pos.epoch.clone()) == &pos.epoch,
             "epoch is stable"
         );
     }
-    let pos = broker.publish(&b, request(1)).await.expect("publish");
+    let pos = broker
+        .publish(&b, request(1))
+        .await
+        .expect("publish")
+        .position;
     assert_eq!(pos.offset, 1, "each channel has its own offsets");
 }
 
@@ -321,6 +438,7 @@ where
                             .publish(&c, request(n))
                             .await
                             .expect("publish")
+                            .position
                             .offset,
                     );
                 }
@@ -378,9 +496,10 @@ where
                 data: json(&n.to_string()),
                 client_id: None,
                 history: short,
+                idempotency: None,
             };
             let pos = broker.publish(&c, request).await.expect("publish");
-            first.get_or_insert(pos);
+            first.get_or_insert(pos.position);
         }
         let before = broker.history(&c, None, 10).await.expect("history");
         if started.elapsed() < ttl {

@@ -5,8 +5,12 @@
 //! `.await`), which makes offsets gapless and delivery ordered. A channel's state is freed when
 //! the node is not subscribed, no history is retained and nobody is present; the next use then
 //! starts a new epoch, which is exactly what a client must be told.
+//!
+//! Idempotency keys live in the channel's state too, so they die with its epoch (a key never
+//! returns an offset of another life of the channel) and keep the state, and with it the
+//! epoch, alive while they are remembered.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,6 +19,7 @@ use tokio::time::Instant;
 
 use super::{
     Broker, BrokerEvents, BrokerFuture, BrokerStatus, ClientInfo, HistoryPage, PublishRequest,
+    Published,
 };
 use crate::broker::history::{ENTRY_OVERHEAD, HistoryLimits, Stream};
 use crate::types::ClientId;
@@ -23,6 +28,59 @@ use crate::types::StreamPosition;
 const STRIPES: usize = 64;
 /// Every this many operations on a stripe, its idle channels are swept.
 const SWEEP_EVERY: u32 = 64;
+/// Most idempotency keys remembered per channel: past it the oldest are forgotten, so a
+/// publisher sending a new key with every message cannot grow a channel without bound.
+const MAX_KEYS: usize = 10_000;
+/// Bookkeeping bytes counted per remembered key on top of its length.
+const KEY_OVERHEAD: usize = 64;
+
+/// The idempotency keys used on one channel in its current epoch, oldest first.
+#[derive(Debug, Default)]
+struct Keys {
+    /// Key to (offset of its first publish, when it is forgotten).
+    offsets: HashMap<String, (u64, Instant)>,
+    /// Keys in the order they were remembered, with when they expire.
+    order: VecDeque<(Instant, String)>,
+    bytes: usize,
+}
+
+impl Keys {
+    fn get(&self, key: &str, now: Instant) -> Option<u64> {
+        self.offsets
+            .get(key)
+            .filter(|(_, expires)| *expires > now)
+            .map(|(offset, _)| *offset)
+    }
+
+    fn insert(&mut self, key: String, offset: u64, expires: Instant) {
+        self.bytes += key.len() + KEY_OVERHEAD;
+        self.offsets.insert(key.clone(), (offset, expires));
+        self.order.push_back((expires, key));
+        while self.order.len() > MAX_KEYS {
+            self.pop();
+        }
+    }
+
+    fn trim(&mut self, now: Instant) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(expires, _)| *expires <= now)
+        {
+            self.pop();
+        }
+    }
+
+    fn pop(&mut self) {
+        if let Some((expires, key)) = self.order.pop_front() {
+            self.bytes -= key.len() + KEY_OVERHEAD;
+            // A key used again after it expired has a newer entry: keep that one.
+            if self.offsets.get(&key).is_some_and(|(_, e)| *e == expires) {
+                self.offsets.remove(&key);
+            }
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 struct ChannelState {
@@ -31,17 +89,27 @@ struct ChannelState {
     subscribed: u32,
     presence: HashMap<ClientId, ClientInfo>,
     limits: Option<HistoryLimits>,
+    keys: Keys,
 }
 
 impl ChannelState {
     fn idle(&self) -> bool {
-        self.subscribed == 0 && !self.stream.has_history() && self.presence.is_empty()
+        self.subscribed == 0
+            && !self.stream.has_history()
+            && self.presence.is_empty()
+            && self.keys.order.is_empty()
     }
 
     fn trim(&mut self, now: Instant) {
         if let Some(limits) = self.limits {
             self.stream.trim(limits, now);
         }
+        self.keys.trim(now);
+    }
+
+    /// Bytes counted against the server-wide budget: history and idempotency keys.
+    fn cost(&self) -> usize {
+        self.stream.cost() + self.keys.bytes
     }
 }
 
@@ -64,17 +132,17 @@ impl Stripe {
         let now = Instant::now();
         if self.ops.is_multiple_of(SWEEP_EVERY) {
             self.channels.retain(|_, state| {
-                let before = state.stream.cost();
+                let before = state.cost();
                 state.trim(now);
-                total.fetch_sub(before - state.stream.cost(), Ordering::Relaxed);
+                total.fetch_sub(before - state.cost(), Ordering::Relaxed);
                 !state.idle()
             });
         }
         let state = self.channels.entry(channel.to_owned()).or_default();
-        let before = state.stream.cost();
+        let before = state.cost();
         state.trim(now);
         let out = f(state);
-        let after = state.stream.cost();
+        let after = state.cost();
         if after >= before {
             total.fetch_add(after - before, Ordering::Relaxed);
         } else {
@@ -92,7 +160,8 @@ pub struct MemoryBroker {
     events: Arc<dyn BrokerEvents>,
     hasher: RandomState,
     stripes: Box<[Mutex<Stripe>]>,
-    /// History bytes retained across all channels (see [`Stream::cost`]).
+    /// History bytes retained across all channels (see [`Stream::cost`]), idempotency keys
+    /// included.
     history_total: AtomicUsize,
     /// Server-wide bound on `history_total`: past it, publications are still delivered but
     /// no longer stored, so publishing to endless new channels cannot exhaust memory.
@@ -145,24 +214,43 @@ impl Broker for MemoryBroker {
         &'a self,
         channel: &'a str,
         request: PublishRequest,
-    ) -> BrokerFuture<'a, StreamPosition> {
+    ) -> BrokerFuture<'a, Published> {
         let cost = request.data.get().len() + ENTRY_OVERHEAD;
+        // Past the budget keys are not remembered either: memory stays bounded, and a retry
+        // is then published again (as it would be without a key).
         let store = self.history_bytes() + cost <= self.history_budget;
-        let position = self.with(channel, |state| {
+        let now = Instant::now();
+        let published = self.with(channel, |state| {
+            if let Some(idempotency) = &request.idempotency
+                && let Some(offset) = state.keys.get(&idempotency.key, now)
+            {
+                return Published {
+                    position: StreamPosition {
+                        offset,
+                        epoch: state.stream.position().epoch,
+                    },
+                    duplicate: true,
+                };
+            }
             state.limits = Some(request.history);
-            let publication = state.stream.append(
-                request.data,
-                request.client_id,
-                request.history,
-                Instant::now(),
-                store,
-            );
+            let publication =
+                state
+                    .stream
+                    .append(request.data, request.client_id, request.history, now, store);
             if state.subscribed > 0 {
                 self.events.on_publication(channel, &publication);
             }
-            state.stream.position()
+            if let Some(idempotency) = request.idempotency
+                && store
+            {
+                let expires = now + idempotency.window;
+                state
+                    .keys
+                    .insert(idempotency.key, publication.offset, expires);
+            }
+            Published::new(state.stream.position())
         });
-        Self::now(position)
+        Self::now(published)
     }
 
     fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
@@ -261,15 +349,16 @@ mod tests {
             data: conformance::json("1"),
             client_id: None,
             history: limits,
+            idempotency: None,
         };
         let first = broker.publish("c", request.clone()).await.expect("memory");
         let second = broker.publish("c", request).await.expect("memory");
-        assert_eq!(first.offset, 1);
+        assert_eq!(first.position.offset, 1);
         assert_eq!(
-            second.offset, 1,
+            second.position.offset, 1,
             "no history, nobody subscribed: state was freed"
         );
-        assert_ne!(first.epoch, second.epoch);
+        assert_ne!(first.position.epoch, second.position.epoch);
         let total: usize = broker
             .stripes
             .iter()
@@ -294,9 +383,13 @@ mod tests {
                 data: conformance::json("1"),
                 client_id: None,
                 history: limits,
+                idempotency: None,
             };
             let position = broker.publish(&channel, request).await.expect("memory");
-            assert_eq!(position.offset, 1, "offsets are assigned regardless");
+            assert_eq!(
+                position.position.offset, 1,
+                "offsets are assigned regardless"
+            );
         }
         assert_eq!(events.taken("c").len(), 10, "every publication delivered");
         assert_eq!(broker.history_bytes(), 3 * (ENTRY_OVERHEAD + 1));

@@ -22,6 +22,7 @@ pub mod wire;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -68,6 +69,41 @@ pub struct PublishRequest {
     pub client_id: Option<ClientId>,
     /// History bounds of the channel's namespace.
     pub history: HistoryLimits,
+    /// Makes a retried publish safe: see [`Idempotency`].
+    pub idempotency: Option<Idempotency>,
+}
+
+/// An idempotency key on a publish. A publisher that got no answer (a timeout, `unavailable`)
+/// cannot know whether its publication was stored; retrying with the same key is safe: the
+/// same key on the same channel within `window` returns the first publish's position and
+/// publishes nothing. A key is remembered only within the stream's epoch it was used in, so
+/// it never returns an offset of another life of the channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    /// The client's key (1 to 128 bytes, no control characters; checked by the protocol).
+    pub key: String,
+    /// How long the key is remembered (`RUSTY_SOCKS_IDEMPOTENCY_WINDOW`). The NATS broker
+    /// uses its stream's duplicate window instead, set from the same setting.
+    pub window: Duration,
+}
+
+/// What a publish did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The publication's position: a new one, or the first publish's for a duplicate.
+    pub position: StreamPosition,
+    /// The idempotency key was seen before: nothing was published this time.
+    pub duplicate: bool,
+}
+
+impl Published {
+    /// A publication that was stored and delivered now.
+    pub fn new(position: StreamPosition) -> Self {
+        Self {
+            position,
+            duplicate: false,
+        }
+    }
 }
 
 /// What `history` returns: the stream's current position and the requested publications.
@@ -101,7 +137,9 @@ pub trait BrokerEvents: Send + Sync {
 /// Contract (checked by [`conformance`]):
 /// - `publish` assigns the channel's next offset (1, 2, 3, ... with no gap or reuse within an
 ///   epoch), appends to history within the request's limits, and delivers to every subscribed
-///   node's [`BrokerEvents`] in offset order. It returns the new position.
+///   node's [`BrokerEvents`] in offset order. It returns the new position. With an
+///   [`Idempotency`] key already used on the channel within its window (and in the current
+///   epoch), it does none of that and returns the first publish's position as a duplicate.
 /// - `subscribe`/`unsubscribe` are per node and per channel: a node subscribes when its first
 ///   local subscriber arrives and unsubscribes when the last leaves. Calls are counted, so a
 ///   racing "last leaves" and "first arrives" commute: delivery continues while the node has
@@ -114,12 +152,12 @@ pub trait BrokerEvents: Send + Sync {
 /// - Nothing is lost silently: if live delivery may have missed publications, the broker calls
 ///   [`BrokerEvents::on_gap`] for every affected channel once it can deliver again.
 pub trait Broker: Send + Sync + std::fmt::Debug {
-    /// Publishes on `channel` and returns its new position.
+    /// Publishes on `channel` and returns its new position (or a duplicate's first one).
     fn publish<'a>(
         &'a self,
         channel: &'a str,
         request: PublishRequest,
-    ) -> BrokerFuture<'a, StreamPosition>;
+    ) -> BrokerFuture<'a, Published>;
     /// Starts delivering `channel` to this node.
     fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()>;
     /// Stops delivering `channel` to this node.

@@ -288,6 +288,7 @@ impl ChatHandler {
                 DEFAULT_CHANNEL,
                 data,
                 Some(self.client_id()),
+                None,
                 Caller::Server,
             )
             .await;
@@ -360,7 +361,11 @@ impl ChatHandler {
                     .to_json(),
                 );
             }
-            Command::Publish { channel, data } => {
+            Command::Publish {
+                channel,
+                data,
+                idempotency_key,
+            } => {
                 if data.get().len() > self.limits().max_data as usize {
                     return Err(ClientError::DataTooBig(self.limits().max_data as usize));
                 }
@@ -369,13 +374,14 @@ impl ChatHandler {
                         "the default channel carries legacy chat; send a legacy message",
                     ));
                 }
-                let position = self
+                let published = self
                     .shared
                     .node
                     .publish(
                         &channel,
                         Arc::from(data.to_owned()),
                         Some(self.client_id()),
+                        idempotency_key,
                         self.caller(),
                     )
                     .await?;
@@ -383,7 +389,8 @@ impl ChatHandler {
                     &Frame::Published {
                         id,
                         channel: &channel,
-                        offset: position.offset,
+                        offset: published.position.offset,
+                        duplicate: published.duplicate,
                     }
                     .to_json(),
                 );

@@ -2,6 +2,7 @@
 //!
 //! - [`node`]: channels through the broker; subscribe with loss-free recovery, publish,
 //!   presence; the [`node::Dispatcher`] that receives what the broker delivers.
+//! - [`control`]: control messages between nodes, applied once and recovered after a gap.
 //! - [`hub`]: this node's members by channel; fan-out, recovery buffers, gaps.
 //! - [`session`]: one task per connection, driving the codec; [`chat`] and [`echo`] are what
 //!   the `/ws` and `/echo` endpoints do with its messages.
@@ -13,6 +14,7 @@
 
 pub mod admission;
 pub mod chat;
+pub mod control;
 pub mod echo;
 pub mod hub;
 pub mod namespace;

@@ -11,10 +11,12 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Identity, Verifier};
 use crate::broker::history::HistoryLimits;
-use crate::broker::{Broker, BrokerEvents, HistoryPage, PublishRequest};
+use crate::broker::{Broker, BrokerEvents, HistoryPage, Idempotency, PublishRequest, Published};
+use crate::engine::control::{CONTROL_HISTORY, Control};
 use crate::engine::hub::{BrokerReady, Hub, Joined, Left, MemberState};
 use crate::engine::namespace::{Access, NamespaceOptions, Namespaces};
 use crate::engine::outbox::Outbox;
@@ -34,6 +36,7 @@ pub const DEFAULT_CHANNEL: &str = "default";
 
 /// The internal channel nodes use to tell each other things (a user to disconnect). Its
 /// name is not a valid client channel name, so no client can subscribe or publish to it.
+/// Its messages are kept in history and recovered after a gap (see [`Control`]).
 pub const CONTROL_CHANNEL: &str = "$control";
 
 /// Renders broker deliveries into frames for the local hub.
@@ -42,7 +45,7 @@ pub struct Dispatcher {
     hub: Arc<Hub>,
     echo_to_sender: bool,
     stats: Arc<Stats>,
-    sessions: Arc<Sessions>,
+    control: Arc<Control>,
 }
 
 impl Dispatcher {
@@ -58,24 +61,14 @@ impl Dispatcher {
             hub,
             echo_to_sender,
             stats,
-            sessions,
+            control: Arc::new(Control::new(sessions)),
         }
     }
 
-    fn control(&self, data: &RawValue) {
-        #[derive(serde::Deserialize)]
-        struct Control {
-            disconnect: Option<String>,
-        }
-        match serde_json::from_str::<Control>(data.get()) {
-            Ok(Control {
-                disconnect: Some(user),
-            }) => {
-                let closed = self.sessions.disconnect_user(&user);
-                tracing::info!(user, closed, "disconnected through the server API");
-            }
-            _ => tracing::warn!(data = data.get(), "unknown control message"),
-        }
+    /// The control side, for [`Node::start`]: recovering missed control messages needs the
+    /// broker, which is built after (and around) the dispatcher.
+    pub fn control(&self) -> Arc<Control> {
+        Arc::clone(&self.control)
     }
 }
 
@@ -86,7 +79,7 @@ fn text_frame(json: &str) -> Bytes {
 impl BrokerEvents for Dispatcher {
     fn on_publication(&self, channel: &str, publication: &Publication) {
         if channel == CONTROL_CHANNEL {
-            return self.control(&publication.data);
+            return self.control.on_publication(publication);
         }
         if channel == DEFAULT_CHANNEL {
             // Legacy chat: the stored data *is* the legacy Chat frame; the sender gets no copy.
@@ -140,6 +133,10 @@ impl BrokerEvents for Dispatcher {
     }
 
     fn on_gap(&self, channel: &str) {
+        if channel == CONTROL_CHANNEL {
+            tracing::warn!("control messages may have been missed; recovering them");
+            return self.control.on_gap();
+        }
         // The legacy dialect has no gap frame: its clients are closed so they reconnect.
         let told = self.hub.gap(channel, channel == DEFAULT_CHANNEL);
         self.stats.gap(told);
@@ -192,6 +189,8 @@ pub struct NodeOptions {
     pub verifier: Option<Arc<Verifier>>,
     /// How long before a token expires its connection is asked to refresh it.
     pub refresh_window: std::time::Duration,
+    /// How long a publish's idempotency key is remembered per channel.
+    pub idempotency_window: std::time::Duration,
 }
 
 /// A successful subscription.
@@ -224,6 +223,14 @@ pub struct Node {
     shutting_down: AtomicBool,
     /// Publishes past their shutdown check whose broker call has not returned yet.
     publishing: AtomicUsize,
+    /// Stops the control recovery task when the node goes.
+    stop: CancellationToken,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// Counts one publish in [`Node::publishing`] until dropped (also when its future is
@@ -259,6 +266,7 @@ impl Node {
             subscriptions,
             shutting_down: AtomicBool::new(false),
             publishing: AtomicUsize::new(0),
+            stop: CancellationToken::new(),
         }
     }
 
@@ -308,9 +316,17 @@ impl Node {
         counts
     }
 
-    /// Starts listening to the other nodes' control messages.
-    pub async fn start(&self) -> Result<(), crate::broker::BrokerError> {
-        self.broker.subscribe(CONTROL_CHANNEL).await
+    /// Starts listening to the other nodes' control messages (`control` is the dispatcher's,
+    /// [`Dispatcher::control`]): subscribes, takes the control stream's position as the
+    /// baseline (what was sent before this node started is not for it), and starts the task
+    /// that recovers control messages missed in a gap.
+    pub async fn start(&self, control: Arc<Control>) -> Result<(), crate::broker::BrokerError> {
+        self.broker.subscribe(CONTROL_CHANNEL).await?;
+        let page = self.broker.history(CONTROL_CHANNEL, None, 0).await?;
+        control.baseline(page.position);
+        let broker = Arc::clone(&self.broker);
+        tokio::spawn(control.run_recovery(broker, self.stop.clone()));
+        Ok(())
     }
 
     /// Asks every node (this one included) to disconnect `user`'s connections.
@@ -321,11 +337,9 @@ impl Node {
         let request = PublishRequest {
             data: Arc::from(data),
             client_id: None,
-            history: HistoryLimits {
-                size: 0,
-                ttl: None,
-                max_bytes: 0,
-            },
+            // Kept, so a node whose broker link is down now can recover it later.
+            history: CONTROL_HISTORY,
+            idempotency: None,
         };
         self.broker
             .publish(CONTROL_CHANNEL, request)
@@ -606,14 +620,17 @@ impl Node {
         .await;
     }
 
-    /// Publishes `data` on `channel`, if `caller` may.
+    /// Publishes `data` on `channel`, if `caller` may. With an `idempotency_key` (checked by
+    /// the protocol) used on this channel within the idempotency window, nothing is published
+    /// and the first publish's position comes back as a duplicate.
     pub async fn publish(
         &self,
         channel: &str,
         data: Arc<RawValue>,
         client_id: Option<ClientId>,
+        idempotency_key: Option<String>,
         caller: Caller<'_>,
-    ) -> Result<StreamPosition, ClientError> {
+    ) -> Result<Published, ClientError> {
         let options = self.options(channel)?;
         caller.check(
             options.publish,
@@ -625,6 +642,10 @@ impl Node {
             data,
             client_id,
             history: self.limits(options),
+            idempotency: idempotency_key.map(|key| Idempotency {
+                key,
+                window: self.options.idempotency_window,
+            }),
         };
         self.broker
             .publish(channel, request)
@@ -783,7 +804,8 @@ impl Drop for Joining<'_> {
         let client = self.client.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
-                runtime.spawn(async move { departure.run(&*broker, &channel, &client, false).await });
+                runtime
+                    .spawn(async move { departure.run(&*broker, &channel, &client, false).await });
             }
             Err(_) => tracing::warn!(channel, "no runtime to undo an abandoned subscribe"),
         }

@@ -11,7 +11,7 @@ use crate::broker::BrokerFuture;
 use crate::broker::conformance::json;
 use crate::broker::history::HistoryLimits;
 use crate::broker::memory::MemoryBroker;
-use crate::broker::{Broker, HistoryPage, PublishRequest};
+use crate::broker::{Broker, HistoryPage, PublishRequest, Published};
 use crate::engine::hub::Hub;
 use crate::engine::namespace::{NamespaceOptions, Namespaces};
 use crate::engine::node::{Caller, Dispatcher, Node, NodeOptions};
@@ -37,6 +37,7 @@ fn request() -> PublishRequest {
             ttl: None,
             max_bytes: 1 << 20,
         },
+        idempotency: None,
     }
 }
 
@@ -45,7 +46,7 @@ impl Broker for Racing {
         &'a self,
         channel: &'a str,
         request: PublishRequest,
-    ) -> BrokerFuture<'a, StreamPosition> {
+    ) -> BrokerFuture<'a, Published> {
         self.inner.publish(channel, request)
     }
     fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
@@ -117,11 +118,12 @@ async fn publications_racing_a_recovery_arrive_exactly_once() {
             recovery_buffer: 64,
             verifier: None,
             refresh_window: Duration::from_secs(30),
+            idempotency_window: Duration::from_secs(300),
         },
         stats,
     );
     for _ in 0..5 {
-        node.publish("room", json("0"), None, Caller::Server)
+        node.publish("room", json("0"), None, None, Caller::Server)
             .await
             .expect("publish");
     }
@@ -147,7 +149,7 @@ async fn publications_racing_a_recovery_arrive_exactly_once() {
     // 3..5 existed, 6 raced in before the history read, 7 after it, 8 is plain live.
     let mut seen: Vec<u64> = sub.publications.iter().map(|p| p.offset).collect();
     seen.extend(sub.live.iter().map(offset_of));
-    node.publish("room", json("0"), None, Caller::Server)
+    node.publish("room", json("0"), None, None, Caller::Server)
         .await
         .expect("publish");
     while let Some(frame) = rx.try_recv() {
@@ -175,7 +177,7 @@ impl Broker for Faulty {
         &'a self,
         channel: &'a str,
         request: PublishRequest,
-    ) -> BrokerFuture<'a, StreamPosition> {
+    ) -> BrokerFuture<'a, Published> {
         self.inner.publish(channel, request)
     }
     fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
@@ -253,6 +255,7 @@ pub(super) fn faulty_node() -> (Node, Arc<Faulty>) {
         recovery_buffer: 64,
         verifier: None,
         refresh_window: Duration::from_secs(30),
+        idempotency_window: Duration::from_secs(300),
     };
     let node = Node::new(hub, broker.clone(), options, stats);
     (node, broker)

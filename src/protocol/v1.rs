@@ -17,6 +17,26 @@ use crate::types::{Publication, StreamPosition};
 /// Most publications one `history` reply carries.
 pub const MAX_HISTORY_LIMIT: usize = 1000;
 
+/// Longest `idempotency_key`, in bytes: enough for a UUID with a prefix, short enough that
+/// remembering many keys per channel stays cheap.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// Checks an `idempotency_key` (of a v1 `publish`, or of the server API): 1 to
+/// [`MAX_IDEMPOTENCY_KEY`] bytes without control characters (it travels in a NATS header).
+pub fn check_idempotency_key(key: &str) -> Result<(), ClientError> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY || key.chars().any(char::is_control) {
+        return Err(idempotency_key_error());
+    }
+    Ok(())
+}
+
+fn idempotency_key_error() -> ClientError {
+    ClientError::InvalidField {
+        field: "idempotency_key",
+        expected: "a string of 1 to 128 bytes without control characters",
+    }
+}
+
 /// A v1 command.
 #[derive(Debug)]
 pub enum Command<'a> {
@@ -38,6 +58,8 @@ pub enum Command<'a> {
         channel: String,
         /// The value, verbatim.
         data: &'a RawValue,
+        /// Makes a retry safe: the same key on the same channel is published once.
+        idempotency_key: Option<String>,
     },
     /// Who is on a channel.
     Presence {
@@ -86,6 +108,7 @@ struct Raw<'a> {
     since: Option<Value>,
     limit: Option<Value>,
     token: Option<Value>,
+    idempotency_key: Option<Value>,
 }
 
 /// Sorts a text message into legacy, v1 command, or error.
@@ -201,6 +224,14 @@ fn command<'a>(kind: &str, raw: &Raw<'a>) -> Result<Command<'a>, ClientError> {
         "publish" => Command::Publish {
             channel,
             data: raw.data.ok_or(ClientError::MissingField("data"))?,
+            idempotency_key: match &raw.idempotency_key {
+                None | Some(Value::Null) => None,
+                Some(Value::String(key)) => {
+                    check_idempotency_key(key)?;
+                    Some(key.clone())
+                }
+                Some(_) => return Err(idempotency_key_error()),
+            },
         },
         "presence" => Command::Presence { channel },
         _ => Command::History {
@@ -275,6 +306,10 @@ pub enum Frame<'a> {
         channel: &'a str,
         /// The publication's offset.
         offset: u64,
+        /// The `idempotency_key` was used before: nothing was published, `offset` is the
+        /// first publish's (sent only when true).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        duplicate: bool,
     },
     /// Reply to `presence`.
     Presence {
@@ -437,7 +472,20 @@ mod tests {
         let (id, c) = command(r#"{"type":"publish","id":"x","channel":"c","data":{"a":[1,2]}}"#);
         assert_eq!(id.as_deref(), Some("\"x\""));
         match c {
-            Command::Publish { data, .. } => assert_eq!(data.get(), r#"{"a":[1,2]}"#),
+            Command::Publish {
+                data,
+                idempotency_key,
+                ..
+            } => {
+                assert_eq!(data.get(), r#"{"a":[1,2]}"#);
+                assert_eq!(idempotency_key, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        match command(r#"{"type":"publish","channel":"c","data":1,"idempotency_key":"k-1"}"#).1 {
+            Command::Publish {
+                idempotency_key, ..
+            } => assert_eq!(idempotency_key.as_deref(), Some("k-1")),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
@@ -544,6 +592,15 @@ mod tests {
             bad(r#"{"type":"subscribe","id":{"a":1},"channel":"c"}"#),
             (None, "invalid_field")
         );
+        let long = "k".repeat(MAX_IDEMPOTENCY_KEY + 1);
+        for key in [r#""""#, "5", r#""a\nb""#, &format!("\"{long}\"")] {
+            let text = format!(
+                r#"{{"type":"publish","id":1,"channel":"c","data":1,"idempotency_key":{key}}}"#
+            );
+            assert_eq!(bad(&text), (Some("1".into()), "invalid_field"), "{key}");
+        }
+        let longest = "k".repeat(MAX_IDEMPOTENCY_KEY);
+        assert!(check_idempotency_key(&longest).is_ok());
     }
 
     #[test]
@@ -553,10 +610,21 @@ mod tests {
             Frame::Published {
                 id: Some(&id),
                 channel: "c",
-                offset: 9
+                offset: 9,
+                duplicate: false,
             }
             .to_json(),
             r#"{"type":"published","id":3,"channel":"c","offset":9}"#
+        );
+        assert_eq!(
+            Frame::Published {
+                id: None,
+                channel: "c",
+                offset: 9,
+                duplicate: true,
+            }
+            .to_json(),
+            r#"{"type":"published","channel":"c","offset":9,"duplicate":true}"#
         );
         assert_eq!(
             Frame::Gap {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
+use crate::broker::Published;
 use crate::engine::node::Caller;
 use crate::server::AppState;
 use crate::types::error::ClientError;
@@ -225,25 +226,45 @@ fn checked_data(state: &AppState, data: &RawValue) -> Result<Arc<RawValue>, ApiE
     Ok(Arc::from(data.to_owned()))
 }
 
+/// An `idempotency_key`, checked as on the WebSocket (`invalid_field`, 400, if bad).
+fn checked_key(key: Option<String>) -> Result<Option<String>, ApiError> {
+    if let Some(key) = &key {
+        crate::protocol::v1::check_idempotency_key(key)?;
+    }
+    Ok(key)
+}
+
+/// A publish's result: its position, and `"duplicate": true` when an idempotency key made it
+/// return an earlier publish's position instead of publishing.
+fn published_json(published: &Published) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "offset": published.position.offset,
+        "epoch": published.position.epoch,
+    });
+    if published.duplicate {
+        body["duplicate"] = serde_json::Value::Bool(true);
+    }
+    body
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PublishBody<'a> {
     channel: String,
     #[serde(borrow)]
     data: &'a RawValue,
+    idempotency_key: Option<String>,
 }
 
 async fn publish(body: Bytes, state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
     let request: PublishBody<'_> = parse(&body)?;
     let data = checked_data(state, request.data)?;
-    let position = state
+    let key = checked_key(request.idempotency_key)?;
+    let published = state
         .node
-        .publish(&request.channel, data, None, Caller::Server)
+        .publish(&request.channel, data, None, key, Caller::Server)
         .await?;
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({"offset": position.offset, "epoch": position.epoch}),
-    ))
+    Ok(json(StatusCode::OK, &published_json(&published)))
 }
 
 #[derive(Deserialize)]
@@ -252,6 +273,9 @@ struct BroadcastBody<'a> {
     channels: Vec<String>,
     #[serde(borrow)]
     data: &'a RawValue,
+    /// Applies to each channel on its own: a retried broadcast publishes only where the
+    /// first attempt did not.
+    idempotency_key: Option<String>,
 }
 
 async fn broadcast(body: Bytes, state: &AppState) -> Result<Response<Full<Bytes>>, ApiError> {
@@ -261,20 +285,28 @@ async fn broadcast(body: Bytes, state: &AppState) -> Result<Response<Full<Bytes>
             "channels must list 1 to {MAX_BROADCAST} channels"
         )));
     }
-    // Validate every name first, so a typo publishes nowhere rather than somewhere.
-    for channel in &request.channels {
-        state.node.options(channel)?;
-    }
+    // What is wrong with the request as a whole fails it; what is wrong with one channel (a
+    // bad name, an unknown namespace, the broker refusing it) is that channel's result, so a
+    // caller learns exactly which channels got the publication and can retry only the rest.
     let data = checked_data(state, request.data)?;
+    let key = checked_key(request.idempotency_key)?;
     let mut results = Vec::with_capacity(request.channels.len());
     for channel in &request.channels {
         let result = match state
             .node
-            .publish(channel, Arc::clone(&data), None, Caller::Server)
+            .publish(
+                channel,
+                Arc::clone(&data),
+                None,
+                key.clone(),
+                Caller::Server,
+            )
             .await
         {
-            Ok(position) => {
-                serde_json::json!({"channel": channel, "offset": position.offset, "epoch": position.epoch})
+            Ok(published) => {
+                let mut result = published_json(&published);
+                result["channel"] = serde_json::Value::from(channel.as_str());
+                result
             }
             Err(err) => {
                 serde_json::json!({"channel": channel, "error": {"code": err.code(), "message": err.to_string()}})

@@ -98,6 +98,7 @@ impl AppState {
             Arc::clone(&stats),
             Arc::clone(&sessions),
         ));
+        let control = dispatcher.control();
         let broker = crate::broker::connect(config.broker_choice()?, dispatcher).await?;
         let options = NodeOptions {
             namespaces: config.namespaces.clone(),
@@ -118,6 +119,7 @@ impl AppState {
             recovery_buffer: config.buffer,
             verifier: verifier.clone(),
             refresh_window: config.refresh_window,
+            idempotency_window: config.idempotency_window,
         };
         let node = Arc::new(Node::new(
             Arc::clone(&hub),
@@ -125,7 +127,7 @@ impl AppState {
             options,
             Arc::clone(&stats),
         ));
-        node.start().await?;
+        node.start(control).await?;
         // All bounded by configuration validation well below u32::MAX.
         let limits = crate::engine::chat::ChatLimits {
             replay: u32::try_from(config.replay_count).unwrap_or(u32::MAX),

@@ -99,6 +99,9 @@ pub struct Config {
     /// `RUSTY_SOCKS_PRESENCE_TTL`: how long a node's presence entries outlive its last refresh
     /// (with a networked broker), which bounds how long a dead node's clients stay listed.
     pub presence_ttl: Duration,
+    /// `RUSTY_SOCKS_IDEMPOTENCY_WINDOW`: how long a publish's `idempotency_key` is remembered
+    /// per channel: a retry within it returns the first publish's offset and publishes nothing.
+    pub idempotency_window: Duration,
     /// `RUSTY_SOCKS_JWT_SECRET`: HS256 secret for connection tokens.
     pub jwt_secret: Option<Secret>,
     /// `RUSTY_SOCKS_JWT_PUBLIC_KEY`: PEM file with an RSA (RS256) or P-256 (ES256) public key.
@@ -162,6 +165,7 @@ impl Default for Config {
             broker: BrokerUrl::Memory,
             broker_prefix: "rusty_socks".to_owned(),
             presence_ttl: Duration::from_secs(30),
+            idempotency_window: Duration::from_secs(300),
             jwt_secret: None,
             jwt_public_key: None,
             allow_anonymous: false,

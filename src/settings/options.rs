@@ -34,6 +34,7 @@ impl Config {
                 prefix: self.broker_prefix.clone(),
                 presence_ttl: self.presence_ttl,
                 history_max_bytes: self.history_total_bytes,
+                idempotency_window: self.idempotency_window,
             })),
             #[allow(unreachable_patterns)]
             other => Err(BrokerError::Connect {

@@ -157,6 +157,12 @@ impl Config {
                 None => d.presence_ttl,
                 Some((var, v)) => parse_int(var, &v, 3, 3600).map(Duration::from_secs)?,
             },
+            // At most a day: NATS refuses a duplicate window longer than the history stream's
+            // maximum age (24 h), and no retry needs longer.
+            idempotency_window: match get("RUSTY_SOCKS_IDEMPOTENCY_WINDOW") {
+                None => d.idempotency_window,
+                Some((var, v)) => parse_int(var, &v, 1, 86_400).map(Duration::from_secs)?,
+            },
             jwt_secret: secret(get("RUSTY_SOCKS_JWT_SECRET"), 16)?,
             jwt_public_key: path(get("RUSTY_SOCKS_JWT_PUBLIC_KEY")),
             allow_anonymous: flag("RUSTY_SOCKS_ALLOW_ANONYMOUS", d.allow_anonymous)?,
@@ -350,6 +356,7 @@ mod tests {
             ("RUSTY_SOCKS_BROKER", "redis://127.0.0.1:6379/2"),
             ("RUSTY_SOCKS_BROKER_PREFIX", "app-1"),
             ("RUSTY_SOCKS_PRESENCE_TTL", "5"),
+            ("RUSTY_SOCKS_IDEMPOTENCY_WINDOW", "60"),
         ])
         .expect("valid");
         assert_eq!(c.host.to_string(), "::1");
@@ -378,6 +385,7 @@ mod tests {
         );
         assert_eq!(c.broker_prefix, "app-1");
         assert_eq!(c.presence_ttl, Duration::from_secs(5));
+        assert_eq!(c.idempotency_window, Duration::from_secs(60));
         if cfg!(feature = "nats") {
             let nats = with(&[("RUSTY_SOCKS_BROKER", "nats://127.0.0.1:4222")]).expect("valid");
             assert_eq!(nats.broker, BrokerUrl::Nats("nats://127.0.0.1:4222".into()));
@@ -401,6 +409,9 @@ mod tests {
             ("RUSTY_SOCKS_BROKER", "nats:///x"),
             ("RUSTY_SOCKS_BROKER_PREFIX", "a.b"),
             ("RUSTY_SOCKS_PRESENCE_TTL", "1"),
+            ("RUSTY_SOCKS_IDEMPOTENCY_WINDOW", "0"),
+            ("RUSTY_SOCKS_IDEMPOTENCY_WINDOW", "86401"),
+            ("RUSTY_SOCKS_IDEMPOTENCY_WINDOW", "5m"),
         ];
         for (var, value) in cases {
             let err = with(&[(var, value)]).expect_err(var);

@@ -134,6 +134,11 @@ pub const SETTINGS: &[Setting] = &[
         meaning: "seconds a dead node's presence entries remain (networked brokers), 3-3600",
     },
     Setting {
+        var: "RUSTY_SOCKS_IDEMPOTENCY_WINDOW",
+        default: "300",
+        meaning: "seconds a publish's idempotency_key is remembered per channel, 1-86400",
+    },
+    Setting {
         var: "RUSTY_SOCKS_JWT_SECRET",
         default: "(unset)",
         meaning: "HS256 secret for connection tokens (set a key to require tokens)",

@@ -19,9 +19,9 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
-use super::{Inner, ensure, read, unavailable};
+use super::{Inner, ensure, read, token, unavailable};
 use crate::broker::history::{HistoryLimits, new_epoch};
-use crate::broker::{BrokerError, HistoryPage, PublishRequest};
+use crate::broker::{BrokerError, HistoryPage, PublishRequest, Published};
 use crate::types::ClientId;
 use crate::types::{Publication, StreamPosition};
 
@@ -235,6 +235,8 @@ pub(super) struct Head {
 
 enum Append {
     Done(u64),
+    /// The stream already holds a message with this `Nats-Msg-Id`, at this sequence.
+    Duplicate(u64),
     Conflict,
 }
 
@@ -262,6 +264,7 @@ impl Inner {
             .map_err(unavailable)?
             .await;
         match ack {
+            Ok(ack) if ack.duplicate => Ok(Append::Duplicate(ack.sequence)),
             Ok(ack) => Ok(Append::Done(ack.sequence)),
             Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => Ok(Append::Conflict),
             Err(err) if err.kind() == PublishErrorKind::StreamNotFound => {
@@ -279,7 +282,7 @@ impl Inner {
         &self,
         channel: &str,
         request: PublishRequest,
-    ) -> Result<StreamPosition, BrokerError> {
+    ) -> Result<Published, BrokerError> {
         self.ready()?;
         self.heads.shrink(HEADS_MAX);
         let subject = self.names.history(channel);
@@ -299,8 +302,14 @@ impl Inner {
                 Some(last) => (last.seq, last.offset + 1, last.epoch),
                 None => (0, 1, new_epoch()),
             };
-            let headers = headers(&epoch, offset, prev, Some(&request));
+            let mut headers = headers(&epoch, offset, prev, Some(&request));
+            if let Some(idempotency) = &request.idempotency {
+                // Deduplication is stream-wide: the channel's token makes the key per channel.
+                let id = format!("{}:{}", token(channel), idempotency.key);
+                headers.insert(header::NATS_MESSAGE_ID, id.as_str());
+            }
             match self.append(&subject, headers, payload.clone()).await? {
+                Append::Duplicate(seq) => return self.first_publish(seq).await,
                 Append::Done(seq) => {
                     *head = Some(Head {
                         seq,
@@ -314,7 +323,7 @@ impl Inner {
                             tracing::debug!(%err, channel, "history purge failed");
                         }
                     }
-                    return Ok(StreamPosition { offset, epoch });
+                    return Ok(Published::new(StreamPosition { offset, epoch }));
                 }
                 Append::Conflict if attempt >= 2 => {
                     let jitter = uuid::Uuid::new_v4().as_u128() % 4_000;
@@ -326,6 +335,27 @@ impl Inner {
         Err(unavailable(format!(
             "{channel}: gave up after {PUBLISH_ATTEMPTS} concurrent publish attempts"
         )))
+    }
+
+    /// The position of the message a duplicate publish was acknowledged with: the first
+    /// publish with that key. If the stream no longer holds it (its channel keeps little
+    /// history and many publications followed), its offset cannot be told: an error, rather
+    /// than publishing twice or naming a wrong offset.
+    async fn first_publish(&self, seq: u64) -> Result<Published, BrokerError> {
+        match self.stream.direct_get(seq).await {
+            Ok(message) => {
+                let first = Stored::from_stream(message).map_err(unavailable)?;
+                Ok(Published {
+                    position: first.position(),
+                    duplicate: true,
+                })
+            }
+            Err(err) if matches!(err.kind(), DirectGetErrorKind::NotFound) => Err(unavailable(
+                "this idempotency key was used already, but its first publication is no longer \
+                 stored, so its offset is unknown; nothing was published",
+            )),
+            Err(err) => Err(unavailable(err)),
+        }
     }
 
     /// The subject's last message, writing an epoch marker first if it has none.

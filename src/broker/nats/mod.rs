@@ -13,6 +13,10 @@
 //!   per channel), publishes offset + 1 in its epoch with `Nats-Expected-Last-Subject-Sequence`
 //!   set to its sequence, and on "wrong last sequence" reads again and retries. A new epoch
 //!   starts only when the subject has no message left (history aged out, or the stream was lost).
+//! - Idempotency keys: a keyed publish carries `Nats-Msg-Id` (the channel's token and the
+//!   key), and the stream's duplicate window is `RUSTY_SOCKS_IDEMPOTENCY_WINDOW`; JetStream
+//!   acknowledges a duplicate with the first message's sequence, which is read back for its
+//!   offset and epoch.
 //! - History limits are applied on read, newest first like the memory broker trims; every 64
 //!   offsets the publisher also purges the subject down to `size` + 64 messages.
 //! - Live delivery: per subscribed channel an ordered push consumer on `p.h.t` starting right
@@ -52,10 +56,9 @@ use self::live::Feed;
 use super::local::{PresenceEntries, Subscriptions};
 use super::{
     Broker, BrokerError, BrokerEvents, BrokerFuture, BrokerStatus, ClientInfo, HistoryPage,
-    PublishRequest,
+    PublishRequest, Published,
 };
 use crate::types::ClientId;
-use crate::types::StreamPosition;
 
 mod history;
 mod live;
@@ -79,6 +82,9 @@ pub struct NatsOptions {
     pub presence_ttl: Duration,
     /// Bound on the history stream on the server, in bytes, oldest dropped first (0: none).
     pub history_max_bytes: usize,
+    /// The history stream's duplicate window: how long an idempotency key is remembered
+    /// (`RUSTY_SOCKS_IDEMPOTENCY_WINDOW`; at most the stream's 24 h maximum age).
+    pub idempotency_window: Duration,
 }
 
 fn unavailable(err: impl std::fmt::Display) -> BrokerError {
@@ -209,6 +215,7 @@ async fn ensure(
             },
             discard: DiscardPolicy::Old,
             allow_direct: true,
+            duplicate_window: options.idempotency_window.min(HISTORY_MAX_AGE),
             ..Default::default()
         })
         .await
@@ -427,7 +434,7 @@ impl Broker for NatsBroker {
         &'a self,
         channel: &'a str,
         request: PublishRequest,
-    ) -> BrokerFuture<'a, StreamPosition> {
+    ) -> BrokerFuture<'a, Published> {
         Box::pin(self.inner.publish(channel, request))
     }
 

@@ -33,6 +33,7 @@ fn options(url: &str) -> NatsOptions {
         prefix: format!("test{}", &uuid::Uuid::new_v4().simple().to_string()[..10]),
         presence_ttl: Duration::from_secs(3),
         history_max_bytes: 64 << 20,
+        idempotency_window: conformance::IDEMPOTENCY_WINDOW,
     }
 }
 
@@ -86,6 +87,7 @@ fn request(data: &str, size: usize, max_bytes: usize) -> PublishRequest {
             ttl: None,
             max_bytes,
         },
+        idempotency: None,
     }
 }
 
@@ -142,7 +144,7 @@ async fn long_histories_byte_limits_and_empty_histories() {
         let position = broker
             .publish(c, request(&n.to_string(), 40, 1 << 20))
             .await;
-        assert_eq!(position.expect("publish").offset, n);
+        assert_eq!(position.expect("publish").position.offset, n);
     }
     let all = broker.history(c, None, 100).await.expect("history");
     assert_eq!(
@@ -192,7 +194,8 @@ async fn long_histories_byte_limits_and_empty_histories() {
     let first = broker
         .publish("empty", request("1", 10, 100))
         .await
-        .expect("publish");
+        .expect("publish")
+        .position;
     assert_eq!(
         first,
         StreamPosition {

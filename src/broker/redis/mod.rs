@@ -19,7 +19,8 @@
 //!
 //! Keys (`P` is `RUSTY_SOCKS_BROKER_PREFIX`, `C` the channel): `P:{C}:meta` (epoch, offset,
 //! history bytes and bounds), `P:{C}:history` (stream), `P:{C}:presence` (hash),
-//! `P:{C}:presence-exp` (sorted set); pub/sub channel `P:live:C`. Channel keys expire after a
+//! `P:{C}:presence-exp` (sorted set), `P:{C}:idem:K` (idempotency key `K`: `epoch|offset`,
+//! expiring after `RUSTY_SOCKS_IDEMPOTENCY_WINDOW`); pub/sub channel `P:live:C`. Channel keys expire after a
 //! day without publications or reads (or the history TTL, if longer); a later publication
 //! starts a new epoch.
 
@@ -40,7 +41,7 @@ use super::local::{Continuity, PresenceEntries, Subscriptions};
 use super::wire::{self, WireEvent};
 use super::{
     Broker, BrokerError, BrokerEvents, BrokerFuture, BrokerStatus, ClientInfo, HistoryPage,
-    PublishRequest,
+    PublishRequest, Published,
 };
 use crate::types::ClientId;
 use crate::types::{Publication, StreamPosition};
@@ -478,16 +479,25 @@ impl Broker for RedisBroker {
         &'a self,
         channel: &'a str,
         request: PublishRequest,
-    ) -> BrokerFuture<'a, StreamPosition> {
+    ) -> BrokerFuture<'a, Published> {
         Box::pin(async move {
             let shared = &self.shared;
             let limits = request.history;
             let keep = STREAM_KEEP.max(limits.ttl.unwrap_or_default());
             let mut conn = shared.commands.clone();
-            let (epoch, offset): (String, u64) = shared
+            // The key shares the channel's hash tag, so the script may touch it in a cluster.
+            let (idem, window) = match &request.idempotency {
+                Some(i) => (
+                    format!("idem:{}", i.key),
+                    millis(i.window).max(1).to_string(),
+                ),
+                None => (String::from("idem"), String::new()),
+            };
+            let (epoch, offset, duplicate): (String, u64, u8) = shared
                 .publish
                 .key(shared.key(channel, "meta"))
                 .key(shared.key(channel, "history"))
+                .key(shared.key(channel, &idem))
                 .arg(shared.live(channel))
                 .arg(request.data.get())
                 .arg(request.client_id.map(|c| c.to_string()).unwrap_or_default())
@@ -496,10 +506,14 @@ impl Broker for RedisBroker {
                 .arg(limits.max_bytes.min(MAX_READ))
                 .arg(millis(keep))
                 .arg(crate::broker::history::new_epoch())
+                .arg(window)
                 .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            Ok(StreamPosition { offset, epoch })
+            Ok(Published {
+                position: StreamPosition { offset, epoch },
+                duplicate: duplicate == 1,
+            })
         })
     }
 
@@ -663,6 +677,37 @@ mod tests {
     }
 
     #[tokio::test]
+    #[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
+    async fn an_idempotency_key_never_names_an_offset_of_another_epoch() {
+        let (url, prefix) = (url(), prefix());
+        let broker = RedisBroker::connect(options(&url, &prefix), Arc::new(Recorder::default()))
+            .await
+            .expect("redis");
+        let keyed = || PublishRequest {
+            idempotency: Some(crate::broker::Idempotency {
+                key: "k".into(),
+                window: Duration::from_secs(60),
+            }),
+            ..conformance::request_for_tests("1")
+        };
+        let first = broker.publish("c", keyed()).await.expect("publish");
+        // The channel's stream is lost (its keys expired, say) while the key is remembered.
+        let mut conn = broker.shared.commands.clone();
+        let meta = broker.shared.key("c", "meta");
+        conn.del::<_, i64>(&meta).await.expect("del");
+        let again = broker.publish("c", keyed()).await.expect("publish");
+        assert!(!again.duplicate, "a key of the old epoch is not honoured");
+        assert_ne!(again.position.epoch, first.position.epoch);
+        assert_eq!(again.position.offset, 1);
+        let retry = broker.publish("c", keyed()).await.expect("publish");
+        assert!(
+            retry.duplicate,
+            "the key now names the new epoch's publication"
+        );
+        assert_eq!(retry.position, again.position);
+    }
+
+    #[tokio::test]
     async fn an_unreachable_redis_stops_startup_with_a_clear_error() {
         let started = std::time::Instant::now();
         let err = RedisBroker::connect(
@@ -701,6 +746,7 @@ mod tests {
                     ttl: None,
                     max_bytes: 1 << 20,
                 },
+                idempotency: None,
             };
             broker.publish("room", request).await.expect("publish");
         }

@@ -27,9 +27,24 @@ pub fn script(body: &str) -> Script {
 }
 
 /// Assigns the next offset, appends and trims history, publishes. See the module docs.
+///
+/// With an idempotency key (`KEYS[3]`, its window in ms in `ARGV[9]`, `''` without one), the
+/// key holds `epoch|offset` of its first publish: if it is there *and of the current epoch*,
+/// nothing is done and that offset is returned as a duplicate (a key that outlived its
+/// channel's stream must not name an offset of the new one). Returns epoch, offset and `1`
+/// for a duplicate or `0`.
 pub const PUBLISH: &str = r"
-local meta, stream = KEYS[1], KEYS[2]
+local meta, stream, idem = KEYS[1], KEYS[2], KEYS[3]
 local epoch = epoch_of(meta, stream, ARGV[8])
+if ARGV[9] ~= '' then
+  local seen = redis.call('GET', idem)
+  if seen then
+    local e, o = string.match(seen, '^([^|]*)|(%d+)$')
+    if e == epoch then
+      return {epoch, o, '1'}
+    end
+  end
+end
 local offset = redis.call('HINCRBY', meta, 'o', 1)
 local now = now_ms()
 local data, client = ARGV[2], ARGV[3]
@@ -54,7 +69,10 @@ redis.call('HSET', meta, 'b', bytes, 't', ttl)
 redis.call('PEXPIRE', meta, ARGV[7])
 redis.call('PEXPIRE', stream, ARGV[7])
 redis.call('PUBLISH', ARGV[1], 'p|' .. epoch .. '|' .. offset .. '|' .. client .. '|' .. data)
-return {epoch, tostring(offset)}
+if ARGV[9] ~= '' then
+  redis.call('SET', idem, epoch .. '|' .. offset, 'PX', ARGV[9])
+end
+return {epoch, tostring(offset), '0'}
 ";
 
 /// Reads the position and, consistently with it, history (creating the epoch, see
