@@ -161,7 +161,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for Buffered<
         let mut inner = self.lock();
         let written = ready!(Pin::new(&mut inner.stream).poll_write(cx, buf))?;
         if written > 0 {
-            inner.unflushed = true;
+            // Usually the socket took everything and this is ready at once; finding out now
+            // spares the session a turn of its loop just to flush.
+            let flushed = Pin::new(&mut inner.stream).poll_flush(cx);
+            inner.unflushed = !matches!(flushed, Poll::Ready(Ok(())));
         }
         Poll::Ready(Ok(written))
     }
