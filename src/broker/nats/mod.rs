@@ -64,8 +64,8 @@ mod presence;
 mod tests;
 
 const HISTORY_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest pause between reconnect attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 const READ_BATCH: u64 = 1024;
 
 /// Where the NATS broker connects and how it names what it keeps there.
@@ -79,6 +79,9 @@ pub struct NatsOptions {
     pub presence_ttl: Duration,
     /// Bound on the history stream on the server, in bytes, oldest dropped first (0: none).
     pub history_max_bytes: usize,
+    /// Deadline of every request, acknowledgement, read and connection attempt
+    /// (`RUSTY_SOCKS_BROKER_TIMEOUT`).
+    pub timeout: Duration,
 }
 
 fn unavailable(err: impl std::fmt::Display) -> BrokerError {
@@ -245,6 +248,7 @@ async fn read(
     filter: String,
     deliver_policy: DeliverPolicy,
     until: Option<u64>,
+    timeout: Duration,
 ) -> Result<Vec<jetstream::Message>, BrokerError> {
     let consumer = stream
         .create_consumer(pull::Config {
@@ -289,7 +293,7 @@ async fn read(
         }
         Ok(out)
     };
-    let result = tokio::time::timeout(READ_TIMEOUT, collect)
+    let result = tokio::time::timeout(timeout, collect)
         .await
         .unwrap_or_else(|_| Err(unavailable("reading timed out")));
     let (js, name, stream_name) = (
@@ -317,7 +321,12 @@ impl NatsBroker {
         let setup = async {
             let client = ConnectOptions::new()
                 .name("rusty-socks")
-                .connection_timeout(CONNECT_TIMEOUT)
+                .connection_timeout(options.timeout)
+                .request_timeout(Some(options.timeout))
+                .reconnect_delay_callback(|attempts| {
+                    let exponent = u32::try_from(attempts.min(10)).unwrap_or(10);
+                    (Duration::from_millis(50) * 2u32.pow(exponent)).min(MAX_RECONNECT_DELAY)
+                })
                 .event_callback(move |event| {
                     let notify = Arc::clone(&notify);
                     async move {
@@ -334,7 +343,10 @@ impl NatsBroker {
                 .connect(options.url.as_str())
                 .await
                 .map_err(|err| err.to_string())?;
-            let js = jetstream::new(client.clone());
+            let js = jetstream::ContextBuilder::new()
+                .timeout(options.timeout)
+                .ack_timeout(options.timeout)
+                .build(client.clone());
             let (created, kv) = ensure(&js, &names, &options).await?;
             let stream = js
                 .get_stream(names.stream())
@@ -342,9 +354,10 @@ impl NatsBroker {
                 .map_err(|err| err.to_string())?;
             Ok::<_, String>((client, js, stream, kv, created))
         };
-        let (client, js, stream, kv, created) = tokio::time::timeout(CONNECT_TIMEOUT, setup)
+        let deadline = options.timeout;
+        let (client, js, stream, kv, created) = tokio::time::timeout(deadline, setup)
             .await
-            .unwrap_or_else(|_| Err(format!("no answer within {CONNECT_TIMEOUT:?}")))
+            .unwrap_or_else(|_| Err(format!("no answer within {deadline:?}")))
             .map_err(|reason| BrokerError::Connect {
                 url: super::redact(&options.url),
                 reason,
@@ -481,5 +494,34 @@ impl Broker for NatsBroker {
             kind: "nats",
             connected: self.inner.ready().is_ok(),
         }
+    }
+
+    fn ping(&self) -> BrokerFuture<'_, ()> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            inner.ready()?;
+            // The connection round trip, then a JetStream request: both must answer.
+            let probe = async {
+                inner.client.flush().await.map_err(unavailable)?;
+                inner
+                    .js
+                    .get_stream(inner.names.stream())
+                    .await
+                    .map(drop)
+                    .map_err(unavailable)
+            };
+            tokio::time::timeout(inner.options.timeout, probe)
+                .await
+                .unwrap_or_else(|_| Err(unavailable("ping timed out")))
+        })
+    }
+
+    fn catch_up(&self) -> BrokerFuture<'_, bool> {
+        Box::pin(async move {
+            // Every feed reopens right after the head of its subject and compares that with
+            // what it delivered last, reporting a gap if the stream moved (see `live`).
+            self.inner.resets.send_modify(|n| *n = n.wrapping_add(1));
+            Ok(true)
+        })
     }
 }

@@ -33,6 +33,7 @@ fn options(url: &str) -> NatsOptions {
         prefix: format!("test{}", &uuid::Uuid::new_v4().simple().to_string()[..10]),
         presence_ttl: Duration::from_secs(3),
         history_max_bytes: 64 << 20,
+        timeout: Duration::from_secs(3),
     }
 }
 
