@@ -32,11 +32,13 @@
 //! [`wire`]: super::wire
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::stream::{self, DiscardPolicy, StorageType};
 use async_nats::jetstream::{self, kv};
 use async_nats::{Client, ConnectOptions, Event};
@@ -176,7 +178,14 @@ struct Inner {
     resets: watch::Sender<u64>,
     created: Mutex<Option<OffsetDateTime>>,
     stop: CancellationToken,
+    /// Connections made so far (counted by the client's event callback).
+    connects: Arc<AtomicU64>,
+    /// [`Self::connects`] when the health probe forced a reconnect that has not connected
+    /// yet, or [`NOT_RECONNECTING`].
+    reconnect_at: AtomicU64,
 }
+
+const NOT_RECONNECTING: u64 = u64::MAX;
 
 /// Broker for nodes sharing a NATS server; see the module docs.
 pub struct NatsBroker {
@@ -318,6 +327,8 @@ impl NatsBroker {
         };
         let reconnected = Arc::new(Notify::new());
         let notify = Arc::clone(&reconnected);
+        let connects = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&connects);
         let setup = async {
             let client = ConnectOptions::new()
                 .name("rusty-socks")
@@ -329,6 +340,9 @@ impl NatsBroker {
                 })
                 .event_callback(move |event| {
                     let notify = Arc::clone(&notify);
+                    if matches!(event, Event::Connected) {
+                        counter.fetch_add(1, Ordering::AcqRel);
+                    }
                     async move {
                         match event {
                             Event::Connected => {
@@ -378,6 +392,8 @@ impl NatsBroker {
             resets: watch::Sender::new(0),
             created: Mutex::new(Some(created)),
             stop: stop.clone(),
+            connects,
+            reconnect_at: AtomicU64::new(NOT_RECONNECTING),
         });
         tokio::spawn(Arc::clone(&inner).maintain(reconnected));
         Ok(Self {
@@ -500,19 +516,42 @@ impl Broker for NatsBroker {
         Box::pin(async move {
             let inner = &self.inner;
             inner.ready()?;
-            // The connection round trip, then a JetStream request: both must answer.
-            let probe = async {
-                inner.client.flush().await.map_err(unavailable)?;
+            let forced = inner.reconnect_at.load(Ordering::Acquire);
+            if forced != NOT_RECONNECTING {
+                if inner.connects.load(Ordering::Acquire) == forced {
+                    return Err(unavailable("reconnecting"));
+                }
                 inner
-                    .js
-                    .get_stream(inner.names.stream())
-                    .await
-                    .map(drop)
-                    .map_err(unavailable)
+                    .reconnect_at
+                    .store(NOT_RECONNECTING, Ordering::Release);
+            }
+            // A JetStream request is the round trip: the server and JetStream both answer.
+            let timeout = inner.options.timeout;
+            let asked = inner.js.get_stream(inner.names.stream());
+            let failure = match tokio::time::timeout(timeout, asked).await {
+                Ok(Ok(_)) => return Ok(()),
+                // JetStream answered, with an error: the link is fine.
+                Ok(Err(err)) if err.kind() != GetStreamErrorKind::Request => {
+                    return Err(unavailable(err));
+                }
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => "no answer".to_owned(),
             };
-            tokio::time::timeout(inner.options.timeout, probe)
-                .await
-                .unwrap_or_else(|_| Err(unavailable("ping timed out")))
+            // A link that silently dropped everything is only noticed by the client's own
+            // pings, much later: reconnect now (new connections pass as soon as the link
+            // is back; a stopped server is reached again once it resumes).
+            // A request made while the client reconnects can be written to the dead
+            // connection: probes wait (failing) until the new one is up.
+            tracing::warn!(
+                failure,
+                "NATS did not answer the health probe; reconnecting"
+            );
+            inner
+                .reconnect_at
+                .store(inner.connects.load(Ordering::Acquire), Ordering::Release);
+            let client = inner.client.clone();
+            tokio::spawn(async move { client.force_reconnect().await });
+            Err(unavailable(format!("health probe: {failure}")))
         })
     }
 

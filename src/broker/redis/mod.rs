@@ -11,6 +11,9 @@
 //! - **Presence**: a hash of entries and a sorted set of their expiry times per channel. Each
 //!   node refreshes its own entries every third of `RUSTY_SOCKS_PRESENCE_TTL`; a node that dies
 //!   stops refreshing, and its entries are dropped by the next read after the TTL.
+//! - **Deadlines**: every command, connection attempt and subscription change waits at most
+//!   [`RedisOptions::timeout`]. A command connection whose command timed out (or was abandoned
+//!   at a caller's deadline) is replaced, so a link that went silently dead recovers.
 //! - **Failure**: pub/sub is at-most-once. When the pub/sub connection drops, this node
 //!   reports itself unavailable, reconnects with capped exponential backoff, resubscribes,
 //!   and compares every channel's position with the last one it delivered: channels that moved
