@@ -500,3 +500,119 @@ async fn legacy_clients_are_closed_when_the_default_channel_missed_publications(
     a.stop().await;
     b.stop().await;
 }
+
+/// Item 6: Redis presence after a node died with many members, and after a failed write.
+#[cfg(feature = "redis")]
+mod redis_presence {
+    use std::sync::Arc;
+
+    use rusty_socks::broker::conformance::Recorder;
+    use rusty_socks::broker::redis::{RedisBroker, RedisOptions};
+    use rusty_socks::broker::{Broker, ClientInfo};
+
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(3);
+
+    async fn broker(url: &str, prefix: &str) -> RedisBroker {
+        let options = RedisOptions {
+            url: url.to_owned(),
+            prefix: prefix.to_owned(),
+            presence_ttl: TTL,
+            timeout: TIMEOUT,
+        };
+        RedisBroker::connect(options, Arc::new(Recorder::default()))
+            .await
+            .expect("redis")
+    }
+
+    fn member(n: usize) -> ClientInfo {
+        ClientInfo {
+            client_id: uuid::Uuid::new_v4(),
+            user: Some(format!("user{n}").into()),
+            info: None,
+        }
+    }
+
+    /// The old read deleted every expired entry in one script call: at 20,000 Lua's `unpack`
+    /// failed after the expiry set was already cleared, leaving 20,000 entries that nothing
+    /// would ever expire again. Now they go in bounded chunks.
+    #[tokio::test]
+    #[ignore = "needs redis-server on the PATH (starts its own): cargo test -- --include-ignored"]
+    async fn twenty_thousand_members_of_a_dead_node_expire() {
+        let own = OwnBroker::start(Kind::Redis);
+        let prefix = prefix();
+        let dying = broker(&own.url(), &prefix).await;
+        let living = broker(&own.url(), &prefix).await;
+        for chunk in (0..20_000).collect::<Vec<_>>().chunks(1000) {
+            let adds = chunk
+                .iter()
+                .map(|&n| dying.add_presence("crowd", member(n)));
+            for added in futures_util::future::join_all(adds).await {
+                added.expect("presence add");
+            }
+        }
+        let survivor = member(20_000);
+        living
+            .add_presence("crowd", survivor.clone())
+            .await
+            .expect("presence add");
+        assert_eq!(living.presence("crowd").await.unwrap().len(), 20_001);
+        drop(dying);
+        // Past the TTL the dead node's entries are gone; the living node's is kept.
+        let deadline = Instant::now() + TTL * 4;
+        loop {
+            let present = living.presence("crowd").await.expect("presence read");
+            if present == vec![survivor.clone()] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} entries left after {:?}",
+                present.len(),
+                TTL * 4
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let mut conn = ::redis::Client::open(own.url().as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let left: u64 = ::redis::cmd("HLEN")
+            .arg(format!("{prefix}:{{crowd}}:presence"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(left, 1, "removed from the hash too, not only hidden");
+    }
+
+    /// A presence write that fails (the link is down) is not forgotten: the refresher writes
+    /// it once Redis answers again.
+    #[tokio::test]
+    #[ignore = "needs redis-server on the PATH (starts its own): cargo test -- --include-ignored"]
+    async fn a_failed_first_presence_write_is_retried_by_the_refresher() {
+        let own = OwnBroker::start(Kind::Redis);
+        let proxy = FaultProxy::start(own.addr()).await;
+        let prefix = prefix();
+        let writer = broker(&proxy.url("redis"), &prefix).await;
+        let reader = broker(&own.url(), &prefix).await;
+        proxy.black_hole();
+        let ann = member(1);
+        let outcome = tokio::time::timeout(TIMEOUT * 2, writer.add_presence("room", ann.clone()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(rusty_socks::broker::BrokerError::Unavailable(
+                    "timeout".into(),
+                ))
+            });
+        assert!(outcome.is_err(), "the link is down");
+        assert!(reader.presence("room").await.unwrap().is_empty());
+        proxy.heal();
+        let deadline = Instant::now() + TTL + TIMEOUT * 2;
+        while reader.presence("room").await.unwrap() != vec![ann.clone()] {
+            assert!(Instant::now() < deadline, "the refresher never wrote it");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

@@ -57,6 +57,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// How often the pub/sub connection is checked with a `PING`: a silently dead connection is
 /// noticed within this interval plus [`RedisOptions::timeout`].
 const PING_EVERY: Duration = Duration::from_secs(1);
+/// Expired presence entries removed per script call (Lua's `unpack` takes at most a few
+/// thousand values, and one call must stay short: Redis runs nothing else meanwhile).
+const PRESENCE_CHUNK: usize = 1000;
 /// Cap on a history read (Lua numbers are doubles; `usize::MAX` would not survive).
 const MAX_READ: usize = 1_000_000_000;
 
@@ -527,9 +530,14 @@ impl Broker for RedisBroker {
                 return Err(err);
             }
             if first {
-                // The baseline for spotting skipped offsets; also fixes the epoch.
-                if let Ok(page) = shared.read(channel, None, 0).await {
-                    shared.subscriptions.baseline(channel, page.position);
+                // The baseline for spotting skipped offsets; also fixes the epoch. Without it
+                // nothing can be compared: the first publication received reports a gap.
+                match shared.read(channel, None, 0).await {
+                    Ok(page) => shared.subscriptions.baseline(channel, page.position),
+                    Err(err) => {
+                        tracing::warn!(%err, channel, "redis baseline read failed; a gap will be reported");
+                        shared.subscriptions.doubt(channel);
+                    }
                 }
             }
             Ok(())
@@ -556,12 +564,13 @@ impl Broker for RedisBroker {
     }
 
     fn add_presence<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
+        // Recorded before anything is awaited: if the write fails (or is abandoned), the
+        // refresher writes the entry on its next round.
+        self.shared.presence.add(channel, client.clone());
         Box::pin(async move {
             self.shared
                 .write_presence(channel, std::slice::from_ref(&client))
-                .await?;
-            self.shared.presence.add(channel, client);
-            Ok(())
+                .await
         })
     }
 
@@ -585,19 +594,27 @@ impl Broker for RedisBroker {
     fn presence<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, Vec<ClientInfo>> {
         Box::pin(async move {
             let shared = &self.shared;
-            let (lease, mut conn) = shared.commands.get().await?;
-            let entries: Vec<String> = lease.finish(
-                shared
-                    .presence_read
-                    .key(shared.key(channel, "presence"))
-                    .key(shared.key(channel, "presence-exp"))
-                    .invoke_async(&mut conn)
-                    .await,
-            )?;
-            Ok(entries
-                .iter()
-                .filter_map(|entry| serde_json::from_str(entry).ok())
-                .collect())
+            // Each call removes at most a chunk of expired entries and says whether more are
+            // left; the entries are returned by the call that finds none.
+            loop {
+                let (lease, mut conn) = shared.commands.get().await?;
+                let reply: Vec<String> = lease.finish(
+                    shared
+                        .presence_read
+                        .key(shared.key(channel, "presence"))
+                        .key(shared.key(channel, "presence-exp"))
+                        .arg(PRESENCE_CHUNK)
+                        .invoke_async(&mut conn)
+                        .await,
+                )?;
+                let mut reply = reply.into_iter();
+                if reply.next().as_deref() == Some("more") {
+                    continue;
+                }
+                return Ok(reply
+                    .filter_map(|entry| serde_json::from_str(&entry).ok())
+                    .collect());
+            }
         })
     }
 
