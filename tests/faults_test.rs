@@ -282,9 +282,16 @@ async fn fails_while_down(node: &TestServer, ws: &mut Ws, channel: &str) {
 
 /// Reads `ws` until it has every publication of `channel` through offset `through`, in order,
 /// starting after `last`: delivered live, or, after a `gap` frame, read back with `history`.
-/// A publication skipped without a gap frame fails the test (a silent loss).
-async fn receives_everything(ws: &mut Ws, channel: &str, epoch: &str, mut last: u64, through: u64) {
-    let mut gaps = 0;
+/// A publication skipped without a gap frame fails the test (a silent loss). `gaps` counts the
+/// gap frames seen so far (after one, live copies of what `history` returned are expected).
+async fn receives_everything(
+    ws: &mut Ws,
+    channel: &str,
+    epoch: &str,
+    mut last: u64,
+    through: u64,
+    gaps: &mut usize,
+) {
     let mut waiting = false;
     let mut held: Vec<u64> = Vec::new();
     let deadline = Instant::now() + RECOVERY * 2;
@@ -298,7 +305,7 @@ async fn receives_everything(ws: &mut Ws, channel: &str, epoch: &str, mut last: 
             Some("publication") if frame["channel"] == channel => {
                 let offset = frame["offset"].as_u64().unwrap();
                 if offset <= last {
-                    assert!(gaps > 0, "a duplicate without a gap: {frame}");
+                    assert!(*gaps > 0, "a duplicate without a gap: {frame}");
                 } else if offset == last + 1 && !waiting {
                     last = offset;
                 } else if waiting {
@@ -309,7 +316,7 @@ async fn receives_everything(ws: &mut Ws, channel: &str, epoch: &str, mut last: 
             }
             Some("gap") => {
                 assert_eq!(frame["channel"], channel, "{frame}");
-                gaps += 1;
+                *gaps += 1;
                 if !waiting {
                     waiting = true;
                     let command = json!({"type":"history","id":"recover","channel":channel,
@@ -391,7 +398,8 @@ async fn survives(kind: Kind, fault: Fault) {
     let reply = subscribe(&mut subscriber, "room").await;
     let epoch = reply["epoch"].as_str().unwrap().to_owned();
     publish(&mut publisher, "room", json!(1)).await;
-    receives_everything(&mut subscriber, "room", &epoch, 0, 1).await;
+    let mut gaps = 0;
+    receives_everything(&mut subscriber, "room", &epoch, 0, 1, &mut gaps).await;
     assert_eq!(health(&b).await, 200);
 
     match fault {
@@ -429,10 +437,10 @@ async fn survives(kind: Kind, fault: Fault) {
     // `unavailable` may have been stored too: the subscriber must see it either way).
     let end = publish_when_back(&mut publisher, "room", json!("after")).await;
     assert!(end > last);
-    receives_everything(&mut subscriber, "room", &epoch, 1, end).await;
+    receives_everything(&mut subscriber, "room", &epoch, 1, end, &mut gaps).await;
     // B itself publishes again, and its subscriber gets it live.
     let mine = publish_when_back(&mut other, "room", json!("from b")).await;
-    receives_everything(&mut subscriber, "room", &epoch, end, mine).await;
+    receives_everything(&mut subscriber, "room", &epoch, end, mine, &mut gaps).await;
     drop(proxy);
     a.stop().await;
     b.stop().await;
