@@ -14,12 +14,13 @@
 //!   node is subscribed to before reporting itself up: no loss is silent.
 //!
 //! Cancellation: a subscription change is never dropped half-way. `subscribe` and
-//! `unsubscribe` run the inner call in a task of its own and only stop *waiting* at the
-//! deadline; a subscribe that succeeds after its caller gave up is undone with an
+//! `unsubscribe` run the inner call to completion (in a task of its own once it has to wait)
+//! and only stop *waiting* at the deadline; a subscribe that succeeds after its caller gave up is undone with an
 //! `unsubscribe`, so the inner broker's per-channel counts stay exact, and an unsubscribe
 //! always takes effect eventually. `remove_presence` runs the same way, so the inner broker
 //! always forgets the entry (and stops refreshing it).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -37,6 +38,16 @@ use crate::types::{ClientId, StreamPosition};
 
 /// How often the broker is probed.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs `call` to completion whatever happens to the caller: polled once here, so what it
+/// does before its first wait (the inner broker's bookkeeping) happens in the caller's order,
+/// then, if not done, in a task of its own.
+fn detach(call: impl Future<Output = ()> + Send + 'static) {
+    let mut call = Box::pin(call);
+    if (&mut call).now_or_never().is_none() {
+        tokio::spawn(call);
+    }
+}
 
 struct Health {
     inner: Arc<dyn Broker>,
@@ -226,7 +237,7 @@ impl Broker for Guarded {
             health.ready()?;
             let (inner, name) = (Arc::clone(&health.inner), channel.to_owned());
             let (done, answer) = oneshot::channel();
-            tokio::spawn(async move {
+            detach(async move {
                 let outcome = inner.subscribe(&name).await;
                 if let Err(Ok(())) = done.send(outcome) {
                     // Succeeded after the caller was told it failed: undo it.
@@ -247,7 +258,7 @@ impl Broker for Guarded {
             health.channels.remove(channel);
             let (inner, name) = (Arc::clone(&health.inner), channel.to_owned());
             let (done, answer) = oneshot::channel();
-            tokio::spawn(async move {
+            detach(async move {
                 let _ = done.send(inner.unsubscribe(&name).await);
             });
             health.wait("unsubscribe", answer).await?
@@ -286,7 +297,7 @@ impl Broker for Guarded {
             let health = &self.health;
             let (inner, name) = (Arc::clone(&health.inner), channel.to_owned());
             let (done, answer) = oneshot::channel();
-            tokio::spawn(async move {
+            detach(async move {
                 let _ = done.send(inner.remove_presence(&name, client).await);
             });
             health.wait("presence remove", answer).await?
