@@ -34,6 +34,9 @@ struct Channel {
     count: u32,
     /// The newest position delivered (or read when the node subscribed).
     last: Option<StreamPosition>,
+    /// The position could not be read when the node subscribed: with nothing to compare,
+    /// the first publication received (or the first catch-up) reports a gap.
+    doubt: bool,
 }
 
 /// The node's broker subscriptions, counted, with their last positions.
@@ -90,6 +93,17 @@ impl Subscriptions {
             && entry.last.is_none()
         {
             entry.last = Some(position);
+            entry.doubt = false;
+        }
+    }
+
+    /// The baseline could not be read: until a position is known, assume publications were
+    /// missed (a failed read never counts as "nothing missed").
+    pub fn doubt(&self, channel: &str) {
+        if let Some(entry) = self.lock().get_mut(channel)
+            && entry.last.is_none()
+        {
+            entry.doubt = true;
         }
     }
 
@@ -100,6 +114,7 @@ impl Subscriptions {
             return Continuity::Unwanted;
         };
         let verdict = match &entry.last {
+            None if entry.doubt => Continuity::Gap,
             None => Continuity::Next,
             Some(last) if last.epoch != epoch => Continuity::Gap,
             Some(last) if offset <= last.offset => return Continuity::Seen,
@@ -110,6 +125,7 @@ impl Subscriptions {
             offset,
             epoch: epoch.to_owned(),
         });
+        entry.doubt = false;
         verdict
     }
 
@@ -121,13 +137,14 @@ impl Subscriptions {
         let Some(entry) = channels.get_mut(channel) else {
             return false;
         };
-        let missed = entry
-            .last
-            .as_ref()
-            .is_some_and(|last| last.epoch != current.epoch || current.offset > last.offset);
+        let missed = match &entry.last {
+            Some(last) => last.epoch != current.epoch || current.offset > last.offset,
+            None => entry.doubt,
+        };
         if missed || entry.last.is_none() {
             entry.last = Some(current);
         }
+        entry.doubt = false;
         missed
     }
 }
@@ -221,6 +238,26 @@ mod tests {
         assert!(subs.catch_up("c", at(7, "e")));
         assert_eq!(subs.observe("c", "e", 8), Continuity::Next);
         assert!(subs.catch_up("c", at(1, "x")), "the stream restarted");
+    }
+
+    #[test]
+    fn a_failed_baseline_read_counts_as_a_gap() {
+        let subs = Subscriptions::default();
+        subs.add("c");
+        subs.doubt("c");
+        assert_eq!(
+            subs.observe("c", "e", 1),
+            Continuity::Gap,
+            "never 'nothing missed'"
+        );
+        assert_eq!(subs.observe("c", "e", 2), Continuity::Next);
+        subs.add("d");
+        subs.doubt("d");
+        assert!(
+            subs.catch_up("d", at(0, "e")),
+            "nothing to compare with: a gap"
+        );
+        assert!(!subs.catch_up("d", at(0, "e")));
     }
 
     #[test]

@@ -321,6 +321,11 @@ impl Broker for MemoryBroker {
             connected: true,
         }
     }
+
+    fn ping(&self) -> BrokerFuture<'_, ()> {
+        // In this process: always answering.
+        Self::now(())
+    }
 }
 
 #[cfg(test)]

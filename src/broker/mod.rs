@@ -10,6 +10,7 @@
 //! exactly what it missed.
 
 pub mod conformance;
+pub mod guard;
 pub mod history;
 pub mod local;
 pub mod memory;
@@ -181,6 +182,19 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     fn publish_leave<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()>;
     /// Where the broker stands now.
     fn status(&self) -> BrokerStatus;
+    /// Checks that the backend answers (Redis `PING`, a NATS flush and a JetStream request).
+    /// [`guard::Guarded`] probes with it every second.
+    fn ping(&self) -> BrokerFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+    /// After an outage: compares every subscribed channel's stream with what this node
+    /// delivered last, and calls [`BrokerEvents::on_gap`] itself for each one that moved (or
+    /// that it cannot check). `Ok(true)` means that was done for every channel, so nothing
+    /// else was missed; `Ok(false)` (the default) that the broker cannot tell, and the caller
+    /// must report a gap on every subscribed channel.
+    fn catch_up(&self) -> BrokerFuture<'_, bool> {
+        Box::pin(std::future::ready(Ok(false)))
+    }
 }
 
 /// Which broker this node runs, with that broker's own options (built from the settings).
@@ -200,7 +214,8 @@ pub enum BrokerChoice {
 }
 
 /// Builds the broker `choice` names, delivering to `events`. A networked broker must be
-/// reachable now: failing here stops startup rather than running as a lone node.
+/// reachable now: failing here stops startup rather than running as a lone node. It is
+/// wrapped in [`guard::Guarded`], which puts its deadline on every call and tracks its health.
 pub async fn connect(
     choice: BrokerChoice,
     events: Arc<dyn BrokerEvents>,
@@ -213,12 +228,16 @@ pub async fn connect(
             history_total_bytes,
         ))),
         #[cfg(feature = "redis")]
-        BrokerChoice::Redis(options) => Ok(Arc::new(
-            redis::RedisBroker::connect(options, events).await?,
-        )),
+        BrokerChoice::Redis(options) => {
+            let timeout = options.timeout;
+            let inner = Arc::new(redis::RedisBroker::connect(options, Arc::clone(&events)).await?);
+            Ok(Arc::new(guard::Guarded::new(inner, events, timeout)))
+        }
         #[cfg(feature = "nats")]
         BrokerChoice::Nats(options) => {
-            Ok(Arc::new(nats::NatsBroker::connect(options, events).await?))
+            let timeout = options.timeout;
+            let inner = Arc::new(nats::NatsBroker::connect(options, Arc::clone(&events)).await?);
+            Ok(Arc::new(guard::Guarded::new(inner, events, timeout)))
         }
     }
 }

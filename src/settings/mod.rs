@@ -96,6 +96,9 @@ pub struct Config {
     pub broker: BrokerUrl,
     /// `RUSTY_SOCKS_BROKER_PREFIX`: prefix of every Redis key and NATS subject the server uses.
     pub broker_prefix: String,
+    /// `RUSTY_SOCKS_BROKER_TIMEOUT`: the deadline of every broker call (commands, requests,
+    /// subscription changes, health probes); a broker that misses it is reported down.
+    pub broker_timeout: Duration,
     /// `RUSTY_SOCKS_PRESENCE_TTL`: how long a node's presence entries outlive its last refresh
     /// (with a networked broker), which bounds how long a dead node's clients stay listed.
     pub presence_ttl: Duration,
@@ -164,6 +167,7 @@ impl Default for Config {
             max_data_size: 32 * 1024,
             broker: BrokerUrl::Memory,
             broker_prefix: "rusty_socks".to_owned(),
+            broker_timeout: Duration::from_secs(3),
             presence_ttl: Duration::from_secs(30),
             idempotency_window: Duration::from_secs(300),
             jwt_secret: None,

@@ -27,6 +27,7 @@ impl Config {
                 url: url.clone(),
                 prefix: self.broker_prefix.clone(),
                 presence_ttl: self.presence_ttl,
+                timeout: self.broker_timeout,
             })),
             #[cfg(feature = "nats")]
             BrokerUrl::Nats(url) => Ok(BrokerChoice::Nats(crate::broker::nats::NatsOptions {
@@ -35,6 +36,7 @@ impl Config {
                 presence_ttl: self.presence_ttl,
                 history_max_bytes: self.history_total_bytes,
                 idempotency_window: self.idempotency_window,
+                timeout: self.broker_timeout,
             })),
             #[allow(unreachable_patterns)]
             other => Err(BrokerError::Connect {

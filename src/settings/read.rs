@@ -153,6 +153,10 @@ impl Config {
                     v
                 }
             },
+            broker_timeout: match get("RUSTY_SOCKS_BROKER_TIMEOUT") {
+                None => d.broker_timeout,
+                Some((var, v)) => parse_int(var, &v, 1, 60).map(Duration::from_secs)?,
+            },
             presence_ttl: match get("RUSTY_SOCKS_PRESENCE_TTL") {
                 None => d.presence_ttl,
                 Some((var, v)) => parse_int(var, &v, 3, 3600).map(Duration::from_secs)?,
@@ -357,6 +361,7 @@ mod tests {
             ("RUSTY_SOCKS_BROKER_PREFIX", "app-1"),
             ("RUSTY_SOCKS_PRESENCE_TTL", "5"),
             ("RUSTY_SOCKS_IDEMPOTENCY_WINDOW", "60"),
+            ("RUSTY_SOCKS_BROKER_TIMEOUT", "7"),
         ])
         .expect("valid");
         assert_eq!(c.host.to_string(), "::1");
@@ -386,6 +391,7 @@ mod tests {
         assert_eq!(c.broker_prefix, "app-1");
         assert_eq!(c.presence_ttl, Duration::from_secs(5));
         assert_eq!(c.idempotency_window, Duration::from_secs(60));
+        assert_eq!(c.broker_timeout, Duration::from_secs(7));
         if cfg!(feature = "nats") {
             let nats = with(&[("RUSTY_SOCKS_BROKER", "nats://127.0.0.1:4222")]).expect("valid");
             assert_eq!(nats.broker, BrokerUrl::Nats("nats://127.0.0.1:4222".into()));
@@ -412,6 +418,8 @@ mod tests {
             ("RUSTY_SOCKS_IDEMPOTENCY_WINDOW", "0"),
             ("RUSTY_SOCKS_IDEMPOTENCY_WINDOW", "86401"),
             ("RUSTY_SOCKS_IDEMPOTENCY_WINDOW", "5m"),
+            ("RUSTY_SOCKS_BROKER_TIMEOUT", "0"),
+            ("RUSTY_SOCKS_BROKER_TIMEOUT", "61"),
         ];
         for (var, value) in cases {
             let err = with(&[(var, value)]).expect_err(var);

@@ -129,6 +129,11 @@ pub const SETTINGS: &[Setting] = &[
         meaning: "prefix of Redis keys and NATS subjects (letters, digits, _ and -)",
     },
     Setting {
+        var: "RUSTY_SOCKS_BROKER_TIMEOUT",
+        default: "3",
+        meaning: "seconds any one broker call may take before it fails as unavailable, 1-60",
+    },
+    Setting {
         var: "RUSTY_SOCKS_PRESENCE_TTL",
         default: "30",
         meaning: "seconds a dead node's presence entries remain (networked brokers), 3-3600",

@@ -486,6 +486,7 @@ impl Inner {
             subject.to_owned(),
             policy,
             Some(last.seq),
+            self.options.timeout,
         )
         .await?;
         let mut picked = Vec::new();

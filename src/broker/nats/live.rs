@@ -55,9 +55,16 @@ struct Streams {
 }
 
 impl Inner {
+    /// [`Self::open_now`] under the deadline.
+    async fn open(&self, channel: &str, live: &Live) -> Result<Streams, BrokerError> {
+        tokio::time::timeout(self.options.timeout, self.open_now(channel, live))
+            .await
+            .unwrap_or_else(|_| Err(unavailable("opening the live feed timed out")))
+    }
+
     /// Starts the channel's core subscription and history consumer, right after its current
     /// last message, and records that position.
-    async fn open(&self, channel: &str, live: &Live) -> Result<Streams, BrokerError> {
+    async fn open_now(&self, channel: &str, live: &Live) -> Result<Streams, BrokerError> {
         let events = self
             .client
             .subscribe(self.names.events(channel))
@@ -184,7 +191,7 @@ impl Inner {
                     () = stop.cancelled() => return,
                     () = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             };
         }
     }

@@ -36,11 +36,13 @@
 //! [`wire`]: super::wire
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::connection::State;
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::stream::{self, DiscardPolicy, StorageType};
 use async_nats::jetstream::{self, kv};
 use async_nats::{Client, ConnectOptions, Event};
@@ -67,8 +69,8 @@ mod presence;
 mod tests;
 
 const HISTORY_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest pause between reconnect attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);
 const READ_BATCH: u64 = 1024;
 
 /// Where the NATS broker connects and how it names what it keeps there.
@@ -85,6 +87,9 @@ pub struct NatsOptions {
     /// The history stream's duplicate window: how long an idempotency key is remembered
     /// (`RUSTY_SOCKS_IDEMPOTENCY_WINDOW`; at most the stream's 24 h maximum age).
     pub idempotency_window: Duration,
+    /// Deadline of every request, acknowledgement, read and connection attempt
+    /// (`RUSTY_SOCKS_BROKER_TIMEOUT`).
+    pub timeout: Duration,
 }
 
 fn unavailable(err: impl std::fmt::Display) -> BrokerError {
@@ -179,7 +184,14 @@ struct Inner {
     resets: watch::Sender<u64>,
     created: Mutex<Option<OffsetDateTime>>,
     stop: CancellationToken,
+    /// Connections made so far (counted by the client's event callback).
+    connects: Arc<AtomicU64>,
+    /// [`Self::connects`] when the health probe forced a reconnect that has not connected
+    /// yet, or [`NOT_RECONNECTING`].
+    reconnect_at: AtomicU64,
 }
+
+const NOT_RECONNECTING: u64 = u64::MAX;
 
 /// Broker for nodes sharing a NATS server; see the module docs.
 pub struct NatsBroker {
@@ -252,6 +264,7 @@ async fn read(
     filter: String,
     deliver_policy: DeliverPolicy,
     until: Option<u64>,
+    timeout: Duration,
 ) -> Result<Vec<jetstream::Message>, BrokerError> {
     let consumer = stream
         .create_consumer(pull::Config {
@@ -296,7 +309,7 @@ async fn read(
         }
         Ok(out)
     };
-    let result = tokio::time::timeout(READ_TIMEOUT, collect)
+    let result = tokio::time::timeout(timeout, collect)
         .await
         .unwrap_or_else(|_| Err(unavailable("reading timed out")));
     let (js, name, stream_name) = (
@@ -321,12 +334,22 @@ impl NatsBroker {
         };
         let reconnected = Arc::new(Notify::new());
         let notify = Arc::clone(&reconnected);
+        let connects = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&connects);
         let setup = async {
             let client = ConnectOptions::new()
                 .name("rusty-socks")
-                .connection_timeout(CONNECT_TIMEOUT)
+                .connection_timeout(options.timeout)
+                .request_timeout(Some(options.timeout))
+                .reconnect_delay_callback(|attempts| {
+                    let exponent = u32::try_from(attempts.min(10)).unwrap_or(10);
+                    (Duration::from_millis(50) * 2u32.pow(exponent)).min(MAX_RECONNECT_DELAY)
+                })
                 .event_callback(move |event| {
                     let notify = Arc::clone(&notify);
+                    if matches!(event, Event::Connected) {
+                        counter.fetch_add(1, Ordering::AcqRel);
+                    }
                     async move {
                         match event {
                             Event::Connected => {
@@ -341,7 +364,10 @@ impl NatsBroker {
                 .connect(options.url.as_str())
                 .await
                 .map_err(|err| err.to_string())?;
-            let js = jetstream::new(client.clone());
+            let js = jetstream::ContextBuilder::new()
+                .timeout(options.timeout)
+                .ack_timeout(options.timeout)
+                .build(client.clone());
             let (created, kv) = ensure(&js, &names, &options).await?;
             let stream = js
                 .get_stream(names.stream())
@@ -349,9 +375,10 @@ impl NatsBroker {
                 .map_err(|err| err.to_string())?;
             Ok::<_, String>((client, js, stream, kv, created))
         };
-        let (client, js, stream, kv, created) = tokio::time::timeout(CONNECT_TIMEOUT, setup)
+        let deadline = options.timeout;
+        let (client, js, stream, kv, created) = tokio::time::timeout(deadline, setup)
             .await
-            .unwrap_or_else(|_| Err(format!("no answer within {CONNECT_TIMEOUT:?}")))
+            .unwrap_or_else(|_| Err(format!("no answer within {deadline:?}")))
             .map_err(|reason| BrokerError::Connect {
                 url: super::redact(&options.url),
                 reason,
@@ -372,6 +399,8 @@ impl NatsBroker {
             resets: watch::Sender::new(0),
             created: Mutex::new(Some(created)),
             stop: stop.clone(),
+            connects,
+            reconnect_at: AtomicU64::new(NOT_RECONNECTING),
         });
         tokio::spawn(Arc::clone(&inner).maintain(reconnected));
         Ok(Self {
@@ -488,5 +517,57 @@ impl Broker for NatsBroker {
             kind: "nats",
             connected: self.inner.ready().is_ok(),
         }
+    }
+
+    fn ping(&self) -> BrokerFuture<'_, ()> {
+        Box::pin(async move {
+            let inner = &self.inner;
+            inner.ready()?;
+            let forced = inner.reconnect_at.load(Ordering::Acquire);
+            if forced != NOT_RECONNECTING {
+                if inner.connects.load(Ordering::Acquire) == forced {
+                    return Err(unavailable("reconnecting"));
+                }
+                inner
+                    .reconnect_at
+                    .store(NOT_RECONNECTING, Ordering::Release);
+            }
+            // A JetStream request is the round trip: the server and JetStream both answer.
+            let timeout = inner.options.timeout;
+            let asked = inner.js.get_stream(inner.names.stream());
+            let failure = match tokio::time::timeout(timeout, asked).await {
+                Ok(Ok(_)) => return Ok(()),
+                // JetStream answered, with an error: the link is fine.
+                Ok(Err(err)) if err.kind() != GetStreamErrorKind::Request => {
+                    return Err(unavailable(err));
+                }
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => "no answer".to_owned(),
+            };
+            // A link that silently dropped everything is only noticed by the client's own
+            // pings, much later: reconnect now (new connections pass as soon as the link
+            // is back; a stopped server is reached again once it resumes).
+            // A request made while the client reconnects can be written to the dead
+            // connection: probes wait (failing) until the new one is up.
+            tracing::warn!(
+                failure,
+                "NATS did not answer the health probe; reconnecting"
+            );
+            inner
+                .reconnect_at
+                .store(inner.connects.load(Ordering::Acquire), Ordering::Release);
+            let client = inner.client.clone();
+            tokio::spawn(async move { client.force_reconnect().await });
+            Err(unavailable(format!("health probe: {failure}")))
+        })
+    }
+
+    fn catch_up(&self) -> BrokerFuture<'_, bool> {
+        Box::pin(async move {
+            // Every feed reopens right after the head of its subject and compares that with
+            // what it delivered last, reporting a gap if the stream moved (see `live`).
+            self.inner.resets.send_modify(|n| *n = n.wrapping_add(1));
+            Ok(true)
+        })
     }
 }

@@ -63,6 +63,7 @@ impl Inner {
             filter,
             DeliverPolicy::LastPerSubject,
             None,
+            self.options.timeout,
         )
         .await?;
         Ok(messages

@@ -34,6 +34,7 @@ fn options(url: &str) -> NatsOptions {
         presence_ttl: Duration::from_secs(3),
         history_max_bytes: 64 << 20,
         idempotency_window: conformance::IDEMPOTENCY_WINDOW,
+        timeout: Duration::from_secs(3),
     }
 }
 

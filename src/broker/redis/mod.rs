@@ -11,6 +11,9 @@
 //! - **Presence**: a hash of entries and a sorted set of their expiry times per channel. Each
 //!   node refreshes its own entries every third of `RUSTY_SOCKS_PRESENCE_TTL`; a node that dies
 //!   stops refreshing, and its entries are dropped by the next read after the TTL.
+//! - **Deadlines**: every command, connection attempt and subscription change waits at most
+//!   [`RedisOptions::timeout`]. A command connection whose command timed out (or was abandoned
+//!   at a caller's deadline) is replaced, so a link that went silently dead recovers.
 //! - **Failure**: pub/sub is at-most-once. When the pub/sub connection drops, this node
 //!   reports itself unavailable, reconnects with capped exponential backoff, resubscribes,
 //!   and compares every channel's position with the last one it delivered: channels that moved
@@ -24,6 +27,7 @@
 //! day without publications or reads (or the history TTL, if longer); a later publication
 //! starts a new epoch.
 
+mod commands;
 mod scripts;
 
 use std::collections::HashSet;
@@ -32,8 +36,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
-use redis::{AsyncCommands, Script};
+use redis::Script;
+use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -49,13 +53,14 @@ use scripts::{HISTORY, PRESENCE_ADD, PRESENCE_READ, PUBLISH, script};
 
 /// How long a channel's stream outlives its last publication or read.
 const STREAM_KEEP: Duration = Duration::from_secs(24 * 3600);
-/// Longest wait for Redis at startup, per command, and per reconnect attempt.
-const TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest pause between reconnect attempts.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// How often the pub/sub connection is checked with a `PING`: a silently dead connection is
-/// noticed within this interval plus [`TIMEOUT`].
-const PING_EVERY: Duration = Duration::from_secs(5);
+/// noticed within this interval plus [`RedisOptions::timeout`].
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// Expired presence entries removed per script call (Lua's `unpack` takes at most a few
+/// thousand values, and one call must stay short: Redis runs nothing else meanwhile).
+const PRESENCE_CHUNK: usize = 1000;
 /// Cap on a history read (Lua numbers are doubles; `usize::MAX` would not survive).
 const MAX_READ: usize = 1_000_000_000;
 
@@ -68,6 +73,9 @@ pub struct RedisOptions {
     pub prefix: String,
     /// How long presence entries outlive their node's last refresh.
     pub presence_ttl: Duration,
+    /// Deadline of every command, connection attempt and subscription change
+    /// (`RUSTY_SOCKS_BROKER_TIMEOUT`).
+    pub timeout: Duration,
 }
 
 /// A request to the pub/sub task: make the connection's subscription to a channel match
@@ -80,7 +88,7 @@ struct Sync {
 struct Shared {
     options: RedisOptions,
     client: redis::Client,
-    commands: ConnectionManager,
+    commands: commands::Commands,
     events: Arc<dyn BrokerEvents>,
     subscriptions: Subscriptions,
     presence: PresenceEntries,
@@ -129,19 +137,11 @@ impl RedisBroker {
         };
         let client =
             redis::Client::open(options.url.as_str()).map_err(|e| failed(e.to_string()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(TIMEOUT))
-            .set_response_timeout(Some(TIMEOUT))
-            .set_number_of_retries(2)
-            .set_max_delay(MAX_BACKOFF);
-        let commands = tokio::time::timeout(
-            TIMEOUT * 2,
-            client.get_connection_manager_with_config(config),
-        )
-        .await
-        .map_err(|_| failed("timed out".into()))?
-        .map_err(|e| failed(e.to_string()))?;
-        let pubsub = tokio::time::timeout(TIMEOUT, client.get_async_pubsub())
+        let timeout = options.timeout;
+        let commands = commands::Commands::connect(client.clone(), timeout)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
             .await
             .map_err(|_| failed("timed out".into()))?
             .map_err(|e| failed(e.to_string()))?;
@@ -198,9 +198,15 @@ impl Shared {
         if self.sync.send(request).is_err() {
             return Err(BrokerError::Unavailable("redis broker stopped".into()));
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(BrokerError::Unavailable("redis broker stopped".into())))
+        // The request stays queued if this gives up: the pub/sub task applies whatever the
+        // node wants when it gets to it.
+        match tokio::time::timeout(self.options.timeout, answer).await {
+            Ok(answer) => answer
+                .unwrap_or_else(|_| Err(BrokerError::Unavailable("redis broker stopped".into()))),
+            Err(_) => Err(BrokerError::Unavailable(
+                "redis: subscription change timed out".into(),
+            )),
+        }
     }
 
     /// Position and history; `limit` 0 reads the position only.
@@ -210,18 +216,18 @@ impl Shared {
         since: Option<u64>,
         limit: usize,
     ) -> Result<HistoryPage, BrokerError> {
-        let mut conn = self.commands.clone();
-        let reply: Vec<String> = self
-            .history
-            .key(self.key(channel, "meta"))
-            .key(self.key(channel, "history"))
-            .arg(since.map(|s| s.to_string()).unwrap_or_default())
-            .arg(limit.min(MAX_READ))
-            .arg(crate::broker::history::new_epoch())
-            .arg(millis(STREAM_KEEP))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let (lease, mut conn) = self.commands.get().await?;
+        let reply: Vec<String> = lease.finish(
+            self.history
+                .key(self.key(channel, "meta"))
+                .key(self.key(channel, "history"))
+                .arg(since.map(|s| s.to_string()).unwrap_or_default())
+                .arg(limit.min(MAX_READ))
+                .arg(crate::broker::history::new_epoch())
+                .arg(millis(STREAM_KEEP))
+                .invoke_async(&mut conn)
+                .await,
+        )?;
         let mut fields = reply.into_iter();
         let epoch = fields.next().unwrap_or_default();
         let offset = fields.next().and_then(|o| o.parse().ok()).unwrap_or(0);
@@ -262,11 +268,8 @@ impl Shared {
                 .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
             invocation.arg(client.client_id.to_string()).arg(info);
         }
-        let mut conn = self.commands.clone();
-        invocation
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let (lease, mut conn) = self.commands.get().await?;
+        lease.finish(invocation.invoke_async::<i64>(&mut conn).await)?;
         Ok(())
     }
 
@@ -338,7 +341,7 @@ async fn pubsub_task(
     loop {
         let pubsub = match connection.take() {
             Some(pubsub) => Ok(pubsub),
-            None => tokio::time::timeout(TIMEOUT, shared.client.get_async_pubsub())
+            None => tokio::time::timeout(shared.options.timeout, shared.client.get_async_pubsub())
                 .await
                 .unwrap_or_else(|_| {
                     Err(redis::RedisError::from(std::io::Error::from(
@@ -398,7 +401,7 @@ async fn serve(
     let mut active: HashSet<String> = HashSet::new();
     if !wanted.is_empty() {
         let names: Vec<String> = wanted.iter().map(|c| shared.live(c)).collect();
-        sink.subscribe(names).await?;
+        within(shared, sink.subscribe(names)).await?;
         active.extend(wanted.iter().cloned());
         shared.catch_up(&wanted).await;
     }
@@ -426,13 +429,7 @@ async fn serve(
                 }
             }
             _ = ping.tick() => {
-                match tokio::time::timeout(TIMEOUT, sink.ping::<redis::Value>()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(err)) => return Err(err),
-                    Err(_) => return Err(redis::RedisError::from(std::io::Error::from(
-                        std::io::ErrorKind::TimedOut,
-                    ))),
-                }
+                within(shared, sink.ping::<redis::Value>()).await?;
             }
         }
     }
@@ -448,13 +445,28 @@ async fn apply(
     let wanted = shared.subscriptions.wanted(channel);
     let have = active.contains(channel);
     if wanted && !have {
-        sink.subscribe(shared.live(channel)).await?;
+        within(shared, sink.subscribe(shared.live(channel))).await?;
         active.insert(channel.to_owned());
     } else if !wanted && have {
-        sink.unsubscribe(shared.live(channel)).await?;
+        within(shared, sink.unsubscribe(shared.live(channel))).await?;
         active.remove(channel);
     }
     Ok(())
+}
+
+/// `call` on the pub/sub connection under the deadline; a timeout is an error that makes the
+/// task drop the connection and reconnect.
+async fn within<T>(
+    shared: &Shared,
+    call: impl Future<Output = Result<T, redis::RedisError>>,
+) -> Result<T, redis::RedisError> {
+    tokio::time::timeout(shared.options.timeout, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(redis::RedisError::from(std::io::Error::from(
+                std::io::ErrorKind::TimedOut,
+            )))
+        })
 }
 
 /// Re-writes this node's presence entries well before they expire.
@@ -484,7 +496,7 @@ impl Broker for RedisBroker {
             let shared = &self.shared;
             let limits = request.history;
             let keep = STREAM_KEEP.max(limits.ttl.unwrap_or_default());
-            let mut conn = shared.commands.clone();
+            let (lease, mut conn) = shared.commands.get().await?;
             // The key shares the channel's hash tag, so the script may touch it in a cluster.
             let (idem, window) = match &request.idempotency {
                 Some(i) => (
@@ -493,23 +505,24 @@ impl Broker for RedisBroker {
                 ),
                 None => (String::from("idem"), String::new()),
             };
-            let (epoch, offset, duplicate): (String, u64, u8) = shared
-                .publish
-                .key(shared.key(channel, "meta"))
-                .key(shared.key(channel, "history"))
-                .key(shared.key(channel, &idem))
-                .arg(shared.live(channel))
-                .arg(request.data.get())
-                .arg(request.client_id.map(|c| c.to_string()).unwrap_or_default())
-                .arg(limits.size.min(MAX_READ))
-                .arg(limits.ttl.map_or(0, millis))
-                .arg(limits.max_bytes.min(MAX_READ))
-                .arg(millis(keep))
-                .arg(crate::broker::history::new_epoch())
-                .arg(window)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+            let (epoch, offset, duplicate): (String, u64, u8) = lease.finish(
+                shared
+                    .publish
+                    .key(shared.key(channel, "meta"))
+                    .key(shared.key(channel, "history"))
+                    .key(shared.key(channel, &idem))
+                    .arg(shared.live(channel))
+                    .arg(request.data.get())
+                    .arg(request.client_id.map(|c| c.to_string()).unwrap_or_default())
+                    .arg(limits.size.min(MAX_READ))
+                    .arg(limits.ttl.map_or(0, millis))
+                    .arg(limits.max_bytes.min(MAX_READ))
+                    .arg(millis(keep))
+                    .arg(crate::broker::history::new_epoch())
+                    .arg(window)
+                    .invoke_async(&mut conn)
+                    .await,
+            )?;
             Ok(Published {
                 position: StreamPosition { offset, epoch },
                 duplicate: duplicate == 1,
@@ -531,9 +544,14 @@ impl Broker for RedisBroker {
                 return Err(err);
             }
             if first {
-                // The baseline for spotting skipped offsets; also fixes the epoch.
-                if let Ok(page) = shared.read(channel, None, 0).await {
-                    shared.subscriptions.baseline(channel, page.position);
+                // The baseline for spotting skipped offsets; also fixes the epoch. Without it
+                // nothing can be compared: the first publication received reports a gap.
+                match shared.read(channel, None, 0).await {
+                    Ok(page) => shared.subscriptions.baseline(channel, page.position),
+                    Err(err) => {
+                        tracing::warn!(%err, channel, "redis baseline read failed; a gap will be reported");
+                        shared.subscriptions.doubt(channel);
+                    }
                 }
             }
             Ok(())
@@ -560,12 +578,13 @@ impl Broker for RedisBroker {
     }
 
     fn add_presence<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
+        // Recorded before anything is awaited: if the write fails (or is abandoned), the
+        // refresher writes the entry on its next round.
+        self.shared.presence.add(channel, client.clone());
         Box::pin(async move {
             self.shared
                 .write_presence(channel, std::slice::from_ref(&client))
-                .await?;
-            self.shared.presence.add(channel, client);
-            Ok(())
+                .await
         })
     }
 
@@ -574,32 +593,42 @@ impl Broker for RedisBroker {
             let shared = &self.shared;
             shared.presence.remove(channel, client);
             let id = client.to_string();
-            let mut conn = shared.commands.clone();
-            redis::pipe()
-                .atomic()
-                .hdel(shared.key(channel, "presence"), &id)
-                .zrem(shared.key(channel, "presence-exp"), &id)
-                .exec_async(&mut conn)
-                .await
-                .map_err(unavailable)
+            let (lease, mut conn) = shared.commands.get().await?;
+            lease.finish(
+                redis::pipe()
+                    .atomic()
+                    .hdel(shared.key(channel, "presence"), &id)
+                    .zrem(shared.key(channel, "presence-exp"), &id)
+                    .exec_async(&mut conn)
+                    .await,
+            )
         })
     }
 
     fn presence<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, Vec<ClientInfo>> {
         Box::pin(async move {
             let shared = &self.shared;
-            let mut conn = shared.commands.clone();
-            let entries: Vec<String> = shared
-                .presence_read
-                .key(shared.key(channel, "presence"))
-                .key(shared.key(channel, "presence-exp"))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
-            Ok(entries
-                .iter()
-                .filter_map(|entry| serde_json::from_str(entry).ok())
-                .collect())
+            // Each call removes at most a chunk of expired entries and says whether more are
+            // left; the entries are returned by the call that finds none.
+            loop {
+                let (lease, mut conn) = shared.commands.get().await?;
+                let reply: Vec<String> = lease.finish(
+                    shared
+                        .presence_read
+                        .key(shared.key(channel, "presence"))
+                        .key(shared.key(channel, "presence-exp"))
+                        .arg(PRESENCE_CHUNK)
+                        .invoke_async(&mut conn)
+                        .await,
+                )?;
+                let mut reply = reply.into_iter();
+                if reply.next().as_deref() == Some("more") {
+                    continue;
+                }
+                return Ok(reply
+                    .filter_map(|entry| serde_json::from_str(&entry).ok())
+                    .collect());
+            }
         })
     }
 
@@ -617,15 +646,34 @@ impl Broker for RedisBroker {
             connected: self.shared.connected.load(Ordering::Acquire),
         }
     }
+
+    fn ping(&self) -> BrokerFuture<'_, ()> {
+        Box::pin(async move {
+            let (lease, mut conn) = self.shared.commands.get().await?;
+            lease.finish(redis::cmd("PING").query_async::<()>(&mut conn).await)
+        })
+    }
+
+    fn catch_up(&self) -> BrokerFuture<'_, bool> {
+        Box::pin(async move {
+            let channels = self.shared.subscriptions.channels();
+            self.shared.catch_up(&channels).await;
+            Ok(true)
+        })
+    }
 }
 
 impl RedisBroker {
     fn announce<'a>(&'a self, channel: &'a str, message: Vec<u8>) -> BrokerFuture<'a, ()> {
         Box::pin(async move {
-            let mut conn = self.shared.commands.clone();
-            conn.publish::<_, _, i64>(self.shared.live(channel), message)
-                .await
-                .map_err(unavailable)?;
+            let (lease, mut conn) = self.shared.commands.get().await?;
+            lease.finish(
+                redis::cmd("PUBLISH")
+                    .arg(self.shared.live(channel))
+                    .arg(message)
+                    .query_async::<i64>(&mut conn)
+                    .await,
+            )?;
             Ok(())
         })
     }
@@ -652,6 +700,7 @@ mod tests {
             url: url.to_owned(),
             prefix: prefix.to_owned(),
             presence_ttl: Duration::from_secs(3),
+            timeout: Duration::from_secs(3),
         }
     }
 
@@ -692,9 +741,11 @@ mod tests {
         };
         let first = broker.publish("c", keyed()).await.expect("publish");
         // The channel's stream is lost (its keys expired, say) while the key is remembered.
-        let mut conn = broker.shared.commands.clone();
+        let (_lease, mut conn) = broker.shared.commands.get().await.expect("connection");
         let meta = broker.shared.key("c", "meta");
-        conn.del::<_, i64>(&meta).await.expect("del");
+        redis::AsyncCommands::del::<_, i64>(&mut conn, &meta)
+            .await
+            .expect("del");
         let again = broker.publish("c", keyed()).await.expect("publish");
         assert!(!again.duplicate, "a key of the old epoch is not honoured");
         assert_ne!(again.position.epoch, first.position.epoch);

@@ -123,13 +123,32 @@ redis.call('PEXPIRE', KEYS[2], ttl)
 return 1
 ";
 
-/// Drops expired presence entries and returns the rest.
+/// Drops at most ARGV[1] expired presence entries. If that many were dropped (more may be
+/// left), returns `{"more"}`; otherwise `{"done", info...}` with every live entry.
 pub const PRESENCE_READ: &str = r"
 local now = now_ms()
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+local chunk = tonumber(ARGV[1])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, chunk)
 if #expired > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  redis.call('ZREM', KEYS[2], unpack(expired))
   redis.call('HDEL', KEYS[1], unpack(expired))
 end
-return redis.call('HVALS', KEYS[1])
+if #expired >= chunk then
+  return {'more'}
+end
+local out = {'done'}
+local live = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, '+inf')
+for i = 1, #live, chunk do
+  local ids = {}
+  for j = i, math.min(i + chunk - 1, #live) do
+    ids[#ids + 1] = live[j]
+  end
+  local values = redis.call('HMGET', KEYS[1], unpack(ids))
+  for _, value in ipairs(values) do
+    if value then
+      out[#out + 1] = value
+    end
+  end
+end
+return out
 ";
