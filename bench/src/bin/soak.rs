@@ -85,12 +85,19 @@ struct Counters {
     last_acked: AtomicU64,
     wave_4001: AtomicU64,
     wave_other: AtomicU64,
+    wave_connect_failures: AtomicU64,
+    /// Set while the wave runs: churners pause, so the wave measures the mass disconnect
+    /// alone (and the generator's one thread keeps up with 19,000 sockets).
+    pause: AtomicBool,
 }
 
 /// One client connection: raw frames, replies to pings.
 struct Conn {
     stream: TcpStream,
     buf: BytesMut,
+    /// Whether text frames are parsed (wave clients only count them: 19,000 clients parsing
+    /// every notice would make the generator, not the server, the bottleneck).
+    parse: bool,
 }
 
 /// What [`Conn::read`] saw.
@@ -104,7 +111,11 @@ impl Conn {
         let (stream, buf) = tokio::time::timeout(Duration::from_secs(10), ws_connect(addr, path))
             .await
             .map_err(|_| std::io::Error::other("connect timed out"))??;
-        Ok(Self { stream, buf })
+        Ok(Self {
+            stream,
+            buf,
+            parse: true,
+        })
     }
 
     async fn send(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
@@ -122,8 +133,9 @@ impl Conn {
         loop {
             let mut events = Vec::new();
             let mut pongs = Vec::new();
+            let parse = self.parse;
             each_frame(&mut self.buf, |opcode, payload| match opcode {
-                1 => events.push(Event::Text(
+                1 if parse => events.push(Event::Text(
                     serde_json::from_slice(payload).unwrap_or(Value::Null),
                 )),
                 8 => events.push(Event::Closed(
@@ -151,12 +163,12 @@ impl Conn {
         }
     }
 
-    /// Sends a close frame and waits (up to 5 s) for the server's; returns its code.
+    /// Sends a close frame and waits (up to 30 s) for the server's; returns its code.
     async fn close(mut self) -> Option<u16> {
         if self.send(8, &1000u16.to_be_bytes()).await.is_err() {
             return None;
         }
-        let until = Instant::now() + Duration::from_secs(5);
+        let until = Instant::now() + Duration::from_secs(30);
         while Instant::now() < until {
             match self.read(until).await {
                 Ok(events) => {
@@ -328,6 +340,10 @@ async fn churner(
 ) {
     let mut rng = Rng::new(seed);
     while !stop.load(Ordering::Relaxed) {
+        if counters.pause.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
         let Ok(mut conn) = Conn::open(addr, "/ws").await else {
             counters.connect_failures.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -408,9 +424,14 @@ async fn wave(
         );
         tasks.push(tokio::spawn(async move {
             let permit = limit.acquire_owned().await;
-            let mut conn = Conn::open(addr, "/ws").await.ok()?;
+            let opened = Conn::open(addr, "/ws").await;
             drop(permit);
             connected.fetch_add(1, Ordering::Relaxed);
+            let Ok(mut conn) = opened else {
+                counters.wave_connect_failures.fetch_add(1, Ordering::Relaxed);
+                return None;
+            };
+            conn.parse = false;
             let mut go = go.subscribe();
             // Read (the welcome, chat, notices) until told to close.
             loop {
@@ -554,10 +575,19 @@ async fn soak(args: &Args) -> Result<bool, String> {
     let started = Instant::now();
     tokio::time::sleep(duration / 2).await;
     let wave_ms = if wave_size > 0 {
+        counters.pause.store(true, Ordering::Relaxed);
+        // Churners finish what they are doing (at most 2 s).
+        tokio::time::sleep(Duration::from_secs(3)).await;
         let before = process_cpu(pid).unwrap_or_default();
-        let ms = wave(addr, wave_size, Arc::clone(&counters)).await?;
+        let ms = wave(addr, wave_size, Arc::clone(&counters)).await;
+        counters.pause.store(false, Ordering::Relaxed);
+        let ms = ms?;
         let cpu = process_cpu(pid).unwrap_or_default().saturating_sub(before);
-        eprintln!("wave of {wave_size}: closed in {ms} ms; server CPU for connect + close {cpu:?}");
+        eprintln!(
+            "wave of {wave_size}: closed in {ms} ms; server CPU for connect + close {:.2} s; RSS peak so far {} KiB",
+            cpu.as_secs_f64(),
+            rss_peak.load(Ordering::Relaxed)
+        );
         ms
     } else {
         0
@@ -624,6 +654,12 @@ async fn soak(args: &Args) -> Result<bool, String> {
     }
     if closed > 0 {
         failures.push(format!("{closed} stayers were closed by the server"));
+    }
+    if load(&c.wave_connect_failures) > 0 {
+        failures.push(format!(
+            "{} wave clients could not connect",
+            load(&c.wave_connect_failures)
+        ));
     }
     if load(&c.wave_4001) > 0 || load(&c.churn_4001) > 0 {
         failures.push("clients closed as slow consumers (4001)".into());
