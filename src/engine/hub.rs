@@ -218,8 +218,8 @@ pub struct Delivery {
     pub queued: usize,
     /// Members that did not get it (full outbox, gap, or gone).
     pub dropped: usize,
-    /// Notice frames dropped instead of queued: this notice, for members whose queue was
-    /// at least half full or for the whole channel past its budget, or, for a publication,
+    /// Notice frames dropped instead of queued: this notice, for members whose queue held
+    /// too much already or for the whole channel past its budget, or, for a publication,
     /// older notices it pushed out of full queues. Never anyone's fault.
     pub notices_dropped: usize,
 }
@@ -354,7 +354,8 @@ impl Hub {
     /// the publication's offset, used to merge recovery buffers; `None` marks a join, leave
     /// or `Disconnect` notice, which is dropped rather than ever making a member a slow
     /// consumer: past the channel's [`NOTICE_FRAMES_PER_SECOND`], or for a member whose queue
-    /// is at least half full, and a publication pushes queued notices out of a full queue.
+    /// holds too much already (`outbox::NOTICE_QUEUE_LIMIT`), and a publication pushes queued
+    /// notices out of a full queue.
     pub fn deliver(
         &self,
         channel: &str,
@@ -513,7 +514,8 @@ fn buffer_one(
 ) -> Outcome {
     let limit = member.state.buffer_limit;
     if offset.is_none() {
-        if buffer.len() >= (limit / 2).max(1) {
+        let notices = (limit / 2).clamp(1, crate::engine::outbox::NOTICE_QUEUE_LIMIT);
+        if buffer.len() >= notices {
             return Outcome::NoticeDropped;
         }
         buffer.push((None, frame.clone()));

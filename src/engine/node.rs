@@ -39,6 +39,8 @@ pub const DEFAULT_CHANNEL: &str = "default";
 /// Its messages are kept in history and recovered after a gap (see [`Control`]).
 pub const CONTROL_CHANNEL: &str = "$control";
 
+mod closing;
+
 /// Renders broker deliveries into frames for the local hub.
 #[derive(Debug)]
 pub struct Dispatcher {
@@ -233,16 +235,6 @@ impl Drop for Node {
     }
 }
 
-/// Counts one publish in [`Node::publishing`] until dropped (also when its future is
-/// cancelled).
-struct InFlight<'a>(&'a AtomicUsize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 impl Node {
     /// A node over `hub` and `broker` (whose events sink must be a [`Dispatcher`] on `hub`).
     pub fn new(
@@ -268,30 +260,6 @@ impl Node {
             publishing: AtomicUsize::new(0),
             stop: CancellationToken::new(),
         }
-    }
-
-    /// Refuses every publish from now on ([`ClientError::ShuttingDown`]), then waits up to
-    /// `within` for the publishes already past that check to return. Called before sessions
-    /// are asked to close: a publish acknowledged after that point would be delivered to
-    /// subscribers whose sessions already said goodbye, acknowledged and then lost.
-    pub async fn begin_shutdown(&self, within: std::time::Duration) {
-        // SeqCst pairs with `enter_publish`: either the publish sees the flag, or this loop
-        // sees the publish counted.
-        self.shutting_down.store(true, Ordering::SeqCst);
-        let deadline = tokio::time::Instant::now() + within;
-        while self.publishing.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-    }
-
-    /// Counts a publish as in flight, or refuses it once shutdown has begun.
-    fn enter_publish(&self) -> Result<InFlight<'_>, ClientError> {
-        self.publishing.fetch_add(1, Ordering::SeqCst);
-        let guard = InFlight(&self.publishing);
-        if self.shutting_down.load(Ordering::SeqCst) {
-            return Err(ClientError::ShuttingDown);
-        }
-        Ok(guard)
     }
 
     fn count_subscription(&self, channel: &str, delta: i64) {
@@ -564,65 +532,7 @@ impl Node {
         true
     }
 
-    fn detach_channel(&self, channel: &str, client_id: ClientId) -> Left {
-        let left = self.hub.unsubscribe(channel, client_id);
-        if left != Left::NotMember {
-            self.count_subscription(channel, -1);
-        }
-        left
-    }
-
-    /// Takes a closing connection off `state`'s channel on this node, at once and without
-    /// the broker: nothing more is queued for it (no notices for a client that is leaving
-    /// anyway), and a cleanup that is cut short later leaves nothing behind locally. The
-    /// broker's part follows in [`Node::release_detached`].
-    pub fn detach(&self, client_id: ClientId, state: &MemberState) {
-        state.set_left(self.detach_channel(&state.channel, client_id));
-    }
-
-    /// The broker's part of leaving a channel [`Node::detach`]ed before: unsubscribes the
-    /// node with its last member, removes the presence entry and, if `announce`, sends the
-    /// leave notice. `quiet` logs failures at debug level (on shutdown every connection
-    /// leaves at once, and one line per connection would drown the log).
-    pub async fn release_detached(
-        &self,
-        state: &MemberState,
-        client: &ClientInfo,
-        announce: bool,
-        quiet: bool,
-    ) {
-        let left = state.left();
-        let channel = &*state.channel;
-        let Ok(options) = self.options(channel) else {
-            return;
-        };
-        if left != Left::NotMember {
-            self.release(left, client, channel, options, announce, quiet)
-                .await;
-        }
-    }
-
-    async fn release(
-        &self,
-        left: Left,
-        client: &ClientInfo,
-        channel: &str,
-        options: &NamespaceOptions,
-        announce: bool,
-        quiet: bool,
-    ) {
-        Departure {
-            unsubscribe: left == Left::Last,
-            presence: options.presence,
-            leave_notice: options.join_leave && announce,
-        }
-        .run(&*self.broker, channel, client, quiet)
-        .await;
-    }
-
-    /// Publishes `data` on `channel`, if `caller` may. With an `idempotency_key` (checked by
-    /// the protocol) used on this channel within the idempotency window, nothing is published
-    /// and the first publish's position comes back as a duplicate.
+    /// Publishes `data` on `channel`, if `caller` may.
     pub async fn publish(
         &self,
         channel: &str,

@@ -40,6 +40,12 @@ const SIGNAL_CODES: [CloseCode; 7] = [
 /// A queue that has been emptied keeps at most this many slots of capacity.
 const KEEP_SLOTS: usize = 16;
 
+/// A notice is queued only while fewer frames than this (or than half the queue's capacity,
+/// if smaller) are waiting. A client with that much unread is behind; when 19,000 clients
+/// leave at once, the notices bound this way cost at most a few MB in all instead of a full
+/// queue per connection.
+pub const NOTICE_QUEUE_LIMIT: usize = 64;
+
 /// One queued frame; `notice` marks a join/leave/`Disconnect` notice, which may be dropped
 /// to make room (see [`Outbox::try_push_notice`]).
 #[derive(Debug)]
@@ -124,7 +130,8 @@ pub enum Push {
     Closed,
     /// The frame is queued in place of the oldest queued notice, which was dropped.
     QueuedOverNotice,
-    /// A notice was not queued: the queue is at least half full (the client is not at fault).
+    /// A notice was not queued: the queue holds too many frames already (see
+    /// [`NOTICE_QUEUE_LIMIT`]; the client is not at fault).
     NoticeDropped,
 }
 
@@ -182,7 +189,8 @@ impl Outbox {
         pushed
     }
 
-    /// Queues a join/leave/`Disconnect` notice, only while the queue is less than half full:
+    /// Queues a join/leave/`Disconnect` notice, only while fewer than
+    /// [`NOTICE_QUEUE_LIMIT`] frames (and less than half the capacity) are queued:
     /// notices are the first thing to give up when a client falls behind, so they never make
     /// it a slow consumer (4001), and a burst of them (thousands of clients leaving at once)
     /// cannot grow a connection's queue past half its capacity.
@@ -191,7 +199,7 @@ impl Outbox {
         if queue.closed {
             return Push::Closed;
         }
-        if queue.frames.len() >= (self.shared.capacity / 2).max(1) {
+        if queue.frames.len() >= (self.shared.capacity / 2).clamp(1, NOTICE_QUEUE_LIMIT) {
             return Push::NoticeDropped;
         }
         self.push_locked(queue, frame, true);

@@ -281,7 +281,7 @@ impl Stats {
         counter(
             out,
             "rusty_socks_notices_dropped_total",
-            "Join, leave and Disconnect notice frames dropped instead of queued (a burst past a channel's budget, or a queue at least half full)",
+            "Join, leave and Disconnect notice frames dropped instead of queued (a burst past a channel's budget, or a connection already behind)",
             self.notices_dropped_total(),
         );
         let encoder = prometheus::TextEncoder::new();

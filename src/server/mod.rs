@@ -224,12 +224,16 @@ impl Prepared {
             "shutting down: closing connections with 1001"
         );
         // Publishes are refused first, and those in flight finish, so every acknowledged
-        // publication is in its subscribers' outboxes before they are closed.
-        state.node.begin_shutdown(state.config.shutdown_grace).await;
+        // publication is in its subscribers' outboxes before they are closed. A publish stuck
+        // in an unresponsive broker is not waited for beyond a second: the whole shutdown
+        // must end within the grace period (plus half a second).
+        let wait = (state.config.shutdown_grace / 2).min(Duration::from_secs(1));
+        state.node.begin_shutdown(wait).await;
         state.shutdown.cancel();
         state.sessions.close_all();
         state.tracker.close();
-        let limit = state.config.shutdown_grace + Duration::from_millis(500);
+        let limit = (state.config.shutdown_grace + Duration::from_millis(500))
+            .saturating_sub(started.elapsed());
         let finished = tokio::time::timeout(limit, state.tracker.wait())
             .await
             .is_ok();
