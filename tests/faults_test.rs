@@ -494,6 +494,11 @@ async fn legacy_clients_are_closed_when_the_default_channel_missed_publications(
     let b = node(Kind::Redis, &proxy.url("redis"), &prefix).await;
     let (mut legacy_publisher, _) = join_url(&a.url("/ws")).await;
     let (mut legacy, _) = join_url(&b.url("/ws")).await;
+    // The welcome comes before the join is done, and a session handles messages only after
+    // its join: once the other node relays this client's message, it is on `default`.
+    send_text(&mut legacy, r#"{"sender":"b","content":"joined"}"#).await;
+    let relayed = recv_json(&mut legacy_publisher).await;
+    assert_eq!(relayed["content"], "joined", "{relayed}");
     proxy.black_hole();
     health_becomes(&b, 503, TIMEOUT * 2).await;
     send_text(

@@ -1,0 +1,135 @@
+//! Tests of the Redis broker against a real Redis (`RUSTY_SOCKS_TEST_REDIS_URL`).
+
+use super::*;
+use crate::broker::conformance::{self, Event, Recorder};
+
+/// The Redis the tests run against; a test that needs it and runs without it fails (the
+/// tests that need it are `#[ignore]`d, so a plain `cargo test` lists them as ignored).
+fn url() -> String {
+    std::env::var("RUSTY_SOCKS_TEST_REDIS_URL").unwrap_or_else(|_| {
+        panic!(
+            "RUSTY_SOCKS_TEST_REDIS_URL is not set: this test needs Redis, \
+             e.g. RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379"
+        )
+    })
+}
+
+fn options(url: &str, prefix: &str) -> RedisOptions {
+    RedisOptions {
+        url: url.to_owned(),
+        prefix: prefix.to_owned(),
+        presence_ttl: Duration::from_secs(3),
+        timeout: Duration::from_secs(3),
+    }
+}
+
+fn prefix() -> String {
+    format!("rstest{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
+async fn redis_broker_passes_the_conformance_suite() {
+    let url = url();
+    let prefix = prefix();
+    conformance::run_all(|events| {
+        let options = options(&url, &prefix);
+        async move {
+            let broker = RedisBroker::connect(options, events)
+                .await
+                .expect("redis reachable");
+            Arc::new(broker) as Arc<dyn Broker>
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
+async fn an_idempotency_key_never_names_an_offset_of_another_epoch() {
+    let (url, prefix) = (url(), prefix());
+    let broker = RedisBroker::connect(options(&url, &prefix), Arc::new(Recorder::default()))
+        .await
+        .expect("redis");
+    let keyed = || PublishRequest {
+        idempotency: Some(crate::broker::Idempotency {
+            key: "k".into(),
+            window: Duration::from_secs(60),
+        }),
+        ..conformance::request_for_tests("1")
+    };
+    let first = broker.publish("c", keyed()).await.expect("publish");
+    // The channel's stream is lost (its keys expired, say) while the key is remembered.
+    let (_lease, mut conn) = broker.shared.commands.get().await.expect("connection");
+    let meta = broker.shared.key("c", "meta");
+    redis::AsyncCommands::del::<_, i64>(&mut conn, &meta)
+        .await
+        .expect("del");
+    let again = broker.publish("c", keyed()).await.expect("publish");
+    assert!(!again.duplicate, "a key of the old epoch is not honoured");
+    assert_ne!(again.position.epoch, first.position.epoch);
+    assert_eq!(again.position.offset, 1);
+    let retry = broker.publish("c", keyed()).await.expect("publish");
+    assert!(
+        retry.duplicate,
+        "the key now names the new epoch's publication"
+    );
+    assert_eq!(retry.position, again.position);
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_stops_startup_with_a_clear_error() {
+    let started = std::time::Instant::now();
+    let err = RedisBroker::connect(
+        options("redis://127.0.0.1:1", "x"),
+        Arc::new(Recorder::default()),
+    )
+    .await
+    .expect_err("nothing listens on port 1");
+    assert!(matches!(err, BrokerError::Connect { .. }), "{err}");
+    assert!(err.to_string().contains("RUSTY_SOCKS_BROKER"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
+async fn two_nodes_share_publications_and_presence() {
+    let url = url();
+    let prefix = prefix();
+    let a_events = Arc::new(Recorder::default());
+    let b_events = Arc::new(Recorder::default());
+    let a = RedisBroker::connect(options(&url, &prefix), a_events.clone())
+        .await
+        .expect("redis");
+    let b = RedisBroker::connect(options(&url, &prefix), b_events.clone())
+        .await
+        .expect("redis");
+    a.subscribe("room").await.expect("subscribe");
+    b.subscribe("room").await.expect("subscribe");
+    for n in 1..=20 {
+        let broker = if n % 2 == 0 { &a } else { &b };
+        let request = PublishRequest {
+            data: conformance::json(&n.to_string()),
+            client_id: None,
+            history: crate::broker::history::HistoryLimits {
+                size: 100,
+                ttl: None,
+                max_bytes: 1 << 20,
+            },
+            idempotency: None,
+        };
+        broker.publish("room", request).await.expect("publish");
+    }
+    let expected: Vec<Event> = (1..=20)
+        .map(|n| Event::Publication("room".into(), n))
+        .collect();
+    assert_eq!(a_events.wait_for("room", 20).await, expected);
+    assert_eq!(b_events.wait_for("room", 20).await, expected);
+    let ann = ClientInfo {
+        client_id: uuid::Uuid::new_v4(),
+        user: Some("ann".into()),
+        info: None,
+    };
+    a.add_presence("room", ann.clone()).await.expect("presence");
+    assert_eq!(b.presence("room").await.expect("presence"), vec![ann]);
+}
