@@ -71,8 +71,16 @@ impl ServerFrame<'_> {
 /// Parses a client's chat message, filling in what the README's examples leave out.
 ///
 /// `now` is used when the message carries no timestamp. Unknown fields are ignored, as the
-/// original did; `"type":"Chat"` is allowed.
-pub fn parse_chat(text: &str, now: OffsetDateTime) -> Result<Chat, ClientError> {
+/// original did; `"type":"Chat"` is allowed. `user` is the token's `sub` on an authenticated
+/// connection: it replaces whatever `sender` the client wrote (which must still be a string,
+/// so one message shape fits every connection), because a name the server verified must not
+/// be forgeable by the client. Anonymous connections (`None`) keep the original free-form
+/// `sender`.
+pub fn parse_chat(
+    text: &str,
+    now: OffsetDateTime,
+    user: Option<&str>,
+) -> Result<Chat, ClientError> {
     let value: Value =
         serde_json::from_str(text).map_err(|e| ClientError::InvalidJson(e.to_string()))?;
     let Value::Object(map) = value else {
@@ -111,9 +119,10 @@ pub fn parse_chat(text: &str, now: OffsetDateTime) -> Result<Chat, ClientError> 
         Some(Value::String(s)) => OffsetDateTime::parse(s, &Rfc3339).map_err(|_| TIMESTAMP)?,
         Some(_) => return Err(TIMESTAMP),
     };
+    let sender = required_string(&map, "sender")?;
     Ok(Chat {
         id,
-        sender: required_string(&map, "sender")?,
+        sender: user.map_or(sender, str::to_owned),
         content: required_string(&map, "content")?,
         timestamp: format_utc(timestamp).ok_or(TIMESTAMP)?,
     })
@@ -155,6 +164,7 @@ mod tests {
         let chat = parse_chat(
             r#"{"id":"00000000-0000-0000-0000-000000000000","sender":"test_user","content":"Hello from wscat!","timestamp":"2025-03-15T12:00:00Z"}"#,
             now(),
+            None,
         )
         .expect("valid");
         assert_eq!(chat.id, Uuid::nil());
@@ -167,6 +177,7 @@ mod tests {
         let chat = parse_chat(
             r#"{"sender":"client","content":"Hello from JS client","timestamp":"2025-03-15T12:00:00.123Z"}"#,
             now(),
+            None,
         )
         .expect("valid");
         assert_ne!(chat.id, Uuid::nil());
@@ -175,14 +186,29 @@ mod tests {
 
     #[test]
     fn missing_timestamp_is_the_server_time_and_offsets_become_utc() {
-        let chat = parse_chat(r#"{"sender":"a","content":"b"}"#, now()).expect("valid");
+        let chat = parse_chat(r#"{"sender":"a","content":"b"}"#, now(), None).expect("valid");
         assert_eq!(chat.timestamp, "2023-11-14T22:13:20Z");
         let chat = parse_chat(
             r#"{"sender":"a","content":"b","timestamp":"2025-03-15T14:00:00+02:00","type":"Chat","extra":1}"#,
             now(),
+            None,
         )
         .expect("valid");
         assert_eq!(chat.timestamp, "2025-03-15T12:00:00Z");
+    }
+
+    #[test]
+    fn a_token_user_replaces_the_sender_the_client_wrote() {
+        let text = r#"{"sender":"mallory","content":"hi"}"#;
+        let chat = parse_chat(text, now(), Some("gil")).expect("valid");
+        assert_eq!((chat.sender.as_str(), chat.content.as_str()), ("gil", "hi"));
+        assert_eq!(
+            parse_chat(text, now(), None).expect("valid").sender,
+            "mallory"
+        );
+        // The shape is checked all the same.
+        let err = parse_chat(r#"{"content":"hi"}"#, now(), Some("gil")).expect_err("no sender");
+        assert_eq!(err.code(), "missing_field");
     }
 
     #[test]
@@ -208,7 +234,7 @@ mod tests {
             ),
         ];
         for (text, code) in cases {
-            let err = parse_chat(text, now()).expect_err(text);
+            let err = parse_chat(text, now(), None).expect_err(text);
             assert_eq!(err.code(), code, "{text}");
         }
     }
