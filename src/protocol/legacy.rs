@@ -5,6 +5,7 @@
 //! mistake gets its own precise error instead of serde's generic one.
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -81,6 +82,11 @@ pub fn parse_chat(
     now: OffsetDateTime,
     user: Option<&str>,
 ) -> Result<Chat, ClientError> {
+    // Syntax first (a `RawValue` has no nesting limit), so broken JSON is `invalid_json`;
+    // then the data rules, so hostile JSON is `invalid_data` rather than a parser's complaint.
+    let raw: &RawValue =
+        serde_json::from_str(text).map_err(|e| ClientError::InvalidJson(e.to_string()))?;
+    super::data::check_data(raw.get()).map_err(ClientError::InvalidData)?;
     let value: Value =
         serde_json::from_str(text).map_err(|e| ClientError::InvalidJson(e.to_string()))?;
     let Value::Object(map) = value else {
@@ -232,6 +238,8 @@ mod tests {
                 r#"{"sender":"a","content":"x","type":"Shout"}"#,
                 "unknown_type",
             ),
+            (r#"{"sender":"a","content":"x","n":1e400}"#, "invalid_data"),
+            (r#"{"sender":"a","content":"\udc00"}"#, "invalid_data"),
         ];
         for (text, code) in cases {
             let err = parse_chat(text, now(), None).expect_err(text);
