@@ -39,6 +39,7 @@ fn every_error_code_is_documented() {
         ClientError::PermissionDenied(""),
         ClientError::PresenceDisabled,
         ClientError::DataTooBig(0),
+        ClientError::InvalidData(rusty_socks::types::DataError::TooDeep(64)),
         ClientError::Unavailable(String::new()),
         ClientError::InvalidToken(rusty_socks::auth::AuthError::Expired),
         ClientError::AuthDisabled,

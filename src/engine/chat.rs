@@ -271,8 +271,11 @@ impl ChatHandler {
             .find(|s| &*s.channel == channel)
     }
 
+    /// A legacy chat message: published on [`DEFAULT_CHANNEL`] if the unnamed namespace's
+    /// `publish` lets this connection, with the token's `sub` as `sender` when it has one.
     async fn legacy_chat(&mut self, text: &str, out: &mut Replies<'_>) {
-        let chat = match parse_chat(text, OffsetDateTime::now_utc()) {
+        let user = self.auth.as_ref().map(|a| &*a.identity.user);
+        let chat = match parse_chat(text, OffsetDateTime::now_utc(), user) {
             Ok(chat) => chat,
             Err(err) => return out.text(&ServerFrame::error(&err).to_json()),
         };
@@ -289,11 +292,11 @@ impl ChatHandler {
                 data,
                 Some(self.client_id()),
                 None,
-                Caller::Server,
+                self.caller(),
             )
             .await;
         if let Err(err) = published {
-            if err != ClientError::ShuttingDown {
+            if matches!(err, ClientError::Unavailable(_)) {
                 tracing::warn!(%err, "legacy publish failed");
             }
             out.text(&ServerFrame::error(&err).to_json());
@@ -480,7 +483,9 @@ impl Handler for ChatHandler {
                     DEFAULT_CHANNEL,
                     None,
                     self.limits().replay as usize,
-                    Caller::Server,
+                    // The unnamed namespace decides, as for v1: without `subscribe` the
+                    // connection is not on the channel, without `read_history` no replay.
+                    self.caller(),
                 )
                 .await;
             match joined {
@@ -492,7 +497,11 @@ impl Handler for ChatHandler {
                     self.remember(sub.state);
                 }
                 Err(err) => {
-                    tracing::warn!(%err, "could not join the default channel");
+                    if matches!(err, ClientError::PermissionDenied(_)) {
+                        tracing::debug!(%err, "not allowed on the default channel");
+                    } else {
+                        tracing::warn!(%err, "could not join the default channel");
+                    }
                     out.text(&ServerFrame::error(&err).to_json());
                 }
             }

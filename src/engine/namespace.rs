@@ -183,6 +183,28 @@ impl NamespaceOptions {
             self.slow_policy
         }
     }
+
+    /// The options of the legacy channel `default`. Who may chat there (`publish`), be on it
+    /// (`subscribe`) and get its replay (`read_history`) is decided by the unnamed namespace
+    /// `unnamed` (`""`), exactly as for v1 channels without `:`, so an operator who locks down
+    /// `""` does not leave legacy chat open beside it. The rest is the legacy contract's:
+    /// `history_size` messages (`RUSTY_SOCKS_HISTORY_SIZE`) with no age limit; no presence
+    /// (every legacy connection is there: the list would be every connection, and cost each
+    /// one an entry); leave notices on, because they are the legacy `Disconnect` frames; and
+    /// `disconnect` for slow clients, since the legacy dialect has no `gap` frame.
+    pub fn legacy_channel(unnamed: &Self, history_size: usize) -> Self {
+        Self {
+            history_size,
+            history_ttl_s: 0,
+            presence: false,
+            join_leave: true,
+            publish: unnamed.publish,
+            subscribe: unnamed.subscribe,
+            read_presence: unnamed.read_presence,
+            read_history: unnamed.read_history,
+            slow_policy: SlowPolicy::Disconnect,
+        }
+    }
 }
 
 /// Every configured namespace.
@@ -226,6 +248,12 @@ impl Namespaces {
     /// Adds or replaces a namespace (used by tests and embedders).
     pub fn insert(&mut self, name: &str, options: NamespaceOptions) {
         self.by_name.insert(name.to_owned(), options);
+    }
+
+    /// The options of the unnamed namespace `""` (it always exists: configured, or with its
+    /// built-in options).
+    pub fn unnamed(&self) -> NamespaceOptions {
+        self.by_name.get("").cloned().unwrap_or_default()
     }
 
     /// Names of every configured namespace (`""` is the default one).
@@ -342,6 +370,35 @@ mod tests {
         let text = why.to_string();
         assert!(text.contains("RUSTY_SOCKS_NAMESPACES"), "{text}");
         assert!(text.contains(r#"'{"chat":{}}'"#), "{text}");
+    }
+
+    #[test]
+    fn the_legacy_channel_takes_the_unnamed_namespace_permissions_only() {
+        let ns = Namespaces::from_json(
+            r#"{"":{"publish":"authenticated","subscribe":"listed","read_history":"nobody",
+                "read_presence":"authenticated","history_size":7,"history_ttl_s":9,
+                "join_leave":false,"slow_policy":"gap"}}"#,
+        )
+        .expect("valid");
+        let legacy = NamespaceOptions::legacy_channel(&ns.unnamed(), 42);
+        let expected = NamespaceOptions {
+            history_size: 42,
+            history_ttl_s: 0,
+            presence: false,
+            join_leave: true,
+            publish: Access::Authenticated,
+            subscribe: Access::Listed,
+            read_presence: Access::Authenticated,
+            read_history: Access::Nobody,
+            slow_policy: SlowPolicy::Disconnect,
+        };
+        assert_eq!(legacy, expected);
+        // Unconfigured, `""` lets anyone chat: the original server's behaviour.
+        let legacy = NamespaceOptions::legacy_channel(&Namespaces::default().unnamed(), 100);
+        assert_eq!(
+            (legacy.publish, legacy.subscribe, legacy.read_history),
+            (Access::Anyone, Access::Anyone, Access::Anyone)
+        );
     }
 
     #[test]

@@ -181,7 +181,7 @@ impl Caller<'_> {
 pub struct NodeOptions {
     /// Per-namespace options.
     pub namespaces: Namespaces,
-    /// Options of [`DEFAULT_CHANNEL`].
+    /// Options of [`DEFAULT_CHANNEL`]: [`NamespaceOptions::legacy_channel`] of the `""` namespace.
     pub legacy: NamespaceOptions,
     /// Most bytes of history kept per channel.
     pub history_bytes: usize,

@@ -5,6 +5,7 @@
 //! mistake gets its own precise error instead of serde's generic one.
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -71,8 +72,21 @@ impl ServerFrame<'_> {
 /// Parses a client's chat message, filling in what the README's examples leave out.
 ///
 /// `now` is used when the message carries no timestamp. Unknown fields are ignored, as the
-/// original did; `"type":"Chat"` is allowed.
-pub fn parse_chat(text: &str, now: OffsetDateTime) -> Result<Chat, ClientError> {
+/// original did; `"type":"Chat"` is allowed. `user` is the token's `sub` on an authenticated
+/// connection: it replaces whatever `sender` the client wrote (which must still be a string,
+/// so one message shape fits every connection), because a name the server verified must not
+/// be forgeable by the client. Anonymous connections (`None`) keep the original free-form
+/// `sender`.
+pub fn parse_chat(
+    text: &str,
+    now: OffsetDateTime,
+    user: Option<&str>,
+) -> Result<Chat, ClientError> {
+    // Syntax first (a `RawValue` has no nesting limit), so broken JSON is `invalid_json`;
+    // then the data rules, so hostile JSON is `invalid_data` rather than a parser's complaint.
+    let raw: &RawValue =
+        serde_json::from_str(text).map_err(|e| ClientError::InvalidJson(e.to_string()))?;
+    super::data::check_data(raw.get()).map_err(ClientError::InvalidData)?;
     let value: Value =
         serde_json::from_str(text).map_err(|e| ClientError::InvalidJson(e.to_string()))?;
     let Value::Object(map) = value else {
@@ -111,9 +125,10 @@ pub fn parse_chat(text: &str, now: OffsetDateTime) -> Result<Chat, ClientError> 
         Some(Value::String(s)) => OffsetDateTime::parse(s, &Rfc3339).map_err(|_| TIMESTAMP)?,
         Some(_) => return Err(TIMESTAMP),
     };
+    let sender = required_string(&map, "sender")?;
     Ok(Chat {
         id,
-        sender: required_string(&map, "sender")?,
+        sender: user.map_or(sender, str::to_owned),
         content: required_string(&map, "content")?,
         timestamp: format_utc(timestamp).ok_or(TIMESTAMP)?,
     })
@@ -155,6 +170,7 @@ mod tests {
         let chat = parse_chat(
             r#"{"id":"00000000-0000-0000-0000-000000000000","sender":"test_user","content":"Hello from wscat!","timestamp":"2025-03-15T12:00:00Z"}"#,
             now(),
+            None,
         )
         .expect("valid");
         assert_eq!(chat.id, Uuid::nil());
@@ -167,6 +183,7 @@ mod tests {
         let chat = parse_chat(
             r#"{"sender":"client","content":"Hello from JS client","timestamp":"2025-03-15T12:00:00.123Z"}"#,
             now(),
+            None,
         )
         .expect("valid");
         assert_ne!(chat.id, Uuid::nil());
@@ -175,14 +192,29 @@ mod tests {
 
     #[test]
     fn missing_timestamp_is_the_server_time_and_offsets_become_utc() {
-        let chat = parse_chat(r#"{"sender":"a","content":"b"}"#, now()).expect("valid");
+        let chat = parse_chat(r#"{"sender":"a","content":"b"}"#, now(), None).expect("valid");
         assert_eq!(chat.timestamp, "2023-11-14T22:13:20Z");
         let chat = parse_chat(
             r#"{"sender":"a","content":"b","timestamp":"2025-03-15T14:00:00+02:00","type":"Chat","extra":1}"#,
             now(),
+            None,
         )
         .expect("valid");
         assert_eq!(chat.timestamp, "2025-03-15T12:00:00Z");
+    }
+
+    #[test]
+    fn a_token_user_replaces_the_sender_the_client_wrote() {
+        let text = r#"{"sender":"mallory","content":"hi"}"#;
+        let chat = parse_chat(text, now(), Some("gil")).expect("valid");
+        assert_eq!((chat.sender.as_str(), chat.content.as_str()), ("gil", "hi"));
+        assert_eq!(
+            parse_chat(text, now(), None).expect("valid").sender,
+            "mallory"
+        );
+        // The shape is checked all the same.
+        let err = parse_chat(r#"{"content":"hi"}"#, now(), Some("gil")).expect_err("no sender");
+        assert_eq!(err.code(), "missing_field");
     }
 
     #[test]
@@ -206,9 +238,11 @@ mod tests {
                 r#"{"sender":"a","content":"x","type":"Shout"}"#,
                 "unknown_type",
             ),
+            (r#"{"sender":"a","content":"x","n":1e400}"#, "invalid_data"),
+            (r#"{"sender":"a","content":"\udc00"}"#, "invalid_data"),
         ];
         for (text, code) in cases {
-            let err = parse_chat(text, now()).expect_err(text);
+            let err = parse_chat(text, now(), None).expect_err(text);
             assert_eq!(err.code(), code, "{text}");
         }
     }

@@ -2,8 +2,10 @@
 //!
 //! Two dialects share `/ws`: [`legacy`], the JSON shapes of the original Rusty Socks, and
 //! [`v1`], channels with presence and history. They are told apart by the `type` field, so
-//! legacy clients keep working unchanged.
+//! legacy clients keep working unchanged. [`data`] holds what is stored and replayed to the
+//! rules of the frames around it.
 
+pub mod data;
 pub mod legacy;
 pub mod v1;
 

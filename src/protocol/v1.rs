@@ -223,7 +223,7 @@ fn command<'a>(kind: &str, raw: &Raw<'a>) -> Result<Command<'a>, ClientError> {
         "unsubscribe" => Command::Unsubscribe { channel },
         "publish" => Command::Publish {
             channel,
-            data: raw.data.ok_or(ClientError::MissingField("data"))?,
+            data: checked_data(raw.data.ok_or(ClientError::MissingField("data"))?)?,
             idempotency_key: match &raw.idempotency_key {
                 None | Some(Value::Null) => None,
                 Some(Value::String(key)) => {
@@ -248,6 +248,12 @@ fn command<'a>(kind: &str, raw: &Raw<'a>) -> Result<Command<'a>, ClientError> {
             since: since(raw)?,
         },
     })
+}
+
+/// A publish's `data`, held to the rules of the frame around it (see [`super::data`]).
+fn checked_data(data: &RawValue) -> Result<&RawValue, ClientError> {
+    super::data::check_data(data.get()).map_err(ClientError::InvalidData)?;
+    Ok(data)
 }
 
 fn limit_error() -> ClientError {
@@ -601,6 +607,12 @@ mod tests {
         }
         let longest = "k".repeat(MAX_IDEMPOTENCY_KEY);
         assert!(check_idempotency_key(&longest).is_ok());
+        // Hostile data: syntactically JSON, refused before anything is stored.
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        for data in [deep.as_str(), "1e400", r#"{"n":-1e400}"#, r#""\ud800""#] {
+            let text = format!(r#"{{"type":"publish","id":2,"channel":"c","data":{data}}}"#);
+            assert_eq!(bad(&text), (Some("2".into()), "invalid_data"), "{data:.20}");
+        }
     }
 
     #[test]

@@ -223,6 +223,8 @@ fn checked_data(state: &AppState, data: &RawValue) -> Result<Arc<RawValue>, ApiE
     if data.get().len() > state.config.max_data_size {
         return Err(ClientError::DataTooBig(state.config.max_data_size).into());
     }
+    // Held to the WebSocket's rules: what is stored must parse again for every reader.
+    crate::protocol::data::check_data(data.get()).map_err(ClientError::InvalidData)?;
     Ok(Arc::from(data.to_owned()))
 }
 

@@ -30,7 +30,7 @@ use crate::auth::{KeyError, Verifier};
 use crate::broker::BrokerError;
 use crate::engine::admission::{Admission, HandshakePermit, Overload};
 use crate::engine::hub::Hub;
-use crate::engine::namespace::{Access, NamespaceOptions, SlowPolicy};
+use crate::engine::namespace::NamespaceOptions;
 use crate::engine::node::{Dispatcher, Node, NodeOptions};
 use crate::engine::sessions::Sessions;
 use crate::engine::stats::Stats;
@@ -102,19 +102,11 @@ impl AppState {
         let broker = crate::broker::connect(config.broker_choice()?, dispatcher).await?;
         let options = NodeOptions {
             namespaces: config.namespaces.clone(),
-            legacy: NamespaceOptions {
-                history_size: config.history_size,
-                history_ttl_s: 0,
-                // Everyone is on the default channel: its presence would be a list of every
-                // connection (use /stats), and would cost every connection an entry.
-                presence: false,
-                join_leave: true,
-                publish: Access::Nobody,
-                subscribe: Access::Anyone,
-                read_presence: Access::Anyone,
-                read_history: Access::Anyone,
-                slow_policy: SlowPolicy::Disconnect,
-            },
+            // Permissions from the unnamed namespace `""`; the rest is the legacy contract's.
+            legacy: NamespaceOptions::legacy_channel(
+                &config.namespaces.unnamed(),
+                config.history_size,
+            ),
             history_bytes: config.history_bytes,
             recovery_buffer: config.buffer,
             verifier: verifier.clone(),

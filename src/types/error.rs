@@ -40,6 +40,25 @@ pub enum AuthError {
     WrongUser,
 }
 
+/// Why the JSON of a publication's `data` (or of a legacy chat message) was refused: it is
+/// valid JSON the server could store, but that common parsers cannot read (`serde_json`
+/// refuses it, Python's `json` runs out of stack) or read as another kind of value (infinity,
+/// zero), so one publish would make the channel's history unreadable for every client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DataError {
+    /// Arrays and objects nest deeper than the limit (`serde_json` stops at 128 levels,
+    /// Python's `json` at its recursion limit).
+    #[error("arrays and objects nest deeper than {0} levels")]
+    TooDeep(usize),
+    /// A number a 64-bit float cannot hold: it would read as infinity (`serde_json` refuses
+    /// it), or, written as non-zero, as zero.
+    #[error("the number {0} does not fit a 64-bit float; send it as a string")]
+    NumberOutOfRange(String),
+    /// A `\u` escape of half a UTF-16 surrogate pair, which decodes to no character.
+    #[error("a string holds the lone surrogate escape {0}")]
+    LoneSurrogate(String),
+}
+
 /// A message the server understood at the WebSocket level but cannot act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
@@ -90,6 +109,9 @@ pub enum ClientError {
     /// `data` is larger than allowed.
     #[error("data is larger than the {0}-byte limit")]
     DataTooBig(usize),
+    /// `data` (or a legacy message) is JSON that would not read back as sent.
+    #[error("data refused: {0}")]
+    InvalidData(DataError),
     /// The message could not be delivered or the channel joined (broker failure).
     #[error("not done: {0}")]
     Unavailable(String),
@@ -136,6 +158,7 @@ impl ClientError {
             Self::PermissionDenied(_) => "permission_denied",
             Self::PresenceDisabled => "presence_disabled",
             Self::DataTooBig(_) => "data_too_big",
+            Self::InvalidData(_) => "invalid_data",
             Self::Unavailable(_) => "unavailable",
             Self::InvalidToken(_) => "invalid_token",
             Self::AuthDisabled => "auth_disabled",

@@ -15,5 +15,5 @@ pub mod secret;
 
 pub use channel::ChannelError;
 pub use client::{ClientId, ClientInfo};
-pub use error::{AuthError, ClientError};
+pub use error::{AuthError, ClientError, DataError};
 pub use position::{Publication, StreamPosition};
