@@ -175,6 +175,181 @@ async fn the_per_address_bound_holds_over_ipv6_loopback() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn a_request_head_over_16_kib_gets_431_and_the_socket_is_closed() {
+    let server = TestServer::start(|_| {}).await;
+    let local: IpAddr = "127.0.0.1".parse().unwrap();
+    let head = |padding: usize| {
+        format!(
+            "GET /health HTTP/1.1\r\nhost: x\r\nx-padding: {}\r\n\r\n",
+            "a".repeat(padding)
+        )
+    };
+    let big = head(17 * 1024);
+    assert!(big.len() > 17 * 1024);
+    let raw = raw_request(local, server.addr, big.as_bytes()).await;
+    let (status, _, _) = split_response(&raw);
+    assert_eq!(status, 431, "{}", String::from_utf8_lossy(&raw));
+
+    // So is a head of more than 100 headers, however short.
+    let many: String = (0..101).map(|n| format!("x-h{n}: v\r\n")).collect();
+    let raw = raw_request(
+        local,
+        server.addr,
+        format!("GET /health HTTP/1.1\r\nhost: x\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(split_response(&raw).0, 431);
+
+    // Just under the bound is an ordinary request.
+    let fits = head(15 * 1024);
+    let raw = raw_request(local, server.addr, fits.as_bytes()).await;
+    let (status, _, body) = split_response(&raw);
+    assert_eq!((status, body.as_str()), (200, "OK"));
+
+    // A WebSocket client with a huge header is refused the same way; others are not affected.
+    let mut request = v1_request(&server.url("/ws"));
+    request
+        .headers_mut()
+        .insert("x-padding", "b".repeat(20 * 1024).parse().unwrap());
+    let refused = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("upgrade timed out");
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 431);
+        }
+        other => panic!("expected 431, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    let (mut ws, _) = v1_client(&server).await;
+    exchange(&mut ws, "fine").await;
+    server.stop().await;
+}
+
+/// What became of one dribbling socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dribbled {
+    /// Answered 429 at once.
+    Refused,
+    /// Closed without an answer, after this long.
+    Closed(Duration),
+    /// Still open when the test stopped watching.
+    Open,
+}
+
+/// Sends a request head one byte a second, never finishing it, and reports how it ended.
+async fn dribble(server: SocketAddr, watch: Duration) -> Dribbled {
+    let started = Instant::now();
+    let mut tcp = tcp_from(IpAddr::from(OTHER_HOST), server).await;
+    let head = b"GET /ws HTTP/1.1\r\nhost: x\r\nx-slow: "
+        .iter()
+        .chain([b'a'; 64].iter());
+    let mut head = head.copied();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 512];
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let byte = head.next().unwrap_or(b'a');
+                if tcp.write_all(&[byte]).await.is_err() {
+                    return Dribbled::Closed(started.elapsed());
+                }
+            }
+            read = tcp.read(&mut buf) => match read {
+                Ok(0) | Err(_) => {
+                    return if answer.starts_with(b"HTTP/1.1 429") {
+                        Dribbled::Refused
+                    } else {
+                        assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+                        Dribbled::Closed(started.elapsed())
+                    };
+                }
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            },
+            () = tokio::time::sleep_until((started + watch).into()) => return Dribbled::Open,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dribbling_sockets_from_one_address_cannot_starve_another() {
+    const DRIBBLERS: usize = 500;
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    // Fewer handshake slots than dribblers: without a per-address bound they would all be taken.
+    let server = TestServer::start(|c| {
+        c.max_queued_tasks = 200;
+        c.handshake_timeout = TIMEOUT;
+    })
+    .await;
+    let per_ip = rusty_socks::settings::DEFAULT_MAX_CONN_PER_IP;
+    let addr = server.addr;
+    let dribblers: Vec<_> = (0..DRIBBLERS)
+        .map(|_| tokio::spawn(dribble(addr, TIMEOUT + Duration::from_secs(4))))
+        .collect();
+    // Let them connect and start dribbling; the first of them hold their slots by now.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let queued = server.stats().await["queued"].as_u64().unwrap();
+    assert!(
+        (1..=per_ip as u64).contains(&queued),
+        "at most {per_ip} of the dribblers hold a slot: {queued}"
+    );
+
+    // Meanwhile a client from another address connects and exchanges a message.
+    let started = Instant::now();
+    let mut ws = v1_client_from("127.0.0.1".parse().unwrap(), addr)
+        .await
+        .expect("the other address is admitted");
+    exchange(&mut ws, "meanwhile").await;
+    let took = started.elapsed();
+    eprintln!("connect, subscribe, publish and receive took {took:?} among {DRIBBLERS} dribblers");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+
+    let mut outcomes = Vec::new();
+    for dribbler in dribblers {
+        outcomes.push(dribbler.await.unwrap());
+    }
+    let refused = outcomes.iter().filter(|o| **o == Dribbled::Refused).count();
+    let open = outcomes.iter().filter(|o| **o == Dribbled::Open).count();
+    let at_deadline: Vec<Duration> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Dribbled::Closed(after) if *after >= Duration::from_millis(1500) => Some(*after),
+            _ => None,
+        })
+        .collect();
+    let closed_early = DRIBBLERS - refused - open - at_deadline.len();
+    assert_eq!(
+        open, 0,
+        "every dribbler is closed by the handshake deadline"
+    );
+    assert_eq!(
+        at_deadline.len(),
+        per_ip,
+        "exactly MAX_CONN_PER_IP were admitted and then closed at the deadline: {outcomes:?}"
+    );
+    assert!(
+        at_deadline
+            .iter()
+            .all(|after| *after < TIMEOUT + Duration::from_secs(2)),
+        "closed at the deadline on the whole head, though they kept sending: {at_deadline:?}"
+    );
+    assert!(refused >= 1, "some got a 429 to read");
+    assert_eq!(
+        refused + closed_early,
+        DRIBBLERS - per_ip,
+        "the rest were refused at once"
+    );
+    let (_, _, metrics) = http(addr, "GET", "/metrics", &[]).await;
+    assert_eq!(
+        refusals(&metrics, "per_address"),
+        (DRIBBLERS - per_ip) as u64
+    );
+    // The client from the other address was never disturbed.
+    exchange(&mut ws, "after").await;
+    server.stop().await;
+}
+
 /// A v1 upgrade through a proxy at 127.0.0.1 that forwards for `client`.
 async fn v1_client_forwarded_for(server: &TestServer, client: &str) -> Result<Ws, u16> {
     let mut request = v1_request(&server.url("/ws"));

@@ -423,6 +423,12 @@ async fn serve_tls(
 /// Time beyond `RUSTY_SOCKS_API_TIMEOUT` for an API answer (a 504 at worst) to be written.
 const API_ANSWER_GRACE: Duration = Duration::from_secs(1);
 
+/// Largest request head (request line and headers) read, in bytes; a longer one is answered
+/// with 431 and the connection closed. Real heads are well under it (a JWT, at most 8 KiB, is
+/// the largest thing a client sends in one), and hyper's own default (about 400 KB per
+/// connection) would let every pending socket make the server buffer that much.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
 /// Serves HTTP/1.1 on one connection until it closes or upgrades.
 async fn serve_http<IO>(
     io: TokioIo<IO>,
@@ -460,6 +466,8 @@ async fn serve_http<IO>(
         // Boxed, and dropped before the session starts: hyper's state is only needed here.
         let mut conn = Box::pin(
             hyper::server::conn::http1::Builder::new()
+                // hyper answers a longer head with 431 and closes.
+                .max_header_size(MAX_HEAD_BYTES)
                 .serve_connection(io, service)
                 .with_upgrades(),
         );
