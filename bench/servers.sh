@@ -11,7 +11,7 @@ start() { # name -> sets SERVER_PID and PORT
       [ "$name" = baseline ] && binary=$BASELINE
       PORT=9500
       RUSTY_SOCKS_HOST=127.0.0.1 RUSTY_SOCKS_PORT=$PORT RUSTY_SOCKS_THREAD_POOL_SIZE=1 \
-        RUSTY_SOCKS_MAX_CONN=20000 RUSTY_SOCKS_MAX_QUEUED_TASKS=20000 RUSTY_SOCKS_ECHO_ENDPOINT=true \
+        RUSTY_SOCKS_MAX_CONN=20000 RUSTY_SOCKS_MAX_QUEUED_TASKS=20000 RUSTY_SOCKS_MAX_CONN_PER_IP=0 RUSTY_SOCKS_ECHO_ENDPOINT=true \
         RUST_LOG=warn taskset -c 1 "$binary" >/dev/null 2>&1 &
       ;;
     tungstenite) PORT=9501; taskset -c 1 "$BIN/peer-tungstenite" --port $PORT >/dev/null 2>&1 & ;;

@@ -183,6 +183,8 @@ async fn sigterm_sends_1001_to_2000_clients_before_broker_cleanup_and_exits_in_t
         ("RUSTY_SOCKS_BROKER_PREFIX", prefix.as_str()),
         ("RUSTY_SOCKS_SHUTDOWN_GRACE", grace.as_str()),
         ("RUSTY_SOCKS_MAX_CONN", "5000"),
+        // Every client comes from 127.0.0.1.
+        ("RUSTY_SOCKS_MAX_CONN_PER_IP", "0"),
     ]);
     let addr = server.address();
     let ws_url = format!("ws://{addr}/ws");
@@ -256,6 +258,8 @@ async fn two_thousand_legacy_clients_leaving_at_once_close_nobody_as_slow() {
     let server = TestServer::start(|c| {
         c.buffer = 64;
         c.max_connections = 5000;
+        // Every client comes from 127.0.0.1.
+        c.max_conn_per_ip = 0;
     })
     .await;
     let url = server.url("/ws");

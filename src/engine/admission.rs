@@ -1,13 +1,18 @@
-//! Admission control: how many connections may exist and how many may be mid-handshake.
+//! Admission control: how many connections may exist, how many may be mid-handshake, and how
+//! many sockets one client address may hold.
 //!
-//! Both bounds are checked with a compare-and-swap and refuse at once: a client past a bound
-//! gets HTTP 503 with `Retry-After` immediately instead of waiting for a slot, so it can tell
-//! overload from a network fault and back off, and existing connections are never disturbed.
+//! The two global bounds are checked with a compare-and-swap and refuse at once: a client past a
+//! bound gets HTTP 503 with `Retry-After` immediately instead of waiting for a slot, so it can
+//! tell overload from a network fault and back off, and existing connections are never
+//! disturbed. The per-address bound ([`PerAddress`]) is checked first, when a socket is
+//! accepted, so one address past its share never takes a global slot (429 instead).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-/// The two admission bounds and their counters.
+pub use crate::engine::per_address::{AddressPermit, AddressRefused, PerAddress, address_group};
+
+/// The admission bounds and their counters.
 #[derive(Debug)]
 pub struct Admission {
     max_connections: usize,
@@ -15,6 +20,7 @@ pub struct Admission {
     max_pending: usize,
     pending: AtomicUsize,
     rejected_total: AtomicU64,
+    per_address: Arc<PerAddress>,
 }
 
 /// Which bound refused an attempt.
@@ -24,6 +30,9 @@ pub enum Overload {
     Connections,
     /// `RUSTY_SOCKS_MAX_QUEUED_TASKS` sockets are already mid-handshake.
     Handshakes,
+    /// The client's address already holds `RUSTY_SOCKS_MAX_CONN_PER_IP` sockets (429, not 503:
+    /// the server has room, this client has used its share).
+    Address,
 }
 
 impl Overload {
@@ -36,6 +45,17 @@ impl Overload {
             Self::Handshakes => {
                 "too many connection attempts in progress (RUSTY_SOCKS_MAX_QUEUED_TASKS); retry later\n"
             }
+            Self::Address => {
+                "too many connections from this address (RUSTY_SOCKS_MAX_CONN_PER_IP); close one or retry later\n"
+            }
+        }
+    }
+
+    /// The HTTP status line this refusal is answered with.
+    pub fn status_line(self) -> &'static str {
+        match self {
+            Self::Connections | Self::Handshakes => "503 Service Unavailable",
+            Self::Address => "429 Too Many Requests",
         }
     }
 }
@@ -49,21 +69,39 @@ fn try_take(counter: &AtomicUsize, max: usize) -> bool {
 }
 
 impl Admission {
-    /// Bounds from the configuration.
+    /// Global bounds from the configuration, without a per-address bound.
     pub fn new(max_connections: usize, max_pending: usize) -> Arc<Self> {
+        Self::with_per_address(max_connections, max_pending, PerAddress::new(0, 64))
+    }
+
+    /// Global bounds and the per-address bound.
+    pub fn with_per_address(
+        max_connections: usize,
+        max_pending: usize,
+        per_address: PerAddress,
+    ) -> Arc<Self> {
         Arc::new(Self {
             max_connections,
             connections: AtomicUsize::new(0),
             max_pending,
             pending: AtomicUsize::new(0),
             rejected_total: AtomicU64::new(0),
+            per_address: Arc::new(per_address),
         })
+    }
+
+    /// The per-address bound (`RUSTY_SOCKS_MAX_CONN_PER_IP`).
+    pub fn per_address(&self) -> &Arc<PerAddress> {
+        &self.per_address
     }
 
     /// A slot for one WebSocket connection, or the overload that refuses it (counted).
     pub fn try_connection(self: &Arc<Self>) -> Result<ConnectionPermit, Overload> {
         if try_take(&self.connections, self.max_connections) {
-            Ok(ConnectionPermit(Arc::clone(self)))
+            Ok(ConnectionPermit {
+                admission: Arc::clone(self),
+                address: None,
+            })
         } else {
             self.rejected_total.fetch_add(1, Ordering::Relaxed);
             Err(Overload::Connections)
@@ -109,13 +147,26 @@ impl Admission {
     }
 }
 
-/// Holds one connection slot for as long as the WebSocket session lives.
+/// Holds one connection slot for as long as the WebSocket session lives, and the socket's
+/// count under its address, so both are given back when the session's task ends.
 #[derive(Debug)]
-pub struct ConnectionPermit(Arc<Admission>);
+pub struct ConnectionPermit {
+    admission: Arc<Admission>,
+    address: Option<AddressPermit>,
+}
+
+impl ConnectionPermit {
+    /// Keeps `address` (the socket's count under its client address) until the session ends.
+    pub fn hold(&mut self, address: Option<AddressPermit>) {
+        if address.is_some() {
+            self.address = address;
+        }
+    }
+}
 
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.admission.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

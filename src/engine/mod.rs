@@ -8,7 +8,8 @@
 //!   the `/ws` and `/echo` endpoints do with its messages.
 //! - [`outbox`]: the bounded queue between fan-out and one connection.
 //! - [`sessions`]: every live session, for the heartbeat tick and shutdown.
-//! - [`admission`]: the connection and handshake bounds.
+//! - [`admission`]: the connection and handshake bounds; [`per_address`]: sockets per client
+//!   address.
 //! - [`namespace`]: per-namespace channel options.
 //! - [`stats`]: counters for `/stats` and `/metrics`.
 
@@ -24,6 +25,7 @@ mod node_tests;
 #[cfg(test)]
 mod open_tests;
 pub mod outbox;
+pub mod per_address;
 pub mod session;
 pub mod sessions;
 pub mod stats;

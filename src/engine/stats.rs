@@ -20,15 +20,18 @@ pub enum Refusal {
     Origin,
     /// Per-IP connection rate.
     RateLimited,
+    /// Sockets per client address (`RUSTY_SOCKS_MAX_CONN_PER_IP`).
+    Address,
 }
 
 impl Refusal {
     /// Every reason, in metric order.
-    pub const ALL: [Refusal; 4] = [
+    pub const ALL: [Refusal; 5] = [
         Self::Overload,
         Self::Unauthorized,
         Self::Origin,
         Self::RateLimited,
+        Self::Address,
     ];
 
     /// The `reason` label.
@@ -38,6 +41,7 @@ impl Refusal {
             Self::Unauthorized => "unauthorized",
             Self::Origin => "origin",
             Self::RateLimited => "rate_limited",
+            Self::Address => "per_address",
         }
     }
 }
@@ -58,7 +62,7 @@ pub struct Stats {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     connects: AtomicU64,
-    refusals: [AtomicU64; 4],
+    refusals: [AtomicU64; Refusal::ALL.len()],
     gaps: AtomicU64,
     broker_errors: AtomicU64,
     rate_limited_messages: AtomicU64,

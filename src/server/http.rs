@@ -62,6 +62,7 @@ impl HttpError {
             Self::Handshake(HandshakeError::MissingConnectionUpgrade | HandshakeError::BadKey) => {
                 StatusCode::BAD_REQUEST
             }
+            Self::Overloaded(Overload::Address) => StatusCode::TOO_MANY_REQUESTS,
             Self::Overloaded(_) | Self::BrokerDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::OriginNotAllowed => StatusCode::FORBIDDEN,
@@ -116,11 +117,13 @@ impl ExpectStatic for Result<hyper::header::HeaderValue, hyper::header::InvalidH
     }
 }
 
-/// The raw response written to a socket refused before its request is read.
+/// The raw response written to a socket refused before its request is read: 503 for a global
+/// bound, 429 for the client address's own bound, both with `Retry-After`.
 pub fn raw_overload_response(overload: Overload) -> Vec<u8> {
     let body = overload.message();
     format!(
-        "HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+        "HTTP/1.1 {}\r\nretry-after: 1\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+        overload.status_line(),
         body.len(),
         body
     )

@@ -1,6 +1,7 @@
 //! Abuse limits keyed by the client's real address.
 //!
-//! The per-IP connection rate is a token bucket per address. The address is the TCP peer,
+//! The per-IP connection rate is a token bucket per address (IPv6 grouped like the socket
+//! bound, `engine::per_address`). The address is the TCP peer,
 //! unless the peer is a trusted proxy (`RUSTY_SOCKS_TRUSTED_PROXIES`): then `X-Forwarded-For`
 //! is read from the right, skipping trusted hops, and the first untrusted address is the
 //! client. Reading it from the left would let any client choose its own address.
@@ -17,13 +18,18 @@ use crate::types::rate::{Rate, TokenBucket};
 /// forgotten, so a scan from many addresses cannot grow the map without bound.
 const SWEEP_AT: usize = 10_000;
 
+/// Whether `peer` is one of the trusted proxies (whose `X-Forwarded-For` is believed).
+pub fn is_trusted(peer: IpAddr, trusted: &[IpRange]) -> bool {
+    trusted.iter().any(|range| range.contains(peer))
+}
+
 /// The client's address for limits and logs; see the module docs.
 pub fn client_ip<'a>(
     peer: IpAddr,
     forwarded_for: impl Iterator<Item = &'a str>,
     trusted: &[IpRange],
 ) -> IpAddr {
-    let is_trusted = |ip: IpAddr| trusted.iter().any(|range| range.contains(ip));
+    let is_trusted = |ip: IpAddr| is_trusted(ip, trusted);
     if !is_trusted(peer) {
         return peer;
     }

@@ -28,7 +28,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{KeyError, Verifier};
 use crate::broker::BrokerError;
-use crate::engine::admission::{Admission, HandshakePermit, Overload};
+use crate::engine::admission::{
+    AddressPermit, AddressRefused, Admission, HandshakePermit, Overload, PerAddress,
+};
 use crate::engine::hub::Hub;
 use crate::engine::namespace::NamespaceOptions;
 use crate::engine::node::{Dispatcher, Node, NodeOptions};
@@ -134,7 +136,11 @@ impl AppState {
         });
         Ok(Arc::new(Self {
             chat,
-            admission: Admission::new(config.max_connections, config.max_queued_tasks),
+            admission: Admission::with_per_address(
+                config.max_connections,
+                config.max_queued_tasks,
+                PerAddress::new(config.max_conn_per_ip, config.ipv6_prefix),
+            ),
             stats,
             verifier,
             connect_limiter: crate::server::limits::ConnectLimiter::new(
@@ -289,28 +295,94 @@ async fn accept_until(
             }
         };
         let _ = stream.set_nodelay(true);
+        // The whole request head (and the TLS handshake before it) must be in by then: one
+        // deadline, not one per read, so a client sending a byte at a time is closed on time.
+        let deadline = tokio::time::Instant::now() + state.config.handshake_timeout;
+        let Some((stream, address)) = count_address(stream, peer, state, tls) else {
+            continue;
+        };
         match state.admission.try_handshake() {
             Ok(permit) => {
                 let state2 = Arc::clone(state);
+                let hold = Held {
+                    permit,
+                    address,
+                    deadline,
+                };
                 match tls {
                     None => {
                         state
                             .tracker
-                            .spawn(serve_http(TokioIo::new(stream), peer, state2, permit));
+                            .spawn(serve_http(TokioIo::new(stream), peer, state2, hold));
                     }
                     Some(acceptor) => {
                         let acceptor = acceptor.clone();
                         state
                             .tracker
-                            .spawn(serve_tls(stream, acceptor, peer, state2, permit));
+                            .spawn(serve_tls(stream, acceptor, peer, state2, hold));
                     }
                 }
             }
             Err(overload) => {
                 tracing::debug!(?overload, "refusing connection before its handshake");
                 state.stats.refused(crate::engine::stats::Refusal::Overload);
-                state.tracker.spawn(refuse(stream, tls.cloned(), overload));
+                // Still one of its address's sockets until the refusal is answered.
+                state
+                    .tracker
+                    .spawn(refuse(stream, tls.cloned(), overload, address));
             }
+        }
+    }
+}
+
+/// What a socket holds from its accept until its HTTP phase ends.
+struct Held {
+    /// Its slot under `RUSTY_SOCKS_MAX_QUEUED_TASKS` until its request head is in.
+    permit: HandshakePermit,
+    /// Its count under its client address (`RUSTY_SOCKS_MAX_CONN_PER_IP`), handed to the
+    /// WebSocket session if it upgrades; `None` when not counted at accept (no bound, or a
+    /// trusted proxy, whose clients are counted on upgrade under their forwarded address).
+    address: Option<AddressPermit>,
+    /// When its TLS handshake and request head must be complete.
+    deadline: tokio::time::Instant,
+}
+
+/// Counts `stream` under its peer's address, or refuses it (429, or a bare close when its
+/// address already has refusals being answered) and returns `None`.
+///
+/// The peer is all there is at accept time. A trusted proxy's sockets are not counted here: the
+/// proxy's one address carries all its clients, and counting it would cap the whole deployment
+/// at the per-address bound; their `/ws` upgrades are counted under the forwarded client
+/// address once the request head is in (see `upgrade::upgrade`).
+fn count_address(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    state: &Arc<AppState>,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+) -> Option<(TcpStream, Option<AddressPermit>)> {
+    if crate::server::limits::is_trusted(peer.ip(), &state.config.trusted_proxies) {
+        return Some((stream, None));
+    }
+    match state.admission.per_address().try_acquire(peer.ip()) {
+        Ok(address) => Some((stream, address)),
+        Err(refused) => {
+            state.stats.refused(crate::engine::stats::Refusal::Address);
+            match refused {
+                AddressRefused::Answer(slot) => {
+                    tracing::debug!(%peer, "refusing connection: address at its limit");
+                    state.tracker.spawn(refuse(
+                        stream,
+                        tls.cloned(),
+                        Overload::Address,
+                        Some(slot),
+                    ));
+                }
+                AddressRefused::Close => {
+                    tracing::debug!(%peer, "closing connection: address at its limit");
+                    drop(stream);
+                }
+            }
+            None
         }
     }
 }
@@ -328,16 +400,17 @@ async fn heartbeat(state: Arc<AppState>) {
     }
 }
 
-/// Completes the TLS handshake (within `RUSTY_SOCKS_HANDSHAKE_TIMEOUT`), then serves HTTP.
+/// Completes the TLS handshake, then serves HTTP, both within `RUSTY_SOCKS_HANDSHAKE_TIMEOUT`
+/// of the accept.
 async fn serve_tls(
     stream: TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
     peer: std::net::SocketAddr,
     state: Arc<AppState>,
-    permit: HandshakePermit,
+    hold: Held,
 ) {
-    match tokio::time::timeout(state.config.handshake_timeout, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => Box::pin(serve_http(TokioIo::new(tls), peer, state, permit)).await,
+    match tokio::time::timeout_at(hold.deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Box::pin(serve_http(TokioIo::new(tls), peer, state, hold)).await,
         Ok(Err(err)) => tracing::debug!(%err, %peer, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake not finished in time"),
     }
@@ -346,15 +419,26 @@ async fn serve_tls(
 /// Time beyond `RUSTY_SOCKS_API_TIMEOUT` for an API answer (a 504 at worst) to be written.
 const API_ANSWER_GRACE: Duration = Duration::from_secs(1);
 
+/// Largest request head (request line and headers) read, in bytes; a longer one is answered
+/// with 431 and the connection closed. Real heads are well under it (a JWT, at most 8 KiB, is
+/// the largest thing a client sends in one), and hyper's own default (about 400 KB per
+/// connection) would let every pending socket make the server buffer that much.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+
 /// Serves HTTP/1.1 on one connection until it closes or upgrades.
 async fn serve_http<IO>(
     io: TokioIo<IO>,
     peer: std::net::SocketAddr,
     state: Arc<AppState>,
-    permit: HandshakePermit,
+    hold: Held,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let Held {
+        permit,
+        address,
+        deadline,
+    } = hold;
     let slot = crate::server::upgrade::UpgradeSlot::default();
     {
         let _task = state.stats.task();
@@ -378,13 +462,17 @@ async fn serve_http<IO>(
         // Boxed, and dropped before the session starts: hyper's state is only needed here.
         let mut conn = Box::pin(
             hyper::server::conn::http1::Builder::new()
+                // hyper answers a longer head with 431 and closes.
+                .max_header_size(MAX_HEAD_BYTES)
                 .serve_connection(io, service)
                 .with_upgrades(),
         );
         // Plain HTTP answers one request and closes, and an upgrade ends this phase, so one
         // timer over the whole HTTP phase bounds how long a socket can sit without finishing
         // its handshake (and hold a `MAX_QUEUED_TASKS` slot), at the cost of a single timer.
-        let deadline = tokio::time::sleep(state.config.handshake_timeout);
+        // It counts from the accept, so however slowly the head arrives, a byte at a time
+        // included, the socket is closed at `RUSTY_SOCKS_HANDSHAKE_TIMEOUT`.
+        let deadline = tokio::time::sleep_until(deadline);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
@@ -418,14 +506,15 @@ async fn serve_http<IO>(
         .take();
     drop(slot);
     if let Some(pending) = pending {
-        crate::server::upgrade::start(pending, &state).await;
+        crate::server::upgrade::start(pending, &state, address).await;
     }
 }
 
 /// How long a refused socket may take, TLS handshake included.
 const REFUSAL_TIME: Duration = Duration::from_secs(1);
 
-/// Answers a socket refused before its request was read: 503 + `Retry-After`, then reads and
+/// Answers a socket refused before its request was read: 503 (a global bound) or 429 (its
+/// address's bound) + `Retry-After`, then reads and
 /// discards what it sent (closing with unread input would reset the connection and could
 /// destroy the response before the client reads it). Bounded to [`REFUSAL_TIME`].
 ///
@@ -433,7 +522,14 @@ const REFUSAL_TIME: Duration = Duration::from_secs(1);
 /// break the client's handshake with a confusing error. A client that does not speak TLS is
 /// just closed. The handshake costs a little CPU while overloaded, but tells a real client
 /// why it was refused and when to retry, where a bare close would look like a network fault.
-async fn refuse(stream: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>, overload: Overload) {
+///
+/// `held` (the socket's count under its address) is given back when the refusal is done.
+async fn refuse(
+    stream: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    overload: Overload,
+    held: Option<AddressPermit>,
+) {
     let response = crate::server::http::raw_overload_response(overload);
     let refused = tokio::time::timeout(REFUSAL_TIME, async {
         match tls {
@@ -445,6 +541,7 @@ async fn refuse(stream: TcpStream, tls: Option<tokio_rustls::TlsAcceptor>, overl
     if let Ok(Err(err)) = refused {
         tracing::debug!(%err, "refused connection ended with an error");
     }
+    drop(held);
 }
 
 /// Writes `response`, ends the write direction, and discards up to 64 KB of input until EOF.

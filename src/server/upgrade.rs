@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use uuid::Uuid;
 
 use crate::auth::{self, Identity};
-use crate::engine::admission::ConnectionPermit;
+use crate::engine::admission::{AddressPermit, ConnectionPermit, Overload};
 use crate::engine::chat::{ChatHandler, Dialect};
 use crate::engine::echo::EchoHandler;
 use crate::engine::outbox::Outbox;
@@ -23,7 +23,7 @@ use crate::engine::session::{Guards, Handler, SessionConfig, SessionParts};
 use crate::engine::stats::Refusal;
 use crate::server::AppState;
 use crate::server::http::HttpError;
-use crate::server::limits::client_ip;
+use crate::server::limits::{client_ip, is_trusted};
 use crate::ws::handshake;
 use crate::ws::transport::Buffered;
 
@@ -62,9 +62,20 @@ pub fn upgrade(
             .filter_map(|v| v.to_str().ok()),
         &state.config.trusted_proxies,
     );
-    if !state.connect_limiter.allow(ip) {
+    let per_address = state.admission.per_address();
+    if !state.connect_limiter.allow(per_address.group(ip)) {
         return Err(refused(Refusal::RateLimited, HttpError::RateLimited));
     }
+    // A trusted proxy's sockets were not counted at accept (its address carries all its
+    // clients): the connection counts under the forwarded client address instead, from here
+    // until its session ends.
+    let address = if is_trusted(peer.ip(), &state.config.trusted_proxies) {
+        per_address
+            .try_acquire(ip)
+            .map_err(|_| refused(Refusal::Address, HttpError::Overloaded(Overload::Address)))?
+    } else {
+        None
+    };
     let presented = super::token::presented(req.headers(), req.uri().query());
     let identity = match (&state.verifier, endpoint) {
         (Some(verifier), Endpoint::Chat) => match &presented.token {
@@ -83,10 +94,11 @@ pub fn upgrade(
         },
         _ => None,
     };
-    let permit = state
+    let mut permit = state
         .admission
         .try_connection()
         .map_err(|err| refused(Refusal::Overload, HttpError::Overloaded(err)))?;
+    permit.hold(address);
     state.stats.connected();
     let pending = Pending {
         on_upgrade: hyper::upgrade::on(&mut req),
@@ -146,20 +158,22 @@ pub struct Pending {
 /// Where [`upgrade`] leaves the accepted upgrade for the connection's HTTP task.
 pub type UpgradeSlot = Arc<std::sync::Mutex<Option<Pending>>>;
 
-/// Starts the session of an accepted upgrade as a task of its own.
+/// Starts the session of an accepted upgrade as a task of its own; it keeps `address` (the
+/// socket's count under its client address) until it ends.
 ///
 /// The task's future is the session itself, unboxed, holding its guards: one allocation per
 /// connection for its whole life. (A wrapper task awaiting a boxed session would cost a second
 /// allocation and keep the wrapper's captures, and an async fn keeps its arguments in its state
 /// for its whole life.) The HTTP task that calls this ends right after, freeing hyper's state.
-pub async fn start(pending: Pending, state: &Arc<AppState>) {
+pub async fn start(pending: Pending, state: &Arc<AppState>, address: Option<AddressPermit>) {
     let Pending {
         on_upgrade,
         endpoint,
         identity,
         v1,
-        permit,
+        mut permit,
     } = pending;
+    permit.hold(address);
     let upgraded = match on_upgrade.await {
         Ok(upgraded) => upgraded,
         Err(err) => return tracing::debug!(%err, "upgrade did not complete"),

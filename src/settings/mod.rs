@@ -135,11 +135,25 @@ pub struct Config {
     pub connect_rate: u32,
     /// `RUSTY_SOCKS_CONNECT_BURST`: connections an IP may open at once above the rate.
     pub connect_burst: u32,
+    /// `RUSTY_SOCKS_MAX_CONN_PER_IP`: sockets one client address may hold at once, pending
+    /// handshakes included (0: no bound). The default keeps one address below `MAX_CONN`'s and
+    /// `MAX_QUEUED_TASKS`' defaults (see [`DEFAULT_MAX_CONN_PER_IP`]).
+    pub max_conn_per_ip: usize,
+    /// `RUSTY_SOCKS_IPV6_PREFIX`: IPv6 addresses sharing this many leading bits count as one
+    /// address for the per-address limits.
+    pub ipv6_prefix: u8,
     /// `RUSTY_SOCKS_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpRange>,
     /// `RUSTY_SOCKS_DEMO`: serve the demo page at `/` and the client at `/rusty-socks.js`.
     pub demo: bool,
 }
+
+/// Default of `RUSTY_SOCKS_MAX_CONN_PER_IP`: under a third of `MAX_CONN`'s default (100) and a
+/// thirtieth of `MAX_QUEUED_TASKS`' (1000), so with default settings one address can hold
+/// neither all connections nor all handshake slots: at least four addresses are needed to fill
+/// `MAX_CONN`, and more than thirty to fill the handshake slots. 32 is still plenty for one
+/// browser (a tab needs one socket) or a small office behind one NAT.
+pub const DEFAULT_MAX_CONN_PER_IP: usize = 32;
 
 impl Default for Config {
     fn default() -> Self {
@@ -184,6 +198,8 @@ impl Default for Config {
             client_burst: 50,
             connect_rate: 0,
             connect_burst: 20,
+            max_conn_per_ip: DEFAULT_MAX_CONN_PER_IP,
+            ipv6_prefix: 64,
             trusted_proxies: Vec::new(),
             demo: true,
         }

@@ -198,6 +198,13 @@ impl Config {
                 1,
                 1_000_000,
             )? as u32,
+            max_conn_per_ip: int(
+                "RUSTY_SOCKS_MAX_CONN_PER_IP",
+                d.max_conn_per_ip,
+                0,
+                10_000_000,
+            )?,
+            ipv6_prefix: int("RUSTY_SOCKS_IPV6_PREFIX", usize::from(d.ipv6_prefix), 1, 128)? as u8,
             trusted_proxies: match get("RUSTY_SOCKS_TRUSTED_PROXIES") {
                 None => d.trusted_proxies,
                 Some((var, v)) => v
@@ -483,6 +490,36 @@ mod tests {
                 ("RUSTY_SOCKS_API_TIMEOUT", value)
             );
             assert!(err.to_string().contains("RUSTY_SOCKS_API_TIMEOUT"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_per_address_limits_are_read_and_bad_values_name_them() {
+        let c = with(&[]).expect("defaults are valid");
+        assert_eq!((c.max_conn_per_ip, c.ipv6_prefix), (32, 64));
+        assert!(
+            c.max_conn_per_ip < c.max_connections && c.max_conn_per_ip < c.max_queued_tasks,
+            "by default one address cannot take every connection or handshake slot"
+        );
+        let c = with(&[
+            ("RUSTY_SOCKS_MAX_CONN_PER_IP", "0"),
+            ("RUSTY_SOCKS_IPV6_PREFIX", "128"),
+        ])
+        .expect("valid");
+        assert_eq!((c.max_conn_per_ip, c.ipv6_prefix), (0, 128));
+        let cases = [
+            ("RUSTY_SOCKS_MAX_CONN_PER_IP", "-1"),
+            ("RUSTY_SOCKS_MAX_CONN_PER_IP", "many"),
+            ("RUSTY_SOCKS_MAX_CONN_PER_IP", "10000001"),
+            ("RUSTY_SOCKS_IPV6_PREFIX", "0"),
+            ("RUSTY_SOCKS_IPV6_PREFIX", "129"),
+            ("RUSTY_SOCKS_IPV6_PREFIX", "/64"),
+            ("RUSTY_SOCKS_IPV6_PREFIX", ""),
+        ];
+        for (var, value) in cases {
+            let err = with(&[(var, value)]).expect_err(value);
+            assert_eq!((err.var, err.value.as_str()), (var, value));
+            assert!(err.to_string().contains(var), "{err}");
         }
     }
 

@@ -214,6 +214,16 @@ pub const SETTINGS: &[Setting] = &[
         meaning: "connections an IP may open at once above CONNECT_RATE",
     },
     Setting {
+        var: "RUSTY_SOCKS_MAX_CONN_PER_IP",
+        default: "32",
+        meaning: "sockets one client address may hold, pending handshakes included; more get 429 (0 = no limit)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_IPV6_PREFIX",
+        default: "64",
+        meaning: "IPv6 addresses sharing this prefix (1-128 bits) count as one address",
+    },
+    Setting {
         var: "RUSTY_SOCKS_TRUSTED_PROXIES",
         default: "(none)",
         meaning: "comma-separated proxy IPs/CIDRs whose X-Forwarded-For is believed",
