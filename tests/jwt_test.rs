@@ -277,6 +277,15 @@ async fn several_keys_are_chosen_by_kid() {
         "kid",
     )
     .await;
+    // An HS256 token with a kid the JWKS lacks fails against the secret, but the reason given
+    // is the unknown kid (which made the server look for it), not the signature.
+    let hs2 = EncodingKey::from_secret(b"a-newer-hmac-key-0123456789abcdef");
+    assert_refused(
+        server.addr,
+        &sign(Algorithm::HS256, Some("hs-2"), &c, &hs2),
+        "kid",
+    )
+    .await;
     server.stop().await;
 }
 
@@ -315,6 +324,72 @@ async fn a_jwks_file_rotated_on_disk_is_used_without_a_restart() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn an_in_band_refresh_with_a_new_kid_succeeds_once_the_jwks_is_fetched() {
+    let (old_jwk, old) = ec_key("a");
+    let (new_jwk, new) = ec_key("b");
+    let file = TempFile::new("in-band.json");
+    file.write(&jwks(&[&old_jwk]));
+    let server = TestServer::start(|c| {
+        c.jwt_jwks = Some(JwksSource::File(file.0.clone()));
+        c.jwt_jwks_refresh = Duration::from_secs(3600);
+        c.jwt_jwks_cooldown = Duration::from_secs(1);
+    })
+    .await;
+    let c = claims();
+    let token = sign(Algorithm::ES256, Some("a"), &c, &old);
+    let (mut ws, _) = v1_client_url(&server.url(&format!("/ws?token={token}"))).await;
+    file.write(&jwks(&[&old_jwk, &new_jwk]));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let renewed = sign(Algorithm::ES256, Some("b"), &c, &new);
+    // The session does not wait for the fetch: the first try is refused and starts it.
+    let reply = call(&mut ws, json!({"type":"refresh","id":1,"token":renewed})).await;
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["code"], "invalid_token", "{reply}");
+    let start = Instant::now();
+    let mut id = 2;
+    loop {
+        let reply = call(&mut ws, json!({"type":"refresh","id":id,"token":renewed})).await;
+        if reply["type"] == "refreshed" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{reply}");
+        id += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.stop().await;
+}
+
+/// Answers one request for `/keys.json` with the document (500 without one).
+async fn answer<S>(mut stream: S, doc: &Mutex<Option<String>>, hits: &AtomicUsize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout(WAIT, stream.read(&mut byte)).await {
+            Ok(Ok(1)) => head.push(byte[0]),
+            _ => return,
+        }
+    }
+    assert!(head.starts_with(b"GET /keys.json HTTP/1.1\r\n"), "{head:?}");
+    hits.fetch_add(1, Ordering::SeqCst);
+    let body = doc.lock().unwrap().clone();
+    let response = match body {
+        Some(body) => format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+        None => "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\
+                 connection: close\r\n\r\n"
+            .to_owned(),
+    };
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
 /// A real HTTP server serving a JWKS document, counting requests; `None` answers 500.
 struct JwksServer {
     addr: SocketAddr,
@@ -325,37 +400,30 @@ struct JwksServer {
 
 impl JwksServer {
     async fn start(doc: String) -> Self {
+        Self::start_with(doc, None).await
+    }
+
+    /// Serves https with `tls` when given.
+    async fn start_with(doc: String, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let doc = Arc::new(Mutex::new(Some(doc)));
         let hits = Arc::new(AtomicUsize::new(0));
         let (serving, counter) = (Arc::clone(&doc), Arc::clone(&hits));
         let task = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let (doc, hits) = (Arc::clone(&serving), Arc::clone(&counter));
+            while let Ok((stream, _)) = listener.accept().await {
+                let (doc, hits, tls) = (Arc::clone(&serving), Arc::clone(&counter), tls.clone());
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        match tokio::time::timeout(WAIT, stream.read(&mut byte)).await {
-                            Ok(Ok(1)) => head.push(byte[0]),
-                            _ => return,
+                    match tls {
+                        None => answer(stream, &doc, &hits).await,
+                        Some(tls) => {
+                            if let Ok(Ok(stream)) =
+                                tokio::time::timeout(WAIT, tls.accept(stream)).await
+                            {
+                                answer(stream, &doc, &hits).await;
+                            }
                         }
                     }
-                    assert!(head.starts_with(b"GET /keys.json HTTP/1.1\r\n"), "{head:?}");
-                    hits.fetch_add(1, Ordering::SeqCst);
-                    let body = doc.lock().unwrap().clone();
-                    let response = match body {
-                        Some(body) => format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                             content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                            body.len()
-                        ),
-                        None => "HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\
-                                 connection: close\r\n\r\n"
-                            .to_owned(),
-                    };
-                    let _ = stream.write_all(response.as_bytes()).await;
                 });
             }
         });
@@ -539,4 +607,81 @@ async fn algorithm_confusion_and_alg_none_are_refused() {
         .await;
     }
     server.stop().await;
+}
+
+/// A self-signed certificate for `localhost` in a fresh directory, and an acceptor using it.
+fn tls_for_localhost(dir: &std::path::Path) -> tokio_rustls::TlsAcceptor {
+    use tokio_rustls::rustls;
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key)
+    .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// The JWKS over https, with the server's certificate trusted through `SSL_CERT_FILE` (so the
+/// real binary runs, with a variable of its own); an untrusted certificate stops startup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_url_over_https_is_checked_against_the_trusted_roots() {
+    use common::process::{BIN, Logged, clean_env, wait_exit};
+    let dir = std::env::temp_dir().join(format!("rusty-socks-jwks-tls-{}", uuid::Uuid::new_v4()));
+    let other = dir.join("other");
+    let (jwk, key) = ec_key("tls-1");
+    let idp = JwksServer::start_with(jwks(&[&jwk]), Some(tls_for_localhost(&dir))).await;
+    let _ = tls_for_localhost(&other);
+    let url = format!("https://localhost:{}/keys.json", idp.addr.port());
+    let trusted = dir.join("cert.pem").display().to_string();
+    let untrusted = other.join("cert.pem").display().to_string();
+
+    let env = [
+        ("RUSTY_SOCKS_JWT_JWKS", url.clone()),
+        ("SSL_CERT_FILE", trusted),
+    ];
+    let (server, addr) = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut server = Logged::start(&env);
+        let addr = server.address();
+        (server, addr)
+    })
+    .await
+    .unwrap();
+    assert_accepted(
+        addr,
+        &sign(Algorithm::ES256, Some("tls-1"), &claims(), &key),
+    )
+    .await;
+    assert_eq!(idp.hits(), 1);
+    drop(server);
+
+    let stderr = tokio::task::spawn_blocking(move || {
+        let mut cmd = std::process::Command::new(BIN);
+        clean_env(&mut cmd)
+            .env("RUSTY_SOCKS_HOST", "127.0.0.1")
+            .env("RUSTY_SOCKS_PORT", "0")
+            .env("RUSTY_SOCKS_JWT_JWKS", &url)
+            .env("SSL_CERT_FILE", &untrusted)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = common::process::Reap(cmd.spawn().unwrap());
+        let status = wait_exit(&mut child, Duration::from_secs(15));
+        assert!(!status.success());
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        stderr
+    })
+    .await
+    .unwrap();
+    assert!(
+        stderr.contains("RUSTY_SOCKS_JWT_JWKS") && stderr.contains("TLS"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

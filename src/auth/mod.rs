@@ -280,6 +280,14 @@ impl Verifier {
                 break;
             }
         }
+        let unknown_kid = header.kid.as_ref().is_some_and(|kid| {
+            self.jwks.is_some() && !from_jwks.iter().any(|k| k.kid.as_ref() == Some(kid))
+        });
+        if unknown_kid && matches!(result, Err(AuthError::BadSignature)) {
+            // Signed with a key the JWKS may have gained since (an `oct` key next to the
+            // secret, say): worth fetching the document again, as for any unknown kid.
+            result = Err(AuthError::UnknownKey);
+        }
         let claims = result?.claims;
         if claims.sub.is_empty() {
             return Err(AuthError::Malformed("empty sub".into()));
