@@ -122,8 +122,9 @@ impl Jwks {
                 last_start: Some(Instant::now()),
             }),
             done: watch::Sender::new(0),
-            refresh,
-            cooldown,
+            // At least a second each: zero would make the refresh loop spin.
+            refresh: refresh.max(Duration::from_secs(1)),
+            cooldown: cooldown.max(Duration::from_secs(1)),
             tls,
         });
         let keys = jwks.fetch().await?;
