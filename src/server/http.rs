@@ -193,7 +193,7 @@ async fn route(
     if req.method() != Method::GET {
         return Err(HttpError::MethodNotAllowed("GET"));
     }
-    upgrade::upgrade(req, state, endpoint, peer, slot)
+    upgrade::upgrade(req, state, endpoint, peer, slot).await
 }
 
 fn get_only(req: &Request<Incoming>) -> Result<(), HttpError> {

@@ -90,7 +90,18 @@ pub struct AppState {
 impl AppState {
     /// State for one node, connected to the configured broker.
     pub async fn new(config: Config) -> Result<Arc<Self>, StartupError> {
-        let verifier = Verifier::load(&config.key_options())?.map(Arc::new);
+        let verifier = Verifier::load(&config.key_options()).await?.map(Arc::new);
+        let shutdown = CancellationToken::new();
+        // JWKS keys rotate without a restart: refreshed until the server shuts down.
+        if let Some(refresh) = verifier.as_ref().and_then(|v| v.refresh_task()) {
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    () = refresh => {}
+                }
+            });
+        }
         let stats = Arc::new(Stats::default());
         let sessions: Arc<Sessions> = Arc::default();
         let hub = Arc::new(Hub::new());
@@ -150,7 +161,7 @@ impl AppState {
             hub,
             node,
             sessions,
-            shutdown: CancellationToken::new(),
+            shutdown,
             tracker: TaskTracker::new(),
             config,
         }))

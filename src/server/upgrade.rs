@@ -39,8 +39,9 @@ pub enum Endpoint {
 /// Answers an upgrade request: 101 and a spawned session, or the HTTP error that refuses it.
 ///
 /// This is the last place with HTTP metadata, so every admission decision is made here, before
-/// the 101 is sent.
-pub fn upgrade(
+/// the 101 is sent. Async only for the token: a `kid` the server does not know yet makes it
+/// fetch the JWKS again (bounded by a cooldown and a deadline) before answering.
+pub async fn upgrade(
     mut req: Request<IncomingBody>,
     state: &Arc<AppState>,
     endpoint: Endpoint,
@@ -80,10 +81,16 @@ pub fn upgrade(
     let identity = match (&state.verifier, endpoint) {
         (Some(verifier), Endpoint::Chat) => match &presented.token {
             // Boxed: the connection's task holds this until its session starts.
-            Some(token) => Some(verifier.verify(token).map(Box::new).map_err(|err| {
-                tracing::debug!(%err, %ip, "token refused");
-                refused(Refusal::Unauthorized, HttpError::Unauthorized(err))
-            })?),
+            // Boxed: the JWKS wait is rare, and inline it would enlarge every HTTP phase.
+            Some(token) => Some(
+                Box::pin(verifier.verify_fresh(token))
+                    .await
+                    .map(Box::new)
+                    .map_err(|err| {
+                        tracing::debug!(%err, %ip, "token refused");
+                        refused(Refusal::Unauthorized, HttpError::Unauthorized(err))
+                    })?,
+            ),
             None if verifier.allow_anonymous => None,
             None => {
                 return Err(refused(

@@ -18,6 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::auth::JwksSource;
 use crate::engine::namespace::Namespaces;
 pub use crate::types::net::IpRange;
 pub use crate::types::secret::Secret;
@@ -109,6 +110,21 @@ pub struct Config {
     pub jwt_secret: Option<Secret>,
     /// `RUSTY_SOCKS_JWT_PUBLIC_KEY`: PEM file with an RSA (RS256) or P-256 (ES256) public key.
     pub jwt_public_key: Option<PathBuf>,
+    /// `RUSTY_SOCKS_JWT_JWKS`: a JWKS document (file path or http(s) URL) with keys chosen by
+    /// the token's `kid`, refreshed so keys rotate without a restart.
+    pub jwt_jwks: Option<JwksSource>,
+    /// `RUSTY_SOCKS_JWT_JWKS_REFRESH`: period of JWKS refreshes.
+    pub jwt_jwks_refresh: Duration,
+    /// `RUSTY_SOCKS_JWT_JWKS_COOLDOWN`: least time between two JWKS fetches caused by tokens
+    /// with unknown `kid`s (which anyone can send).
+    pub jwt_jwks_cooldown: Duration,
+    /// `RUSTY_SOCKS_JWT_ISSUER`: the `iss` every token must carry (unset: not checked).
+    pub jwt_issuer: Option<String>,
+    /// `RUSTY_SOCKS_JWT_AUDIENCE`: audiences a token's `aud` must name one of (empty: a token
+    /// with `aud` is refused, as it was meant for another service).
+    pub jwt_audience: Vec<String>,
+    /// `RUSTY_SOCKS_JWT_REQUIRE_EXP`: refuse tokens without `exp`.
+    pub jwt_require_exp: bool,
     /// `RUSTY_SOCKS_ALLOW_ANONYMOUS`: let connections without a token in when a key is set.
     pub allow_anonymous: bool,
     /// `RUSTY_SOCKS_REFRESH_WINDOW`: how long before a token expires the client is asked for
@@ -186,6 +202,12 @@ impl Default for Config {
             idempotency_window: Duration::from_secs(300),
             jwt_secret: None,
             jwt_public_key: None,
+            jwt_jwks: None,
+            jwt_jwks_refresh: Duration::from_secs(300),
+            jwt_jwks_cooldown: Duration::from_secs(30),
+            jwt_issuer: None,
+            jwt_audience: Vec::new(),
+            jwt_require_exp: false,
             allow_anonymous: false,
             refresh_window: Duration::from_secs(30),
             api_key: None,

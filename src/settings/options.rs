@@ -11,6 +11,12 @@ impl Config {
         KeyOptions {
             jwt_secret: self.jwt_secret.clone(),
             jwt_public_key: self.jwt_public_key.clone(),
+            jwks: self.jwt_jwks.clone(),
+            jwks_refresh: self.jwt_jwks_refresh,
+            jwks_cooldown: self.jwt_jwks_cooldown,
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+            require_exp: self.jwt_require_exp,
             allow_anonymous: self.allow_anonymous,
         }
     }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{BrokerUrl, Config, ConfigError, IpRange, Secret};
+use super::{BrokerUrl, Config, ConfigError, IpRange, JwksSource, Secret};
 use crate::engine::namespace::Namespaces;
 
 impl BrokerUrl {
@@ -169,6 +169,25 @@ impl Config {
             },
             jwt_secret: secret(get("RUSTY_SOCKS_JWT_SECRET"), 16)?,
             jwt_public_key: path(get("RUSTY_SOCKS_JWT_PUBLIC_KEY")),
+            jwt_jwks: match get("RUSTY_SOCKS_JWT_JWKS") {
+                None => None,
+                Some((_, v)) if v.trim().is_empty() => None,
+                Some((var, v)) => Some(JwksSource::parse(&v).map_err(|expected| ConfigError {
+                    var,
+                    value: v.clone(),
+                    expected,
+                })?),
+            },
+            jwt_jwks_refresh: secs("RUSTY_SOCKS_JWT_JWKS_REFRESH", d.jwt_jwks_refresh, 86_400)?,
+            jwt_jwks_cooldown: secs("RUSTY_SOCKS_JWT_JWKS_COOLDOWN", d.jwt_jwks_cooldown, 3600)?,
+            jwt_issuer: get("RUSTY_SOCKS_JWT_ISSUER")
+                .map(|(_, v)| v.trim().to_owned())
+                .filter(|v| !v.is_empty()),
+            jwt_audience: match get("RUSTY_SOCKS_JWT_AUDIENCE") {
+                None => d.jwt_audience,
+                Some((var, v)) => parse_list(var, &v, "comma-separated audiences, like my-app")?,
+            },
+            jwt_require_exp: flag("RUSTY_SOCKS_JWT_REQUIRE_EXP", d.jwt_require_exp)?,
             allow_anonymous: flag("RUSTY_SOCKS_ALLOW_ANONYMOUS", d.allow_anonymous)?,
             refresh_window: secs("RUSTY_SOCKS_REFRESH_WINDOW", d.refresh_window, 3600)?,
             api_key: secret(get("RUSTY_SOCKS_API_KEY"), 16)?,
@@ -269,6 +288,28 @@ fn path(found: Option<(&'static str, String)>) -> Option<PathBuf> {
         .map(|(_, v)| v.trim().to_owned())
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
+}
+
+/// A comma-separated list; blank means empty, but an empty entry (`a,,b`) is a mistake.
+fn parse_list(var: &'static str, value: &str, expected: &str) -> Result<Vec<String>, ConfigError> {
+    if value.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    value
+        .split(',')
+        .map(|item| {
+            let item = item.trim();
+            if item.is_empty() {
+                Err(ConfigError {
+                    var,
+                    value: value.to_owned(),
+                    expected: expected.to_owned(),
+                })
+            } else {
+                Ok(item.to_owned())
+            }
+        })
+        .collect()
 }
 
 /// Origins as browsers send them: `scheme://host[:port]`, no path.
@@ -515,6 +556,56 @@ mod tests {
             ("RUSTY_SOCKS_IPV6_PREFIX", "129"),
             ("RUSTY_SOCKS_IPV6_PREFIX", "/64"),
             ("RUSTY_SOCKS_IPV6_PREFIX", ""),
+        ];
+        for (var, value) in cases {
+            let err = with(&[(var, value)]).expect_err(value);
+            assert_eq!((err.var, err.value.as_str()), (var, value));
+            assert!(err.to_string().contains(var), "{err}");
+        }
+    }
+
+    #[test]
+    fn jwt_claims_and_jwks_settings_are_read() {
+        let c = with(&[
+            ("RUSTY_SOCKS_JWT_ISSUER", " https://idp.example/ "),
+            ("RUSTY_SOCKS_JWT_AUDIENCE", "chat, admin"),
+            ("RUSTY_SOCKS_JWT_REQUIRE_EXP", "true"),
+            ("RUSTY_SOCKS_JWT_JWKS", "https://idp.example/jwks.json"),
+            ("RUSTY_SOCKS_JWT_JWKS_REFRESH", "60"),
+            ("RUSTY_SOCKS_JWT_JWKS_COOLDOWN", "5"),
+        ])
+        .expect("valid");
+        assert_eq!(c.jwt_issuer.as_deref(), Some("https://idp.example/"));
+        assert_eq!(c.jwt_audience, ["chat", "admin"]);
+        assert!(c.jwt_require_exp);
+        assert_eq!(
+            c.jwt_jwks,
+            Some(JwksSource::Url("https://idp.example/jwks.json".into()))
+        );
+        assert_eq!(
+            (c.jwt_jwks_refresh, c.jwt_jwks_cooldown),
+            (Duration::from_secs(60), Duration::from_secs(5))
+        );
+        let file = with(&[("RUSTY_SOCKS_JWT_JWKS", "/etc/rusty/jwks.json")]).expect("valid");
+        assert_eq!(
+            file.jwt_jwks,
+            Some(JwksSource::File("/etc/rusty/jwks.json".into()))
+        );
+        let d = with(&[]).expect("defaults");
+        assert!(!d.jwt_require_exp && d.jwt_audience.is_empty() && d.jwt_jwks.is_none());
+    }
+
+    #[test]
+    fn bad_jwt_settings_name_the_variable() {
+        let cases = [
+            ("RUSTY_SOCKS_JWT_AUDIENCE", "a,,b"),
+            ("RUSTY_SOCKS_JWT_REQUIRE_EXP", "sometimes"),
+            ("RUSTY_SOCKS_JWT_JWKS", "https://"),
+            ("RUSTY_SOCKS_JWT_JWKS", "http:///path-only"),
+            ("RUSTY_SOCKS_JWT_JWKS_REFRESH", "0"),
+            ("RUSTY_SOCKS_JWT_JWKS_REFRESH", "86401"),
+            ("RUSTY_SOCKS_JWT_JWKS_COOLDOWN", "0"),
+            ("RUSTY_SOCKS_JWT_JWKS_COOLDOWN", "30s"),
         ];
         for (var, value) in cases {
             let err = with(&[(var, value)]).expect_err(value);

@@ -154,6 +154,36 @@ pub const SETTINGS: &[Setting] = &[
         meaning: "PEM file: RSA public key (RS256) or P-256 public key (ES256)",
     },
     Setting {
+        var: "RUSTY_SOCKS_JWT_JWKS",
+        default: "(unset)",
+        meaning: "JWKS document (file path or http(s) URL): keys chosen by the token's kid",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_JWT_JWKS_REFRESH",
+        default: "300",
+        meaning: "seconds between JWKS refreshes, 1-86400",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_JWT_JWKS_COOLDOWN",
+        default: "30",
+        meaning: "least seconds between JWKS fetches caused by an unknown kid, 1-3600",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_JWT_ISSUER",
+        default: "(unset)",
+        meaning: "the iss every token must carry (unset: not checked)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_JWT_AUDIENCE",
+        default: "(unset)",
+        meaning: "comma-separated audiences; a token's aud must name one (unset: aud refused)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_JWT_REQUIRE_EXP",
+        default: "false",
+        meaning: "refuse tokens without exp (off: tokens without exp never expire)",
+    },
+    Setting {
         var: "RUSTY_SOCKS_ALLOW_ANONYMOUS",
         default: "false",
         meaning: "with a key set, still let connections without a token in",

@@ -35,6 +35,19 @@ pub enum AuthError {
     /// `nbf` is in the future.
     #[error("token not valid yet")]
     NotYetValid,
+    /// `iss` is absent or not `RUSTY_SOCKS_JWT_ISSUER`.
+    #[error("token issuer not accepted")]
+    WrongIssuer,
+    /// `aud` is absent or names none of `RUSTY_SOCKS_JWT_AUDIENCE`, or the token names an
+    /// audience while none is configured (a token meant for another service).
+    #[error("token audience not accepted")]
+    WrongAudience,
+    /// A claim the settings require (`exp` with `RUSTY_SOCKS_JWT_REQUIRE_EXP`) is absent.
+    #[error("token lacks the required `{0}` claim")]
+    MissingClaim(&'static str),
+    /// The header's `kid` names no key the server has, even after fetching the JWKS again.
+    #[error("token key id (kid) is not known")]
+    UnknownKey,
     /// A refresh token for a different user than the connection's.
     #[error("token is for a different user")]
     WrongUser,
