@@ -304,16 +304,20 @@ where
             // Boxed: the closing state is only needed once, and would otherwise enlarge every
             // connection's task for its whole life.
             Box::pin(self.finish(end, rbuf, wbuf, parser)).await;
-            let grace = self.config.close_grace();
-            let cleanup = self.handler.on_close(shutting_down);
-            if shutting_down {
-                // Best effort: a broker that does not answer must not hold the exit.
-                if timeout(grace, cleanup).await.is_err() {
-                    tracing::debug!("broker cleanup cut short by shutdown");
-                }
-            } else {
-                cleanup.await;
-            }
+            // Boxed too: its timer exists only while closing.
+            Box::pin(self.clean_up(shutting_down)).await;
+        }
+    }
+
+    /// The handler's cleanup after the close frame; on shutdown it is best effort, cut short
+    /// after the close grace period, so a broker that does not answer cannot hold the exit.
+    async fn clean_up(&mut self, shutting_down: bool) {
+        let grace = self.config.close_grace();
+        let cleanup = self.handler.on_close(shutting_down);
+        if !shutting_down {
+            cleanup.await;
+        } else if timeout(grace, cleanup).await.is_err() {
+            tracing::debug!("broker cleanup cut short by shutdown");
         }
     }
 
