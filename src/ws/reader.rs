@@ -7,7 +7,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::close::{WsViolation, is_valid_received_code};
+use super::close::{WsViolation, parse_close_payload};
 use super::frame::{OpCode, apply_mask, parse_header};
 
 /// One complete thing a client said.
@@ -102,7 +102,7 @@ impl MessageReader {
         match opcode {
             OpCode::Ping => Ok(Some(Incoming::Ping(payload.freeze()))),
             OpCode::Pong => Ok(Some(Incoming::Pong)),
-            OpCode::Close => parse_close(&payload).map(|code| Some(Incoming::Close(code))),
+            OpCode::Close => parse_close_payload(&payload).map(|code| Some(Incoming::Close(code))),
             OpCode::Text | OpCode::Binary => {
                 if self.partial.is_some() {
                     return Err(WsViolation::Protocol(
@@ -164,23 +164,6 @@ fn finish(text: bool, data: BytesMut) -> Result<Incoming, WsViolation> {
         Ok(Incoming::Text(data.freeze()))
     } else {
         Ok(Incoming::Binary(data.freeze()))
-    }
-}
-
-fn parse_close(payload: &[u8]) -> Result<Option<u16>, WsViolation> {
-    match payload {
-        [] => Ok(None),
-        [_] => Err(WsViolation::Protocol("close payload of one byte")),
-        [hi, lo, reason @ ..] => {
-            let code = u16::from_be_bytes([*hi, *lo]);
-            if !is_valid_received_code(code) {
-                return Err(WsViolation::Protocol("invalid close code"));
-            }
-            if std::str::from_utf8(reason).is_err() {
-                return Err(WsViolation::InvalidUtf8);
-            }
-            Ok(Some(code))
-        }
     }
 }
 
