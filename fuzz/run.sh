@@ -52,7 +52,9 @@ for target in "${targets[@]}"; do
       "$bin" -merge=1 "corpus/$target" "$found" >/dev/null 2>&1
     fi
   else
-    tail -n 40 "$found.log" >&2
+    # The panic message (the backtrace between is long), then where libFuzzer saved the input.
+    grep -m1 -A2 'panicked at' "$found.log" >&2 || true
+    tail -n 12 "$found.log" >&2
     failed+=("$target")
   fi
   rm -rf "$found" "$found.log"
