@@ -31,7 +31,8 @@ host=$(rustc -vV | sed -n 's/^host: //p')
 export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares -Cllvm-args=-sanitizer-coverage-stack-depth"
-cargo build --release --locked --quiet --target "$host" --target-dir target --bins
+# Not --locked: fuzz/Cargo.lock pins what it has, and a dependency the server gains is added.
+cargo build --release --quiet --target "$host" --target-dir target --bins
 
 failed=()
 for target in "${targets[@]}"; do
