@@ -23,7 +23,7 @@ use crate::types::clock::now_us;
 use crate::ws::close::{CloseCode, WsViolation};
 use crate::ws::frame::{OpCode, encode_close, encode_into};
 use crate::ws::reader::{Incoming, MessageReader};
-use crate::ws::transport::{Transport, read_some, write_all};
+use crate::ws::transport::{READ_CHUNK, Transport, read_some, reserve_for_read, write_all};
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -34,8 +34,6 @@ const WRITE_HIGH_WATER: usize = 256 * 1024;
 /// Empty buffers up to this capacity are kept between messages and released on the next
 /// heartbeat tick; larger ones are released at once.
 const KEEP_BUFFER: usize = 16 * 1024;
-/// Room reserved for each read.
-const READ_CHUNK: usize = 4096;
 /// How much earlier than due a ping may go out: the heartbeat ticks once a second, and a ping
 /// that waited for the next tick would leave the client too little time to answer.
 const PING_EARLY: Duration = Duration::from_millis(500);
@@ -449,8 +447,8 @@ where
                         let mut chunk = [0u8; READ_CHUNK];
                         self.io.try_read(&mut chunk).inspect(|n| rbuf.extend_from_slice(&chunk[..*n]))
                     } else {
-                        let wanted = parser.bytes_wanted(rbuf).max(READ_CHUNK);
-                        rbuf.reserve(wanted.min(self.config.max_message() + 14));
+                        // Room in proportion to what arrived, never to a declared length.
+                        reserve_for_read(rbuf);
                         self.io.try_read_buf(rbuf)
                     };
                     match read {

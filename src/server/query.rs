@@ -16,6 +16,10 @@ pub fn percent_decode(text: &str) -> Option<String> {
     while i < bytes.len() {
         if bytes[i] == b'%' {
             let escaped = text.get(i + 1..i + 3)?;
+            // Two hex digits exactly: `from_str_radix` alone would also take a sign ("%+5").
+            if !escaped.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
             out.push(u8::from_str_radix(escaped, 16).ok()?);
             i += 3;
         } else {
@@ -46,7 +50,8 @@ mod tests {
             Some("chat:room/1")
         );
         assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
-        for bad in ["%", "%4", "%zz", "%ff"] {
+        // "%+C" was found by fuzzing (fuzz/regressions/query/): a sign is not a hex digit.
+        for bad in ["%", "%4", "%zz", "%ff", "%+C", "%+5", "%-1"] {
             assert_eq!(percent_decode(bad), None, "{bad}");
         }
     }

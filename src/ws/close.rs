@@ -122,6 +122,26 @@ pub fn is_valid_received_code(code: u16) -> bool {
     matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
+/// Parses the payload of a close frame a client sent: empty (no code), or a code RFC 6455 lets
+/// an endpoint send followed by a UTF-8 reason. Returns the code; a bad code or a one-byte
+/// payload is a protocol error (1002), a reason that is not UTF-8 an invalid payload (1007).
+pub fn parse_close_payload(payload: &[u8]) -> Result<Option<u16>, WsViolation> {
+    match payload {
+        [] => Ok(None),
+        [_] => Err(WsViolation::Protocol("close payload of one byte")),
+        [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !is_valid_received_code(code) {
+                return Err(WsViolation::Protocol("invalid close code"));
+            }
+            if std::str::from_utf8(reason).is_err() {
+                return Err(WsViolation::InvalidUtf8);
+            }
+            Ok(Some(code))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::close::{WsViolation, is_valid_received_code};
+use super::close::{WsViolation, parse_close_payload};
 use super::frame::{OpCode, apply_mask, parse_header};
 
 /// One complete thing a client said.
@@ -58,15 +58,6 @@ impl MessageReader {
         self.frames
     }
 
-    /// How many more bytes the buffer needs before the next frame is complete, as a hint for
-    /// sizing the next read. Zero when unknown.
-    pub fn bytes_wanted(&self, buf: &[u8]) -> usize {
-        match parse_header(buf) {
-            Ok(Some(h)) => (h.header_len + h.payload_len as usize).saturating_sub(buf.len()),
-            _ => 0,
-        }
-    }
-
     /// Takes the next complete message out of `buf`.
     ///
     /// Returns `Ok(None)` when `buf` holds no complete frame yet (any partial frame stays in
@@ -87,7 +78,9 @@ impl MessageReader {
             // The limit check above bounds payload_len to usize.
             let len = header.payload_len as usize;
             if buf.len() < header.header_len + len {
-                buf.reserve(header.header_len + len - buf.len());
+                // Nothing is reserved for the declared length: the buffer grows only with the
+                // bytes that arrive (`transport::reserve_for_read`), so a header alone costs
+                // the server nothing.
                 return Ok(None);
             }
             buf.advance(header.header_len);
@@ -109,7 +102,7 @@ impl MessageReader {
         match opcode {
             OpCode::Ping => Ok(Some(Incoming::Ping(payload.freeze()))),
             OpCode::Pong => Ok(Some(Incoming::Pong)),
-            OpCode::Close => parse_close(&payload).map(|code| Some(Incoming::Close(code))),
+            OpCode::Close => parse_close_payload(&payload).map(|code| Some(Incoming::Close(code))),
             OpCode::Text | OpCode::Binary => {
                 if self.partial.is_some() {
                     return Err(WsViolation::Protocol(
@@ -171,23 +164,6 @@ fn finish(text: bool, data: BytesMut) -> Result<Incoming, WsViolation> {
         Ok(Incoming::Text(data.freeze()))
     } else {
         Ok(Incoming::Binary(data.freeze()))
-    }
-}
-
-fn parse_close(payload: &[u8]) -> Result<Option<u16>, WsViolation> {
-    match payload {
-        [] => Ok(None),
-        [_] => Err(WsViolation::Protocol("close payload of one byte")),
-        [hi, lo, reason @ ..] => {
-            let code = u16::from_be_bytes([*hi, *lo]);
-            if !is_valid_received_code(code) {
-                return Err(WsViolation::Protocol("invalid close code"));
-            }
-            if std::str::from_utf8(reason).is_err() {
-                return Err(WsViolation::InvalidUtf8);
-            }
-            Ok(Some(code))
-        }
     }
 }
 
@@ -298,6 +274,19 @@ mod tests {
             MessageReader::new(100).next(&mut buf),
             Err(WsViolation::TooBig { limit: 100 })
         );
+    }
+
+    #[test]
+    fn a_header_alone_reserves_nothing() {
+        // A binary frame declaring 1 MiB (the 8-byte length form), within the limit.
+        let mut header = vec![0x82, 0x80 | 127];
+        header.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        header.extend_from_slice(&[1, 2, 3, 4]);
+        let mut buf = BytesMut::from(&header[..]);
+        let capacity = buf.capacity();
+        assert_eq!(MessageReader::new(1 << 20).next(&mut buf), Ok(None));
+        assert_eq!(buf.capacity(), capacity);
+        assert_eq!(&buf[..], &header[..]);
     }
 
     #[test]

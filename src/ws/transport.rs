@@ -188,6 +188,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for Buffered<
     }
 }
 
+/// The least room a read gets: a small message, or the start of a large one.
+pub const READ_CHUNK: usize = 4096;
+
+/// Makes room in `buf` for the next read in proportion to the bytes that already arrived:
+/// when less than [`READ_CHUNK`] is free, room for as many bytes as `buf` holds (at least a
+/// chunk), so the capacity stays below twice what arrived plus two chunks.
+///
+/// Never sized by the length a frame header declares: believing it would let a client that
+/// sends headers only (on many connections) make the server reserve up to the message limit
+/// for each of them. A large message that really arrives costs a few doublings instead (each
+/// copying what came so far, at most twice its size in all).
+pub fn reserve_for_read(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_CHUNK {
+        buf.reserve(buf.len().max(READ_CHUNK));
+    }
+}
+
 /// Waits for data and reads it into `buf`, reserving `chunk` bytes of room first.
 pub async fn read_some<T: Transport>(
     io: &T,
@@ -220,6 +237,29 @@ pub async fn write_all<T: Transport>(io: &T, buf: &mut BytesMut) -> io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_room_grows_with_the_bytes_that_arrived() {
+        // A header declaring a 1 MiB frame, then its payload arriving in pieces: the buffer
+        // never holds more than twice what came, plus two chunks.
+        let mut buf = BytesMut::new();
+        let mut arrived = 0usize;
+        for piece in std::iter::once(14).chain(std::iter::repeat_n(1000, 1100)) {
+            reserve_for_read(&mut buf);
+            assert!(buf.capacity() - buf.len() >= READ_CHUNK.min(piece));
+            buf.extend_from_slice(&vec![0u8; piece]);
+            arrived += piece;
+            assert!(
+                buf.capacity() <= 2 * arrived + 2 * READ_CHUNK,
+                "{} bytes of room for {arrived} bytes",
+                buf.capacity()
+            );
+        }
+        let mut header_only =
+            BytesMut::from(&[0x82, 0xFF, 0, 0, 0, 0, 0, 0x10, 0, 0, 1, 2, 3, 4][..]);
+        reserve_for_read(&mut header_only);
+        assert!(header_only.capacity() <= READ_CHUNK + 14);
+    }
 
     #[tokio::test]
     async fn buffered_streams_read_everything_then_eof_and_write() {
