@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use hyper::HeaderMap;
 use hyper::header::{HeaderName, HeaderValue};
 use rusty_socks::broker::wire::{self, WireEvent};
-use rusty_socks::protocol::{legacy, v1};
+use rusty_socks::protocol::{data::check_data, legacy, v1};
 use rusty_socks::server::{query, token};
 use rusty_socks::ws::close::{WsViolation, is_valid_received_code, parse_close_payload};
 use rusty_socks::ws::frame::{MAX_CONTROL_PAYLOAD, apply_mask, encode_close, parse_header};
@@ -34,6 +34,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("legacy", legacy),
     ("v1", v1),
     ("wire", wire),
+    ("data", data),
 ];
 
 /// What a reader made of a byte stream: its messages, then the violation that stopped it.
@@ -275,26 +276,54 @@ pub fn legacy(data: &[u8]) {
         return;
     };
     let now = time::OffsetDateTime::UNIX_EPOCH;
-    match legacy::parse_chat(text, now) {
-        Ok(chat) => {
-            let sent: serde_json::Value = serde_json::from_str(text).expect("accepted non-JSON");
-            assert_eq!(sent["sender"].as_str(), Some(chat.sender.as_str()));
-            assert_eq!(sent["content"].as_str(), Some(chat.content.as_str()));
-            assert!(chat.timestamp.ends_with('Z'), "{}", chat.timestamp);
-            let stamp = time::OffsetDateTime::parse(
-                &chat.timestamp,
-                &time::format_description::well_known::Rfc3339,
-            );
-            assert!(stamp.is_ok(), "{} does not parse back", chat.timestamp);
-            let frame = legacy::ServerFrame::Chat(&chat).to_json();
-            let json: serde_json::Value = serde_json::from_str(&frame).expect("frame is JSON");
-            assert_eq!(json["type"], "Chat");
+    // Anonymous, and on a connection whose token names a user (who becomes the sender).
+    for user in [None, Some("token-user")] {
+        match legacy::parse_chat(text, now, user) {
+            Ok(chat) => {
+                let sent: serde_json::Value =
+                    serde_json::from_str(text).expect("accepted non-JSON");
+                let sender = user.or(sent["sender"].as_str());
+                assert_eq!(sender, Some(chat.sender.as_str()));
+                assert_eq!(sent["content"].as_str(), Some(chat.content.as_str()));
+                assert!(chat.timestamp.ends_with('Z'), "{}", chat.timestamp);
+                let stamp = time::OffsetDateTime::parse(
+                    &chat.timestamp,
+                    &time::format_description::well_known::Rfc3339,
+                );
+                assert!(stamp.is_ok(), "{} does not parse back", chat.timestamp);
+                let frame = legacy::ServerFrame::Chat(&chat).to_json();
+                let json: serde_json::Value = serde_json::from_str(&frame).expect("frame is JSON");
+                assert_eq!(json["type"], "Chat");
+            }
+            Err(err) => {
+                let frame = legacy::ServerFrame::error(&err).to_json();
+                let json: serde_json::Value = serde_json::from_str(&frame).expect("frame is JSON");
+                assert_eq!(json["code"].as_str(), Some(err.code()));
+            }
         }
-        Err(err) => {
-            let frame = legacy::ServerFrame::error(&err).to_json();
-            let json: serde_json::Value = serde_json::from_str(&frame).expect("frame is JSON");
-            assert_eq!(json["code"].as_str(), Some(err.code()));
+    }
+}
+
+/// The data rules (`protocol/data.rs`) on valid JSON: what they accept, `serde_json` reads
+/// back, also inside a frame that adds a few levels; what they refuse is refused for a reason
+/// a reader would hit (too deep for the bound, or a value `serde_json` cannot hold).
+pub fn data(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    // Only valid JSON reaches the rules: the syntax is checked first on every path.
+    if serde_json::from_str::<serde::de::IgnoredAny>(text).is_err() {
+        return;
+    }
+    let wrapped = format!(r#"{{"type":"history","publications":[{{"data":{text}}}]}}"#);
+    match check_data(text) {
+        Ok(()) => {
+            let value: serde_json::Value =
+                serde_json::from_str(&wrapped).expect("accepted data must read back in a frame");
+            let again = serde_json::to_string(&value).expect("serializes");
+            serde_json::from_str::<serde_json::Value>(&again).expect("and round-trips");
         }
+        Err(err) => assert!(!err.to_string().is_empty()),
     }
 }
 
