@@ -501,6 +501,12 @@ async fn legacy_clients_are_closed_when_the_default_channel_missed_publications(
     assert_eq!(relayed["content"], "joined", "{relayed}");
     proxy.black_hole();
     health_becomes(&b, 503, TIMEOUT * 2).await;
+    // A legacy client arriving now cannot join `default`: told, then closed so it retries,
+    // rather than left open where nothing would reach it.
+    let (mut late, _) = join_url(&b.url("/ws")).await;
+    let error = recv_json(&mut late).await;
+    assert_eq!(error["code"], "unavailable", "{error}");
+    assert_eq!(recv_close_code(&mut late).await, 1013);
     send_text(
         &mut legacy_publisher,
         r#"{"sender":"a","content":"while you were away"}"#,

@@ -269,25 +269,21 @@ where
     let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
         .await
         .map_err(|e| format!("HTTP handshake: {e}"))?;
-    // Ends when the response is read (or the fetch's deadline drops the caller).
-    let driver = tokio::spawn(connection);
-    let result = async {
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("request: {e}"))?;
-        if response.status() != hyper::StatusCode::OK {
-            return Err(format!("HTTP status {}", response.status()));
-        }
-        Limited::new(response.into_body(), MAX_DOCUMENT)
-            .collect()
-            .await
-            .map(http_body_util::Collected::to_bytes)
-            .map_err(|e| format!("reading the body: {e}"))
+    // Drives the connection until the response is read; aborted when this future ends,
+    // also when the fetch's deadline drops it midway.
+    let _driver = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection));
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    if response.status() != hyper::StatusCode::OK {
+        return Err(format!("HTTP status {}", response.status()));
     }
-    .await;
-    driver.abort();
-    result
+    Limited::new(response.into_body(), MAX_DOCUMENT)
+        .collect()
+        .await
+        .map(http_body_util::Collected::to_bytes)
+        .map_err(|e| format!("reading the body: {e}"))
 }
 
 async fn read_file(path: &std::path::Path) -> Result<Bytes, String> {

@@ -36,6 +36,10 @@ use super::{
 };
 use crate::types::ClientId;
 
+/// The catch-up after an outage may take this many call deadlines (it reads the position of
+/// every subscribed channel) before every channel is reported as a gap instead.
+const CATCH_UP_CALLS: u32 = 10;
+
 /// How often the broker is probed.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 
@@ -137,8 +141,12 @@ impl Health {
 
     /// After the probe found the broker answering again.
     async fn recover(&self) {
+        // Up first: a client told of a gap recovers from history at once, and must not be
+        // refused because the node still counts its broker as down.
+        self.up.store(true, Ordering::Release);
+        // The catch-up reads every subscribed channel's position: longer than one call.
         let checked = matches!(
-            tokio::time::timeout(self.timeout, self.inner.catch_up()).await,
+            tokio::time::timeout(self.timeout * CATCH_UP_CALLS, self.inner.catch_up()).await,
             Ok(Ok(true))
         );
         let channels = if checked {
@@ -149,7 +157,6 @@ impl Health {
         for channel in &channels {
             self.events.on_gap(channel);
         }
-        self.up.store(true, Ordering::Release);
         tracing::info!(
             broker = self.kind(),
             gaps_reported = channels.len(),

@@ -189,9 +189,12 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     }
     /// After an outage: compares every subscribed channel's stream with what this node
     /// delivered last, and calls [`BrokerEvents::on_gap`] itself for each one that moved (or
-    /// that it cannot check). `Ok(true)` means that was done for every channel, so nothing
-    /// else was missed; `Ok(false)` (the default) that the broker cannot tell, and the caller
-    /// must report a gap on every subscribed channel.
+    /// that it cannot check). `Ok(true)` means the broker took that on for every channel, so
+    /// the caller reports nothing: done before returning (Redis), or started for every channel
+    /// and finished by the channel's own feed as it reopens, with the same comparison (NATS;
+    /// until then the feed delivers nothing, so nothing is delivered out of order).
+    /// `Ok(false)` (the default) says the broker cannot tell, and the caller must report a
+    /// gap on every subscribed channel.
     fn catch_up(&self) -> BrokerFuture<'_, bool> {
         Box::pin(std::future::ready(Ok(false)))
     }

@@ -497,12 +497,16 @@ impl Handler for ChatHandler {
                     self.remember(sub.state);
                 }
                 Err(err) => {
+                    out.text(&ServerFrame::error(&err).to_json());
                     if matches!(err, ClientError::PermissionDenied(_)) {
                         tracing::debug!(%err, "not allowed on the default channel");
                     } else {
-                        tracing::warn!(%err, "could not join the default channel");
+                        // Left open off `default`, a legacy client would chat into the void
+                        // and never hear a reply: close it so it reconnects once the broker
+                        // is back.
+                        tracing::debug!(%err, "could not join the default channel; closing with 1013");
+                        self.outbox.close(CloseCode::TryAgainLater);
                     }
-                    out.text(&ServerFrame::error(&err).to_json());
                 }
             }
         })

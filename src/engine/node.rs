@@ -225,6 +225,9 @@ pub struct Node {
     shutting_down: AtomicBool,
     /// Publishes past their shutdown check whose broker call has not returned yet.
     publishing: AtomicUsize,
+    /// Set when shutdown stopped waiting for those: a publish returning later is not
+    /// acknowledged, since its subscribers here may already be closed.
+    stopped_waiting: AtomicBool,
     /// Stops the control recovery task when the node goes.
     stop: CancellationToken,
 }
@@ -258,6 +261,7 @@ impl Node {
             subscriptions,
             shutting_down: AtomicBool::new(false),
             publishing: AtomicUsize::new(0),
+            stopped_waiting: AtomicBool::new(false),
             stop: CancellationToken::new(),
         }
     }
@@ -421,7 +425,12 @@ impl Node {
         };
         let subscribed = if first {
             joining.first = Some(Arc::clone(&ready));
+            // Not counted as subscribed until the broker says so: a broker call dropped
+            // midway is undone by the broker itself (brokers are cancellation-safe; see
+            // `broker::guard`), and a second undo here would take a later member's count.
+            joining.broker_subscribed = false;
             let outcome = self.broker.subscribe(channel).await;
+            joining.broker_subscribed = outcome.is_ok();
             joining.first = None;
             ready.set(outcome.is_ok());
             outcome.map_err(|err| err.to_string())
@@ -557,10 +566,12 @@ impl Node {
                 window: self.options.idempotency_window,
             }),
         };
-        self.broker
+        let published = self
+            .broker
             .publish(channel, request)
             .await
-            .map_err(|err| self.unavailable(&err))
+            .map_err(|err| self.unavailable(&err))?;
+        self.confirm(published)
     }
 
     /// Everyone present on `channel`.

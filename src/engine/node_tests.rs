@@ -166,6 +166,8 @@ pub(super) struct Faulty {
     fail_history: AtomicBool,
     stall_history: AtomicBool,
     pub(super) stall_subscribe: AtomicBool,
+    /// Publishes take this long (milliseconds) before the memory broker does them.
+    slow_publish_ms: std::sync::atomic::AtomicU64,
 }
 
 fn unavailable() -> crate::broker::BrokerError {
@@ -178,7 +180,11 @@ impl Broker for Faulty {
         channel: &'a str,
         request: PublishRequest,
     ) -> BrokerFuture<'a, Published> {
-        self.inner.publish(channel, request)
+        let delay = Duration::from_millis(self.slow_publish_ms.load(Ordering::SeqCst));
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            self.inner.publish(channel, request).await
+        })
     }
     fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
         if self.stall_subscribe.load(Ordering::SeqCst) {
@@ -238,6 +244,7 @@ pub(super) fn faulty_node() -> (Node, Arc<Faulty>) {
         fail_history: AtomicBool::new(false),
         stall_history: AtomicBool::new(false),
         stall_subscribe: AtomicBool::new(false),
+        slow_publish_ms: std::sync::atomic::AtomicU64::new(0),
     });
     let mut namespaces = Namespaces::default();
     namespaces.insert(
@@ -408,4 +415,40 @@ async fn a_first_member_dropped_during_the_broker_subscribe_does_not_strand_the_
     );
     assert_eq!(node.hub().member_count("room"), 0);
     presence_becomes(&node, "room", &[]).await;
+}
+
+#[tokio::test]
+async fn a_publish_that_outlives_the_shutdown_wait_is_not_acknowledged() {
+    let (node, broker) = faulty_node();
+    let node = Arc::new(node);
+    broker.slow_publish_ms.store(300, Ordering::SeqCst);
+    let publishing = tokio::spawn({
+        let node = Arc::clone(&node);
+        async move {
+            node.publish("room", json("1"), None, None, Caller::Server)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Shutdown waits 20 ms for it, then stops waiting; the publish returns 250 ms later.
+    node.begin_shutdown(Duration::from_millis(20)).await;
+    let answer = publishing.await.expect("task");
+    assert!(
+        matches!(answer, Err(ClientError::Unavailable(_))),
+        "a publish confirmed after shutdown stopped waiting must not be acknowledged: {answer:?}"
+    );
+    // One that finishes within the wait is acknowledged as usual.
+    let (node, broker) = faulty_node();
+    let node = Arc::new(node);
+    broker.slow_publish_ms.store(30, Ordering::SeqCst);
+    let publishing = tokio::spawn({
+        let node = Arc::clone(&node);
+        async move {
+            node.publish("room", json("1"), None, None, Caller::Server)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    node.begin_shutdown(Duration::from_secs(5)).await;
+    assert!(publishing.await.expect("task").is_ok());
 }

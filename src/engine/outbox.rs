@@ -27,7 +27,7 @@ use crate::types::ClientId;
 use crate::ws::close::CloseCode;
 
 /// The close codes that can be requested from outside a session.
-const SIGNAL_CODES: [CloseCode; 7] = [
+const SIGNAL_CODES: [CloseCode; 8] = [
     CloseCode::SlowConsumer,
     CloseCode::GoingAway,
     CloseCode::InternalError,
@@ -35,6 +35,7 @@ const SIGNAL_CODES: [CloseCode; 7] = [
     CloseCode::TokenExpired,
     CloseCode::RateLimited,
     CloseCode::Disconnected,
+    CloseCode::TryAgainLater,
 ];
 
 /// A queue that has been emptied keeps at most this many slots of capacity.

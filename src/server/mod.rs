@@ -24,7 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::auth::{KeyError, Verifier};
 use crate::broker::BrokerError;
@@ -85,6 +85,8 @@ pub struct AppState {
     pub connect_limiter: crate::server::limits::ConnectLimiter,
     /// What every `/ws` session shares.
     pub chat: Arc<crate::engine::chat::ChatShared>,
+    /// The JWKS refresh task, when keys come from a JWKS document.
+    _jwks_refresh: Option<AbortOnDropHandle<()>>,
 }
 
 impl AppState {
@@ -92,16 +94,6 @@ impl AppState {
     pub async fn new(config: Config) -> Result<Arc<Self>, StartupError> {
         let verifier = Verifier::load(&config.key_options()).await?.map(Arc::new);
         let shutdown = CancellationToken::new();
-        // JWKS keys rotate without a restart: refreshed until the server shuts down.
-        if let Some(refresh) = verifier.as_ref().and_then(|v| v.refresh_task()) {
-            let stop = shutdown.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = stop.cancelled() => {}
-                    () = refresh => {}
-                }
-            });
-        }
         let stats = Arc::new(Stats::default());
         let sessions: Arc<Sessions> = Arc::default();
         let hub = Arc::new(Hub::new());
@@ -145,7 +137,23 @@ impl AppState {
             node: Arc::clone(&node),
             limits,
         });
+        // JWKS keys rotate without a restart: refreshed until the server shuts down, and
+        // started only once startup can no longer fail (the handle stops it when the state
+        // goes, also when `serve` never runs).
+        let jwks_refresh = verifier
+            .as_ref()
+            .and_then(|v| v.refresh_task())
+            .map(|refresh| {
+                let stop = shutdown.clone();
+                AbortOnDropHandle::new(tokio::spawn(async move {
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        () = refresh => {}
+                    }
+                }))
+            });
         Ok(Arc::new(Self {
+            _jwks_refresh: jwks_refresh,
             chat,
             admission: Admission::with_per_address(
                 config.max_connections,

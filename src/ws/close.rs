@@ -19,6 +19,9 @@ pub enum CloseCode {
     MessageTooBig,
     /// 1011: the server hit an unexpected internal condition.
     InternalError,
+    /// 1013: the server cannot serve the connection now (a legacy client could not join the
+    /// `default` channel because the broker is unavailable); reconnect with backoff.
+    TryAgainLater,
     /// 4000: nothing arrived from the client (not even a pong) within `RUSTY_SOCKS_TIMEOUT`.
     HeartbeatTimeout,
     /// 4001: the client read too slowly and its outbox (`RUSTY_SOCKS_BUFFER`) overflowed.
@@ -37,13 +40,14 @@ pub enum CloseCode {
 
 impl CloseCode {
     /// Every code the server sends (for documentation checks).
-    pub const ALL: [CloseCode; 12] = [
+    pub const ALL: [CloseCode; 13] = [
         Self::Normal,
         Self::GoingAway,
         Self::ProtocolError,
         Self::InvalidPayload,
         Self::MessageTooBig,
         Self::InternalError,
+        Self::TryAgainLater,
         Self::HeartbeatTimeout,
         Self::SlowConsumer,
         Self::MessagesMissed,
@@ -61,6 +65,7 @@ impl CloseCode {
             Self::InvalidPayload => 1007,
             Self::MessageTooBig => 1009,
             Self::InternalError => 1011,
+            Self::TryAgainLater => 1013,
             Self::HeartbeatTimeout => 4000,
             Self::SlowConsumer => 4001,
             Self::MessagesMissed => 4002,
@@ -79,6 +84,7 @@ impl CloseCode {
             Self::InvalidPayload => "invalid utf-8",
             Self::MessageTooBig => "message too big",
             Self::InternalError => "internal error",
+            Self::TryAgainLater => "try again later",
             Self::HeartbeatTimeout => "heartbeat timeout",
             Self::SlowConsumer => "slow consumer: outbox full",
             Self::MessagesMissed => "messages missed: reconnect",

@@ -537,7 +537,9 @@ impl Broker for NatsBroker {
             let asked = inner.js.get_stream(inner.names.stream());
             let failure = match tokio::time::timeout(timeout, asked).await {
                 Ok(Ok(_)) => return Ok(()),
-                // JetStream answered, with an error: the link is fine.
+                // JetStream answered, with an error (the stream is gone, say): the link is
+                // fine, so no reconnect is forced, but the broker cannot serve until the
+                // stream is back, so the probe fails.
                 Ok(Err(err)) if err.kind() != GetStreamErrorKind::Request => {
                     return Err(unavailable(err));
                 }

@@ -6,7 +6,7 @@
 //! link (a partition, no RST) recover: a reply that never comes is never waited for twice.
 
 use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
@@ -19,8 +19,10 @@ pub(super) struct Commands {
     timeout: Duration,
     /// The connection in use and its generation (bumped by every new connection).
     current: Mutex<(u64, Option<MultiplexedConnection>)>,
-    /// Held while connecting, so concurrent commands wait for one attempt.
-    connecting: tokio::sync::Mutex<()>,
+    /// Held while connecting, so concurrent commands wait for one attempt; it holds when
+    /// and why the last attempt failed, so those who waited share its outcome instead of
+    /// each making an attempt of its own (one deadline after another, in a queue).
+    connecting: tokio::sync::Mutex<Option<(Instant, String)>>,
 }
 
 /// A connection handed to one command; dropped before [`Lease::finish`], it invalidates the
@@ -69,7 +71,7 @@ impl Commands {
             client,
             timeout,
             current: Mutex::new((0, None)),
-            connecting: tokio::sync::Mutex::new(()),
+            connecting: tokio::sync::Mutex::new(None),
         };
         let connection = commands.open().await?;
         commands.lock().1 = Some(connection);
@@ -122,11 +124,27 @@ impl Commands {
         if let Some(leased) = self.leased() {
             return Ok(leased);
         }
-        let _one = self.connecting.lock().await;
+        let asked = Instant::now();
+        let mut last_failure = self.connecting.lock().await;
         if let Some(leased) = self.leased() {
             return Ok(leased);
         }
-        let connection = self.open().await.map_err(unavailable)?;
+        if let Some((at, why)) = last_failure.as_ref()
+            && *at >= asked
+        {
+            // An attempt failed while this command waited for it: that is the answer.
+            return Err(BrokerError::Unavailable(format!("redis: {why}")));
+        }
+        let connection = match self.open().await {
+            Ok(connection) => {
+                *last_failure = None;
+                connection
+            }
+            Err(err) => {
+                *last_failure = Some((Instant::now(), err.to_string()));
+                return Err(unavailable(err));
+            }
+        };
         {
             let mut current = self.lock();
             current.0 += 1;

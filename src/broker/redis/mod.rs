@@ -51,6 +51,8 @@ use crate::types::ClientId;
 use crate::types::{Publication, StreamPosition};
 use scripts::{HISTORY, PRESENCE_ADD, PRESENCE_READ, PUBLISH, script};
 
+/// Position reads in flight at once while catching up after a reconnect.
+const CATCH_UP_READS: usize = 32;
 /// How long a channel's stream outlives its last publication or read.
 const STREAM_KEEP: Duration = Duration::from_secs(24 * 3600);
 /// Longest pause between reconnect attempts.
@@ -314,17 +316,21 @@ impl Shared {
 
     /// After a reconnect: every channel whose stream moved while we were away gets a gap.
     async fn catch_up(&self, channels: &[String]) {
-        for channel in channels {
-            match self.read(channel, None, 0).await {
-                Ok(page) => {
-                    if self.subscriptions.catch_up(channel, page.position) {
-                        self.events.on_gap(channel);
+        // Several reads at once: a node with thousands of channels must finish well within
+        // the guard's catch-up deadline, or every channel is reported as a gap.
+        futures_util::stream::iter(channels)
+            .for_each_concurrent(CATCH_UP_READS, |channel| async move {
+                match self.read(channel, None, 0).await {
+                    Ok(page) => {
+                        if self.subscriptions.catch_up(channel, page.position) {
+                            self.events.on_gap(channel);
+                        }
                     }
+                    // We cannot tell: assume the worst.
+                    Err(_) => self.events.on_gap(channel),
                 }
-                // We cannot tell: assume the worst.
-                Err(_) => self.events.on_gap(channel),
-            }
-        }
+            })
+            .await;
     }
 }
 

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::Node;
+use crate::broker::Published;
 use crate::engine::hub::{Left, MemberState};
 use crate::engine::namespace::NamespaceOptions;
 use crate::types::error::ClientError;
@@ -33,6 +34,21 @@ impl Node {
         while self.publishing.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
         }
+        self.stopped_waiting.store(true, Ordering::SeqCst);
+    }
+
+    /// The answer to a publish whose broker call returned: acknowledged, unless shutdown
+    /// stopped waiting for it meanwhile (the sessions it reached here may be closed already).
+    /// Then it may or may not have been stored, like any publish whose answer was lost.
+    pub(super) fn confirm(&self, published: Published) -> Result<Published, ClientError> {
+        if self.stopped_waiting.load(Ordering::SeqCst) {
+            return Err(ClientError::Unavailable(
+                "the server began shutting down before this publish was confirmed; it may have \
+                 been stored: retry with the same idempotency_key"
+                    .to_owned(),
+            ));
+        }
+        Ok(published)
     }
 
     /// Counts a publish as in flight, or refuses it once shutdown has begun.
