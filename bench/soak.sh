@@ -32,7 +32,7 @@ ulimit -n "$(ulimit -Hn)"
 MAX=$(( WAVE + STAYERS + CHURNERS + 200 ))
 echo "# machine: $(nproc) cores, $(uname -r); $(date -u +%FT%TZ); ${SECONDS_TO_RUN}s, wave $WAVE, $STAYERS stayers, $CHURNERS churners, $RATE msg/s, $PROFILE"
 RUSTY_SOCKS_HOST=127.0.0.1 RUSTY_SOCKS_PORT=$PORT RUSTY_SOCKS_API_KEY=$KEY \
-  RUSTY_SOCKS_MAX_CONN=$MAX RUSTY_SOCKS_MAX_QUEUED_TASKS=$MAX \
+  RUSTY_SOCKS_MAX_CONN=$MAX RUSTY_SOCKS_MAX_QUEUED_TASKS=$MAX RUSTY_SOCKS_MAX_CONN_PER_IP=0 \
   RUSTY_SOCKS_NAMESPACES='{"":{},"soak":{"history_size":100,"join_leave":true}}' \
   RUST_LOG=warn "$BIN/rusty_socks" &
 SERVER_PID=$!

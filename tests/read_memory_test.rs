@@ -44,6 +44,7 @@ async fn headers_declaring_maximum_frames_do_not_make_the_server_reserve_them() 
         ("RUSTY_SOCKS_ECHO_ENDPOINT", "true"),
         ("RUSTY_SOCKS_ECHO_MAX_MESSAGE_SIZE", max.as_str()),
         ("RUSTY_SOCKS_MAX_CONN", "1000"),
+        ("RUSTY_SOCKS_MAX_CONN_PER_IP", "0"),
         ("RUSTY_SOCKS_THREAD_POOL_SIZE", "2"),
     ]);
     let addr = server.address();
