@@ -303,7 +303,8 @@ async fn dribbling_sockets_from_one_address_cannot_starve_another() {
     exchange(&mut ws, "meanwhile").await;
     let took = started.elapsed();
     eprintln!("connect, subscribe, publish and receive took {took:?} among {DRIBBLERS} dribblers");
-    assert!(took < Duration::from_secs(2), "took {took:?}");
+    // The issue asks for under a second; this is loopback, so a second is a generous bound.
+    assert!(took < Duration::from_secs(1), "took {took:?}");
 
     let mut outcomes = Vec::new();
     for dribbler in dribblers {
