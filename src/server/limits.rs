@@ -83,7 +83,7 @@ impl Shard {
 }
 
 /// Connections per second per address. Its state is bounded and a connect costs one short
-/// lock on one of [`SHARDS`] shards, never a pass over every tracked address: an attacker
+/// lock on one of 64 shards, never a pass over every tracked address: an attacker
 /// with many addresses cannot make every other client's connect slow.
 #[derive(Debug)]
 pub struct ConnectLimiter {
