@@ -1,22 +1,26 @@
 //! Abuse limits keyed by the client's real address.
 //!
 //! The per-IP connection rate is a token bucket per address (IPv6 grouped like the socket
-//! bound, `engine::per_address`). The address is the TCP peer,
+//! bound, `engine::per_address`: the caller passes the grouped address). The address is the TCP peer,
 //! unless the peer is a trusted proxy (`RUSTY_SOCKS_TRUSTED_PROXIES`): then `X-Forwarded-For`
 //! is read from the right, skipping trusted hops, and the first untrusted address is the
 //! client. Reading it from the left would let any client choose its own address.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use crate::types::clock::now_us;
 use crate::types::net::IpRange;
 use crate::types::rate::{Rate, TokenBucket};
 
-/// Past this many tracked addresses, full buckets (addresses that have been quiet) are
-/// forgotten, so a scan from many addresses cannot grow the map without bound.
-const SWEEP_AT: usize = 10_000;
+/// Independently locked shards of the connect-rate state: a connect locks one of them.
+const SHARDS: usize = 64;
+/// Addresses one shard's current generation holds before it becomes the previous one (and the
+/// previous one is dropped whole). A shard holds at most twice this, so the limiter tracks at
+/// most `2 * SHARDS * GENERATION` (131,072) addresses, and nothing is ever scanned.
+const GENERATION: usize = 1024;
 
 /// Whether `peer` is one of the trusted proxies (whose `X-Forwarded-For` is believed).
 pub fn is_trusted(peer: IpAddr, trusted: &[IpRange]) -> bool {
@@ -48,12 +52,45 @@ pub fn client_ip<'a>(
     client
 }
 
-/// Connections per second per address.
+/// One shard's buckets in two generations. A connect moves its address's bucket into
+/// `current`; when `current` is full it becomes `previous` and the old `previous` is dropped,
+/// so an address is forgotten only after a whole generation of other addresses arrived in its
+/// shard without it connecting. Forgetting gives an address a full bucket again, which is
+/// what it would have after a quiet second or two anyway; an address that keeps connecting
+/// keeps its bucket however many others come and go.
+#[derive(Debug, Default)]
+struct Shard {
+    current: HashMap<IpAddr, TokenBucket>,
+    previous: HashMap<IpAddr, TokenBucket>,
+}
+
+impl Shard {
+    fn bucket(&mut self, ip: IpAddr, rate: Rate, now_us: u64) -> &mut TokenBucket {
+        if !self.current.contains_key(&ip) {
+            let bucket = self
+                .previous
+                .remove(&ip)
+                .unwrap_or_else(|| TokenBucket::full(rate, now_us));
+            if self.current.len() >= GENERATION {
+                self.previous = std::mem::take(&mut self.current);
+            }
+            self.current.insert(ip, bucket);
+        }
+        self.current
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::full(rate, now_us))
+    }
+}
+
+/// Connections per second per address. Its state is bounded and a connect costs one short
+/// lock on one of 64 shards, never a pass over every tracked address: an attacker
+/// with many addresses cannot make every other client's connect slow.
 #[derive(Debug)]
 pub struct ConnectLimiter {
     /// `None`: no limit.
     rate: Option<Rate>,
-    buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
+    hasher: RandomState,
+    shards: Box<[Mutex<Shard>]>,
 }
 
 impl ConnectLimiter {
@@ -64,7 +101,8 @@ impl ConnectLimiter {
                 per_second: rate,
                 burst: burst.max(1),
             }),
-            buckets: Mutex::default(),
+            hasher: RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
         }
     }
 
@@ -78,26 +116,31 @@ impl ConnectLimiter {
         let Some(rate) = self.rate else {
             return true;
         };
-        let mut buckets = self
-            .buckets
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if buckets.len() >= SWEEP_AT {
-            buckets.retain(|_, bucket| !bucket.full_at(rate, now_us));
-        }
-        buckets
-            .entry(ip)
-            .or_insert_with(|| TokenBucket::full(rate, now_us))
+        self.shard(ip)
+            .bucket(ip, rate, now_us)
             .try_take_at(rate, now_us)
     }
 
-    /// How many addresses are tracked (tests of the sweep).
-    #[cfg(test)]
-    fn tracked(&self) -> usize {
-        self.buckets
+    fn shard(&self, ip: IpAddr) -> MutexGuard<'_, Shard> {
+        let index = usize::try_from(self.hasher.hash_one(ip) % SHARDS as u64).unwrap_or(0);
+        // Every update leaves the maps consistent, so a poisoned lock is still usable.
+        self.shards[index]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
+    }
+
+    /// How many addresses are tracked (tests of the bound).
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| {
+                let shard = shard
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                shard.current.len() + shard.previous.len()
+            })
+            .sum()
     }
 }
 
@@ -146,7 +189,7 @@ mod tests {
     }
 
     #[test]
-    fn the_connect_rate_refills_past_fifty_days_and_quiet_addresses_are_forgotten() {
+    fn the_connect_rate_refills_past_fifty_days() {
         const SECOND: u64 = 1_000_000;
         const DAY: u64 = 86_400 * SECOND;
         let limiter = ConnectLimiter::new(1, 2);
@@ -160,18 +203,53 @@ mod tests {
             assert!(limiter.allow_at(a, now + SECOND), "refilled at {now}");
             assert!(!limiter.allow_at(a, now + SECOND));
         }
-        // Past the sweep threshold, addresses whose buckets refilled are dropped.
-        let start = 500 * DAY;
-        for n in 0..SWEEP_AT {
-            let octets = u32::try_from(n).unwrap_or(0).to_be_bytes();
-            assert!(limiter.allow_at(IpAddr::from(octets), start));
+    }
+
+    fn nth(n: u32) -> IpAddr {
+        IpAddr::from(n.to_be_bytes())
+    }
+
+    #[test]
+    fn the_connect_rate_state_stays_bounded_and_busy_addresses_keep_their_buckets() {
+        const SECOND: u64 = 1_000_000;
+        let limiter = ConnectLimiter::new(1, 2);
+        let busy = ip("9.9.9.9");
+        let now = SECOND;
+        assert!(limiter.allow_at(busy, now) && limiter.allow_at(busy, now));
+        let bound = 2 * SHARDS * GENERATION;
+        // Far more addresses than the bound, all within the same second (no bucket refills,
+        // so nothing could be swept as "quiet"): the state still stays bounded.
+        for n in 0..u32::try_from(4 * bound).unwrap_or(u32::MAX) {
+            assert!(limiter.allow_at(nth(n), now), "a new address may connect");
+            if n % 100 == 0 {
+                assert!(
+                    !limiter.allow_at(busy, now),
+                    "an address that keeps connecting keeps its spent bucket ({n} others)"
+                );
+            }
+            if n % 1000 == 0 {
+                assert!(
+                    limiter.tracked() <= bound,
+                    "{} tracked at {n}",
+                    limiter.tracked()
+                );
+            }
         }
-        assert!(limiter.tracked() >= SWEEP_AT);
-        assert!(limiter.allow_at(ip("9.9.9.9"), start + 10 * SECOND));
         assert!(
-            limiter.tracked() <= 2,
-            "{} still tracked",
+            limiter.tracked() <= bound,
+            "{} tracked, bound {bound}",
             limiter.tracked()
         );
+        assert!(
+            limiter.tracked() >= SHARDS * GENERATION / 2,
+            "recent addresses are tracked: {}",
+            limiter.tracked()
+        );
+        // An address seen recently, among fewer newcomers than a generation, is remembered.
+        let recent = nth(7);
+        let later = now + SECOND / 100;
+        assert!(limiter.allow_at(recent, later) && limiter.allow_at(recent, later));
+        assert!(!limiter.allow_at(recent, later), "burst spent");
+        assert!(limiter.allow_at(recent, later + SECOND), "refilled");
     }
 }
