@@ -4,18 +4,6 @@
 //! life of a channel's stream: it changes whenever the history that backs the offsets is lost,
 //! so a client can tell "offset 12 of this life" from "offset 12 of the last one" and never
 //! recovers from the wrong stream.
-//!
-//! A channel that never had a publication has no epoch yet: its position is
-//! [`StreamPosition::start`], `{offset: 0, epoch: ""}`, the same on every broker and every
-//! read, so reading it stores nothing. That position comes before offset 1 of whatever epoch
-//! the channel's first publication starts: recovering from it replays from offset 1.
-//!
-//! Live publications carry no epoch, so a client that subscribed before the first publication
-//! holds the empty epoch with the offsets it received (`subscribe` says "keep the epoch from
-//! `subscribed`"): a position with the empty epoch is read as an offset of the channel's
-//! current epoch. The one case this cannot tell apart is the channel's whole stream being
-//! lost *again* after that first publication (a second new epoch) before the client comes
-//! back: its offsets are then read in the newer epoch.
 
 use std::sync::Arc;
 
@@ -31,27 +19,6 @@ pub struct StreamPosition {
     pub offset: u64,
     /// The stream's life this offset belongs to.
     pub epoch: String,
-}
-
-impl StreamPosition {
-    /// The position of a channel without publications: offset 0, empty epoch.
-    pub fn start() -> Self {
-        Self {
-            offset: 0,
-            epoch: String::new(),
-        }
-    }
-
-    /// Whether this is [`StreamPosition::start`].
-    pub fn is_start(&self) -> bool {
-        self.offset == 0 && self.epoch.is_empty()
-    }
-}
-
-/// Whether offsets after `since` can be read in `current`'s epoch: the same epoch, or
-/// `since` has the empty epoch (taken before the first publication; see the module docs).
-fn same_life(since: &StreamPosition, current: &StreamPosition) -> bool {
-    since.epoch == current.epoch || since.epoch.is_empty()
 }
 
 /// One published message, as kept in history and sent in replies.
@@ -74,7 +41,7 @@ pub fn is_complete_replay(
     current: &StreamPosition,
     publications: &[Publication],
 ) -> bool {
-    if !same_life(since, current) || since.offset > current.offset {
+    if since.epoch != current.epoch || since.offset > current.offset {
         return false;
     }
     let missed = current.offset - since.offset;
@@ -92,7 +59,7 @@ pub fn continues_from(
     current: &StreamPosition,
     publications: &[Publication],
 ) -> bool {
-    same_life(since, current)
+    since.epoch == current.epoch
         && since.offset <= current.offset
         && publications
             .first()
