@@ -228,7 +228,11 @@ mod tests {
                 );
             }
             if n % 1000 == 0 {
-                assert!(limiter.tracked() <= bound, "{} tracked at {n}", limiter.tracked());
+                assert!(
+                    limiter.tracked() <= bound,
+                    "{} tracked at {n}",
+                    limiter.tracked()
+                );
             }
         }
         assert!(
