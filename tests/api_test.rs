@@ -131,6 +131,15 @@ async fn bad_requests_get_json_errors_with_the_right_status() {
     let too_much_data = format!(r#"{{"channel":"a","data":"{}"}}"#, "x".repeat(200));
     let cases: Vec<(&str, &str, Option<&str>, u16, &str)> = vec![
         ("POST", "/api/publish", Some("{not json"), 400, "bad_json"),
+        // A struct's fields as an array is JSON serde would take; the API wants an object.
+        (
+            "POST",
+            "/api/disconnect",
+            Some(r#"["alice"]"#),
+            400,
+            "bad_json",
+        ),
+        ("POST", "/api/publish", Some(r#"["a",1]"#), 400, "bad_json"),
         (
             "POST",
             "/api/publish",

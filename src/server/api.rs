@@ -212,6 +212,13 @@ async fn body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
 }
 
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    // Every request body is an object: serde would also fill a struct from an array of its
+    // fields in order (`["alice"]` as `{"user":"alice"}`), which no client means.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::BadJson(
+            "the body must be a JSON object".to_owned(),
+        ));
+    }
     serde_json::from_slice(body).map_err(|e| ApiError::BadJson(e.to_string()))
 }
 
