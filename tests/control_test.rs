@@ -16,9 +16,7 @@ use common::*;
 use futures_util::StreamExt;
 use jsonwebtoken::{EncodingKey, Header, encode};
 use rusty_socks::settings::{BrokerUrl, Config, Secret};
-use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 const API_KEY: &str = "api-key-0123456789abcdef";
@@ -90,25 +88,6 @@ fn token(user: &str) -> String {
     .unwrap()
 }
 
-/// One API `POST` with a JSON body; returns (status, JSON body).
-async fn api_post(server: &TestServer, path: &str, body: &Value) -> (u16, Value) {
-    let body = body.to_string();
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: apikey {API_KEY}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let (status, _, text) = split_response(&raw);
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
 /// The close code `ws` gets within `within` (`None`: still open then).
 async fn closed_within(ws: &mut Ws, within: Duration) -> Option<u16> {
     let wait = async {
@@ -137,7 +116,8 @@ async fn a_disconnect_reaches_a_node_whose_broker_link_was_down(kind: Kind) {
     let (mut gus, _) = v1_client_url(&url).await;
     // A first disconnect of someone else, while the link is up: the link works.
     let (mut ida, _) = v1_client_url(&b.url(&format!("/ws?token={}", token("ida")))).await;
-    let (status, body) = api_post(&a, "/api/disconnect", &json!({"user":"ida"})).await;
+    let (status, body) =
+        api_post_keyed(API_KEY, &a, "/api/disconnect", &json!({"user":"ida"})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         closed_within(&mut ida, WAIT).await,
@@ -146,7 +126,8 @@ async fn a_disconnect_reaches_a_node_whose_broker_link_was_down(kind: Kind) {
     );
 
     proxy.black_hole();
-    let (status, body) = api_post(&a, "/api/disconnect", &json!({"user":"gus"})).await;
+    let (status, body) =
+        api_post_keyed(API_KEY, &a, "/api/disconnect", &json!({"user":"gus"})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["disconnected_here"], 0, "gus is on the other node");
     assert_eq!(
@@ -170,10 +151,10 @@ async fn an_idempotency_key_is_honoured_across_nodes(kind: Kind) {
     let a = node(kind, kind.url(), &prefix).await;
     let b = node(kind, kind.url(), &prefix).await;
     let body = json!({"channel":"orders","data":1,"idempotency_key":"order-1"});
-    let (status, first) = api_post(&a, "/api/publish", &body).await;
+    let (status, first) = api_post_keyed(API_KEY, &a, "/api/publish", &body).await;
     assert_eq!(status, 200, "{first}");
     assert!(first.get("duplicate").is_none(), "{first}");
-    let (status, retry) = api_post(&b, "/api/publish", &body).await;
+    let (status, retry) = api_post_keyed(API_KEY, &b, "/api/publish", &body).await;
     assert_eq!(status, 200, "{retry}");
     assert_eq!(retry["duplicate"], true, "{retry}");
     assert_eq!(

@@ -8,34 +8,13 @@ mod common;
 
 use common::*;
 use rusty_socks::settings::{Config, Secret};
-use serde_json::{Value, json};
+use serde_json::json;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const KEY: &str = "api-key-0123456789abcdef";
 
 fn with_api(config: &mut Config) {
     config.api_key = Some(Secret(KEY.into()));
-}
-
-/// One API `POST` with a JSON body; returns (status, JSON body).
-pub async fn api_post(server: &TestServer, path: &str, body: &Value) -> (u16, Value) {
-    let body = body.to_string();
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: apikey {KEY}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let (status, _, text) = split_response(&raw);
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 /// Nothing more arrives on `ws` for a moment (a duplicate delivered nothing).
@@ -98,7 +77,8 @@ async fn bad_idempotency_keys_are_refused_with_invalid_field() {
         .await;
         assert_eq!(reply["type"], "error", "{key}: {reply}");
         assert_eq!(reply["code"], "invalid_field", "{key}: {reply}");
-        let (status, body) = api_post(
+        let (status, body) = api_post_keyed(
+            KEY,
             &server,
             "/api/publish",
             &json!({"channel":"c","data":1,"idempotency_key":key}),
@@ -123,10 +103,10 @@ async fn the_server_api_honours_keys_on_publish_and_per_channel_on_broadcast() {
     let (mut ws, _) = v1_client(&server).await;
     subscribe(&mut ws, "b").await;
     let body = json!({"channel":"a","data":1,"idempotency_key":"k"});
-    let (status, first) = api_post(&server, "/api/publish", &body).await;
+    let (status, first) = api_post_keyed(KEY, &server, "/api/publish", &body).await;
     assert_eq!(status, 200, "{first}");
     assert!(first.get("duplicate").is_none(), "{first}");
-    let (status, again) = api_post(&server, "/api/publish", &body).await;
+    let (status, again) = api_post_keyed(KEY, &server, "/api/publish", &body).await;
     assert_eq!(status, 200, "{again}");
     assert_eq!(again["duplicate"], true, "{again}");
     assert_eq!(
@@ -135,7 +115,7 @@ async fn the_server_api_honours_keys_on_publish_and_per_channel_on_broadcast() {
     );
     // The broadcast's key was used on `a` already, not on `b`: only `b` gets it, once.
     let body = json!({"channels":["a","b"],"data":2,"idempotency_key":"k"});
-    let (status, broadcast) = api_post(&server, "/api/broadcast", &body).await;
+    let (status, broadcast) = api_post_keyed(KEY, &server, "/api/broadcast", &body).await;
     assert_eq!(status, 200, "{broadcast}");
     let results = &broadcast["results"];
     assert_eq!(
@@ -144,7 +124,7 @@ async fn the_server_api_honours_keys_on_publish_and_per_channel_on_broadcast() {
     );
     assert_eq!(results[1]["offset"], 1, "{broadcast}");
     assert!(results[1].get("duplicate").is_none(), "{broadcast}");
-    let (_, retried) = api_post(&server, "/api/broadcast", &body).await;
+    let (_, retried) = api_post_keyed(KEY, &server, "/api/broadcast", &body).await;
     assert_eq!(retried["results"][1]["duplicate"], true, "{retried}");
     assert_eq!(recv_json(&mut ws).await["data"], 2);
     nothing_more(&mut ws).await;
