@@ -1,4 +1,5 @@
-//! Server settings: embedded defaults overridden by `RUSTY_SOCKS_*` environment variables.
+//! Server settings: embedded defaults, overridden by a config file (TOML, YAML or JSON), then by
+//! `RUSTY_SOCKS_*` environment variables, then by command-line flags ([`load`]).
 //!
 //! This is the one place that reads the process environment. The layers below never see
 //! [`Config`]: they take typed options, built here for the broker and the token verifier
@@ -10,8 +11,10 @@
 //! exit code 2. Silently falling back to a default (as the original server did) would leave an
 //! operator believing a limit is in force when it is not.
 
+mod generate;
 mod options;
 mod read;
+mod sources;
 mod table;
 
 use std::net::{IpAddr, SocketAddr};
@@ -22,7 +25,9 @@ pub use crate::auth::JwksSource;
 use crate::engine::namespace::Namespaces;
 pub use crate::types::net::IpRange;
 pub use crate::types::secret::Secret;
-pub use table::{SETTINGS, Setting, unknown_variables};
+pub use generate::{FileFormat, gen_config};
+pub use sources::{LoadError, Loaded, Origin, Sources, load};
+pub use table::{CONFIG_VAR, Kind, PREFIX, SETTINGS, Setting, unknown_variables};
 
 /// A setting that could not be honoured.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -162,6 +167,19 @@ pub struct Config {
     pub trusted_proxies: Vec<IpRange>,
     /// `RUSTY_SOCKS_DEMO`: serve the demo page at `/` and the client at `/rusty-socks.js`.
     pub demo: bool,
+    /// `RUSTY_SOCKS_LOG_FORMAT`: how log lines are written.
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written (`RUSTY_SOCKS_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line (level, target, message and the event's fields), for log
+    /// shippers that would otherwise have to parse text.
+    Json,
 }
 
 /// Default of `RUSTY_SOCKS_MAX_CONN_PER_IP`: under a third of `MAX_CONN`'s default (100) and a
@@ -224,6 +242,7 @@ impl Default for Config {
             ipv6_prefix: 64,
             trusted_proxies: Vec::new(),
             demo: true,
+            log_format: LogFormat::Text,
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{BrokerUrl, Config, ConfigError, IpRange, JwksSource, Secret};
+use super::{BrokerUrl, Config, ConfigError, IpRange, JwksSource, LogFormat, Secret};
 use crate::engine::namespace::Namespaces;
 
 impl BrokerUrl {
@@ -51,6 +51,32 @@ impl Config {
     /// Reads the process environment over the defaults.
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|var| std::env::var(var).ok())
+    }
+
+    /// [`Config::from_lookup`] that reports every invalid setting, not only the first: a
+    /// setting found invalid is reported and then read as unset, and the rest read again, until
+    /// no error is left (at most one pass per setting). Checks across settings (PING below
+    /// TIMEOUT, TLS_CERT with TLS_KEY) run on the valid values.
+    pub fn from_lookup_all(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, Vec<ConfigError>> {
+        let mut errors: Vec<ConfigError> = Vec::new();
+        loop {
+            let skipped = |var: &str| errors.iter().any(|e| e.var == var);
+            match Self::from_lookup(|var| if skipped(var) { None } else { lookup(var) }) {
+                Ok(config) if errors.is_empty() => return Ok(config),
+                Ok(_) => return Err(errors),
+                Err(err) => {
+                    // A check across settings may name a variable that is unset: reading it
+                    // as unset again would find the same error forever.
+                    let last = skipped(err.var) || lookup(err.var).is_none();
+                    errors.push(err);
+                    if last {
+                        return Err(errors);
+                    }
+                }
+            }
+        }
     }
 
     /// Reads settings through `lookup` (the environment in production, a map in tests).
@@ -240,6 +266,20 @@ impl Config {
                     .collect::<Result<_, _>>()?,
             },
             demo: flag("RUSTY_SOCKS_DEMO", d.demo)?,
+            log_format: match get("RUSTY_SOCKS_LOG_FORMAT") {
+                None => d.log_format,
+                Some((var, v)) => match v.trim().to_ascii_lowercase().as_str() {
+                    "text" => LogFormat::Text,
+                    "json" => LogFormat::Json,
+                    _ => {
+                        return Err(ConfigError {
+                            var,
+                            value: v,
+                            expected: "text or json".into(),
+                        });
+                    }
+                },
+            },
         };
         if config.tls_cert.is_some() != config.tls_key.is_some() {
             let (var, value) = match &config.tls_cert {
