@@ -1,11 +1,12 @@
-//! The `rusty_socks` binary: configuration, logging, runtime, startup checks, bind, serve.
+//! The `rusty_socks` binary: the command line (`cli`), settings, logging, runtime, startup
+//! checks, bind, serve.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use rusty_socks::server::Prepared;
-use rusty_socks::settings::{BrokerUrl, Config, SETTINGS};
+use rusty_socks::settings::{BrokerUrl, Config, LogFormat};
 
 /// Writes to standard output, ignoring a closed pipe (`rusty_socks --help | head -1`):
 /// `println!` would panic there and exit with 101.
@@ -22,45 +23,23 @@ macro_rules! complain {
     }};
 }
 
+mod cli;
+
 fn main() -> ExitCode {
-    if let Some(arg) = std::env::args_os().nth(1) {
-        let arg = arg.to_string_lossy();
-        return match &*arg {
-            "-h" | "--help" => {
-                print_help();
-                ExitCode::SUCCESS
-            }
-            "-V" | "--version" => {
-                say!("rusty_socks {}", env!("CARGO_PKG_VERSION"));
-                ExitCode::SUCCESS
-            }
-            other => {
-                complain!(
-                    "rusty_socks: unknown argument {other:?}; settings come from RUSTY_SOCKS_* variables (see --help)"
-                );
-                ExitCode::from(2)
-            }
-        };
-    }
-    let config = match Config::from_env() {
-        Ok(config) => config,
-        Err(err) => {
-            complain!("rusty_socks: {err}");
+    let sources = match cli::parse(std::env::args_os()) {
+        cli::Action::Serve(sources) => sources,
+        cli::Action::Done(code) => return code,
+    };
+    let loaded = match rusty_socks::settings::load(&sources) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            cli::report(&errors);
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        // Logs piped into `tee` outlive it on Ctrl-C; a failed write must not become a panic
-        // (the default reports it with `eprintln!`, which panics on a closed stderr).
-        .log_internal_errors(false)
-        .init();
-    let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
-    for (name, closest) in rusty_socks::settings::unknown_variables(names) {
+    let config = loaded.config;
+    init_logging(config.log_format);
+    for (name, closest) in loaded.unknown_variables {
         match closest {
             Some(meant) => tracing::warn!(
                 "{name} is not a setting and is ignored; did you mean {meant}? (rusty_socks --help lists them)"
@@ -244,59 +223,26 @@ async fn arrival(signal: Option<tokio::signal::unix::Signal>) {
     }
 }
 
-fn print_help() {
-    say!(
-        "rusty_socks {} - a real-time WebSocket messaging server\n",
-        env!("CARGO_PKG_VERSION")
-    );
-    say!("Usage: rusty_socks [--help | --version]   (settings come from environment variables)\n");
-    say!("Endpoints:");
-    for (path, what) in ENDPOINTS {
-        say!("  {path:<24} {what}");
+/// Logs to standard output (`RUST_LOG` filters, `info` by default), as text or one JSON object
+/// a line (`RUSTY_SOCKS_LOG_FORMAT`) with the event's fields (connection, client, ...) at the
+/// top level, where log shippers look for them.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        // Logs piped into `tee` outlive it on Ctrl-C; a failed write must not become a panic
+        // (the default reports it with `eprintln!`, which panics on a closed stderr).
+        .log_internal_errors(false);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
     }
-    say!("\nSettings (environment variables):");
-    for s in SETTINGS {
-        say!("  {:<36} default {:<10} {}", s.var, s.default, s.meaning);
-    }
-    say!(
-        "\nLogging: RUST_LOG (e.g. RUST_LOG=debug). Invalid settings exit with code 2; an unknown\n\
-         RUSTY_SOCKS_* variable is warned about at startup."
-    );
 }
-
-/// Every endpoint, as `--help` lists them.
-const ENDPOINTS: &[(&str, &str)] = &[
-    (
-        "GET /ws",
-        "WebSocket: legacy chat and protocol v1 (rusty-socks.v1)",
-    ),
-    (
-        "GET /health",
-        "200 while serving, 503 while the broker is down",
-    ),
-    ("GET /stats", "counters as JSON"),
-    (
-        "GET /metrics",
-        "Prometheus metrics (or on RUSTY_SOCKS_METRICS_ADDR)",
-    ),
-    (
-        "GET /",
-        "demo page, and /rusty-socks.js the browser client (RUSTY_SOCKS_DEMO)",
-    ),
-    (
-        "GET /echo",
-        "echo endpoint (RUSTY_SOCKS_ECHO_ENDPOINT=true)",
-    ),
-    (
-        "POST /api/publish",
-        "server API (RUSTY_SOCKS_API_KEY): publish to a channel",
-    ),
-    ("POST /api/broadcast", "publish to several channels"),
-    (
-        "POST /api/disconnect",
-        "close a user's connections on every node",
-    ),
-    ("GET /api/presence/{ch}", "who is subscribed to a channel"),
-    ("GET /api/history/{ch}", "a channel's history"),
-    ("GET /api/channels", "this node's channels"),
-];

@@ -41,6 +41,11 @@ const LAYERS: &[(&str, u8, &str)] = &[
         5,
         "accept loop, HTTP, upgrade, admission, TLS, API, metrics, demo",
     ),
+    (
+        "cli",
+        6,
+        "the binary's command line: subcommands, a flag per setting (a module of main.rs)",
+    ),
 ];
 
 /// Longest file allowed in `src/`, in lines.
