@@ -81,3 +81,20 @@ fn every_setting_is_in_the_readme() {
         assert!(readme.contains(&row), "README lacks {row}");
     }
 }
+
+#[test]
+fn readme_states_how_flags_and_file_keys_follow_from_the_variables() {
+    // Line breaks do not matter.
+    let readme = docs()[0].1.split_whitespace().collect::<Vec<_>>().join(" ");
+    let rule = "Each variable `RUSTY_SOCKS_FOO_BAR` is also the flag `--foo-bar` and the config file key `foo_bar`";
+    assert!(readme.contains(rule), "README lacks the rule {rule:?}");
+    for setting in rusty_socks::settings::SETTINGS {
+        let key = setting
+            .var
+            .strip_prefix("RUSTY_SOCKS_")
+            .unwrap()
+            .to_lowercase();
+        assert_eq!(setting.file_key(), key, "{}", setting.var);
+        assert_eq!(setting.flag(), key.replace('_', "-"), "{}", setting.var);
+    }
+}
