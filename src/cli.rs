@@ -234,7 +234,9 @@ fn check_config(sources: &Sources) -> ExitCode {
         failed = true;
     }
     let mut keys = config.key_options();
-    if matches!(keys.jwks, Some(settings::JwksSource::Url(_))) {
+    let mut notes = String::new();
+    if let Some(settings::JwksSource::Url(url)) = &keys.jwks {
+        notes = format!("; the JWKS URL {url} was not fetched");
         keys.jwks = None;
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -274,7 +276,7 @@ fn check_config(sources: &Sources) -> ExitCode {
         .as_ref()
         .map(|p| format!(" (config file {})", p.display()))
         .unwrap_or_default();
-    say!("configuration OK{file}");
+    say!("configuration OK{file}{notes}");
     ExitCode::SUCCESS
 }
 

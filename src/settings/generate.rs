@@ -15,7 +15,7 @@ pub enum FileFormat {
     Toml,
     /// YAML (`.yaml`, `.yml`).
     Yaml,
-    /// JSON (`.json`): no comments, so unset settings are left out.
+    /// JSON (`.json`): no comments; `null` is an unset setting.
     Json,
 }
 
@@ -43,14 +43,16 @@ fn default_value(setting: &Setting) -> Option<Value> {
 }
 
 /// A config file with every setting at its default, each under a comment with its meaning,
-/// variable and flag (JSON has no comments). Settings unset by default are commented out.
+/// variable and flag (JSON has no comments). Settings unset by default are commented out
+/// (`null` in JSON).
 /// `check-config` accepts it as it is (tested for every format).
 pub fn gen_config(format: FileFormat) -> String {
     let mut out = String::new();
     if format == FileFormat::Json {
+        // No comments in JSON: a setting unset by default is there as `null` (read as unset).
         let map: serde_json::Map<String, Value> = SETTINGS
             .iter()
-            .filter_map(|s| Some((s.file_key(), default_value(s)?)))
+            .map(|s| (s.file_key(), default_value(s).unwrap_or(Value::Null)))
             .collect();
         let mut text = serde_json::to_string_pretty(&Value::Object(map)).unwrap_or_default();
         text.push('\n');

@@ -240,7 +240,7 @@ pub fn load(sources: &Sources) -> Result<Loaded, Vec<LoadError>> {
     let config = Config::from_lookup_all(|var| merged.get(var).map(|(v, _)| v.clone()));
     let config = match config {
         Ok(config) if errors.is_empty() => config,
-        Ok(_) => return Err(errors),
+        Ok(_) => return Err(in_order(errors)),
         Err(invalid) => {
             errors.extend(invalid.into_iter().map(|err| {
                 match (merged.get(err.var), &file) {
@@ -266,7 +266,7 @@ pub fn load(sources: &Sources) -> Result<Loaded, Vec<LoadError>> {
                     _ => LoadError::Env(err),
                 }
             }));
-            return Err(errors);
+            return Err(in_order(errors));
         }
     };
     let effective = SETTINGS
@@ -290,6 +290,19 @@ pub fn load(sources: &Sources) -> Result<Loaded, Vec<LoadError>> {
         effective,
         unknown_variables: unknown_variables(sources.env.keys().cloned()),
     })
+}
+
+/// Errors as a reader goes through them: the file's from top to bottom, then the variables'
+/// and the flags'.
+fn in_order(mut errors: Vec<LoadError>) -> Vec<LoadError> {
+    errors.sort_by_key(|e| match e {
+        LoadError::UnknownKey { at, .. }
+        | LoadError::WrongType { at, .. }
+        | LoadError::FileValue { at, .. } => (0, at.line.unwrap_or(0)),
+        LoadError::Env(_) | LoadError::Flag { .. } => (1, 0),
+        _ => (0, 0),
+    });
+    errors
 }
 
 /// A config file's settings as variable text, with the key and line of each, and the errors of
@@ -439,6 +452,123 @@ fn line_of(text: &str, key: &str) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sources(
+        file: Option<PathBuf>,
+        env: &[(&str, &str)],
+        flags: &[(&'static str, &str)],
+    ) -> Sources {
+        Sources {
+            config_file: file,
+            flags: flags.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
+    }
+
+    fn temp(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("rusty_socks_sources_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    #[test]
+    fn later_sources_win_and_each_value_keeps_its_origin() {
+        let file = temp("precedence.toml", "port = 1\nbuffer = 2\nmax_conn = 3\n");
+        let s = sources(
+            Some(file.clone()),
+            &[("RUSTY_SOCKS_PORT", "11"), ("RUSTY_SOCKS_BUFFER", "12")],
+            &[("RUSTY_SOCKS_PORT", "21")],
+        );
+        let loaded = load(&s).expect("valid");
+        assert_eq!(
+            (
+                loaded.config.port,
+                loaded.config.buffer,
+                loaded.config.max_connections
+            ),
+            (21, 12, 3)
+        );
+        let origin = |var: &str| {
+            loaded
+                .effective
+                .iter()
+                .find(|e| e.setting.var == var)
+                .map(|e| e.origin)
+        };
+        assert_eq!(origin("RUSTY_SOCKS_PORT"), Some(Origin::Flag));
+        assert_eq!(origin("RUSTY_SOCKS_BUFFER"), Some(Origin::Env));
+        assert_eq!(origin("RUSTY_SOCKS_MAX_CONN"), Some(Origin::File));
+        assert_eq!(origin("RUSTY_SOCKS_TIMEOUT"), Some(Origin::Default));
+        assert_eq!(loaded.file, Some(file));
+        // A reload calls load again with the same sources and gets the same settings.
+        assert_eq!(load(&s).expect("valid").config, loaded.config);
+    }
+
+    #[test]
+    fn every_error_of_every_source_is_reported_in_its_terms() {
+        let file = temp("errors.yaml", "port: 70000\nbogus: 1\ndemo: 3\n");
+        let s = sources(
+            Some(file.clone()),
+            &[("RUSTY_SOCKS_MAX_CONN", "0"), ("RUSTY_SOCKS_PING", "90")],
+            &[("RUSTY_SOCKS_BUFFER", "x")],
+        );
+        let errors = load(&s).expect_err("invalid");
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        let at = |line| FileAt {
+            path: file.clone(),
+            line: Some(line),
+        };
+        assert!(errors.contains(&LoadError::UnknownKey {
+            at: at(2),
+            key: "bogus".into(),
+            hint: None
+        }));
+        assert!(
+            errors
+                .iter()
+                .any(|e| matches!(e, LoadError::WrongType { key, .. } if key == "demo"))
+        );
+        assert!(errors.iter().any(
+            |e| matches!(e, LoadError::FileValue { key, at: a, .. } if key == "port" && *a == at(1))
+        ));
+        assert!(
+            errors
+                .iter()
+                .any(|e| matches!(e, LoadError::Flag { flag, .. } if flag == "buffer"))
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("invalid RUSTY_SOCKS_MAX_CONN=\"0\"")),
+            "{text:?}"
+        );
+        // Checked across settings once each is valid on its own: PING 90 >= TIMEOUT 60.
+        assert!(
+            text.iter().any(|t| t.contains("RUSTY_SOCKS_PING")),
+            "{text:?}"
+        );
+        assert_eq!(errors.len(), 6, "{text:?}");
+    }
+
+    #[test]
+    fn the_variable_names_the_file_and_the_flag_overrides_it() {
+        let env_file = temp("from_env.json", "{\"port\": 5}");
+        let flag_file = temp("from_flag.json", "{\"port\": 6}");
+        let env = [(CONFIG_VAR, env_file.to_str().expect("utf-8"))];
+        let by_env = load(&sources(None, &env, &[])).expect("valid");
+        assert_eq!(by_env.config.port, 5);
+        assert!(
+            by_env.unknown_variables.is_empty(),
+            "{:?}",
+            by_env.unknown_variables
+        );
+        let by_flag = load(&sources(Some(flag_file), &env, &[])).expect("valid");
+        assert_eq!(by_flag.config.port, 6);
+    }
 
     #[test]
     fn keys_are_found_on_their_line_in_every_format() {
