@@ -225,6 +225,12 @@ fn check_config(sources: &Sources) -> ExitCode {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
+    for (name, closest) in &loaded.unknown_variables {
+        let meant = closest
+            .map(|m| format!("; did you mean {m}?"))
+            .unwrap_or_default();
+        complain!("rusty_socks: warning: {name} is not a setting and is ignored{meant}");
+    }
     let config = &loaded.config;
     let mut failed = false;
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key)

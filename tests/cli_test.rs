@@ -412,10 +412,17 @@ fn check_config_checks_the_files_settings_name() {
     );
     assert_eq!(code, 2);
     assert!(err.contains("/no/such/key.pem"), "{err}");
-    // A broker that is not there is not contacted.
-    let (code, out, err) = run(&["check-config", "--broker", "redis://127.0.0.1:1"], &[]);
+    // A broker that is not there is not contacted; an unknown variable is a warning.
+    let (code, out, err) = run(
+        &["check-config", "--broker", "redis://127.0.0.1:1"],
+        &[("RUSTY_SOCKS_MAX_CONNS", "5")],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("configuration OK"));
+    assert!(
+        err.contains("RUSTY_SOCKS_MAX_CONNS is not a setting and is ignored; did you mean RUSTY_SOCKS_MAX_CONN?"),
+        "{err}"
+    );
 }
 
 #[test]
