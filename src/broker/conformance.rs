@@ -32,6 +32,8 @@ pub enum Event {
 #[derive(Debug, Default)]
 pub struct Recorder {
     events: Mutex<Vec<Event>>,
+    /// `(channel, offset, epoch)` of every publication delivered, in order.
+    epochs: Mutex<Vec<(String, u64, String)>>,
 }
 
 impl Recorder {
@@ -40,6 +42,17 @@ impl Recorder {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(event);
+    }
+
+    /// The epoch each publication on `channel` was delivered with, as `(offset, epoch)`.
+    pub fn epochs(&self, channel: &str) -> Vec<(u64, String)> {
+        self.epochs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|(c, _, _)| c == channel)
+            .map(|(_, offset, epoch)| (*offset, epoch.clone()))
+            .collect()
     }
 
     /// Everything recorded for channels starting with `prefix`.
@@ -79,7 +92,11 @@ impl Recorder {
 }
 
 impl BrokerEvents for Recorder {
-    fn on_publication(&self, channel: &str, publication: &Publication) {
+    fn on_publication(&self, channel: &str, epoch: &str, publication: &Publication) {
+        self.epochs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((channel.to_owned(), publication.offset, epoch.to_owned()));
         self.push(Event::Publication(channel.to_owned(), publication.offset));
     }
     fn on_join(&self, channel: &str, client: &ClientInfo) {
@@ -145,6 +162,40 @@ where
     history_ages_out_but_offsets_and_epoch_stay(&make).await;
     idempotency_keys_publish_once_per_channel(&make).await;
     idempotency_keys_are_forgotten_after_their_window(&make).await;
+    live_publications_carry_their_epoch(&make).await;
+}
+
+/// Every live delivery names the epoch its offset belongs to: the one `publish` and
+/// `history` report for the channel.
+async fn live_publications_carry_their_epoch<F, Fut>(make: &F)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let events = Arc::new(Recorder::default());
+    let broker = make(events.clone()).await;
+    let p = prefix();
+    let c = format!("{p}:epoch");
+    broker.subscribe(&c).await.expect("subscribe");
+    let mut epoch = String::new();
+    for n in 1..=3 {
+        epoch = broker
+            .publish(&c, request(n))
+            .await
+            .expect("publish")
+            .position
+            .epoch;
+    }
+    events.wait_for(&p, 3).await;
+    assert!(!epoch.is_empty());
+    let page = broker.history(&c, None, 0).await.expect("history");
+    assert_eq!(page.position.epoch, epoch);
+    assert_eq!(
+        events.epochs(&c),
+        (1..=3).map(|n| (n, epoch.clone())).collect::<Vec<_>>(),
+        "each live publication with its stream's epoch"
+    );
+    broker.unsubscribe(&c).await.expect("unsubscribe");
 }
 
 /// The idempotency window the suite publishes with. A broker that takes its window from its

@@ -72,6 +72,11 @@ impl Stream {
         }
     }
 
+    /// The stream's epoch.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
     /// Memory this stream's history accounts for (data plus [`ENTRY_OVERHEAD`] per entry).
     pub fn cost(&self) -> usize {
         self.bytes + self.entries.len() * ENTRY_OVERHEAD

@@ -238,7 +238,8 @@ impl Broker for MemoryBroker {
                     .stream
                     .append(request.data, request.client_id, request.history, now, store);
             if state.subscribed > 0 {
-                self.events.on_publication(channel, &publication);
+                self.events
+                    .on_publication(channel, state.stream.epoch(), &publication);
             }
             if let Some(idempotency) = request.idempotency
                 && store

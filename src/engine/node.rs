@@ -79,9 +79,9 @@ fn text_frame(json: &str) -> Bytes {
 }
 
 impl BrokerEvents for Dispatcher {
-    fn on_publication(&self, channel: &str, publication: &Publication) {
+    fn on_publication(&self, channel: &str, epoch: &str, publication: &Publication) {
         if channel == CONTROL_CHANNEL {
-            return self.control.on_publication(publication);
+            return self.control.on_publication(epoch, publication);
         }
         if channel == DEFAULT_CHANNEL {
             // Legacy chat: the stored data *is* the legacy Chat frame; the sender gets no copy.
@@ -97,6 +97,7 @@ impl BrokerEvents for Dispatcher {
             &Frame::Publication {
                 channel,
                 offset: publication.offset,
+                epoch,
                 data: &publication.data,
                 client_id: publication.client_id,
             }

@@ -214,10 +214,14 @@ impl Inner {
         };
         live.run(
             || match self.subs.observe(channel, &stored.epoch, stored.offset) {
-                Continuity::Next => self.events.on_publication(channel, &publication),
+                Continuity::Next => {
+                    self.events
+                        .on_publication(channel, &stored.epoch, &publication);
+                }
                 Continuity::Gap => {
                     self.events.on_gap(channel);
-                    self.events.on_publication(channel, &publication);
+                    self.events
+                        .on_publication(channel, &stored.epoch, &publication);
                 }
                 Continuity::Seen | Continuity::Unwanted => {}
             },

@@ -296,10 +296,10 @@ impl Shared {
                     .subscriptions
                     .observe(channel, &epoch, publication.offset)
                 {
-                    Continuity::Next => self.events.on_publication(channel, &publication),
+                    Continuity::Next => self.events.on_publication(channel, &epoch, &publication),
                     Continuity::Gap => {
                         self.events.on_gap(channel);
-                        self.events.on_publication(channel, &publication);
+                        self.events.on_publication(channel, &epoch, &publication);
                     }
                     Continuity::Seen | Continuity::Unwanted => {}
                 }
