@@ -867,6 +867,23 @@ export class RustySocks {
       sub._catchUp.buffer.push(msg);
       return;
     }
+    // Publications carry the epoch of the stream their offset belongs to (an older server
+    // sends none: then it is the one held).
+    if (typeof msg.epoch === "string" && msg.epoch !== "" && sub.epoch != null && msg.epoch !== sub.epoch) {
+      if (sub.epoch === "" && (sub.offset ?? 0) === 0) {
+        // Subscribed before the channel's first publication (`{offset: 0, epoch: ""}`): that
+        // position is the start of whatever epoch the first publication began. Take it.
+        sub.epoch = msg.epoch;
+        sub.offset = 0;
+      } else {
+        // The stream restarted: offsets held mean nothing in the new epoch. Fetch the new
+        // epoch from its start (reported with `onGap`, `epochChanged: true`), then this one.
+        this._startCatchUp(sub, /** @type {number} */ (sub.offset));
+        const started = /** @type {null | {buffer: any[]}} */ (sub._catchUp);
+        if (started) started.buffer.push(msg);
+        return;
+      }
+    }
     if (typeof msg.offset !== "number" || sub.offset == null) {
       this._deliver(sub, msg);
       return;
@@ -943,7 +960,14 @@ export class RustySocks {
         // None of the missing ones is delivered; the live ones received meanwhile still are
         // (they follow the gap), then live publications continue after `top`.
         for (const msg of catchUp.buffer) {
-          if (typeof msg.offset === "number" && msg.offset > /** @type {number} */ (sub.offset)) this._deliver(sub, msg);
+          if (sub._catchUp) {
+            // A publication of yet another epoch started a new catch-up: it takes the rest.
+            sub._catchUp.buffer.push(msg);
+          } else if (typeof msg.epoch === "string" && msg.epoch !== "" && msg.epoch !== sub.epoch) {
+            this._onPublication(sub, msg);
+          } else if (typeof msg.offset === "number" && msg.offset > /** @type {number} */ (sub.offset)) {
+            this._deliver(sub, msg);
+          }
         }
         if (typeof top === "number" && top > /** @type {number} */ (sub.offset)) sub.offset = top;
       }
