@@ -350,4 +350,56 @@ mod tests {
             "sent before the node started"
         );
     }
+
+    #[tokio::test]
+    async fn a_gap_after_the_first_control_messages_applies_none_of_them_again() {
+        let broker = Arc::new(MemoryBroker::new(Arc::new(Recorder::default()), 1 << 30));
+        broker.subscribe(CONTROL_CHANNEL).await.expect("memory");
+        let sessions = Arc::new(Sessions::default());
+        let control = Arc::new(Control::new(Arc::clone(&sessions)));
+        let page = broker
+            .history(CONTROL_CHANNEL, None, 0)
+            .await
+            .expect("memory");
+        assert_eq!(page.position, StreamPosition::start(), "nothing sent yet");
+        control.baseline(page.position);
+        let stop = CancellationToken::new();
+        let _stopped = stop.clone().drop_guard();
+        tokio::spawn(Arc::clone(&control).run_recovery(broker.clone(), stop));
+        let (_u1, u1) = session(&sessions, "u1");
+        live(&control, &send(&broker, "u1").await);
+        assert!(closed(&u1).await);
+        // u1 reconnects; a gap makes the node recover from its cursor, which took the epoch
+        // of the first message.
+        let (_again, again) = session(&sessions, "u1");
+        control.on_gap();
+        let (_u2, u2) = session(&sessions, "u2");
+        send(&broker, "u2").await;
+        assert!(closed(&u2).await, "what was missed is recovered");
+        assert_eq!(again.close_requested(), None, "u1's message applied once");
+    }
+
+    #[tokio::test]
+    async fn a_restarted_control_stream_is_applied_from_its_start_not_taken_as_applied() {
+        // `old` is the control stream this node followed; `new` the one after the broker
+        // lost it (a new epoch, offsets from 1 again).
+        let old = Arc::new(MemoryBroker::new(Arc::new(Recorder::default()), 1 << 30));
+        let new = Arc::new(MemoryBroker::new(Arc::new(Recorder::default()), 1 << 30));
+        new.subscribe(CONTROL_CHANNEL).await.expect("memory");
+        let sessions = Arc::new(Sessions::default());
+        let control = Arc::new(Control::new(Arc::clone(&sessions)));
+        control.baseline(StreamPosition::start());
+        let stop = CancellationToken::new();
+        let _stopped = stop.clone().drop_guard();
+        tokio::spawn(Arc::clone(&control).run_recovery(new.clone(), stop));
+        let (_u1, u1) = session(&sessions, "u1");
+        live(&control, &send(&old, "u1").await);
+        assert!(closed(&u1).await);
+        let (_again, again) = session(&sessions, "u1");
+        // Offset 1 again, of the new epoch: a new message, not the one applied.
+        let (_u2, u2) = session(&sessions, "u2");
+        live(&control, &send(&new, "u2").await);
+        assert!(closed(&u2).await, "the new stream's offset 1 is applied");
+        assert_eq!(again.close_requested(), None, "u1's message is not in it");
+    }
 }
