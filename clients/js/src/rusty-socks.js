@@ -954,14 +954,21 @@ export class RustySocks {
       } else {
         this._call(sub, "onGap", { offset: gapOffset, recovered: recovered && !epochChanged, missed, epochChanged });
       }
+      // Live ones received meanwhile of an epoch other than the one history just reported
+      // belong to a life of the stream that is over (a newer one is announced by a `gap`,
+      // which fetches it): dropped, or they would start one catch-up after another.
+      const buffered = catchUp.buffer.filter(
+        (msg) => typeof msg.epoch !== "string" || msg.epoch === "" || sub.epoch === "" || msg.epoch === sub.epoch,
+      );
       if (recovered) {
-        for (const msg of catchUp.buffer) this._onPublication(sub, msg);
+        for (const msg of buffered) this._onPublication(sub, msg);
       } else {
         // None of the missing ones is delivered; the live ones received meanwhile still are
         // (they follow the gap), then live publications continue after `top`.
-        for (const msg of catchUp.buffer) {
+        for (const msg of buffered) {
           if (sub._catchUp) {
-            // A publication of yet another epoch started a new catch-up: it takes the rest.
+            // The first publication of a channel that was empty started a catch-up: it
+            // takes the rest.
             sub._catchUp.buffer.push(msg);
           } else if (typeof msg.epoch === "string" && msg.epoch !== "" && msg.epoch !== sub.epoch) {
             this._onPublication(sub, msg);

@@ -305,6 +305,25 @@ describe("subscriptions", () => {
     assert.deepEqual(sub.position, { offset: 3, epoch: "new" });
   });
 
+  test("a late publication of an epoch that is over is dropped after one check, never looping", async () => {
+    const c = client();
+    const ws = await connected(c);
+    const got = [];
+    const sub = c.subscribe("room", { onPublication: (p) => got.push(`${p.offset}@${p.epoch}`) });
+    answerSubscribe(ws, "room", { offset: 5, epoch: "new" });
+    ws.push({ type: "publication", channel: "room", offset: 7, epoch: "old", data: "stale" });
+    const histories = () => ws.sent.filter((f) => f.type === "history").length;
+    assert.equal(histories(), 1, "the server is asked which epoch is current");
+    const h = ws.lastSent("history", "room");
+    assert.deepEqual(h.since, { offset: 5, epoch: "new" });
+    ws.push({ type: "history", id: h.id, channel: "room", offset: 5, epoch: "new", complete: true, publications: [] });
+    await sleep(20);
+    assert.equal(histories(), 1, "no second check for the same stale publication");
+    ws.push({ type: "publication", channel: "room", offset: 6, epoch: "new", data: 6 });
+    assert.deepEqual(got, ["6@new"]);
+    assert.deepEqual(sub.position, { offset: 6, epoch: "new" });
+  });
+
   test("resubscribes with since after a reconnect and delivers the recovered ones once", async () => {
     const c = client();
     const ws = await connected(c);
