@@ -22,7 +22,7 @@ fn run(members: usize, messages: usize, size: usize) {
         let (outbox, rx) = Outbox::new(Uuid::new_v4(), 1024);
         let state = MemberState::recovering("bench", SlowPolicy::Disconnect, 1024);
         hub.subscribe(&outbox, Arc::clone(&state));
-        hub.finish_recovery(&state, 0);
+        hub.finish_recovery(&state, 0, 0);
         receivers.push(rx);
     }
     let frame: Bytes = encode(OpCode::Text, &vec![b'x'; size]);
@@ -33,7 +33,9 @@ fn run(members: usize, messages: usize, size: usize) {
     let mut sent = 0;
     while sent < messages {
         for _ in 0..batch.min(messages - sent) {
-            delivered += hub.deliver("bench", Some(sent as u64), &frame, None).queued as u64;
+            delivered += hub
+                .deliver("bench", Some((0, sent as u64)), &frame, None)
+                .queued as u64;
             sent += 1;
         }
         // Each session drains its outbox into its write buffer, then "writes" it.

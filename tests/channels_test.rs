@@ -44,7 +44,7 @@ async fn publications_reach_subscribers_with_sequential_offsets() {
     assert_eq!(sub["offset"], 0);
     assert_eq!(sub["recovered"], false);
     assert_eq!(sub["publications"], json!([]));
-    assert!(sub["epoch"].as_str().unwrap().len() >= 8);
+    assert_eq!(sub["epoch"], "", "no publication yet: no epoch");
 
     for n in 1..=3u64 {
         let reply = call(
@@ -57,9 +57,14 @@ async fn publications_reach_subscribers_with_sequential_offsets() {
             json!({"type":"published","id":format!("p{n}"),"channel":"news","offset":n})
         );
         let push = recv_json(&mut a).await;
+        let epoch = push["epoch"].as_str().unwrap_or_default();
+        assert!(
+            !epoch.is_empty(),
+            "the first publication started an epoch: {push}"
+        );
         assert_eq!(
             push,
-            json!({"type":"publication","channel":"news","offset":n,"data":{"n":n},"client_id":b_id})
+            json!({"type":"publication","channel":"news","offset":n,"epoch":epoch,"data":{"n":n},"client_id":b_id})
         );
     }
     // The publisher, subscribed too, gets its own publications.
@@ -167,6 +172,55 @@ async fn a_client_that_missed_50_publications_recovers_exactly_those() {
     // Live delivery continues with no gap.
     publish(&mut publisher, "chat:room", json!(56)).await;
     assert_eq!(recv_json(&mut back).await["offset"], 56);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_never_published_channel_is_at_offset_0_without_an_epoch_and_recovers_from_there() {
+    let server = TestServer::start(with_namespaces).await;
+    let (mut a, _) = v1_client(&server).await;
+    let h = call(&mut a, json!({"type":"history","id":0,"channel":"small:n"})).await;
+    assert_eq!((&h["offset"], &h["epoch"]), (&json!(0), &json!("")), "{h}");
+    let sub = subscribe(&mut a, "small:n").await;
+    assert_eq!(
+        (&sub["offset"], &sub["epoch"]),
+        (&json!(0), &json!("")),
+        "{sub}"
+    );
+    let start = json!({"offset":0,"epoch":""});
+    let (mut b, _) = v1_client(&server).await;
+    for n in 1..=5 {
+        publish(&mut b, "small:n", json!(n)).await;
+    }
+    let (mut c, _) = v1_client(&server).await;
+    let sub = call(
+        &mut c,
+        json!({"type":"subscribe","id":1,"channel":"small:n","since":start}),
+    )
+    .await;
+    assert_eq!(sub["recovered"], true, "{sub}");
+    assert_eq!(offsets(&sub["publications"]), vec![1, 2, 3, 4, 5]);
+    assert_ne!(sub["epoch"], "", "publishing started an epoch");
+    let page = call(
+        &mut c,
+        json!({"type":"history","id":2,"channel":"small:n","since":start}),
+    )
+    .await;
+    assert_eq!(page["complete"], true, "{page}");
+    for n in 6..=12 {
+        publish(&mut b, "small:n", json!(n)).await;
+    }
+    let (mut d, _) = v1_client(&server).await;
+    let sub = call(
+        &mut d,
+        json!({"type":"subscribe","id":3,"channel":"small:n","since":start}),
+    )
+    .await;
+    assert_eq!(
+        sub["recovered"], false,
+        "offsets 1 and 2 were trimmed: {sub}"
+    );
+    assert_eq!(sub["publications"], json!([]));
     server.stop().await;
 }
 
@@ -501,8 +555,9 @@ async fn a_non_reading_client_on_a_gap_namespace_gets_a_gap_and_catches_up() {
         .await;
     slow.send_text(r#"{"type":"subscribe","id":1,"channel":"live:feed"}"#)
         .await;
-    // Wait until the slow client is really subscribed (it still reads, for now).
-    let epoch = loop {
+    // Wait until the slow client is really subscribed (it still reads, for now). Its
+    // position is `{0, ""}` (nothing published yet); the publications bring the epoch.
+    let mut epoch = loop {
         let (_, payload) = slow.read_frame().await.unwrap();
         let frame: Value = serde_json::from_slice(&payload).unwrap();
         if frame["type"] == "subscribed" {
@@ -553,6 +608,7 @@ async fn a_non_reading_client_on_a_gap_namespace_gets_a_gap_and_catches_up() {
                 let offset = frame["offset"].as_u64().unwrap();
                 assert_eq!(offset, last + 1, "no hole before the gap");
                 last = offset;
+                epoch = frame["epoch"].clone();
             }
             "gap" => break frame,
             other => panic!("unexpected {other}: {frame}"),

@@ -190,14 +190,25 @@ impl Drop for Cluster {
 
 /// Reads pushes until `count` publications on `channel` arrived; returns their (offset, data).
 async fn publications(ws: &mut Ws, channel: &str, count: usize) -> Vec<(u64, Value)> {
+    publications_in_epoch(ws, channel, count).await.0
+}
+
+/// [`publications`] with the epoch of the last one (what a client keeps as its position).
+async fn publications_in_epoch(
+    ws: &mut Ws,
+    channel: &str,
+    count: usize,
+) -> (Vec<(u64, Value)>, String) {
     let mut got = Vec::new();
+    let mut epoch = String::new();
     while got.len() < count {
         let frame = recv_json(ws).await;
         if frame["type"] == "publication" && frame["channel"] == channel {
             got.push((frame["offset"].as_u64().unwrap(), frame["data"].clone()));
+            epoch = frame["epoch"].as_str().unwrap().to_owned();
         }
     }
-    got
+    (got, epoch)
 }
 
 async fn fan_out_reaches_every_node_once_in_order(kind: Kind) {
@@ -238,11 +249,11 @@ async fn a_client_moving_to_another_node_recovers_what_it_missed(kind: Kind) {
     let (mut publisher, _) = cluster[2].client().await;
     let (mut on_a, _) = cluster[0].client().await;
     let reply = subscribe(&mut on_a, "room").await;
-    let epoch = reply["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(reply["epoch"], "", "nothing published yet: {reply}");
     for n in 1..=5 {
         publish(&mut publisher, "room", json!(n)).await;
     }
-    let seen = publications(&mut on_a, "room", 5).await;
+    let (seen, epoch) = publications_in_epoch(&mut on_a, "room", 5).await;
     let last = seen.last().unwrap().0;
     drop(on_a);
     for n in 6..=10 {
@@ -550,6 +561,10 @@ impl Received {
             Some("publication") => {
                 assert_eq!(frame["channel"], self.channel, "{frame}");
                 let offset = frame["offset"].as_u64().unwrap();
+                // A client keeps the epoch of the publications it gets.
+                if let Some(epoch) = frame["epoch"].as_str() {
+                    self.epoch = epoch.to_owned();
+                }
                 assert!(
                     offset > last,
                     "publication {offset} after {last}: delivered twice or out of order \
@@ -765,10 +780,10 @@ mod redis_only {
         let (mut legacy, _) = join_url(&cluster[1].ws()).await;
         // A v1 connection on no channel at all: a gap on `default` is none of its business.
         let (mut bystander, _) = cluster[1].client().await;
-        let reply = subscribe(&mut subscriber, "room").await;
-        let epoch = reply["epoch"].as_str().unwrap().to_owned();
+        subscribe(&mut subscriber, "room").await;
         publish(&mut publisher, "room", json!(1)).await;
-        assert_eq!(publications(&mut subscriber, "room", 1).await[0].0, 1);
+        let (first, epoch) = publications_in_epoch(&mut subscriber, "room", 1).await;
+        assert_eq!(first[0].0, 1);
 
         let mut conn = ::redis::Client::open(broker.url().as_str())
             .unwrap()

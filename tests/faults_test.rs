@@ -284,10 +284,11 @@ async fn fails_while_down(node: &TestServer, ws: &mut Ws, channel: &str) {
 /// starting after `last`: delivered live, or, after a `gap` frame, read back with `history`.
 /// A publication skipped without a gap frame fails the test (a silent loss). `gaps` counts the
 /// gap frames seen so far (after one, live copies of what `history` returned are expected).
+/// `epoch` is the client's: taken from every publication, as a client keeps it.
 async fn receives_everything(
     ws: &mut Ws,
     channel: &str,
-    epoch: &str,
+    epoch: &mut String,
     mut last: u64,
     through: u64,
     gaps: &mut usize,
@@ -304,6 +305,9 @@ async fn receives_everything(
         match frame["type"].as_str() {
             Some("publication") if frame["channel"] == channel => {
                 let offset = frame["offset"].as_u64().unwrap();
+                if let Some(e) = frame["epoch"].as_str() {
+                    *epoch = e.to_owned();
+                }
                 if offset <= last {
                     assert!(*gaps > 0, "a duplicate without a gap: {frame}");
                 } else if offset == last + 1 && !waiting {
@@ -320,7 +324,7 @@ async fn receives_everything(
                 if !waiting {
                     waiting = true;
                     let command = json!({"type":"history","id":"recover","channel":channel,
-                                         "since":{"offset":last,"epoch":epoch}});
+                                         "since":{"offset":last,"epoch":*epoch}});
                     send_text(ws, &command.to_string()).await;
                 }
             }
@@ -396,10 +400,10 @@ async fn survives(kind: Kind, fault: Fault) {
     let (mut subscriber, _) = v1_client(&b).await;
     let (mut other, _) = v1_client(&b).await;
     let reply = subscribe(&mut subscriber, "room").await;
-    let epoch = reply["epoch"].as_str().unwrap().to_owned();
+    let mut epoch = reply["epoch"].as_str().unwrap().to_owned();
     publish(&mut publisher, "room", json!(1)).await;
     let mut gaps = 0;
-    receives_everything(&mut subscriber, "room", &epoch, 0, 1, &mut gaps).await;
+    receives_everything(&mut subscriber, "room", &mut epoch, 0, 1, &mut gaps).await;
     assert_eq!(health(&b).await, 200);
 
     match fault {
@@ -437,10 +441,10 @@ async fn survives(kind: Kind, fault: Fault) {
     // `unavailable` may have been stored too: the subscriber must see it either way).
     let end = publish_when_back(&mut publisher, "room", json!("after")).await;
     assert!(end > last);
-    receives_everything(&mut subscriber, "room", &epoch, 1, end, &mut gaps).await;
+    receives_everything(&mut subscriber, "room", &mut epoch, 1, end, &mut gaps).await;
     // B itself publishes again, and its subscriber gets it live.
     let mine = publish_when_back(&mut other, "room", json!("from b")).await;
-    receives_everything(&mut subscriber, "room", &epoch, end, mine, &mut gaps).await;
+    receives_everything(&mut subscriber, "room", &mut epoch, end, mine, &mut gaps).await;
     drop(proxy);
     a.stop().await;
     b.stop().await;

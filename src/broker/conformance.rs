@@ -12,8 +12,8 @@ use serde_json::value::RawValue;
 
 use super::{Broker, BrokerEvents, ClientInfo, Idempotency, PublishRequest};
 use crate::broker::history::HistoryLimits;
-use crate::types::ClientId;
-use crate::types::Publication;
+use crate::types::position::is_complete_replay;
+use crate::types::{ClientId, Publication, StreamPosition};
 
 /// What a broker delivered, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +32,8 @@ pub enum Event {
 #[derive(Debug, Default)]
 pub struct Recorder {
     events: Mutex<Vec<Event>>,
+    /// `(channel, offset, epoch)` of every publication delivered, in order.
+    epochs: Mutex<Vec<(String, u64, String)>>,
 }
 
 impl Recorder {
@@ -40,6 +42,17 @@ impl Recorder {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(event);
+    }
+
+    /// The epoch each publication on `channel` was delivered with, as `(offset, epoch)`.
+    pub fn epochs(&self, channel: &str) -> Vec<(u64, String)> {
+        self.epochs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|(c, _, _)| c == channel)
+            .map(|(_, offset, epoch)| (*offset, epoch.clone()))
+            .collect()
     }
 
     /// Everything recorded for channels starting with `prefix`.
@@ -79,7 +92,11 @@ impl Recorder {
 }
 
 impl BrokerEvents for Recorder {
-    fn on_publication(&self, channel: &str, publication: &Publication) {
+    fn on_publication(&self, channel: &str, epoch: &str, publication: &Publication) {
+        self.epochs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((channel.to_owned(), publication.offset, epoch.to_owned()));
         self.push(Event::Publication(channel.to_owned(), publication.offset));
     }
     fn on_join(&self, channel: &str, client: &ClientInfo) {
@@ -145,6 +162,41 @@ where
     history_ages_out_but_offsets_and_epoch_stay(&make).await;
     idempotency_keys_publish_once_per_channel(&make).await;
     idempotency_keys_are_forgotten_after_their_window(&make).await;
+    live_publications_carry_their_epoch(&make).await;
+    a_never_published_channel_reads_as_the_start_and_recovers_from_it(&make).await;
+}
+
+/// Every live delivery names the epoch its offset belongs to: the one `publish` and
+/// `history` report for the channel.
+async fn live_publications_carry_their_epoch<F, Fut>(make: &F)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let events = Arc::new(Recorder::default());
+    let broker = make(events.clone()).await;
+    let p = prefix();
+    let c = format!("{p}:epoch");
+    broker.subscribe(&c).await.expect("subscribe");
+    let mut epoch = String::new();
+    for n in 1..=3 {
+        epoch = broker
+            .publish(&c, request(n))
+            .await
+            .expect("publish")
+            .position
+            .epoch;
+    }
+    events.wait_for(&p, 3).await;
+    assert!(!epoch.is_empty());
+    let page = broker.history(&c, None, 0).await.expect("history");
+    assert_eq!(page.position.epoch, epoch);
+    assert_eq!(
+        events.epochs(&c),
+        (1..=3).map(|n| (n, epoch.clone())).collect::<Vec<_>>(),
+        "each live publication with its stream's epoch"
+    );
+    broker.unsubscribe(&c).await.expect("unsubscribe");
 }
 
 /// The idempotency window the suite publishes with. A broker that takes its window from its
@@ -521,5 +573,90 @@ where
         first.map(|p| p.epoch),
         "the stream's life did not end"
     );
+    broker.unsubscribe(&c).await.expect("unsubscribe");
+}
+
+/// A channel without publications is at [`StreamPosition::start`] for every read (reads store
+/// nothing, so there is no epoch to tell), and a subscriber holding that position after
+/// publications started recovers all of them while offset 1 is still in history, and not
+/// once it is gone. Live delivery from the start position reports no gap.
+async fn a_never_published_channel_reads_as_the_start_and_recovers_from_it<F, Fut>(make: &F)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let events = Arc::new(Recorder::default());
+    let broker = make(events.clone()).await;
+    let p = prefix();
+    let c = format!("{p}:never");
+    for _ in 0..2 {
+        let page = broker.history(&c, None, 10).await.expect("history");
+        assert_eq!(page.position, StreamPosition::start(), "no publication yet");
+        assert!(page.publications.is_empty());
+        let page = broker.history(&c, Some(0), 10).await.expect("history");
+        assert_eq!(page.position, StreamPosition::start());
+        assert!(broker.presence(&c).await.expect("presence").is_empty());
+    }
+    broker.subscribe(&c).await.expect("subscribe");
+    let page = broker.history(&c, None, 0).await.expect("history");
+    assert_eq!(
+        page.position,
+        StreamPosition::start(),
+        "subscribing stores nothing"
+    );
+    let start = page.position;
+    for n in 1..=3 {
+        broker.publish(&c, request(n)).await.expect("publish");
+    }
+    let got = events.wait_for(&p, 3).await;
+    let expected: Vec<Event> = (1..=3).map(|n| Event::Publication(c.clone(), n)).collect();
+    assert_eq!(got, expected, "delivered from offset 1, no gap reported");
+    let page = broker
+        .history(&c, Some(0), usize::MAX)
+        .await
+        .expect("history");
+    assert_eq!(page.position.offset, 3);
+    assert!(
+        !page.position.epoch.is_empty(),
+        "publishing starts an epoch"
+    );
+    assert_eq!(
+        events.epochs(&c),
+        (1..=3)
+            .map(|n| (n, page.position.epoch.clone()))
+            .collect::<Vec<_>>(),
+        "live deliveries carry the epoch the first publication started"
+    );
+    let kept_empty = StreamPosition {
+        offset: 3,
+        epoch: String::new(),
+    };
+    assert!(
+        !is_complete_replay(&kept_empty, &page.position, &[]),
+        "offsets above 0 with the empty epoch are read in no epoch"
+    );
+    assert!(
+        is_complete_replay(&start, &page.position, &page.publications),
+        "everything from offset 1 is recovered"
+    );
+    for n in 4..=15 {
+        broker.publish(&c, request(n)).await.expect("publish");
+    }
+    let page = broker
+        .history(&c, Some(0), usize::MAX)
+        .await
+        .expect("history");
+    assert_eq!(page.position.offset, 15);
+    assert!(
+        !is_complete_replay(&start, &page.position, &page.publications),
+        "offset 1 left history (10 kept): not recovered"
+    );
+    let gaps = events
+        .wait_for(&p, 15)
+        .await
+        .into_iter()
+        .filter(|e| matches!(e, Event::Gap(_)))
+        .count();
+    assert_eq!(gaps, 0);
     broker.unsubscribe(&c).await.expect("unsubscribe");
 }

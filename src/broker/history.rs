@@ -54,10 +54,12 @@ impl Default for Stream {
 }
 
 impl Stream {
-    /// A new stream life with a fresh epoch.
+    /// A new stream life. It has no epoch until its first publication (its position is
+    /// [`StreamPosition::start`] until then), so a read of a channel that never had one
+    /// tells every reader the same position.
     pub fn new() -> Self {
         Self {
-            epoch: new_epoch(),
+            epoch: String::new(),
             offset: 0,
             entries: VecDeque::new(),
             bytes: 0,
@@ -70,6 +72,11 @@ impl Stream {
             offset: self.offset,
             epoch: self.epoch.clone(),
         }
+    }
+
+    /// The stream's epoch.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     /// Memory this stream's history accounts for (data plus [`ENTRY_OVERHEAD`] per entry).
@@ -86,6 +93,9 @@ impl Stream {
         now: Instant,
         store: bool,
     ) -> Publication {
+        if self.epoch.is_empty() {
+            self.epoch = new_epoch();
+        }
         self.offset += 1;
         let publication = Publication {
             offset: self.offset,
@@ -231,10 +241,12 @@ mod tests {
 
     #[test]
     fn epochs_differ_between_lives() {
-        assert_ne!(
-            Stream::new().position().epoch,
-            Stream::new().position().epoch
-        );
+        let epoch = || {
+            let mut s = Stream::new();
+            s.append(data(1), None, LIMITS, Instant::now(), true);
+            s.position().epoch
+        };
+        assert_ne!(epoch(), epoch());
     }
 
     #[test]
@@ -259,5 +271,57 @@ mod tests {
             epoch: "other".into(),
         };
         assert!(!is_complete_replay(&other, &current, &s.read(Some(3), 100)));
+    }
+
+    #[test]
+    fn the_start_position_comes_before_offset_one_of_any_epoch() {
+        let start = StreamPosition::start();
+        let mut s = Stream::new();
+        assert_eq!(s.position(), start, "no publication yet: no epoch");
+        assert!(is_complete_replay(&start, &start, &[]));
+        assert!(continues_from(&start, &start, &[]));
+        let now = Instant::now();
+        for n in 0..3 {
+            s.append(data(n), None, LIMITS, now, true);
+        }
+        let current = s.position();
+        assert!(
+            !current.epoch.is_empty(),
+            "the first publication starts an epoch"
+        );
+        assert!(is_complete_replay(&start, &current, &s.read(Some(0), 100)));
+        assert!(continues_from(&start, &current, &s.read(Some(0), 1)));
+        s.append(data(3), None, LIMITS, now, true);
+        let current = s.position();
+        assert!(
+            !is_complete_replay(&start, &current, &s.read(Some(0), 100)),
+            "offset 1 was trimmed"
+        );
+        assert!(!continues_from(&start, &current, &s.read(Some(0), 100)));
+        let zero_of_another = StreamPosition {
+            offset: 0,
+            epoch: "other".into(),
+        };
+        assert!(
+            !is_complete_replay(&zero_of_another, &current, &s.read(Some(0), 100)),
+            "only the empty epoch is the start of every epoch"
+        );
+        // A client that kept the empty epoch past offset 0 (live publications carry their
+        // epoch, so it should have taken it): its offsets may be of a life that is gone, so
+        // they are read in no epoch.
+        let kept_empty = StreamPosition {
+            offset: 3,
+            epoch: String::new(),
+        };
+        assert!(!is_complete_replay(
+            &kept_empty,
+            &current,
+            &s.read(Some(3), 100)
+        ));
+        assert!(!continues_from(
+            &kept_empty,
+            &current,
+            &s.read(Some(3), 100)
+        ));
     }
 }

@@ -116,6 +116,8 @@ impl Subscriptions {
         let verdict = match &entry.last {
             None if entry.doubt => Continuity::Gap,
             None => Continuity::Next,
+            // Read before the first publication: offset 1 of any epoch is the next one.
+            Some(last) if last.is_start() && offset == 1 => Continuity::Next,
             Some(last) if last.epoch != epoch => Continuity::Gap,
             Some(last) if offset <= last.offset => return Continuity::Seen,
             Some(last) if offset == last.offset + 1 => Continuity::Next,
@@ -224,6 +226,26 @@ mod tests {
         assert_eq!(subs.observe("c", "e", 6), Continuity::Gap);
         assert_eq!(subs.observe("c", "e", 7), Continuity::Next);
         assert_eq!(subs.observe("c", "f", 1), Continuity::Gap);
+    }
+
+    #[test]
+    fn a_channel_read_before_its_first_publication_continues_into_any_epoch() {
+        let subs = Subscriptions::default();
+        subs.add("c");
+        subs.baseline("c", StreamPosition::start());
+        assert_eq!(subs.observe("c", "e", 1), Continuity::Next);
+        assert_eq!(subs.observe("c", "e", 2), Continuity::Next);
+        subs.add("d");
+        subs.baseline("d", StreamPosition::start());
+        assert_eq!(
+            subs.observe("d", "e", 2),
+            Continuity::Gap,
+            "offset 1 was skipped"
+        );
+        subs.add("f");
+        subs.baseline("f", StreamPosition::start());
+        assert!(!subs.catch_up("f", StreamPosition::start()));
+        assert!(subs.catch_up("f", at(1, "e")), "published meanwhile");
     }
 
     #[test]

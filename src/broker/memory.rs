@@ -3,8 +3,10 @@
 //! Channels are spread over independently locked stripes. Publishing takes the channel's stripe
 //! for the whole assign-offset / append / deliver step (synchronous work only, never across an
 //! `.await`), which makes offsets gapless and delivery ordered. A channel's state is freed when
-//! the node is not subscribed, no history is retained and nobody is present; the next use then
-//! starts a new epoch, which is exactly what a client must be told.
+//! the node is not subscribed, no history is retained and nobody is present; the next
+//! publication then starts a new epoch, which is exactly what a client must be told. Reads of
+//! a channel without state (history, presence) leave none behind, and tell the position
+//! [`StreamPosition::start`] until the first publication.
 //!
 //! Idempotency keys live in the channel's state too, so they die with its epoch (a key never
 //! returns an offset of another life of the channel) and keep the state, and with it the
@@ -238,7 +240,8 @@ impl Broker for MemoryBroker {
                     .stream
                     .append(request.data, request.client_id, request.history, now, store);
             if state.subscribed > 0 {
-                self.events.on_publication(channel, &publication);
+                self.events
+                    .on_publication(channel, state.stream.epoch(), &publication);
             }
             if let Some(idempotency) = request.idempotency
                 && store
@@ -370,6 +373,29 @@ mod tests {
             .map(|s| s.lock().map(|s| s.channels.len()).unwrap_or(0))
             .sum();
         assert_eq!(total, 0);
+    }
+
+    fn channels(broker: &MemoryBroker) -> usize {
+        broker
+            .stripes
+            .iter()
+            .map(|s| s.lock().map(|s| s.channels.len()).unwrap_or(0))
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn reading_a_never_published_channel_keeps_no_state() {
+        let broker = MemoryBroker::new(Arc::new(conformance::Recorder::default()), 1 << 30);
+        for n in 0..1000 {
+            let c = format!("c{n}");
+            let page = broker.history(&c, Some(0), 10).await.expect("memory");
+            assert_eq!(page.position, StreamPosition::start());
+            assert!(broker.presence(&c).await.expect("memory").is_empty());
+            broker.subscribe(&c).await.expect("memory");
+            broker.unsubscribe(&c).await.expect("memory");
+        }
+        assert_eq!(channels(&broker), 0);
+        assert_eq!(broker.history_bytes(), 0);
     }
 
     #[tokio::test]

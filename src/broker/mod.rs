@@ -121,8 +121,11 @@ pub struct HistoryPage {
 /// Called synchronously by the memory broker while it holds the channel's lock, and from a
 /// receive task by networked brokers; implementations must not block.
 pub trait BrokerEvents: Send + Sync {
-    /// A publication on a channel this node subscribed to, in offset order.
-    fn on_publication(&self, channel: &str, publication: &Publication);
+    /// A publication on a channel this node subscribed to, in offset order, with the epoch of
+    /// the stream it belongs to: a subscriber that read the channel before its first
+    /// publication (position `{offset: 0, epoch: ""}`) learns the epoch from it, and one that
+    /// outlived a restart can tell the new stream's offsets from the old one's.
+    fn on_publication(&self, channel: &str, epoch: &str, publication: &Publication);
     /// A client joined a channel this node subscribed to.
     fn on_join(&self, channel: &str, client: &ClientInfo);
     /// A client left a channel this node subscribed to.

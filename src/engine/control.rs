@@ -77,12 +77,26 @@ impl Control {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A control publication delivered live by the broker.
-    pub fn on_publication(&self, publication: &Publication) {
+    /// A control publication delivered live by the broker, in the stream's `epoch`.
+    pub fn on_publication(&self, epoch: &str, publication: &Publication) {
         let mut cursor = self.cursor();
         let offset = publication.offset;
         if cursor.recovering {
             cursor.seen_live = cursor.seen_live.max(offset);
+            return;
+        }
+        // A cursor taken before the first control message (`{0, ""}`) is the start of the
+        // epoch that message began: from here on its offsets count in that epoch.
+        if cursor.epoch.as_deref() == Some("") && cursor.offset.unwrap_or(0) == 0 {
+            cursor.epoch = Some(epoch.to_owned());
+        }
+        if cursor.epoch.as_deref().is_some_and(|known| known != epoch) {
+            // The control stream restarted (the broker lost it): its offsets say nothing
+            // about what was applied, so the recovery reads the new life from its start.
+            cursor.recovering = true;
+            cursor.seen_live = offset;
+            drop(cursor);
+            self.wake.notify_one();
             return;
         }
         match cursor.offset {
@@ -245,24 +259,30 @@ mod tests {
         (registration, rx)
     }
 
-    async fn send(broker: &MemoryBroker, user: &str) -> Publication {
+    /// A control message as the broker delivers it live: its epoch and the publication.
+    type Sent = (String, Publication);
+
+    fn live(control: &Control, (epoch, publication): &Sent) {
+        control.on_publication(epoch, publication);
+    }
+
+    async fn send(broker: &MemoryBroker, user: &str) -> Sent {
         let request = PublishRequest {
             data: json(&serde_json::json!({ "disconnect": user }).to_string()),
             client_id: None,
             history: CONTROL_HISTORY,
             idempotency: None,
         };
-        let offset = broker
+        let position = broker
             .publish(CONTROL_CHANNEL, request)
             .await
             .expect("memory")
-            .position
-            .offset;
+            .position;
         let page = broker
-            .history(CONTROL_CHANNEL, Some(offset - 1), 1)
+            .history(CONTROL_CHANNEL, Some(position.offset - 1), 1)
             .await
             .expect("memory");
-        page.publications[0].clone()
+        (position.epoch, page.publications[0].clone())
     }
 
     async fn closed(rx: &OutboxReceiver) -> bool {
@@ -294,7 +314,7 @@ mod tests {
 
         // Live, in order.
         let (_u1, u1) = session(&sessions, "u1");
-        control.on_publication(&send(&broker, "u1").await);
+        live(&control, &send(&broker, "u1").await);
         assert!(closed(&u1).await);
         // Missed while the link was down, then a gap; one more arrives live meanwhile.
         let (_u2, u2) = session(&sessions, "u2");
@@ -303,22 +323,22 @@ mod tests {
         send(&broker, "u2").await;
         let late = send(&broker, "u3").await;
         control.on_gap();
-        control.on_publication(&send(&broker, "u4").await);
+        live(&control, &send(&broker, "u4").await);
         assert!(closed(&u2).await && closed(&u3).await && closed(&u4).await);
         // A hole in live delivery that nobody reported is recovered too.
         let (_u5, u5) = session(&sessions, "u5");
         let (_u6, u6) = session(&sessions, "u6");
         send(&broker, "u5").await;
-        control.on_publication(&send(&broker, "u6").await);
+        live(&control, &send(&broker, "u6").await);
         assert!(closed(&u5).await && closed(&u6).await);
         // Once: a late copy of an applied message, and anything from before the node
         // started, close nobody (these users reconnected).
         let (_again, again) = session(&sessions, "u3");
-        control.on_publication(&late);
-        control.on_publication(&old);
+        live(&control, &late);
+        live(&control, &old);
         control.on_gap();
         let (_u7, u7) = session(&sessions, "u7");
-        control.on_publication(&send(&broker, "u7").await);
+        live(&control, &send(&broker, "u7").await);
         assert!(
             closed(&u7).await,
             "what arrived during the recovery is applied too"
@@ -329,5 +349,57 @@ mod tests {
             None,
             "sent before the node started"
         );
+    }
+
+    #[tokio::test]
+    async fn a_gap_after_the_first_control_messages_applies_none_of_them_again() {
+        let broker = Arc::new(MemoryBroker::new(Arc::new(Recorder::default()), 1 << 30));
+        broker.subscribe(CONTROL_CHANNEL).await.expect("memory");
+        let sessions = Arc::new(Sessions::default());
+        let control = Arc::new(Control::new(Arc::clone(&sessions)));
+        let page = broker
+            .history(CONTROL_CHANNEL, None, 0)
+            .await
+            .expect("memory");
+        assert_eq!(page.position, StreamPosition::start(), "nothing sent yet");
+        control.baseline(page.position);
+        let stop = CancellationToken::new();
+        let _stopped = stop.clone().drop_guard();
+        tokio::spawn(Arc::clone(&control).run_recovery(broker.clone(), stop));
+        let (_u1, u1) = session(&sessions, "u1");
+        live(&control, &send(&broker, "u1").await);
+        assert!(closed(&u1).await);
+        // u1 reconnects; a gap makes the node recover from its cursor, which took the epoch
+        // of the first message.
+        let (_again, again) = session(&sessions, "u1");
+        control.on_gap();
+        let (_u2, u2) = session(&sessions, "u2");
+        send(&broker, "u2").await;
+        assert!(closed(&u2).await, "what was missed is recovered");
+        assert_eq!(again.close_requested(), None, "u1's message applied once");
+    }
+
+    #[tokio::test]
+    async fn a_restarted_control_stream_is_applied_from_its_start_not_taken_as_applied() {
+        // `old` is the control stream this node followed; `new` the one after the broker
+        // lost it (a new epoch, offsets from 1 again).
+        let old = Arc::new(MemoryBroker::new(Arc::new(Recorder::default()), 1 << 30));
+        let new = Arc::new(MemoryBroker::new(Arc::new(Recorder::default()), 1 << 30));
+        new.subscribe(CONTROL_CHANNEL).await.expect("memory");
+        let sessions = Arc::new(Sessions::default());
+        let control = Arc::new(Control::new(Arc::clone(&sessions)));
+        control.baseline(StreamPosition::start());
+        let stop = CancellationToken::new();
+        let _stopped = stop.clone().drop_guard();
+        tokio::spawn(Arc::clone(&control).run_recovery(new.clone(), stop));
+        let (_u1, u1) = session(&sessions, "u1");
+        live(&control, &send(&old, "u1").await);
+        assert!(closed(&u1).await);
+        let (_again, again) = session(&sessions, "u1");
+        // Offset 1 again, of the new epoch: a new message, not the one applied.
+        let (_u2, u2) = session(&sessions, "u2");
+        live(&control, &send(&new, "u2").await);
+        assert!(closed(&u2).await, "the new stream's offset 1 is applied");
+        assert_eq!(again.close_requested(), None, "u1's message is not in it");
     }
 }

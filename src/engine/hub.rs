@@ -12,7 +12,7 @@
 //! outbox overflowed on a `gap` namespace, so frames are dropped until the gap is reported).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, DefaultHasher, Hash, Hasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -26,8 +26,21 @@ use crate::ws::close::CloseCode;
 
 const SHARDS: usize = 64;
 
-/// A frame waiting in a recovering member's buffer, with its offset if it is a publication.
-pub type Buffered = (Option<u64>, Bytes);
+/// A frame waiting in a recovering member's buffer, with its epoch's [`epoch_tag`] and offset
+/// if it is a publication.
+pub type Buffered = (Option<(u64, u64)>, Bytes);
+
+/// A number standing for an epoch, so that every delivery can compare epochs without a lock
+/// or an allocation: 0 for the empty epoch (a channel without publications), a hash of the
+/// epoch otherwise (two epochs of one channel colliding is a 1 in 2^64 chance).
+pub fn epoch_tag(epoch: &str) -> u64 {
+    if epoch.is_empty() {
+        return 0;
+    }
+    let mut hasher = DefaultHasher::new();
+    epoch.hash(&mut hasher);
+    hasher.finish().max(1)
+}
 
 /// One connection's subscription to one channel.
 #[derive(Debug)]
@@ -39,6 +52,10 @@ pub struct MemberState {
     recovering: AtomicBool,
     buffer: Mutex<Vec<Buffered>>,
     gapped: AtomicBool,
+    /// The [`epoch_tag`] of the stream `last_offset` and `replayed_through` count in. A
+    /// publication of another epoch starts both again: its offsets say nothing about the old
+    /// ones (a late copy check across epochs would drop the new stream's first publications).
+    epoch: AtomicU64,
     last_offset: AtomicU64,
     /// Publications up to this offset were in the recovery's replay or live frames already:
     /// a networked broker may still deliver them after recovery finished (history and live
@@ -67,13 +84,15 @@ impl MemberState {
             recovering: AtomicBool::new(true),
             buffer: Mutex::default(),
             gapped: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
             last_offset: AtomicU64::new(0),
             replayed_through: AtomicU64::new(0),
             left: AtomicU8::new(0),
         })
     }
 
-    /// Offset of the last publication queued for this member.
+    /// Offset of the last publication queued for this member (in its epoch, see
+    /// [`MemberState::enter_epoch`]).
     pub fn last_offset(&self) -> u64 {
         self.last_offset.load(Ordering::Acquire)
     }
@@ -81,6 +100,19 @@ impl MemberState {
     /// Records that everything up to `offset` has been handed to the client.
     pub fn delivered_up_to(&self, offset: u64) {
         self.last_offset.fetch_max(offset, Ordering::AcqRel);
+    }
+
+    /// Makes `epoch` (an [`epoch_tag`]) the member's stream; if it was another one, what was
+    /// delivered or replayed of that one counts no more. Deliveries to one member come from
+    /// one broker path in order, so this does not race with itself.
+    pub fn enter_epoch(&self, epoch: u64) {
+        // A load first: on every delivery, and almost always the same epoch.
+        if self.epoch.load(Ordering::Acquire) != epoch
+            && self.epoch.swap(epoch, Ordering::AcqRel) != epoch
+        {
+            self.last_offset.store(0, Ordering::Release);
+            self.replayed_through.store(0, Ordering::Release);
+        }
     }
 
     /// Records that the client got everything up to `offset` when its recovery finished, so a
@@ -323,11 +355,18 @@ impl Hub {
 
     /// Ends recovery: returns the frames buffered meanwhile, after which frames go straight to
     /// the outbox. Taking the buffer and switching mode happen under the buffer's lock, so no
-    /// frame is both buffered and queued, and none is lost.
-    pub fn finish_recovery(&self, state: &MemberState, replayed_through: u64) -> Vec<Buffered> {
+    /// frame is both buffered and queued, and none is lost. `epoch` is the [`epoch_tag`] of
+    /// the position the recovery read, `replayed_through` its offset.
+    pub fn finish_recovery(
+        &self,
+        state: &MemberState,
+        epoch: u64,
+        replayed_through: u64,
+    ) -> Vec<Buffered> {
         let mut buffer = state.lock_buffer();
         // Before live delivery starts: a late copy of a replayed publication arriving right
         // after the switch must already be recognised.
+        state.enter_epoch(epoch);
         state.replayed_through(replayed_through);
         state.recovering.store(false, Ordering::Release);
         std::mem::take(&mut *buffer)
@@ -350,8 +389,9 @@ impl Hub {
         }
     }
 
-    /// Queues one encoded frame to every local member of `channel` except `skip`. `offset` is
-    /// the publication's offset, used to merge recovery buffers; `None` marks a join, leave
+    /// Queues one encoded frame to every local member of `channel` except `skip`. `publication`
+    /// is the publication's [`epoch_tag`] and offset, used to merge recovery buffers and drop
+    /// late copies of replayed publications (of the same epoch only); `None` marks a join, leave
     /// or `Disconnect` notice, which is dropped rather than ever making a member a slow
     /// consumer: past the channel's [`NOTICE_FRAMES_PER_SECOND`], or for a member whose queue
     /// holds too much already (`outbox::NOTICE_QUEUE_LIMIT`), and a publication pushes queued
@@ -359,7 +399,7 @@ impl Hub {
     pub fn deliver(
         &self,
         channel: &str,
-        offset: Option<u64>,
+        publication: Option<(u64, u64)>,
         frame: &Bytes,
         skip: Option<ClientId>,
     ) -> Delivery {
@@ -368,7 +408,7 @@ impl Hub {
         let Some(entry) = shard.get(channel) else {
             return delivery;
         };
-        if offset.is_none() {
+        if publication.is_none() {
             let skipped = skip.is_some_and(|id| entry.members.contains_key(&id));
             let frames = entry.members.len() - usize::from(skipped);
             let allowed = entry
@@ -385,7 +425,7 @@ impl Hub {
             if Some(*id) == skip {
                 continue;
             }
-            match deliver_one(member, offset, frame) {
+            match deliver_one(member, publication, frame) {
                 Outcome::Queued => delivery.queued += 1,
                 Outcome::QueuedOverNotice => {
                     delivery.queued += 1;
@@ -456,25 +496,26 @@ impl Hub {
     }
 }
 
-fn deliver_one(member: &Member, offset: Option<u64>, frame: &Bytes) -> Outcome {
+fn deliver_one(member: &Member, publication: Option<(u64, u64)>, frame: &Bytes) -> Outcome {
     let state = &member.state;
     if state.recovering.load(Ordering::Acquire) {
         let mut buffer = state.lock_buffer();
         // Re-checked under the lock: recovery may have finished while we waited for it.
         if state.recovering.load(Ordering::Acquire) {
-            return buffer_one(&mut buffer, member, offset, frame);
+            return buffer_one(&mut buffer, member, publication, frame);
         }
     }
     if state.gapped.load(Ordering::Acquire) {
         return Outcome::Dropped;
     }
-    let Some(offset) = offset else {
+    let Some((epoch, offset)) = publication else {
         return match member.outbox.try_push_notice(frame.clone()) {
             Push::Queued => Outcome::Queued,
             Push::Closed => Outcome::Dropped,
             _ => Outcome::NoticeDropped,
         };
     };
+    state.enter_epoch(epoch);
     if offset <= state.replayed_through.load(Ordering::Acquire) {
         // Already in the client's replay (see `MemberState::replayed_through`).
         return Outcome::Queued;
@@ -509,11 +550,11 @@ fn deliver_one(member: &Member, offset: Option<u64>, frame: &Bytes) -> Outcome {
 fn buffer_one(
     buffer: &mut Vec<Buffered>,
     member: &Member,
-    offset: Option<u64>,
+    publication: Option<(u64, u64)>,
     frame: &Bytes,
 ) -> Outcome {
     let limit = member.state.buffer_limit;
-    if offset.is_none() {
+    if publication.is_none() {
         let notices = (limit / 2).clamp(1, crate::engine::outbox::NOTICE_QUEUE_LIMIT);
         if buffer.len() >= notices {
             return Outcome::NoticeDropped;
@@ -534,7 +575,7 @@ fn buffer_one(
             }
         }
     }
-    buffer.push((offset, frame.clone()));
+    buffer.push((publication, frame.clone()));
     outcome
 }
 
@@ -556,7 +597,7 @@ mod tests {
         let (outbox, rx) = Outbox::new(Uuid::new_v4(), capacity);
         let state = MemberState::recovering(channel, policy, 8);
         hub.subscribe(&outbox, Arc::clone(&state));
-        hub.finish_recovery(&state, 0);
+        hub.finish_recovery(&state, 0, 0);
         (outbox, rx, state)
     }
 
@@ -565,7 +606,12 @@ mod tests {
         let hub = Hub::new();
         let (a, mut ra, _) = member(&hub, "room", 4, SlowPolicy::Disconnect);
         let (_b, mut rb, _) = member(&hub, "room", 4, SlowPolicy::Disconnect);
-        let d = hub.deliver("room", Some(1), &Bytes::from_static(b"x"), Some(a.id()));
+        let d = hub.deliver(
+            "room",
+            Some((0, 1)),
+            &Bytes::from_static(b"x"),
+            Some(a.id()),
+        );
         assert_eq!(
             d,
             Delivery {
@@ -632,11 +678,11 @@ mod tests {
         let (outbox, mut rx) = Outbox::new(Uuid::new_v4(), 4);
         let state = MemberState::recovering("room", SlowPolicy::Disconnect, 8);
         hub.subscribe(&outbox, Arc::clone(&state));
-        hub.deliver("room", Some(7), &Bytes::from_static(b"7"), None);
+        hub.deliver("room", Some((0, 7)), &Bytes::from_static(b"7"), None);
         assert!(rx.try_recv().is_none(), "buffered, not queued");
-        let buffered = hub.finish_recovery(&state, 0);
-        assert_eq!(buffered, vec![(Some(7), Bytes::from_static(b"7"))]);
-        hub.deliver("room", Some(8), &Bytes::from_static(b"8"), None);
+        let buffered = hub.finish_recovery(&state, 0, 0);
+        assert_eq!(buffered, vec![(Some((0, 7)), Bytes::from_static(b"7"))]);
+        hub.deliver("room", Some((0, 8)), &Bytes::from_static(b"8"), None);
         assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"8")));
     }
 
@@ -646,20 +692,50 @@ mod tests {
         let (_outbox, mut rx, state) = member(&hub, "room", 8, SlowPolicy::Gap);
         // Recovery replayed 1..=5; a networked broker's live delivery of 5 comes afterwards.
         state.replayed_through(5);
-        hub.deliver("room", Some(5), &Bytes::from_static(b"5"), None);
-        hub.deliver("room", Some(6), &Bytes::from_static(b"6"), None);
+        hub.deliver("room", Some((0, 5)), &Bytes::from_static(b"5"), None);
+        hub.deliver("room", Some((0, 6)), &Bytes::from_static(b"6"), None);
         assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"6")));
         assert!(rx.try_recv().is_none(), "5 reached the client twice");
         // A gap of its own (an overflow) keeps the bound: late copies may still come.
         state.clear_gap();
-        hub.deliver("room", Some(4), &Bytes::from_static(b"4"), None);
+        hub.deliver("room", Some((0, 4)), &Bytes::from_static(b"4"), None);
         assert!(rx.try_recv().is_none(), "4 was replayed");
         // After a broker's gap the client recovers by itself, and a restarted stream counts
         // from 1.
         hub.gap("room", false);
         state.clear_gap();
-        hub.deliver("room", Some(1), &Bytes::from_static(b"1"), None);
+        hub.deliver("room", Some((0, 1)), &Bytes::from_static(b"1"), None);
         assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"1")));
+    }
+
+    #[test]
+    fn a_publication_of_another_epoch_is_never_taken_for_a_late_copy() {
+        let hub = Hub::new();
+        let (outbox, mut rx) = Outbox::new(Uuid::new_v4(), 8);
+        let state = MemberState::recovering("room", SlowPolicy::Gap, 8);
+        hub.subscribe(&outbox, Arc::clone(&state));
+        let (old, new) = (epoch_tag("old"), epoch_tag("new"));
+        assert_ne!(old, new);
+        assert_eq!(epoch_tag(""), 0);
+        hub.finish_recovery(&state, old, 5);
+        hub.deliver("room", Some((old, 5)), &Bytes::from_static(b"o5"), None);
+        assert!(rx.try_recv().is_none(), "a late copy of the replay");
+        hub.deliver("room", Some((old, 6)), &Bytes::from_static(b"o6"), None);
+        assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"o6")));
+        assert_eq!(state.last_offset(), 6);
+        // The stream restarted: offsets 1 and 2 of the new epoch are new publications.
+        hub.deliver("room", Some((new, 1)), &Bytes::from_static(b"n1"), None);
+        hub.deliver("room", Some((new, 2)), &Bytes::from_static(b"n2"), None);
+        assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"n1")));
+        assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"n2")));
+        assert_eq!(state.last_offset(), 2, "counted in the new epoch");
+        // Recovered at a channel's start (`{0, ""}`): its first publication is delivered.
+        let (outbox, mut rx) = Outbox::new(Uuid::new_v4(), 8);
+        let state = MemberState::recovering("fresh", SlowPolicy::Gap, 8);
+        hub.subscribe(&outbox, Arc::clone(&state));
+        hub.finish_recovery(&state, epoch_tag(""), 0);
+        hub.deliver("fresh", Some((new, 1)), &Bytes::from_static(b"n1"), None);
+        assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"n1")));
     }
 
     #[test]
@@ -667,22 +743,22 @@ mod tests {
         let hub = Hub::new();
         let (slow, _keep, _) = member(&hub, "d", 1, SlowPolicy::Disconnect);
         let frame = Bytes::from_static(b"m");
-        assert_eq!(hub.deliver("d", Some(1), &frame, None).queued, 1);
-        assert_eq!(hub.deliver("d", Some(2), &frame, None).dropped, 1);
+        assert_eq!(hub.deliver("d", Some((0, 1)), &frame, None).queued, 1);
+        assert_eq!(hub.deliver("d", Some((0, 2)), &frame, None).dropped, 1);
         assert!(slow.is_closing());
 
         let (gappy, mut rx, state) = member(&hub, "g", 1, SlowPolicy::Gap);
-        assert_eq!(hub.deliver("g", Some(1), &frame, None).queued, 1);
-        assert_eq!(hub.deliver("g", Some(2), &frame, None).dropped, 1);
+        assert_eq!(hub.deliver("g", Some((0, 1)), &frame, None).queued, 1);
+        assert_eq!(hub.deliver("g", Some((0, 2)), &frame, None).dropped, 1);
         assert!(!gappy.is_closing(), "gap policy keeps the connection");
         assert_eq!(state.last_offset(), 1);
         let gaps = gappy.take_gaps();
         assert_eq!(gaps.len(), 1);
         // Room again, but the gap is not reported yet: still dropped.
         let _ = rx.try_recv();
-        assert_eq!(hub.deliver("g", Some(3), &frame, None).dropped, 1);
+        assert_eq!(hub.deliver("g", Some((0, 3)), &frame, None).dropped, 1);
         state.clear_gap();
-        assert_eq!(hub.deliver("g", Some(4), &frame, None).queued, 1);
+        assert_eq!(hub.deliver("g", Some((0, 4)), &frame, None).queued, 1);
         assert_eq!(state.last_offset(), 4);
     }
 
@@ -705,7 +781,7 @@ mod tests {
             "2 fit the outbox, 4 the buffer"
         );
         for offset in 1..=8 {
-            hub.deliver("n", Some(offset), &Bytes::from_static(b"p"), None);
+            hub.deliver("n", Some((0, offset)), &Bytes::from_static(b"p"), None);
         }
         assert_eq!(live_rx.close_requested(), Some(CloseCode::SlowConsumer));
         assert_eq!(
@@ -713,10 +789,10 @@ mod tests {
             None,
             "the buffer's notices made room for 8 publications"
         );
-        let buffered = hub.finish_recovery(&recovering, 0);
-        let offsets: Vec<Option<u64>> = buffered.iter().map(|(o, _)| *o).collect();
+        let buffered = hub.finish_recovery(&recovering, 0, 0);
+        let offsets: Vec<Option<u64>> = buffered.iter().map(|(p, _)| p.map(|p| p.1)).collect();
         assert_eq!(offsets, (1..=8).map(Some).collect::<Vec<_>>());
-        hub.deliver("n", Some(9), &Bytes::from_static(b"p"), None);
+        hub.deliver("n", Some((0, 9)), &Bytes::from_static(b"p"), None);
         assert_eq!(rx.close_requested(), None);
     }
 }

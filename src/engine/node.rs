@@ -17,7 +17,7 @@ use crate::auth::{Identity, Verifier};
 use crate::broker::history::HistoryLimits;
 use crate::broker::{Broker, BrokerEvents, HistoryPage, Idempotency, PublishRequest, Published};
 use crate::engine::control::{CONTROL_HISTORY, Control};
-use crate::engine::hub::{BrokerReady, Hub, Joined, Left, MemberState};
+use crate::engine::hub::{BrokerReady, Hub, Joined, Left, MemberState, epoch_tag};
 use crate::engine::namespace::{Access, NamespaceOptions, Namespaces};
 use crate::engine::outbox::Outbox;
 use crate::engine::sessions::Sessions;
@@ -79,17 +79,16 @@ fn text_frame(json: &str) -> Bytes {
 }
 
 impl BrokerEvents for Dispatcher {
-    fn on_publication(&self, channel: &str, publication: &Publication) {
+    fn on_publication(&self, channel: &str, epoch: &str, publication: &Publication) {
         if channel == CONTROL_CHANNEL {
-            return self.control.on_publication(publication);
+            return self.control.on_publication(epoch, publication);
         }
+        let place = Some((epoch_tag(epoch), publication.offset));
         if channel == DEFAULT_CHANNEL {
             // Legacy chat: the stored data *is* the legacy Chat frame; the sender gets no copy.
             let frame = text_frame(publication.data.get());
             let skip = publication.client_id.filter(|_| !self.echo_to_sender);
-            let delivery = self
-                .hub
-                .deliver(channel, Some(publication.offset), &frame, skip);
+            let delivery = self.hub.deliver(channel, place, &frame, skip);
             self.stats.notices_dropped(delivery.notices_dropped);
             return;
         }
@@ -97,14 +96,13 @@ impl BrokerEvents for Dispatcher {
             &Frame::Publication {
                 channel,
                 offset: publication.offset,
+                epoch,
                 data: &publication.data,
                 client_id: publication.client_id,
             }
             .to_json(),
         );
-        let delivery = self
-            .hub
-            .deliver(channel, Some(publication.offset), &frame, None);
+        let delivery = self.hub.deliver(channel, place, &frame, None);
         self.stats.notices_dropped(delivery.notices_dropped);
     }
 
@@ -468,8 +466,10 @@ impl Node {
         };
         // Anything at or below the position read is in this reply (or, when recovery fails,
         // behind the position the client is told): a later live copy of it is dropped.
-        let replayed = page.as_ref().map_or(0, |page| page.position.offset);
-        let buffered = self.hub.finish_recovery(&state, replayed);
+        let (epoch, replayed) = page.as_ref().map_or((0, 0), |page| {
+            (epoch_tag(&page.position.epoch), page.position.offset)
+        });
+        let buffered = self.hub.finish_recovery(&state, epoch, replayed);
         let HistoryPage {
             position,
             mut publications,
@@ -485,16 +485,26 @@ impl Node {
         if recovered == Some(false) {
             publications.clear();
         }
-        let mut last = position.offset;
+        // Buffered publications of the position's epoch are in the reply up to its offset;
+        // those of another epoch (its first publication, after a position `{0, ""}`, or a
+        // stream that restarted meanwhile, which the broker reports as a gap) all go out.
+        let mut last = (epoch, position.offset);
         let live = buffered
             .into_iter()
-            .filter(|(offset, _)| offset.is_none_or(|o| o > position.offset))
-            .map(|(offset, frame)| {
-                last = last.max(offset.unwrap_or(0));
+            .filter(|(place, _)| place.is_none_or(|(e, o)| e != epoch || o > position.offset))
+            .map(|(place, frame)| {
+                if let Some((e, o)) = place {
+                    last = if e == last.0 {
+                        (e, last.1.max(o))
+                    } else {
+                        (e, o)
+                    };
+                }
                 frame
             })
             .collect();
-        state.replayed_through(last);
+        state.enter_epoch(last.0);
+        state.replayed_through(last.1);
         Ok(Subscription {
             state,
             position,

@@ -361,6 +361,10 @@ pub enum Frame<'a> {
         channel: &'a str,
         /// Its offset.
         offset: u64,
+        /// The epoch of the stream `offset` belongs to. A client that subscribed before the
+        /// channel's first publication holds the epoch `""` and takes this one; one whose
+        /// epoch differs knows the stream restarted and its old offsets mean nothing here.
+        epoch: &'a str,
         /// The value.
         data: &'a RawValue,
         /// The publisher, if a client.
@@ -672,11 +676,12 @@ mod tests {
             Frame::Publication {
                 channel: "c",
                 offset: 1,
+                epoch: "e1",
                 data: &data,
                 client_id: None
             }
             .to_json(),
-            r#"{"type":"publication","channel":"c","offset":1,"data":{"x":1}}"#
+            r#"{"type":"publication","channel":"c","offset":1,"epoch":"e1","data":{"x":1}}"#
         );
     }
 }

@@ -4,6 +4,18 @@
 //! life of a channel's stream: it changes whenever the history that backs the offsets is lost,
 //! so a client can tell "offset 12 of this life" from "offset 12 of the last one" and never
 //! recovers from the wrong stream.
+//!
+//! A channel that never had a publication has no epoch yet: its position is
+//! [`StreamPosition::start`], `{offset: 0, epoch: ""}`, the same on every broker and every
+//! read, so reading it stores nothing. That position comes before offset 1 of whatever epoch
+//! the channel's first publication starts: recovering from it replays from offset 1.
+//!
+//! Live publications carry their epoch, so a client that subscribed before the first
+//! publication takes the epoch from it: it never holds an offset above 0 with the empty epoch.
+//! Such a position (`{offset: 3, epoch: ""}`, from a client that kept the empty epoch) is not
+//! read in any epoch: it recovers nothing (`recovered: false`), since its offsets may belong
+//! to a life of the channel that is gone. Only the start position itself counts in every
+//! epoch.
 
 use std::sync::Arc;
 
@@ -19,6 +31,28 @@ pub struct StreamPosition {
     pub offset: u64,
     /// The stream's life this offset belongs to.
     pub epoch: String,
+}
+
+impl StreamPosition {
+    /// The position of a channel without publications: offset 0, empty epoch.
+    pub fn start() -> Self {
+        Self {
+            offset: 0,
+            epoch: String::new(),
+        }
+    }
+
+    /// Whether this is [`StreamPosition::start`].
+    pub fn is_start(&self) -> bool {
+        self.offset == 0 && self.epoch.is_empty()
+    }
+}
+
+/// Whether offsets after `since` can be read in `current`'s epoch: the same epoch, or
+/// `since` is [`StreamPosition::start`] (taken before the first publication; see the module
+/// docs).
+fn same_life(since: &StreamPosition, current: &StreamPosition) -> bool {
+    since.epoch == current.epoch || since.is_start()
 }
 
 /// One published message, as kept in history and sent in replies.
@@ -41,7 +75,7 @@ pub fn is_complete_replay(
     current: &StreamPosition,
     publications: &[Publication],
 ) -> bool {
-    if since.epoch != current.epoch || since.offset > current.offset {
+    if !same_life(since, current) || since.offset > current.offset {
         return false;
     }
     let missed = current.offset - since.offset;
@@ -59,7 +93,7 @@ pub fn continues_from(
     current: &StreamPosition,
     publications: &[Publication],
 ) -> bool {
-    since.epoch == current.epoch
+    same_life(since, current)
         && since.offset <= current.offset
         && publications
             .first()

@@ -867,6 +867,23 @@ export class RustySocks {
       sub._catchUp.buffer.push(msg);
       return;
     }
+    // Publications carry the epoch of the stream their offset belongs to (an older server
+    // sends none: then it is the one held).
+    if (typeof msg.epoch === "string" && msg.epoch !== "" && sub.epoch != null && msg.epoch !== sub.epoch) {
+      if (sub.epoch === "" && (sub.offset ?? 0) === 0) {
+        // Subscribed before the channel's first publication (`{offset: 0, epoch: ""}`): that
+        // position is the start of whatever epoch the first publication began. Take it.
+        sub.epoch = msg.epoch;
+        sub.offset = 0;
+      } else {
+        // The stream restarted: offsets held mean nothing in the new epoch. Fetch the new
+        // epoch from its start (reported with `onGap`, `epochChanged: true`), then this one.
+        this._startCatchUp(sub, /** @type {number} */ (sub.offset));
+        const started = /** @type {null | {buffer: any[]}} */ (sub._catchUp);
+        if (started) started.buffer.push(msg);
+        return;
+      }
+    }
     if (typeof msg.offset !== "number" || sub.offset == null) {
       this._deliver(sub, msg);
       return;
@@ -937,13 +954,27 @@ export class RustySocks {
       } else {
         this._call(sub, "onGap", { offset: gapOffset, recovered: recovered && !epochChanged, missed, epochChanged });
       }
+      // Live ones received meanwhile of an epoch other than the one history just reported
+      // belong to a life of the stream that is over (a newer one is announced by a `gap`,
+      // which fetches it): dropped, or they would start one catch-up after another.
+      const buffered = catchUp.buffer.filter(
+        (msg) => typeof msg.epoch !== "string" || msg.epoch === "" || sub.epoch === "" || msg.epoch === sub.epoch,
+      );
       if (recovered) {
-        for (const msg of catchUp.buffer) this._onPublication(sub, msg);
+        for (const msg of buffered) this._onPublication(sub, msg);
       } else {
         // None of the missing ones is delivered; the live ones received meanwhile still are
         // (they follow the gap), then live publications continue after `top`.
-        for (const msg of catchUp.buffer) {
-          if (typeof msg.offset === "number" && msg.offset > /** @type {number} */ (sub.offset)) this._deliver(sub, msg);
+        for (const msg of buffered) {
+          if (sub._catchUp) {
+            // The first publication of a channel that was empty started a catch-up: it
+            // takes the rest.
+            sub._catchUp.buffer.push(msg);
+          } else if (typeof msg.epoch === "string" && msg.epoch !== "" && msg.epoch !== sub.epoch) {
+            this._onPublication(sub, msg);
+          } else if (typeof msg.offset === "number" && msg.offset > /** @type {number} */ (sub.offset)) {
+            this._deliver(sub, msg);
+          }
         }
         if (typeof top === "number" && top > /** @type {number} */ (sub.offset)) sub.offset = top;
       }

@@ -37,9 +37,13 @@ describe("server restart (new epoch)", { timeout: 60000 }, () => {
     }
     await Promise.all([early.connect(), late.connect()]);
     await Promise.all([subs.early.ready, subs.late.ready]);
-    const oldEpoch = subs.early.epoch;
+    assert.equal(subs.early.epoch, "", "nothing published yet: no epoch");
     for (let i = 1; i <= 3; i++) await early.publish("room-restart", { i });
     await waitFor(() => got.early.length === 3 && got.late.length === 3, { what: "the first three" });
+    // The first publication started the epoch; both took it from the publications.
+    const oldEpoch = subs.early.epoch;
+    assert.notEqual(oldEpoch, "");
+    assert.equal(subs.late.epoch, oldEpoch);
 
     // The server crashes and comes back on the same port, with nothing in memory.
     proxy.block(true);
@@ -50,10 +54,12 @@ describe("server restart (new epoch)", { timeout: 60000 }, () => {
 
     // `early` is back first and talks in the new epoch (offsets start again at 1).
     await waitFor(() => recovered.early.length === 1, { what: "early resubscribed", timeout: 15000 });
-    const newEpoch = subs.early.epoch;
-    assert.notEqual(newEpoch, oldEpoch, "a restart starts a new epoch");
+    assert.equal(subs.early.epoch, "", "nothing published in the new server yet");
     for (let i = 4; i <= 5; i++) assert.equal((await early.publish("room-restart", { i })).offset, i - 3);
     await waitFor(() => got.early.length === 5, { what: "early sees its own" });
+    const newEpoch = subs.early.epoch;
+    assert.notEqual(newEpoch, "");
+    assert.notEqual(newEpoch, oldEpoch, "a restart starts a new epoch");
 
     // `late` comes back after them: they are delivered to it from the new epoch's history.
     proxy.block(false);
@@ -77,9 +83,56 @@ describe("server restart (new epoch)", { timeout: 60000 }, () => {
 
     // What the recovery reports: the stream restarted, so whatever may have followed offset 3
     // in the old epoch is unknown (`lost: null`); the new epoch's publications were delivered.
-    assert.deepEqual(recovered.early, [{ ok: false, missed: 0, lost: null, epochChanged: true, offset: 0, epoch: newEpoch }]);
+    assert.deepEqual(recovered.early, [{ ok: false, missed: 0, lost: null, epochChanged: true, offset: 0, epoch: "" }]);
     assert.deepEqual(recovered.late, [{ ok: false, missed: 2, lost: null, epochChanged: true, offset: 2, epoch: newEpoch }]);
     assert.deepEqual(subs.late.position, { offset: 4, epoch: newEpoch }, "after the marker");
+  });
+
+  test("subscribed before the first publication: the epoch comes with the publications, and a restart loses nothing", async () => {
+    let server = await startServer();
+    cleanups.push(() => server.stop());
+    const port = server.port;
+    const c = new RustySocks(server.wsUrl, { WebSocket, minDelay: 20, maxDelay: 200, timeout: 5000 });
+    const writer = new RustySocks(server.wsUrl, { WebSocket, minDelay: 20, maxDelay: 200, timeout: 5000 });
+    cleanups.push(() => {
+      c.close();
+      writer.close();
+    });
+    const got = [];
+    const recovered = [];
+    const gaps = [];
+    const sub = c.subscribe("room-fresh", {
+      onPublication: (p) => got.push(`${p.data.i}@${p.offset}/${p.epoch}`),
+      onRecovered: (ok, info) => recovered.push({ ok, ...info }),
+      onGap: (info) => gaps.push(info),
+    });
+    await c.connect();
+    await writer.connect();
+    const ready = await sub.ready;
+    assert.deepEqual({ offset: ready.offset, epoch: ready.epoch }, { offset: 0, epoch: "" }, "nothing was ever published");
+    for (let i = 1; i <= 3; i++) await writer.publish("room-fresh", { i });
+    await waitFor(() => got.length === 3, { what: "the first three" });
+    const epoch = sub.epoch;
+    assert.notEqual(epoch, "", "the epoch came with the first publication");
+    assert.deepEqual(sub.position, { offset: 3, epoch });
+
+    // The server crashes and comes back empty: a new epoch, offsets from 1 again.
+    const down = nextEvent(c, "disconnected");
+    await server.kill();
+    await down;
+    server = await restartServer(port);
+    await waitFor(() => recovered.length === 1, { what: "resubscribed", timeout: 15000 });
+    assert.equal(recovered[0].ok, false, "the old epoch cannot be recovered");
+    assert.equal(recovered[0].epochChanged, true);
+    assert.deepEqual(sub.position, { offset: 0, epoch: "" }, "nothing published in the new server yet");
+    await writer.connect();
+    for (let i = 4; i <= 6; i++) await writer.publish("room-fresh", { i });
+    await waitFor(() => got.length === 6, { what: "the new epoch's three (none taken as already delivered)" });
+    const newEpoch = sub.epoch;
+    assert.notEqual(newEpoch, "");
+    assert.notEqual(newEpoch, epoch);
+    assert.deepEqual(got, [`1@1/${epoch}`, `2@2/${epoch}`, `3@3/${epoch}`, `4@1/${newEpoch}`, `5@2/${newEpoch}`, `6@3/${newEpoch}`]);
+    assert.deepEqual(gaps, []);
   });
 
   test("a position saved before the restart (page reload) resumes in the new epoch", async () => {

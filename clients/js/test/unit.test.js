@@ -248,6 +248,82 @@ describe("subscriptions", () => {
     assert.deepEqual(sub.position, { offset: 7, epoch: "e" });
   });
 
+  test("subscribed before the first publication: adopts the epoch of the first one and resumes from it", async () => {
+    const c = client();
+    const ws = await connected(c);
+    const got = [];
+    const sub = c.subscribe("room", { onPublication: (p) => got.push(`${p.offset}@${p.epoch}`) });
+    answerSubscribe(ws, "room", { offset: 0, epoch: "" });
+    assert.deepEqual(sub.position, { offset: 0, epoch: "" });
+    ws.push({ type: "publication", channel: "room", offset: 1, epoch: "e1", data: 1 });
+    ws.push({ type: "publication", channel: "room", offset: 2, epoch: "e1", data: 2 });
+    assert.deepEqual(got, ["1@e1", "2@e1"]);
+    assert.deepEqual(sub.position, { offset: 2, epoch: "e1" }, "the epoch is taken from the publication");
+    // After a reconnect it resumes in that epoch, not in the empty one.
+    ws.serverClose(1006);
+    await waitFor(() => FakeWebSocket.instances.length === 2);
+    const ws2 = FakeWebSocket.last;
+    ws2.accept();
+    assert.deepEqual(ws2.lastSent("subscribe", "room").since, { offset: 2, epoch: "e1" });
+  });
+
+  test("subscribed before the first publication, the first one seen is not offset 1: the rest is fetched", async () => {
+    const c = client();
+    const ws = await connected(c);
+    const got = [];
+    const gaps = [];
+    const sub = c.subscribe("room", { onPublication: (p) => got.push(`${p.offset}@${p.epoch}`), onGap: (info) => gaps.push(info) });
+    answerSubscribe(ws, "room", { offset: 0, epoch: "" });
+    ws.push({ type: "publication", channel: "room", offset: 3, epoch: "e1", data: 3 });
+    const h = ws.lastSent("history", "room");
+    assert.deepEqual(h.since, { offset: 0, epoch: "e1" }, "from the start of the adopted epoch");
+    ws.push({ type: "history", id: h.id, channel: "room", offset: 3, epoch: "e1", complete: true, publications: [{ offset: 1, data: 1 }, { offset: 2, data: 2 }, { offset: 3, data: 3 }] });
+    assert.deepEqual(got, ["1@e1", "2@e1", "3@e1"]);
+    assert.deepEqual(gaps, [{ offset: 0, recovered: true, missed: 3, epochChanged: false }]);
+    assert.deepEqual(sub.position, { offset: 3, epoch: "e1" });
+  });
+
+  test("a live publication of another epoch (a restart) is never taken as already delivered", async () => {
+    const c = client();
+    const ws = await connected(c);
+    const got = [];
+    const gaps = [];
+    const sub = c.subscribe("room", { onPublication: (p) => got.push(`${p.offset}@${p.epoch}`), onGap: (info) => gaps.push(info) });
+    answerSubscribe(ws, "room", { offset: 5, epoch: "old" });
+    ws.push({ type: "publication", channel: "room", offset: 6, epoch: "old", data: 6 });
+    // The stream restarted: offset 2 of the new epoch is newer than 6 of the old one.
+    ws.push({ type: "publication", channel: "room", offset: 2, epoch: "new", data: "n2" });
+    const h = ws.lastSent("history", "room");
+    assert.deepEqual(h.since, { offset: 6, epoch: "old" });
+    ws.push({ type: "history", id: h.id, channel: "room", offset: 2, epoch: "new", complete: false, publications: [] });
+    const h2 = ws.lastSent("history", "room");
+    assert.deepEqual(h2.since, { offset: 0, epoch: "new" }, "the new epoch from its start");
+    ws.push({ type: "history", id: h2.id, channel: "room", offset: 2, epoch: "new", complete: true, publications: [{ offset: 1, data: "n1" }, { offset: 2, data: "n2" }] });
+    ws.push({ type: "publication", channel: "room", offset: 3, epoch: "new", data: "n3" });
+    assert.deepEqual(got, ["6@old", "1@new", "2@new", "3@new"]);
+    assert.deepEqual(gaps, [{ offset: 6, recovered: false, missed: 2, epochChanged: true }]);
+    assert.deepEqual(sub.position, { offset: 3, epoch: "new" });
+  });
+
+  test("a late publication of an epoch that is over is dropped after one check, never looping", async () => {
+    const c = client();
+    const ws = await connected(c);
+    const got = [];
+    const sub = c.subscribe("room", { onPublication: (p) => got.push(`${p.offset}@${p.epoch}`) });
+    answerSubscribe(ws, "room", { offset: 5, epoch: "new" });
+    ws.push({ type: "publication", channel: "room", offset: 7, epoch: "old", data: "stale" });
+    const histories = () => ws.sent.filter((f) => f.type === "history").length;
+    assert.equal(histories(), 1, "the server is asked which epoch is current");
+    const h = ws.lastSent("history", "room");
+    assert.deepEqual(h.since, { offset: 5, epoch: "new" });
+    ws.push({ type: "history", id: h.id, channel: "room", offset: 5, epoch: "new", complete: true, publications: [] });
+    await sleep(20);
+    assert.equal(histories(), 1, "no second check for the same stale publication");
+    ws.push({ type: "publication", channel: "room", offset: 6, epoch: "new", data: 6 });
+    assert.deepEqual(got, ["6@new"]);
+    assert.deepEqual(sub.position, { offset: 6, epoch: "new" });
+  });
+
   test("resubscribes with since after a reconnect and delivers the recovered ones once", async () => {
     const c = client();
     const ws = await connected(c);

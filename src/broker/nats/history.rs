@@ -242,7 +242,7 @@ enum Append {
 
 impl Inner {
     /// The subject's last message, if any.
-    async fn last(&self, subject: &str) -> Result<Option<Stored>, BrokerError> {
+    pub(super) async fn last(&self, subject: &str) -> Result<Option<Stored>, BrokerError> {
         match self.stream.direct_get_last_for_subject(subject).await {
             Ok(message) => Stored::from_stream(message).map(Some).map_err(unavailable),
             Err(err) if matches!(err.kind(), DirectGetErrorKind::NotFound) => Ok(None),
@@ -358,32 +358,6 @@ impl Inner {
         }
     }
 
-    /// The subject's last message, writing an epoch marker first if it has none.
-    pub(super) async fn head(&self, subject: &str) -> Result<Stored, BrokerError> {
-        for _ in 0..PUBLISH_ATTEMPTS {
-            if let Some(last) = self.last(subject).await? {
-                return Ok(last);
-            }
-            let epoch = new_epoch();
-            if let Append::Done(seq) = self
-                .append(subject, headers(&epoch, 0, 0, None), Bytes::new())
-                .await?
-            {
-                return Ok(Stored {
-                    seq,
-                    epoch,
-                    offset: 0,
-                    prev: 0,
-                    client_id: None,
-                    limits: None,
-                    time: OffsetDateTime::now_utc(),
-                    data: Bytes::new(),
-                });
-            }
-        }
-        Err(unavailable("could not read the channel's position"))
-    }
-
     pub(super) async fn history(
         &self,
         channel: &str,
@@ -392,7 +366,14 @@ impl Inner {
     ) -> Result<HistoryPage, BrokerError> {
         self.ready()?;
         let subject = self.names.history(channel);
-        let last = self.head(&subject).await?;
+        // Nothing published (or all of it aged out): nothing is written either, so reading
+        // a channel stores nothing.
+        let Some(last) = self.last(&subject).await? else {
+            return Ok(HistoryPage {
+                position: StreamPosition::start(),
+                publications: Vec::new(),
+            });
+        };
         let mut page = HistoryPage {
             position: last.position(),
             publications: Vec::new(),

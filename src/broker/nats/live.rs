@@ -19,6 +19,7 @@ use super::history::Stored;
 use super::{Inner, unavailable};
 use crate::broker::local::Continuity;
 use crate::broker::{BrokerError, ClientInfo, wire};
+use crate::types::StreamPosition;
 
 /// Live delivery of one channel to this node; dropping it stops the task.
 pub(super) struct Feed {
@@ -51,6 +52,10 @@ impl Live {
 
 struct Streams {
     history: push::Ordered,
+    /// The history consumer's name as created, to delete it when the feed stops rather than
+    /// leave it on the server until its inactivity threshold (30 s for ordered consumers).
+    /// If the client recreated it after a failure, that one expires by itself.
+    consumer: String,
     events: async_nats::Subscriber,
 }
 
@@ -71,28 +76,42 @@ impl Inner {
             .await
             .map_err(unavailable)?;
         let subject = self.names.history(channel);
-        // With a marker in an empty subject there is always a position to start from.
-        let last = self.head(&subject).await?;
+        // An empty subject is read as it is, writing nothing (no epoch marker): the feed then
+        // delivers the subject from its first message, which is offset 1 of the epoch its
+        // first publication starts, and follows the start position.
+        let last = self.last(&subject).await?;
+        let (deliver_policy, position) = match &last {
+            Some(last) => (
+                DeliverPolicy::ByStartSequence {
+                    start_sequence: last.seq + 1,
+                },
+                last.position(),
+            ),
+            None => (DeliverPolicy::All, StreamPosition::start()),
+        };
         let consumer = self
             .stream
             .create_consumer(push::OrderedConfig {
                 deliver_subject: self.client.new_inbox(),
                 filter_subject: subject,
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: last.seq + 1,
-                },
+                deliver_policy,
                 ..Default::default()
             })
             .await
             .map_err(unavailable)?;
+        let name = consumer.cached_info().name.clone();
         let history = consumer.messages().await.map_err(unavailable)?;
         // Only differs from what was delivered last when reopening after a failure.
         live.run(|| {
-            if self.subs.catch_up(channel, last.position()) {
+            if self.subs.catch_up(channel, position) {
                 self.events.on_gap(channel);
             }
         });
-        Ok(Streams { history, events })
+        Ok(Streams {
+            history,
+            consumer: name,
+            events,
+        })
     }
 
     pub(super) async fn subscribe(self: &Arc<Self>, channel: &str) -> Result<(), BrokerError> {
@@ -152,7 +171,10 @@ impl Inner {
     ) {
         loop {
             let reopen = tokio::select! {
-                () = stop.cancelled() => return,
+                () = stop.cancelled() => {
+                    self.delete_consumer(streams.consumer);
+                    return;
+                }
                 changed = resets.changed() => {
                     if changed.is_err() {
                         return;
@@ -181,6 +203,7 @@ impl Inner {
             if !reopen {
                 continue;
             }
+            self.delete_consumer(std::mem::take(&mut streams.consumer));
             let mut backoff = Duration::from_millis(100);
             streams = loop {
                 match self.open(&channel, &live).await {
@@ -194,6 +217,21 @@ impl Inner {
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             };
         }
+    }
+
+    /// Deletes a feed's history consumer in the background, within the broker's deadline.
+    fn delete_consumer(&self, name: String) {
+        if name.is_empty() {
+            return;
+        }
+        let (js, stream, timeout) = (self.js.clone(), self.names.stream(), self.options.timeout);
+        tokio::spawn(async move {
+            let deleted =
+                tokio::time::timeout(timeout, js.delete_consumer_from_stream(name, stream));
+            if let Ok(Err(err)) = deleted.await {
+                tracing::debug!(%err, "NATS feed consumer not deleted; it expires by itself");
+            }
+        });
     }
 
     fn deliver(&self, channel: &str, message: &jetstream::Message, live: &Live) {
@@ -214,10 +252,14 @@ impl Inner {
         };
         live.run(
             || match self.subs.observe(channel, &stored.epoch, stored.offset) {
-                Continuity::Next => self.events.on_publication(channel, &publication),
+                Continuity::Next => {
+                    self.events
+                        .on_publication(channel, &stored.epoch, &publication);
+                }
                 Continuity::Gap => {
                     self.events.on_gap(channel);
-                    self.events.on_publication(channel, &publication);
+                    self.events
+                        .on_publication(channel, &stored.epoch, &publication);
                 }
                 Continuity::Seen | Continuity::Unwanted => {}
             },

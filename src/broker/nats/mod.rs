@@ -7,8 +7,10 @@
 //!   subject `p.h.t` per channel. A message is one publication: the data JSON verbatim, with
 //!   headers `Rs-Epoch`, `Rs-Offset`, `Rs-Client` (optional), `Rs-Prev` (stream sequence of the
 //!   subject's previous message) and `Rs-Limits` (the history limits it was published with).
-//!   Offset 0 without limits is an epoch marker, written when history is read before anything
-//!   was published, so the epoch a reader is told is durable.
+//!   Reads write nothing: a subject without messages has the position offset 0 with the
+//!   empty epoch, which offset 1 of any epoch follows (see [`StreamPosition::start`]).
+//!   (Offset 0 without limits is an epoch marker, which earlier versions wrote when history
+//!   was read before anything was published; it is still read correctly, never delivered.)
 //! - Offsets use optimistic concurrency: a publisher takes the subject's last message (cached
 //!   per channel), publishes offset + 1 in its epoch with `Nats-Expected-Last-Subject-Sequence`
 //!   set to its sequence, and on "wrong last sequence" reads again and retries. A new epoch
@@ -20,13 +22,15 @@
 //! - History limits are applied on read, newest first like the memory broker trims; every 64
 //!   offsets the publisher also purges the subject down to `size` + 64 messages.
 //! - Live delivery: per subscribed channel an ordered push consumer on `p.h.t` starting right
-//!   after the message read at subscribe time, checked by [`Subscriptions::observe`]. Ordered
+//!   after the message read at subscribe time (from the subject's first message if it had
+//!   none), checked by [`Subscriptions::observe`]. It is removed at unsubscribe. Ordered
 //!   consumers resume by themselves after a reconnect; when the stream itself was recreated
 //!   (the server lost its data) every feed restarts and reports a gap.
 //! - Join/leave: core NATS subject `p.e.t` in the [`wire`] format, never stored.
 //! - Presence: KV bucket `p_presence` (max age = presence TTL, file storage), key
 //!   `t.<client id>`, re-put by the node that wrote it every TTL / 3, so a dead node's entries
-//!   expire within the TTL.
+//!   expire within the TTL. A presence read asks the stream which keys of the channel exist
+//!   first, so reading a channel nobody was present on creates no consumer.
 //!
 //! The code is split by job: `history` (offsets and epochs, publishing, history reads and
 //! purging), `live` (per-channel feeds, join/leave, gap reporting) and `presence` (the KV
@@ -34,6 +38,7 @@
 //! and the [`Broker`] implementation.
 //!
 //! [`wire`]: super::wire
+//! [`StreamPosition::start`]: crate::types::StreamPosition::start
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -57,6 +57,19 @@ impl Inner {
     pub(super) async fn presence(&self, channel: &str) -> Result<Vec<ClientInfo>, BrokerError> {
         self.ready()?;
         let filter = format!("{}{}.*", self.kv.prefix, token(channel));
+        // Asked first, so a channel nobody was ever present on costs no consumer: a stream
+        // info request lists the subjects the filter matches.
+        let mut subjects = self
+            .kv
+            .stream
+            .info_with_subjects(&filter)
+            .await
+            .map_err(unavailable)?;
+        match subjects.next().await {
+            None => return Ok(Vec::new()),
+            Some(Err(err)) => return Err(unavailable(err)),
+            Some(Ok(_)) => {}
+        }
         let messages = read(
             &self.js,
             &self.kv.stream,

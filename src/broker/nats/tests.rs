@@ -187,23 +187,84 @@ async fn long_histories_byte_limits_and_empty_histories() {
 
     let empty = broker.history("empty", None, 10).await.expect("history");
     let again = broker.history("empty", None, 10).await.expect("history");
-    assert_eq!(empty.position.offset, 0);
-    assert_eq!(
-        empty.position, again.position,
-        "the epoch marker makes it stable"
-    );
+    assert_eq!(empty.position, StreamPosition::start());
+    assert_eq!(empty.position, again.position, "the same for every read");
     let first = broker
         .publish("empty", request("1", 10, 100))
         .await
         .expect("publish")
         .position;
-    assert_eq!(
-        first,
-        StreamPosition {
-            offset: 1,
-            epoch: empty.position.epoch
-        }
+    assert_eq!(first.offset, 1);
+    assert!(
+        !first.epoch.is_empty(),
+        "the first publication starts an epoch"
     );
+}
+
+/// Messages and consumers of the history stream and the presence bucket's stream.
+async fn stored(js: &jetstream::Context, names: &Names) -> (u64, usize) {
+    let mut total = (0, 0);
+    for name in [names.stream(), format!("KV_{}", names.bucket())] {
+        let mut stream = js.get_stream(&name).await.expect("stream");
+        let info = stream.info().await.expect("stream info");
+        total.0 += info.state.messages;
+        total.1 += info.state.consumer_count;
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
+async fn reading_a_never_published_channel_stores_nothing() {
+    let url = url();
+    let options = options(&url);
+    let _cleanup = Cleanup(options.clone());
+    let broker = connect(&options, Arc::new(Recorder::default())).await;
+    let js = jetstream::new(async_nats::connect(url.as_str()).await.expect("connect"));
+    let names = Names {
+        prefix: options.prefix.clone(),
+    };
+    assert_eq!(stored(&js, &names).await, (0, 0), "a fresh prefix");
+    // Many channels, every kind of read, each more than once.
+    for n in 0..30 {
+        let c = format!("never published {n}");
+        for since in [None, Some(0), Some(5), None] {
+            let page = broker.history(&c, since, 10).await.expect("history");
+            assert_eq!(page.position, StreamPosition::start());
+        }
+        assert!(broker.presence(&c).await.expect("presence").is_empty());
+        assert!(broker.presence(&c).await.expect("presence").is_empty());
+    }
+    let c = "never published";
+    assert_eq!(
+        stored(&js, &names).await,
+        (0, 0),
+        "no message (no epoch marker), no consumer"
+    );
+    broker.subscribe(c).await.expect("subscribe");
+    let (messages, consumers) = stored(&js, &names).await;
+    assert_eq!(messages, 0, "subscribing writes nothing");
+    assert_eq!(consumers, 1, "the live feed's consumer, while subscribed");
+    broker.unsubscribe(c).await.expect("unsubscribe");
+    let mut after = stored(&js, &names).await;
+    for _ in 0..50 {
+        if after == (0, 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = stored(&js, &names).await;
+    }
+    assert_eq!(
+        after,
+        (0, 0),
+        "the feed's consumer is deleted at unsubscribe"
+    );
+    // What is counted does show a publication.
+    broker
+        .publish(c, request("1", 10, 100))
+        .await
+        .expect("publish");
+    assert_eq!(stored(&js, &names).await.0, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

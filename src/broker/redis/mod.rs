@@ -25,7 +25,8 @@
 //! `P:{C}:presence-exp` (sorted set), `P:{C}:idem:K` (idempotency key `K`: `epoch|offset`,
 //! expiring after `RUSTY_SOCKS_IDEMPOTENCY_WINDOW`); pub/sub channel `P:live:C`. Channel keys expire after a
 //! day without publications or reads (or the history TTL, if longer); a later publication
-//! starts a new epoch.
+//! starts a new epoch. Reads and subscriptions of a channel that has no keys create none: its
+//! position is offset 0 with the empty epoch until its first publication.
 
 mod commands;
 mod scripts;
@@ -225,7 +226,6 @@ impl Shared {
                 .key(self.key(channel, "history"))
                 .arg(since.map(|s| s.to_string()).unwrap_or_default())
                 .arg(limit.min(MAX_READ))
-                .arg(crate::broker::history::new_epoch())
                 .arg(millis(STREAM_KEEP))
                 .invoke_async(&mut conn)
                 .await,
@@ -296,10 +296,10 @@ impl Shared {
                     .subscriptions
                     .observe(channel, &epoch, publication.offset)
                 {
-                    Continuity::Next => self.events.on_publication(channel, &publication),
+                    Continuity::Next => self.events.on_publication(channel, &epoch, &publication),
                     Continuity::Gap => {
                         self.events.on_gap(channel);
-                        self.events.on_publication(channel, &publication);
+                        self.events.on_publication(channel, &epoch, &publication);
                     }
                     Continuity::Seen | Continuity::Unwanted => {}
                 }
@@ -550,7 +550,8 @@ impl Broker for RedisBroker {
                 return Err(err);
             }
             if first {
-                // The baseline for spotting skipped offsets; also fixes the epoch. Without it
+                // The baseline for spotting skipped offsets (the empty epoch at offset 0 if
+                // nothing was published: offset 1 of any epoch follows it). Without it
                 // nothing can be compared: the first publication received reports a gap.
                 match shared.read(channel, None, 0).await {
                     Ok(page) => shared.subscriptions.baseline(channel, page.position),

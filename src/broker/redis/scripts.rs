@@ -3,8 +3,8 @@
 
 use redis::Script;
 
-/// Shared by every script: the server's clock, and a channel's epoch (created with its stream
-/// if the channel has none, so a position read before the first publication stays valid).
+/// Shared by every script: the server's clock, and a channel's epoch (created by its first
+/// publication; reads never create it, see [`HISTORY`]).
 pub const PRELUDE: &str = r"
 local function now_ms()
   local t = redis.call('TIME')
@@ -75,13 +75,17 @@ end
 return {epoch, tostring(offset), '0'}
 ";
 
-/// Reads the position and, consistently with it, history (creating the epoch, see
-/// [`PRELUDE`]).
+/// Reads the position and, consistently with it, history. Writes nothing for a channel that
+/// has no epoch (never published, or its keys expired): its position is offset 0 with the
+/// empty epoch, so reads of unknown channels create no keys.
 pub const HISTORY: &str = r"
 local meta, stream = KEYS[1], KEYS[2]
-local epoch = epoch_of(meta, stream, ARGV[3])
-redis.call('PEXPIRE', meta, ARGV[4])
-redis.call('PEXPIRE', stream, ARGV[4])
+local epoch = redis.call('HGET', meta, 'e')
+if not epoch then
+  return {'', '0'}
+end
+redis.call('PEXPIRE', meta, ARGV[3])
+redis.call('PEXPIRE', stream, ARGV[3])
 local out = {epoch, tostring(redis.call('HGET', meta, 'o'))}
 local limit = tonumber(ARGV[2])
 if limit == 0 then

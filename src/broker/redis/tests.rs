@@ -133,3 +133,53 @@ async fn two_nodes_share_publications_and_presence() {
     a.add_presence("room", ann.clone()).await.expect("presence");
     assert_eq!(b.presence("room").await.expect("presence"), vec![ann]);
 }
+
+#[tokio::test]
+#[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
+async fn reading_a_never_published_channel_creates_no_keys() {
+    let (url, prefix) = (url(), prefix());
+    let broker = RedisBroker::connect(options(&url, &prefix), Arc::new(Recorder::default()))
+        .await
+        .expect("redis");
+    let keys = || async {
+        let (_lease, mut conn) = broker.shared.commands.get().await.expect("connection");
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS");
+        keys.sort();
+        keys
+    };
+    assert!(keys().await.is_empty(), "a fresh prefix");
+    // Many channels, every kind of read, each more than once.
+    for n in 0..50 {
+        let c = format!("never published {n}");
+        for since in [None, Some(0), Some(5), None] {
+            let page = broker.history(&c, since, 10).await.expect("history");
+            assert_eq!(page.position, StreamPosition::start());
+            assert!(page.publications.is_empty());
+        }
+        assert!(broker.presence(&c).await.expect("presence").is_empty());
+        assert!(broker.presence(&c).await.expect("presence").is_empty());
+    }
+    assert_eq!(keys().await, Vec::<String>::new(), "reads created keys");
+    let c = "never published";
+    broker.subscribe(c).await.expect("subscribe");
+    assert_eq!(
+        broker.history(c, None, 0).await.expect("history").position,
+        StreamPosition::start()
+    );
+    broker.unsubscribe(c).await.expect("unsubscribe");
+    assert_eq!(keys().await, Vec::<String>::new(), "reads created keys");
+    // What is counted does show a publication.
+    broker
+        .publish(c, conformance::request_for_tests("1"))
+        .await
+        .expect("publish");
+    assert!(!keys().await.is_empty());
+    let (_lease, mut conn) = broker.shared.commands.get().await.expect("connection");
+    for key in keys().await {
+        let _: Result<i64, _> = redis::AsyncCommands::del(&mut conn, &key).await;
+    }
+}
