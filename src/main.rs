@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use rusty_socks::server::Prepared;
+use rusty_socks::server::reload::LogLevel;
 use rusty_socks::settings::{BrokerUrl, Config, SETTINGS};
 
 /// Writes to standard output, ignoring a closed pipe (`rusty_socks --help | head -1`):
@@ -49,16 +50,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        // Logs piped into `tee` outlive it on Ctrl-C; a failed write must not become a panic
-        // (the default reports it with `eprintln!`, which panics on a closed stderr).
-        .log_internal_errors(false)
-        .init();
+        // A reload may change the filter (see `log_level`).
+        .with_filter_reloading();
+    let log_filter = logs.reload_handle();
+    // Logs piped into `tee` outlive it on Ctrl-C; a failed write must not become a panic
+    // (the default reports it with `eprintln!`, which panics on a closed stderr).
+    logs.log_internal_errors(false).init();
     let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
     for (name, closest) in rusty_socks::settings::unknown_variables(names) {
         match closest {
@@ -94,19 +97,35 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, log_level(log_filter)))
+}
+
+/// How a reload changes the log filter: to what `RUST_LOG` says (read again at each reload).
+fn log_level<S: tracing::Subscriber + 'static>(
+    handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
+) -> LogLevel {
+    LogLevel {
+        name: "RUST_LOG",
+        wanted: Box::new(|_config| std::env::var("RUST_LOG").ok()),
+        set: Box::new(move |filter| {
+            let filter =
+                tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())
+        }),
+        current: std::env::var("RUST_LOG").unwrap_or_default(),
+    }
 }
 
 /// Connects and loads everything first, then binds and announces the address: a server that
 /// cannot work never says it is listening. Each failure is printed once.
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, log: LogLevel) -> ExitCode {
     let addr = SocketAddr::new(config.host, config.port);
     // Installed before the broker is contacted: connecting can take a while (a broker that
     // accepts and never answers), and a SIGTERM meanwhile must stop the process cleanly, not
     // kill it with the default action.
     let stop = shutdown_signal();
     tokio::pin!(stop);
-    let prepared = tokio::select! {
+    let mut prepared = tokio::select! {
         prepared = Prepared::new(config) => match prepared {
             Ok(prepared) => prepared,
             Err(err) => {
@@ -119,6 +138,11 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    // SIGHUP and `POST /api/reload` read the settings again, as above.
+    prepared.reload_with(
+        Box::new(|| Config::from_env().map_err(|err| vec![err.to_string()])),
+        Some(log),
+    );
     let listener = match listen(addr) {
         Ok(listener) => listener,
         Err(err) => {
@@ -299,4 +323,8 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("GET /api/presence/{ch}", "who is subscribed to a channel"),
     ("GET /api/history/{ch}", "a channel's history"),
     ("GET /api/channels", "this node's channels"),
+    (
+        "POST /api/reload",
+        "read the settings again and apply what can change live (also SIGHUP)",
+    ),
 ];

@@ -94,7 +94,7 @@ impl Node {
             return;
         };
         if left != Left::NotMember {
-            self.release(left, client, channel, options, announce, quiet)
+            self.release(left, client, channel, &options, announce, quiet)
                 .await;
         }
     }
