@@ -312,6 +312,55 @@ async fn a_new_jwt_secret_verifies_new_tokens_and_open_connections_keep_working(
     server.stop().await;
 }
 
+/// A fresh P-256 key pair: the public key's PEM and the key to sign ES256 tokens with.
+fn ec_pair() -> (String, EncodingKey) {
+    let pair = rcgen::KeyPair::generate().unwrap();
+    let key = EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap();
+    (pair.public_key_pem(), key)
+}
+
+fn es256(key: &EncodingKey, user: &str) -> String {
+    encode(&Header::new(Algorithm::ES256), &json!({"sub": user}), key).unwrap()
+}
+
+#[tokio::test]
+async fn a_public_key_file_replaced_in_place_is_read_again() {
+    let path = std::env::temp_dir().join(format!(
+        "rusty-socks-reload-{}-{}.pem",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    ));
+    let (first_pem, first) = ec_pair();
+    let (second_pem, second) = ec_pair();
+    std::fs::write(&path, first_pem).unwrap();
+    let server = Reloadable::start(|c| c.jwt_public_key = Some(path.clone())).await;
+    let mut old = connect_with(server.addr, &es256(&first, "ann"))
+        .await
+        .unwrap();
+    assert_eq!(
+        connect_with(server.addr, &es256(&second, "bob"))
+            .await
+            .err(),
+        Some(401)
+    );
+    std::fs::write(&path, second_pem).unwrap();
+    let report = server.reload_ok().await;
+    // The setting (the path) did not change; the key behind it did.
+    assert!(names(&report, "applied").is_empty(), "{report}");
+    let mut new = connect_with(server.addr, &es256(&second, "bob"))
+        .await
+        .unwrap();
+    assert_eq!(
+        connect_with(server.addr, &es256(&first, "ann")).await.err(),
+        Some(401)
+    );
+    subscribe(&mut old, "lobby").await;
+    publish(&mut new, "lobby", json!("rotated")).await;
+    assert_eq!(recv_json(&mut old).await["data"], "rotated");
+    let _ = std::fs::remove_file(&path);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_restart_only_setting_is_reported_and_left_as_it_was() {
     let server = Reloadable::start(|_| {}).await;

@@ -235,7 +235,10 @@ async fn reload(state: &AppState, reloader: &mut Reloader) -> Result<ReloadRepor
     let keys_changed = FIELDS
         .iter()
         .any(|f| f.keys && report.applied.iter().any(|a| a == f.var));
-    let verifier = if keys_changed {
+    // A PEM key file replaced in place (same path, new key) is read again too: rotating it
+    // and sending SIGHUP must put the new key in force.
+    let reread = !keys_changed && applied.jwt_public_key.is_some();
+    let verifier = if keys_changed || reread {
         match Verifier::load(&applied.key_options()).await {
             Ok(verifier) => Some(verifier.map(Arc::new)),
             Err(err) => {
@@ -261,6 +264,9 @@ async fn reload(state: &AppState, reloader: &mut Reloader) -> Result<ReloadRepor
         lines.push((true, log.name, change));
     }
     apply(state, &applied, verifier);
+    if reread {
+        tracing::info!("reload: the RUSTY_SOCKS_JWT_PUBLIC_KEY file was read again");
+    }
     for (live, var, change) in lines {
         if live {
             tracing::info!(setting = var, "reload: {var} applied: {change}");
