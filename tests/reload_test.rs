@@ -189,6 +189,31 @@ async fn a_removed_namespace_refuses_new_subscriptions_and_keeps_existing_ones()
 }
 
 #[tokio::test]
+async fn a_member_leaving_after_presence_was_turned_off_leaves_no_presence_entry() {
+    let server = Reloadable::start(|c| c.namespaces = with_namespace("news")).await;
+    let (mut ann, _) = v1_client_url(&server.url()).await;
+    subscribe(&mut ann, "news:x").await;
+    let off = NamespaceOptions {
+        presence: false,
+        ..NamespaceOptions::default()
+    };
+    server.change(|c| c.namespaces.insert("news", off));
+    server.reload_ok().await;
+    let reply = call(
+        &mut ann,
+        json!({"type":"unsubscribe","id":"u","channel":"news:x"}),
+    )
+    .await;
+    assert_eq!(reply["type"], "unsubscribed", "{reply}");
+    server.change(|c| c.namespaces = with_namespace("news"));
+    server.reload_ok().await;
+    let (mut bob, bob_id) = v1_client_url(&server.url()).await;
+    subscribe(&mut bob, "news:x").await;
+    assert_eq!(presence_of(&mut bob, "news:x").await, [bob_id]);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn new_upgrades_follow_the_reloaded_origin_list() {
     let server = Reloadable::start(|c| c.allowed_origins = vec!["https://a.example".into()]).await;
     let status = |origin: &'static str| async move {

@@ -478,7 +478,7 @@ impl Node {
         channel: &str,
         announce: bool,
     ) -> Result<(), ClientError> {
-        let options = self.options(channel)?;
+        let options = self.leave_options(channel)?;
         if self
             .leave(client_id, client, channel, &options, announce)
             .await

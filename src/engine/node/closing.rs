@@ -90,7 +90,7 @@ impl Node {
     ) {
         let left = state.left();
         let channel = &*state.channel;
-        let Ok(options) = self.options(channel) else {
+        let Ok(options) = self.leave_options(channel) else {
             return;
         };
         if left != Left::NotMember {

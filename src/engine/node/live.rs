@@ -6,7 +6,7 @@
 //! reload swaps in a new one. A connection that decided under the old snapshot keeps what it
 //! got (its subscriptions, its identity), which is how existing connections keep working.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -43,6 +43,10 @@ pub(super) struct Snapshot {
     /// metrics. Counters are carried from snapshot to snapshot, retired namespaces' included,
     /// so a subscription counted under one snapshot is uncounted under the next.
     pub(super) counts: HashMap<String, Arc<AtomicI64>>,
+    /// Namespaces that had `presence` on in this snapshot or an earlier one: a member leaving
+    /// one removes its presence entry even if a reload turned presence off after it joined
+    /// (the entry would otherwise stay behind, and show again if presence came back).
+    pub(super) presence_once: HashSet<String>,
 }
 
 impl Snapshot {
@@ -53,10 +57,12 @@ impl Snapshot {
             .chain([DEFAULT_CHANNEL])
             .map(|name| (name.to_owned(), Arc::default()))
             .collect();
+        let presence_once = with_presence(&live.namespaces).collect();
         ArcSwap::from_pointee(Self {
             live,
             retired: HashMap::new(),
             counts,
+            presence_once,
         })
     }
 
@@ -76,12 +82,23 @@ impl Snapshot {
         for name in live.namespaces.names() {
             counts.entry(name.to_owned()).or_default();
         }
+        let mut presence_once = self.presence_once.clone();
+        presence_once.extend(with_presence(&live.namespaces));
         Self {
             live,
             retired,
             counts,
+            presence_once,
         }
     }
+}
+
+/// Names of the namespaces with `presence` on.
+fn with_presence(namespaces: &Namespaces) -> impl Iterator<Item = String> + '_ {
+    namespaces
+        .names()
+        .filter(|name| namespaces.get(name).is_some_and(|o| o.presence))
+        .map(str::to_owned)
 }
 
 impl Node {
@@ -112,6 +129,22 @@ impl Node {
                 .ok_or_else(|| ChannelError::UnknownNamespace(name).into()),
             Err(err) => Err(err.into()),
         }
+    }
+
+    /// The options a member leaving `channel` leaves with: [`Node::options`], with `presence`
+    /// on if it was on at any time (see `Snapshot::presence_once`).
+    pub(super) fn leave_options(&self, channel: &str) -> Result<NamespaceOptions, ClientError> {
+        let mut options = self.options(channel)?;
+        if channel != DEFAULT_CHANNEL
+            && self
+                .live
+                .load()
+                .presence_once
+                .contains(namespace_of(channel))
+        {
+            options.presence = true;
+        }
+        Ok(options)
     }
 
     /// The options a new subscription to `channel` gets: a retired namespace has none.
