@@ -59,6 +59,10 @@ const ENDPOINTS: &[(&str, &str)] = &[
     ("GET /api/presence/{ch}", "who is subscribed to a channel"),
     ("GET /api/history/{ch}", "a channel's history"),
     ("GET /api/channels", "this node's channels"),
+    (
+        "POST /api/reload",
+        "read the settings again and apply what can change live (also SIGHUP)",
+    ),
 ];
 
 /// The command line: subcommands, `--config`, and one global flag per setting.

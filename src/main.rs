@@ -6,7 +6,8 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use rusty_socks::server::Prepared;
-use rusty_socks::settings::{BrokerUrl, Config, LogFormat};
+use rusty_socks::server::reload::LogLevel;
+use rusty_socks::settings::{BrokerUrl, Config, LogFormat, Sources};
 
 /// Writes to standard output, ignoring a closed pipe (`rusty_socks --help | head -1`):
 /// `println!` would panic there and exit with 101.
@@ -38,7 +39,7 @@ fn main() -> ExitCode {
         }
     };
     let config = loaded.config;
-    init_logging(config.log_format);
+    let log = init_logging(&config);
     for (name, closest) in loaded.unknown_variables {
         match closest {
             Some(meant) => tracing::warn!(
@@ -73,19 +74,19 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, sources, log))
 }
 
 /// Connects and loads everything first, then binds and announces the address: a server that
 /// cannot work never says it is listening. Each failure is printed once.
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, sources: Sources, log: LogLevel) -> ExitCode {
     let addr = SocketAddr::new(config.host, config.port);
     // Installed before the broker is contacted: connecting can take a while (a broker that
     // accepts and never answers), and a SIGTERM meanwhile must stop the process cleanly, not
     // kill it with the default action.
     let stop = shutdown_signal();
     tokio::pin!(stop);
-    let prepared = tokio::select! {
+    let mut prepared = tokio::select! {
         prepared = Prepared::new(config) => match prepared {
             Ok(prepared) => prepared,
             Err(err) => {
@@ -98,6 +99,16 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    // SIGHUP and `POST /api/reload` read every source again (the same file, variables and
+    // flags) and apply what can change live.
+    prepared.reload_with(
+        Box::new(move || {
+            rusty_socks::settings::load(&sources)
+                .map(|loaded| loaded.config)
+                .map_err(|errors| errors.iter().map(ToString::to_string).collect())
+        }),
+        Some(log),
+    );
     let listener = match listen(addr) {
         Ok(listener) => listener,
         Err(err) => {
@@ -223,26 +234,67 @@ async fn arrival(signal: Option<tokio::signal::unix::Signal>) {
     }
 }
 
-/// Logs to standard output (`RUST_LOG` filters, `info` by default), as text or one JSON object
-/// a line (`RUSTY_SOCKS_LOG_FORMAT`) with the event's fields (connection, client, ...) at the
-/// top level, where log shippers look for them.
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Logs to standard output, as text or one JSON object a line (`RUSTY_SOCKS_LOG_FORMAT`) with
+/// the event's fields (connection, client, ...) at the top level, where log shippers look for
+/// them. The filter is `RUST_LOG` when set, else `RUSTY_SOCKS_LOG_LEVEL`, which a reload can
+/// change: the returned [`LogLevel`] is how.
+fn init_logging(config: &Config) -> LogLevel {
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let filter = match &from_env {
+        Some(wanted) => tracing_subscriber::EnvFilter::try_new(wanted).unwrap_or_else(|err| {
+            complain!("rusty_socks: RUST_LOG={wanted:?} is not a log filter ({err}); using info");
+            tracing_subscriber::EnvFilter::new("info")
+        }),
+        // Validated when the settings were read.
+        None => tracing_subscriber::EnvFilter::try_new(&config.log_level)
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    };
+    let current = from_env.clone().unwrap_or_else(|| config.log_level.clone());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Logs piped into `tee` outlive it on Ctrl-C; a failed write must not become a panic
         // (the default reports it with `eprintln!`, which panics on a closed stderr).
         .log_internal_errors(false);
-    match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-            .init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .init(),
+    match config.log_format {
+        LogFormat::Text => {
+            let builder = builder
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            log_level(handle, current, from_env.is_some())
+        }
+        LogFormat::Json => {
+            let builder = builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.init();
+            log_level(handle, current, from_env.is_some())
+        }
+    }
+}
+
+/// How a reload changes the log filter: to `RUSTY_SOCKS_LOG_LEVEL` as read again, unless
+/// `RUST_LOG` is set (it wins, and a running process's environment does not change).
+fn log_level<S: tracing::Subscriber + 'static>(
+    handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
+    current: String,
+    rust_log_set: bool,
+) -> LogLevel {
+    LogLevel {
+        name: "RUSTY_SOCKS_LOG_LEVEL",
+        wanted: Box::new(move |config| (!rust_log_set).then(|| config.log_level.clone())),
+        set: Box::new(move |filter| {
+            let filter =
+                tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())
+        }),
+        current,
     }
 }

@@ -129,7 +129,7 @@ pub struct ChatHandler {
     others: Vec<Arc<MemberState>>,
     /// Set for connections that presented a token (boxed: most connections have none).
     auth: Option<Box<Auth>>,
-    /// The per-connection rate limit's state, when a rate is configured.
+    /// The per-connection rate limit's state, from the first message under a rate.
     bucket: Option<Box<Bucket>>,
     /// Legacy or v1-only.
     dialect: Dialect,
@@ -140,8 +140,9 @@ pub struct ChatHandler {
 pub struct ChatShared {
     /// Channels, history and presence.
     pub node: Arc<Node>,
-    /// Per-connection limits.
-    pub limits: ChatLimits,
+    /// Per-connection limits, replaced whole by a reload: every message reads the current
+    /// ones (a lock-free load), so a changed rate limit applies to existing connections too.
+    pub limits: arc_swap::ArcSwap<ChatLimits>,
 }
 
 impl ChatHandler {
@@ -154,9 +155,6 @@ impl ChatHandler {
         identity: Option<Box<Identity>>,
         dialect: Dialect,
     ) -> Self {
-        let limits = shared.limits;
-        let bucket = (limits.rate > 0)
-            .then(|| Box::new(Bucket::new(limits.burst, crate::types::clock::now_us())));
         Self {
             client_id,
             outbox,
@@ -169,7 +167,7 @@ impl ChatHandler {
                     asked: false,
                 })
             }),
-            bucket,
+            bucket: None,
             dialect,
         }
     }
@@ -179,7 +177,7 @@ impl ChatHandler {
     }
 
     fn limits(&self) -> ChatLimits {
-        self.shared.limits
+        **self.shared.limits.load()
     }
 
     /// This connection as presence, join and leave show it (built when needed, so an idle
@@ -200,9 +198,14 @@ impl ChatHandler {
     /// or a close for a client that keeps going).
     fn admit(&mut self, out: &mut Replies<'_>, v1: Option<Option<&RawValue>>) -> bool {
         let limits = self.limits();
-        let Some(bucket) = self.bucket.as_mut() else {
+        if limits.rate == 0 {
             return true;
-        };
+        }
+        // Made at the first message under a rate (full, as a new connection's would be), so a
+        // rate set by a reload also limits connections that were open before it.
+        let bucket = self.bucket.get_or_insert_with(|| {
+            Box::new(Bucket::new(limits.burst, crate::types::clock::now_us()))
+        });
         match bucket.admit(limits.rate, limits.burst, crate::types::clock::now_us()) {
             Admit::Yes => true,
             Admit::Refuse => {

@@ -261,6 +261,31 @@ impl Namespaces {
         self.by_name.keys().map(String::as_str)
     }
 
+    /// The options of namespace `name`, if it is configured.
+    pub fn get(&self, name: &str) -> Option<&NamespaceOptions> {
+        self.by_name.get(name)
+    }
+
+    /// What changed from `self` to `next`, one entry per namespace (`+name` added, `-name`
+    /// removed, `~name` options changed; `""` is the unnamed one), sorted, for reload logs.
+    pub fn changes(&self, next: &Self) -> Vec<String> {
+        let mut changes: Vec<String> = Vec::new();
+        for (name, options) in &self.by_name {
+            match next.by_name.get(name) {
+                None => changes.push(format!("-{name:?}")),
+                Some(new) if new != options => changes.push(format!("~{name:?}")),
+                Some(_) => {}
+            }
+        }
+        for name in next.by_name.keys() {
+            if !self.by_name.contains_key(name) {
+                changes.push(format!("+{name:?}"));
+            }
+        }
+        changes.sort_unstable_by(|a, b| a[1..].cmp(&b[1..]));
+        changes
+    }
+
     /// Validates a channel name and returns its namespace's options.
     pub fn resolve(&self, channel: &str) -> Result<&NamespaceOptions, ChannelError> {
         validate_name(channel)?;

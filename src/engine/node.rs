@@ -5,9 +5,8 @@
 //! the recovery protocol that makes `subscribe` with `since` loss-free, and renders what the
 //! broker delivers into frames, encoding each publication once for all local subscribers.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -24,7 +23,6 @@ use crate::engine::sessions::Sessions;
 use crate::engine::stats::Stats;
 use crate::protocol::legacy::ServerFrame;
 use crate::protocol::v1::{Frame, MAX_HISTORY_LIMIT};
-use crate::types::channel::namespace_of;
 use crate::types::error::ClientError;
 use crate::types::position::is_complete_replay;
 use crate::types::{ClientId, ClientInfo, Publication, StreamPosition};
@@ -40,6 +38,9 @@ pub const DEFAULT_CHANNEL: &str = "default";
 pub const CONTROL_CHANNEL: &str = "$control";
 
 mod closing;
+mod live;
+
+pub use live::NodeLive;
 
 /// Renders broker deliveries into frames for the local hub.
 #[derive(Debug)]
@@ -216,9 +217,9 @@ pub struct Node {
     options: NodeOptions,
     default_name: Arc<str>,
     stats: Arc<Stats>,
-    /// Local subscriptions per namespace (the legacy channel counts as `default`), for the
-    /// metrics. Namespaces are fixed at startup, so the map never changes.
-    subscriptions: HashMap<String, AtomicI64>,
+    /// What a reload may change: namespaces and the verifier (`live.rs`). The copies in
+    /// `options` are moved here at construction and not read again.
+    live: arc_swap::ArcSwap<live::Snapshot>,
     /// Set when shutdown begins: every publish is refused from then on.
     shutting_down: AtomicBool,
     /// Publishes past their shutdown check whose broker call has not returned yet.
@@ -241,49 +242,26 @@ impl Node {
     pub fn new(
         hub: Arc<Hub>,
         broker: Arc<dyn Broker>,
-        options: NodeOptions,
+        mut options: NodeOptions,
         stats: Arc<Stats>,
     ) -> Self {
-        let subscriptions = options
-            .namespaces
-            .names()
-            .chain([DEFAULT_CHANNEL])
-            .map(|name| (name.to_owned(), AtomicI64::new(0)))
-            .collect();
+        let live = live::Snapshot::first(NodeLive {
+            namespaces: std::mem::take(&mut options.namespaces),
+            legacy: options.legacy.clone(),
+            verifier: options.verifier.take(),
+        });
         Self {
             hub,
             broker,
             options,
             default_name: Arc::from(DEFAULT_CHANNEL),
             stats,
-            subscriptions,
+            live,
             shutting_down: AtomicBool::new(false),
             publishing: AtomicUsize::new(0),
             stopped_waiting: AtomicBool::new(false),
             stop: CancellationToken::new(),
         }
-    }
-
-    fn count_subscription(&self, channel: &str, delta: i64) {
-        let name = if channel == DEFAULT_CHANNEL {
-            DEFAULT_CHANNEL
-        } else {
-            namespace_of(channel)
-        };
-        if let Some(count) = self.subscriptions.get(name) {
-            count.fetch_add(delta, Ordering::Relaxed);
-        }
-    }
-
-    /// Local subscriptions per namespace (`default` is the legacy channel).
-    pub fn subscription_counts(&self) -> Vec<(&str, i64)> {
-        let mut counts: Vec<(&str, i64)> = self
-            .subscriptions
-            .iter()
-            .map(|(name, count)| (name.as_str(), count.load(Ordering::Relaxed)))
-            .collect();
-        counts.sort_unstable();
-        counts
     }
 
     /// Starts listening to the other nodes' control messages (`control` is the dispatcher's,
@@ -338,22 +316,9 @@ impl Node {
         &self.stats
     }
 
-    /// The token verifier, if authentication is configured.
-    pub fn verifier(&self) -> Option<&Verifier> {
-        self.options.verifier.as_deref()
-    }
-
     /// How long before a token expires its connection is asked to refresh it.
     pub fn refresh_window(&self) -> std::time::Duration {
         self.options.refresh_window
-    }
-
-    /// Validates a channel and returns its options.
-    pub fn options(&self, channel: &str) -> Result<&NamespaceOptions, ClientError> {
-        if channel == DEFAULT_CHANNEL {
-            return Ok(&self.options.legacy);
-        }
-        Ok(self.options.namespaces.resolve(channel)?)
     }
 
     fn limits(&self, options: &NamespaceOptions) -> HistoryLimits {
@@ -380,7 +345,7 @@ impl Node {
         replay: usize,
         caller: Caller<'_>,
     ) -> Result<Subscription, ClientError> {
-        let options = self.options(channel)?.clone();
+        let options = self.subscribe_options(channel)?;
         caller.check(
             options.subscribe,
             channel,
@@ -523,7 +488,7 @@ impl Node {
         channel: &str,
         announce: bool,
     ) -> Result<(), ClientError> {
-        let options = self.options(channel)?.clone();
+        let options = self.leave_options(channel)?;
         if self
             .leave(client_id, client, channel, &options, announce)
             .await
@@ -570,7 +535,7 @@ impl Node {
         let request = PublishRequest {
             data,
             client_id,
-            history: self.limits(options),
+            history: self.limits(&options),
             idempotency: idempotency_key.map(|key| Idempotency {
                 key,
                 window: self.options.idempotency_window,

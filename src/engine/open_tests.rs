@@ -49,13 +49,13 @@ async fn the_welcome_does_not_wait_for_a_stalled_broker() {
     broker.stall_subscribe.store(true, Ordering::SeqCst);
     let shared = Arc::new(ChatShared {
         node: Arc::new(node),
-        limits: ChatLimits {
+        limits: arc_swap::ArcSwap::from_pointee(ChatLimits {
             replay: 10,
             max_channels: 16,
             max_data: 65536,
             rate: 0,
             burst: 0,
-        },
+        }),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");

@@ -57,13 +57,20 @@ pub enum ApiError {
         "the request did not finish within RUSTY_SOCKS_API_TIMEOUT ({0} s); a publish or broadcast may or may not have taken effect"
     )]
     Timeout(u64),
+    /// `POST /api/reload` on a server started without a way to read its settings again.
+    #[error("this server cannot reload its settings")]
+    ReloadUnavailable,
+    /// `POST /api/reload` found the settings invalid (or a new key unloadable): nothing
+    /// changed. Each entry names a problem (the setting, the value, what is accepted).
+    #[error("the settings are invalid; nothing changed: {}", .0.join("; "))]
+    InvalidConfig(Vec<String>),
 }
 
 impl ApiError {
     /// The HTTP status for this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Disabled | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Disabled | Self::NotFound | Self::ReloadUnavailable => StatusCode::NOT_FOUND,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge | Self::Client(ClientError::DataTooBig(_)) => {
@@ -76,6 +83,8 @@ impl ApiError {
             Self::Client(ClientError::PresenceDisabled) => StatusCode::CONFLICT,
             Self::Client(_) => StatusCode::BAD_REQUEST,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            // The request is fine; the settings it asks to load are not.
+            Self::InvalidConfig(_) => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 
@@ -90,11 +99,17 @@ impl ApiError {
             Self::BadJson(_) => "bad_json",
             Self::Client(err) => err.code(),
             Self::Timeout(_) => "timeout",
+            Self::ReloadUnavailable => "reload_unavailable",
+            Self::InvalidConfig(_) => "invalid_config",
         }
     }
 
     fn into_response(self) -> Response<Full<Bytes>> {
-        let body = serde_json::json!({"error": {"code": self.code(), "message": self.to_string()}});
+        let mut body =
+            serde_json::json!({"error": {"code": self.code(), "message": self.to_string()}});
+        if let Self::InvalidConfig(errors) = &self {
+            body["error"]["errors"] = serde_json::json!(errors);
+        }
         let mut response = json(self.status(), &body);
         let headers = response.headers_mut();
         match self {
@@ -171,12 +186,13 @@ async fn route(
     };
     let get = method == Method::GET || method == Method::HEAD;
     match (name, channel) {
-        ("publish" | "broadcast" | "disconnect", None) if method != Method::POST => {
+        ("publish" | "broadcast" | "disconnect" | "reload", None) if method != Method::POST => {
             Err(ApiError::MethodNotAllowed("POST"))
         }
         ("publish", None) => publish(body(req).await?, state).await,
         ("broadcast", None) => broadcast(body(req).await?, state).await,
         ("disconnect", None) => disconnect(body(req).await?, state).await,
+        ("reload", None) => reload(state).await,
         ("presence" | "history", Some(_)) | ("channels", None) if !get => {
             Err(ApiError::MethodNotAllowed("GET"))
         }
@@ -406,4 +422,17 @@ fn channels(state: &AppState) -> Response<Full<Bytes>> {
 fn percent_decoded(segment: &str) -> Result<String, ApiError> {
     crate::server::query::percent_decode(segment)
         .ok_or_else(|| ApiError::BadJson("bad %-escape in the channel name, or not UTF-8".into()))
+}
+
+/// `POST /api/reload`: reads the settings again and applies what can change live (see
+/// `server::reload`). The body, if any, is ignored.
+async fn reload(state: &Arc<AppState>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let reloads = state.reloads.get().ok_or(ApiError::ReloadUnavailable)?;
+    match reloads.reload().await {
+        Ok(report) => Ok(json(StatusCode::OK, &report)),
+        Err(crate::server::reload::ReloadError::Invalid(errors)) => {
+            Err(ApiError::InvalidConfig(errors))
+        }
+        Err(crate::server::reload::ReloadError::Unavailable) => Err(ApiError::ReloadUnavailable),
+    }
 }

@@ -87,8 +87,9 @@ impl Shard {
 /// with many addresses cannot make every other client's connect slow.
 #[derive(Debug)]
 pub struct ConnectLimiter {
-    /// `None`: no limit.
-    rate: Option<Rate>,
+    /// `None`: no limit. Swapped by a reload ([`ConnectLimiter::set`]); the buckets stay, so
+    /// an address keeps what it spent.
+    rate: arc_swap::ArcSwap<Option<Rate>>,
     hasher: RandomState,
     shards: Box<[Mutex<Shard>]>,
 }
@@ -97,13 +98,24 @@ impl ConnectLimiter {
     /// `rate` connections a second per address (0: no limit), `burst` at once.
     pub fn new(rate: u32, burst: u32) -> Self {
         Self {
-            rate: (rate > 0).then_some(Rate {
-                per_second: rate,
-                burst: burst.max(1),
-            }),
+            rate: arc_swap::ArcSwap::from_pointee(Self::rate(rate, burst)),
             hasher: RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
         }
+    }
+
+    fn rate(rate: u32, burst: u32) -> Option<Rate> {
+        (rate > 0).then_some(Rate {
+            per_second: rate,
+            burst: burst.max(1),
+        })
+    }
+
+    /// Puts a new rate in force (a reload): `rate` connections a second (0: no limit),
+    /// `burst` at once.
+    pub fn set(&self, rate: u32, burst: u32) {
+        self.rate
+            .store(std::sync::Arc::new(Self::rate(rate, burst)));
     }
 
     /// Whether `ip` may open one more connection now (and counts it).
@@ -113,7 +125,7 @@ impl ConnectLimiter {
 
     /// [`ConnectLimiter::allow`] at `now_us` (microseconds, [`now_us`]'s clock).
     pub fn allow_at(&self, ip: IpAddr, now_us: u64) -> bool {
-        let Some(rate) = self.rate else {
+        let Some(rate) = **self.rate.load() else {
             return true;
         };
         self.shard(ip)

@@ -57,6 +57,7 @@ pub fn render(state: &AppState) -> String {
         ));
     }
     state.stats.render(&mut out);
+    state.reload_counts.render(&mut out);
     out
 }
 

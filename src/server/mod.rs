@@ -10,6 +10,7 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod query;
+pub mod reload;
 pub mod tls;
 pub mod token;
 pub mod upgrade;
@@ -79,14 +80,20 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub tracker: TaskTracker,
-    /// Connection tokens, when authentication is configured.
-    pub verifier: Option<Arc<Verifier>>,
+    /// The settings in force: `config` with what reloads changed (`reload.rs`). Read where
+    /// a live setting is decided (an upgrade's origin check); the rest read `config`.
+    pub live: arc_swap::ArcSwap<Config>,
+    /// Reloads done and refused, for `/metrics`.
+    pub reload_counts: reload::ReloadCounts,
+    /// Asks for a reload (`POST /api/reload`); unset when the server cannot reload.
+    pub reloads: std::sync::OnceLock<reload::Reloads>,
     /// Per-IP connection rate limit.
     pub connect_limiter: crate::server::limits::ConnectLimiter,
     /// What every `/ws` session shares.
     pub chat: Arc<crate::engine::chat::ChatShared>,
-    /// The JWKS refresh task, when keys come from a JWKS document.
-    _jwks_refresh: Option<AbortOnDropHandle<()>>,
+    /// The JWKS refresh task, when keys come from a JWKS document; replaced when a reload
+    /// loads new keys (the lock is held only to swap the handle).
+    jwks_refresh: std::sync::Mutex<Option<AbortOnDropHandle<()>>>,
 }
 
 impl AppState {
@@ -135,25 +142,17 @@ impl AppState {
         };
         let chat = Arc::new(crate::engine::chat::ChatShared {
             node: Arc::clone(&node),
-            limits,
+            limits: arc_swap::ArcSwap::from_pointee(limits),
         });
         // JWKS keys rotate without a restart: refreshed until the server shuts down, and
         // started only once startup can no longer fail (the handle stops it when the state
         // goes, also when `serve` never runs).
-        let jwks_refresh = verifier
-            .as_ref()
-            .and_then(|v| v.refresh_task())
-            .map(|refresh| {
-                let stop = shutdown.clone();
-                AbortOnDropHandle::new(tokio::spawn(async move {
-                    tokio::select! {
-                        () = stop.cancelled() => {}
-                        () = refresh => {}
-                    }
-                }))
-            });
+        let jwks_refresh = jwks_refresh(verifier.as_deref(), &shutdown);
         Ok(Arc::new(Self {
-            _jwks_refresh: jwks_refresh,
+            jwks_refresh: std::sync::Mutex::new(jwks_refresh),
+            live: arc_swap::ArcSwap::from_pointee(config.clone()),
+            reload_counts: reload::ReloadCounts::default(),
+            reloads: std::sync::OnceLock::new(),
             chat,
             admission: Admission::with_per_address(
                 config.max_connections,
@@ -161,7 +160,6 @@ impl AppState {
                 PerAddress::new(config.max_conn_per_ip, config.ipv6_prefix),
             ),
             stats,
-            verifier,
             connect_limiter: crate::server::limits::ConnectLimiter::new(
                 config.connect_rate,
                 config.connect_burst,
@@ -176,6 +174,39 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// Replaces the JWKS refresh task with `verifier`'s (none: no task), after a reload
+    /// loaded new keys.
+    pub(crate) fn restart_jwks_refresh(&self, verifier: Option<&Verifier>) {
+        let next = jwks_refresh(verifier, &self.shutdown);
+        let old = std::mem::replace(
+            &mut *self
+                .jwks_refresh
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            next,
+        );
+        // Dropped outside the lock: dropping aborts the old task.
+        drop(old);
+    }
+}
+
+/// Starts `verifier`'s JWKS refresh task, if its keys come from a JWKS document; it stops at
+/// `shutdown` or when the handle is dropped.
+fn jwks_refresh(
+    verifier: Option<&Verifier>,
+    shutdown: &CancellationToken,
+) -> Option<AbortOnDropHandle<()>> {
+    let refresh = verifier?.refresh_task()?;
+    let stop = shutdown.clone();
+    Some(AbortOnDropHandle::new(tokio::spawn(async move {
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = refresh => {}
+        }
+    })))
+}
+
 /// A server with everything it needs loaded and connected (keys, TLS, the broker, the metrics
 /// listener), not yet accepting. Preparing first lets `main` report a startup failure before
 /// it announces an address that would never answer.
@@ -183,6 +214,7 @@ pub struct Prepared {
     state: Arc<AppState>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     metrics: Option<TcpListener>,
+    reloader: Option<reload::Reloader>,
 }
 
 impl Prepared {
@@ -205,7 +237,17 @@ impl Prepared {
             state,
             tls,
             metrics,
+            reloader: None,
         })
+    }
+
+    /// Lets the settings be reloaded through `source` (on SIGHUP, whose handler is installed
+    /// now, and `POST /api/reload`); `log` changes the log filter. See `reload.rs`.
+    pub fn reload_with(&mut self, source: reload::ReloadSource, log: Option<reload::LogLevel>) {
+        let (reloader, reloads) = reload::Reloader::new(source, log);
+        if self.state.reloads.set(reloads).is_ok() {
+            self.reloader = Some(reloader);
+        }
     }
 
     /// The settings in force.
@@ -225,8 +267,14 @@ impl Prepared {
             state,
             tls,
             metrics,
+            reloader,
         } = self;
         state.tracker.spawn(heartbeat(Arc::clone(&state)));
+        if let Some(reloader) = reloader {
+            state
+                .tracker
+                .spawn(reload::run(Arc::clone(&state), reloader));
+        }
         if let Some(listener) = metrics {
             state
                 .tracker

@@ -53,7 +53,8 @@ pub async fn upgrade(
         state.stats.refused(why);
         err
     };
-    check_origin(req.headers(), &state.config.allowed_origins)
+    // The list in force now: a reload may have changed it.
+    check_origin(req.headers(), &state.live.load().allowed_origins)
         .map_err(|err| refused(Refusal::Origin, err))?;
     let ip = client_ip(
         peer.ip(),
@@ -78,7 +79,8 @@ pub async fn upgrade(
         None
     };
     let presented = super::token::presented(req.headers(), req.uri().query());
-    let identity = match (&state.verifier, endpoint) {
+    // The keys in force now (a reload may replace them); the identity stays the connection's.
+    let identity = match (state.node.verifier(), endpoint) {
         (Some(verifier), Endpoint::Chat) => match &presented.token {
             // Boxed: the connection's task holds this until its session starts.
             // Boxed: the JWKS wait is rare, and inline it would enlarge every HTTP phase.

@@ -169,6 +169,8 @@ pub struct Config {
     pub demo: bool,
     /// `RUSTY_SOCKS_LOG_FORMAT`: how log lines are written.
     pub log_format: LogFormat,
+    /// `RUSTY_SOCKS_LOG_LEVEL`: the log filter (`RUST_LOG` syntax); `RUST_LOG`, when set, wins.
+    pub log_level: String,
 }
 
 /// How log lines are written (`RUSTY_SOCKS_LOG_FORMAT`).
@@ -243,6 +245,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             demo: true,
             log_format: LogFormat::Text,
+            log_level: "info".to_owned(),
         }
     }
 }

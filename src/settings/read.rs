@@ -280,6 +280,21 @@ impl Config {
                     }
                 },
             },
+            log_level: match get("RUSTY_SOCKS_LOG_LEVEL") {
+                None => d.log_level,
+                Some((var, v)) => {
+                    // Checked here, so a reload with a bad filter is refused before anything
+                    // changes, naming the setting.
+                    if let Err(err) = tracing_subscriber::EnvFilter::try_new(v.trim()) {
+                        return Err(ConfigError {
+                            var,
+                            value: v,
+                            expected: format!("a log filter such as info or rusty_socks=debug ({err})"),
+                        });
+                    }
+                    v.trim().to_owned()
+                }
+            },
         };
         if config.tls_cert.is_some() != config.tls_key.is_some() {
             let (var, value) = match &config.tls_cert {

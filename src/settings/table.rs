@@ -366,6 +366,12 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
         meaning: "log lines as text, or json: one object per line with level, target, message and fields",
     },
+    Setting {
+        var: "RUSTY_SOCKS_LOG_LEVEL",
+        default: "info",
+        kind: Kind::Text,
+        meaning: "log filter in RUST_LOG syntax (debug, rusty_socks=debug,info, ...); a reload applies it; RUST_LOG, when set, wins",
+    },
 ];
 
 /// Prefix of the variables the test suite reads; they are not server settings.

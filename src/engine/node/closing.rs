@@ -90,11 +90,11 @@ impl Node {
     ) {
         let left = state.left();
         let channel = &*state.channel;
-        let Ok(options) = self.options(channel) else {
+        let Ok(options) = self.leave_options(channel) else {
             return;
         };
         if left != Left::NotMember {
-            self.release(left, client, channel, options, announce, quiet)
+            self.release(left, client, channel, &options, announce, quiet)
                 .await;
         }
     }
