@@ -93,12 +93,39 @@ impl Stream {
             client_id,
         };
         let size = publication.data.get().len();
-        if store && limits.size > 0 && size <= limits.max_bytes {
+        if Self::keeps(size, limits, store) {
             self.entries.push_back((now, publication.clone()));
             self.bytes += size;
         }
         self.trim(limits, now);
         publication
+    }
+
+    /// Whether [`Stream::append`] keeps a publication of `size` bytes of data.
+    pub fn keeps(size: usize, limits: HistoryLimits, store: bool) -> bool {
+        store && limits.size > 0 && size <= limits.max_bytes
+    }
+
+    /// A stream brought back from disk: its epoch, last offset and retained publications
+    /// (oldest first, with when they were published).
+    pub fn restore(epoch: String, offset: u64, entries: Vec<(Instant, Publication)>) -> Self {
+        let bytes = entries.iter().map(|(_, p)| p.data.get().len()).sum();
+        Self {
+            epoch,
+            offset,
+            entries: entries.into(),
+            bytes,
+        }
+    }
+
+    /// The stream's epoch.
+    pub fn epoch(&self) -> &str {
+        &self.epoch
+    }
+
+    /// The oldest retained offset.
+    pub fn first_offset(&self) -> Option<u64> {
+        self.entries.front().map(|(_, p)| p.offset)
     }
 
     /// Drops what is past the count, byte and age bounds.

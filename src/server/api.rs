@@ -74,6 +74,7 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Client(ClientError::PresenceDisabled) => StatusCode::CONFLICT,
+            Self::Client(ClientError::StorageFull(_)) => StatusCode::INSUFFICIENT_STORAGE,
             Self::Client(_) => StatusCode::BAD_REQUEST,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{BrokerUrl, Config, ConfigError, IpRange, JwksSource, Secret};
+use crate::broker::durable::FsyncMode;
 use crate::engine::namespace::Namespaces;
 
 impl BrokerUrl {
@@ -167,6 +168,36 @@ impl Config {
                 None => d.idempotency_window,
                 Some((var, v)) => parse_int(var, &v, 1, 86_400).map(Duration::from_secs)?,
             },
+            data_dir: path(get("RUSTY_SOCKS_DATA_DIR")),
+            fsync: {
+                let every = match get("RUSTY_SOCKS_FSYNC_INTERVAL_MS") {
+                    None => Duration::from_millis(100),
+                    Some((var, v)) => parse_int(var, &v, 1, 60_000).map(Duration::from_millis)?,
+                };
+                match get("RUSTY_SOCKS_FSYNC") {
+                    None => d.fsync,
+                    Some((var, v)) => match v.trim() {
+                        "always" => FsyncMode::Always,
+                        "interval" => FsyncMode::Interval(every),
+                        "never" => FsyncMode::Never,
+                        _ => {
+                            return Err(ConfigError {
+                                var,
+                                value: v,
+                                expected: "always, interval or never".into(),
+                            });
+                        }
+                    },
+                }
+            },
+            data_max_bytes: match get("RUSTY_SOCKS_DATA_MAX_BYTES") {
+                None => d.data_max_bytes,
+                Some((var, v)) => parse_int(var, &v, 0, u64::MAX >> 1)?,
+            },
+            data_segment_bytes: match get("RUSTY_SOCKS_DATA_SEGMENT_BYTES") {
+                None => d.data_segment_bytes,
+                Some((var, v)) => parse_int(var, &v, 4096, 1 << 30)?,
+            },
             jwt_secret: secret(get("RUSTY_SOCKS_JWT_SECRET"), 16)?,
             jwt_public_key: path(get("RUSTY_SOCKS_JWT_PUBLIC_KEY")),
             jwt_jwks: match get("RUSTY_SOCKS_JWT_JWKS") {
@@ -241,6 +272,15 @@ impl Config {
             },
             demo: flag("RUSTY_SOCKS_DEMO", d.demo)?,
         };
+        if let Some(dir) = &config.data_dir
+            && config.broker != BrokerUrl::Memory
+        {
+            return Err(ConfigError {
+                var: "RUSTY_SOCKS_DATA_DIR",
+                value: dir.display().to_string(),
+                expected: "unset with a Redis or NATS broker (they keep history themselves)".into(),
+            });
+        }
         if config.tls_cert.is_some() != config.tls_key.is_some() {
             let (var, value) = match &config.tls_cert {
                 Some(cert) => ("RUSTY_SOCKS_TLS_CERT", cert.display().to_string()),
