@@ -8,7 +8,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use super::record::Record;
@@ -47,23 +46,16 @@ impl MemoryBroker {
         let mut restored = 0usize;
         for channel in recovered.channels {
             let name = channel.name.clone();
-            match restore(channel, now, wall) {
-                Some(mut state) => {
-                    state.trim(now);
-                    if state.idle() {
-                        continue;
-                    }
-                    broker
-                        .history_total
-                        .fetch_add(state.cost(), Ordering::Relaxed);
-                    broker.stripe(&name).channels.insert(name, state);
-                    restored += 1;
-                }
-                None => tracing::warn!(
-                    channel = name,
-                    "RUSTY_SOCKS_DATA_DIR: a record is not JSON; the channel starts a new epoch"
-                ),
+            let mut state = restore(channel, now, wall);
+            state.trim(now);
+            if state.idle() {
+                continue;
             }
+            broker
+                .history_total
+                .fetch_add(state.cost(), Ordering::Relaxed);
+            broker.stripe(&name).channels.insert(name, state);
+            restored += 1;
         }
         if broker.history_bytes() > history_budget {
             tracing::warn!(
@@ -251,15 +243,14 @@ async fn sweep(broker: Weak<MemoryBroker>) {
     }
 }
 
-/// A channel's state from what recovery found; `None` if a record is not JSON.
-fn restore(channel: RecoveredChannel, now: Instant, wall: u64) -> Option<ChannelState> {
+/// A channel's state from what recovery found.
+fn restore(channel: RecoveredChannel, now: Instant, wall: u64) -> ChannelState {
     let at = |ms: u64| {
         let age = Duration::from_millis(wall.saturating_sub(ms));
         now.checked_sub(age).unwrap_or(now)
     };
     let mut entries = Vec::with_capacity(channel.entries.len());
     for (ms, offset, client_id, data) in channel.entries {
-        let data: Arc<RawValue> = Arc::from(RawValue::from_string(data).ok()?);
         entries.push((
             at(ms),
             Publication {
@@ -278,5 +269,5 @@ fn restore(channel: RecoveredChannel, now: Instant, wall: u64) -> Option<Channel
             state.keys.insert(key, offset, expires);
         }
     }
-    Some(state)
+    state
 }

@@ -19,7 +19,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::log::{MAGIC, SegmentInfo, segment_path};
-use super::record::Record;
+use serde_json::value::RawValue;
+
+use super::record::{Damage, Record};
 use crate::broker::history::HistoryLimits;
 
 /// One channel as found on disk.
@@ -34,7 +36,7 @@ pub struct RecoveredChannel {
     /// The limits of its last record.
     pub limits: HistoryLimits,
     /// Retained publications, oldest first: (wall ms, offset, client, data).
-    pub entries: Vec<(u64, u64, Option<uuid::Uuid>, String)>,
+    pub entries: Vec<(u64, u64, Option<uuid::Uuid>, Arc<RawValue>)>,
     /// Idempotency keys: (key, offset, expiry in wall ms).
     pub keys: Vec<(String, u64, u64)>,
 }
@@ -91,81 +93,92 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
     let mut counter: u64 = 0;
     let last = seqs.last().copied();
     let mut previous: Option<u64> = None;
-    for &seq in &seqs {
-        if let Some(prev) = previous
-            && seq != prev + 1
-        {
-            tracing::warn!(
-                missing = format!("{:016x}..{:016x}", prev + 1, seq),
-                "RUSTY_SOCKS_DATA_DIR: segments are missing; channels written there get a new epoch"
-            );
-            damage_at = counter;
-        }
-        previous = Some(seq);
-        let path = segment_path(dir, seq);
-        let Ok(bytes) = std::fs::read(&path) else {
-            // Renamed `.damaged` on an earlier start: still a hole.
-            damage_at = counter;
-            continue;
-        };
-        if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-            if Some(seq) == last && bytes.len() < MAGIC.len() {
-                // Created, then the crash came before its header was written.
-                std::fs::remove_file(&path)?;
+    // Segments are checked and parsed in parallel, a window at a time (bounded memory), and
+    // applied in log order.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
+    for window in seqs.chunks(threads * 2) {
+        let scans = scan_all(dir, window, threads);
+        for (&seq, scan) in window.iter().zip(scans) {
+            if let Some(prev) = previous
+                && seq != prev + 1
+            {
                 tracing::warn!(
-                    segment = seq,
-                    "RUSTY_SOCKS_DATA_DIR: removed an empty segment"
+                    missing = format!("{:016x}..{:016x}", prev + 1, seq),
+                    "RUSTY_SOCKS_DATA_DIR: segments are missing; channels written there get a new epoch"
                 );
-                continue;
+                damage_at = counter;
             }
-            let damaged = path.with_extension("seg.damaged");
-            std::fs::rename(&path, &damaged)?;
-            tracing::warn!(
-                segment = %damaged.display(),
-                "RUSTY_SOCKS_DATA_DIR: not a segment of this format; set aside, its channels get a new epoch"
-            );
-            out.cut_bytes += bytes.len() as u64;
-            damage_at = counter;
-            continue;
-        }
-        let mut pos = MAGIC.len();
-        let mut info = SegmentInfo::default();
-        while pos < bytes.len() {
-            match Record::decode(&bytes[pos..]) {
-                Ok((record, used)) => {
-                    counter += 1;
-                    pos += used;
-                    info.channels.insert(
-                        Arc::from(record.channel.as_str()),
-                        (Arc::from(record.epoch.as_str()), record.offset),
-                    );
-                    apply(&mut building, record, counter);
+            previous = Some(seq);
+            let path = segment_path(dir, seq);
+            let scan = match scan {
+                Scan::Unreadable => {
+                    // Renamed `.damaged` on an earlier start: still a hole.
+                    damage_at = counter;
+                    continue;
                 }
-                Err(damage) => {
-                    let lost = (bytes.len() - pos) as u64;
-                    OpenOptions::new()
-                        .write(true)
-                        .open(&path)?
-                        .set_len(pos as u64)?;
-                    out.cut_bytes += lost;
-                    let tail = Some(seq) == last;
-                    tracing::warn!(
-                        segment = %path.display(),
-                        at = pos,
-                        lost_bytes = lost,
-                        reason = %damage,
-                        "RUSTY_SOCKS_DATA_DIR: cut a damaged {}",
-                        if tail { "tail (unacknowledged writes)" } else { "segment" }
-                    );
-                    if !tail {
-                        damage_at = counter;
+                Scan::Empty => {
+                    if Some(seq) == last {
+                        // Created, then the crash came before its header was written.
+                        std::fs::remove_file(&path)?;
+                        tracing::warn!(
+                            segment = seq,
+                            "RUSTY_SOCKS_DATA_DIR: removed an empty segment"
+                        );
+                        continue;
                     }
-                    break;
+                    Scan::Foreign(0)
+                }
+                other => other,
+            };
+            let (records, valid, total, damage) = match scan {
+                Scan::Read {
+                    records,
+                    valid,
+                    total,
+                    damage,
+                } => (records, valid, total, damage),
+                Scan::Foreign(len) => {
+                    let damaged = path.with_extension("seg.damaged");
+                    std::fs::rename(&path, &damaged)?;
+                    tracing::warn!(
+                        segment = %damaged.display(),
+                        "RUSTY_SOCKS_DATA_DIR: not a segment of this format; set aside, its channels get a new epoch"
+                    );
+                    out.cut_bytes += len;
+                    damage_at = counter;
+                    continue;
+                }
+                Scan::Unreadable | Scan::Empty => continue,
+            };
+            let mut info = SegmentInfo::default();
+            for (record, data) in records {
+                counter += 1;
+                info.channels.insert(
+                    Arc::from(record.channel.as_str()),
+                    (Arc::from(record.epoch.as_str()), record.offset),
+                );
+                apply(&mut building, record, data, counter);
+            }
+            if let Some(damage) = damage {
+                let lost = total - valid;
+                OpenOptions::new().write(true).open(&path)?.set_len(valid)?;
+                out.cut_bytes += lost;
+                let tail = Some(seq) == last;
+                tracing::warn!(
+                    segment = %path.display(),
+                    at = valid,
+                    lost_bytes = lost,
+                    reason = %damage,
+                    "RUSTY_SOCKS_DATA_DIR: cut a damaged {}",
+                    if tail { "tail (unacknowledged writes)" } else { "segment" }
+                );
+                if !tail {
+                    damage_at = counter;
                 }
             }
+            info.bytes = valid;
+            out.segments.insert(seq, info);
         }
-        info.bytes = pos as u64;
-        out.segments.insert(seq, info);
     }
     out.records = counter;
     for (name, b) in building {
@@ -186,7 +199,93 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
     Ok(out)
 }
 
-fn apply(building: &mut HashMap<String, Building>, record: Record, counter: u64) {
+/// One segment, checked and parsed.
+enum Scan {
+    /// Its file could not be opened (set aside earlier).
+    Unreadable,
+    /// Shorter than the header.
+    Empty,
+    /// Not our header; its length.
+    Foreign(u64),
+    /// Its whole records (data checked to be JSON), where they end, the file's length, and
+    /// why reading stopped early.
+    Read {
+        records: Vec<(Record, Option<Arc<RawValue>>)>,
+        valid: u64,
+        total: u64,
+        damage: Option<Damage>,
+    },
+}
+
+fn scan(path: &Path) -> Scan {
+    let Ok(bytes) = std::fs::read(path) else {
+        return Scan::Unreadable;
+    };
+    if bytes.len() < MAGIC.len() {
+        return Scan::Empty;
+    }
+    if &bytes[..MAGIC.len()] != MAGIC {
+        return Scan::Foreign(bytes.len() as u64);
+    }
+    let mut pos = MAGIC.len();
+    let mut records = Vec::new();
+    let mut damage = None;
+    while pos < bytes.len() {
+        match Record::decode(&bytes[pos..]) {
+            Ok((mut record, used)) => {
+                let data = match record.data.take().map(RawValue::from_string) {
+                    None => None,
+                    Some(Ok(raw)) => Some(Arc::from(raw)),
+                    Some(Err(_)) => {
+                        damage = Some(Damage::Malformed);
+                        break;
+                    }
+                };
+                records.push((record, data));
+                pos += used;
+            }
+            Err(why) => {
+                damage = Some(why);
+                break;
+            }
+        }
+    }
+    Scan::Read {
+        records,
+        valid: pos as u64,
+        total: bytes.len() as u64,
+        damage,
+    }
+}
+
+/// Scans `seqs` on up to `threads` threads, results in order.
+fn scan_all(dir: &Path, seqs: &[u64], threads: usize) -> Vec<Scan> {
+    let per = seqs.len().div_ceil(threads.max(1)).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = seqs
+            .chunks(per)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|&seq| scan(&segment_path(dir, seq)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+fn apply(
+    building: &mut HashMap<String, Building>,
+    record: Record,
+    data: Option<Arc<RawValue>>,
+    counter: u64,
+) {
     let b = building
         .entry(record.channel.clone())
         .or_insert_with(|| Building {
@@ -217,7 +316,7 @@ fn apply(building: &mut HashMap<String, Building>, record: Record, counter: u64)
     b.last_seen = counter;
     c.offset = record.offset;
     c.limits = record.limits;
-    if let Some(data) = record.data {
+    if let Some(data) = data {
         c.entries
             .push((record.time_ms, record.offset, record.client_id, data));
         // Records the running server had already trimmed may still be on disk (their
