@@ -60,6 +60,9 @@ pub struct Recovered {
 
 struct Building {
     channel: RecoveredChannel,
+    /// The name and epoch shared with every segment's summary (one allocation each).
+    name: Arc<str>,
+    epoch: Arc<str>,
     /// Global record number of its last record.
     last_seen: u64,
     untrusted: bool,
@@ -153,11 +156,9 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
             let mut info = SegmentInfo::default();
             for (record, data) in records {
                 counter += 1;
-                info.channels.insert(
-                    Arc::from(record.channel.as_str()),
-                    (Arc::from(record.epoch.as_str()), record.offset),
-                );
-                apply(&mut building, record, data, counter);
+                let offset = record.offset;
+                let (name, epoch) = apply(&mut building, record, data, counter);
+                info.channels.insert(name, (epoch, offset));
             }
             if let Some(damage) = damage {
                 let lost = total - valid;
@@ -285,10 +286,12 @@ fn apply(
     record: Record,
     data: Option<Arc<RawValue>>,
     counter: u64,
-) {
+) -> (Arc<str>, Arc<str>) {
     let b = building
         .entry(record.channel.clone())
         .or_insert_with(|| Building {
+            name: Arc::from(record.channel.as_str()),
+            epoch: Arc::from(record.epoch.as_str()),
             channel: RecoveredChannel {
                 name: record.channel.clone(),
                 epoch: record.epoch.clone(),
@@ -303,13 +306,14 @@ fn apply(
     let c = &mut b.channel;
     if c.epoch != record.epoch {
         // A later life of the channel: the earlier one is over.
+        b.epoch = Arc::from(record.epoch.as_str());
         c.epoch = record.epoch;
         c.offset = 0;
         c.entries.clear();
         c.keys.clear();
         b.untrusted = false;
     } else if c.offset != 0 && record.offset <= c.offset {
-        return;
+        return (Arc::clone(&b.name), Arc::clone(&b.epoch));
     } else if c.offset != 0 && record.offset != c.offset + 1 {
         b.untrusted = true;
     }
@@ -330,4 +334,5 @@ fn apply(
     if let Some((key, expires)) = record.key {
         c.keys.push((key, record.offset, expires));
     }
+    (Arc::clone(&b.name), Arc::clone(&b.epoch))
 }
