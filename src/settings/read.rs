@@ -659,4 +659,33 @@ mod tests {
         let err = with(&[("RUSTY_SOCKS_PING", "60")]).expect_err("ping == timeout");
         assert_eq!(err.var, "RUSTY_SOCKS_PING");
     }
+
+    #[test]
+    fn data_dir_settings_are_read_and_checked() {
+        let c = with(&[
+            ("RUSTY_SOCKS_DATA_DIR", "/var/lib/rs"),
+            ("RUSTY_SOCKS_FSYNC", "interval"),
+            ("RUSTY_SOCKS_FSYNC_INTERVAL_MS", "250"),
+            ("RUSTY_SOCKS_DATA_MAX_BYTES", "1000000"),
+        ])
+        .expect("valid");
+        assert_eq!(c.data_dir, Some(PathBuf::from("/var/lib/rs")));
+        assert_eq!(c.fsync, FsyncMode::Interval(Duration::from_millis(250)));
+        assert_eq!(c.data_max_bytes, 1_000_000);
+        assert_eq!(with(&[]).expect("defaults").fsync, FsyncMode::Always);
+        for (var, value) in [
+            ("RUSTY_SOCKS_FSYNC", "sometimes"),
+            ("RUSTY_SOCKS_FSYNC_INTERVAL_MS", "0"),
+            ("RUSTY_SOCKS_DATA_MAX_BYTES", "-1"),
+            ("RUSTY_SOCKS_DATA_SEGMENT_BYTES", "10"),
+        ] {
+            assert_eq!(with(&[(var, value)]).expect_err(value).var, var);
+        }
+        let err = with(&[
+            ("RUSTY_SOCKS_DATA_DIR", "/d"),
+            ("RUSTY_SOCKS_BROKER", "redis://127.0.0.1:6379"),
+        ])
+        .expect_err("a networked broker keeps its own history");
+        assert_eq!(err.var, "RUSTY_SOCKS_DATA_DIR");
+    }
 }
