@@ -271,3 +271,48 @@ async fn a_full_quota_answers_storage_full_while_delivery_and_reads_go_on() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_during_publishing_loses_no_acknowledged_publication_fsync_interval() {
+    kill_9_during_publishing("interval").await;
+}
+
+#[tokio::test]
+async fn a_damaged_tail_is_cut_and_logged_and_the_server_starts() {
+    let dir = TempDir::new();
+    let (mut server, addr) = start(&dir, "always");
+    let (mut watcher, _) = v1_client_url(&format!("ws://{addr}/ws")).await;
+    let epoch = subscribe(&mut watcher, "busy:t").await["epoch"].clone();
+    let (mut ws, _) = v1_client_url(&format!("ws://{addr}/ws")).await;
+    for n in 1..=5 {
+        assert_eq!(publish(&mut ws, "busy:t", json!(n)).await, n);
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let mut segments: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    let last = segments.pop().unwrap();
+    // Garbage after the last record, as a torn write leaves it.
+    let mut bytes = std::fs::read(&last).unwrap();
+    let whole = bytes.len();
+    bytes.extend_from_slice(&[0x55; 37]);
+    std::fs::write(&last, &bytes).unwrap();
+    let (mut server, addr) = start(&dir, "always");
+    let line = server.wait_for("cut a damaged tail");
+    assert!(line.contains("lost_bytes=37"), "{line}");
+    assert_eq!(std::fs::metadata(&last).unwrap().len(), whole as u64);
+    let (mut ws, _) = v1_client_url(&format!("ws://{addr}/ws")).await;
+    let sub = call(
+        &mut ws,
+        json!({"type":"subscribe","id":1,"channel":"busy:t","since":{"offset":2,"epoch":epoch}}),
+    )
+    .await;
+    assert_eq!(sub["recovered"], true, "{sub}");
+    assert_eq!(offsets(&sub["publications"]), vec![3, 4, 5]);
+    signal(&server.child, "TERM");
+    assert!(wait_exit(&mut server.child, WAIT).success());
+}
