@@ -84,6 +84,14 @@ impl Stream {
         self.bytes + self.entries.len() * ENTRY_OVERHEAD
     }
 
+    /// Gives a stream that never had a publication the epoch its first one starts (a durable
+    /// log writes that record, epoch included, before the publication is appended here).
+    pub fn adopt_epoch(&mut self, epoch: String) {
+        if self.epoch.is_empty() {
+            self.epoch = epoch;
+        }
+    }
+
     /// Assigns the next offset and, if `store`, keeps the publication within `limits`.
     pub fn append(
         &mut self,
@@ -103,12 +111,34 @@ impl Stream {
             client_id,
         };
         let size = publication.data.get().len();
-        if store && limits.size > 0 && size <= limits.max_bytes {
+        if Self::keeps(size, limits, store) {
             self.entries.push_back((now, publication.clone()));
             self.bytes += size;
         }
         self.trim(limits, now);
         publication
+    }
+
+    /// Whether [`Stream::append`] keeps a publication of `size` bytes of data.
+    pub fn keeps(size: usize, limits: HistoryLimits, store: bool) -> bool {
+        store && limits.size > 0 && size <= limits.max_bytes
+    }
+
+    /// A stream brought back from disk: its epoch, last offset and retained publications
+    /// (oldest first, with when they were published).
+    pub fn restore(epoch: String, offset: u64, entries: Vec<(Instant, Publication)>) -> Self {
+        let bytes = entries.iter().map(|(_, p)| p.data.get().len()).sum();
+        Self {
+            epoch,
+            offset,
+            entries: entries.into(),
+            bytes,
+        }
+    }
+
+    /// The oldest retained offset.
+    pub fn first_offset(&self) -> Option<u64> {
+        self.entries.front().map(|(_, p)| p.offset)
     }
 
     /// Drops what is past the count, byte and age bounds.

@@ -38,7 +38,7 @@ const KEY_OVERHEAD: usize = 64;
 
 /// The idempotency keys used on one channel in its current epoch, oldest first.
 #[derive(Debug, Default)]
-struct Keys {
+pub(in crate::broker) struct Keys {
     /// Key to (offset of its first publish, when it is forgotten).
     offsets: HashMap<String, (u64, Instant)>,
     /// Keys in the order they were remembered, with when they expire.
@@ -47,14 +47,14 @@ struct Keys {
 }
 
 impl Keys {
-    fn get(&self, key: &str, now: Instant) -> Option<u64> {
+    pub(in crate::broker) fn get(&self, key: &str, now: Instant) -> Option<u64> {
         self.offsets
             .get(key)
             .filter(|(_, expires)| *expires > now)
             .map(|(offset, _)| *offset)
     }
 
-    fn insert(&mut self, key: String, offset: u64, expires: Instant) {
+    pub(in crate::broker) fn insert(&mut self, key: String, offset: u64, expires: Instant) {
         self.bytes += key.len() + KEY_OVERHEAD;
         self.offsets.insert(key.clone(), (offset, expires));
         self.order.push_back((expires, key));
@@ -85,24 +85,24 @@ impl Keys {
 }
 
 #[derive(Debug, Default)]
-struct ChannelState {
-    stream: Stream,
+pub(in crate::broker) struct ChannelState {
+    pub(in crate::broker) stream: Stream,
     /// Node subscriptions minus unsubscriptions (see the trait's counting contract).
-    subscribed: u32,
+    pub(in crate::broker) subscribed: u32,
     presence: HashMap<ClientId, ClientInfo>,
-    limits: Option<HistoryLimits>,
-    keys: Keys,
+    pub(in crate::broker) limits: Option<HistoryLimits>,
+    pub(in crate::broker) keys: Keys,
 }
 
 impl ChannelState {
-    fn idle(&self) -> bool {
+    pub(in crate::broker) fn idle(&self) -> bool {
         self.subscribed == 0
             && !self.stream.has_history()
             && self.presence.is_empty()
             && self.keys.order.is_empty()
     }
 
-    fn trim(&mut self, now: Instant) {
+    pub(in crate::broker) fn trim(&mut self, now: Instant) {
         if let Some(limits) = self.limits {
             self.stream.trim(limits, now);
         }
@@ -110,14 +110,14 @@ impl ChannelState {
     }
 
     /// Bytes counted against the server-wide budget: history and idempotency keys.
-    fn cost(&self) -> usize {
+    pub(in crate::broker) fn cost(&self) -> usize {
         self.stream.cost() + self.keys.bytes
     }
 }
 
 #[derive(Debug, Default)]
-struct Stripe {
-    channels: HashMap<String, ChannelState>,
+pub(in crate::broker) struct Stripe {
+    pub(in crate::broker) channels: HashMap<String, ChannelState>,
     ops: u32,
 }
 
@@ -159,15 +159,17 @@ impl Stripe {
 
 /// Broker for one node.
 pub struct MemoryBroker {
-    events: Arc<dyn BrokerEvents>,
+    pub(in crate::broker) events: Arc<dyn BrokerEvents>,
     hasher: RandomState,
     stripes: Box<[Mutex<Stripe>]>,
     /// History bytes retained across all channels (see [`Stream::cost`]), idempotency keys
     /// included.
-    history_total: AtomicUsize,
+    pub(in crate::broker) history_total: AtomicUsize,
     /// Server-wide bound on `history_total`: past it, publications are still delivered but
     /// no longer stored, so publishing to endless new channels cannot exhaust memory.
-    history_budget: usize,
+    pub(in crate::broker) history_budget: usize,
+    /// `RUSTY_SOCKS_DATA_DIR`: the log that makes history durable (see `broker::durable`).
+    pub(in crate::broker) durable: Option<crate::broker::durable::Durable>,
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -186,6 +188,7 @@ impl MemoryBroker {
             stripes: (0..STRIPES).map(|_| Mutex::default()).collect(),
             history_total: AtomicUsize::new(0),
             history_budget,
+            durable: None,
         }
     }
 
@@ -194,11 +197,15 @@ impl MemoryBroker {
         self.history_total.load(Ordering::Relaxed)
     }
 
-    fn with<T>(&self, channel: &str, f: impl FnOnce(&mut ChannelState) -> T) -> T {
+    pub(in crate::broker) fn with<T>(
+        &self,
+        channel: &str,
+        f: impl FnOnce(&mut ChannelState) -> T,
+    ) -> T {
         self.stripe(channel).with(channel, &self.history_total, f)
     }
 
-    fn stripe(&self, channel: &str) -> MutexGuard<'_, Stripe> {
+    pub(in crate::broker) fn stripe(&self, channel: &str) -> MutexGuard<'_, Stripe> {
         let index = self.hasher.hash_one(channel) as usize % STRIPES;
         // Every update leaves the maps consistent, so a poisoned lock is still usable.
         self.stripes[index]
@@ -217,6 +224,12 @@ impl Broker for MemoryBroker {
         channel: &'a str,
         request: PublishRequest,
     ) -> BrokerFuture<'a, Published> {
+        if let Some(durable) = &self.durable
+            && request.history.size > 0
+        {
+            // A channel that keeps history: acknowledged once its record is durable.
+            return Box::pin(self.publish_durable(durable, channel, request));
+        }
         let cost = request.data.get().len() + ENTRY_OVERHEAD;
         // Past the budget keys are not remembered either: memory stays bounded, and a retry
         // is then published again (as it would be without a key).

@@ -10,6 +10,7 @@
 //! exactly what it missed.
 
 pub mod conformance;
+pub mod durable;
 pub mod guard;
 pub mod history;
 pub mod local;
@@ -41,6 +42,13 @@ pub enum BrokerError {
     /// The backend is unreachable or refused the operation.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// The publication cannot be stored: `RUSTY_SOCKS_DATA_MAX_BYTES` is reached or the disk
+    /// is full. Nothing was published; delivery and reads go on.
+    #[error("{0}")]
+    StorageFull(String),
+    /// The data directory cannot be used at startup (the message names the setting).
+    #[error("{0}")]
+    Storage(String),
     /// The broker could not be reached at startup (the server does not start).
     #[error("RUSTY_SOCKS_BROKER: cannot connect to {url}: {reason}")]
     Connect {
@@ -210,6 +218,8 @@ pub enum BrokerChoice {
     Memory {
         /// `RUSTY_SOCKS_HISTORY_TOTAL_BYTES`.
         history_total_bytes: usize,
+        /// `RUSTY_SOCKS_DATA_DIR` and its options: history survives restarts.
+        durable: Option<durable::DurableOptions>,
     },
     /// Redis.
     #[cfg(feature = "redis")]
@@ -229,10 +239,19 @@ pub async fn connect(
     match choice {
         BrokerChoice::Memory {
             history_total_bytes,
+            durable: None,
         } => Ok(Arc::new(memory::MemoryBroker::new(
             events,
             history_total_bytes,
         ))),
+        BrokerChoice::Memory {
+            history_total_bytes,
+            durable: Some(options),
+        } => Ok(memory::MemoryBroker::open(
+            events,
+            history_total_bytes,
+            options,
+        )?),
         #[cfg(feature = "redis")]
         BrokerChoice::Redis(options) => {
             let timeout = options.timeout;

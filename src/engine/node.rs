@@ -297,6 +297,9 @@ impl Node {
     }
 
     fn unavailable(&self, err: &crate::broker::BrokerError) -> ClientError {
+        if let crate::broker::BrokerError::StorageFull(why) = err {
+            return ClientError::StorageFull(why.clone());
+        }
         self.stats.broker_error();
         ClientError::Unavailable(err.to_string())
     }

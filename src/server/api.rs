@@ -81,6 +81,7 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::Client(ClientError::PresenceDisabled) => StatusCode::CONFLICT,
+            Self::Client(ClientError::StorageFull(_)) => StatusCode::INSUFFICIENT_STORAGE,
             Self::Client(_) => StatusCode::BAD_REQUEST,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             // The request is fine; the settings it asks to load are not.

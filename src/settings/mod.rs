@@ -108,6 +108,15 @@ pub struct Config {
     /// `RUSTY_SOCKS_PRESENCE_TTL`: how long a node's presence entries outlive its last refresh
     /// (with a networked broker), which bounds how long a dead node's clients stay listed.
     pub presence_ttl: Duration,
+    /// `RUSTY_SOCKS_DATA_DIR`: where the memory broker keeps durable history (`None`: memory
+    /// only).
+    pub data_dir: Option<PathBuf>,
+    /// `RUSTY_SOCKS_FSYNC` with `RUSTY_SOCKS_FSYNC_INTERVAL_MS`.
+    pub fsync: crate::broker::durable::FsyncMode,
+    /// `RUSTY_SOCKS_DATA_MAX_BYTES`: most bytes of history files (0 = unbounded).
+    pub data_max_bytes: u64,
+    /// `RUSTY_SOCKS_DATA_SEGMENT_BYTES`: a history file is sealed past this size.
+    pub data_segment_bytes: u64,
     /// `RUSTY_SOCKS_IDEMPOTENCY_WINDOW`: how long a publish's `idempotency_key` is remembered
     /// per channel: a retry within it returns the first publish's offset and publishes nothing.
     pub idempotency_window: Duration,
@@ -220,6 +229,10 @@ impl Default for Config {
             broker_timeout: Duration::from_secs(3),
             presence_ttl: Duration::from_secs(30),
             idempotency_window: Duration::from_secs(300),
+            data_dir: None,
+            fsync: crate::broker::durable::FsyncMode::Always,
+            data_max_bytes: 0,
+            data_segment_bytes: 16 << 20,
             jwt_secret: None,
             jwt_public_key: None,
             jwt_jwks: None,

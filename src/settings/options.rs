@@ -3,6 +3,7 @@
 
 use super::{BrokerUrl, Config};
 use crate::auth::KeyOptions;
+use crate::broker::durable::DurableOptions;
 use crate::broker::{BrokerChoice, BrokerError};
 
 impl Config {
@@ -27,6 +28,12 @@ impl Config {
         match &self.broker {
             BrokerUrl::Memory => Ok(BrokerChoice::Memory {
                 history_total_bytes: self.history_total_bytes,
+                durable: self.data_dir.as_ref().map(|dir| DurableOptions {
+                    dir: dir.clone(),
+                    fsync: self.fsync,
+                    max_bytes: self.data_max_bytes,
+                    segment_bytes: self.data_segment_bytes,
+                }),
             }),
             #[cfg(feature = "redis")]
             BrokerUrl::Redis(url) => Ok(BrokerChoice::Redis(crate::broker::redis::RedisOptions {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{BrokerUrl, Config, ConfigError, IpRange, JwksSource, LogFormat, Secret};
+use crate::broker::durable::FsyncMode;
 use crate::engine::namespace::Namespaces;
 
 impl BrokerUrl {
@@ -193,6 +194,36 @@ impl Config {
                 None => d.idempotency_window,
                 Some((var, v)) => parse_int(var, &v, 1, 86_400).map(Duration::from_secs)?,
             },
+            data_dir: path(get("RUSTY_SOCKS_DATA_DIR")),
+            fsync: {
+                let every = match get("RUSTY_SOCKS_FSYNC_INTERVAL_MS") {
+                    None => Duration::from_millis(100),
+                    Some((var, v)) => parse_int(var, &v, 1, 60_000).map(Duration::from_millis)?,
+                };
+                match get("RUSTY_SOCKS_FSYNC") {
+                    None => d.fsync,
+                    Some((var, v)) => match v.trim() {
+                        "always" => FsyncMode::Always,
+                        "interval" => FsyncMode::Interval(every),
+                        "never" => FsyncMode::Never,
+                        _ => {
+                            return Err(ConfigError {
+                                var,
+                                value: v,
+                                expected: "always, interval or never".into(),
+                            });
+                        }
+                    },
+                }
+            },
+            data_max_bytes: match get("RUSTY_SOCKS_DATA_MAX_BYTES") {
+                None => d.data_max_bytes,
+                Some((var, v)) => parse_int(var, &v, 0, u64::MAX >> 1)?,
+            },
+            data_segment_bytes: match get("RUSTY_SOCKS_DATA_SEGMENT_BYTES") {
+                None => d.data_segment_bytes,
+                Some((var, v)) => parse_int(var, &v, 4096, 1 << 30)?,
+            },
             jwt_secret: secret(get("RUSTY_SOCKS_JWT_SECRET"), 16)?,
             jwt_public_key: path(get("RUSTY_SOCKS_JWT_PUBLIC_KEY")),
             jwt_jwks: match get("RUSTY_SOCKS_JWT_JWKS") {
@@ -296,6 +327,15 @@ impl Config {
                 }
             },
         };
+        if let Some(dir) = &config.data_dir
+            && config.broker != BrokerUrl::Memory
+        {
+            return Err(ConfigError {
+                var: "RUSTY_SOCKS_DATA_DIR",
+                value: dir.display().to_string(),
+                expected: "unset with a Redis or NATS broker (they keep history themselves)".into(),
+            });
+        }
         if config.tls_cert.is_some() != config.tls_key.is_some() {
             let (var, value) = match &config.tls_cert {
                 Some(cert) => ("RUSTY_SOCKS_TLS_CERT", cert.display().to_string()),
@@ -673,5 +713,34 @@ mod tests {
     fn ping_must_be_shorter_than_timeout() {
         let err = with(&[("RUSTY_SOCKS_PING", "60")]).expect_err("ping == timeout");
         assert_eq!(err.var, "RUSTY_SOCKS_PING");
+    }
+
+    #[test]
+    fn data_dir_settings_are_read_and_checked() {
+        let c = with(&[
+            ("RUSTY_SOCKS_DATA_DIR", "/var/lib/rs"),
+            ("RUSTY_SOCKS_FSYNC", "interval"),
+            ("RUSTY_SOCKS_FSYNC_INTERVAL_MS", "250"),
+            ("RUSTY_SOCKS_DATA_MAX_BYTES", "1000000"),
+        ])
+        .expect("valid");
+        assert_eq!(c.data_dir, Some(PathBuf::from("/var/lib/rs")));
+        assert_eq!(c.fsync, FsyncMode::Interval(Duration::from_millis(250)));
+        assert_eq!(c.data_max_bytes, 1_000_000);
+        assert_eq!(with(&[]).expect("defaults").fsync, FsyncMode::Always);
+        for (var, value) in [
+            ("RUSTY_SOCKS_FSYNC", "sometimes"),
+            ("RUSTY_SOCKS_FSYNC_INTERVAL_MS", "0"),
+            ("RUSTY_SOCKS_DATA_MAX_BYTES", "-1"),
+            ("RUSTY_SOCKS_DATA_SEGMENT_BYTES", "10"),
+        ] {
+            assert_eq!(with(&[(var, value)]).expect_err(value).var, var);
+        }
+        let err = with(&[
+            ("RUSTY_SOCKS_DATA_DIR", "/d"),
+            ("RUSTY_SOCKS_BROKER", "redis://127.0.0.1:6379"),
+        ])
+        .expect_err("a networked broker keeps its own history");
+        assert_eq!(err.var, "RUSTY_SOCKS_DATA_DIR");
     }
 }

@@ -133,6 +133,36 @@ pub const SETTINGS: &[Setting] = &[
         meaning: "bytes of history kept across all channels; past it publications are not stored",
     },
     Setting {
+        var: "RUSTY_SOCKS_DATA_DIR",
+        default: "",
+        kind: Kind::Text,
+        meaning: "directory that makes the memory broker's history durable (unset = in memory only)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_FSYNC",
+        default: "always",
+        kind: Kind::Text,
+        meaning: "when an acknowledged publication is synced to disk: always, interval or never",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_FSYNC_INTERVAL_MS",
+        default: "100",
+        kind: Kind::Int,
+        meaning: "milliseconds between syncs with RUSTY_SOCKS_FSYNC=interval, 1-60000",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_DATA_MAX_BYTES",
+        default: "0",
+        kind: Kind::Int,
+        meaning: "most bytes of history files in RUSTY_SOCKS_DATA_DIR (0 = no bound but the disk)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_DATA_SEGMENT_BYTES",
+        default: "16777216",
+        kind: Kind::Int,
+        meaning: "size at which a history file is sealed; files are deleted whole",
+    },
+    Setting {
         var: "RUSTY_SOCKS_REPLAY",
         default: "10",
         kind: Kind::Int,

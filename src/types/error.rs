@@ -137,6 +137,10 @@ pub enum ClientError {
     /// The connection sends faster than `RUSTY_SOCKS_CLIENT_RATE`; the message was dropped.
     #[error("too many messages: at most {0} per second")]
     RateLimited(u32),
+    /// The publication could not be stored durably: `RUSTY_SOCKS_DATA_MAX_BYTES` is reached or
+    /// the disk is full. Nothing was published; subscriptions, delivery and reads go on.
+    #[error("storage full; nothing was published: {0}")]
+    StorageFull(String),
     /// The server has begun shutting down: the publish was refused, not stored and not
     /// delivered. Refusing is what makes an acknowledgement mean "delivered to the local
     /// subscribers before their 1001"; publish again on another node or after reconnecting.
@@ -177,6 +181,7 @@ impl ClientError {
             Self::AuthDisabled => "auth_disabled",
             Self::RateLimited(_) => "rate_limited",
             Self::ShuttingDown => "shutting_down",
+            Self::StorageFull(_) => "storage_full",
         }
     }
 }

@@ -1,0 +1,283 @@
+//! The memory broker's durable side: opening the data directory into its stripes, the
+//! durable publish, and the sweep that deletes segments nothing retains any more.
+//!
+//! Kept apart from `memory.rs` so the single-node broker reads the same with and without a
+//! data directory: only channels that keep history (`size > 0`) take this path.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::record::Record;
+use super::recovery::RecoveredChannel;
+use super::{Durable, DurableOptions, StorageError, wall_ms};
+use crate::broker::history::{ENTRY_OVERHEAD, Stream};
+use crate::broker::memory::{ChannelState, Keys, MemoryBroker};
+use crate::broker::{BrokerError, BrokerEvents, PublishRequest, Published};
+use crate::types::{Publication, StreamPosition};
+
+/// How often sealed segments are checked for deletion.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+impl From<StorageError> for BrokerError {
+    fn from(err: StorageError) -> Self {
+        match err {
+            StorageError::Full(why) => BrokerError::StorageFull(why),
+            StorageError::Io(why) => BrokerError::Unavailable(format!("storage failed: {why}")),
+        }
+    }
+}
+
+impl MemoryBroker {
+    /// A memory broker whose history lives in `options.dir` too: recovers what is there
+    /// (blocking: this is startup), then starts the writer and the segment sweep.
+    pub fn open(
+        events: Arc<dyn BrokerEvents>,
+        history_budget: usize,
+        options: DurableOptions,
+    ) -> Result<Arc<Self>, BrokerError> {
+        let (durable, recovered) =
+            Durable::open(options, Arc::clone(&events)).map_err(BrokerError::Storage)?;
+        let mut broker = Self::new(events, history_budget);
+        let now = Instant::now();
+        let wall = wall_ms();
+        let mut restored = 0usize;
+        for channel in recovered.channels {
+            let name = channel.name.clone();
+            let mut state = restore(channel, now, wall);
+            state.trim(now);
+            if state.idle() {
+                continue;
+            }
+            broker
+                .history_total
+                .fetch_add(state.cost(), Ordering::Relaxed);
+            broker.stripe(&name).channels.insert(name, state);
+            restored += 1;
+        }
+        if broker.history_bytes() > history_budget {
+            tracing::warn!(
+                bytes = broker.history_bytes(),
+                "RUSTY_SOCKS_DATA_DIR: recovered history exceeds RUSTY_SOCKS_HISTORY_TOTAL_BYTES; new publications are not stored until it shrinks"
+            );
+        }
+        tracing::info!(channels = restored, "durable history restored");
+        broker.durable = Some(durable);
+        let broker = Arc::new(broker);
+        let weak = Arc::downgrade(&broker);
+        tokio::spawn(sweep(weak));
+        Ok(broker)
+    }
+
+    /// Publish on a channel that keeps history: assign, append in memory and queue the
+    /// record under the channel's lock (so records reach the log in offset order), then wait
+    /// for the log's acknowledgement outside it. Subscribers get the publication from the
+    /// writer once it is written.
+    pub(in crate::broker) async fn publish_durable(
+        &self,
+        durable: &Durable,
+        channel: &str,
+        request: PublishRequest,
+    ) -> Result<Published, BrokerError> {
+        let cost = request.data.get().len() + ENTRY_OVERHEAD;
+        let store = self.history_bytes() + cost <= self.history_budget;
+        let now = Instant::now();
+        let wall = wall_ms();
+        let step = self.with(channel, |state| {
+            if let Some(idempotency) = &request.idempotency
+                && let Some(offset) = state.keys.get(&idempotency.key, now)
+            {
+                let position = StreamPosition {
+                    offset,
+                    epoch: state.stream.epoch().to_owned(),
+                };
+                let published = Published {
+                    position,
+                    duplicate: true,
+                };
+                // Its original may still be on its way to the disk.
+                return durable.barrier().map(|ack| (published, ack));
+            }
+            let position = state.stream.position();
+            let kept = Stream::keeps(request.data.get().len(), request.history, store);
+            // Before the first publication the stream has no epoch yet (reads create none);
+            // the record must carry the one this publication starts.
+            let epoch = if position.epoch.is_empty() {
+                crate::broker::history::new_epoch()
+            } else {
+                position.epoch.clone()
+            };
+            let record = Record {
+                channel: channel.to_owned(),
+                epoch: epoch.clone(),
+                offset: position.offset + 1,
+                time_ms: wall,
+                limits: request.history,
+                client_id: request.client_id,
+                key: request.idempotency.as_ref().filter(|_| store).map(|i| {
+                    (
+                        i.key.clone(),
+                        wall.saturating_add(i.window.as_millis() as u64),
+                    )
+                }),
+                data: kept.then(|| request.data.get().to_owned()),
+            };
+            let mut bytes = Vec::with_capacity(record.data.as_ref().map_or(0, String::len) + 96);
+            record.encode(&mut bytes);
+            if !durable.has_room(bytes.len()) {
+                return Err(StorageError::Full(
+                    "RUSTY_SOCKS_DATA_MAX_BYTES reached".into(),
+                ));
+            }
+            state.limits = Some(request.history);
+            if position.epoch.is_empty() {
+                state.stream.adopt_epoch(epoch);
+            }
+            let publication =
+                state
+                    .stream
+                    .append(request.data, request.client_id, request.history, now, store);
+            if let Some(idempotency) = request.idempotency
+                && store
+            {
+                let expires = now + idempotency.window;
+                state
+                    .keys
+                    .insert(idempotency.key, publication.offset, expires);
+            }
+            let deliver = (state.subscribed > 0).then(|| publication.clone());
+            let epoch: Arc<str> = Arc::from(record.epoch.as_str());
+            match durable.append(
+                bytes,
+                Arc::from(channel),
+                epoch,
+                record.offset,
+                deliver,
+                true,
+            ) {
+                Ok(ack) => Ok((Published::new(state.stream.position()), ack)),
+                Err(err) => {
+                    self.new_life(channel, state);
+                    Err(err)
+                }
+            }
+        });
+        let (published, ack) = step?;
+        let answer = match ack.await {
+            Ok(answer) => answer,
+            Err(_) => Err(StorageError::Io("the log writer stopped".into())),
+        };
+        if let Err(err) = answer {
+            if !published.duplicate {
+                let epoch = published.position.epoch.clone();
+                self.with(channel, |state| {
+                    if state.stream.epoch() == epoch {
+                        self.new_life(channel, state);
+                    }
+                });
+            }
+            return Err(err.into());
+        }
+        Ok(published)
+    }
+
+    /// The channel's stream may now differ from the disk (a record was assigned but not
+    /// written): start a new epoch, so no offset is ever reused with other data, and tell
+    /// subscribers to recover.
+    fn new_life(&self, channel: &str, state: &mut ChannelState) {
+        state.stream = Stream::new();
+        state.keys = Keys::default();
+        if state.subscribed > 0 {
+            self.events.on_gap(channel);
+        }
+    }
+
+    /// Whether `channel` still retains offset `offset` of `epoch` (trimming it first, and
+    /// freeing it if it became idle).
+    fn retains(&self, channel: &str, epoch: &str, offset: u64) -> bool {
+        let mut stripe = self.stripe(channel);
+        let Some(state) = stripe.channels.get_mut(channel) else {
+            return false;
+        };
+        let before = state.cost();
+        state.trim(Instant::now());
+        let after = state.cost();
+        self.history_total
+            .fetch_sub(before.saturating_sub(after), Ordering::Relaxed);
+        let live = state.stream.epoch() == epoch
+            && state
+                .stream
+                .first_offset()
+                .is_some_and(|first| first <= offset);
+        if state.idle() {
+            stripe.channels.remove(channel);
+        }
+        live
+    }
+
+    /// Deletes sealed segments, oldest first, while nothing they hold is retained.
+    fn sweep_once(&self) {
+        let Some(durable) = &self.durable else {
+            return;
+        };
+        for (seq, channels) in durable.sealed() {
+            if channels
+                .iter()
+                .any(|(channel, epoch, offset)| self.retains(channel, epoch, *offset))
+            {
+                return;
+            }
+            match durable.delete_oldest(seq) {
+                Ok(true) => tracing::debug!(segment = seq, "deleted a segment nothing retains"),
+                Ok(false) => return,
+                Err(err) => {
+                    tracing::warn!(%err, segment = seq, "RUSTY_SOCKS_DATA_DIR: cannot delete a segment");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn sweep(broker: Weak<MemoryBroker>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(broker) = broker.upgrade() else {
+            return;
+        };
+        broker.sweep_once();
+    }
+}
+
+/// A channel's state from what recovery found.
+fn restore(channel: RecoveredChannel, now: Instant, wall: u64) -> ChannelState {
+    let at = |ms: u64| {
+        let age = Duration::from_millis(wall.saturating_sub(ms));
+        now.checked_sub(age).unwrap_or(now)
+    };
+    let mut entries = Vec::with_capacity(channel.entries.len());
+    for (ms, offset, client_id, data) in channel.entries {
+        entries.push((
+            at(ms),
+            Publication {
+                offset,
+                data,
+                client_id,
+            },
+        ));
+    }
+    let mut state = ChannelState::default();
+    state.stream = Stream::restore(channel.epoch, channel.offset, entries);
+    state.limits = Some(channel.limits);
+    for (key, offset, expires) in channel.keys {
+        if expires > wall {
+            let expires = now + Duration::from_millis(expires - wall);
+            state.keys.insert(key, offset, expires);
+        }
+    }
+    state
+}

@@ -1,0 +1,297 @@
+//! The segmented append-only log and its writer thread (group commit).
+//!
+//! One thread owns the open segment. Publishers hand it encoded records through a queue while
+//! holding their channel's lock, so each channel's records reach the file in offset order.
+//! The thread takes everything queued as one batch, writes it with one `write`, delivers the
+//! batch's publications to subscribers (they are in the OS page cache by then, so a `kill -9`
+//! cannot lose what a subscriber saw), then syncs once for the whole batch (`always`) and
+//! completes every publisher's acknowledgement. Concurrent publishers therefore share one
+//! fsync, and live delivery never waits for it.
+//!
+//! Segments are files `<seq>.seg` (16 hex digits) of at most `segment_bytes`, starting with
+//! [`MAGIC`]. Sealed segments are never written again; they are deleted whole, oldest first,
+//! once none of their records is retained any more (see `MemoryBroker`'s sweep).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use super::{FsyncMode, StorageError};
+use crate::broker::BrokerEvents;
+use crate::types::Publication;
+
+/// First bytes of every segment file (format version 1).
+pub const MAGIC: &[u8; 8] = b"RSLOG\0\0\x01";
+/// Most commands taken into one batch.
+const MAX_BATCH: usize = 8192;
+
+/// What a segment holds, per channel: the epoch and highest offset of its last record there.
+#[derive(Debug, Default, Clone)]
+pub struct SegmentInfo {
+    /// File size in bytes.
+    pub bytes: u64,
+    /// Channel name to (epoch, highest offset).
+    pub channels: HashMap<Arc<str>, (Arc<str>, u64)>,
+}
+
+/// Segments on disk, by sequence number; shared by the writer and the sweep.
+pub type Segments = Arc<Mutex<BTreeMap<u64, SegmentInfo>>>;
+
+/// The answer a publisher waits for.
+pub type Ack = oneshot::Receiver<Result<(), StorageError>>;
+
+/// One queued record.
+pub struct Append {
+    /// The framed record.
+    pub bytes: Vec<u8>,
+    /// Its channel.
+    pub channel: Arc<str>,
+    /// Its epoch.
+    pub epoch: Arc<str>,
+    /// Its offset.
+    pub offset: u64,
+    /// Delivered to subscribers once written, if the channel was subscribed.
+    pub deliver: Option<Publication>,
+    /// Completed once durable according to the fsync mode.
+    pub done: Option<oneshot::Sender<Result<(), StorageError>>>,
+}
+
+/// What the writer thread is asked to do.
+pub enum Command {
+    /// Append a record.
+    Append(Append),
+    /// Answer once everything queued before it is durable.
+    Barrier(oneshot::Sender<Result<(), StorageError>>),
+}
+
+/// The writer thread's state.
+pub struct Writer {
+    pub(super) dir: PathBuf,
+    pub(super) fsync: FsyncMode,
+    pub(super) segment_bytes: u64,
+    pub(super) file: Option<File>,
+    pub(super) seq: u64,
+    pub(super) len: u64,
+    pub(super) events: Arc<dyn BrokerEvents>,
+    pub(super) segments: Segments,
+    /// Bytes on disk plus bytes queued (the quota's measure).
+    pub(super) bytes: Arc<AtomicU64>,
+    pub(super) last_sync: Instant,
+    pub(super) unsynced: bool,
+}
+
+/// The file name of segment `seq`.
+pub fn segment_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:016x}.seg"))
+}
+
+/// Whether an I/O error means "no space" (a full disk or a quota).
+pub fn is_full(err: &std::io::Error) -> bool {
+    err.kind() == std::io::ErrorKind::StorageFull
+        || err.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(err.raw_os_error(), Some(28 | 122))
+}
+
+fn storage_error(err: &std::io::Error) -> StorageError {
+    if is_full(err) {
+        StorageError::Full(err.to_string())
+    } else {
+        StorageError::Io(err.to_string())
+    }
+}
+
+impl Writer {
+    /// Runs until every sender is gone, then syncs what is left.
+    pub fn run(mut self, queue: Receiver<Command>) {
+        loop {
+            let first = match self.fsync {
+                FsyncMode::Interval(every) if self.unsynced => {
+                    let left = every.saturating_sub(self.last_sync.elapsed());
+                    match queue.recv_timeout(left) {
+                        Ok(command) => command,
+                        Err(RecvTimeoutError::Timeout) => {
+                            let _ = self.sync();
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                _ => match queue.recv() {
+                    Ok(command) => command,
+                    Err(_) => break,
+                },
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            self.commit(batch);
+        }
+        if let Err(err) = self.sync() {
+            tracing::error!(%err, "RUSTY_SOCKS_DATA_DIR: final sync failed");
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<Command>) {
+        let mut written: Vec<Append> = Vec::with_capacity(batch.len());
+        let mut barriers = Vec::new();
+        let mut group: Vec<Append> = Vec::new();
+        let mut buf: Vec<u8> = Vec::new();
+        for command in batch {
+            match command {
+                Command::Barrier(done) => barriers.push(done),
+                Command::Append(append) => {
+                    let full = self.len + (buf.len() + append.bytes.len()) as u64
+                        > self.segment_bytes
+                        && self.len + buf.len() as u64 > MAGIC.len() as u64;
+                    if full || self.file.is_none() {
+                        self.flush(&mut buf, &mut group, &mut written);
+                        if let Err(err) = self.roll() {
+                            tracing::error!(%err, "RUSTY_SOCKS_DATA_DIR: cannot start a new segment");
+                            self.fail(append, storage_error(&err));
+                            continue;
+                        }
+                    }
+                    buf.extend_from_slice(&append.bytes);
+                    group.push(append);
+                }
+            }
+        }
+        self.flush(&mut buf, &mut group, &mut written);
+        let synced = match self.fsync {
+            FsyncMode::Always => self.sync(),
+            FsyncMode::Interval(every) if self.last_sync.elapsed() >= every => self.sync(),
+            _ => Ok(()),
+        };
+        let answer = synced.map_err(|err| storage_error(&err));
+        for append in written {
+            if let Some(done) = append.done {
+                let _ = done.send(answer.clone());
+            }
+        }
+        for done in barriers {
+            let _ = done.send(answer.clone());
+        }
+    }
+
+    /// Writes `buf` (the records of `group`) to the open segment; on success delivers them
+    /// and moves them to `written`, on failure cuts the file back and fails them.
+    fn flush(&mut self, buf: &mut Vec<u8>, group: &mut Vec<Append>, written: &mut Vec<Append>) {
+        if group.is_empty() {
+            return;
+        }
+        let result = match self.file.as_mut() {
+            Some(file) => file.write_all(buf),
+            None => Err(std::io::Error::other("no open segment")),
+        };
+        match result {
+            Ok(()) => {
+                self.len += buf.len() as u64;
+                self.unsynced = true;
+                {
+                    let mut segments = self
+                        .segments
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let info = segments.entry(self.seq).or_default();
+                    info.bytes = self.len;
+                    for a in group.iter() {
+                        info.channels
+                            .insert(Arc::clone(&a.channel), (Arc::clone(&a.epoch), a.offset));
+                    }
+                }
+                for a in group.iter() {
+                    if let Some(publication) = &a.deliver {
+                        self.events
+                            .on_publication(&a.channel, &a.epoch, publication);
+                    }
+                }
+                written.append(group);
+            }
+            Err(err) => {
+                tracing::error!(%err, segment = self.seq, "RUSTY_SOCKS_DATA_DIR: write failed");
+                // A partial record in the middle of a segment would cut everything after it
+                // at the next startup: take the file back to its last whole record.
+                if let Some(file) = self.file.as_ref()
+                    && file.set_len(self.len).is_err()
+                {
+                    // Cannot repair this file: continue in a new one.
+                    self.file = None;
+                }
+                let error = storage_error(&err);
+                for a in group.drain(..) {
+                    self.fail(a, error.clone());
+                }
+            }
+        }
+        buf.clear();
+    }
+
+    fn fail(&self, append: Append, error: StorageError) {
+        self.bytes
+            .fetch_sub(append.bytes.len() as u64, Ordering::Relaxed);
+        if let Some(done) = append.done {
+            let _ = done.send(Err(error));
+        }
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.last_sync = Instant::now();
+        if !self.unsynced {
+            return Ok(());
+        }
+        if let Some(file) = self.file.as_ref() {
+            file.sync_data()?;
+        }
+        self.unsynced = false;
+        Ok(())
+    }
+
+    /// Seals the open segment and starts the next one.
+    fn roll(&mut self) -> std::io::Result<()> {
+        if self.file.is_some() && self.fsync != FsyncMode::Never {
+            self.sync()?;
+        }
+        let seq = self.seq + 1;
+        let path = segment_path(&self.dir, seq);
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)?;
+        if let Err(err) = file.write_all(MAGIC) {
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(err);
+        }
+        if self.fsync != FsyncMode::Never {
+            file.sync_all()?;
+            File::open(&self.dir)?.sync_all()?;
+        }
+        self.file = Some(file);
+        self.seq = seq;
+        self.len = MAGIC.len() as u64;
+        self.unsynced = false;
+        self.bytes.fetch_add(self.len, Ordering::Relaxed);
+        self.segments
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                seq,
+                SegmentInfo {
+                    bytes: self.len,
+                    channels: HashMap::new(),
+                },
+            );
+        Ok(())
+    }
+}

@@ -1,0 +1,327 @@
+//! Durable history for the memory broker (`RUSTY_SOCKS_DATA_DIR`).
+//!
+//! The memory broker keeps serving history from memory; this module makes it survive a
+//! restart. Every publication on a channel that keeps history is encoded as a checksummed
+//! [`record::Record`] and appended to one segmented log ([`log`]) by a single writer thread
+//! that batches concurrent appends and syncs once per batch (group commit). A publish is
+//! acknowledged only after its record is durable according to [`FsyncMode`]; subscribers get
+//! the publication as soon as it is written, before the sync. At startup [`recovery`] reads
+//! every segment once, cuts damaged tails and rebuilds the streams, epochs included.
+//!
+//! The directory is locked (`LOCK`, an advisory `flock`) for the life of the broker: a second
+//! process on it is refused at startup.
+
+pub mod broker;
+pub mod log;
+pub mod record;
+pub mod recovery;
+#[cfg(test)]
+mod tests;
+
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use log::{Ack, Append, Command, Segments, Writer, segment_path};
+use record::Record;
+use recovery::Recovered;
+
+use crate::broker::BrokerEvents;
+use crate::broker::history::{HistoryLimits, new_epoch};
+use crate::types::Publication;
+
+/// When an acknowledged publication is on stable storage (`RUSTY_SOCKS_FSYNC`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncMode {
+    /// Synced before the acknowledgement; concurrent publishes share one sync.
+    Always,
+    /// Written (in the OS cache) before the acknowledgement, synced at least this often:
+    /// a process crash loses nothing, a power loss at most this window.
+    Interval(Duration),
+    /// Written before the acknowledgement; the OS decides when it reaches the disk.
+    Never,
+}
+
+/// The durable store's options (built from the settings).
+#[derive(Debug, Clone)]
+pub struct DurableOptions {
+    /// `RUSTY_SOCKS_DATA_DIR`.
+    pub dir: PathBuf,
+    /// `RUSTY_SOCKS_FSYNC` and `RUSTY_SOCKS_FSYNC_INTERVAL_MS`.
+    pub fsync: FsyncMode,
+    /// `RUSTY_SOCKS_DATA_MAX_BYTES`: most bytes of segments on disk (0 = only the disk's size).
+    pub max_bytes: u64,
+    /// `RUSTY_SOCKS_DATA_SEGMENT_BYTES`: a segment is sealed past this size; the unit in
+    /// which history is deleted from disk.
+    pub segment_bytes: u64,
+}
+
+/// Why a publication could not be made durable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StorageError {
+    /// `RUSTY_SOCKS_DATA_MAX_BYTES` is reached or the disk is full.
+    #[error("storage full: {0}")]
+    Full(String),
+    /// Any other I/O failure.
+    #[error("storage failed: {0}")]
+    Io(String),
+}
+
+/// What a segment holds of one channel: (channel, epoch, highest offset).
+pub type Held = (Arc<str>, Arc<str>, u64);
+
+/// The open data directory: the writer's queue, the quota and the segment map.
+pub struct Durable {
+    queue: Mutex<Option<Sender<Command>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    bytes: Arc<AtomicU64>,
+    segments: Segments,
+    options: DurableOptions,
+    /// Held for the broker's life: the `flock` is the lock.
+    _lock: File,
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Durable")
+            .field("dir", &self.options.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the UNIX epoch now.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Durable {
+    /// Locks the directory, recovers what it holds and starts the writer. Errors name the
+    /// setting: the server does not start without its data.
+    pub fn open(
+        options: DurableOptions,
+        events: Arc<dyn BrokerEvents>,
+    ) -> Result<(Self, Recovered), String> {
+        let dir = &options.dir;
+        let why = |what: &str, err: std::io::Error| {
+            format!("RUSTY_SOCKS_DATA_DIR: {what} {}: {err}", dir.display())
+        };
+        std::fs::create_dir_all(dir).map_err(|e| why("cannot create", e))?;
+        let lock_path = dir.join("LOCK");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| why("cannot open the lock file in", e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(format!(
+                    "RUSTY_SOCKS_DATA_DIR: {} is in use by another process (lock file {})",
+                    dir.display(),
+                    lock_path.display()
+                ));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(why("cannot lock", e)),
+        }
+        let started = Instant::now();
+        let recovered = recovery::recover(dir).map_err(|e| why("cannot read", e))?;
+        let on_disk: u64 = recovered.segments.values().map(|s| s.bytes).sum();
+        tracing::info!(
+            channels = recovered.channels.len(),
+            records = recovered.records,
+            segments = recovered.segments.len(),
+            bytes = on_disk,
+            cut_bytes = recovered.cut_bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "durable history recovered from {}",
+            dir.display()
+        );
+        let bytes = Arc::new(AtomicU64::new(on_disk));
+        let segments: Segments = Arc::new(Mutex::new(recovered.segments.clone()));
+        let writer = Writer {
+            dir: dir.clone(),
+            fsync: options.fsync,
+            segment_bytes: options.segment_bytes,
+            file: None,
+            seq: recovered.last_seq,
+            len: 0,
+            events,
+            segments: Arc::clone(&segments),
+            bytes: Arc::clone(&bytes),
+            last_sync: Instant::now(),
+            unsynced: false,
+        };
+        let (queue, receiver) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("rusty-socks-log".into())
+            .spawn(move || writer.run(receiver))
+            .map_err(|e| why("cannot start the log writer for", e))?;
+        let durable = Self {
+            queue: Mutex::new(Some(queue)),
+            writer: Mutex::new(Some(thread)),
+            bytes,
+            segments,
+            options,
+            _lock: lock,
+        };
+        // Channels forgotten because of damage: a record of a fresh epoch, so that a later
+        // restart (which no longer sees the repaired damage) does not bring the old one back.
+        for name in &recovered.forgotten {
+            let record = Record {
+                channel: name.clone(),
+                epoch: new_epoch(),
+                offset: 1,
+                time_ms: wall_ms(),
+                limits: HistoryLimits {
+                    size: 0,
+                    ttl: None,
+                    max_bytes: 0,
+                },
+                client_id: None,
+                key: None,
+                data: None,
+            };
+            let epoch: Arc<str> = Arc::from(record.epoch.as_str());
+            let mut buf = Vec::new();
+            record.encode(&mut buf);
+            // Queued before any publication; a failure is logged by the writer.
+            let _ = durable.append(buf, Arc::from(name.as_str()), epoch, 1, None, true);
+        }
+        Ok((durable, recovered))
+    }
+
+    /// Queues an encoded record. Refused before anything happens when the quota would be
+    /// exceeded (`force` skips the check, for the bookkeeping records of recovery).
+    pub fn append(
+        &self,
+        bytes: Vec<u8>,
+        channel: Arc<str>,
+        epoch: Arc<str>,
+        offset: u64,
+        deliver: Option<Publication>,
+        force: bool,
+    ) -> Result<Ack, StorageError> {
+        let len = bytes.len() as u64;
+        if !force && self.options.max_bytes > 0 {
+            let used = self.bytes.load(Ordering::Relaxed);
+            if used + len > self.options.max_bytes {
+                return Err(StorageError::Full(format!(
+                    "RUSTY_SOCKS_DATA_MAX_BYTES ({}) reached",
+                    self.options.max_bytes
+                )));
+            }
+        }
+        self.bytes.fetch_add(len, Ordering::Relaxed);
+        let (done, ack) = tokio::sync::oneshot::channel();
+        let command = Command::Append(Append {
+            bytes,
+            channel,
+            epoch,
+            offset,
+            deliver,
+            done: Some(done),
+        });
+        self.send(command)?;
+        Ok(ack)
+    }
+
+    /// Whether a record of `len` bytes would pass the quota now.
+    pub fn has_room(&self, len: usize) -> bool {
+        self.options.max_bytes == 0
+            || self.bytes.load(Ordering::Relaxed) + len as u64 <= self.options.max_bytes
+    }
+
+    /// Answers once everything queued so far is durable (a duplicate publish must not be
+    /// acknowledged before its original).
+    pub fn barrier(&self) -> Result<Ack, StorageError> {
+        let (done, ack) = tokio::sync::oneshot::channel();
+        self.send(Command::Barrier(done))?;
+        Ok(ack)
+    }
+
+    fn send(&self, command: Command) -> Result<(), StorageError> {
+        let queue = self
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let sent = queue.as_ref().is_some_and(|q| q.send(command).is_ok());
+        if sent {
+            Ok(())
+        } else {
+            Err(StorageError::Io("the log writer has stopped".into()))
+        }
+    }
+
+    /// Bytes of segments on disk plus queued records.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Sealed segments (every one but the newest), oldest first, with what they hold.
+    pub fn sealed(&self) -> Vec<(u64, Vec<Held>)> {
+        let segments = self
+            .segments
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let newest = segments.keys().next_back().copied();
+        segments
+            .iter()
+            .filter(|(seq, _)| Some(**seq) != newest)
+            .map(|(seq, info)| {
+                let channels = info
+                    .channels
+                    .iter()
+                    .map(|(c, (e, o))| (Arc::clone(c), Arc::clone(e), *o))
+                    .collect();
+                (*seq, channels)
+            })
+            .collect()
+    }
+
+    /// Deletes sealed segment `seq` if it is the oldest (whole segments, oldest first: a hole
+    /// in the numbering means damage to recovery).
+    pub fn delete_oldest(&self, seq: u64) -> std::io::Result<bool> {
+        let mut segments = self
+            .segments
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let oldest = segments.keys().next().copied();
+        let newest = segments.keys().next_back().copied();
+        if oldest != Some(seq) || newest == Some(seq) {
+            return Ok(false);
+        }
+        std::fs::remove_file(segment_path(&self.options.dir, seq))?;
+        if let Some(info) = segments.remove(&seq) {
+            self.bytes.fetch_sub(info.bytes, Ordering::Relaxed);
+        }
+        Ok(true)
+    }
+
+    /// Stops the writer after it has written and synced everything queued.
+    pub fn close(&self) {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let thread = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Durable {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
