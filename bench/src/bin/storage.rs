@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 struct Quiet;
 
 impl BrokerEvents for Quiet {
-    fn on_publication(&self, _: &str, _: &Publication) {}
+    fn on_publication(&self, _: &str, _: &str, _: &Publication) {}
     fn on_join(&self, _: &str, _: &ClientInfo) {}
     fn on_leave(&self, _: &str, _: &ClientInfo) {}
     fn on_gap(&self, _: &str) {}
