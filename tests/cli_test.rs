@@ -522,3 +522,28 @@ fn json_logs_are_one_object_a_line_with_level_target_message_and_fields() {
         );
     }
 }
+
+/// A syntax error names the file and line but never echoes the line itself: it may hold a
+/// secret, and the message reaches logs and `POST /api/reload` answers.
+#[test]
+fn a_syntax_error_never_quotes_a_secret() {
+    let secret = "s3cret-do-not-print-0123456789";
+    for (name, contents) in [
+        ("open.toml", format!("port = 1\njwt_secret = \"{secret}\n")),
+        ("open.yaml", format!("port: 1\njwt_secret: \"{secret}\n")),
+        (
+            "open.json",
+            format!("{{\"port\": 1, \"jwt_secret\": \"{secret}\n"),
+        ),
+    ] {
+        let path = file(name, &contents);
+        let (code, out, err) = run(&["check-config", "--config", path.to_str().unwrap()], &[]);
+        assert_eq!(code, 2, "{name}: {err}");
+        assert!(err.contains("not valid"), "{name}: {err}");
+        assert!(err.contains("line 2"), "{name}: {err}");
+        assert!(
+            !err.contains(secret) && !out.contains(secret),
+            "{name}: {err}"
+        );
+    }
+}

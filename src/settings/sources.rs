@@ -339,7 +339,26 @@ fn read_file(path: &Path) -> Result<FileValues, LoadError> {
     };
     let document: Value = match format {
         FileFormat::Toml => toml::from_str::<toml::Table>(&text)
-            .map_err(|e| syntax("TOML", e.to_string()))
+            .map_err(|e| {
+                // The error's own text quotes the offending line, and that line may hold a
+                // secret (`jwt_secret = "abc` left open): say where, and what, but not that.
+                let line = e.span().map(|span| {
+                    let end = span.start.min(text.len());
+                    text.as_bytes()[..end]
+                        .iter()
+                        .filter(|b| **b == b'\n')
+                        .count()
+                        + 1
+                });
+                let message = e.message().trim();
+                syntax(
+                    "TOML",
+                    match line {
+                        Some(line) => format!("TOML parse error at line {line}: {message}"),
+                        None => message.to_owned(),
+                    },
+                )
+            })
             .and_then(|t| serde_json::to_value(t).map_err(|e| syntax("TOML", e.to_string())))?,
         FileFormat::Yaml => {
             serde_norway::from_str(&text).map_err(|e| syntax("YAML", e.to_string()))?
