@@ -23,6 +23,7 @@ use crate::engine::namespace::SlowPolicy;
 use crate::engine::outbox::{Outbox, Push};
 use crate::types::ClientId;
 use crate::ws::close::CloseCode;
+use crate::ws::deflate::SharedFrame;
 
 const SHARDS: usize = 64;
 
@@ -360,9 +361,12 @@ impl Hub {
         &self,
         channel: &str,
         offset: Option<u64>,
-        frame: &Bytes,
+        frame: impl Into<SharedFrame>,
         skip: Option<ClientId>,
     ) -> Delivery {
+        // One shared frame for every member: its compressed form is built once, if needed.
+        let frame = frame.into();
+        let frame = &frame;
         let shard = self.read(channel);
         let mut delivery = Delivery::default();
         let Some(entry) = shard.get(channel) else {
@@ -456,7 +460,7 @@ impl Hub {
     }
 }
 
-fn deliver_one(member: &Member, offset: Option<u64>, frame: &Bytes) -> Outcome {
+fn deliver_one(member: &Member, offset: Option<u64>, frame: &SharedFrame) -> Outcome {
     let state = &member.state;
     if state.recovering.load(Ordering::Acquire) {
         let mut buffer = state.lock_buffer();
@@ -510,7 +514,7 @@ fn buffer_one(
     buffer: &mut Vec<Buffered>,
     member: &Member,
     offset: Option<u64>,
-    frame: &Bytes,
+    frame: &SharedFrame,
 ) -> Outcome {
     let limit = member.state.buffer_limit;
     if offset.is_none() {
@@ -518,7 +522,7 @@ fn buffer_one(
         if buffer.len() >= notices {
             return Outcome::NoticeDropped;
         }
-        buffer.push((None, frame.clone()));
+        buffer.push((None, frame.plain().clone()));
         return Outcome::Queued;
     }
     let mut outcome = Outcome::Queued;
@@ -534,7 +538,7 @@ fn buffer_one(
             }
         }
     }
-    buffer.push((offset, frame.clone()));
+    buffer.push((offset, frame.plain().clone()));
     outcome
 }
 
