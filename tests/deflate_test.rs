@@ -1,5 +1,6 @@
 //! permessage-deflate (RFC 7692) over real sockets: negotiation, compressed echo, one shared
 //! compressed frame per publication, and the close codes for what a client may get wrong.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

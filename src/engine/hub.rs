@@ -361,12 +361,11 @@ impl Hub {
         &self,
         channel: &str,
         offset: Option<u64>,
-        frame: impl Into<SharedFrame>,
+        frame: &Bytes,
         skip: Option<ClientId>,
     ) -> Delivery {
         // One shared frame for every member: its compressed form is built once, if needed.
-        let frame = frame.into();
-        let frame = &frame;
+        let frame = &SharedFrame::from(frame);
         let shard = self.read(channel);
         let mut delivery = Delivery::default();
         let Some(entry) = shard.get(channel) else {

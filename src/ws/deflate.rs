@@ -431,11 +431,12 @@ mod tests {
             super::super::frame::OpCode::Text,
             text.as_bytes(),
         ));
-        let d = Some(Deflate {
+        let full = Deflate {
             level: 1,
             window_bits: 15,
             min_size: 256,
-        });
+        };
+        let d = Some(full);
         let a = frame.for_connection(d);
         let b = frame.clone();
         let b = b.for_connection(d);
@@ -448,7 +449,7 @@ mod tests {
         assert_eq!(frame.for_connection(None), frame.plain().as_ref());
         let small = Some(Deflate {
             window_bits: 10,
-            ..d.expect("some")
+            ..full
         });
         assert_eq!(frame.for_connection(small), frame.plain().as_ref());
     }
