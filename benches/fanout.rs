@@ -85,7 +85,7 @@ fn main() {
     // About 1 KiB of JSON, as a feed publishes it, to 1,000 members: deflate off, then on.
     let json = format!(
         "{{\"type\":\"publication\",\"channel\":\"prices\",\"offset\":1,\"data\":[{}]}}",
-        (0..22)
+        (0..35)
             .map(|i| format!("{{\"sym\":\"S{i:03}\",\"px\":{}.25}}", 100 + i * 7))
             .collect::<Vec<_>>()
             .join(",")

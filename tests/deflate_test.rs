@@ -366,3 +366,68 @@ async fn invalid_utf8_fails_before_the_frame_completes() {
     assert_eq!(client.close_code().await, 1007);
     server.stop().await;
 }
+
+/// `VmRSS` of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
+
+/// Opens `n` idle `/echo` connections, each after one exchange of about 1 KB (compressed when
+/// `offer`), and returns them once the server has released their buffers (a heartbeat tick).
+async fn idle_connections(addr: SocketAddr, n: usize, offer: Option<&str>) -> Vec<DeflateClient> {
+    let text = json!({"items": vec!["some repeated words"; 50]}).to_string();
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (mut client, _) = connect(addr, "/echo", None, offer).await;
+        if offer.is_some() {
+            client.send_compressed_text(&text).await;
+            assert_eq!(client.read_frame().await.expect("echo").0, 0xC1);
+        } else {
+            client.send_frame(0x81, text.as_bytes()).await;
+            assert_eq!(client.read_frame().await.expect("echo").0, 0x81);
+        }
+        clients.push(client);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    clients
+}
+
+/// An idle connection that negotiated deflate costs at most 1 KiB more than one that did not:
+/// compressors are per worker thread, never per connection.
+#[tokio::test]
+async fn an_idle_deflate_connection_costs_no_more_than_a_plain_one() {
+    const N: usize = 2000;
+    let mut server = common::process::Logged::start(&[
+        ("RUSTY_SOCKS_ECHO_ENDPOINT", "true"),
+        ("RUSTY_SOCKS_COMPRESSION", "true"),
+        ("RUSTY_SOCKS_MAX_CONN", "10000"),
+        ("RUSTY_SOCKS_MAX_CONN_PER_IP", "0"),
+        ("RUSTY_SOCKS_THREAD_POOL_SIZE", "2"),
+    ]);
+    let addr = server.address();
+    let pid = server.child.id();
+    // Warm-up: every worker thread's compressor and decompressor exist from here on.
+    let warm = idle_connections(addr, 50, Some(OFFER)).await;
+    let warm_plain = idle_connections(addr, 50, None).await;
+    let before = rss_kib(pid);
+    let plain = idle_connections(addr, N, None).await;
+    let after_plain = rss_kib(pid);
+    let deflate = idle_connections(addr, N, Some(OFFER)).await;
+    let after_deflate = rss_kib(pid);
+    let plain_bytes = (after_plain.saturating_sub(before) * 1024) as f64 / N as f64;
+    let deflate_bytes = (after_deflate.saturating_sub(after_plain) * 1024) as f64 / N as f64;
+    eprintln!(
+        "per idle connection: plain {plain_bytes:.0} B, deflate {deflate_bytes:.0} B (RSS growth over {N})"
+    );
+    assert!(
+        deflate_bytes <= plain_bytes + 1024.0,
+        "deflate {deflate_bytes:.0} B vs plain {plain_bytes:.0} B per idle connection"
+    );
+    drop((warm, warm_plain, plain, deflate));
+}
