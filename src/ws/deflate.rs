@@ -181,20 +181,23 @@ fn compress(payload: &[u8], level: u8, window_bits: u8) -> Option<Vec<u8>> {
         };
         let compressor = &mut pool[index].2;
         compressor.reset();
-        let mut out = Vec::with_capacity(payload.len() / 2 + 64);
-        loop {
-            let consumed = compressor.total_in() as usize;
-            if out.len() == out.capacity() {
-                out.reserve(out.capacity().max(64));
-            }
+        // Room for the worst case (stored blocks) up front, so one call always finishes: zlib-rs
+        // 0.6's level-1 path has panicked when resumed with little output room.
+        let mut out = Vec::with_capacity(payload.len() + payload.len() / 64 + 128);
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             compressor
-                .compress_vec(&payload[consumed..], &mut out, FlushCompress::Sync)
-                .ok()?;
-            // Done once all input went in and the flush had room to finish.
-            if compressor.total_in() as usize == payload.len() && out.len() < out.capacity() {
-                break;
-            }
-            if out.len() > payload.len() + 64 {
+                .compress_vec(payload, &mut out, FlushCompress::Sync)
+                .is_ok()
+                && compressor.total_in() as usize == payload.len()
+                && out.len() < out.capacity()
+        }));
+        match done {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(_) => {
+                // The compressor's state is unknown after a panic: drop it, send uncompressed.
+                tracing::error!("deflate panicked; message sent uncompressed");
+                pool.swap_remove(index);
                 return None;
             }
         }
@@ -467,6 +470,30 @@ mod tests {
         assert_eq!(
             inflate(&[0xff, 0xff, 0xff, 0xff], 100),
             Err(WsViolation::BadCompressedData)
+        );
+    }
+
+    #[test]
+    fn incompressible_data_at_level_one_does_not_panic_and_goes_plain() {
+        // Autobahn 12.2/12.5 send binary data that does not compress; zlib-rs's level-1 path
+        // once panicked on it when resumed with a small output buffer.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let noise: Vec<u8> = (0..300_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        for len in [300, 4096, 65_536, 131_072, 300_000] {
+            assert_eq!(compress(&noise[..len], 1, 15), None, "{len} random bytes");
+            assert_eq!(compress(&noise[..len], 1, 9), None, "{len} random bytes");
+        }
+        let text = "some text that compresses ".repeat(100);
+        assert!(
+            compress(text.as_bytes(), 1, 15).is_some(),
+            "the pool still works"
         );
     }
 
