@@ -156,6 +156,9 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<Decompress>> = const { RefCell::new(None) };
 }
 
+/// Compressions that panicked (and went out uncompressed); tests check it stays 0.
+static COMPRESS_PANICS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Compresses one whole message with the thread's reset compressor; `None` when the result
 /// would not be smaller (the message then goes uncompressed).
 fn compress(payload: &[u8], level: u8, window_bits: u8) -> Option<Vec<u8>> {
@@ -170,8 +173,11 @@ fn compress(payload: &[u8], level: u8, window_bits: u8) -> Option<Vec<u8>> {
         {
             Some(i) => i,
             None => {
+                // zlib-rs 0.6.8's level 1 (deflate_quick) panics on incompressible input
+                // ("buf.len() must fit in remaining()"; Autobahn 12.2/12.5): level 1 runs as
+                // level 2, the fastest of the other paths.
                 let c = Compress::new_with_window_bits(
-                    Compression::new(u32::from(level)),
+                    Compression::new(u32::from(level.max(2))),
                     false,
                     window_bits,
                 );
@@ -197,6 +203,7 @@ fn compress(payload: &[u8], level: u8, window_bits: u8) -> Option<Vec<u8>> {
             Err(_) => {
                 // The compressor's state is unknown after a panic: drop it, send uncompressed.
                 tracing::error!("deflate panicked; message sent uncompressed");
+                COMPRESS_PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 pool.swap_remove(index);
                 return None;
             }
@@ -494,6 +501,11 @@ mod tests {
         assert!(
             compress(text.as_bytes(), 1, 15).is_some(),
             "the pool still works"
+        );
+        assert_eq!(
+            COMPRESS_PANICS.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "the compressor panicked"
         );
     }
 
