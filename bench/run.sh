@@ -49,3 +49,8 @@ run subs-100 rusty_socks broadcast --subscribers 100 --messages "$(scale 50000)"
 run subs-10000 rusty_socks broadcast --subscribers "$(scale 10000)" --messages "$(scale 1000)" --size 64 --window 256
 run size-1024 rusty_socks broadcast --subscribers 1000 --messages "$(scale 5000)" --size 1024 --window 256
 run size-4096 rusty_socks broadcast --subscribers 1000 --messages "$(scale 2000)" --size 4096 --window 256
+# permessage-deflate: 1 KiB to 1,000 subscribers offering it, compression off and on.
+for round in 1 2; do
+  run "deflate-off-1000x1k-r$round" rusty_socks broadcast --subscribers 1000 --messages "$(scale 5000)" --size 1024 --window 256 --deflate
+  RUSTY_SOCKS_COMPRESSION=true run "deflate-on-1000x1k-r$round" rusty_socks broadcast --subscribers 1000 --messages "$(scale 5000)" --size 1024 --window 256 --deflate
+done

@@ -90,10 +90,25 @@ pub fn listen(port: u16) -> std::io::Result<tokio::net::TcpListener> {
 
 /// Opens a WebSocket connection; returns the stream and any bytes read past the handshake.
 pub async fn ws_connect(addr: SocketAddr, path: &str) -> std::io::Result<(TcpStream, BytesMut)> {
+    ws_connect_offering(addr, path, "").await
+}
+
+/// [`ws_connect`] offering `extensions` (`Sec-WebSocket-Extensions`, none when empty), e.g.
+/// permessage-deflate.
+pub async fn ws_connect_offering(
+    addr: SocketAddr,
+    path: &str,
+    extensions: &str,
+) -> std::io::Result<(TcpStream, BytesMut)> {
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
+    let offer = if extensions.is_empty() {
+        String::new()
+    } else {
+        format!("Sec-WebSocket-Extensions: {extensions}\r\n")
+    };
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{offer}\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
     let mut buf = BytesMut::with_capacity(1024);
@@ -135,6 +150,32 @@ pub fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
 
 /// Calls `f(opcode, payload)` for every complete server frame at the front of `buf`.
 pub fn each_frame(buf: &mut BytesMut, mut f: impl FnMut(u8, &[u8])) {
+    each_frame_raw(buf, |first, payload| f(first & 0x0F, payload));
+}
+
+/// Inflates one permessage-deflate message (no context takeover) with `d`, reset first.
+pub fn inflate_message(d: &mut flate2::Decompress, payload: &[u8], out: &mut Vec<u8>) {
+    d.reset(false);
+    out.clear();
+    out.reserve(payload.len() * 8 + 64);
+    for input in [payload, &[0, 0, 0xff, 0xff][..]] {
+        let base = d.total_in();
+        while ((d.total_in() - base) as usize) < input.len() {
+            if out.len() == out.capacity() {
+                out.reserve(out.capacity());
+            }
+            let consumed = (d.total_in() - base) as usize;
+            if d.decompress_vec(&input[consumed..], out, flate2::FlushDecompress::Sync)
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// [`each_frame`] with the frame's whole first byte (FIN, RSV1-3, opcode) instead of the opcode.
+pub fn each_frame_raw(buf: &mut BytesMut, mut f: impl FnMut(u8, &[u8])) {
     loop {
         if buf.len() < 2 {
             return;
@@ -153,7 +194,7 @@ pub fn each_frame(buf: &mut BytesMut, mut f: impl FnMut(u8, &[u8])) {
             buf.reserve(header + len - buf.len());
             return;
         }
-        f(buf[0] & 0x0F, &buf[header..header + len]);
+        f(buf[0], &buf[header..header + len]);
         buf.advance(header + len);
     }
 }

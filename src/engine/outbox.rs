@@ -25,6 +25,7 @@ use futures_util::task::AtomicWaker;
 use crate::engine::hub::MemberState;
 use crate::types::ClientId;
 use crate::ws::close::CloseCode;
+use crate::ws::deflate::{Deflate, SharedFrame};
 
 /// The close codes that can be requested from outside a session.
 const SIGNAL_CODES: [CloseCode; 8] = [
@@ -51,7 +52,7 @@ pub const NOTICE_QUEUE_LIMIT: usize = 64;
 /// to make room (see [`Outbox::try_push_notice`]).
 #[derive(Debug)]
 struct Queued {
-    frame: Bytes,
+    frame: SharedFrame,
     notice: bool,
 }
 
@@ -166,7 +167,10 @@ impl Outbox {
 
     /// Queues an encoded frame without waiting. A full queue that holds notices drops the
     /// oldest of them to make room: only a queue full of publications is the client's fault.
-    pub fn try_push(&self, frame: Bytes) -> Push {
+    ///
+    /// The frame is shared: a publication's compressed form (permessage-deflate) is built
+    /// once, by the first session that needs it, for every outbox it went to.
+    pub fn try_push(&self, frame: impl Into<SharedFrame>) -> Push {
         let mut queue = self.shared.queue();
         if queue.closed {
             return Push::Closed;
@@ -186,7 +190,7 @@ impl Outbox {
                 None => return Push::Full,
             }
         }
-        self.push_locked(queue, frame, false);
+        self.push_locked(queue, frame.into(), false);
         pushed
     }
 
@@ -195,7 +199,7 @@ impl Outbox {
     /// notices are the first thing to give up when a client falls behind, so they never make
     /// it a slow consumer (4001), and a burst of them (thousands of clients leaving at once)
     /// cannot grow a connection's queue past half its capacity.
-    pub fn try_push_notice(&self, frame: Bytes) -> Push {
+    pub fn try_push_notice(&self, frame: impl Into<SharedFrame>) -> Push {
         let queue = self.shared.queue();
         if queue.closed {
             return Push::Closed;
@@ -203,11 +207,11 @@ impl Outbox {
         if queue.frames.len() >= (self.shared.capacity / 2).clamp(1, NOTICE_QUEUE_LIMIT) {
             return Push::NoticeDropped;
         }
-        self.push_locked(queue, frame, true);
+        self.push_locked(queue, frame.into(), true);
         Push::Queued
     }
 
-    fn push_locked(&self, mut queue: MutexGuard<'_, Queue>, frame: Bytes, notice: bool) {
+    fn push_locked(&self, mut queue: MutexGuard<'_, Queue>, frame: SharedFrame, notice: bool) {
         queue.frames.push_back(Queued { frame, notice });
         queue.notices += usize::from(notice);
         let first = queue.frames.len() == 1;
@@ -307,9 +311,15 @@ impl OutboxReceiver {
     }
 
     /// Moves queued frames into `buf` until it holds `limit` bytes (at least one frame if any
-    /// is queued); returns how many frames were moved and since when the oldest of them
-    /// waited ([`crate::types::clock::now_us`]).
-    pub fn drain_into(&self, buf: &mut BytesMut, limit: usize) -> (u64, u64) {
+    /// is queued), compressed when the connection negotiated `deflate`; returns how many
+    /// frames were moved and since when the oldest of them waited
+    /// ([`crate::types::clock::now_us`]).
+    pub fn drain_into(
+        &self,
+        buf: &mut BytesMut,
+        limit: usize,
+        deflate: Option<Deflate>,
+    ) -> (u64, u64) {
         if self.shared.queued.load(Ordering::Acquire) == 0 {
             return (0, 0);
         }
@@ -320,7 +330,7 @@ impl OutboxReceiver {
                 break;
             };
             queue.notices -= usize::from(queued.notice);
-            buf.extend_from_slice(&queued.frame);
+            buf.extend_from_slice(queued.frame.for_connection(deflate));
             moved += 1;
         }
         if queue.frames.is_empty() && queue.frames.capacity() > KEEP_SLOTS {
@@ -340,7 +350,7 @@ impl OutboxReceiver {
         self.shared
             .queued
             .store(queue.frames.len(), Ordering::Release);
-        Some(queued.frame)
+        Some(queued.frame.plain().clone())
     }
 
     /// Whether nothing is queued.
@@ -381,8 +391,8 @@ mod tests {
         assert_eq!(outbox.try_push(Bytes::from_static(b"2")), Push::Queued);
         assert_eq!(outbox.try_push(Bytes::from_static(b"3")), Push::Full);
         let mut buf = BytesMut::new();
-        assert_eq!(rx.drain_into(&mut buf, 1).0, 1, "stops at the limit");
-        assert_eq!(rx.drain_into(&mut buf, 100).0, 1);
+        assert_eq!(rx.drain_into(&mut buf, 1, None).0, 1, "stops at the limit");
+        assert_eq!(rx.drain_into(&mut buf, 100, None).0, 1);
         assert_eq!(&buf[..], b"12");
         assert!(rx.is_empty());
         drop(rx);

@@ -21,6 +21,7 @@ use super::outbox::OutboxReceiver;
 use crate::engine::stats::Stats;
 use crate::types::clock::now_us;
 use crate::ws::close::{CloseCode, WsViolation};
+use crate::ws::deflate::{self, Deflate};
 use crate::ws::frame::{OpCode, encode_close, encode_into};
 use crate::ws::reader::{Incoming, MessageReader};
 use crate::ws::transport::{READ_CHUNK, Transport, read_some, reserve_for_read, write_all};
@@ -48,6 +49,8 @@ pub struct SessionConfig {
     ping_ms: u32,
     timeout_ms: u32,
     close_grace_ms: u32,
+    /// permessage-deflate, when the connection negotiated it.
+    deflate: Option<Deflate>,
 }
 
 /// Milliseconds in 32 bits, saturating at 49.7 days: these are durations (ping interval,
@@ -73,7 +76,15 @@ impl SessionConfig {
             ping_ms: ping_interval.map_or(0, millis),
             timeout_ms: millis(timeout),
             close_grace_ms: millis(close_grace),
+            deflate: None,
         }
+    }
+
+    /// The same settings on a connection that negotiated permessage-deflate (`Some`): the
+    /// session inflates compressed messages and compresses what it sends.
+    pub fn with_deflate(mut self, deflate: Option<Deflate>) -> Self {
+        self.deflate = deflate;
+        self
     }
 
     fn max_message(&self) -> usize {
@@ -98,24 +109,27 @@ impl SessionConfig {
 pub struct Replies<'a> {
     buf: &'a mut BytesMut,
     count: u64,
+    /// Replies are compressed (one message at a time, on this worker thread's compressor)
+    /// when the connection negotiated permessage-deflate.
+    deflate: Option<Deflate>,
 }
 
 impl Replies<'_> {
     /// Queues a text frame.
     pub fn text(&mut self, text: &str) {
-        encode_into(self.buf, OpCode::Text, text.as_bytes());
+        deflate::encode_into(self.buf, true, text.as_bytes(), self.deflate);
         self.count += 1;
     }
 
     /// Queues a text frame from bytes already known to be UTF-8.
     pub fn frame_text(&mut self, text: &[u8]) {
-        encode_into(self.buf, OpCode::Text, text);
+        deflate::encode_into(self.buf, true, text, self.deflate);
         self.count += 1;
     }
 
     /// Queues a binary frame.
     pub fn binary(&mut self, data: &[u8]) {
-        encode_into(self.buf, OpCode::Binary, data);
+        deflate::encode_into(self.buf, false, data, self.deflate);
         self.count += 1;
     }
 
@@ -269,10 +283,14 @@ where
         drop(leftover);
         async move {
             let mut wbuf = BytesMut::new();
-            let mut parser = MessageReader::new(self.config.max_message());
+            let mut parser = MessageReader::with_deflate(
+                self.config.max_message(),
+                self.config.deflate.is_some(),
+            );
             let mut replies = Replies {
                 buf: &mut wbuf,
                 count: 0,
+                deflate: self.config.deflate,
             };
             self.handler.on_welcome(&mut replies);
             self.stats.add_out(replies.count);
@@ -280,6 +298,7 @@ where
             let mut replies = Replies {
                 buf: &mut wbuf,
                 count: 0,
+                deflate: self.config.deflate,
             };
             self.handler.on_open(&mut replies).await;
             self.stats.add_out(replies.count);
@@ -411,7 +430,7 @@ where
                         if now.saturating_sub(last_seen) >= micros(self.config.timeout()) {
                             return End::Server(CloseCode::HeartbeatTimeout);
                         }
-                        let mut replies = Replies { buf: wbuf, count: 0 };
+                        let mut replies = Replies { buf: wbuf, count: 0, deflate: self.config.deflate };
                         self.handler.on_tick(&mut replies);
                         self.stats.add_out(replies.count);
                         // Ticks come every second: ping when the next tick would be late.
@@ -485,7 +504,9 @@ where
     /// Moves queued frames into the write buffer up to its high mark, then reports gaps once
     /// the outbox is empty, so a gap notice follows everything queued before it.
     fn take_from_outbox(&mut self, wbuf: &mut BytesMut) {
-        let (taken, since) = self.outbox.drain_into(wbuf, WRITE_HIGH_WATER);
+        let (taken, since) = self
+            .outbox
+            .drain_into(wbuf, WRITE_HIGH_WATER, self.config.deflate);
         self.stats.add_out(taken);
         if taken > 0 && self.batch_since == 0 {
             self.batch_since = since;
@@ -494,6 +515,7 @@ where
             let mut replies = Replies {
                 buf: wbuf,
                 count: 0,
+                deflate: self.config.deflate,
             };
             self.handler.on_gaps(&mut replies);
             self.stats.add_out(replies.count);
@@ -514,6 +536,7 @@ where
         let mut replies = Replies {
             buf: wbuf,
             count: 0,
+            deflate: self.config.deflate,
         };
         let mut received = 0;
         let mut queued = 0;
@@ -532,7 +555,9 @@ where
             if matches!(message, Incoming::Text(_) | Incoming::Binary(_)) {
                 // Everything queued for this client before its message goes out before the
                 // reply, so a reply (say, a recovery replay) never overtakes older pushes.
-                let (taken, since) = self.outbox.drain_into(replies.buf, usize::MAX);
+                let (taken, since) =
+                    self.outbox
+                        .drain_into(replies.buf, usize::MAX, self.config.deflate);
                 queued += taken;
                 if taken > 0 && self.batch_since == 0 {
                     self.batch_since = since;
@@ -579,7 +604,9 @@ where
         match code {
             CloseCode::GoingAway => {
                 // Shutdown: deliver what was already queued for this client first.
-                let (n, _) = self.outbox.drain_into(&mut wbuf, usize::MAX);
+                let (n, _) = self
+                    .outbox
+                    .drain_into(&mut wbuf, usize::MAX, self.config.deflate);
                 self.stats.add_out(n);
             }
             CloseCode::SlowConsumer => self.stats.slow_consumer_closed(),

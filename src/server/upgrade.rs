@@ -109,8 +109,20 @@ pub async fn upgrade(
         .map_err(|err| refused(Refusal::Overload, HttpError::Overloaded(err)))?;
     permit.hold(address);
     state.stats.connected();
+    let deflate = if state.config.compression {
+        handshake::negotiate_deflate(
+            req.headers(),
+            crate::ws::deflate::DeflateSettings {
+                level: u8::try_from(state.config.compression_level).unwrap_or(1),
+                min_size: u32::try_from(state.config.compression_min_size).unwrap_or(u32::MAX),
+            },
+        )
+    } else {
+        None
+    };
     let pending = Pending {
         on_upgrade: hyper::upgrade::on(&mut req),
+        deflate: deflate.as_ref().map(|(d, _)| *d),
         endpoint,
         identity,
         v1: presented.v1,
@@ -127,6 +139,9 @@ pub async fn upgrade(
     if let Some(subprotocol) = presented.subprotocol {
         // A browser fails the handshake unless the server selects one of the offered ones.
         response = response.header(SEC_WEBSOCKET_PROTOCOL, subprotocol);
+    }
+    if let Some((_, answer)) = deflate {
+        response = response.header("sec-websocket-extensions", answer);
     }
     response
         .body(Full::default())
@@ -162,6 +177,8 @@ pub struct Pending {
     /// The client offered `rusty-socks.v1`: a v1-only connection (see `ChatHandler::new`).
     v1: bool,
     permit: ConnectionPermit,
+    /// permessage-deflate, as negotiated in the 101 answer.
+    deflate: Option<crate::ws::deflate::Deflate>,
 }
 
 /// Where [`upgrade`] leaves the accepted upgrade for the connection's HTTP task.
@@ -181,6 +198,7 @@ pub async fn start(pending: Pending, state: &Arc<AppState>, address: Option<Addr
         identity,
         v1,
         mut permit,
+        deflate,
     } = pending;
     permit.hold(address);
     let upgraded = match on_upgrade.await {
@@ -209,7 +227,8 @@ pub async fn start(pending: Pending, state: &Arc<AppState>, address: Option<Addr
                 Some(config.ping_interval),
                 config.timeout,
                 config.shutdown_grace,
-            );
+            )
+            .with_deflate(deflate);
             let dialect = if v1 { Dialect::V1 } else { Dialect::Legacy };
             let handler = ChatHandler::new(
                 client_id,
@@ -228,7 +247,8 @@ pub async fn start(pending: Pending, state: &Arc<AppState>, address: Option<Addr
                 None,
                 config.timeout,
                 config.shutdown_grace,
-            );
+            )
+            .with_deflate(deflate);
             spawn_on_socket(upgraded, rx, EchoHandler, session_config, guards, state);
         }
     }

@@ -88,6 +88,12 @@ pub struct Config {
     pub echo_endpoint: bool,
     /// `RUSTY_SOCKS_ECHO_MAX_MESSAGE_SIZE`: largest message accepted on `/echo`, in bytes.
     pub echo_max_message_size: usize,
+    /// `RUSTY_SOCKS_COMPRESSION`: whether permessage-deflate is negotiated.
+    pub compression: bool,
+    /// `RUSTY_SOCKS_COMPRESSION_MIN_SIZE`: messages shorter than this go uncompressed.
+    pub compression_min_size: usize,
+    /// `RUSTY_SOCKS_COMPRESSION_LEVEL`: deflate level, 1-9.
+    pub compression_level: u32,
     /// `RUSTY_SOCKS_HANDSHAKE_TIMEOUT`: time a new socket has to send its HTTP request headers.
     pub handshake_timeout: Duration,
     /// `RUSTY_SOCKS_SHUTDOWN_GRACE`: time given to clients to drain on shutdown.
@@ -219,6 +225,9 @@ impl Default for Config {
             echo_to_sender: false,
             echo_endpoint: false,
             echo_max_message_size: 16 * 1024 * 1024,
+            compression: false,
+            compression_min_size: 256,
+            compression_level: 1,
             handshake_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(3),
             namespaces: Namespaces::default(),

@@ -144,6 +144,19 @@ impl Config {
                 128,
                 64 << 20,
             )?,
+            compression: flag("RUSTY_SOCKS_COMPRESSION", d.compression)?,
+            compression_min_size: int(
+                "RUSTY_SOCKS_COMPRESSION_MIN_SIZE",
+                d.compression_min_size,
+                0,
+                64 << 20,
+            )?,
+            compression_level: int(
+                "RUSTY_SOCKS_COMPRESSION_LEVEL",
+                d.compression_level as usize,
+                1,
+                9,
+            )? as u32,
             handshake_timeout: secs("RUSTY_SOCKS_HANDSHAKE_TIMEOUT", d.handshake_timeout, 3600)?,
             shutdown_grace: secs("RUSTY_SOCKS_SHUTDOWN_GRACE", d.shutdown_grace, 4)?,
             namespaces: match get("RUSTY_SOCKS_NAMESPACES") {
@@ -538,6 +551,27 @@ mod tests {
         if cfg!(feature = "nats") {
             let nats = with(&[("RUSTY_SOCKS_BROKER", "nats://127.0.0.1:4222")]).expect("valid");
             assert_eq!(nats.broker, BrokerUrl::Nats("nats://127.0.0.1:4222".into()));
+        }
+    }
+
+    #[test]
+    fn compression_settings_are_read_and_checked() {
+        let c = with(&[
+            ("RUSTY_SOCKS_COMPRESSION", "true"),
+            ("RUSTY_SOCKS_COMPRESSION_MIN_SIZE", "0"),
+            ("RUSTY_SOCKS_COMPRESSION_LEVEL", "9"),
+        ])
+        .expect("valid");
+        assert!(c.compression);
+        assert_eq!((c.compression_min_size, c.compression_level), (0, 9));
+        for (var, value) in [
+            ("RUSTY_SOCKS_COMPRESSION_LEVEL", "0"),
+            ("RUSTY_SOCKS_COMPRESSION_LEVEL", "10"),
+            ("RUSTY_SOCKS_COMPRESSION_MIN_SIZE", "-1"),
+            ("RUSTY_SOCKS_COMPRESSION", "maybe"),
+        ] {
+            let err = with(&[(var, value)]).expect_err("invalid");
+            assert_eq!(err.var, var);
         }
     }
 

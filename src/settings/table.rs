@@ -187,6 +187,24 @@ pub const SETTINGS: &[Setting] = &[
         meaning: "largest message on /echo in bytes",
     },
     Setting {
+        var: "RUSTY_SOCKS_COMPRESSION",
+        default: "false",
+        kind: Kind::Bool,
+        meaning: "negotiate permessage-deflate (RFC 7692) on /ws and /echo",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_COMPRESSION_MIN_SIZE",
+        default: "256",
+        kind: Kind::Int,
+        meaning: "messages shorter than this many bytes are sent uncompressed",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_COMPRESSION_LEVEL",
+        default: "1",
+        kind: Kind::Int,
+        meaning: "deflate level, 1 (fastest) to 9 (smallest)",
+    },
+    Setting {
         var: "RUSTY_SOCKS_HANDSHAKE_TIMEOUT",
         default: "10",
         kind: Kind::Int,

@@ -13,7 +13,8 @@ pub enum CloseCode {
     GoingAway,
     /// 1002: the client broke RFC 6455 (unmasked frame, bad opcode, bad fragmentation, ...).
     ProtocolError,
-    /// 1007: a text message (or close reason) was not valid UTF-8.
+    /// 1007: a text message (or close reason) was not valid UTF-8, or a compressed message
+    /// did not inflate.
     InvalidPayload,
     /// 1009: a message was larger than the configured limit.
     MessageTooBig,
@@ -104,6 +105,9 @@ pub enum WsViolation {
     /// A text message or close reason was not UTF-8.
     #[error("invalid utf-8 in a text message")]
     InvalidUtf8,
+    /// A compressed (permessage-deflate) message whose data does not inflate.
+    #[error("compressed message data that does not inflate")]
+    BadCompressedData,
     /// A message grew past the endpoint's limit.
     #[error("message larger than the {limit}-byte limit")]
     TooBig {
@@ -117,7 +121,7 @@ impl WsViolation {
     pub fn close_code(self) -> CloseCode {
         match self {
             Self::Protocol(_) => CloseCode::ProtocolError,
-            Self::InvalidUtf8 => CloseCode::InvalidPayload,
+            Self::InvalidUtf8 | Self::BadCompressedData => CloseCode::InvalidPayload,
             Self::TooBig { .. } => CloseCode::MessageTooBig,
         }
     }

@@ -64,6 +64,9 @@ pub const MAX_CONTROL_PAYLOAD: usize = 125;
 pub struct FrameHeader {
     /// Whether this is the final fragment of its message.
     pub fin: bool,
+    /// RSV1: on the first frame of a message, "compressed" (permessage-deflate). Only ever
+    /// set when the caller allowed it (see [`parse_header_with`]).
+    pub rsv1: bool,
     /// What the frame carries.
     pub opcode: OpCode,
     /// The masking key every client frame must carry.
@@ -74,20 +77,30 @@ pub struct FrameHeader {
     pub header_len: usize,
 }
 
-/// Parses a client frame header from the front of `buf`.
+/// Parses a client frame header from the front of `buf`, on a connection without extensions.
 ///
 /// Returns `Ok(None)` when `buf` does not yet hold a whole header. No bytes are consumed; the
 /// caller advances past `header_len` once the payload is available too.
 pub fn parse_header(buf: &[u8]) -> Result<Option<FrameHeader>, WsViolation> {
+    parse_header_with(buf, false)
+}
+
+/// [`parse_header`], with RSV1 allowed on data frames when `deflate` (permessage-deflate was
+/// negotiated). RSV2 and RSV3 are never allowed, nor RSV1 on a control frame (RFC 7692 §6).
+/// Whether RSV1 is allowed on a continuation frame is the message reader's to check.
+pub fn parse_header_with(buf: &[u8], deflate: bool) -> Result<Option<FrameHeader>, WsViolation> {
     let [b0, b1, rest @ ..] = buf else {
         return Ok(None);
     };
-    if b0 & 0x70 != 0 {
-        // No extension is negotiated, so RSV1-3 must be zero.
-        return Err(WsViolation::Protocol(
-            "reserved bits set without an extension",
-        ));
+    let allowed = if deflate && b0 & 0x08 == 0 { 0x40 } else { 0 };
+    if b0 & 0x70 & !allowed != 0 {
+        return Err(WsViolation::Protocol(if deflate {
+            "reserved bits set that no extension uses"
+        } else {
+            "reserved bits set without an extension"
+        }));
     }
+    let rsv1 = b0 & 0x40 != 0;
     let fin = b0 & 0x80 != 0;
     let opcode = OpCode::from_bits(b0 & 0x0F).ok_or(WsViolation::Protocol("reserved opcode"))?;
     if b1 & 0x80 == 0 {
@@ -131,6 +144,7 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<FrameHeader>, WsViolation> {
     mask.copy_from_slice(key);
     Ok(Some(FrameHeader {
         fin,
+        rsv1,
         opcode,
         mask,
         payload_len,

@@ -59,6 +59,23 @@ pub fn accept(headers: &HeaderMap) -> Result<HeaderValue, HandshakeError> {
     HeaderValue::from_str(&accept).map_err(|_| HandshakeError::BadKey)
 }
 
+/// The permessage-deflate agreement for an upgrade request, and the
+/// `Sec-WebSocket-Extensions` value to answer with: `None` when the client offered nothing the
+/// server accepts (see [`super::deflate::negotiate`]).
+pub fn negotiate_deflate(
+    headers: &HeaderMap,
+    settings: super::deflate::DeflateSettings,
+) -> Option<(super::deflate::Deflate, HeaderValue)> {
+    let values = headers
+        .get_all("sec-websocket-extensions")
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    let (deflate, answer) = super::deflate::negotiate(values, settings)?;
+    HeaderValue::from_str(&answer)
+        .ok()
+        .map(|answer| (deflate, answer))
+}
+
 /// `base64(sha1(key + GUID))`.
 pub fn accept_key(key: &[u8]) -> String {
     let mut sha = Sha1::new();

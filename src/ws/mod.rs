@@ -6,6 +6,7 @@
 //! general-purpose library; `docs/ARCHITECTURE.md` explains why.
 
 pub mod close;
+pub mod deflate;
 pub mod frame;
 pub mod handshake;
 pub mod reader;

@@ -1,14 +1,22 @@
 //! Turns the bytes a client sends into whole messages.
 //!
 //! The reader owns the state that spans frames: a fragmented message being assembled and how
-//! much of it is known to be valid UTF-8. Invalid UTF-8 is detected as soon as a fragment
-//! proves it (fail fast), and the size limit is checked against the frame header before the
-//! payload is buffered, so an oversized message costs nothing to refuse.
+//! much of it is known to be valid UTF-8. Payload bytes are unmasked in place as they arrive,
+//! and an uncompressed text message's UTF-8 is checked as each piece arrives, even in the
+//! middle of a frame (fail fast: Autobahn|Testsuite 6.4.3/6.4.4 in strict mode). The size limit
+//! is checked against the frame header before the payload is buffered, so an oversized
+//! message costs nothing to refuse.
+//!
+//! With permessage-deflate ([`super::deflate`]) a message whose first frame has RSV1 set is
+//! compressed: its frames are collected (bounded by the limit plus deflate's framing
+//! overhead), then inflated at once with the worker thread's decompressor, which stops as
+//! soon as the output passes the limit (1009). Inflating at the end keeps the reader free of
+//! decompression state between reads, so a connection costs the same with deflate as without.
 
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::close::{WsViolation, parse_close_payload};
-use super::frame::{OpCode, apply_mask, parse_header};
+use super::frame::{OpCode, apply_mask, parse_header_with};
 
 /// One complete thing a client said.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,15 +37,73 @@ pub enum Incoming {
 #[derive(Debug)]
 struct Partial {
     text: bool,
+    /// RSV1 was set on its first frame: `data` is deflate data, inflated when it is complete.
+    compressed: bool,
     data: BytesMut,
-    /// Bytes at the front of `data` already checked to be valid UTF-8.
-    valid_utf8: usize,
+}
+
+/// UTF-8 validation that takes a message piece by piece: at most three bytes of an incomplete
+/// character are carried from one piece to the next.
+#[derive(Debug, Default, Clone, Copy)]
+struct Utf8Stream {
+    tail: [u8; 4],
+    len: u8,
+}
+
+impl Utf8Stream {
+    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), WsViolation> {
+        if self.len > 0 {
+            let have = usize::from(self.len);
+            let need = match self.tail[0] {
+                0xF0.. => 4,
+                0xE0.. => 3,
+                _ => 2,
+            };
+            let take = (need - have).min(bytes.len());
+            self.tail[have..have + take].copy_from_slice(&bytes[..take]);
+            self.len += take as u8;
+            bytes = &bytes[take..];
+            match std::str::from_utf8(&self.tail[..usize::from(self.len)]) {
+                Ok(_) => self.len = 0,
+                Err(e) if e.error_len().is_some() => return Err(WsViolation::InvalidUtf8),
+                // Still incomplete: every byte of this piece went into the tail.
+                Err(_) => return Ok(()),
+            }
+        }
+        match std::str::from_utf8(bytes) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_some() => Err(WsViolation::InvalidUtf8),
+            Err(e) => {
+                let rest = &bytes[e.valid_up_to()..];
+                self.tail[..rest.len()].copy_from_slice(rest);
+                self.len = rest.len() as u8;
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends a message: a character left incomplete makes it invalid.
+    fn finish(&mut self) -> Result<(), WsViolation> {
+        let complete = self.len == 0;
+        *self = Self::default();
+        if complete {
+            Ok(())
+        } else {
+            Err(WsViolation::InvalidUtf8)
+        }
+    }
 }
 
 /// Reassembles client frames into messages, enforcing a per-message size limit.
 #[derive(Debug)]
 pub struct MessageReader {
     max_message: usize,
+    /// permessage-deflate was negotiated: RSV1 marks compressed messages.
+    deflate: bool,
+    /// Payload bytes of the frame at the front of the buffer already unmasked in place (and,
+    /// for uncompressed text, validated).
+    progress: usize,
+    utf8: Utf8Stream,
     /// Boxed: only fragmented messages need it, and the reader lives in every connection.
     partial: Option<Box<Partial>>,
     frames: u64,
@@ -46,8 +112,17 @@ pub struct MessageReader {
 impl MessageReader {
     /// A reader that refuses messages larger than `max_message` bytes with close code 1009.
     pub fn new(max_message: usize) -> Self {
+        Self::with_deflate(max_message, false)
+    }
+
+    /// [`MessageReader::new`] on a connection that negotiated permessage-deflate (`deflate`):
+    /// the limit then also applies to a compressed message once inflated.
+    pub fn with_deflate(max_message: usize, deflate: bool) -> Self {
         Self {
             max_message,
+            deflate,
+            progress: 0,
+            utf8: Utf8Stream::default(),
             partial: None,
             frames: 0,
         }
@@ -58,18 +133,54 @@ impl MessageReader {
         self.frames
     }
 
+    /// The most compressed data a message may bring: the limit, plus what deflate's stored
+    /// blocks add to data that does not compress (5 bytes per block of up to 64 KiB).
+    fn compressed_limit(&self) -> usize {
+        self.max_message
+            .saturating_add(self.max_message / 1024)
+            .saturating_add(64)
+    }
+
     /// Takes the next complete message out of `buf`.
     ///
     /// Returns `Ok(None)` when `buf` holds no complete frame yet (any partial frame stays in
-    /// `buf`). A violation means the connection must be closed with its close code.
+    /// `buf`, unmasked as far as it arrived). A violation means the connection must be closed
+    /// with its close code.
     pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Incoming>, WsViolation> {
         loop {
-            let Some(header) = parse_header(buf)? else {
+            let Some(header) = parse_header_with(buf, self.deflate)? else {
                 return Ok(None);
             };
+            let (text, compressed) = match header.opcode {
+                OpCode::Text | OpCode::Binary => {
+                    if self.partial.is_some() {
+                        return Err(WsViolation::Protocol(
+                            "new data frame while a fragmented message is open",
+                        ));
+                    }
+                    (header.opcode == OpCode::Text, header.rsv1)
+                }
+                OpCode::Continuation => {
+                    let Some(partial) = &self.partial else {
+                        return Err(WsViolation::Protocol(
+                            "continuation frame with nothing to continue",
+                        ));
+                    };
+                    if header.rsv1 {
+                        return Err(WsViolation::Protocol("RSV1 set on a continuation frame"));
+                    }
+                    (partial.text, partial.compressed)
+                }
+                _ => (false, false),
+            };
             let already = self.partial.as_ref().map_or(0, |p| p.data.len());
+            let limit = if compressed {
+                self.compressed_limit()
+            } else {
+                self.max_message
+            };
             if !header.opcode.is_control()
-                && header.payload_len > (self.max_message - already.min(self.max_message)) as u64
+                && header.payload_len > (limit - already.min(limit)) as u64
             {
                 return Err(WsViolation::TooBig {
                     limit: self.max_message,
@@ -77,17 +188,32 @@ impl MessageReader {
             }
             // The limit check above bounds payload_len to usize.
             let len = header.payload_len as usize;
-            if buf.len() < header.header_len + len {
-                // Nothing is reserved for the declared length: the buffer grows only with the
-                // bytes that arrive (`transport::reserve_for_read`), so a header alone costs
-                // the server nothing.
+            // Nothing is reserved for the declared length: the buffer grows only with the
+            // bytes that arrive (`transport::reserve_for_read`), so a header alone costs the
+            // server nothing.
+            let arrived = (buf.len() - header.header_len).min(len);
+            if arrived > self.progress {
+                let piece =
+                    &mut buf[header.header_len + self.progress..header.header_len + arrived];
+                let m = header.mask;
+                let r = self.progress % 4;
+                apply_mask(
+                    piece,
+                    [m[r], m[(r + 1) % 4], m[(r + 2) % 4], m[(r + 3) % 4]],
+                );
+                if text && !compressed && !header.opcode.is_control() {
+                    self.utf8.feed(piece)?;
+                }
+                self.progress = arrived;
+            }
+            if arrived < len {
                 return Ok(None);
             }
             buf.advance(header.header_len);
-            let mut payload = buf.split_to(len);
-            apply_mask(&mut payload, header.mask);
+            let payload = buf.split_to(len);
+            self.progress = 0;
             self.frames += 1;
-            if let Some(message) = self.on_frame(header.opcode, header.fin, payload)? {
+            if let Some(message) = self.on_frame(header.opcode, header.fin, compressed, payload)? {
                 return Ok(Some(message));
             }
         }
@@ -97,6 +223,7 @@ impl MessageReader {
         &mut self,
         opcode: OpCode,
         fin: bool,
+        compressed: bool,
         payload: BytesMut,
     ) -> Result<Option<Incoming>, WsViolation> {
         match opcode {
@@ -104,22 +231,15 @@ impl MessageReader {
             OpCode::Pong => Ok(Some(Incoming::Pong)),
             OpCode::Close => parse_close_payload(&payload).map(|code| Some(Incoming::Close(code))),
             OpCode::Text | OpCode::Binary => {
-                if self.partial.is_some() {
-                    return Err(WsViolation::Protocol(
-                        "new data frame while a fragmented message is open",
-                    ));
-                }
                 let text = opcode == OpCode::Text;
                 if fin {
-                    return finish(text, payload).map(Some);
+                    return self.finish(text, compressed, payload).map(Some);
                 }
-                let mut partial = Box::new(Partial {
+                self.partial = Some(Box::new(Partial {
                     text,
+                    compressed,
                     data: payload,
-                    valid_utf8: 0,
-                });
-                check_utf8_prefix(&mut partial)?;
-                self.partial = Some(partial);
+                }));
                 Ok(None)
             }
             OpCode::Continuation => {
@@ -129,10 +249,9 @@ impl MessageReader {
                     ));
                 };
                 partial.data.extend_from_slice(&payload);
-                check_utf8_prefix(&mut partial)?;
                 if fin {
                     let Partial { text, data, .. } = *partial;
-                    finish(text, data).map(Some)
+                    self.finish(text, compressed, data).map(Some)
                 } else {
                     self.partial = Some(partial);
                     Ok(None)
@@ -140,30 +259,30 @@ impl MessageReader {
             }
         }
     }
-}
 
-/// Validates the not-yet-checked tail of a fragmented text message; an incomplete character at
-/// the end is fine (the next fragment may complete it), an impossible sequence is not.
-fn check_utf8_prefix(partial: &mut Partial) -> Result<(), WsViolation> {
-    if !partial.text {
-        return Ok(());
-    }
-    match std::str::from_utf8(&partial.data[partial.valid_utf8..]) {
-        Ok(_) => partial.valid_utf8 = partial.data.len(),
-        Err(e) if e.error_len().is_some() => return Err(WsViolation::InvalidUtf8),
-        Err(e) => partial.valid_utf8 += e.valid_up_to(),
-    }
-    Ok(())
-}
-
-fn finish(text: bool, data: BytesMut) -> Result<Incoming, WsViolation> {
-    if text {
-        if std::str::from_utf8(&data).is_err() {
-            return Err(WsViolation::InvalidUtf8);
-        }
-        Ok(Incoming::Text(data.freeze()))
-    } else {
-        Ok(Incoming::Binary(data.freeze()))
+    fn finish(
+        &mut self,
+        text: bool,
+        compressed: bool,
+        data: BytesMut,
+    ) -> Result<Incoming, WsViolation> {
+        let data = if compressed {
+            let inflated = super::deflate::inflate(&data, self.max_message)?;
+            if text && std::str::from_utf8(&inflated).is_err() {
+                return Err(WsViolation::InvalidUtf8);
+            }
+            inflated
+        } else {
+            if text {
+                self.utf8.finish()?;
+            }
+            data.freeze()
+        };
+        Ok(if text {
+            Incoming::Text(data)
+        } else {
+            Incoming::Binary(data)
+        })
     }
 }
 
@@ -301,6 +420,123 @@ mod tests {
             read_all(&mut MessageReader::new(100), &frame(0x80, b"x")),
             Err(WsViolation::Protocol(_))
         ));
+    }
+
+    #[test]
+    fn invalid_utf8_fails_before_its_frame_is_complete() {
+        // Autobahn 6.4.4: the bad bytes arrive, the rest of the frame does not (yet).
+        let bytes = frame(0x81, &[b'a', b'b', 0xf4, 0x90, 0x80, 0x80, b'c', b'd']);
+        let mut reader = MessageReader::new(100);
+        // A 6-byte header, then "ab".
+        let mut buf = BytesMut::from(&bytes[..8]);
+        assert_eq!(reader.next(&mut buf), Ok(None), "nothing wrong yet");
+        buf.extend_from_slice(&bytes[8..10]);
+        assert_eq!(reader.next(&mut buf), Err(WsViolation::InvalidUtf8));
+    }
+
+    #[test]
+    fn utf8_split_inside_partial_frames_is_accepted() {
+        let text = "κόσμε€𝄞".as_bytes();
+        let bytes = frame(0x81, text);
+        let mut reader = MessageReader::new(100);
+        let mut buf = BytesMut::new();
+        for (i, b) in bytes.iter().enumerate() {
+            buf.extend_from_slice(&[*b]);
+            let got = reader.next(&mut buf).expect("valid");
+            assert_eq!(got.is_some(), i == bytes.len() - 1);
+            if let Some(m) = got {
+                assert_eq!(m, Incoming::Text(Bytes::copy_from_slice(text)));
+            }
+        }
+    }
+
+    fn deflated(payload: &[u8]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        let d = crate::ws::deflate::Deflate {
+            level: 6,
+            window_bits: 15,
+            min_size: 0,
+        };
+        crate::ws::deflate::encode_into(&mut out, true, payload, Some(d));
+        assert_eq!(out[0] & 0x40, 0x40, "compressed");
+        let start = if out[1] == 126 { 4 } else { 2 };
+        out[start..].to_vec()
+    }
+
+    #[test]
+    fn rsv1_needs_the_extension_and_only_starts_a_message() {
+        let data = deflated("hello hello hello hello hello".as_bytes());
+        assert!(matches!(
+            read_all(&mut MessageReader::new(100), &frame(0xC1, &data)),
+            Err(WsViolation::Protocol(_))
+        ));
+        assert_eq!(
+            read_all(
+                &mut MessageReader::with_deflate(100, true),
+                &frame(0xC1, &data)
+            ),
+            Ok(vec![Incoming::Text(Bytes::from_static(
+                b"hello hello hello hello hello"
+            ))])
+        );
+        let mut bytes = frame(0x41, &data[..3]);
+        bytes.extend(frame(0xC0, &data[3..]));
+        assert!(matches!(
+            read_all(&mut MessageReader::with_deflate(100, true), &bytes),
+            Err(WsViolation::Protocol(_))
+        ));
+        let mut bytes = frame(0x41, &data[..3]);
+        bytes.extend(frame(0x89, b"p"));
+        bytes.extend(frame(0x80, &data[3..]));
+        assert_eq!(
+            read_all(&mut MessageReader::with_deflate(100, true), &bytes),
+            Ok(vec![
+                Incoming::Ping(Bytes::from_static(b"p")),
+                Incoming::Text(Bytes::from_static(b"hello hello hello hello hello"))
+            ])
+        );
+        assert!(matches!(
+            read_all(
+                &mut MessageReader::with_deflate(100, true),
+                &frame(0xC9, b"")
+            ),
+            Err(WsViolation::Protocol(_))
+        ));
+        assert!(matches!(
+            read_all(
+                &mut MessageReader::with_deflate(100, true),
+                &frame(0xA1, b"x")
+            ),
+            Err(WsViolation::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn compressed_messages_are_limited_when_inflated_and_checked() {
+        let bomb = deflated(&[b'a'; 5000]);
+        assert!(bomb.len() < 100);
+        assert_eq!(
+            read_all(
+                &mut MessageReader::with_deflate(1000, true),
+                &frame(0xC1, &bomb)
+            ),
+            Err(WsViolation::TooBig { limit: 1000 })
+        );
+        assert_eq!(
+            read_all(
+                &mut MessageReader::with_deflate(1000, true),
+                &frame(0xC1, &[0xff, 0xfe, 0xfd])
+            ),
+            Err(WsViolation::BadCompressedData)
+        );
+        let bad_utf8 = deflated(&[0xff; 300]);
+        assert_eq!(
+            read_all(
+                &mut MessageReader::with_deflate(1000, true),
+                &frame(0xC1, &bad_utf8)
+            ),
+            Err(WsViolation::InvalidUtf8)
+        );
     }
 
     #[test]

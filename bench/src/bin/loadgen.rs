@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rusty_bench::{
-    Args, Latencies, each_frame, encode_frame, parse_url, process_cpu, process_rss_kib, ws_connect,
+    Args, Latencies, each_frame, each_frame_raw, encode_frame, inflate_message, parse_url,
+    process_cpu, process_rss_kib, ws_connect, ws_connect_offering,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
@@ -17,12 +18,14 @@ const HELP: &str = "loadgen - load generator for WebSocket broadcast servers (lo
 USAGE:
   loadgen broadcast --url ws://127.0.0.1:3030/ws[,ws://...] [--subscribers 1000] [--publishers 1]
                     [--messages 2000] [--size 64] [--rate 0] [--window 256]
-                    [--stalled 0] [--server-pid PID] [--timeout 60]
+                    [--stalled 0] [--server-pid PID] [--timeout 60] [--deflate]
       N subscribers and P publishers connect; each publisher sends --messages JSON chat
       messages of --size bytes ({\"sender\":..,\"content\":..}); every one must reach every
       subscriber. --rate is messages/s per publisher (0 = flat out, at most --window messages
       ahead of the slowest subscriber). Reports deliveries/s, deliveries per server
       CPU-second (with --server-pid), publish->delivery latency p50/p99/p999, and lost messages.
+      --deflate makes subscribers offer permessage-deflate and inflate what comes compressed
+      (RESULT's wire_bytes_per_delivery shows what it saved).
       --stalled K adds K subscribers that connect and never read: the others' figures show
       what such clients cost them. Several --url values (comma-separated nodes of one
       cluster) spread the subscribers over the nodes; publishers use the first. --server-pid
@@ -105,8 +108,23 @@ fn marker(payload: &[u8], run: u32) -> Option<(usize, u64, u64)> {
 fn chat_message(run: u32, publisher: usize, seq: u64, micros: u64, size: usize) -> Vec<u8> {
     let mut text = format!(r##"{{"sender":"p","content":"#b{run}:{publisher}:{seq}:{micros}#"##);
     let closing = "\"}";
+    // Filler that compresses like real chat text or JSON (words and numbers, 3-4x with deflate),
+    // not like a run of one byte: what `--deflate` measures depends on it.
+    const WORDS: [&str; 16] = [
+        "price", "volume", "alpha", "quote", "the", "market", "opened", "higher", "on", "news",
+        "user", "sent", "hello", "status", "ok", "update",
+    ];
+    let mut state = seq
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(publisher as u64 + 1);
     while text.len() + closing.len() < size {
-        text.push('.');
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let word = WORDS[(state >> 60) as usize];
+        let filler = format!(" {word}={}", (state >> 40) % 1000);
+        let room = size - closing.len() - text.len();
+        text.push_str(&filler[..filler.len().min(room)]);
     }
     text.push_str(closing);
     text.into_bytes()
@@ -147,6 +165,14 @@ async fn broadcast(args: &Args) -> Result<(), String> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     let stalled = args.number("stalled", 0)? as usize;
+    // Subscribers offer permessage-deflate (the server compresses if it runs with
+    // RUSTY_SOCKS_COMPRESSION=true); bytes read by subscribers are counted either way.
+    let offer = if args.flag("deflate") {
+        "permessage-deflate; client_max_window_bits"
+    } else {
+        ""
+    };
+    let wire_bytes = Arc::new(AtomicU64::new(0));
     let run = (std::process::id() ^ (Instant::now().elapsed().subsec_nanos())) % 1_000_000;
     let start = Instant::now();
 
@@ -161,7 +187,7 @@ async fn broadcast(args: &Args) -> Result<(), String> {
         let (addr, path) = nodes[n % nodes.len()].clone();
         connecting.push(tokio::spawn(async move {
             let _permit = limit.acquire().await;
-            ws_connect(addr, &path).await
+            ws_connect_offering(addr, &path, offer).await
         }));
     }
     for handle in connecting {
@@ -174,8 +200,11 @@ async fn broadcast(args: &Args) -> Result<(), String> {
         });
         subs.push(Arc::clone(&sub));
         let (lost, dups) = (Arc::clone(&lost), Arc::clone(&dups));
+        let wire_bytes = Arc::clone(&wire_bytes);
         readers.push(tokio::spawn(async move {
             let mut latencies = Latencies::default();
+            let mut inflater = flate2::Decompress::new(false);
+            let mut inflated = Vec::new();
             let mut buf = leftover;
             let mut stream = stream;
             let expected_total = messages * publishers as u64;
@@ -185,13 +214,21 @@ async fn broadcast(args: &Args) -> Result<(), String> {
                 buf.reserve(64 * 1024);
                 match stream.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+                    Ok(n) => {
+                        wire_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                 }
-                each_frame(&mut buf, |opcode, payload| {
-                    if opcode == 0x9 {
+                each_frame_raw(&mut buf, |first, payload| {
+                    if first & 0x0F == 0x9 {
                         encode_frame(&mut pongs, 0xA, payload);
                         return;
                     }
+                    let payload = if first & 0x40 != 0 {
+                        inflate_message(&mut inflater, payload, &mut inflated);
+                        &inflated[..]
+                    } else {
+                        payload
+                    };
                     let Some((publisher, seq, sent)) = marker(payload, run) else {
                         return;
                     };
@@ -335,8 +372,9 @@ async fn broadcast(args: &Args) -> Result<(), String> {
         cpu.map_or(0.0, |c| c.as_secs_f64()),
         dups.load(Ordering::Relaxed),
     );
+    let wire_per_delivery = wire_bytes.load(Ordering::Relaxed) as f64 / delivered.max(1) as f64;
     println!(
-        "RESULT broadcast delivered={delivered} expected={expected} secs={:.3} per_sec={:.0} per_cpu_sec={per_cpu:.0} lost={missing} p50_us={p50} p99_us={p99} p999_us={p999} server_busy_pct={server_busy:.0} generator_busy_pct={own_busy:.0}",
+        "RESULT broadcast delivered={delivered} expected={expected} secs={:.3} per_sec={:.0} per_cpu_sec={per_cpu:.0} lost={missing} p50_us={p50} p99_us={p99} p999_us={p999} server_busy_pct={server_busy:.0} generator_busy_pct={own_busy:.0} wire_bytes_per_delivery={wire_per_delivery:.0}",
         elapsed.as_secs_f64(),
         delivered as f64 / elapsed.as_secs_f64()
     );
