@@ -380,3 +380,35 @@ async fn size_limits_delete_whole_old_segments() {
         "the oldest segment was deleted"
     );
 }
+
+/// A crash between creating a segment and writing its header leaves an empty newest file.
+/// Recovery removes it; the next segment must take its number, not leave a hole that the
+/// restart after that would read as a missing segment (and renew every channel).
+#[tokio::test]
+async fn an_empty_newest_segment_leaves_no_hole_for_the_next_restart() {
+    let dir = TempDir::new();
+    let (broker, _) = open(options(&dir.0, 4096));
+    let a = publish_n(&broker, "a", 60).await;
+    let b = publish_n(&broker, "b", 3).await;
+    drop(broker);
+    let all = segments(&dir.0);
+    let newest = all.last().expect("a segment");
+    let seq = u64::from_str_radix(
+        newest.file_stem().and_then(|s| s.to_str()).expect("named"),
+        16,
+    )
+    .expect("hex");
+    std::fs::write(segment_path(&dir.0, seq + 1), b"").expect("empty segment");
+    let (broker, _) = open(options(&dir.0, 4096));
+    let more = broker.publish("b", request(4, KEEP)).await.expect("ok");
+    assert_eq!(more.position.offset, 4);
+    assert_eq!(more.position.epoch, b);
+    drop(broker);
+    let (broker, _) = open(options(&dir.0, 4096));
+    let (epoch, got) = offsets(&broker, "a").await;
+    assert_eq!(epoch, a, "a keeps its epoch over the second restart");
+    assert_eq!(got, (1..=60).collect::<Vec<_>>());
+    let (epoch, got) = offsets(&broker, "b").await;
+    assert_eq!(epoch, b, "b keeps its epoch over the second restart");
+    assert_eq!(got, vec![1, 2, 3, 4]);
+}
