@@ -61,6 +61,9 @@ pub struct Append {
     pub deliver: Option<Publication>,
     /// Completed once durable according to the fsync mode.
     pub done: Option<oneshot::Sender<Result<(), StorageError>>>,
+    /// The channel's written-through offset: raised to `offset` once the record is written,
+    /// before it is delivered, so reads never report an offset a crash could still lose.
+    pub written: Option<Arc<AtomicU64>>,
 }
 
 /// What the writer thread is asked to do.
@@ -69,6 +72,9 @@ pub enum Command {
     Append(Append),
     /// Answer once everything queued before it is durable.
     Barrier(oneshot::Sender<Result<(), StorageError>>),
+    /// Tests: the writer waits, writing nothing, until the sender is dropped.
+    #[cfg(test)]
+    Hold(std::sync::mpsc::Receiver<()>),
 }
 
 /// The writer thread's state.
@@ -150,6 +156,10 @@ impl Writer {
         for command in batch {
             match command {
                 Command::Barrier(done) => barriers.push(done),
+                #[cfg(test)]
+                Command::Hold(release) => {
+                    let _ = release.recv();
+                }
                 Command::Append(append) => {
                     let full = self.len + (buf.len() + append.bytes.len()) as u64
                         > self.segment_bytes
@@ -211,6 +221,9 @@ impl Writer {
                     }
                 }
                 for a in group.iter() {
+                    if let Some(written) = &a.written {
+                        written.fetch_max(a.offset, Ordering::Release);
+                    }
                     if let Some(publication) = &a.deliver {
                         self.events
                             .on_publication(&a.channel, &a.epoch, publication);

@@ -412,3 +412,48 @@ async fn an_empty_newest_segment_leaves_no_hole_for_the_next_restart() {
     assert_eq!(epoch, b, "b keeps its epoch over the second restart");
     assert_eq!(got, vec![1, 2, 3, 4]);
 }
+
+/// A publication appended in memory but not yet written is invisible to reads: a crash
+/// would lose it and the restarted server would give its offset to another publication, so
+/// a client holding that position would resume "recovered" and miss the new one.
+#[tokio::test]
+async fn reads_never_report_an_offset_the_writer_has_not_written() {
+    let dir = TempDir::new();
+    let (broker, _) = open(options(&dir.0, 1 << 20));
+    let epoch = publish_n(&broker, "a", 3).await;
+    let release = broker.durable.as_ref().expect("durable").hold();
+    let publishing = {
+        let broker = Arc::clone(&broker);
+        tokio::spawn(async move { broker.publish("a", request(4, KEEP)).await })
+    };
+    // Wait until offset 4 is appended in memory (the writer is held, so not written).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while broker.with("a", |state| state.stream.position().offset) < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "never appended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let page = broker
+        .history("a", Some(0), usize::MAX)
+        .await
+        .expect("reads");
+    assert_eq!(
+        page.position.offset, 3,
+        "the unwritten offset 4 is not reported"
+    );
+    assert_eq!(page.position.epoch, epoch);
+    let got: Vec<u64> = page.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(got, vec![1, 2, 3]);
+    let latest = broker.history("a", None, 10).await.expect("reads");
+    assert_eq!(latest.publications.len(), 3);
+    assert_eq!(latest.position.offset, 3);
+    drop(release);
+    let published = tokio::time::timeout(Duration::from_secs(10), publishing)
+        .await
+        .expect("acknowledged once written")
+        .expect("task")
+        .expect("published");
+    assert_eq!(published.position.offset, 4);
+    let (again, got) = offsets(&broker, "a").await;
+    assert_eq!(again, epoch);
+    assert_eq!(got, vec![1, 2, 3, 4], "written now: reported");
+}
