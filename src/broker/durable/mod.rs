@@ -156,6 +156,11 @@ impl Durable {
             bytes: Arc::clone(&bytes),
             last_sync: Instant::now(),
             unsynced: false,
+            failed: std::collections::HashSet::new(),
+            #[cfg(test)]
+            fail_next_write: false,
+            #[cfg(test)]
+            fail_next_sync: false,
         };
         let (queue, receiver) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -247,6 +252,18 @@ impl Durable {
         let (done, ack) = tokio::sync::oneshot::channel();
         self.send(Command::Barrier(done))?;
         Ok(ack)
+    }
+
+    /// Tests: the writer's next sync fails.
+    #[cfg(test)]
+    pub fn fail_next_sync(&self) {
+        let _ = self.send(Command::FailNextSync);
+    }
+
+    /// Tests: the writer's next write fails.
+    #[cfg(test)]
+    pub fn fail_next_write(&self) {
+        let _ = self.send(Command::FailNextWrite);
     }
 
     /// Tests: the writer writes nothing until the returned sender is dropped.

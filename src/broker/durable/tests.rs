@@ -457,3 +457,91 @@ async fn reads_never_report_an_offset_the_writer_has_not_written() {
     assert_eq!(again, epoch);
     assert_eq!(got, vec![1, 2, 3, 4], "written now: reported");
 }
+
+/// Once a record of a channel failed to be written, the records queued behind it in the same
+/// epoch fail too: none is acknowledged (and delivered) after an earlier one was lost. The
+/// channel then goes on in a new epoch, across a restart too.
+#[tokio::test]
+async fn records_queued_behind_a_failed_write_of_their_channel_fail_too() {
+    let dir = TempDir::new();
+    // One record per segment: the two records below are written by separate writes.
+    let (broker, _) = open(options(&dir.0, 1));
+    let epoch = publish_n(&broker, "a", 2).await;
+    let durable = broker.durable.as_ref().expect("durable");
+    let release = durable.hold();
+    durable.fail_next_write();
+    let mut publishing = Vec::new();
+    for n in 3..=4 {
+        let task = {
+            let broker = Arc::clone(&broker);
+            tokio::spawn(async move { broker.publish("a", request(n, KEEP)).await })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while broker.with("a", |state| state.stream.position().offset) < n {
+            assert!(tokio::time::Instant::now() < deadline, "never appended");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        publishing.push(task);
+    }
+    drop(release);
+    for task in publishing {
+        let answer = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("answered")
+            .expect("task");
+        assert!(answer.is_err(), "not acknowledged: {answer:?}");
+    }
+    let next = broker.publish("a", request(5, KEEP)).await.expect("ok");
+    assert_ne!(next.position.epoch, epoch, "a new epoch after the failure");
+    assert_eq!(next.position.offset, 1);
+    drop(broker);
+    let (broker, _) = open(options(&dir.0, 1));
+    let (again, got) = offsets(&broker, "a").await;
+    assert_eq!(again, next.position.epoch);
+    assert_eq!(got, vec![1]);
+}
+
+/// A failed sync: what it covered may be lost, so the records of those channels queued
+/// behind it fail too, and the writer goes on in a new segment, not the suspect file.
+#[tokio::test]
+async fn after_a_failed_sync_queued_records_fail_and_a_new_segment_starts() {
+    let dir = TempDir::new();
+    let (broker, _) = open(options(&dir.0, 1 << 20));
+    let epoch = publish_n(&broker, "a", 2).await;
+    let files = segments(&dir.0).len();
+    let durable = broker.durable.as_ref().expect("durable");
+    // The writer's queue: hold, fail the sync, 3, hold, 4: 3 and 4 are committed apart.
+    let first = durable.hold();
+    durable.fail_next_sync();
+    let mut holds = vec![first];
+    let mut publishing = Vec::new();
+    for n in 3..=4 {
+        if n == 4 {
+            holds.push(durable.hold());
+        }
+        let task = {
+            let broker = Arc::clone(&broker);
+            tokio::spawn(async move { broker.publish("a", request(n, KEEP)).await })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while broker.with("a", |state| state.stream.position().offset) < n {
+            assert!(tokio::time::Instant::now() < deadline, "never appended");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        publishing.push(task);
+    }
+    for (hold, task) in holds.into_iter().zip(publishing) {
+        drop(hold);
+        let answer = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("answered")
+            .expect("task");
+        assert!(answer.is_err(), "not acknowledged: {answer:?}");
+    }
+    let next = broker.publish("a", request(5, KEEP)).await.expect("ok");
+    assert_ne!(next.position.epoch, epoch, "a new epoch after the failure");
+    assert!(
+        segments(&dir.0).len() > files,
+        "the writer left the file whose sync failed"
+    );
+}
