@@ -165,22 +165,24 @@ impl Stream {
 
     /// Publications after `since` (oldest first, at most `limit`), or the newest `limit`.
     pub fn read(&self, since: Option<u64>, limit: usize) -> Vec<Publication> {
+        self.read_through(since, limit, u64::MAX)
+    }
+
+    /// [`Stream::read`] of the publications up to offset `through` only (a durable channel
+    /// reads only what is written).
+    pub fn read_through(&self, since: Option<u64>, limit: usize, through: u64) -> Vec<Publication> {
+        let upto = self.entries.partition_point(|(_, p)| p.offset <= through);
+        let entries = self.entries.range(..upto);
         match since {
-            Some(after) => self
-                .entries
-                .iter()
+            Some(after) => entries
                 .map(|(_, p)| p)
                 .filter(|p| p.offset > after)
                 .take(limit)
                 .cloned()
                 .collect(),
             None => {
-                let skip = self.entries.len().saturating_sub(limit);
-                self.entries
-                    .iter()
-                    .skip(skip)
-                    .map(|(_, p)| p.clone())
-                    .collect()
+                let skip = upto.saturating_sub(limit);
+                entries.skip(skip).map(|(_, p)| p.clone()).collect()
             }
         }
     }

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::time::Instant;
@@ -92,6 +92,10 @@ pub(in crate::broker) struct ChannelState {
     presence: HashMap<ClientId, ClientInfo>,
     pub(in crate::broker) limits: Option<HistoryLimits>,
     pub(in crate::broker) keys: Keys,
+    /// Durable channels: the highest offset the log writer has written (it raises it before
+    /// live delivery). Reads report nothing past it: a crash loses what is not written, and a
+    /// client must never hold a position the restarted server would assign again.
+    pub(in crate::broker) written: Option<Arc<AtomicU64>>,
 }
 
 impl ChannelState {
@@ -248,10 +252,21 @@ impl Broker for MemoryBroker {
                 };
             }
             state.limits = Some(request.history);
+            let before = state.stream.position().offset;
             let publication =
                 state
                     .stream
                     .append(request.data, request.client_id, request.history, now, store);
+            // Not logged: on a durable channel it counts as written unless an earlier
+            // record is still on its way.
+            if let Some(written) = &state.written {
+                let _ = written.compare_exchange(
+                    before,
+                    publication.offset,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
             if state.subscribed > 0 {
                 self.events
                     .on_publication(channel, state.stream.epoch(), &publication);
@@ -287,9 +302,17 @@ impl Broker for MemoryBroker {
         since: Option<u64>,
         limit: usize,
     ) -> BrokerFuture<'a, HistoryPage> {
-        let page = self.with(channel, |state| HistoryPage {
-            position: state.stream.position(),
-            publications: state.stream.read(since, limit),
+        let page = self.with(channel, |state| {
+            let mut position = state.stream.position();
+            let through = state
+                .written
+                .as_ref()
+                .map_or(u64::MAX, |w| w.load(Ordering::Acquire));
+            position.offset = position.offset.min(through);
+            HistoryPage {
+                position,
+                publications: state.stream.read_through(since, limit, through),
+            }
         });
         Self::now(page)
     }

@@ -4,7 +4,7 @@
 //! Kept apart from `memory.rs` so the single-node broker reads the same with and without a
 //! data directory: only channels that keep history (`size > 0`) take this path.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -148,6 +148,11 @@ impl MemoryBroker {
                     .insert(idempotency.key, publication.offset, expires);
             }
             let deliver = (state.subscribed > 0).then(|| publication.clone());
+            let written = Arc::clone(
+                state
+                    .written
+                    .get_or_insert_with(|| Arc::new(AtomicU64::new(position.offset))),
+            );
             let epoch: Arc<str> = Arc::from(record.epoch.as_str());
             match durable.append(
                 bytes,
@@ -155,6 +160,7 @@ impl MemoryBroker {
                 epoch,
                 record.offset,
                 deliver,
+                Some(written),
                 true,
             ) {
                 Ok(ack) => Ok((Published::new(state.stream.position()), ack)),
@@ -189,6 +195,8 @@ impl MemoryBroker {
     fn new_life(&self, channel: &str, state: &mut ChannelState) {
         state.stream = Stream::new();
         state.keys = Keys::default();
+        // Records of the old epoch still queued raise the old marker, not this one.
+        state.written = None;
         if state.subscribed > 0 {
             self.events.on_gap(channel);
         }
@@ -273,6 +281,7 @@ fn restore(channel: RecoveredChannel, now: Instant, wall: u64) -> ChannelState {
     let mut state = ChannelState::default();
     state.stream = Stream::restore(channel.epoch, channel.offset, entries);
     state.limits = Some(channel.limits);
+    state.written = Some(Arc::new(AtomicU64::new(channel.offset)));
     for (key, offset, expires) in channel.keys {
         if expires > wall {
             let expires = now + Duration::from_millis(expires - wall);

@@ -12,7 +12,7 @@
 //! [`MAGIC`]. Sealed segments are never written again; they are deleted whole, oldest first,
 //! once none of their records is retained any more (see `MemoryBroker`'s sweep).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -61,6 +61,9 @@ pub struct Append {
     pub deliver: Option<Publication>,
     /// Completed once durable according to the fsync mode.
     pub done: Option<oneshot::Sender<Result<(), StorageError>>>,
+    /// The channel's written-through offset: raised to `offset` once the record is written,
+    /// before it is delivered, so reads never report an offset a crash could still lose.
+    pub written: Option<Arc<AtomicU64>>,
 }
 
 /// What the writer thread is asked to do.
@@ -69,6 +72,15 @@ pub enum Command {
     Append(Append),
     /// Answer once everything queued before it is durable.
     Barrier(oneshot::Sender<Result<(), StorageError>>),
+    /// Tests: the writer waits, writing nothing, until the sender is dropped.
+    #[cfg(test)]
+    Hold(std::sync::mpsc::Receiver<()>),
+    /// Tests: the next write fails.
+    #[cfg(test)]
+    FailNextWrite,
+    /// Tests: the next sync fails.
+    #[cfg(test)]
+    FailNextSync,
 }
 
 /// The writer thread's state.
@@ -85,7 +97,21 @@ pub struct Writer {
     pub(super) bytes: Arc<AtomicU64>,
     pub(super) last_sync: Instant,
     pub(super) unsynced: bool,
+    /// Channels (and epochs) whose record failed to be written or synced: their later
+    /// records fail too, so none is acknowledged after an earlier one was lost (the channel
+    /// starts a new epoch). Cleared when it grows past [`MAX_FAILED`].
+    pub(super) failed: HashSet<(Arc<str>, Arc<str>)>,
+    /// Tests: the next write fails.
+    #[cfg(test)]
+    pub(super) fail_next_write: bool,
+    /// Tests: the next sync fails.
+    #[cfg(test)]
+    pub(super) fail_next_sync: bool,
 }
+
+/// Bound on [`Writer::failed`]: the publisher starts a new epoch as soon as it sees the
+/// failure, so an entry is only needed for the records already queued behind it.
+const MAX_FAILED: usize = 4096;
 
 /// The file name of segment `seq`.
 pub fn segment_path(dir: &Path, seq: u64) -> PathBuf {
@@ -128,14 +154,31 @@ impl Writer {
                     Err(_) => break,
                 },
             };
+            #[cfg(test)]
+            if let Command::Hold(release) = first {
+                let _ = release.recv();
+                continue;
+            }
             let mut batch = vec![first];
+            #[cfg(test)]
+            let mut hold = None;
             while batch.len() < MAX_BATCH {
                 match queue.try_recv() {
+                    // Tests: a hold ends the batch; the writer waits after committing it.
+                    #[cfg(test)]
+                    Ok(Command::Hold(release)) => {
+                        hold = Some(release);
+                        break;
+                    }
                     Ok(command) => batch.push(command),
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
             self.commit(batch);
+            #[cfg(test)]
+            if let Some(release) = hold {
+                let _ = release.recv();
+            }
         }
         if let Err(err) = self.sync() {
             tracing::error!(%err, "RUSTY_SOCKS_DATA_DIR: final sync failed");
@@ -150,6 +193,14 @@ impl Writer {
         for command in batch {
             match command {
                 Command::Barrier(done) => barriers.push(done),
+                #[cfg(test)]
+                Command::Hold(release) => {
+                    let _ = release.recv();
+                }
+                #[cfg(test)]
+                Command::FailNextWrite => self.fail_next_write = true,
+                #[cfg(test)]
+                Command::FailNextSync => self.fail_next_sync = true,
                 Command::Append(append) => {
                     let full = self.len + (buf.len() + append.bytes.len()) as u64
                         > self.segment_bytes
@@ -158,9 +209,21 @@ impl Writer {
                         self.flush(&mut buf, &mut group, &mut written);
                         if let Err(err) = self.roll() {
                             tracing::error!(%err, "RUSTY_SOCKS_DATA_DIR: cannot start a new segment");
+                            self.remember_failed(&append);
                             self.fail(append, storage_error(&err));
                             continue;
                         }
+                    }
+                    // Checked after the flush above, which may have failed an earlier record.
+                    let key = (Arc::clone(&append.channel), Arc::clone(&append.epoch));
+                    if self.failed.contains(&key) {
+                        self.fail(
+                            append,
+                            StorageError::Io(
+                                "an earlier record of this channel was not stored".into(),
+                            ),
+                        );
+                        continue;
                     }
                     buf.extend_from_slice(&append.bytes);
                     group.push(append);
@@ -174,6 +237,14 @@ impl Writer {
             _ => Ok(()),
         };
         let answer = synced.map_err(|err| storage_error(&err));
+        if answer.is_err() {
+            // What the failed sync covered may be lost: no later record of these channels
+            // may be acknowledged, and the file is not trusted with more.
+            for a in &written {
+                self.remember_failed(a);
+            }
+            self.file = None;
+        }
         for append in written {
             if let Some(done) = append.done {
                 let _ = done.send(answer.clone());
@@ -188,6 +259,16 @@ impl Writer {
     /// and moves them to `written`, on failure cuts the file back and fails them.
     fn flush(&mut self, buf: &mut Vec<u8>, group: &mut Vec<Append>, written: &mut Vec<Append>) {
         if group.is_empty() {
+            return;
+        }
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next_write) {
+            let error = StorageError::Io("write failed on purpose".into());
+            for a in group.drain(..) {
+                self.remember_failed(&a);
+                self.fail(a, error.clone());
+            }
+            buf.clear();
             return;
         }
         let result = match self.file.as_mut() {
@@ -211,6 +292,9 @@ impl Writer {
                     }
                 }
                 for a in group.iter() {
+                    if let Some(written) = &a.written {
+                        written.fetch_max(a.offset, Ordering::Release);
+                    }
                     if let Some(publication) = &a.deliver {
                         self.events
                             .on_publication(&a.channel, &a.epoch, publication);
@@ -230,11 +314,20 @@ impl Writer {
                 }
                 let error = storage_error(&err);
                 for a in group.drain(..) {
+                    self.remember_failed(&a);
                     self.fail(a, error.clone());
                 }
             }
         }
         buf.clear();
+    }
+
+    fn remember_failed(&mut self, append: &Append) {
+        if self.failed.len() >= MAX_FAILED {
+            self.failed.clear();
+        }
+        self.failed
+            .insert((Arc::clone(&append.channel), Arc::clone(&append.epoch)));
     }
 
     fn fail(&self, append: Append, error: StorageError) {
@@ -249,6 +342,10 @@ impl Writer {
         self.last_sync = Instant::now();
         if !self.unsynced {
             return Ok(());
+        }
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next_sync) {
+            return Err(std::io::Error::other("sync failed on purpose"));
         }
         if let Some(file) = self.file.as_ref() {
             file.sync_data()?;

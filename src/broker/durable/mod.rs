@@ -156,6 +156,11 @@ impl Durable {
             bytes: Arc::clone(&bytes),
             last_sync: Instant::now(),
             unsynced: false,
+            failed: std::collections::HashSet::new(),
+            #[cfg(test)]
+            fail_next_write: false,
+            #[cfg(test)]
+            fail_next_sync: false,
         };
         let (queue, receiver) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -191,13 +196,15 @@ impl Durable {
             let mut buf = Vec::new();
             record.encode(&mut buf);
             // Queued before any publication; a failure is logged by the writer.
-            let _ = durable.append(buf, Arc::from(name.as_str()), epoch, 1, None, true);
+            let _ = durable.append(buf, Arc::from(name.as_str()), epoch, 1, None, None, true);
         }
         Ok((durable, recovered))
     }
 
     /// Queues an encoded record. Refused before anything happens when the quota would be
-    /// exceeded (`force` skips the check, for the bookkeeping records of recovery).
+    /// exceeded (`force` skips the check, for the bookkeeping records of recovery). Once it
+    /// is written, `written` (the channel's written-through offset) is raised to `offset`.
+    #[allow(clippy::too_many_arguments)]
     pub fn append(
         &self,
         bytes: Vec<u8>,
@@ -205,6 +212,7 @@ impl Durable {
         epoch: Arc<str>,
         offset: u64,
         deliver: Option<Publication>,
+        written: Option<Arc<AtomicU64>>,
         force: bool,
     ) -> Result<Ack, StorageError> {
         let len = bytes.len() as u64;
@@ -226,6 +234,7 @@ impl Durable {
             offset,
             deliver,
             done: Some(done),
+            written,
         });
         self.send(command)?;
         Ok(ack)
@@ -243,6 +252,26 @@ impl Durable {
         let (done, ack) = tokio::sync::oneshot::channel();
         self.send(Command::Barrier(done))?;
         Ok(ack)
+    }
+
+    /// Tests: the writer's next sync fails.
+    #[cfg(test)]
+    pub fn fail_next_sync(&self) {
+        let _ = self.send(Command::FailNextSync);
+    }
+
+    /// Tests: the writer's next write fails.
+    #[cfg(test)]
+    pub fn fail_next_write(&self) {
+        let _ = self.send(Command::FailNextWrite);
+    }
+
+    /// Tests: the writer writes nothing until the returned sender is dropped.
+    #[cfg(test)]
+    pub fn hold(&self) -> std::sync::mpsc::Sender<()> {
+        let (release, held) = std::sync::mpsc::channel();
+        let _ = self.send(Command::Hold(held));
+        release
     }
 
     fn send(&self, command: Command) -> Result<(), StorageError> {

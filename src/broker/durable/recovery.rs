@@ -123,6 +123,10 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
                     if Some(seq) == last {
                         // Created, then the crash came before its header was written.
                         std::fs::remove_file(&path)?;
+                        // The writer numbers the next segment `last_seq + 1`: reuse this
+                        // one's number, or the next restart sees a hole and renews every
+                        // channel written before it.
+                        out.last_seq = seq.saturating_sub(1);
                         tracing::warn!(
                             segment = seq,
                             "RUSTY_SOCKS_DATA_DIR: removed an empty segment"

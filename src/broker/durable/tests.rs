@@ -380,3 +380,168 @@ async fn size_limits_delete_whole_old_segments() {
         "the oldest segment was deleted"
     );
 }
+
+/// A crash between creating a segment and writing its header leaves an empty newest file.
+/// Recovery removes it; the next segment must take its number, not leave a hole that the
+/// restart after that would read as a missing segment (and renew every channel).
+#[tokio::test]
+async fn an_empty_newest_segment_leaves_no_hole_for_the_next_restart() {
+    let dir = TempDir::new();
+    let (broker, _) = open(options(&dir.0, 4096));
+    let a = publish_n(&broker, "a", 60).await;
+    let b = publish_n(&broker, "b", 3).await;
+    drop(broker);
+    let all = segments(&dir.0);
+    let newest = all.last().expect("a segment");
+    let seq = u64::from_str_radix(
+        newest.file_stem().and_then(|s| s.to_str()).expect("named"),
+        16,
+    )
+    .expect("hex");
+    std::fs::write(segment_path(&dir.0, seq + 1), b"").expect("empty segment");
+    let (broker, _) = open(options(&dir.0, 4096));
+    let more = broker.publish("b", request(4, KEEP)).await.expect("ok");
+    assert_eq!(more.position.offset, 4);
+    assert_eq!(more.position.epoch, b);
+    drop(broker);
+    let (broker, _) = open(options(&dir.0, 4096));
+    let (epoch, got) = offsets(&broker, "a").await;
+    assert_eq!(epoch, a, "a keeps its epoch over the second restart");
+    assert_eq!(got, (1..=60).collect::<Vec<_>>());
+    let (epoch, got) = offsets(&broker, "b").await;
+    assert_eq!(epoch, b, "b keeps its epoch over the second restart");
+    assert_eq!(got, vec![1, 2, 3, 4]);
+}
+
+/// A publication appended in memory but not yet written is invisible to reads: a crash
+/// would lose it and the restarted server would give its offset to another publication, so
+/// a client holding that position would resume "recovered" and miss the new one.
+#[tokio::test]
+async fn reads_never_report_an_offset_the_writer_has_not_written() {
+    let dir = TempDir::new();
+    let (broker, _) = open(options(&dir.0, 1 << 20));
+    let epoch = publish_n(&broker, "a", 3).await;
+    let release = broker.durable.as_ref().expect("durable").hold();
+    let publishing = {
+        let broker = Arc::clone(&broker);
+        tokio::spawn(async move { broker.publish("a", request(4, KEEP)).await })
+    };
+    // Wait until offset 4 is appended in memory (the writer is held, so not written).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while broker.with("a", |state| state.stream.position().offset) < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "never appended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let page = broker
+        .history("a", Some(0), usize::MAX)
+        .await
+        .expect("reads");
+    assert_eq!(
+        page.position.offset, 3,
+        "the unwritten offset 4 is not reported"
+    );
+    assert_eq!(page.position.epoch, epoch);
+    let got: Vec<u64> = page.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(got, vec![1, 2, 3]);
+    let latest = broker.history("a", None, 10).await.expect("reads");
+    assert_eq!(latest.publications.len(), 3);
+    assert_eq!(latest.position.offset, 3);
+    drop(release);
+    let published = tokio::time::timeout(Duration::from_secs(10), publishing)
+        .await
+        .expect("acknowledged once written")
+        .expect("task")
+        .expect("published");
+    assert_eq!(published.position.offset, 4);
+    let (again, got) = offsets(&broker, "a").await;
+    assert_eq!(again, epoch);
+    assert_eq!(got, vec![1, 2, 3, 4], "written now: reported");
+}
+
+/// Once a record of a channel failed to be written, the records queued behind it in the same
+/// epoch fail too: none is acknowledged (and delivered) after an earlier one was lost. The
+/// channel then goes on in a new epoch, across a restart too.
+#[tokio::test]
+async fn records_queued_behind_a_failed_write_of_their_channel_fail_too() {
+    let dir = TempDir::new();
+    // One record per segment: the two records below are written by separate writes.
+    let (broker, _) = open(options(&dir.0, 1));
+    let epoch = publish_n(&broker, "a", 2).await;
+    let durable = broker.durable.as_ref().expect("durable");
+    let release = durable.hold();
+    durable.fail_next_write();
+    let mut publishing = Vec::new();
+    for n in 3..=4 {
+        let task = {
+            let broker = Arc::clone(&broker);
+            tokio::spawn(async move { broker.publish("a", request(n, KEEP)).await })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while broker.with("a", |state| state.stream.position().offset) < n {
+            assert!(tokio::time::Instant::now() < deadline, "never appended");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        publishing.push(task);
+    }
+    drop(release);
+    for task in publishing {
+        let answer = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("answered")
+            .expect("task");
+        assert!(answer.is_err(), "not acknowledged: {answer:?}");
+    }
+    let next = broker.publish("a", request(5, KEEP)).await.expect("ok");
+    assert_ne!(next.position.epoch, epoch, "a new epoch after the failure");
+    assert_eq!(next.position.offset, 1);
+    drop(broker);
+    let (broker, _) = open(options(&dir.0, 1));
+    let (again, got) = offsets(&broker, "a").await;
+    assert_eq!(again, next.position.epoch);
+    assert_eq!(got, vec![1]);
+}
+
+/// A failed sync: what it covered may be lost, so the records of those channels queued
+/// behind it fail too, and the writer goes on in a new segment, not the suspect file.
+#[tokio::test]
+async fn after_a_failed_sync_queued_records_fail_and_a_new_segment_starts() {
+    let dir = TempDir::new();
+    let (broker, _) = open(options(&dir.0, 1 << 20));
+    let epoch = publish_n(&broker, "a", 2).await;
+    let files = segments(&dir.0).len();
+    let durable = broker.durable.as_ref().expect("durable");
+    // The writer's queue: hold, fail the sync, 3, hold, 4: 3 and 4 are committed apart.
+    let first = durable.hold();
+    durable.fail_next_sync();
+    let mut holds = vec![first];
+    let mut publishing = Vec::new();
+    for n in 3..=4 {
+        if n == 4 {
+            holds.push(durable.hold());
+        }
+        let task = {
+            let broker = Arc::clone(&broker);
+            tokio::spawn(async move { broker.publish("a", request(n, KEEP)).await })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while broker.with("a", |state| state.stream.position().offset) < n {
+            assert!(tokio::time::Instant::now() < deadline, "never appended");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        publishing.push(task);
+    }
+    for (hold, task) in holds.into_iter().zip(publishing) {
+        drop(hold);
+        let answer = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("answered")
+            .expect("task");
+        assert!(answer.is_err(), "not acknowledged: {answer:?}");
+    }
+    let next = broker.publish("a", request(5, KEEP)).await.expect("ok");
+    assert_ne!(next.position.epoch, epoch, "a new epoch after the failure");
+    assert!(
+        segments(&dir.0).len() > files,
+        "the writer left the file whose sync failed"
+    );
+}
