@@ -19,6 +19,7 @@ pub mod memory;
 pub mod nats;
 #[cfg(feature = "redis")]
 pub mod redis;
+pub mod transition;
 pub mod wire;
 
 use std::future::Future;
