@@ -38,23 +38,11 @@ async fn tcp_from(source: IpAddr, server: SocketAddr) -> TcpStream {
 async fn v1_client_from(source: IpAddr, server: SocketAddr) -> Result<Ws, u16> {
     let tcp = tcp_from(source, server).await;
     let url = format!("ws://{server}/ws");
-    match tokio::time::timeout(
-        WAIT,
-        tokio_tungstenite::client_async(v1_request(&url), MaybeTlsStream::Plain(tcp)),
-    )
+    welcomed(tokio_tungstenite::client_async(
+        v1_request(&url),
+        MaybeTlsStream::Plain(tcp),
+    ))
     .await
-    .expect("upgrade timed out")
-    {
-        Ok((mut ws, _)) => {
-            let welcome = recv_json(&mut ws).await;
-            assert_eq!(welcome["type"], "welcome", "{welcome}");
-            Ok(ws)
-        }
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            Err(response.status().as_u16())
-        }
-        Err(err) => panic!("upgrade failed: {err}"),
-    }
 }
 
 /// Subscribes `ws` to a fresh channel, publishes on it, and waits for the publication.
@@ -357,19 +345,7 @@ async fn v1_client_forwarded_for(server: &TestServer, client: &str) -> Result<Ws
     request
         .headers_mut()
         .insert("x-forwarded-for", client.parse().unwrap());
-    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
-        .await
-        .expect("upgrade timed out")
-    {
-        Ok((mut ws, _)) => {
-            assert_eq!(recv_json(&mut ws).await["type"], "welcome");
-            Ok(ws)
-        }
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            Err(response.status().as_u16())
-        }
-        Err(err) => panic!("upgrade failed: {err}"),
-    }
+    welcomed(tokio_tungstenite::connect_async(request)).await
 }
 
 #[tokio::test]

@@ -6,11 +6,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::process::*;
 use common::*;
@@ -34,74 +31,6 @@ fn file(name: &str, contents: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, contents).unwrap();
     path
-}
-
-/// A running server and its log lines.
-struct Server {
-    child: Reap,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Server {
-    fn start(args: &[&str], envs: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(BIN);
-        clean_env(&mut cmd)
-            .env("RUSTY_SOCKS_HOST", "127.0.0.1")
-            .args(args)
-            .envs(envs.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        let mut child = cmd.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Self {
-            child: Reap(child),
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    fn wait_for(&mut self, needle: &str) -> String {
-        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                    panic!("no log line with {needle:?}: {:#?}", self.seen)
-                }
-            }
-        }
-    }
-
-    /// The port of the "listening on" line.
-    fn port(&mut self) -> u16 {
-        let line = self.wait_for("listening on ");
-        let rest = line.split("listening on ").nth(1).unwrap();
-        let addr: std::net::SocketAddr = rest.split_whitespace().next().unwrap().parse().unwrap();
-        addr.port()
-    }
-
-    fn stop(mut self) {
-        signal(&self.child, "TERM");
-        assert!(wait_exit(&mut self.child, Duration::from_secs(10)).success());
-    }
 }
 
 /// `n` ports free right now (bound, read, released).
@@ -245,30 +174,30 @@ fn the_port_bound_follows_file_then_env_then_flag() {
     let config = path.to_str().unwrap();
     let b_text = b.to_string();
     let c_text = c.to_string();
-    let mut server = Server::start(&["--config", config], &[]);
-    assert_eq!(server.port(), a);
+    let mut server = Logged::spawn(&["--config", config], &[]);
+    assert_eq!(server.address().port(), a);
     assert!(server.wait_for("namespaces:").contains("chat:"));
     server.stop();
     // Named by the variable: which is not warned about as an unknown setting.
-    let mut server = Server::start(&[], &[("RUSTY_SOCKS_CONFIG", config)]);
-    assert_eq!(server.port(), a);
+    let mut server = Logged::spawn(&[], &[("RUSTY_SOCKS_CONFIG", config)]);
+    assert_eq!(server.address().port(), a);
     assert!(
         !server.seen.iter().any(|l| l.contains("not a setting")),
         "{:#?}",
         server.seen
     );
     server.stop();
-    let mut server = Server::start(
+    let mut server = Logged::spawn(
         &["serve", "--config", config],
         &[("RUSTY_SOCKS_PORT", &b_text)],
     );
-    assert_eq!(server.port(), b);
+    assert_eq!(server.address().port(), b);
     server.stop();
-    let mut server = Server::start(
+    let mut server = Logged::spawn(
         &["--config", config, "--port", &c_text],
         &[("RUSTY_SOCKS_PORT", &b_text)],
     );
-    assert_eq!(server.port(), c);
+    assert_eq!(server.address().port(), c);
     server.stop();
 }
 
@@ -464,8 +393,8 @@ fn a_token_from_gen_token_is_accepted_by_the_server() {
     );
     assert_eq!(code, 0, "{err}");
     let token = token.trim();
-    let mut server = Server::start(&["--port", "0"], &[("RUSTY_SOCKS_JWT_SECRET", secret)]);
-    let port = server.port();
+    let mut server = Logged::spawn(&["--port", "0"], &[("RUSTY_SOCKS_JWT_SECRET", secret)]);
+    let port = server.address().port();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -485,11 +414,11 @@ fn a_token_from_gen_token_is_accepted_by_the_server() {
 
 #[test]
 fn json_logs_are_one_object_a_line_with_level_target_message_and_fields() {
-    let mut server = Server::start(
+    let mut server = Logged::spawn(
         &["--port", "0", "--log-format", "json"],
         &[("RUST_LOG", "rusty_socks=debug")],
     );
-    let port = server.port();
+    let port = server.address().port();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -27,34 +27,14 @@ async fn connect(
     protocol: Option<&str>,
     extensions: Option<&str>,
 ) -> (DeflateClient, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let mut request = format!(
-        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    );
-    if let Some(p) = protocol {
-        request.push_str(&format!("sec-websocket-protocol: {p}\r\n"));
-    }
-    if let Some(e) = extensions {
-        request.push_str(&format!("sec-websocket-extensions: {e}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let end = loop {
-        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "server closed during handshake");
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break pos + 4;
-        }
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    buf.drain(..end);
+    let headers: Vec<(&str, &str)> = [
+        protocol.map(|p| ("sec-websocket-protocol", p)),
+        extensions.map(|e| ("sec-websocket-extensions", e)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let (stream, buf, head) = common::raw_upgrade(addr, path, &headers).await;
     (DeflateClient { stream, buf }, head)
 }
 

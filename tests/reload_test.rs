@@ -292,20 +292,7 @@ async fn connect_with(addr: SocketAddr, token: &str) -> Result<Ws, u16> {
     request
         .headers_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
-        .await
-        .expect("connect timed out")
-    {
-        Ok((mut ws, _)) => {
-            let welcome = recv_json(&mut ws).await;
-            assert_eq!(welcome["type"], "welcome", "{welcome}");
-            Ok(ws)
-        }
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            Err(response.status().as_u16())
-        }
-        Err(err) => panic!("connect failed: {err}"),
-    }
+    welcomed(tokio_tungstenite::connect_async(request)).await
 }
 
 #[tokio::test]

@@ -314,6 +314,41 @@ pub fn split_response(raw: &[u8]) -> (u16, String, String) {
     (status, head.to_ascii_lowercase(), body.to_owned())
 }
 
+/// Sends an upgrade request for `path` with `headers` added, and reads the `101` response head:
+/// the stream, the bytes that came after the head, and the head in lower case.
+pub async fn raw_upgrade(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (TcpStream, Vec<u8>, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "server closed during handshake");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    buf.drain(..end);
+    (stream, buf, head)
+}
+
 /// A hand-driven WebSocket client for what real clients refuse to send.
 pub struct RawClient {
     pub stream: TcpStream,
@@ -322,31 +357,11 @@ pub struct RawClient {
 
 impl RawClient {
     pub async fn connect(addr: SocketAddr, path: &str) -> Self {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nhost: {addr}\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        let end = loop {
-            let n = tokio::time::timeout(WAIT, stream.read(&mut chunk))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "server closed during handshake");
-            buf.extend_from_slice(&chunk[..n]);
-            if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break pos + 4;
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-        assert!(head.starts_with("http/1.1 101"), "{head}");
+        let (stream, buf, head) = raw_upgrade(addr, path, &[]).await;
         assert!(
             head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
             "{head}"
         );
-        buf.drain(..end);
         Self { stream, buf }
     }
 
@@ -437,6 +452,27 @@ pub async fn v1_client_url(url: &str) -> (Ws, String) {
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     let id = welcome["client_id"].as_str().unwrap().to_owned();
     (ws, id)
+}
+
+/// Completes a `/ws` upgrade within [`WAIT`]: the client once its `welcome` arrived, or the
+/// HTTP status the server refused the upgrade with.
+pub async fn welcomed<R>(
+    handshake: impl std::future::Future<Output = Result<(Ws, R), tokio_tungstenite::tungstenite::Error>>,
+) -> Result<Ws, u16> {
+    match tokio::time::timeout(WAIT, handshake)
+        .await
+        .expect("upgrade timed out")
+    {
+        Ok((mut ws, _)) => {
+            let welcome = recv_json(&mut ws).await;
+            assert_eq!(welcome["type"], "welcome", "{welcome}");
+            Ok(ws)
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(err) => panic!("upgrade failed: {err}"),
+    }
 }
 
 /// An upgrade request for `url` that offers the `rusty-socks.v1` subprotocol.

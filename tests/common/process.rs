@@ -57,11 +57,19 @@ pub struct Logged {
 impl Logged {
     /// Starts the binary on a free loopback port with `extra` settings.
     pub fn start(extra: &[(&str, &str)]) -> Self {
+        let mut envs = vec![("RUSTY_SOCKS_PORT", "0")];
+        envs.extend_from_slice(extra);
+        Self::spawn(&[], &envs)
+    }
+
+    /// Starts the binary on loopback with command-line `args` and `envs` settings (the port is
+    /// whatever they, or a config file they name, say).
+    pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(BIN);
         clean_env(&mut cmd)
             .env("RUSTY_SOCKS_HOST", "127.0.0.1")
-            .env("RUSTY_SOCKS_PORT", "0")
-            .envs(extra.iter().copied())
+            .args(args)
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         let mut child = cmd.spawn().unwrap();
@@ -115,6 +123,12 @@ impl Logged {
         let line = self.wait_for("listening on ");
         let rest = line.split("listening on ").nth(1).unwrap();
         rest.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    /// Stops the server with SIGTERM and expects a clean exit.
+    pub fn stop(mut self) {
+        signal(&self.child, "TERM");
+        assert!(wait_exit(&mut self.child, Duration::from_secs(10)).success());
     }
 
     /// Every remaining line, until the process closes its output.
