@@ -100,6 +100,18 @@ pub async fn ws_connect_offering(
     path: &str,
     extensions: &str,
 ) -> std::io::Result<(TcpStream, BytesMut)> {
+    ws_handshake(addr, path, extensions)
+        .await
+        .map(|(stream, buf, _)| (stream, buf))
+}
+
+/// [`ws_connect_offering`] that also returns the server's response head (status line and
+/// headers), to see what it agreed to.
+pub async fn ws_handshake(
+    addr: SocketAddr,
+    path: &str,
+    extensions: &str,
+) -> std::io::Result<(TcpStream, BytesMut, String)> {
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let offer = if extensions.is_empty() {
@@ -121,8 +133,9 @@ pub async fn ws_connect_offering(
                 let line = String::from_utf8_lossy(&buf[..buf.len().min(40)]).into_owned();
                 return Err(std::io::Error::other(format!("refused: {line}")));
             }
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
             buf.advance(end + 4);
-            return Ok((stream, buf));
+            return Ok((stream, buf, head));
         }
         if buf.len() > 8192 {
             return Err(std::io::Error::other("handshake response too long"));

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rusty_bench::{
     Args, Latencies, each_frame, each_frame_raw, encode_frame, inflate_message, parse_url,
-    process_cpu, process_rss_kib, ws_connect, ws_connect_offering,
+    process_cpu, process_rss_kib, ws_connect, ws_connect_offering, ws_handshake,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
@@ -37,9 +37,10 @@ USAGE:
       CPU-second with --server-pid) and round-trip latency p50/p99/p999.
 
   loadgen connect --url ws://127.0.0.1:3030/ws [--connections 10000] [--concurrency 200]
-                  [--hold 5] [--server-pid PID]
+                  [--hold 5] [--server-pid PID] [--deflate]
       Opens and holds connections. Reports connects/s, failures, and the server's RSS growth
-      per connection (VmRSS from /proc/PID/status, before vs. while holding).
+      per connection (VmRSS from /proc/PID/status, before vs. while holding). --deflate offers
+      permessage-deflate and counts the connections that negotiated it.
 
 Output ends with one machine-readable line starting with RESULT.";
 
@@ -486,6 +487,11 @@ async fn connect(args: &Args) -> Result<(), String> {
     let server_pid = args.number("server-pid", 0)? as u32;
     let rss_before = process_rss_kib(server_pid);
     let cpu_before = process_cpu(server_pid);
+    let offer = if args.flag("deflate") {
+        "permessage-deflate; client_max_window_bits"
+    } else {
+        ""
+    };
     let limit = Arc::new(Semaphore::new(concurrency));
     let began = Instant::now();
     let mut tasks = Vec::with_capacity(connections);
@@ -494,15 +500,26 @@ async fn connect(args: &Args) -> Result<(), String> {
         let path = path.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = limit.acquire().await;
-            ws_connect(addr, &path).await.map(|(stream, _)| stream)
+            ws_handshake(addr, &path, offer)
+                .await
+                .map(|(stream, _, head)| {
+                    let negotiated = head
+                        .to_ascii_lowercase()
+                        .contains("sec-websocket-extensions: permessage-deflate");
+                    (stream, negotiated)
+                })
         }));
     }
     let mut held = Vec::with_capacity(connections);
+    let mut deflating = 0;
     let mut failures = 0;
     let mut first_error = None;
     for task in tasks {
         match task.await {
-            Ok(Ok(stream)) => held.push(stream),
+            Ok(Ok((stream, negotiated))) => {
+                deflating += usize::from(negotiated);
+                held.push(stream);
+            }
             Ok(Err(e)) => {
                 failures += 1;
                 first_error.get_or_insert(e.to_string());
@@ -529,7 +546,7 @@ async fn connect(args: &Args) -> Result<(), String> {
     };
     let rate = held.len() as f64 / elapsed.as_secs_f64();
     println!(
-        "connect: {} of {connections} connected in {:.2}s = {rate:.0}/s ({per_cpu:.0} per server CPU-second); {failures} failed{}; server RSS {} -> {} KiB = {per_conn:.0} bytes per connection",
+        "connect: {} of {connections} connected ({deflating} with deflate) in {:.2}s = {rate:.0}/s ({per_cpu:.0} per server CPU-second); {failures} failed{}; server RSS {} -> {} KiB = {per_conn:.0} bytes per connection",
         held.len(),
         elapsed.as_secs_f64(),
         first_error
@@ -539,7 +556,7 @@ async fn connect(args: &Args) -> Result<(), String> {
         rss_after.unwrap_or(0),
     );
     println!(
-        "RESULT connect ok={} failed={failures} per_sec={rate:.0} per_cpu_sec={per_cpu:.0} rss_per_conn_bytes={per_conn:.0}",
+        "RESULT connect ok={} deflate={deflating} failed={failures} per_sec={rate:.0} per_cpu_sec={per_cpu:.0} rss_per_conn_bytes={per_conn:.0}",
         held.len()
     );
     Ok(())
