@@ -18,14 +18,16 @@ const HELP: &str = "loadgen - load generator for WebSocket broadcast servers (lo
 USAGE:
   loadgen broadcast --url ws://127.0.0.1:3030/ws[,ws://...] [--subscribers 1000] [--publishers 1]
                     [--messages 2000] [--size 64] [--rate 0] [--window 256]
-                    [--stalled 0] [--server-pid PID] [--timeout 60] [--deflate]
+                    [--stalled 0] [--server-pid PID] [--timeout 60] [--deflate [--inflate-every 1]]
       N subscribers and P publishers connect; each publisher sends --messages JSON chat
       messages of --size bytes ({\"sender\":..,\"content\":..}); every one must reach every
       subscriber. --rate is messages/s per publisher (0 = flat out, at most --window messages
       ahead of the slowest subscriber). Reports deliveries/s, deliveries per server
       CPU-second (with --server-pid), publish->delivery latency p50/p99/p999, and lost messages.
       --deflate makes subscribers offer permessage-deflate and inflate what comes compressed
-      (RESULT's wire_bytes_per_delivery shows what it saved).
+      (RESULT's wire_bytes_per_delivery shows what it saved). --inflate-every K (one publisher
+      only) makes only every K-th subscriber inflate and check each message; the others count
+      compressed frames as deliveries, so one generator core can keep up with the server.
       --stalled K adds K subscribers that connect and never read: the others' figures show
       what such clients cost them. Several --url values (comma-separated nodes of one
       cluster) spread the subscribers over the nodes; publishers use the first. --server-pid
@@ -173,6 +175,12 @@ async fn broadcast(args: &Args) -> Result<(), String> {
     } else {
         ""
     };
+    let inflate_every = args.number("inflate-every", 1)?.max(1) as usize;
+    if inflate_every > 1 && publishers != 1 {
+        return Err(
+            "--inflate-every needs --publishers 1 (counted frames name no publisher)".into(),
+        );
+    }
     let wire_bytes = Arc::new(AtomicU64::new(0));
     let run = (std::process::id() ^ (Instant::now().elapsed().subsec_nanos())) % 1_000_000;
     let start = Instant::now();
@@ -191,7 +199,7 @@ async fn broadcast(args: &Args) -> Result<(), String> {
             ws_connect_offering(addr, &path, offer).await
         }));
     }
-    for handle in connecting {
+    for (n, handle) in connecting.into_iter().enumerate() {
         let (stream, leftover) = handle
             .await
             .map_err(|e| e.to_string())?
@@ -202,6 +210,7 @@ async fn broadcast(args: &Args) -> Result<(), String> {
         subs.push(Arc::clone(&sub));
         let (lost, dups) = (Arc::clone(&lost), Arc::clone(&dups));
         let wire_bytes = Arc::clone(&wire_bytes);
+        let inflates = n % inflate_every == 0;
         readers.push(tokio::spawn(async move {
             let mut latencies = Latencies::default();
             let mut inflater = flate2::Decompress::new(false);
@@ -222,6 +231,13 @@ async fn broadcast(args: &Args) -> Result<(), String> {
                 each_frame_raw(&mut buf, |first, payload| {
                     if first & 0x0F == 0x9 {
                         encode_frame(&mut pongs, 0xA, payload);
+                        return;
+                    }
+                    if first & 0x40 != 0 && !inflates {
+                        // Only the publications themselves are big enough to be compressed.
+                        let progress = &sub.progress[0];
+                        progress.store(progress.load(Ordering::Relaxed) + 1, Ordering::Release);
+                        got += 1;
                         return;
                     }
                     let payload = if first & 0x40 != 0 {
