@@ -404,4 +404,91 @@ mod tests {
         assert!(err.expect_err("timeout").is_unavailable());
         held.abort();
     }
+
+    /// A one-request-per-connection HTTP server on loopback: hands each request's head and
+    /// body to `seen` and answers `status` with `body`.
+    async fn answering(
+        status: u16,
+        body: Vec<u8>,
+    ) -> (BackendUrl, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = BackendUrl::parse(&format!(
+            "http://{}/hook?x=1",
+            listener.local_addr().expect("addr")
+        ))
+        .expect("url");
+        let (seen, requests) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut raw = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Head and the small body arrive together on loopback.
+                while !String::from_utf8_lossy(&raw).contains("\r\n\r\n{") {
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => raw.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = seen.send(String::from_utf8_lossy(&raw).into_owned());
+                let head = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = socket.write_all(head.as_bytes()).await;
+                let _ = socket.write_all(&body).await;
+            }
+        });
+        (url, requests)
+    }
+
+    #[tokio::test]
+    async fn a_post_carries_its_headers_and_returns_status_and_a_bounded_body() {
+        let client = BackendClient::new(ClientOptions {
+            max_body: 1024,
+            ..ClientOptions::default()
+        });
+        let (url, mut requests) = answering(503, b"{\"busy\":true}".to_vec()).await;
+        let answer = client
+            .post(
+                &url,
+                Bytes::from_static(b"{\"a\":1}"),
+                &[("x-rusty-socks-signature", "sha256=ab12")],
+            )
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status, 503);
+        assert!(!answer.is_success());
+        assert_eq!(&answer.body[..], b"{\"busy\":true}");
+        let request = requests.recv().await.expect("request");
+        assert!(
+            request.starts_with("POST /hook?x=1 HTTP/1.1\r\n"),
+            "{request}"
+        );
+        let lower = request.to_ascii_lowercase();
+        assert!(
+            lower.contains("x-rusty-socks-signature: sha256=ab12\r\n"),
+            "{request}"
+        );
+        assert!(
+            lower.contains("content-type: application/json\r\n"),
+            "{request}"
+        );
+        assert!(request.ends_with("\r\n\r\n{\"a\":1}"), "{request}");
+        let status = client
+            .post_json::<serde_json::Value>(&url, Bytes::from_static(b"{}"), &[])
+            .await;
+        assert_eq!(status, Err(BackendError::Status(503)));
+
+        let (url, _requests) = answering(200, vec![b' '; 2048]).await;
+        let err = client.post(&url, Bytes::from_static(b"{}"), &[]).await;
+        assert_eq!(err, Err(BackendError::BodyTooLarge(1024)));
+        let (url, _requests) = answering(200, b"not json".to_vec()).await;
+        let err = client
+            .post_json::<serde_json::Value>(&url, Bytes::from_static(b"{}"), &[])
+            .await;
+        assert!(matches!(err, Err(BackendError::BadJson(_))), "{err:?}");
+    }
 }
