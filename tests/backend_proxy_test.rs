@@ -142,10 +142,7 @@ async fn the_connect_proxy_refuses_with_403_before_the_upgrade() {
         } else {
             vec![("cookie", cookie)]
         };
-        let (status, _) = upgrade(&server, path, &headers)
-            .await
-            .err()
-            .expect("refused");
+        let (status, _) = upgrade(&server, path, &headers).await.expect_err("refused");
         assert_eq!(status, 403, "{path} {cookie}");
     }
     // The refusal carries the backend's message, before any 101.
@@ -279,8 +276,7 @@ async fn an_unreachable_backend_gets_503_with_retry_after() {
     .await;
     let (status, headers) = upgrade(&server, "/ws", &[("cookie", "session=ann")])
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(status, 503);
     assert_eq!(headers["retry-after"], "1");
     server.stop().await;

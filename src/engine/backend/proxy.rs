@@ -167,12 +167,6 @@ impl Proxy {
         &self.stats
     }
 
-    /// Whether an upgrade goes to the connect proxy: one is configured, and the request has no
-    /// valid token or `connect_always` is set.
-    pub fn decides_connect(&self, has_valid_token: bool) -> bool {
-        self.options.connect_url.is_some() && (self.options.connect_always || !has_valid_token)
-    }
-
     /// Asks the connect proxy; `Ok(None)` admits an anonymous connection (an empty `user`).
     pub async fn connect(
         &self,
