@@ -143,6 +143,8 @@ pub struct ChatShared {
     /// Per-connection limits, replaced whole by a reload: every message reads the current
     /// ones (a lock-free load), so a changed rate limit applies to existing connections too.
     pub limits: arc_swap::ArcSwap<ChatLimits>,
+    /// The backend proxy, asked first in namespaces with `proxy_subscribe`/`proxy_publish`.
+    pub proxy: Arc<crate::engine::backend::Proxy>,
 }
 
 impl ChatHandler {
@@ -327,6 +329,17 @@ impl ChatHandler {
                         self.limits().max_channels as usize,
                     ));
                 }
+                if self.membership(&channel).is_none()
+                    && self.node().options(&channel)?.proxy_subscribe
+                {
+                    let user = self.auth.as_ref().map(|a| &*a.identity.user);
+                    // Bounded by RUSTY_SOCKS_PROXY_TIMEOUT; no lock is held.
+                    let asked = self
+                        .shared
+                        .proxy
+                        .subscribe(self.client_id, user, &channel, None);
+                    Box::pin(asked).await?;
+                }
                 let caller = Caller::Client(self.auth.as_ref().map(|a| &a.identity));
                 let sub = self
                     .shared
@@ -380,12 +393,26 @@ impl ChatHandler {
                         "the default channel carries legacy chat; send a legacy message",
                     ));
                 }
+                let mut data: Arc<RawValue> = Arc::from(data.to_owned());
+                if self.node().options(&channel)?.proxy_publish {
+                    let user = self.auth.as_ref().map(|a| &*a.identity.user);
+                    let asked = self
+                        .shared
+                        .proxy
+                        .publish(self.client_id, user, &channel, &data);
+                    if let Some(replaced) = Box::pin(asked).await? {
+                        if replaced.get().len() > self.limits().max_data as usize {
+                            return Err(ClientError::DataTooBig(self.limits().max_data as usize));
+                        }
+                        data = Arc::from(replaced);
+                    }
+                }
                 let published = self
                     .shared
                     .node
                     .publish(
                         &channel,
-                        Arc::from(data.to_owned()),
+                        data,
                         Some(self.client_id()),
                         idempotency_key,
                         self.caller(),

@@ -93,11 +93,16 @@ pub struct NamespaceOptions {
     pub read_history: Access,
     /// Slow-subscriber policy.
     pub slow_policy: SlowPolicy,
+    /// Subscriptions are asked of the backend (`RUSTY_SOCKS_PROXY_SUBSCRIBE_URL`) first.
+    pub proxy_subscribe: bool,
+    /// Publications from connections are asked of the backend
+    /// (`RUSTY_SOCKS_PROXY_PUBLISH_URL`) first.
+    pub proxy_publish: bool,
 }
 
 /// Every option a namespace accepts, as listed in an error about an unknown one.
 const OPTION_NAMES: &str = "history_size, history_ttl_s, presence, join_leave, publish, \
-     subscribe, read_presence, read_history, slow_policy";
+     subscribe, read_presence, read_history, slow_policy, proxy_subscribe, proxy_publish";
 
 impl Default for NamespaceOptions {
     fn default() -> Self {
@@ -111,6 +116,8 @@ impl Default for NamespaceOptions {
             read_presence: Access::Anyone,
             read_history: Access::Anyone,
             slow_policy: SlowPolicy::Disconnect,
+            proxy_subscribe: false,
+            proxy_publish: false,
         }
     }
 }
@@ -152,6 +159,8 @@ impl NamespaceOptions {
                     };
                 }
                 "subscribe" => options.subscribe = access()?,
+                "proxy_subscribe" => options.proxy_subscribe = flag()?,
+                "proxy_publish" => options.proxy_publish = flag()?,
                 "read_presence" => options.read_presence = access()?,
                 "read_history" => options.read_history = access()?,
                 "slow_policy" => {
@@ -203,6 +212,9 @@ impl NamespaceOptions {
             read_presence: unnamed.read_presence,
             read_history: unnamed.read_history,
             slow_policy: SlowPolicy::Disconnect,
+            // Legacy chat is not proxied (docs/BACKEND.md).
+            proxy_subscribe: false,
+            proxy_publish: false,
         }
     }
 }
@@ -243,6 +255,20 @@ impl Namespaces {
             namespaces.by_name.insert(name, options);
         }
         Ok(namespaces)
+    }
+
+    /// Names of the namespaces with `proxy_subscribe` (first) and `proxy_publish` (second).
+    pub fn proxied(&self) -> (Vec<&str>, Vec<&str>) {
+        let mut names: Vec<&str> = self.names().collect();
+        names.sort_unstable();
+        let with = |f: fn(&NamespaceOptions) -> bool| {
+            names
+                .iter()
+                .copied()
+                .filter(|n| self.by_name.get(*n).is_some_and(f))
+                .collect()
+        };
+        (with(|o| o.proxy_subscribe), with(|o| o.proxy_publish))
     }
 
     /// Adds or replaces a namespace (used by tests and embedders).
@@ -368,7 +394,8 @@ mod tests {
         let ns = Namespaces::from_json(
             r#"{"x":{"history_size":7,"history_ttl_s":9,"presence":false,"join_leave":true,
                 "publish":false,"subscribe":"authenticated","read_presence":"listed",
-                "read_history":"nobody","slow_policy":"gap"}}"#,
+                "read_history":"nobody","slow_policy":"gap","proxy_subscribe":true,
+                "proxy_publish":true}}"#,
         )
         .expect("valid");
         let expected = NamespaceOptions {
@@ -381,8 +408,16 @@ mod tests {
             read_presence: Access::Listed,
             read_history: Access::Nobody,
             slow_policy: SlowPolicy::Gap,
+            proxy_subscribe: true,
+            proxy_publish: true,
         };
         assert_eq!(ns.resolve("x:y"), Ok(&expected));
+        assert_eq!(ns.proxied(), (vec!["x"], vec!["x"]));
+        let wrong = Namespaces::from_json(r#"{"x":{"proxy_publish":"yes"}}"#).expect_err("bad");
+        assert!(
+            wrong.contains("proxy_publish") && wrong.contains("true or false"),
+            "{wrong}"
+        );
         let ns = Namespaces::from_json(r#"{"x":{"publish":true}}"#).expect("valid");
         assert_eq!(ns.resolve("x:y").map(|o| o.publish), Ok(Access::Anyone));
     }
@@ -416,6 +451,8 @@ mod tests {
             read_presence: Access::Authenticated,
             read_history: Access::Nobody,
             slow_policy: SlowPolicy::Disconnect,
+            proxy_subscribe: false,
+            proxy_publish: false,
         };
         assert_eq!(legacy, expected);
         // Unconfigured, `""` lets anyone chat: the original server's behaviour.

@@ -56,6 +56,7 @@ async fn the_welcome_does_not_wait_for_a_stalled_broker() {
             rate: 0,
             burst: 0,
         }),
+        proxy: Arc::new(crate::engine::backend::Proxy::new(Default::default())),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");

@@ -22,16 +22,19 @@ pub enum Refusal {
     RateLimited,
     /// Sockets per client address (`RUSTY_SOCKS_MAX_CONN_PER_IP`).
     Address,
+    /// The connect proxy refused, or did not answer.
+    Proxy,
 }
 
 impl Refusal {
     /// Every reason, in metric order.
-    pub const ALL: [Refusal; 5] = [
+    pub const ALL: [Refusal; 6] = [
         Self::Overload,
         Self::Unauthorized,
         Self::Origin,
         Self::RateLimited,
         Self::Address,
+        Self::Proxy,
     ];
 
     /// The `reason` label.
@@ -42,6 +45,7 @@ impl Refusal {
             Self::Origin => "origin",
             Self::RateLimited => "rate_limited",
             Self::Address => "per_address",
+            Self::Proxy => "proxy",
         }
     }
 }

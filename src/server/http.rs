@@ -45,6 +45,12 @@ pub enum HttpError {
     /// This client address opened connections faster than `RUSTY_SOCKS_CONNECT_RATE`.
     #[error("too many connection attempts from this address")]
     RateLimited,
+    /// The connect proxy refused the upgrade (an `error` answer, a non-2xx, an unusable one).
+    #[error("{0}")]
+    ProxyRefused(String),
+    /// The connect proxy did not answer within `RUSTY_SOCKS_PROXY_TIMEOUT` or is unreachable.
+    #[error("the backend deciding connections is unavailable; try again later")]
+    ProxyUnavailable,
     /// A response could not be built.
     #[error("internal error")]
     Internal,
@@ -65,7 +71,8 @@ impl HttpError {
             Self::Overloaded(Overload::Address) => StatusCode::TOO_MANY_REQUESTS,
             Self::Overloaded(_) | Self::BrokerDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            Self::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Self::OriginNotAllowed | Self::ProxyRefused(_) => StatusCode::FORBIDDEN,
+            Self::ProxyUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -94,7 +101,7 @@ impl HttpError {
             Self::Handshake(HandshakeError::UnsupportedVersion) => {
                 headers.insert("sec-websocket-version", "13".parse().expect_static());
             }
-            Self::Overloaded(_) | Self::BrokerDown | Self::RateLimited => {
+            Self::Overloaded(_) | Self::BrokerDown | Self::RateLimited | Self::ProxyUnavailable => {
                 headers.insert(RETRY_AFTER, "1".parse().expect_static());
             }
             Self::Unauthorized(_) => {

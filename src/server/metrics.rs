@@ -58,6 +58,7 @@ pub fn render(state: &AppState) -> String {
     }
     state.stats.render(&mut out);
     state.reload_counts.render(&mut out);
+    state.chat.proxy.stats().render(&mut out);
     out
 }
 

@@ -143,6 +143,7 @@ impl AppState {
         let chat = Arc::new(crate::engine::chat::ChatShared {
             node: Arc::clone(&node),
             limits: arc_swap::ArcSwap::from_pointee(limits),
+            proxy: Arc::new(crate::engine::backend::Proxy::new(config.proxy.clone())),
         });
         // JWKS keys rotate without a restart: refreshed until the server shuts down, and
         // started only once startup can no longer fail (the handle stops it when the state

@@ -427,6 +427,7 @@ fields! {
     restart shown "RUSTY_SOCKS_DEMO" demo,
     restart shown "RUSTY_SOCKS_LOG_FORMAT" log_format,
     log shown "RUSTY_SOCKS_LOG_LEVEL" log_level,
+    restart shown "RUSTY_SOCKS_PROXY_CONNECT_URL" proxy,
 }
 
 #[cfg(test)]

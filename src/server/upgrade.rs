@@ -2,7 +2,7 @@
 //! per-address rate, token, connection bound), the 101, and the start of the session on the
 //! upgraded socket.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,6 +16,8 @@ use uuid::Uuid;
 
 use crate::auth::{self, Identity};
 use crate::engine::admission::{AddressPermit, ConnectionPermit, Overload};
+use crate::engine::backend::proxy::CONNECT_HEADERS;
+use crate::engine::backend::{ConnectRefusal, ConnectRequest, Proxy};
 use crate::engine::chat::{ChatHandler, Dialect};
 use crate::engine::echo::EchoHandler;
 use crate::engine::outbox::Outbox;
@@ -24,6 +26,7 @@ use crate::engine::stats::Refusal;
 use crate::server::AppState;
 use crate::server::http::HttpError;
 use crate::server::limits::{client_ip, is_trusted};
+use crate::types::ClientId;
 use crate::ws::handshake;
 use crate::ws::transport::Buffered;
 
@@ -79,29 +82,49 @@ pub async fn upgrade(
         None
     };
     let presented = super::token::presented(req.headers(), req.uri().query());
-    // The keys in force now (a reload may replace them); the identity stays the connection's.
-    let identity = match (state.node.verifier(), endpoint) {
-        (Some(verifier), Endpoint::Chat) => match &presented.token {
-            // Boxed: the connection's task holds this until its session starts.
-            // Boxed: the JWKS wait is rare, and inline it would enlarge every HTTP phase.
-            Some(token) => Some(
-                Box::pin(verifier.verify_fresh(token))
-                    .await
-                    .map(Box::new)
-                    .map_err(|err| {
-                        tracing::debug!(%err, %ip, "token refused");
-                        refused(Refusal::Unauthorized, HttpError::Unauthorized(err))
-                    })?,
-            ),
-            None if verifier.allow_anonymous => None,
-            None => {
-                return Err(refused(
-                    Refusal::Unauthorized,
-                    HttpError::Unauthorized(auth::AuthError::Missing),
-                ));
+    let client_id = Uuid::new_v4();
+    let proxy = &state.chat.proxy;
+    let identity = if endpoint == Endpoint::Chat && proxy.options().connect_url.is_some() {
+        // A valid token admits as before; anything else (no token, a bad one, no keys, or
+        // every upgrade with CONNECT_ALWAYS) is the backend's decision.
+        let verified = match (state.node.verifier(), &presented.token) {
+            (Some(verifier), Some(token)) if !proxy.options().connect_always => {
+                Box::pin(verifier.verify_fresh(token)).await.ok()
             }
-        },
-        _ => None,
+            _ => None,
+        };
+        match verified {
+            Some(identity) => Some(Box::new(identity)),
+            _ => Box::pin(ask_backend(proxy, &req, ip, client_id))
+                .await
+                .map_err(|err| refused(Refusal::Proxy, err))?
+                .map(Box::new),
+        }
+    } else {
+        // The keys in force now (a reload may replace them); the identity stays the
+        // connection's.
+        match (state.node.verifier(), endpoint) {
+            (Some(verifier), Endpoint::Chat) => match &presented.token {
+                // Boxed: the JWKS wait is rare, and inline it would enlarge every HTTP phase.
+                Some(token) => Some(
+                    Box::pin(verifier.verify_fresh(token))
+                        .await
+                        .map(Box::new)
+                        .map_err(|err| {
+                            tracing::debug!(%err, %ip, "token refused");
+                            refused(Refusal::Unauthorized, HttpError::Unauthorized(err))
+                        })?,
+                ),
+                None if verifier.allow_anonymous => None,
+                None => {
+                    return Err(refused(
+                        Refusal::Unauthorized,
+                        HttpError::Unauthorized(auth::AuthError::Missing),
+                    ));
+                }
+            },
+            _ => None,
+        }
     };
     let mut permit = state
         .admission
@@ -127,6 +150,7 @@ pub async fn upgrade(
         identity,
         v1: presented.v1,
         permit,
+        client_id,
     };
     *slot
         .lock()
@@ -146,6 +170,34 @@ pub async fn upgrade(
     response
         .body(Full::default())
         .map_err(|_| HttpError::Internal)
+}
+
+/// Asks the connect proxy about this upgrade: `Ok(None)` admits an anonymous connection.
+async fn ask_backend(
+    proxy: &Proxy,
+    req: &Request<IncomingBody>,
+    ip: IpAddr,
+    client_id: ClientId,
+) -> Result<Option<Identity>, HttpError> {
+    let request = ConnectRequest {
+        client: client_id,
+        remote_addr: ip.to_string(),
+        headers: CONNECT_HEADERS
+            .iter()
+            .filter_map(|name| {
+                let value = req.headers().get(*name)?.to_str().ok()?;
+                Some((*name, value.to_owned()))
+            })
+            .collect(),
+        query: req.uri().query().unwrap_or_default().to_owned(),
+    };
+    proxy.connect(&request).await.map_err(|err| {
+        tracing::debug!(%err, %ip, "connect proxy did not admit");
+        match err {
+            ConnectRefusal::Refused(why) => HttpError::ProxyRefused(why),
+            ConnectRefusal::Unavailable(_) => HttpError::ProxyUnavailable,
+        }
+    })
 }
 
 /// Refuses a browser page from an origin not on the allow-list. Requests without `Origin`
@@ -179,6 +231,8 @@ pub struct Pending {
     permit: ConnectionPermit,
     /// permessage-deflate, as negotiated in the 101 answer.
     deflate: Option<crate::ws::deflate::Deflate>,
+    /// The connection's id (chosen before the upgrade: the connect proxy is told it).
+    client_id: ClientId,
 }
 
 /// Where [`upgrade`] leaves the accepted upgrade for the connection's HTTP task.
@@ -199,6 +253,7 @@ pub async fn start(pending: Pending, state: &Arc<AppState>, address: Option<Addr
         v1,
         mut permit,
         deflate,
+        client_id,
     } = pending;
     permit.hold(address);
     let upgraded = match on_upgrade.await {
@@ -206,7 +261,6 @@ pub async fn start(pending: Pending, state: &Arc<AppState>, address: Option<Addr
         Err(err) => return tracing::debug!(%err, "upgrade did not complete"),
     };
     let config = &state.config;
-    let client_id = Uuid::new_v4();
     let (outbox, rx) = Outbox::new(client_id, config.buffer);
     let registration = state.sessions.register(outbox.clone());
     if let Some(identity) = &identity {

@@ -13,6 +13,7 @@
 
 mod generate;
 mod options;
+mod proxy;
 mod read;
 mod sources;
 mod table;
@@ -186,6 +187,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `RUSTY_SOCKS_LOG_LEVEL`: the log filter (`RUST_LOG` syntax); `RUST_LOG`, when set, wins.
     pub log_level: String,
+    /// `RUSTY_SOCKS_PROXY_*`: the backend's connect, subscribe and publish proxy.
+    pub proxy: crate::engine::backend::ProxyOptions,
 }
 
 /// How log lines are written (`RUSTY_SOCKS_LOG_FORMAT`).
@@ -268,6 +271,7 @@ impl Default for Config {
             demo: true,
             log_format: LogFormat::Text,
             log_level: "info".to_owned(),
+            proxy: crate::engine::backend::ProxyOptions::default(),
         }
     }
 }

@@ -324,6 +324,7 @@ impl Config {
                     }
                 },
             },
+            proxy: super::proxy::read(&get)?,
             log_level: match get("RUSTY_SOCKS_LOG_LEVEL") {
                 None => d.log_level,
                 Some((var, v)) => {
@@ -340,6 +341,7 @@ impl Config {
                 }
             },
         };
+        super::proxy::check_namespaces(&config.proxy, &config.namespaces)?;
         if let Some(dir) = &config.data_dir
             && config.broker != BrokerUrl::Memory
         {
@@ -444,7 +446,12 @@ fn parse_origins(var: &'static str, value: &str) -> Result<Vec<String>, ConfigEr
         .collect()
 }
 
-fn parse_int(var: &'static str, value: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+pub(super) fn parse_int(
+    var: &'static str,
+    value: &str,
+    min: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
     match value.trim().parse::<u64>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
         _ => Err(ConfigError {
@@ -455,7 +462,7 @@ fn parse_int(var: &'static str, value: &str, min: u64, max: u64) -> Result<u64, 
     }
 }
 
-fn parse_bool(var: &'static str, value: &str) -> Result<bool, ConfigError> {
+pub(super) fn parse_bool(var: &'static str, value: &str) -> Result<bool, ConfigError> {
     match value.trim().to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" => Ok(false),

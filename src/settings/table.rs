@@ -420,6 +420,42 @@ pub const SETTINGS: &[Setting] = &[
         kind: Kind::Text,
         meaning: "log filter in RUST_LOG syntax (debug, rusty_socks=debug,info, ...); a reload applies it; RUST_LOG, when set, wins",
     },
+    Setting {
+        var: "RUSTY_SOCKS_PROXY_CONNECT_URL",
+        default: "(none)",
+        kind: Kind::Text,
+        meaning: "http:// URL the backend decides /ws upgrades at (without a valid token) before the 101: 403 refused, 503 unreachable",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_PROXY_CONNECT_ALWAYS",
+        default: "false",
+        kind: Kind::Bool,
+        meaning: "ask PROXY_CONNECT_URL about every /ws upgrade, also those with a valid token",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_PROXY_SUBSCRIBE_URL",
+        default: "(none)",
+        kind: Kind::Text,
+        meaning: "http:// URL asked about subscriptions in namespaces with \"proxy_subscribe\": true",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_PROXY_PUBLISH_URL",
+        default: "(none)",
+        kind: Kind::Text,
+        meaning: "http:// URL asked about client publications in namespaces with \"proxy_publish\": true",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_PROXY_TIMEOUT",
+        default: "2",
+        kind: Kind::Int,
+        meaning: "seconds one proxy call may take, waiting for a free slot included, 1-60",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_PROXY_MAX_CONCURRENCY",
+        default: "64",
+        kind: Kind::Int,
+        meaning: "proxy calls in flight at once toward the backend, 1-10000",
+    },
 ];
 
 /// Prefix of the variables the test suite reads; they are not server settings.

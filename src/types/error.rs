@@ -116,6 +116,9 @@ pub enum ClientError {
     /// The namespace does not allow this to clients.
     #[error("not allowed: {0}")]
     PermissionDenied(&'static str),
+    /// The application's backend refused it (the proxy; see docs/BACKEND.md): its message.
+    #[error("{0}")]
+    RefusedByBackend(String),
     /// The namespace has presence switched off.
     #[error("presence is disabled for this channel's namespace")]
     PresenceDisabled,
@@ -172,7 +175,7 @@ impl ClientError {
             Self::AlreadySubscribed(_) => "already_subscribed",
             Self::NotSubscribed(_) => "not_subscribed",
             Self::TooManyChannels(_) => "too_many_channels",
-            Self::PermissionDenied(_) => "permission_denied",
+            Self::PermissionDenied(_) | Self::RefusedByBackend(_) => "permission_denied",
             Self::PresenceDisabled => "presence_disabled",
             Self::DataTooBig(_) => "data_too_big",
             Self::InvalidData(_) => "invalid_data",

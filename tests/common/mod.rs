@@ -1,6 +1,7 @@
 //! Test support: a real server on 127.0.0.1:0 that really shuts down, and real clients.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod backend;
 pub mod process;
 pub mod proxy;
 
