@@ -470,3 +470,30 @@ async fn calls_to_the_backend_are_bounded_and_reuse_connections() {
     assert_eq!(backend.connections(), 2);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_full_server_refuses_with_503_without_asking_the_backend() {
+    let backend = Backend::start(by_cookie).await;
+    let server = TestServer::start(|c| {
+        connect_proxy(&backend)(c);
+        c.max_connections = 1;
+    })
+    .await;
+    let mut admitted = upgrade(&server, "/ws", &[("cookie", "session=ann")])
+        .await
+        .expect("admitted");
+    assert_eq!(recv_json(&mut admitted).await["type"], "Connect");
+    assert_eq!(backend.requests().len(), 1);
+
+    let (status, headers) = upgrade(&server, "/ws", &[("cookie", "session=ann")])
+        .await
+        .expect_err("the server is full");
+    assert_eq!(status, 503);
+    assert!(headers.contains_key("retry-after"), "{headers:?}");
+    assert_eq!(
+        backend.requests().len(),
+        1,
+        "a connection the server cannot take costs the backend nothing"
+    );
+    server.stop().await;
+}

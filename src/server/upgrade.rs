@@ -81,6 +81,12 @@ pub async fn upgrade(
     } else {
         None
     };
+    // The connection bound before the identity: a full server answers 503 at once, without
+    // asking the connect proxy or fetching keys for a connection it cannot take.
+    let mut permit = state
+        .admission
+        .try_connection()
+        .map_err(|err| refused(Refusal::Overload, HttpError::Overloaded(err)))?;
     let presented = super::token::presented(req.headers(), req.uri().query());
     let client_id = Uuid::new_v4();
     let proxy = &state.chat.proxy;
@@ -126,10 +132,6 @@ pub async fn upgrade(
             _ => None,
         }
     };
-    let mut permit = state
-        .admission
-        .try_connection()
-        .map_err(|err| refused(Refusal::Overload, HttpError::Overloaded(err)))?;
     permit.hold(address);
     state.stats.connected();
     let deflate = if state.config.compression {
