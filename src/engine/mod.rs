@@ -12,8 +12,10 @@
 //!   address.
 //! - [`namespace`]: per-namespace channel options.
 //! - [`stats`]: counters for `/stats` and `/metrics`.
+//! - [`backend`]: calls to the application's backend (HTTP client, proxy).
 
 pub mod admission;
+pub mod backend;
 pub mod chat;
 pub mod control;
 pub mod echo;
