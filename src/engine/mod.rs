@@ -12,6 +12,7 @@
 //!   address.
 //! - [`namespace`]: per-namespace channel options.
 //! - [`stats`]: counters for `/stats` and `/metrics`.
+//! - [`webhook`]: channel, member and client events POSTed to the backend, at least once.
 //! - [`backend`]: calls to the application's backend (HTTP client, proxy).
 
 pub mod admission;
@@ -31,3 +32,4 @@ pub mod per_address;
 pub mod session;
 pub mod sessions;
 pub mod stats;
+pub mod webhook;

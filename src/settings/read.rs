@@ -309,6 +309,7 @@ impl Config {
                     })
                     .collect::<Result<_, _>>()?,
             },
+            webhook: super::webhook::read(&get)?,
             demo: flag("RUSTY_SOCKS_DEMO", d.demo)?,
             log_format: match get("RUSTY_SOCKS_LOG_FORMAT") {
                 None => d.log_format,
@@ -375,7 +376,7 @@ impl Config {
 }
 
 /// An optional secret: unset or empty means none; set, it must be at least `min` bytes.
-fn secret(
+pub(super) fn secret(
     found: Option<(&'static str, String)>,
     min: usize,
 ) -> Result<Option<Secret>, ConfigError> {
@@ -444,7 +445,12 @@ fn parse_origins(var: &'static str, value: &str) -> Result<Vec<String>, ConfigEr
         .collect()
 }
 
-fn parse_int(var: &'static str, value: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+pub(super) fn parse_int(
+    var: &'static str,
+    value: &str,
+    min: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
     match value.trim().parse::<u64>() {
         Ok(n) if (min..=max).contains(&n) => Ok(n),
         _ => Err(ConfigError {
