@@ -24,13 +24,6 @@ pub(super) fn read(
         })?),
     };
     let secret = secret(get("RUSTY_SOCKS_WEBHOOK_SECRET"), 16)?;
-    if url.is_some() && secret.is_none() {
-        return Err(ConfigError {
-            var: "RUSTY_SOCKS_WEBHOOK_SECRET",
-            value: String::new(),
-            expected: "a secret of at least 16 bytes when RUSTY_SOCKS_WEBHOOK_URL is set (it signs every POST)".into(),
-        });
-    }
     let events = match get("RUSTY_SOCKS_WEBHOOK_EVENTS") {
         None => d.events,
         Some((var, v)) => {
@@ -55,16 +48,27 @@ pub(super) fn read(
         None => Ok(default),
         Some((var, v)) => parse_int(var, &v, 1, max).map(Duration::from_secs),
     };
+    let batch = match get("RUSTY_SOCKS_WEBHOOK_BATCH") {
+        None => d.batch,
+        Some((var, v)) => parse_int(var, &v, 1, 10_000)? as usize,
+    };
+    let max_age = secs("RUSTY_SOCKS_WEBHOOK_MAX_AGE", d.max_age, 7 * 86_400)?;
+    let timeout = secs("RUSTY_SOCKS_WEBHOOK_TIMEOUT", d.timeout, 300)?;
+    // Checked last, so the other settings' mistakes are reported along with it.
+    if url.is_some() && secret.is_none() {
+        return Err(ConfigError {
+            var: "RUSTY_SOCKS_WEBHOOK_SECRET",
+            value: String::new(),
+            expected: "a secret of at least 16 bytes when RUSTY_SOCKS_WEBHOOK_URL is set (it signs every POST)".into(),
+        });
+    }
     Ok(WebhookOptions {
         url,
         secret,
         events,
-        batch: match get("RUSTY_SOCKS_WEBHOOK_BATCH") {
-            None => d.batch,
-            Some((var, v)) => parse_int(var, &v, 1, 10_000)? as usize,
-        },
-        max_age: secs("RUSTY_SOCKS_WEBHOOK_MAX_AGE", d.max_age, 7 * 86_400)?,
-        timeout: secs("RUSTY_SOCKS_WEBHOOK_TIMEOUT", d.timeout, 300)?,
+        batch,
+        max_age,
+        timeout,
     })
 }
 
