@@ -12,6 +12,7 @@
 //!   address.
 //! - [`namespace`]: per-namespace channel options.
 //! - [`stats`]: counters for `/stats` and `/metrics`.
+//! - [`transitions`]: this node's part in cluster-wide transitions (webhook events).
 
 pub mod admission;
 pub mod chat;
@@ -29,3 +30,4 @@ pub mod per_address;
 pub mod session;
 pub mod sessions;
 pub mod stats;
+pub mod transitions;
