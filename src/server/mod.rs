@@ -272,6 +272,11 @@ impl Prepared {
         &self.state.config
     }
 
+    /// The node, e.g. to [`Node::set_transition_sink`] before serving.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.state.node
+    }
+
     /// Where `/metrics` is served when it has its own address.
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.metrics.as_ref().and_then(|l| l.local_addr().ok())

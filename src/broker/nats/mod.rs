@@ -517,6 +517,17 @@ impl Broker for NatsBroker {
         Box::pin(async move { self.inner.announce(channel, &client, true).await })
     }
 
+    fn track<'a>(
+        &'a self,
+        _holding: &'a crate::broker::Holding,
+        _held: bool,
+    ) -> BrokerFuture<'a, Option<crate::broker::Transition>> {
+        // Not yet: the NATS broker does not decide transitions in this commit.
+        Box::pin(std::future::ready(Err(BrokerError::Unavailable(
+            "transitions are not decided by the NATS broker yet".to_owned(),
+        ))))
+    }
+
     fn status(&self) -> BrokerStatus {
         BrokerStatus {
             kind: "nats",

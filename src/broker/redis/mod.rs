@@ -647,6 +647,17 @@ impl Broker for RedisBroker {
         self.announce(channel, wire::presence_change(&client, true))
     }
 
+    fn track<'a>(
+        &'a self,
+        _holding: &'a crate::broker::Holding,
+        _held: bool,
+    ) -> BrokerFuture<'a, Option<crate::broker::Transition>> {
+        // Not yet: the Redis broker does not decide transitions in this commit.
+        Box::pin(std::future::ready(Err(BrokerError::Unavailable(
+            "transitions are not decided by the Redis broker yet".to_owned(),
+        ))))
+    }
+
     fn status(&self) -> BrokerStatus {
         BrokerStatus {
             kind: "redis",
