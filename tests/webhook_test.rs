@@ -215,6 +215,92 @@ async fn a_graceful_shutdown_delivers_the_last_disconnects() {
     assert_paired_in_order(&events, 2);
 }
 
+fn token(user: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({ "sub": user }),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+const JWT_SECRET: &str = "jwt-secret-0123456789abcdef";
+
+/// Channel and member transitions (memory broker) reach the receiver, each channel's in the
+/// order they happened, with the users; client events carry the token's user.
+#[tokio::test]
+async fn channel_and_member_events_arrive_in_order_per_channel() {
+    let receiver = Receiver::start(SECRET).await;
+    let tweak = webhooks(&receiver, 100);
+    let server = TestServer::start(|config| {
+        tweak(config);
+        config.webhook.events = EventSet::of(EventName::ALL);
+        config.jwt_secret = Some(Secret(JWT_SECRET.to_owned()));
+    })
+    .await;
+    let url = server.url("/ws");
+    let (mut u1, _) = v1_client_url(&format!("{url}?token={}", token("u1"))).await;
+    let (mut u2, _) = v1_client_url(&format!("{url}?token={}", token("u2"))).await;
+    let unsubscribe =
+        |channel: &'static str| serde_json::json!({"type":"unsubscribe","id":99,"channel":channel});
+    assert_eq!(subscribe(&mut u1, "room").await["type"], "subscribed");
+    assert_eq!(subscribe(&mut u2, "room").await["type"], "subscribed");
+    assert_eq!(subscribe(&mut u2, "other").await["type"], "subscribed");
+    assert_eq!(
+        call(&mut u1, unsubscribe("room")).await["type"],
+        "unsubscribed"
+    );
+    assert_eq!(
+        call(&mut u2, unsubscribe("room")).await["type"],
+        "unsubscribed"
+    );
+    drop(u2);
+    // 2 connected + room: 6 + other: 4 + 1 disconnected.
+    let events = receiver.wait_events(13, DELIVERY).await;
+    let of = |channel: &str| -> Vec<(String, Option<String>)> {
+        events
+            .iter()
+            .filter(|e| e["channel"] == channel)
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap().to_owned(),
+                    e["user"].as_str().map(str::to_owned),
+                )
+            })
+            .collect()
+    };
+    let step = |name: &str, user: Option<&str>| (name.to_owned(), user.map(str::to_owned));
+    assert_eq!(
+        of("room"),
+        [
+            step("channel_occupied", None),
+            step("member_added", Some("u1")),
+            step("member_added", Some("u2")),
+            step("member_removed", Some("u1")),
+            step("member_removed", Some("u2")),
+            step("channel_vacated", None),
+        ]
+    );
+    assert_eq!(
+        of("other"),
+        [
+            step("channel_occupied", None),
+            step("member_added", Some("u2")),
+            step("member_removed", Some("u2")),
+            step("channel_vacated", None),
+        ]
+    );
+    let clients: Vec<_> = events
+        .iter()
+        .filter(|e| e.get("client").is_some())
+        .collect();
+    assert_eq!(clients[0]["name"], "client_connected");
+    assert_eq!(clients[0]["user"], "u1");
+    assert!(clients.iter().all(|e| e.get("channel").is_none()));
+    assert!(receiver.attempts().iter().all(|a| a.signed));
+    server.stop().await;
+}
+
 /// A fresh directory, removed when dropped.
 struct TempDir(PathBuf);
 

@@ -51,8 +51,8 @@ pub enum StartupError {
     /// The TLS certificate or key could not be loaded.
     #[error(transparent)]
     Tls(#[from] crate::server::tls::TlsError),
-    /// The webhook queue's directory could not be opened.
-    #[error("RUSTY_SOCKS_DATA_DIR: {0}")]
+    /// The webhook pipeline could not start (its directory could not be opened).
+    #[error("{0}")]
     Webhook(String),
     /// The separate metrics address could not be bound.
     #[error("RUSTY_SOCKS_METRICS_ADDR: cannot listen on {addr}: {source}")]
@@ -146,6 +146,11 @@ impl AppState {
         let webhooks = webhook_pipeline.as_ref().map(|w| Arc::clone(&w.queue));
         if let Some(queue) = &webhooks {
             sessions.set_events(Arc::clone(queue) as _);
+            if queue.reports_transitions() {
+                // Before anyone is served, so every subscription is counted.
+                node.set_transition_sink(Arc::clone(queue) as _)
+                    .map_err(|why| StartupError::Webhook(why.to_owned()))?;
+            }
         }
         // All bounded by configuration validation well below u32::MAX.
         let limits = crate::engine::chat::ChatLimits {

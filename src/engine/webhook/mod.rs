@@ -77,7 +77,10 @@ impl Webhooks {
             Some(dir) => {
                 let dir = dir.join("webhooks");
                 let (store, recovered) = store::Store::open(&dir).map_err(|e| {
-                    format!("cannot open the webhook queue in {}: {e}", dir.display())
+                    format!(
+                        "RUSTY_SOCKS_DATA_DIR: cannot open the webhook queue in {}: {e}",
+                        dir.display()
+                    )
                 })?;
                 (Some(store), recovered)
             }

@@ -215,6 +215,18 @@ impl WebhookQueue {
         self.events.contains(name)
     }
 
+    /// Whether any channel or member event is reported (so the node must track transitions).
+    pub fn reports_transitions(&self) -> bool {
+        [
+            EventName::ChannelOccupied,
+            EventName::ChannelVacated,
+            EventName::MemberAdded,
+            EventName::MemberRemoved,
+        ]
+        .into_iter()
+        .any(|name| self.reports(name))
+    }
+
     /// Queues `event` (if its kind is reported). Never blocks: with a store, the write and the
     /// sync happen on the store thread.
     pub fn push(&self, event: Event) {
