@@ -85,7 +85,7 @@ mod tests {
 
     #[test]
     fn defaults_are_off_with_the_four_channel_and_member_events() {
-        let options = with(&[]).unwrap();
+        let options = with(&[]).expect("test setup");
         assert_eq!(options, WebhookOptions::default());
         assert!(options.url.is_none());
         assert_eq!(options.events, EventSet::DEFAULT);
@@ -93,21 +93,25 @@ mod tests {
 
     #[test]
     fn a_url_needs_a_secret_of_sixteen_bytes() {
-        let err = with(&[("RUSTY_SOCKS_WEBHOOK_URL", "http://127.0.0.1:9/hook")]).unwrap_err();
+        let err =
+            with(&[("RUSTY_SOCKS_WEBHOOK_URL", "http://127.0.0.1:9/hook")]).expect_err("an error");
         assert_eq!(err.var, "RUSTY_SOCKS_WEBHOOK_SECRET");
         let err = with(&[
             ("RUSTY_SOCKS_WEBHOOK_URL", "http://127.0.0.1:9/hook"),
             ("RUSTY_SOCKS_WEBHOOK_SECRET", "short"),
         ])
-        .unwrap_err();
+        .expect_err("an error");
         assert_eq!(err.var, "RUSTY_SOCKS_WEBHOOK_SECRET");
         assert_eq!(err.value, "***");
         let ok = with(&[
             ("RUSTY_SOCKS_WEBHOOK_URL", "http://127.0.0.1:9/hook"),
             ("RUSTY_SOCKS_WEBHOOK_SECRET", "0123456789abcdef"),
         ])
-        .unwrap();
-        assert_eq!(ok.url.unwrap().as_str(), "http://127.0.0.1:9/hook");
+        .expect("test setup");
+        assert_eq!(
+            ok.url.expect("test setup").as_str(),
+            "http://127.0.0.1:9/hook"
+        );
     }
 
     #[test]
@@ -124,14 +128,14 @@ mod tests {
             ("RUSTY_SOCKS_WEBHOOK_MAX_AGE", "0"),
             ("RUSTY_SOCKS_WEBHOOK_TIMEOUT", "301"),
         ] {
-            let err = with(&[(var, value)]).unwrap_err();
+            let err = with(&[(var, value)]).expect_err("an error");
             assert_eq!(err.var, var, "{value}");
         }
         let events = with(&[(
             "RUSTY_SOCKS_WEBHOOK_EVENTS",
             " client_connected , member_added",
         )])
-        .unwrap()
+        .expect("test setup")
         .events;
         assert!(events.contains(EventName::ClientConnected));
         assert!(events.contains(EventName::MemberAdded));

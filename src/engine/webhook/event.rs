@@ -191,7 +191,7 @@ mod tests {
     fn names_round_trip_and_unknown_names_are_none() {
         for name in EventName::ALL {
             assert_eq!(EventName::parse(name.as_str()), Some(name));
-            let json = serde_json::to_string(&name).unwrap();
+            let json = serde_json::to_string(&name).expect("test setup");
             assert_eq!(json, format!("\"{}\"", name.as_str()));
         }
         assert_eq!(EventName::parse("channel_created"), None);
@@ -219,7 +219,7 @@ mod tests {
             time_ms: 7,
         });
         let body: serde_json::Value =
-            serde_json::from_slice(&body(&[occupied.clone()], 9)).unwrap();
+            serde_json::from_slice(&body(std::slice::from_ref(&occupied), 9)).expect("test setup");
         assert_eq!(body["time_ms"], 9);
         let event = &body["events"][0];
         assert_eq!(event["name"], "channel_occupied");

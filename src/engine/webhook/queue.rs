@@ -90,6 +90,11 @@ impl Shared {
         self.lock().len()
     }
 
+    /// Whether no event waits to be delivered.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// Whether nothing waits, in memory or on its way to the store.
     pub fn is_idle(&self) -> bool {
         self.in_store.load(Ordering::Acquire) == 0 && self.lock().is_empty()

@@ -55,12 +55,12 @@ pub async fn run(shared: Arc<Shared>, target: Target, stop: CancellationToken) {
     let client = BackendClient::new(ClientOptions {
         timeout: target.timeout,
         max_concurrency: 1,
-        max_body: 64 * 1024,
+        max_body: crate::engine::backend::client::DEFAULT_MAX_BODY,
     });
     let mut failures: u32 = 0;
     loop {
         // Wait for a first event.
-        while shared.len() == 0 {
+        while shared.is_empty() {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = shared.wake.notified() => {}

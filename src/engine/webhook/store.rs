@@ -246,7 +246,7 @@ mod tests {
             "rusty-socks-webhook-{name}-{}",
             uuid::Uuid::new_v4()
         ));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir).expect("test setup");
         dir
     }
 
@@ -260,79 +260,81 @@ mod tests {
     fn pending_events_come_back_after_a_reopen_and_done_ones_do_not() {
         let dir = temp_dir("reopen");
         let written = events(5);
-        let (mut store, pending) = Store::open(&dir).unwrap();
+        let (mut store, pending) = Store::open(&dir).expect("test setup");
         assert!(pending.is_empty());
-        let lens = store.append(&written).unwrap();
-        store.ack(lens[0] + lens[1]).unwrap();
+        let lens = store.append(&written).expect("test setup");
+        store.ack(lens[0] + lens[1]).expect("test setup");
         drop(store);
-        let (mut store, pending) = Store::open(&dir).unwrap();
+        let (mut store, pending) = Store::open(&dir).expect("test setup");
         let ids: Vec<_> = pending.iter().map(|(e, _)| e.id).collect();
         assert_eq!(ids, written[2..].iter().map(|e| e.id).collect::<Vec<_>>());
         // Everything done: the file is replaced by an empty one of the next generation.
-        store.ack(pending.iter().map(|(_, l)| l).sum()).unwrap();
+        store
+            .ack(pending.iter().map(|(_, l)| l).sum())
+            .expect("test setup");
         assert_eq!(store.pending_bytes(), 0);
         drop(store);
-        let (_, pending) = Store::open(&dir).unwrap();
+        let (_, pending) = Store::open(&dir).expect("test setup");
         assert!(pending.is_empty());
         let logs: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
+            .expect("test setup")
             .flatten()
             .filter(|e| e.file_name().to_string_lossy().starts_with("queue-"))
             .collect();
         assert_eq!(logs.len(), 1);
-        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(dir).expect("test setup");
     }
 
     #[test]
     fn a_torn_or_corrupt_tail_is_cut_and_what_came_before_survives() {
         let dir = temp_dir("torn");
         let written = events(3);
-        let (mut store, _) = Store::open(&dir).unwrap();
-        store.append(&written).unwrap();
+        let (mut store, _) = Store::open(&dir).expect("test setup");
+        store.append(&written).expect("test setup");
         drop(store);
         let path = log_path(&dir, 0);
-        let mut bytes = std::fs::read(&path).unwrap();
+        let mut bytes = std::fs::read(&path).expect("test setup");
         // The last record cut short, as a crash mid-write leaves it.
         bytes.truncate(bytes.len() - 3);
-        std::fs::write(&path, &bytes).unwrap();
-        let (mut store, pending) = Store::open(&dir).unwrap();
+        std::fs::write(&path, &bytes).expect("test setup");
+        let (mut store, pending) = Store::open(&dir).expect("test setup");
         assert_eq!(pending.len(), 2);
         // Appending after the cut starts at a record boundary.
         let more = events(1);
-        store.append(&more).unwrap();
+        store.append(&more).expect("test setup");
         drop(store);
         // A flipped bit in the middle record: it and what follows are cut.
-        let mut bytes = std::fs::read(&path).unwrap();
+        let mut bytes = std::fs::read(&path).expect("test setup");
         let second = pending[0].1 as usize + HEADER + 2;
         bytes[second] ^= 0x20;
-        std::fs::write(&path, &bytes).unwrap();
-        let (_, pending) = Store::open(&dir).unwrap();
+        std::fs::write(&path, &bytes).expect("test setup");
+        let (_, pending) = Store::open(&dir).expect("test setup");
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].0.id, written[0].id);
-        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(dir).expect("test setup");
     }
 
     #[test]
     fn a_compaction_interrupted_before_the_marker_keeps_the_old_file() {
         let dir = temp_dir("compact");
         let written = events(2);
-        let (mut store, _) = Store::open(&dir).unwrap();
-        store.append(&written).unwrap();
+        let (mut store, _) = Store::open(&dir).expect("test setup");
+        store.append(&written).expect("test setup");
         drop(store);
         // A next-generation file written, the marker never switched to it.
-        std::fs::write(log_path(&dir, 1), b"partial").unwrap();
-        let (_, pending) = Store::open(&dir).unwrap();
+        std::fs::write(log_path(&dir, 1), b"partial").expect("test setup");
+        let (_, pending) = Store::open(&dir).expect("test setup");
         assert_eq!(pending.len(), 2);
         assert!(!log_path(&dir, 1).exists());
-        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(dir).expect("test setup");
     }
 
     #[test]
     fn a_damaged_marker_is_an_error_not_a_guess() {
         let dir = temp_dir("marker");
-        std::fs::write(dir.join(MARKER), [1u8; 20]).unwrap();
-        let err = Store::open(&dir).unwrap_err();
+        std::fs::write(dir.join(MARKER), [1u8; 20]).expect("test setup");
+        let err = Store::open(&dir).expect_err("an error");
         assert!(err.to_string().contains("ACKED is damaged"), "{err}");
-        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(dir).expect("test setup");
     }
 }
