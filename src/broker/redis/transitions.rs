@@ -189,6 +189,8 @@ impl RedisBroker {
             }
             break;
         }
+        // Memberships first, so `member_removed` goes before its channel's `channel_vacated`.
+        swept.transitions.sort_by_key(|t| t.user.is_none());
         swept.rejoined = self.tracking.rejoined.swap(false, Ordering::AcqRel);
         Ok(swept)
     }
