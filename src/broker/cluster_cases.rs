@@ -10,6 +10,9 @@ use std::time::Duration;
 use super::conformance::{Recorder, holding, prefix};
 use super::{Broker, BrokerEvents, TransitionKind};
 
+/// A broker being built, as a test's factory returns it.
+pub type Building = std::pin::Pin<Box<dyn Future<Output = Arc<dyn Broker>>>>;
+
 /// For networked brokers: two brokers from `make` are two nodes of one cluster. The first
 /// holder anywhere occupies, the last one anywhere vacates; the other calls decide nothing.
 pub async fn transitions_across_nodes<F, Fut>(make: &F)

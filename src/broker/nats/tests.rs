@@ -354,9 +354,7 @@ async fn an_unreachable_server_fails_fast() {
 fn cluster(
     options: NatsOptions,
     ttl: Duration,
-) -> impl Fn(
-    Arc<dyn crate::broker::BrokerEvents>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = Arc<dyn Broker>>>> {
+) -> impl Fn(Arc<dyn crate::broker::BrokerEvents>) -> crate::broker::cluster_cases::Building {
     move |events| {
         let options = NatsOptions {
             presence_ttl: ttl,

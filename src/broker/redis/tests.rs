@@ -188,7 +188,7 @@ async fn reading_a_never_published_channel_creates_no_keys() {
 fn cluster(
     prefix: String,
     ttl: Duration,
-) -> impl Fn(Arc<dyn BrokerEvents>) -> std::pin::Pin<Box<dyn Future<Output = Arc<dyn Broker>>>> {
+) -> impl Fn(Arc<dyn BrokerEvents>) -> crate::broker::cluster_cases::Building {
     let url = url();
     move |events| {
         let options = RedisOptions {
