@@ -231,6 +231,7 @@ fn node_dies_and_a_survivor_reports_once(broker: BrokerUrl) {
 }
 
 /// Deletes what a NATS run created when dropped (each stream reserves JetStream storage).
+#[cfg_attr(not(feature = "nats"), allow(dead_code))]
 struct Cleanup(BrokerUrl, String);
 
 impl Drop for Cleanup {
