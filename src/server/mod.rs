@@ -307,6 +307,10 @@ impl Prepared {
         let finished = tokio::time::timeout(limit, state.tracker.wait())
             .await
             .is_ok();
+        // The transitions the closed sessions caused, told to the broker in what time is left.
+        let left_over = (state.config.shutdown_grace + Duration::from_millis(500))
+            .saturating_sub(started.elapsed());
+        state.node.settle_transitions(left_over).await;
         // One line for the whole shutdown, not one per connection.
         let left = state.sessions.len();
         let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
