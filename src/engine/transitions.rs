@@ -207,11 +207,17 @@ impl Tracker {
         stats: Arc<Stats>,
         stop: CancellationToken,
     ) {
-        let mut ticks = tokio::time::interval(broker.sweep_every());
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let every = broker.sweep_every();
+        // The first sweep at once: it writes the heartbeat.
+        let mut next_sweep = tokio::time::Instant::now();
         let mut backoff = FIRST_BACKOFF;
         loop {
             while let Some((holding, held)) = self.next() {
+                // A long queue (thousands of channels at once) must not stop the heartbeat.
+                if tokio::time::Instant::now() >= next_sweep {
+                    self.sweep(&*broker, &stats).await;
+                    next_sweep = tokio::time::Instant::now() + every;
+                }
                 match broker.track(&holding, held).await {
                     Ok(transition) => {
                         backoff = FIRST_BACKOFF;
@@ -245,7 +251,10 @@ impl Tracker {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = self.wake.notified() => {}
-                _ = ticks.tick() => self.sweep(&*broker, &stats).await,
+                () = tokio::time::sleep_until(next_sweep) => {
+                    self.sweep(&*broker, &stats).await;
+                    next_sweep = tokio::time::Instant::now() + every;
+                }
             }
         }
     }
