@@ -232,3 +232,21 @@ async fn anonymous_subscribers_occupy_channels_without_member_events() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_server_shutting_down_reports_what_its_closed_sessions_left() {
+    let server = start(with_users).await;
+    let rec = server.recording.clone();
+    let mut a = as_user(&server, "u1").await;
+    assert_eq!(subscribe(&mut a, "room").await["type"], "subscribed");
+    rec.wait_for(2).await;
+    server.stop().await;
+    assert_eq!(
+        rec.all()[2..],
+        [
+            ev("member_removed", "room", Some("u1")),
+            ev("channel_vacated", "room", None),
+        ],
+        "told before the server returned"
+    );
+}

@@ -143,7 +143,7 @@ fn request(n: u64) -> PublishRequest {
     }
 }
 
-fn prefix() -> String {
+pub(crate) fn prefix() -> String {
     format!("conf{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
@@ -662,7 +662,7 @@ where
     broker.unsubscribe(&c).await.expect("unsubscribe");
 }
 
-fn holding(channel: &str, user: Option<&str>) -> super::Holding {
+pub(crate) fn holding(channel: &str, user: Option<&str>) -> super::Holding {
     super::Holding {
         channel: Arc::from(channel),
         user: user.map(Arc::from),
@@ -728,57 +728,5 @@ where
             .transitions
             .iter()
             .all(|t| !t.channel.starts_with(&*c))
-    );
-}
-
-/// For networked brokers: two brokers from `make` are two nodes of one cluster. The first
-/// holder anywhere occupies, the last one anywhere vacates; the other calls decide nothing.
-pub async fn transitions_across_nodes<F, Fut>(make: &F)
-where
-    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
-    Fut: Future<Output = Arc<dyn Broker>>,
-{
-    use super::TransitionKind::{ChannelOccupied, ChannelVacated, MemberAdded, MemberRemoved};
-    let a = make(Arc::new(Recorder::default())).await;
-    let b = make(Arc::new(Recorder::default())).await;
-    let c = format!("{}:shared", prefix());
-    let kind = |t: Option<super::Transition>| t.map(|t| t.kind);
-    let channel = holding(&c, None);
-    let user = holding(&c, Some("u42"));
-    assert_eq!(
-        kind(a.track(&channel, true).await.expect("a")),
-        Some(ChannelOccupied)
-    );
-    assert_eq!(kind(b.track(&channel, true).await.expect("b")), None);
-    assert_eq!(
-        kind(b.track(&user, true).await.expect("b user")),
-        Some(MemberAdded)
-    );
-    assert_eq!(kind(a.track(&user, true).await.expect("a user")), None);
-    assert_eq!(kind(a.track(&channel, false).await.expect("a out")), None);
-    assert_eq!(kind(b.track(&user, false).await.expect("b user out")), None);
-    assert_eq!(
-        kind(a.track(&user, false).await.expect("a user out")),
-        Some(MemberRemoved)
-    );
-    assert_eq!(
-        kind(b.track(&channel, false).await.expect("b out")),
-        Some(ChannelVacated)
-    );
-    // Racing first holders: exactly one of them occupies.
-    let d = holding(&format!("{c}:race"), None);
-    let (x, y) = tokio::join!(a.track(&d, true), b.track(&d, true));
-    let decided = [x.expect("a race"), y.expect("b race")];
-    assert_eq!(
-        decided.iter().filter(|t| t.is_some()).count(),
-        1,
-        "{decided:?}"
-    );
-    let (x, y) = tokio::join!(a.track(&d, false), b.track(&d, false));
-    let decided = [x.expect("a race"), y.expect("b race")];
-    assert_eq!(
-        decided.iter().filter(|t| t.is_some()).count(),
-        1,
-        "{decided:?}"
     );
 }

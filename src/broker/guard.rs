@@ -636,4 +636,34 @@ mod tests {
             "unsubscribed before the outage ended: no gap for it"
         );
     }
+
+    #[tokio::test]
+    async fn a_transition_decided_after_the_deadline_is_reported_by_the_next_sweep() {
+        let events = Arc::new(Recorder::default());
+        let (inner, broker) = guarded(&events);
+        let holding = conformance::holding("room", None);
+        inner.set(true);
+        broker.track(&holding, true).await.expect_err("stalled");
+        inner.set(false);
+        let mut late = Vec::new();
+        for _ in 0..50 {
+            if let Ok(swept) = broker.sweep().await {
+                late.extend(swept.transitions);
+            }
+            if !late.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            late.iter().map(|t| t.kind).collect::<Vec<_>>(),
+            vec![crate::broker::TransitionKind::ChannelOccupied],
+            "decided once, reported late instead of lost"
+        );
+        assert!(
+            broker.track(&holding, true).await.expect("up").is_none(),
+            "the caller's retry decides nothing"
+        );
+        assert!(broker.sweep().await.expect("up").transitions.is_empty());
+    }
 }

@@ -9,6 +9,7 @@
 //! delivering must be one atomic step per channel: that is what lets a subscriber recover
 //! exactly what it missed.
 
+pub mod cluster_cases;
 pub mod conformance;
 pub mod durable;
 pub mod guard;

@@ -290,6 +290,19 @@ impl Node {
         Ok(())
     }
 
+    /// Waits up to `within` until the broker was told every holding change (on shutdown,
+    /// after the sessions left their channels, so their transitions are decided here rather
+    /// than by a survivor after the presence TTL, or, on one node, not at all).
+    pub async fn settle_transitions(&self, within: std::time::Duration) {
+        let Some(tracker) = self.transitions.get() else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + within;
+        while !tracker.settled() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
     /// Counts a member that joined `channel` here, when transitions are reported.
     fn track_join(&self, channel: &str, member: ClientId, client: &ClientInfo, presence: bool) {
         if let Some(tracker) = self.transitions.get() {

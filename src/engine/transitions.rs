@@ -45,6 +45,8 @@ struct State {
     /// Holdings whose count crossed 0 since they were last reconciled, oldest first.
     dirty: VecDeque<Holding>,
     queued: HashSet<Holding>,
+    /// A `track` call is under way.
+    in_flight: bool,
 }
 
 impl State {
@@ -156,6 +158,7 @@ impl Tracker {
             state.queued.remove(&holding);
             let held = state.counts.contains_key(&holding);
             if held != state.reported.contains(&holding) {
+                state.in_flight = true;
                 return Some((holding, held));
             }
         }
@@ -164,6 +167,7 @@ impl Tracker {
 
     fn reported(&self, holding: Holding, held: bool) {
         let mut state = self.state();
+        state.in_flight = false;
         if held {
             state.reported.insert(holding);
         } else {
@@ -174,9 +178,16 @@ impl Tracker {
     /// Puts a holding whose call failed back at the front of the queue.
     fn retry(&self, holding: Holding) {
         let mut state = self.state();
+        state.in_flight = false;
         if state.queued.insert(holding.clone()) {
             state.dirty.push_front(holding);
         }
+    }
+
+    /// Whether the broker has been told everything (nothing queued, no call under way).
+    pub fn settled(&self) -> bool {
+        let state = self.state();
+        !state.in_flight && state.dirty.is_empty()
     }
 
     /// The broker forgot this node (declared dead): everything it holds is told again.
@@ -196,11 +207,17 @@ impl Tracker {
         stats: Arc<Stats>,
         stop: CancellationToken,
     ) {
-        let mut ticks = tokio::time::interval(broker.sweep_every());
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let every = broker.sweep_every();
+        // The first sweep at once: it writes the heartbeat.
+        let mut next_sweep = tokio::time::Instant::now();
         let mut backoff = FIRST_BACKOFF;
         loop {
             while let Some((holding, held)) = self.next() {
+                // A long queue (thousands of channels at once) must not stop the heartbeat.
+                if tokio::time::Instant::now() >= next_sweep {
+                    self.sweep(&*broker, &stats).await;
+                    next_sweep = tokio::time::Instant::now() + every;
+                }
                 match broker.track(&holding, held).await {
                     Ok(transition) => {
                         backoff = FIRST_BACKOFF;
@@ -234,7 +251,10 @@ impl Tracker {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = self.wake.notified() => {}
-                _ = ticks.tick() => self.sweep(&*broker, &stats).await,
+                () = tokio::time::sleep_until(next_sweep) => {
+                    self.sweep(&*broker, &stats).await;
+                    next_sweep = tokio::time::Instant::now() + every;
+                }
             }
         }
     }
@@ -260,5 +280,158 @@ impl Tracker {
                 stats.broker_error();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+
+    use super::*;
+    use crate::broker::conformance::Recorder;
+    use crate::broker::memory::MemoryBroker;
+    use crate::broker::{
+        BrokerError, BrokerFuture, BrokerStatus, ClientInfo, HistoryPage, PublishRequest,
+        Published, Transition,
+    };
+
+    /// A memory broker whose `track` fails while `failing` is set.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: MemoryBroker,
+        failing: AtomicBool,
+        calls: AtomicUsize,
+    }
+
+    impl Broker for Flaky {
+        fn publish<'a>(&'a self, c: &'a str, r: PublishRequest) -> BrokerFuture<'a, Published> {
+            self.inner.publish(c, r)
+        }
+        fn subscribe<'a>(&'a self, c: &'a str) -> BrokerFuture<'a, ()> {
+            self.inner.subscribe(c)
+        }
+        fn unsubscribe<'a>(&'a self, c: &'a str) -> BrokerFuture<'a, ()> {
+            self.inner.unsubscribe(c)
+        }
+        fn history<'a>(
+            &'a self,
+            c: &'a str,
+            since: Option<u64>,
+            limit: usize,
+        ) -> BrokerFuture<'a, HistoryPage> {
+            self.inner.history(c, since, limit)
+        }
+        fn add_presence<'a>(&'a self, c: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
+            self.inner.add_presence(c, client)
+        }
+        fn remove_presence<'a>(&'a self, c: &'a str, client: ClientId) -> BrokerFuture<'a, ()> {
+            self.inner.remove_presence(c, client)
+        }
+        fn presence<'a>(&'a self, c: &'a str) -> BrokerFuture<'a, Vec<ClientInfo>> {
+            self.inner.presence(c)
+        }
+        fn publish_join<'a>(&'a self, c: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
+            self.inner.publish_join(c, client)
+        }
+        fn publish_leave<'a>(&'a self, c: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
+            self.inner.publish_leave(c, client)
+        }
+        fn track<'a>(
+            &'a self,
+            holding: &'a Holding,
+            held: bool,
+        ) -> BrokerFuture<'a, Option<Transition>> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Box::pin(std::future::ready(Err(BrokerError::Unavailable(
+                    "down".into(),
+                ))));
+            }
+            self.inner.track(holding, held)
+        }
+        fn status(&self) -> BrokerStatus {
+            self.inner.status()
+        }
+    }
+
+    #[derive(Default)]
+    struct Sink(Mutex<Vec<(&'static str, String, Option<String>)>>);
+
+    impl TransitionSink for Sink {
+        fn on_transition(&self, t: crate::broker::Transition) {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((
+                    t.kind.name(),
+                    t.channel.to_string(),
+                    t.user.map(|u| u.to_string()),
+                ));
+        }
+    }
+
+    impl Sink {
+        async fn wait_for(&self, count: usize) -> Vec<(&'static str, String, Option<String>)> {
+            for _ in 0..500 {
+                let got = self
+                    .0
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                if got.len() >= count {
+                    return got;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("fewer than {count} transitions");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_broker_delays_transitions_but_loses_none() {
+        let broker = Arc::new(Flaky {
+            inner: MemoryBroker::new(Arc::new(Recorder::default()), 1 << 20),
+            failing: AtomicBool::new(true),
+            calls: AtomicUsize::new(0),
+        });
+        let sink = Arc::new(Sink::default());
+        let tracker = Arc::new(Tracker::new(sink.clone()));
+        let stop = CancellationToken::new();
+        tokio::spawn(Arc::clone(&tracker).run(
+            broker.clone(),
+            Arc::new(Stats::default()),
+            stop.clone(),
+        ));
+        let (m1, m2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        tracker.join("room", m1, Some(Arc::from("u1")));
+        // A channel that comes and goes while the broker fails: reconciled away, never told.
+        tracker.join("brief", m2, None);
+        tracker.leave("brief", m2);
+        while broker.calls.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(sink.0.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
+        broker
+            .failing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let got = sink.wait_for(2).await;
+        assert_eq!(
+            got,
+            vec![
+                ("channel_occupied", "room".to_owned(), None),
+                ("member_added", "room".to_owned(), Some("u1".to_owned())),
+            ]
+        );
+        tracker.leave("room", m1);
+        tracker.leave("room", m1);
+        let got = sink.wait_for(4).await;
+        assert_eq!(
+            got[2..],
+            [
+                ("member_removed", "room".to_owned(), Some("u1".to_owned())),
+                ("channel_vacated", "room".to_owned(), None),
+            ]
+        );
+        stop.cancel();
     }
 }

@@ -329,8 +329,12 @@ impl Prepared {
         let finished = tokio::time::timeout(limit, state.tracker.wait())
             .await
             .is_ok();
-        // Webhook events queued until now (the closed sessions' included) get the rest of
-        // the shutdown's time to be delivered; what is left stays on disk with a data dir.
+        // The transitions the closed sessions caused, told to the broker in what time is left.
+        let left_over = (state.config.shutdown_grace + Duration::from_millis(500))
+            .saturating_sub(started.elapsed());
+        state.node.settle_transitions(left_over).await;
+        // Webhook events queued until now (the closed sessions' and the transitions they
+        // caused included) get the rest of the shutdown's time to be delivered; what is left stays on disk with a data dir.
         let pipeline = state
             .webhook_pipeline
             .lock()
