@@ -298,7 +298,25 @@ async fn channel_and_member_events_arrive_in_order_per_channel() {
     assert_eq!(clients[0]["user"], "u1");
     assert!(clients.iter().all(|e| e.get("channel").is_none()));
     assert!(receiver.attempts().iter().all(|a| a.signed));
+    // The shutdown closes u1: its channel's vacancy is delivered before the server is gone.
+    assert_eq!(subscribe(&mut u1, "last").await["type"], "subscribed");
+    receiver.wait_events(15, DELIVERY).await;
     server.stop().await;
+    let names_on_last: Vec<String> = receiver
+        .events()
+        .iter()
+        .filter(|e| e["channel"] == "last")
+        .map(|e| e["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        names_on_last,
+        [
+            "channel_occupied",
+            "member_added",
+            "member_removed",
+            "channel_vacated"
+        ]
+    );
 }
 
 /// A fresh directory, removed when dropped.
