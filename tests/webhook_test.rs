@@ -423,3 +423,50 @@ fn a_webhook_url_without_a_secret_is_a_startup_error_naming_the_setting() {
     assert!(text.contains("RUSTY_SOCKS_WEBHOOK_SECRET"), "{text}");
     assert!(text.contains("RUSTY_SOCKS_WEBHOOK_EVENTS"), "{text}");
 }
+
+/// Two nodes on one Redis, both sending webhooks to the same receiver: each channel transition
+/// is delivered once, by one node.
+#[tokio::test]
+#[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
+async fn redis_two_nodes_deliver_each_transition_once() {
+    let redis = std::env::var("RUSTY_SOCKS_TEST_REDIS_URL").expect(
+        "RUSTY_SOCKS_TEST_REDIS_URL is not set: this test needs Redis, \
+         e.g. RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379",
+    );
+    let prefix = format!("wh{}", uuid::Uuid::new_v4().simple());
+    let receiver = Receiver::start(SECRET).await;
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let tweak = webhooks(&receiver, 100);
+        let (redis, prefix) = (redis.clone(), prefix.clone());
+        nodes.push(
+            TestServer::start(move |config| {
+                tweak(config);
+                config.webhook.events = EventSet::DEFAULT;
+                config.broker = rusty_socks::settings::BrokerUrl::Redis(redis);
+                config.broker_prefix = prefix;
+            })
+            .await,
+        );
+    }
+    let (mut a, _) = v1_client_url(&nodes[0].url("/ws")).await;
+    let (mut b, _) = v1_client_url(&nodes[1].url("/ws")).await;
+    assert_eq!(subscribe(&mut a, "room").await["type"], "subscribed");
+    receiver.wait_events(1, DELIVERY).await;
+    assert_eq!(subscribe(&mut b, "room").await["type"], "subscribed");
+    let unsubscribe = serde_json::json!({"type":"unsubscribe","id":99,"channel":"room"});
+    assert_eq!(
+        call(&mut a, unsubscribe.clone()).await["type"],
+        "unsubscribed"
+    );
+    assert_eq!(call(&mut b, unsubscribe).await["type"], "unsubscribed");
+    let events = receiver.wait_events(2, DELIVERY).await;
+    // Anything sent twice would have arrived by now.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let events_now = receiver.events();
+    assert_eq!(events_now.len(), events.len(), "{events_now:#?}");
+    assert_eq!(names(&events_now), ["channel_occupied", "channel_vacated"]);
+    for node in nodes {
+        node.stop().await;
+    }
+}
