@@ -143,7 +143,7 @@ fn request(n: u64) -> PublishRequest {
     }
 }
 
-fn prefix() -> String {
+pub(crate) fn prefix() -> String {
     format!("conf{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
@@ -164,6 +164,7 @@ where
     idempotency_keys_are_forgotten_after_their_window(&make).await;
     live_publications_carry_their_epoch(&make).await;
     a_never_published_channel_reads_as_the_start_and_recovers_from_it(&make).await;
+    transitions_are_decided_once_per_change(&make).await;
 }
 
 /// Every live delivery names the epoch its offset belongs to: the one `publish` and
@@ -659,4 +660,73 @@ where
         .count();
     assert_eq!(gaps, 0);
     broker.unsubscribe(&c).await.expect("unsubscribe");
+}
+
+pub(crate) fn holding(channel: &str, user: Option<&str>) -> super::Holding {
+    super::Holding {
+        channel: Arc::from(channel),
+        user: user.map(Arc::from),
+    }
+}
+
+/// `track` decides a transition only when the holding's state moves, and is idempotent: the
+/// first holder gives `channel_occupied` / `member_added`, the last one gone gives
+/// `channel_vacated` / `member_removed`, repeats give nothing.
+async fn transitions_are_decided_once_per_change<F, Fut>(make: &F)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    use super::TransitionKind::{ChannelOccupied, ChannelVacated, MemberAdded, MemberRemoved};
+    let broker = make(Arc::new(Recorder::default())).await;
+    let c = format!("{}:occupancy", prefix());
+    let kind = |t: Option<super::Transition>| t.map(|t| (t.kind, t.channel, t.user));
+    let channel = holding(&c, None);
+    let first = broker.track(&channel, true).await.expect("track");
+    assert!(first.as_ref().is_some_and(|t| t.time_ms > 0));
+    assert_eq!(kind(first), Some((ChannelOccupied, Arc::from(&*c), None)));
+    assert_eq!(
+        kind(broker.track(&channel, true).await.expect("again")),
+        None
+    );
+    let (u1, u2) = (holding(&c, Some("u1")), holding(&c, Some("u:2")));
+    assert_eq!(
+        kind(broker.track(&u1, true).await.expect("u1")),
+        Some((MemberAdded, Arc::from(&*c), Some(Arc::from("u1"))))
+    );
+    assert_eq!(
+        kind(broker.track(&u2, true).await.expect("u2")),
+        Some((MemberAdded, Arc::from(&*c), Some(Arc::from("u:2"))))
+    );
+    assert_eq!(kind(broker.track(&u1, true).await.expect("u1 again")), None);
+    assert_eq!(
+        kind(broker.track(&u1, false).await.expect("u1 gone")),
+        Some((MemberRemoved, Arc::from(&*c), Some(Arc::from("u1"))))
+    );
+    assert_eq!(kind(broker.track(&u1, false).await.expect("twice")), None);
+    assert_eq!(
+        kind(broker.track(&u2, false).await.expect("u2 gone")),
+        Some((MemberRemoved, Arc::from(&*c), Some(Arc::from("u:2"))))
+    );
+    assert_eq!(
+        kind(broker.track(&channel, false).await.expect("vacate")),
+        Some((ChannelVacated, Arc::from(&*c), None))
+    );
+    assert_eq!(
+        kind(broker.track(&channel, false).await.expect("again")),
+        None
+    );
+    // A channel that was vacated is occupied again by its next holder.
+    assert_eq!(
+        kind(broker.track(&channel, true).await.expect("reoccupy")),
+        Some((ChannelOccupied, Arc::from(&*c), None))
+    );
+    broker.track(&channel, false).await.expect("vacate");
+    let swept = broker.sweep().await.expect("sweep");
+    assert!(
+        swept
+            .transitions
+            .iter()
+            .all(|t| !t.channel.starts_with(&*c))
+    );
 }

@@ -32,7 +32,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::local::Subscriptions;
 use super::{
     Broker, BrokerError, BrokerEvents, BrokerFuture, BrokerStatus, ClientInfo, HistoryPage,
-    PublishRequest, Published,
+    Holding, PublishRequest, Published, Swept, Transition,
 };
 use crate::types::ClientId;
 
@@ -195,6 +195,9 @@ async fn probe(health: Arc<Health>, stop: CancellationToken) {
 /// A broker with deadlines and health tracking; see the module docs.
 pub struct Guarded {
     health: Arc<Health>,
+    /// Transitions decided by `track` calls whose caller had stopped waiting: `sweep` hands
+    /// them out.
+    late: Arc<std::sync::Mutex<Vec<Transition>>>,
     _stop: DropGuard,
 }
 
@@ -223,6 +226,7 @@ impl Guarded {
         tokio::spawn(probe(Arc::clone(&health), stop.clone()));
         Self {
             health,
+            late: Arc::default(),
             _stop: stop.drop_guard(),
         }
     }
@@ -324,6 +328,50 @@ impl Broker for Guarded {
     fn publish_leave<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
         let call = self.health.inner.publish_leave(channel, client);
         Box::pin(self.health.call("leave notice", call))
+    }
+
+    fn track<'a>(
+        &'a self,
+        holding: &'a Holding,
+        held: bool,
+    ) -> BrokerFuture<'a, Option<Transition>> {
+        // Run to completion like a subscription change: a call that decides a transition
+        // after its caller stopped waiting keeps it for the next `sweep`, so it is reported
+        // late rather than lost (the caller's retry is idempotent and decides nothing).
+        Box::pin(async move {
+            let health = &self.health;
+            health.ready()?;
+            let (inner, late) = (Arc::clone(&health.inner), Arc::clone(&self.late));
+            let (holding, (done, answer)) = (holding.clone(), oneshot::channel());
+            detach(async move {
+                let outcome = inner.track(&holding, held).await;
+                if let Err(Ok(Some(transition))) = done.send(outcome) {
+                    late.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(transition);
+                }
+            });
+            health.wait("track", answer).await?
+        })
+    }
+
+    fn sweep_every(&self) -> Duration {
+        self.health.inner.sweep_every()
+    }
+
+    fn sweep(&self) -> BrokerFuture<'_, Swept> {
+        Box::pin(async move {
+            let call = self.health.inner.sweep();
+            let mut swept = self.health.call("sweep", call).await?;
+            let late = std::mem::take(
+                &mut *self
+                    .late
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            swept.transitions.extend(late);
+            Ok(swept)
+        })
     }
 
     fn status(&self) -> BrokerStatus {
@@ -449,6 +497,16 @@ mod tests {
             client: ClientInfo,
         ) -> BrokerFuture<'a, ()> {
             self.inner.publish_leave(channel, client)
+        }
+        fn track<'a>(
+            &'a self,
+            holding: &'a Holding,
+            held: bool,
+        ) -> BrokerFuture<'a, Option<Transition>> {
+            Box::pin(async move {
+                self.wait().await;
+                self.inner.track(holding, held).await
+            })
         }
         fn status(&self) -> BrokerStatus {
             BrokerStatus {
@@ -577,5 +635,35 @@ mod tests {
             events.taken("room").is_empty(),
             "unsubscribed before the outage ended: no gap for it"
         );
+    }
+
+    #[tokio::test]
+    async fn a_transition_decided_after_the_deadline_is_reported_by_the_next_sweep() {
+        let events = Arc::new(Recorder::default());
+        let (inner, broker) = guarded(&events);
+        let holding = conformance::holding("room", None);
+        inner.set(true);
+        broker.track(&holding, true).await.expect_err("stalled");
+        inner.set(false);
+        let mut late = Vec::new();
+        for _ in 0..50 {
+            if let Ok(swept) = broker.sweep().await {
+                late.extend(swept.transitions);
+            }
+            if !late.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            late.iter().map(|t| t.kind).collect::<Vec<_>>(),
+            vec![crate::broker::TransitionKind::ChannelOccupied],
+            "decided once, reported late instead of lost"
+        );
+        assert!(
+            broker.track(&holding, true).await.expect("up").is_none(),
+            "the caller's retry decides nothing"
+        );
+        assert!(broker.sweep().await.expect("up").transitions.is_empty());
     }
 }

@@ -12,7 +12,7 @@
 //! returns an offset of another life of the channel) and keep the state, and with it the
 //! epoch, alive while they are remembered.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,8 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::time::Instant;
 
 use super::{
-    Broker, BrokerEvents, BrokerFuture, BrokerStatus, ClientInfo, HistoryPage, PublishRequest,
-    Published,
+    Broker, BrokerEvents, BrokerFuture, BrokerStatus, ClientInfo, HistoryPage, Holding,
+    PublishRequest, Published, Transition,
 };
 use crate::broker::history::{ENTRY_OVERHEAD, HistoryLimits, Stream};
 use crate::types::ClientId;
@@ -174,6 +174,9 @@ pub struct MemoryBroker {
     pub(in crate::broker) history_budget: usize,
     /// `RUSTY_SOCKS_DATA_DIR`: the log that makes history durable (see `broker::durable`).
     pub(in crate::broker) durable: Option<crate::broker::durable::Durable>,
+    /// What this node holds ([`Broker::track`]): one node, so the cluster-wide state is this
+    /// set, and a transition is an insert or removal that changed it.
+    holdings: Mutex<HashSet<Holding>>,
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -193,6 +196,7 @@ impl MemoryBroker {
             history_total: AtomicUsize::new(0),
             history_budget,
             durable: None,
+            holdings: Mutex::default(),
         }
     }
 
@@ -287,6 +291,24 @@ impl Broker for MemoryBroker {
     fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
         self.with(channel, |state| state.subscribed += 1);
         Self::now(())
+    }
+
+    fn track<'a>(
+        &'a self,
+        holding: &'a Holding,
+        held: bool,
+    ) -> BrokerFuture<'a, Option<Transition>> {
+        let mut holdings = self
+            .holdings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = if held {
+            holdings.insert(holding.clone())
+        } else {
+            holdings.remove(holding)
+        };
+        drop(holdings);
+        Self::now(changed.then(|| holding.transition(held)))
     }
 
     fn unsubscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {

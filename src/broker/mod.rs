@@ -9,6 +9,7 @@
 //! delivering must be one atomic step per channel: that is what lets a subscriber recover
 //! exactly what it missed.
 
+pub mod cluster_cases;
 pub mod conformance;
 pub mod durable;
 pub mod guard;
@@ -33,6 +34,7 @@ use serde_json::value::RawValue;
 pub use crate::types::ClientInfo;
 use crate::types::{ClientId, Publication, StreamPosition};
 use history::HistoryLimits;
+pub use transition::{Holding, Swept, Transition, TransitionKind, TransitionSink};
 
 /// A boxed future returned by broker methods (the trait is used as `Arc<dyn Broker>`).
 pub type BrokerFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BrokerError>> + Send + 'a>>;
@@ -164,6 +166,16 @@ pub trait BrokerEvents: Send + Sync {
 ///   stops refreshing them (it died), so presence has no ghosts.
 /// - Nothing is lost silently: if live delivery may have missed publications, the broker calls
 ///   [`BrokerEvents::on_gap`] for every affected channel once it can deliver again.
+/// - Transitions (the webhooks' `channel_occupied`, `channel_vacated`, `member_added`,
+///   `member_removed`): a node `track`s each [`Holding`] it gains (its first local subscriber
+///   of a channel, a user's first local subscription to a presence channel) and loses. The
+///   broker keeps, per holding, the set of nodes that hold it; the call that makes the set
+///   non-empty or empty returns the transition, so exactly one node in the cluster reports
+///   each one. `track` is idempotent (a node already in, or not in, the set changes nothing
+///   and decides nothing). `sweep`, called periodically, refreshes this node's heartbeat and
+///   claims dead nodes (no heartbeat for the presence TTL) atomically, one survivor each,
+///   returning the transitions their holdings cause; a node declared dead that comes back is
+///   told to track everything again ([`Swept::rejoined`]).
 pub trait Broker: Send + Sync + std::fmt::Debug {
     /// Publishes on `channel` and returns its new position (or a duplicate's first one).
     fn publish<'a>(
@@ -192,6 +204,23 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     fn publish_join<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()>;
     /// Announces a leave to every subscribed node.
     fn publish_leave<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()>;
+    /// Records whether this node holds `holding` and returns the transition if this call
+    /// moved the cluster-wide state (the first holder arrived, or the last one left).
+    fn track<'a>(
+        &'a self,
+        holding: &'a Holding,
+        held: bool,
+    ) -> BrokerFuture<'a, Option<Transition>>;
+    /// Refreshes this node's heartbeat and claims dead nodes' holdings; see the trait docs.
+    /// A single-node broker has nothing to do (the default).
+    fn sweep(&self) -> BrokerFuture<'_, Swept> {
+        Box::pin(std::future::ready(Ok(Swept::default())))
+    }
+    /// How often the node calls [`Broker::sweep`] (networked brokers: a third of the
+    /// presence TTL, so a live node never looks dead).
+    fn sweep_every(&self) -> Duration {
+        Duration::from_secs(1)
+    }
     /// Where the broker stands now.
     fn status(&self) -> BrokerStatus;
     /// Checks that the backend answers (Redis `PING`, a NATS flush and a JetStream request).

@@ -53,3 +53,79 @@ pub trait TransitionSink: Send + Sync {
     /// Takes one transition. Per channel, calls arrive in the order the transitions happened.
     fn on_transition(&self, transition: Transition);
 }
+
+/// What a node holds and reports to the broker through [`super::Broker::track`]: a channel
+/// (it has local subscribers), or a user's membership of a presence channel (the user has a
+/// local connection subscribed to it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Holding {
+    /// The channel.
+    pub channel: Arc<str>,
+    /// The user, for a membership; `None` for the channel itself.
+    pub user: Option<Arc<str>>,
+}
+
+impl Holding {
+    /// The transition that the first holder anywhere (`held`) or the last one gone (`!held`)
+    /// causes, decided now.
+    pub fn transition(&self, held: bool) -> Transition {
+        let kind = match (self.user.is_some(), held) {
+            (false, true) => TransitionKind::ChannelOccupied,
+            (false, false) => TransitionKind::ChannelVacated,
+            (true, true) => TransitionKind::MemberAdded,
+            (true, false) => TransitionKind::MemberRemoved,
+        };
+        Transition {
+            kind,
+            channel: Arc::clone(&self.channel),
+            user: self.user.clone(),
+            time_ms: now_ms(),
+        }
+    }
+
+    /// A compact text form, `c:<channel>` or `m:<user length>:<user><channel>`, that networked
+    /// brokers use in their keys; [`Holding::decode`] reads it back.
+    pub fn encode(&self) -> String {
+        match &self.user {
+            None => format!("c:{}", self.channel),
+            Some(user) => format!("m:{}:{}{}", user.len(), user, self.channel),
+        }
+    }
+
+    /// Reads [`Holding::encode`]'s form; `None` if it is not one.
+    pub fn decode(text: &str) -> Option<Self> {
+        if let Some(channel) = text.strip_prefix("c:") {
+            return Some(Self {
+                channel: Arc::from(channel),
+                user: None,
+            });
+        }
+        let rest = text.strip_prefix("m:")?;
+        let (len, rest) = rest.split_once(':')?;
+        let len: usize = len.parse().ok()?;
+        let user = rest.get(..len)?;
+        let channel = rest.get(len..)?;
+        Some(Self {
+            channel: Arc::from(channel),
+            user: Some(Arc::from(user)),
+        })
+    }
+}
+
+/// What [`super::Broker::sweep`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Swept {
+    /// Transitions that dead nodes' holdings caused, claimed by this node: it reports them.
+    pub transitions: Vec<Transition>,
+    /// The broker had declared this node dead (it missed its heartbeats for the presence
+    /// TTL) and its holdings are gone: the node must [`super::Broker::track`] everything it
+    /// holds again.
+    pub rejoined: bool,
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

@@ -12,7 +12,9 @@
 //!   address.
 //! - [`namespace`]: per-namespace channel options.
 //! - [`stats`]: counters for `/stats` and `/metrics`.
+//! - [`webhook`]: channel, member and client events POSTed to the backend, at least once.
 //! - [`backend`]: calls to the application's backend (HTTP client, proxy).
+//! - [`transitions`]: this node's part in cluster-wide transitions (webhook events).
 
 pub mod admission;
 pub mod backend;
@@ -31,3 +33,5 @@ pub mod per_address;
 pub mod session;
 pub mod sessions;
 pub mod stats;
+pub mod transitions;
+pub mod webhook;

@@ -229,6 +229,8 @@ pub struct Node {
     stopped_waiting: AtomicBool,
     /// Stops the control recovery task when the node goes.
     stop: CancellationToken,
+    /// Set by [`Node::set_transition_sink`]: this node's holdings, reported to the broker.
+    transitions: std::sync::OnceLock<Arc<crate::engine::transitions::Tracker>>,
 }
 
 impl Drop for Node {
@@ -261,6 +263,58 @@ impl Node {
             publishing: AtomicUsize::new(0),
             stopped_waiting: AtomicBool::new(false),
             stop: CancellationToken::new(),
+            transitions: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Starts reporting cluster-wide transitions (occupied/vacated channels, added/removed
+    /// members of presence channels) to `sink`: from now on this node tracks its holdings at
+    /// the broker (see [`crate::engine::transitions`]). Set it before the node serves
+    /// anyone: subscriptions made before are not counted. Call once, within a Tokio runtime;
+    /// a second call is refused.
+    pub fn set_transition_sink(
+        &self,
+        sink: Arc<dyn crate::broker::TransitionSink>,
+    ) -> Result<(), &'static str> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| "set_transition_sink needs a Tokio runtime")?;
+        let tracker = Arc::new(crate::engine::transitions::Tracker::new(sink));
+        self.transitions
+            .set(Arc::clone(&tracker))
+            .map_err(|_| "a transition sink is set already")?;
+        runtime.spawn(tracker.run(
+            Arc::clone(&self.broker),
+            Arc::clone(&self.stats),
+            self.stop.child_token(),
+        ));
+        Ok(())
+    }
+
+    /// Waits up to `within` until the broker was told every holding change (on shutdown,
+    /// after the sessions left their channels, so their transitions are decided here rather
+    /// than by a survivor after the presence TTL, or, on one node, not at all).
+    pub async fn settle_transitions(&self, within: std::time::Duration) {
+        let Some(tracker) = self.transitions.get() else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + within;
+        while !tracker.settled() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Counts a member that joined `channel` here, when transitions are reported.
+    fn track_join(&self, channel: &str, member: ClientId, client: &ClientInfo, presence: bool) {
+        if let Some(tracker) = self.transitions.get() {
+            let user = client.user.clone().filter(|_| presence);
+            tracker.join(channel, member, user);
+        }
+    }
+
+    /// Counts a member that left `channel` here, when transitions are reported.
+    pub(super) fn track_leave(&self, channel: &str, member: ClientId) {
+        if let Some(tracker) = self.transitions.get() {
+            tracker.leave(channel, member);
         }
     }
 
@@ -377,6 +431,7 @@ impl Node {
         // (with its presence entry and a `leave` for its `join`) unless it is kept, also when
         // this future is dropped (a caller's timeout) or panics.
         self.count_subscription(channel, 1);
+        self.track_join(channel, outbox.id(), client, options.presence);
         let mut joining = Joining {
             node: self,
             member: outbox.id(),
@@ -671,6 +726,7 @@ impl Joining<'_> {
             return None;
         }
         self.node.count_subscription(self.channel, -1);
+        self.node.track_leave(self.channel, self.member);
         Some(Departure {
             unsubscribe: left == Left::Last && self.broker_subscribed,
             presence: self.options.presence && self.presence,

@@ -83,6 +83,13 @@ impl Broker for Racing {
     fn publish_leave<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
         self.inner.publish_leave(channel, client)
     }
+    fn track<'a>(
+        &'a self,
+        holding: &'a crate::broker::Holding,
+        held: bool,
+    ) -> BrokerFuture<'a, Option<crate::broker::Transition>> {
+        self.inner.track(holding, held)
+    }
     fn status(&self) -> crate::broker::BrokerStatus {
         self.inner.status()
     }
@@ -223,6 +230,13 @@ impl Broker for Faulty {
     }
     fn publish_leave<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
         self.inner.publish_leave(channel, client)
+    }
+    fn track<'a>(
+        &'a self,
+        holding: &'a crate::broker::Holding,
+        held: bool,
+    ) -> BrokerFuture<'a, Option<crate::broker::Transition>> {
+        self.inner.track(holding, held)
     }
     fn status(&self) -> crate::broker::BrokerStatus {
         self.inner.status()

@@ -8,13 +8,22 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::engine::outbox::Outbox;
 use crate::types::ClientId;
 use crate::ws::close::CloseCode;
 
 const SHARDS: usize = 64;
+
+/// Told when sessions start and end (the webhooks' `client_connected` and
+/// `client_disconnected`). Called on the session's task; must not block.
+pub trait SessionEvents: Send + Sync + std::fmt::Debug {
+    /// A session started, as `user` when authenticated.
+    fn connected(&self, client: ClientId, user: Option<Arc<str>>);
+    /// A session ended.
+    fn disconnected(&self, client: ClientId, user: Option<Arc<str>>);
+}
 
 /// The registry of live sessions, sharded so registration never contends globally.
 #[derive(Debug)]
@@ -26,6 +35,8 @@ pub struct Sessions {
     users: Mutex<HashMap<ClientId, Arc<str>>>,
     /// Whether `users` may hold anything (skips its lock when no one ever authenticated).
     any_users: AtomicBool,
+    /// Told of sessions starting ([`Sessions::connected`]) and ending, once set.
+    events: OnceLock<Arc<dyn SessionEvents>>,
 }
 
 impl Default for Sessions {
@@ -35,6 +46,7 @@ impl Default for Sessions {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             users: Mutex::default(),
             any_users: AtomicBool::new(false),
+            events: OnceLock::new(),
         }
     }
 }
@@ -49,8 +61,13 @@ pub struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.sessions.shard(self.id).remove(&self.id);
-        if self.sessions.any_users.load(Ordering::Acquire) {
-            self.sessions.lock_users().remove(&self.id);
+        let user = if self.sessions.any_users.load(Ordering::Acquire) {
+            self.sessions.lock_users().remove(&self.id)
+        } else {
+            None
+        };
+        if let Some(events) = self.sessions.events.get() {
+            events.disconnected(self.id, user);
         }
     }
 }
@@ -84,6 +101,24 @@ impl Sessions {
     pub fn set_user(&self, registration: &Registration, user: Arc<str>) {
         self.any_users.store(true, Ordering::Release);
         self.lock_users().insert(registration.id, user);
+    }
+
+    /// Tells `events` of every session started (through [`Sessions::connected`]) and ended
+    /// from now on; only the first call counts.
+    pub fn set_events(&self, events: Arc<dyn SessionEvents>) {
+        let _ = self.events.set(events);
+    }
+
+    /// Reports a registered session as started, as the user [`Sessions::set_user`] recorded.
+    pub fn connected(&self, registration: &Registration) {
+        if let Some(events) = self.events.get() {
+            let user = if self.any_users.load(Ordering::Acquire) {
+                self.lock_users().get(&registration.id).cloned()
+            } else {
+                None
+            };
+            events.connected(registration.id, user);
+        }
     }
 
     /// Calls `f` on every registered session's outbox, one shard at a time.

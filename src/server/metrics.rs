@@ -59,6 +59,9 @@ pub fn render(state: &AppState) -> String {
     state.stats.render(&mut out);
     state.reload_counts.render(&mut out);
     state.chat.proxy.stats().render(&mut out);
+    if let Some(webhooks) = &state.webhooks {
+        webhooks.render(&mut out);
+    }
     out
 }
 

@@ -51,6 +51,9 @@ pub enum StartupError {
     /// The TLS certificate or key could not be loaded.
     #[error(transparent)]
     Tls(#[from] crate::server::tls::TlsError),
+    /// The webhook pipeline could not start (its directory could not be opened).
+    #[error("{0}")]
+    Webhook(String),
     /// The separate metrics address could not be bound.
     #[error("RUSTY_SOCKS_METRICS_ADDR: cannot listen on {addr}: {source}")]
     Metrics {
@@ -91,6 +94,10 @@ pub struct AppState {
     pub connect_limiter: crate::server::limits::ConnectLimiter,
     /// What every `/ws` session shares.
     pub chat: Arc<crate::engine::chat::ChatShared>,
+    /// The webhook queue (`RUSTY_SOCKS_WEBHOOK_URL`), for the metrics.
+    pub webhooks: Option<Arc<crate::engine::webhook::WebhookQueue>>,
+    /// The webhook pipeline, taken at shutdown to deliver what is queued.
+    webhook_pipeline: std::sync::Mutex<Option<crate::engine::webhook::Webhooks>>,
     /// The JWKS refresh task, when keys come from a JWKS document; replaced when a reload
     /// loads new keys (the lock is held only to swap the handle).
     jwks_refresh: std::sync::Mutex<Option<AbortOnDropHandle<()>>>,
@@ -132,6 +139,19 @@ impl AppState {
             Arc::clone(&stats),
         ));
         node.start(control).await?;
+        // After the broker: with RUSTY_SOCKS_DATA_DIR, the history's lock guards the directory.
+        let webhook_pipeline =
+            crate::engine::webhook::Webhooks::start(&config.webhook, config.data_dir.as_deref())
+                .map_err(StartupError::Webhook)?;
+        let webhooks = webhook_pipeline.as_ref().map(|w| Arc::clone(&w.queue));
+        if let Some(queue) = &webhooks {
+            sessions.set_events(Arc::clone(queue) as _);
+            if queue.reports_transitions() {
+                // Before anyone is served, so every subscription is counted.
+                node.set_transition_sink(Arc::clone(queue) as _)
+                    .map_err(|why| StartupError::Webhook(why.to_owned()))?;
+            }
+        }
         // All bounded by configuration validation well below u32::MAX.
         let limits = crate::engine::chat::ChatLimits {
             replay: u32::try_from(config.replay_count).unwrap_or(u32::MAX),
@@ -150,6 +170,8 @@ impl AppState {
         // goes, also when `serve` never runs).
         let jwks_refresh = jwks_refresh(verifier.as_deref(), &shutdown);
         Ok(Arc::new(Self {
+            webhooks,
+            webhook_pipeline: std::sync::Mutex::new(webhook_pipeline),
             jwks_refresh: std::sync::Mutex::new(jwks_refresh),
             live: arc_swap::ArcSwap::from_pointee(config.clone()),
             reload_counts: reload::ReloadCounts::default(),
@@ -256,6 +278,11 @@ impl Prepared {
         &self.state.config
     }
 
+    /// The node, e.g. to [`Node::set_transition_sink`] before serving.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.state.node
+    }
+
     /// Where `/metrics` is served when it has its own address.
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.metrics.as_ref().and_then(|l| l.local_addr().ok())
@@ -303,6 +330,30 @@ impl Prepared {
         let finished = tokio::time::timeout(limit, state.tracker.wait())
             .await
             .is_ok();
+        // The transitions the closed sessions caused, told to the broker in what time is left.
+        let left_over = (state.config.shutdown_grace + Duration::from_millis(500))
+            .saturating_sub(started.elapsed());
+        state.node.settle_transitions(left_over).await;
+        // Webhook events queued until now (the closed sessions' and the transitions they
+        // caused included) get the rest of the shutdown's time to be delivered; what is left stays on disk with a data dir.
+        let pipeline = state
+            .webhook_pipeline
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(pipeline) = pipeline {
+            let left = (state.config.shutdown_grace + Duration::from_millis(500))
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_millis(200));
+            let undelivered = pipeline.shutdown(tokio::time::Instant::now() + left).await;
+            if undelivered > 0 {
+                tracing::warn!(
+                    undelivered,
+                    durable = state.config.data_dir.is_some(),
+                    "webhook events not delivered before shutdown (kept on disk only with RUSTY_SOCKS_DATA_DIR)"
+                );
+            }
+        }
         // One line for the whole shutdown, not one per connection.
         let left = state.sessions.len();
         let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -424,6 +424,8 @@ fields! {
     restart shown "RUSTY_SOCKS_MAX_CONN_PER_IP" max_conn_per_ip,
     restart shown "RUSTY_SOCKS_IPV6_PREFIX" ipv6_prefix,
     restart shown "RUSTY_SOCKS_TRUSTED_PROXIES" trusted_proxies,
+    // Every RUSTY_SOCKS_WEBHOOK_* setting, reported under the URL's name.
+    restart secret "RUSTY_SOCKS_WEBHOOK_URL" webhook,
     restart shown "RUSTY_SOCKS_DEMO" demo,
     restart shown "RUSTY_SOCKS_LOG_FORMAT" log_format,
     log shown "RUSTY_SOCKS_LOG_LEVEL" log_level,

@@ -270,6 +270,7 @@ pub async fn start(pending: Pending, state: &Arc<AppState>, address: Option<Addr
             .sessions
             .set_user(&registration, Arc::clone(&identity.user));
     }
+    state.sessions.connected(&registration);
     let guards = Guards {
         registration,
         permit,

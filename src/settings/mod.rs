@@ -17,6 +17,7 @@ mod proxy;
 mod read;
 mod sources;
 mod table;
+mod webhook;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -181,6 +182,8 @@ pub struct Config {
     pub ipv6_prefix: u8,
     /// `RUSTY_SOCKS_TRUSTED_PROXIES`: peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpRange>,
+    /// `RUSTY_SOCKS_WEBHOOK_*`: where and how webhook events are sent (off without a URL).
+    pub webhook: crate::engine::webhook::WebhookOptions,
     /// `RUSTY_SOCKS_DEMO`: serve the demo page at `/` and the client at `/rusty-socks.js`.
     pub demo: bool,
     /// `RUSTY_SOCKS_LOG_FORMAT`: how log lines are written.
@@ -268,6 +271,7 @@ impl Default for Config {
             max_conn_per_ip: DEFAULT_MAX_CONN_PER_IP,
             ipv6_prefix: 64,
             trusted_proxies: Vec::new(),
+            webhook: crate::engine::webhook::WebhookOptions::default(),
             demo: true,
             log_format: LogFormat::Text,
             log_level: "info".to_owned(),

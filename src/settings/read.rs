@@ -309,6 +309,7 @@ impl Config {
                     })
                     .collect::<Result<_, _>>()?,
             },
+            webhook: super::webhook::read(&get)?,
             demo: flag("RUSTY_SOCKS_DEMO", d.demo)?,
             log_format: match get("RUSTY_SOCKS_LOG_FORMAT") {
                 None => d.log_format,
@@ -377,7 +378,7 @@ impl Config {
 }
 
 /// An optional secret: unset or empty means none; set, it must be at least `min` bytes.
-fn secret(
+pub(super) fn secret(
     found: Option<(&'static str, String)>,
     min: usize,
 ) -> Result<Option<Secret>, ConfigError> {

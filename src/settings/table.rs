@@ -403,6 +403,42 @@ pub const SETTINGS: &[Setting] = &[
         meaning: "comma-separated proxy IPs/CIDRs whose X-Forwarded-For is believed",
     },
     Setting {
+        var: "RUSTY_SOCKS_WEBHOOK_URL",
+        default: "(unset)",
+        kind: Kind::Text,
+        meaning: "http:// URL the webhook events are POSTed to (unset = no webhooks)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_WEBHOOK_SECRET",
+        default: "(unset)",
+        kind: Kind::Secret,
+        meaning: "HMAC-SHA256 key of the X-Rusty-Socks-Signature header, at least 16 bytes; required with WEBHOOK_URL",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_WEBHOOK_EVENTS",
+        default: "channel_occupied,channel_vacated,member_added,member_removed",
+        kind: Kind::List,
+        meaning: "events sent; client_connected and client_disconnected are opt-in",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_WEBHOOK_BATCH",
+        default: "100",
+        kind: Kind::Int,
+        meaning: "most events in one webhook POST (a batch waits at most 250 ms to fill)",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_WEBHOOK_MAX_AGE",
+        default: "3600",
+        kind: Kind::Int,
+        meaning: "seconds an undelivered webhook event is retried before it is dropped",
+    },
+    Setting {
+        var: "RUSTY_SOCKS_WEBHOOK_TIMEOUT",
+        default: "5",
+        kind: Kind::Int,
+        meaning: "seconds one webhook POST may take before it counts as failed",
+    },
+    Setting {
         var: "RUSTY_SOCKS_DEMO",
         default: "true",
         kind: Kind::Bool,

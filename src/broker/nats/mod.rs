@@ -31,6 +31,9 @@
 //!   `t.<client id>`, re-put by the node that wrote it every TTL / 3, so a dead node's entries
 //!   expire within the TTL. A presence read asks the stream which keys of the channel exist
 //!   first, so reading a channel nobody was present on creates no consumer.
+//! - Transitions (webhooks' occupied/vacated/member events): KV bucket `p_transitions`, per
+//!   holding the list of nodes holding it changed by compare-and-set, heartbeats in the
+//!   presence bucket, dead nodes claimed with create-if-absent; see `transitions`.
 //!
 //! The code is split by job: `history` (offsets and epochs, publishing, history reads and
 //! purging), `live` (per-channel feeds, join/leave, gap reporting) and `presence` (the KV
@@ -72,6 +75,7 @@ mod live;
 mod presence;
 #[cfg(test)]
 mod tests;
+mod transitions;
 
 const HISTORY_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 /// Longest pause between reconnect attempts.
@@ -201,6 +205,8 @@ const NOT_RECONNECTING: u64 = u64::MAX;
 /// Broker for nodes sharing a NATS server; see the module docs.
 pub struct NatsBroker {
     inner: Arc<Inner>,
+    /// This node's id and bucket for cluster-wide transitions.
+    tracking: transitions::Tracking,
     _stop: DropGuard,
 }
 
@@ -410,6 +416,7 @@ impl NatsBroker {
         tokio::spawn(Arc::clone(&inner).maintain(reconnected));
         Ok(Self {
             inner,
+            tracking: transitions::Tracking::new(),
             _stop: stop.drop_guard(),
         })
     }
@@ -515,6 +522,22 @@ impl Broker for NatsBroker {
 
     fn publish_leave<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
         Box::pin(async move { self.inner.announce(channel, &client, true).await })
+    }
+
+    fn track<'a>(
+        &'a self,
+        holding: &'a crate::broker::Holding,
+        held: bool,
+    ) -> BrokerFuture<'a, Option<crate::broker::Transition>> {
+        Box::pin(self.track_holding(holding, held))
+    }
+
+    fn sweep(&self) -> BrokerFuture<'_, crate::broker::Swept> {
+        Box::pin(self.sweep_nodes())
+    }
+
+    fn sweep_every(&self) -> Duration {
+        transitions::sweep_every(self.inner.options.presence_ttl)
     }
 
     fn status(&self) -> BrokerStatus {

@@ -70,6 +70,9 @@ impl Drop for Cleanup {
                     };
                     let _ = js.delete_stream(names.stream()).await;
                     let _ = js.delete_key_value(names.bucket()).await;
+                    let _ = js
+                        .delete_key_value(format!("{}_transitions", options.prefix))
+                        .await;
                     Some(())
                 };
                 let _ = tokio::time::timeout(Duration::from_secs(5), cleanup).await;
@@ -345,4 +348,50 @@ async fn an_unreachable_server_fails_fast() {
         "{result:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+/// Brokers of one cluster on `options`' prefix, with presence TTL `ttl`.
+fn cluster(
+    options: NatsOptions,
+    ttl: Duration,
+) -> impl Fn(Arc<dyn crate::broker::BrokerEvents>) -> crate::broker::cluster_cases::Building {
+    move |events| {
+        let options = NatsOptions {
+            presence_ttl: ttl,
+            ..options.clone()
+        };
+        Box::pin(async move {
+            let broker = NatsBroker::connect(options, events).await;
+            Arc::new(broker.expect("connect to NATS")) as Arc<dyn Broker>
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
+async fn transitions_are_decided_once_across_nodes() {
+    let options = options(&url());
+    let _cleanup = Cleanup(options.clone());
+    let make = cluster(options, Duration::from_secs(3));
+    crate::broker::cluster_cases::transitions_across_nodes(&make).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
+async fn a_dead_nodes_transitions_are_claimed_by_one_survivor() {
+    let options = options(&url());
+    let _cleanup = Cleanup(options.clone());
+    let ttl = Duration::from_secs(1);
+    let make = cluster(options, ttl);
+    crate::broker::cluster_cases::dead_nodes_are_claimed_by_one_survivor(&make, ttl).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
+async fn a_node_declared_dead_tracks_again() {
+    let options = options(&url());
+    let _cleanup = Cleanup(options.clone());
+    let ttl = Duration::from_secs(1);
+    let make = cluster(options, ttl);
+    crate::broker::cluster_cases::a_node_declared_dead_rejoins(&make, ttl).await;
 }

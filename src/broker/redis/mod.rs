@@ -11,6 +11,9 @@
 //! - **Presence**: a hash of entries and a sorted set of their expiry times per channel. Each
 //!   node refreshes its own entries every third of `RUSTY_SOCKS_PRESENCE_TTL`; a node that dies
 //!   stops refreshing, and its entries are dropped by the next read after the TTL.
+//! - **Transitions** (webhooks' occupied/vacated/member events): per holding a set of the
+//!   nodes that hold it, changed by one script per call, and a heartbeat per node; survivors
+//!   claim dead nodes atomically. See `transitions.rs`.
 //! - **Deadlines**: every command, connection attempt and subscription change waits at most
 //!   [`RedisOptions::timeout`]. A command connection whose command timed out (or was abandoned
 //!   at a caller's deadline) is replaced, so a link that went silently dead recovers.
@@ -30,6 +33,7 @@
 
 mod commands;
 mod scripts;
+mod transitions;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -106,6 +110,8 @@ struct Shared {
 /// Broker over Redis; see the module docs.
 pub struct RedisBroker {
     shared: Arc<Shared>,
+    /// This node's id and scripts for cluster-wide transitions.
+    tracking: transitions::Tracking,
     /// Stops the background tasks when the broker is dropped.
     _stop: DropGuard,
 }
@@ -173,6 +179,7 @@ impl RedisBroker {
         tokio::spawn(refresh_presence(Arc::clone(&shared), stop.clone()));
         Ok(Self {
             shared,
+            tracking: transitions::Tracking::new(),
             _stop: stop.drop_guard(),
         })
     }
@@ -645,6 +652,22 @@ impl Broker for RedisBroker {
 
     fn publish_leave<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()> {
         self.announce(channel, wire::presence_change(&client, true))
+    }
+
+    fn track<'a>(
+        &'a self,
+        holding: &'a crate::broker::Holding,
+        held: bool,
+    ) -> BrokerFuture<'a, Option<crate::broker::Transition>> {
+        Box::pin(self.track_holding(holding, held))
+    }
+
+    fn sweep(&self) -> BrokerFuture<'_, crate::broker::Swept> {
+        Box::pin(self.sweep_nodes())
+    }
+
+    fn sweep_every(&self) -> Duration {
+        (self.shared.options.presence_ttl / 3).max(Duration::from_millis(50))
     }
 
     fn status(&self) -> BrokerStatus {

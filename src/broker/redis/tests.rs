@@ -183,3 +183,46 @@ async fn reading_a_never_published_channel_creates_no_keys() {
         let _: Result<i64, _> = redis::AsyncCommands::del(&mut conn, &key).await;
     }
 }
+
+/// Brokers of one cluster on `prefix` whose presence TTL is `ttl`.
+fn cluster(
+    prefix: String,
+    ttl: Duration,
+) -> impl Fn(Arc<dyn BrokerEvents>) -> crate::broker::cluster_cases::Building {
+    let url = url();
+    move |events| {
+        let options = RedisOptions {
+            presence_ttl: ttl,
+            ..options(&url, &prefix)
+        };
+        Box::pin(async move {
+            let broker = RedisBroker::connect(options, events)
+                .await
+                .expect("redis reachable");
+            Arc::new(broker) as Arc<dyn Broker>
+        })
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
+async fn transitions_are_decided_once_across_nodes() {
+    let make = cluster(prefix(), Duration::from_secs(3));
+    crate::broker::cluster_cases::transitions_across_nodes(&make).await;
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
+async fn a_dead_nodes_transitions_are_claimed_by_one_survivor() {
+    let ttl = Duration::from_secs(1);
+    let make = cluster(prefix(), ttl);
+    crate::broker::cluster_cases::dead_nodes_are_claimed_by_one_survivor(&make, ttl).await;
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
+async fn a_node_declared_dead_tracks_again() {
+    let ttl = Duration::from_secs(1);
+    let make = cluster(prefix(), ttl);
+    crate::broker::cluster_cases::a_node_declared_dead_rejoins(&make, ttl).await;
+}

@@ -65,6 +65,7 @@ impl Node {
         let left = self.hub.unsubscribe(channel, client_id);
         if left != Left::NotMember {
             self.count_subscription(channel, -1);
+            self.track_leave(channel, client_id);
         }
         left
     }

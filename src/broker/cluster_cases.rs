@@ -1,0 +1,194 @@
+//! Conformance cases for networked brokers only: several brokers built by one factory are
+//! nodes of one cluster. Transitions are decided once across the nodes, and a dead node's
+//! holdings are claimed by exactly one survivor within the presence TTL. The Redis and NATS
+//! tests run these with [`super::conformance::run_all`].
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::conformance::{Recorder, holding, prefix};
+use super::{Broker, BrokerEvents, TransitionKind};
+
+/// A broker being built, as a test's factory returns it.
+pub type Building = std::pin::Pin<Box<dyn Future<Output = Arc<dyn Broker>>>>;
+
+/// For networked brokers: two brokers from `make` are two nodes of one cluster. The first
+/// holder anywhere occupies, the last one anywhere vacates; the other calls decide nothing.
+pub async fn transitions_across_nodes<F, Fut>(make: &F)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    use TransitionKind::{ChannelOccupied, ChannelVacated, MemberAdded, MemberRemoved};
+    let a = make(Arc::new(Recorder::default())).await;
+    let b = make(Arc::new(Recorder::default())).await;
+    let c = format!("{}:shared", prefix());
+    let kind = |t: Option<super::Transition>| t.map(|t| t.kind);
+    let channel = holding(&c, None);
+    let user = holding(&c, Some("u42"));
+    assert_eq!(
+        kind(a.track(&channel, true).await.expect("a")),
+        Some(ChannelOccupied)
+    );
+    assert_eq!(kind(b.track(&channel, true).await.expect("b")), None);
+    assert_eq!(
+        kind(b.track(&user, true).await.expect("b user")),
+        Some(MemberAdded)
+    );
+    assert_eq!(kind(a.track(&user, true).await.expect("a user")), None);
+    assert_eq!(kind(a.track(&channel, false).await.expect("a out")), None);
+    assert_eq!(kind(b.track(&user, false).await.expect("b user out")), None);
+    assert_eq!(
+        kind(a.track(&user, false).await.expect("a user out")),
+        Some(MemberRemoved)
+    );
+    assert_eq!(
+        kind(b.track(&channel, false).await.expect("b out")),
+        Some(ChannelVacated)
+    );
+    // Racing first holders: exactly one of them occupies.
+    let d = holding(&format!("{c}:race"), None);
+    let (x, y) = tokio::join!(a.track(&d, true), b.track(&d, true));
+    let decided = [x.expect("a race"), y.expect("b race")];
+    assert_eq!(
+        decided.iter().filter(|t| t.is_some()).count(),
+        1,
+        "{decided:?}"
+    );
+    let (x, y) = tokio::join!(a.track(&d, false), b.track(&d, false));
+    let decided = [x.expect("a race"), y.expect("b race")];
+    assert_eq!(
+        decided.iter().filter(|t| t.is_some()).count(),
+        1,
+        "{decided:?}"
+    );
+}
+
+/// A node that dies (stops calling `track` and `sweep`, like a killed process) holding
+/// `c1` alone, a membership of `c1` and, with another node, `c2`: within the presence TTL
+/// (plus a margin) the survivors report `member_removed` and `channel_vacated` of `c1`,
+/// exactly once between them, and nothing for `c2`. `make` builds brokers whose presence
+/// TTL is `ttl`.
+pub async fn dead_nodes_are_claimed_by_one_survivor<F, Fut>(make: &F, ttl: Duration)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    use TransitionKind::{ChannelVacated, MemberRemoved};
+    let dying = make(Arc::new(Recorder::default())).await;
+    let b = make(Arc::new(Recorder::default())).await;
+    let c = make(Arc::new(Recorder::default())).await;
+    let p = prefix();
+    let (c1, c2) = (format!("{p}:alone"), format!("{p}:shared"));
+    for h in [
+        holding(&c1, None),
+        holding(&c1, Some("u7")),
+        holding(&c2, None),
+    ] {
+        assert!(dying.track(&h, true).await.expect("track").is_some());
+    }
+    assert!(
+        b.track(&holding(&c2, None), true)
+            .await
+            .expect("b")
+            .is_none()
+    );
+    dying.sweep().await.expect("heartbeat");
+    drop(dying);
+    let started = tokio::time::Instant::now();
+    let mut reported = Vec::new();
+    // Both survivors sweep until the TTL and a margin have passed.
+    while started.elapsed() < ttl * 2 + Duration::from_secs(1) {
+        let (x, y) = tokio::join!(b.sweep(), c.sweep());
+        for swept in [x.expect("b sweep"), y.expect("c sweep")] {
+            assert!(!swept.rejoined);
+            reported.extend(
+                swept
+                    .transitions
+                    .into_iter()
+                    .filter(|t| t.channel.starts_with(&*p))
+                    .map(|t| (t.kind, t.channel.to_string(), t.user.map(|u| u.to_string()))),
+            );
+        }
+        if reported.len() >= 2 {
+            // Early: a second report would come from the same claim, so wait one more
+            // round for a duplicate before checking.
+            let (x, y) = tokio::join!(b.sweep(), c.sweep());
+            for t in x
+                .expect("b")
+                .transitions
+                .into_iter()
+                .chain(y.expect("c").transitions)
+            {
+                if t.channel.starts_with(&*p) {
+                    reported.push((t.kind, t.channel.to_string(), t.user.map(|u| u.to_string())));
+                }
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started.elapsed() < ttl * 2 + Duration::from_secs(2),
+        "claimed after {:?}",
+        started.elapsed()
+    );
+    reported.sort_by_key(|(kind, _, _)| *kind == ChannelVacated);
+    assert_eq!(
+        reported,
+        vec![
+            (MemberRemoved, c1.clone(), Some("u7".to_owned())),
+            (ChannelVacated, c1.clone(), None),
+        ]
+    );
+    // The survivor's holding of c2 is intact: it vacates it when it leaves.
+    assert_eq!(
+        b.track(&holding(&c2, None), false)
+            .await
+            .expect("b out")
+            .map(|t| t.kind),
+        Some(ChannelVacated)
+    );
+}
+
+/// A node that missed its heartbeats while alive is declared dead (its holdings vacated by a
+/// survivor) and, when it comes back, is told to track everything again, which occupies its
+/// channels anew. `make` builds brokers whose presence TTL is `ttl`.
+pub async fn a_node_declared_dead_rejoins<F, Fut>(make: &F, ttl: Duration)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    use TransitionKind::{ChannelOccupied, ChannelVacated};
+    let slow = make(Arc::new(Recorder::default())).await;
+    let b = make(Arc::new(Recorder::default())).await;
+    let c1 = format!("{}:slow", prefix());
+    let h = holding(&c1, None);
+    assert!(slow.track(&h, true).await.expect("track").is_some());
+    let started = tokio::time::Instant::now();
+    let mut vacated = false;
+    while !vacated && started.elapsed() < ttl * 2 + Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let swept = b.sweep().await.expect("sweep");
+        vacated = swept
+            .transitions
+            .iter()
+            .any(|t| t.channel.as_ref() == c1 && t.kind == ChannelVacated);
+    }
+    assert!(vacated, "the silent node's channel was never vacated");
+    // Back: its first call finds out (a `track` may fail once), the sweep says so.
+    let _ = slow.track(&holding(&c1, Some("u1")), true).await;
+    let swept = slow.sweep().await.expect("sweep");
+    assert!(swept.rejoined, "the node must be told to track again");
+    assert_eq!(
+        slow.track(&h, true).await.expect("again").map(|t| t.kind),
+        Some(ChannelOccupied)
+    );
+    assert!(!slow.sweep().await.expect("sweep").rejoined);
+    assert_eq!(
+        slow.track(&h, false).await.expect("out").map(|t| t.kind),
+        Some(ChannelVacated)
+    );
+    let _ = slow.track(&holding(&c1, Some("u1")), false).await;
+}

@@ -1,0 +1,386 @@
+//! The webhook queue: one ordered queue of events, delivered from its head.
+//!
+//! One queue for every channel is the simplest way to keep each channel's events in order: a
+//! later event is never sent before an earlier one that is still being retried, because
+//! nothing is sent past the head. The cost is head-of-line blocking: while the backend refuses
+//! a batch, every later event waits (it is the same backend, so they would fail too).
+//!
+//! With a store (`RUSTY_SOCKS_DATA_DIR`), [`WebhookQueue::push`] hands the event to the store
+//! thread, which writes and syncs it (many at once when they arrive together) before it joins
+//! the in-memory queue the sender reads: an event is only sent once it is on disk, and is
+//! marked done on disk once delivered. Without a store the queue lives in memory only and a
+//! crash loses what it holds.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::broker::transition::{Transition, TransitionSink};
+use crate::engine::sessions::SessionEvents;
+use crate::engine::stats::counter;
+use crate::types::ClientId;
+
+use super::event::{Event, EventName, EventSet};
+use super::store::Store;
+
+/// Most events held at once; more are dropped (and counted) rather than exhausting memory
+/// while the backend is away.
+pub const MAX_PENDING: usize = 100_000;
+
+/// An event in the queue, with the length of its record on disk (0 without a store).
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// The event.
+    pub event: Event,
+    /// Bytes of its record in the store.
+    pub len: u64,
+}
+
+/// What the store thread is asked to do.
+#[derive(Debug)]
+enum Command {
+    Append(Event),
+    /// The next this many bytes are done.
+    Ack(u64),
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Events that joined the queue.
+    pub queued: AtomicU64,
+    /// Events delivered (a 2xx answer).
+    pub sent: AtomicU64,
+    /// Events in attempts that failed and are tried again.
+    pub retried: AtomicU64,
+    /// Events given up on (older than the max age, or the queue full).
+    pub dropped: AtomicU64,
+}
+
+/// What the queue's handle, the store thread and the sender share.
+#[derive(Debug)]
+pub struct Shared {
+    pending: Mutex<VecDeque<Pending>>,
+    /// Wakes the sender when events join the queue (or shutdown begins).
+    pub(super) wake: Notify,
+    /// Commands handed to the store thread and not yet carried out.
+    in_store: AtomicUsize,
+    /// Set when shutdown begins: the sender stops waiting to fill batches.
+    pub(super) closing: AtomicBool,
+    /// Set while the queue is full, so the overflow is logged once per episode.
+    overflowing: AtomicBool,
+    /// The counters.
+    pub counters: Counters,
+    store: Option<Mutex<std::sync::mpsc::Sender<Command>>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Pending>> {
+        // Every update is a push or a pop: a poisoned lock is still consistent.
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Events waiting to be delivered.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no event waits to be delivered.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Whether nothing waits, in memory or on its way to the store.
+    pub fn is_idle(&self) -> bool {
+        self.in_store.load(Ordering::Acquire) == 0 && self.lock().is_empty()
+    }
+
+    /// Copies of the first `n` events.
+    pub fn head(&self, n: usize) -> Vec<Pending> {
+        self.lock().iter().take(n).cloned().collect()
+    }
+
+    /// Copies of the events at the head for which `f` holds.
+    pub fn head_while(&self, f: impl Fn(&Pending) -> bool) -> Vec<Pending> {
+        self.lock().iter().take_while(|p| f(p)).cloned().collect()
+    }
+
+    /// Removes the first `n` events (delivered or dropped) and marks them done on disk.
+    pub fn done(&self, n: usize) {
+        let bytes: u64 = {
+            let mut pending = self.lock();
+            let n = n.min(pending.len());
+            pending.drain(..n).map(|p| p.len).sum()
+        };
+        if bytes > 0 {
+            self.command(Command::Ack(bytes));
+        }
+    }
+
+    fn enqueue(&self, items: impl IntoIterator<Item = Pending>) {
+        let mut added = 0u64;
+        let mut refused = 0u64;
+        {
+            let mut pending = self.lock();
+            for item in items {
+                if pending.len() >= MAX_PENDING {
+                    refused += 1;
+                    continue;
+                }
+                pending.push_back(item);
+                added += 1;
+            }
+        }
+        if refused > 0 {
+            self.counters.dropped.fetch_add(refused, Ordering::Relaxed);
+            if !self.overflowing.swap(true, Ordering::Relaxed) {
+                tracing::error!(
+                    max = MAX_PENDING,
+                    "webhook queue full: new events are dropped until the backend catches up"
+                );
+            }
+        } else {
+            self.overflowing.store(false, Ordering::Relaxed);
+        }
+        self.counters.queued.fetch_add(added, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
+
+    fn command(&self, command: Command) {
+        let Some(store) = &self.store else { return };
+        self.in_store.fetch_add(1, Ordering::AcqRel);
+        let sent = store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .send(command);
+        if sent.is_err() {
+            self.in_store.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// The queue every webhook event joins. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct WebhookQueue {
+    events: EventSet,
+    shared: Arc<Shared>,
+}
+
+impl WebhookQueue {
+    /// A queue reporting `events`; with `store`, kept on disk, starting with the events it
+    /// still holds (sent first, in their order).
+    pub fn new(events: EventSet, store: Option<Store>, recovered: Vec<(Event, u64)>) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let with_store = store.is_some();
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            in_store: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
+            overflowing: AtomicBool::new(false),
+            counters: Counters::default(),
+            store: with_store.then(|| Mutex::new(tx)),
+        });
+        if !recovered.is_empty() {
+            tracing::info!(
+                events = recovered.len(),
+                "webhook events from before the restart are sent first"
+            );
+            shared.lock().extend(
+                recovered
+                    .into_iter()
+                    .map(|(event, len)| Pending { event, len }),
+            );
+            shared.wake.notify_one();
+        }
+        if let Some(store) = store {
+            let weak = Arc::downgrade(&shared);
+            let spawned = std::thread::Builder::new()
+                .name("webhook-store".into())
+                .spawn(move || store_thread(store, rx, weak));
+            if let Err(err) = spawned {
+                tracing::error!(%err, "cannot start the webhook store thread");
+            }
+        }
+        Self { events, shared }
+    }
+
+    /// What the sender and the metrics read.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Whether events named `name` are reported.
+    pub fn reports(&self, name: EventName) -> bool {
+        self.events.contains(name)
+    }
+
+    /// Whether any channel or member event is reported (so the node must track transitions).
+    pub fn reports_transitions(&self) -> bool {
+        [
+            EventName::ChannelOccupied,
+            EventName::ChannelVacated,
+            EventName::MemberAdded,
+            EventName::MemberRemoved,
+        ]
+        .into_iter()
+        .any(|name| self.reports(name))
+    }
+
+    /// Queues `event` (if its kind is reported). Never blocks: with a store, the write and the
+    /// sync happen on the store thread.
+    pub fn push(&self, event: Event) {
+        if !self.reports(event.name) {
+            return;
+        }
+        if self.shared.store.is_some() {
+            self.shared.command(Command::Append(event));
+        } else {
+            self.shared.enqueue([Pending { event, len: 0 }]);
+        }
+    }
+
+    /// Waits until every event is delivered, or `deadline`; returns how many are left (kept
+    /// on disk with a store, lost without one).
+    pub async fn flush(&self, deadline: tokio::time::Instant) -> usize {
+        self.shared.closing.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+        while !self.shared.is_idle() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Done-marks of the last deliveries reach the disk before the process ends.
+        let marks = deadline + Duration::from_millis(500);
+        while self.shared.in_store.load(Ordering::Acquire) > 0
+            && tokio::time::Instant::now() < marks
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.shared.len()
+    }
+
+    /// Renders the counters for `/metrics`.
+    pub fn render(&self, out: &mut String) {
+        let c = &self.shared.counters;
+        let read = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counter(
+            out,
+            "rusty_socks_webhook_events_queued_total",
+            "Webhook events queued (on disk when RUSTY_SOCKS_DATA_DIR is set)",
+            read(&c.queued),
+        );
+        counter(
+            out,
+            "rusty_socks_webhook_events_sent_total",
+            "Webhook events delivered (the backend answered 2xx)",
+            read(&c.sent),
+        );
+        counter(
+            out,
+            "rusty_socks_webhook_events_retried_total",
+            "Webhook events in POSTs that failed and are tried again",
+            read(&c.retried),
+        );
+        counter(
+            out,
+            "rusty_socks_webhook_events_dropped_total",
+            "Webhook events given up on (older than RUSTY_SOCKS_WEBHOOK_MAX_AGE, or the queue full)",
+            read(&c.dropped),
+        );
+        crate::engine::stats::gauge(
+            out,
+            "rusty_socks_webhook_events_pending",
+            "Webhook events waiting to be delivered",
+            i64::try_from(self.shared.len()).unwrap_or(i64::MAX),
+        );
+    }
+}
+
+impl TransitionSink for WebhookQueue {
+    fn on_transition(&self, transition: Transition) {
+        if self.reports(transition.kind.into()) {
+            self.push(Event::from_transition(transition));
+        }
+    }
+}
+
+impl SessionEvents for WebhookQueue {
+    fn connected(&self, client: ClientId, user: Option<Arc<str>>) {
+        if self.reports(EventName::ClientConnected) {
+            self.push(Event::client(EventName::ClientConnected, client, user));
+        }
+    }
+
+    fn disconnected(&self, client: ClientId, user: Option<Arc<str>>) {
+        if self.reports(EventName::ClientDisconnected) {
+            self.push(Event::client(EventName::ClientDisconnected, client, user));
+        }
+    }
+}
+
+/// Writes and syncs appended events (all that arrived together, with one sync), then hands
+/// them to the sender; carries out done-marks. Ends when the queue is gone.
+fn store_thread(
+    mut store: Store,
+    rx: std::sync::mpsc::Receiver<Command>,
+    shared: std::sync::Weak<Shared>,
+) {
+    let mut broken = false;
+    while let Ok(first) = rx.recv() {
+        let mut commands = vec![first];
+        while commands.len() < 4096 {
+            match rx.try_recv() {
+                Ok(command) => commands.push(command),
+                Err(_) => break,
+            }
+        }
+        let count = commands.len();
+        let mut appended = Vec::new();
+        let mut acked = 0u64;
+        for command in commands {
+            match command {
+                Command::Append(event) => appended.push(event),
+                Command::Ack(bytes) => acked += bytes,
+            }
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if !appended.is_empty() {
+            let lens = if broken {
+                vec![0; appended.len()]
+            } else {
+                match store.append(&appended) {
+                    Ok(lens) => lens,
+                    Err(err) => {
+                        broken = true;
+                        tracing::error!(
+                            %err,
+                            "webhook queue: cannot write to disk; events are kept in memory only \
+                             from now on (a crash loses them)"
+                        );
+                        vec![0; appended.len()]
+                    }
+                }
+            };
+            shared.enqueue(
+                appended
+                    .into_iter()
+                    .zip(lens)
+                    .map(|(event, len)| Pending { event, len }),
+            );
+        }
+        if acked > 0
+            && !broken
+            && let Err(err) = store.ack(acked)
+        {
+            // Delivered events may be sent again after a restart: receivers drop them by id.
+            tracing::warn!(%err, "webhook queue: cannot mark delivered events done on disk");
+        }
+        shared.in_store.fetch_sub(count, Ordering::AcqRel);
+    }
+}
