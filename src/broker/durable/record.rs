@@ -125,6 +125,8 @@ pub enum Damage {
     Checksum,
     /// The checksum matches but the body does not parse (written by an incompatible version).
     Malformed,
+    /// Bytes after the zeros that end a preallocated segment's records.
+    AfterZeros,
 }
 
 impl std::fmt::Display for Damage {
@@ -134,6 +136,7 @@ impl std::fmt::Display for Damage {
             Self::BadLength => "impossible record length",
             Self::Checksum => "checksum mismatch",
             Self::Malformed => "malformed record",
+            Self::AfterZeros => "bytes after the end of the records",
         })
     }
 }
