@@ -322,22 +322,14 @@ fn apply(
     data: Option<Arc<RawValue>>,
     counter: u64,
 ) -> (Arc<str>, Arc<str>) {
-    let b = building
-        .entry(record.channel.clone())
-        .or_insert_with(|| Building {
-            name: Arc::from(record.channel.as_str()),
-            epoch: Arc::from(record.epoch.as_str()),
-            channel: RecoveredChannel {
-                name: record.channel.clone(),
-                epoch: record.epoch.clone(),
-                offset: 0,
-                limits: record.limits,
-                entries: Vec::new(),
-                keys: Vec::new(),
-            },
-            last_seen: 0,
-            untrusted: false,
-        });
+    // Looked up before inserting: a record of a known channel allocates no key.
+    if !building.contains_key(&record.channel) {
+        building.insert(record.channel.clone(), fresh(&record));
+    }
+    let Some(b) = building.get_mut(&record.channel) else {
+        // Inserted just above.
+        return (Arc::from(record.channel.as_str()), Arc::from(record.epoch.as_str()));
+    };
     let c = &mut b.channel;
     if c.epoch != record.epoch {
         // A later life of the channel: the earlier one is over.
@@ -370,4 +362,21 @@ fn apply(
         c.keys.push((key, record.offset, expires));
     }
     (Arc::clone(&b.name), Arc::clone(&b.epoch))
+}
+
+fn fresh(record: &Record) -> Building {
+    Building {
+        name: Arc::from(record.channel.as_str()),
+        epoch: Arc::from(record.epoch.as_str()),
+        channel: RecoveredChannel {
+            name: record.channel.clone(),
+            epoch: record.epoch.clone(),
+            offset: 0,
+            limits: record.limits,
+            entries: Vec::new(),
+            keys: Vec::new(),
+        },
+        last_seen: 0,
+        untrusted: false,
+    }
 }
