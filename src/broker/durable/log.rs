@@ -116,6 +116,9 @@ pub struct Writer {
     /// records fail too, so none is acknowledged after an earlier one was lost (the channel
     /// starts a new epoch). Cleared when it grows past [`MAX_FAILED`].
     pub(super) failed: HashSet<(Arc<str>, Arc<str>)>,
+    /// `interval`: the channels written since the last sync. A failed periodic sync may have
+    /// lost them (acknowledged after the write): their later records fail, as under `always`.
+    pub(super) since_sync: Vec<(Arc<str>, Arc<str>)>,
     /// The open segment was preallocated: its file is longer than `len` (zeros).
     pub(super) preallocated: bool,
     /// The helper preparing the next segment: its number and the zeroed file.
@@ -193,7 +196,10 @@ impl Writer {
                     match queue.recv_timeout(left) {
                         Ok(command) => command,
                         Err(RecvTimeoutError::Timeout) => {
-                            let _ = self.sync();
+                            if let Err(err) = self.sync() {
+                                tracing::error!(%err, segment = self.seq, "RUSTY_SOCKS_DATA_DIR: periodic sync failed; its channels start a new epoch");
+                                self.file = None;
+                            }
                             continue;
                         }
                         Err(RecvTimeoutError::Disconnected) => break,
@@ -349,6 +355,13 @@ impl Writer {
                             .insert(Arc::clone(&a.channel), (Arc::clone(&a.epoch), a.offset));
                     }
                 }
+                if matches!(self.fsync, FsyncMode::Interval(_)) {
+                    self.since_sync.extend(
+                        group
+                            .iter()
+                            .map(|a| (Arc::clone(&a.channel), Arc::clone(&a.epoch))),
+                    );
+                }
                 for a in group.iter() {
                     if let Some(written) = &a.written {
                         written.fetch_max(a.offset, Ordering::Release);
@@ -403,11 +416,22 @@ impl Writer {
             return Ok(());
         }
         #[cfg(test)]
-        if std::mem::take(&mut self.fail_next_sync) {
-            return Err(std::io::Error::other("sync failed on purpose"));
-        }
-        if let Some(file) = self.file.as_ref() {
-            file.sync_data()?;
+        let result = if std::mem::take(&mut self.fail_next_sync) {
+            Err(std::io::Error::other("sync failed on purpose"))
+        } else {
+            self.file.as_ref().map_or(Ok(()), File::sync_data)
+        };
+        #[cfg(not(test))]
+        let result = self.file.as_ref().map_or(Ok(()), File::sync_data);
+        let since = std::mem::take(&mut self.since_sync);
+        if result.is_err() {
+            for (channel, epoch) in since {
+                if self.failed.len() >= MAX_FAILED {
+                    self.failed.clear();
+                }
+                self.failed.insert((channel, epoch));
+            }
+            return result;
         }
         self.unsynced = false;
         Ok(())

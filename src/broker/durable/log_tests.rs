@@ -200,3 +200,30 @@ async fn never_does_not_preallocate() {
     assert!(std::fs::metadata(&seg).expect("meta").len() < 4096);
     assert!(files(&dir.0, "pre").is_empty());
 }
+
+#[tokio::test]
+async fn a_failed_periodic_sync_fails_the_channels_it_covered_and_starts_a_new_segment() {
+    let dir = TempDir::new();
+    let every = std::time::Duration::from_millis(50);
+    let broker = open(options(&dir.0, FsyncMode::Interval(every), 1 << 20));
+    let epoch = publish_n(&broker, "a", 1, 3).await;
+    let files_before = files(&dir.0, "seg").len();
+    let durable = broker.durable.as_ref().expect("durable");
+    // Acknowledged after the write; the timer's sync that should cover them fails.
+    durable.fail_next_sync();
+    tokio::time::sleep(every * 20).await;
+    let lost = broker.publish("a", request(4)).await;
+    assert!(
+        lost.is_err(),
+        "a record after ones a failed sync may have lost is not acknowledged: {lost:?}"
+    );
+    let next = broker.publish("a", request(1)).await.expect("published");
+    assert_ne!(next.position.epoch, epoch, "the channel starts a new epoch");
+    assert_eq!(next.position.offset, 1);
+    assert!(
+        files(&dir.0, "seg").len() > files_before,
+        "the writer left the file whose sync failed"
+    );
+    let other = broker.publish("b", request(1)).await.expect("published");
+    assert_eq!(other.position.offset, 1, "other channels are unaffected");
+}

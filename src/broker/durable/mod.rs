@@ -159,6 +159,7 @@ impl Durable {
             last_sync: Instant::now(),
             unsynced: false,
             failed: std::collections::HashSet::new(),
+            since_sync: Vec::new(),
             preallocated: false,
             next: None,
             #[cfg(test)]

@@ -328,7 +328,10 @@ fn apply(
     }
     let Some(b) = building.get_mut(&record.channel) else {
         // Inserted just above.
-        return (Arc::from(record.channel.as_str()), Arc::from(record.epoch.as_str()));
+        return (
+            Arc::from(record.channel.as_str()),
+            Arc::from(record.epoch.as_str()),
+        );
     };
     let c = &mut b.channel;
     if c.epoch != record.epoch {
