@@ -330,3 +330,60 @@ async fn a_damaged_tail_is_cut_and_logged_and_the_server_starts() {
     signal(&server.child, "TERM");
     assert!(wait_exit(&mut server.child, WAIT).success());
 }
+
+#[tokio::test]
+async fn after_kill_9_the_preallocated_zero_tail_is_the_end_not_damage() {
+    let dir = TempDir::new();
+    let (mut server, addr) = start(&dir, "always");
+    let (mut ws, _) = v1_client_url(&format!("ws://{addr}/ws")).await;
+    for n in 1..=5 {
+        assert_eq!(publish(&mut ws, "busy:z", json!(n)).await, n);
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let mut segments: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    let last = segments.pop().unwrap();
+    let bytes = std::fs::read(&last).unwrap();
+    assert_eq!(
+        bytes.len(),
+        16 << 20,
+        "the open segment was preallocated to RUSTY_SOCKS_DATA_SEGMENT_BYTES"
+    );
+    assert!(bytes[bytes.len() - 4096..].iter().all(|&b| b == 0));
+    let (mut server, addr) = start(&dir, "always");
+    let line = server.wait_for("durable history recovered");
+    assert!(line.contains("cut_bytes=0"), "{line}");
+    assert!(
+        !server.seen.iter().any(|l| l.contains("cut a damaged")),
+        "zeros are not damage: {:#?}",
+        server.seen
+    );
+    assert!(
+        std::fs::metadata(&last).unwrap().len() < 16 << 20,
+        "the zeros are cut off"
+    );
+    let (mut ws, _) = v1_client_url(&format!("ws://{addr}/ws")).await;
+    let subscribed = call(
+        &mut ws,
+        json!({"type":"subscribe","id":1,"channel":"busy:z"}),
+    )
+    .await;
+    let page = call(
+        &mut ws,
+        json!({"type":"history","id":"h","channel":"busy:z","since":{"offset":0,"epoch":subscribed["epoch"]}}),
+    )
+    .await;
+    assert_eq!(
+        offsets(&page["publications"]),
+        vec![1, 2, 3, 4, 5],
+        "{page}"
+    );
+    assert_eq!(publish(&mut ws, "busy:z", json!(6)).await, 6);
+    signal(&server.child, "TERM");
+    assert!(wait_exit(&mut server.child, WAIT).success());
+}

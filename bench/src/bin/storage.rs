@@ -310,6 +310,20 @@ async fn main() {
         Some("startup") => return startup(&dir, false).await,
         // Keeps the written directory and reuses it on the next run (for profiling recovery).
         Some("startup-keep") => return startup(&dir, true).await,
+        // One cell: `cell always|interval|never|memory PUBLISHERS` (for before/after runs).
+        Some("cell") => {
+            let mode = match args.next().as_deref() {
+                Some("memory") => None,
+                Some("interval") => Some(FsyncMode::Interval(Duration::from_millis(100))),
+                Some("never") => Some(FsyncMode::Never),
+                _ => Some(FsyncMode::Always),
+            };
+            let publishers = args.next().and_then(|s| s.parse().ok()).unwrap_or(100);
+            let cell = broker_cell(&dir, mode, publishers, secs).await;
+            println!("{mode:?} {publishers:>3} publishers  {}", fmt(&cell));
+            let _ = std::fs::remove_dir_all(dir.join("log"));
+            return;
+        }
         _ => {}
     }
     println!(

@@ -11,10 +11,20 @@
 //! Segments are files `<seq>.seg` (16 hex digits) of at most `segment_bytes`, starting with
 //! [`MAGIC`]. Sealed segments are never written again; they are deleted whole, oldest first,
 //! once none of their records is retained any more (see `MemoryBroker`'s sweep).
+//!
+//! With `always` and `interval` the next segment is prepared ahead by a helper thread: a file
+//! `<seq>.pre` written full of zeros to `segment_bytes` (at most [`MAX_PREALLOCATE`]) and
+//! synced, renamed to `<seq>.seg` when the writer reaches it. Records then overwrite blocks
+//! that are already allocated and written, so `fdatasync` flushes data only: no size change,
+//! no extent conversion, no journal commit (on ext4 under load, a journal commit waits for
+//! other processes' data too: an appending `fdatasync` measured 6.7 ms p50 during builds,
+//! an overwrite 0.08 ms). The zero tail of the open segment is the end of its records
+//! (recovery reads a zero frame header as the end); a segment is cut to its records when
+//! sealed or closed. A `.pre` file found at startup is deleted.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
@@ -31,6 +41,11 @@ use crate::types::Publication;
 pub const MAGIC: &[u8; 8] = b"RSLOG\0\0\x01";
 /// Most commands taken into one batch.
 const MAX_BATCH: usize = 8192;
+/// Largest segment preallocated (a larger `segment_bytes` grows by appending past it).
+pub const MAX_PREALLOCATE: u64 = 256 << 20;
+/// How long a roll waits for the helper preparing the next segment before creating one
+/// without preallocation.
+const PREPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a segment holds, per channel: the epoch and highest offset of its last record there.
 #[derive(Debug, Default, Clone)]
@@ -101,6 +116,13 @@ pub struct Writer {
     /// records fail too, so none is acknowledged after an earlier one was lost (the channel
     /// starts a new epoch). Cleared when it grows past [`MAX_FAILED`].
     pub(super) failed: HashSet<(Arc<str>, Arc<str>)>,
+    /// `interval`: the channels written since the last sync. A failed periodic sync may have
+    /// lost them (acknowledged after the write): their later records fail, as under `always`.
+    pub(super) since_sync: Vec<(Arc<str>, Arc<str>)>,
+    /// The open segment was preallocated: its file is longer than `len` (zeros).
+    pub(super) preallocated: bool,
+    /// The helper preparing the next segment: its number and the zeroed file.
+    pub(super) next: Option<(u64, Receiver<std::io::Result<File>>)>,
     /// Tests: the next write fails.
     #[cfg(test)]
     pub(super) fail_next_write: bool,
@@ -116,6 +138,36 @@ const MAX_FAILED: usize = 4096;
 /// The file name of segment `seq`.
 pub fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:016x}.seg"))
+}
+
+/// The file name of segment `seq` while it is prepared.
+pub fn prepared_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:016x}.pre"))
+}
+
+/// Writes `path` full of zeros up to `len` bytes and syncs it (the helper thread's job).
+fn prepare(path: &Path, len: u64) -> std::io::Result<File> {
+    let zeros = vec![0u8; 1 << 20];
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(path)?;
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64) as usize;
+            file.write_all(&zeros[..n])?;
+            left -= n as u64;
+        }
+        file.sync_all()?;
+        Ok(file)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    result
 }
 
 /// Whether an I/O error means "no space" (a full disk or a quota).
@@ -136,6 +188,7 @@ fn storage_error(err: &std::io::Error) -> StorageError {
 impl Writer {
     /// Runs until every sender is gone, then syncs what is left.
     pub fn run(mut self, queue: Receiver<Command>) {
+        self.prepare_next(self.seq + 1);
         loop {
             let first = match self.fsync {
                 FsyncMode::Interval(every) if self.unsynced => {
@@ -143,7 +196,10 @@ impl Writer {
                     match queue.recv_timeout(left) {
                         Ok(command) => command,
                         Err(RecvTimeoutError::Timeout) => {
-                            let _ = self.sync();
+                            if let Err(err) = self.sync() {
+                                tracing::error!(%err, segment = self.seq, "RUSTY_SOCKS_DATA_DIR: periodic sync failed; its channels start a new epoch");
+                                self.file = None;
+                            }
                             continue;
                         }
                         Err(RecvTimeoutError::Disconnected) => break,
@@ -180,8 +236,13 @@ impl Writer {
                 let _ = release.recv();
             }
         }
-        if let Err(err) = self.sync() {
+        if let Err(err) = self.seal().and_then(|()| self.sync()) {
             tracing::error!(%err, "RUSTY_SOCKS_DATA_DIR: final sync failed");
+        }
+        if let Some((seq, ready)) = self.next.take() {
+            // Wait for the helper, so no `.pre` file appears after the lock is released.
+            let _ = ready.recv();
+            let _ = std::fs::remove_file(prepared_path(&self.dir, seq));
         }
     }
 
@@ -271,8 +332,11 @@ impl Writer {
             buf.clear();
             return;
         }
+        let at = self.len;
         let result = match self.file.as_mut() {
-            Some(file) => file.write_all(buf),
+            Some(file) => file
+                .seek(SeekFrom::Start(at))
+                .and_then(|_| file.write_all(buf)),
             None => Err(std::io::Error::other("no open segment")),
         };
         match result {
@@ -291,6 +355,13 @@ impl Writer {
                             .insert(Arc::clone(&a.channel), (Arc::clone(&a.epoch), a.offset));
                     }
                 }
+                if matches!(self.fsync, FsyncMode::Interval(_)) {
+                    self.since_sync.extend(
+                        group
+                            .iter()
+                            .map(|a| (Arc::clone(&a.channel), Arc::clone(&a.epoch))),
+                    );
+                }
                 for a in group.iter() {
                     if let Some(written) = &a.written {
                         written.fetch_max(a.offset, Ordering::Release);
@@ -306,6 +377,7 @@ impl Writer {
                 tracing::error!(%err, segment = self.seq, "RUSTY_SOCKS_DATA_DIR: write failed");
                 // A partial record in the middle of a segment would cut everything after it
                 // at the next startup: take the file back to its last whole record.
+                self.preallocated = false;
                 if let Some(file) = self.file.as_ref()
                     && file.set_len(self.len).is_err()
                 {
@@ -344,37 +416,119 @@ impl Writer {
             return Ok(());
         }
         #[cfg(test)]
-        if std::mem::take(&mut self.fail_next_sync) {
-            return Err(std::io::Error::other("sync failed on purpose"));
-        }
-        if let Some(file) = self.file.as_ref() {
-            file.sync_data()?;
+        let result = if std::mem::take(&mut self.fail_next_sync) {
+            Err(std::io::Error::other("sync failed on purpose"))
+        } else {
+            self.file.as_ref().map_or(Ok(()), File::sync_data)
+        };
+        #[cfg(not(test))]
+        let result = self.file.as_ref().map_or(Ok(()), File::sync_data);
+        let since = std::mem::take(&mut self.since_sync);
+        if result.is_err() {
+            for (channel, epoch) in since {
+                if self.failed.len() >= MAX_FAILED {
+                    self.failed.clear();
+                }
+                self.failed.insert((channel, epoch));
+            }
+            return result;
         }
         self.unsynced = false;
         Ok(())
     }
 
+    /// Cuts the open segment's preallocated zeros (before it is sealed or closed).
+    fn seal(&mut self) -> std::io::Result<()> {
+        if self.preallocated
+            && let Some(file) = self.file.as_ref()
+        {
+            file.set_len(self.len)?;
+            self.preallocated = false;
+            self.unsynced = true;
+        }
+        Ok(())
+    }
+
+    /// Starts the helper preparing segment `seq` (not with `never`: nothing waits for syncs).
+    fn prepare_next(&mut self, seq: u64) {
+        if self.fsync == FsyncMode::Never {
+            return;
+        }
+        let path = prepared_path(&self.dir, seq);
+        let len = self
+            .segment_bytes
+            .clamp(MAGIC.len() as u64, MAX_PREALLOCATE);
+        let (done, ready) = std::sync::mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name("rusty-socks-log-prepare".into())
+            .spawn(move || {
+                let _ = done.send(prepare(&path, len));
+            });
+        if spawned.is_ok() {
+            self.next = Some((seq, ready));
+        }
+    }
+
+    /// The prepared file for segment `seq`, renamed into place with its header, if the
+    /// helper has it (waiting up to [`PREPARE_WAIT`]).
+    fn take_prepared(&mut self, seq: u64) -> Option<File> {
+        let (at, ready) = self.next.take()?;
+        let pre = prepared_path(&self.dir, at);
+        let file = match ready.recv_timeout(PREPARE_WAIT) {
+            Ok(Ok(file)) if at == seq => file,
+            Ok(Ok(_)) => {
+                let _ = std::fs::remove_file(&pre);
+                return None;
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(%err, "RUSTY_SOCKS_DATA_DIR: cannot preallocate a segment");
+                return None;
+            }
+            Err(_) => {
+                // Still zeroing (or gone): let it finish on its own and clean up after it.
+                std::thread::spawn(move || {
+                    let _ = ready.recv();
+                    let _ = std::fs::remove_file(&pre);
+                });
+                return None;
+            }
+        };
+        let installed = (|| {
+            let mut file = file;
+            file.seek(SeekFrom::Start(0))?;
+            file.write_all(MAGIC)?;
+            file.sync_data()?;
+            std::fs::rename(&pre, segment_path(&self.dir, seq))?;
+            File::open(&self.dir)?.sync_all()?;
+            Ok::<_, std::io::Error>(file)
+        })();
+        match installed {
+            Ok(file) => Some(file),
+            Err(err) => {
+                tracing::warn!(%err, "RUSTY_SOCKS_DATA_DIR: cannot use a preallocated segment");
+                let _ = std::fs::remove_file(&pre);
+                // Holds no record yet: gone, so the segment can be created without it.
+                let _ = std::fs::remove_file(segment_path(&self.dir, seq));
+                None
+            }
+        }
+    }
+
     /// Seals the open segment and starts the next one.
     fn roll(&mut self) -> std::io::Result<()> {
-        if self.file.is_some() && self.fsync != FsyncMode::Never {
-            self.sync()?;
+        if self.file.is_some() {
+            self.seal()?;
+            if self.fsync != FsyncMode::Never {
+                self.sync()?;
+            }
         }
         let seq = self.seq + 1;
-        let path = segment_path(&self.dir, seq);
-        let mut file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)?;
-        if let Err(err) = file.write_all(MAGIC) {
-            drop(file);
-            let _ = std::fs::remove_file(&path);
-            return Err(err);
-        }
-        if self.fsync != FsyncMode::Never {
-            file.sync_all()?;
-            File::open(&self.dir)?.sync_all()?;
-        }
+        let (file, preallocated) = match self.take_prepared(seq) {
+            Some(file) => (file, true),
+            None => (self.create(seq)?, false),
+        };
         self.file = Some(file);
+        self.preallocated = preallocated;
         self.seq = seq;
         self.len = MAGIC.len() as u64;
         self.unsynced = false;
@@ -389,6 +543,26 @@ impl Writer {
                     channels: HashMap::new(),
                 },
             );
+        self.prepare_next(seq + 1);
         Ok(())
+    }
+
+    /// Creates segment `seq` without preallocation.
+    fn create(&self, seq: u64) -> std::io::Result<File> {
+        let path = segment_path(&self.dir, seq);
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&path)?;
+        if let Err(err) = file.write_all(MAGIC) {
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(err);
+        }
+        if self.fsync != FsyncMode::Never {
+            file.sync_all()?;
+            File::open(&self.dir)?.sync_all()?;
+        }
+        Ok(file)
     }
 }

@@ -13,6 +13,8 @@
 
 pub mod broker;
 pub mod log;
+#[cfg(test)]
+mod log_tests;
 pub mod record;
 pub mod recovery;
 #[cfg(test)]
@@ -157,6 +159,9 @@ impl Durable {
             last_sync: Instant::now(),
             unsynced: false,
             failed: std::collections::HashSet::new(),
+            since_sync: Vec::new(),
+            preallocated: false,
+            next: None,
             #[cfg(test)]
             fail_next_write: false,
             #[cfg(test)]

@@ -125,6 +125,8 @@ pub enum Damage {
     Checksum,
     /// The checksum matches but the body does not parse (written by an incompatible version).
     Malformed,
+    /// Bytes after the zeros that end a preallocated segment's records.
+    AfterZeros,
 }
 
 impl std::fmt::Display for Damage {
@@ -134,6 +136,7 @@ impl std::fmt::Display for Damage {
             Self::BadLength => "impossible record length",
             Self::Checksum => "checksum mismatch",
             Self::Malformed => "malformed record",
+            Self::AfterZeros => "bytes after the end of the records",
         })
     }
 }
@@ -222,57 +225,10 @@ fn parse(body: &[u8]) -> Option<Record> {
     })
 }
 
-/// CRC-32C (Castagnoli) tables for slice-by-8, built at compile time.
-const TABLES: [[u32; 256]; 8] = {
-    let mut t = [[0u32; 256]; 8];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82F6_3B78
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        t[0][i] = c;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 256 {
-        let mut s = 1;
-        while s < 8 {
-            let prev = t[s - 1][i];
-            t[s][i] = (prev >> 8) ^ t[0][(prev & 0xFF) as usize];
-            s += 1;
-        }
-        i += 1;
-    }
-    t
-};
-
-/// CRC-32C of `data` (slice-by-8: recovery checks every byte of the log at startup).
+/// CRC-32C (Castagnoli) of `data`, with the CPU's CRC instruction where it has one
+/// (recovery checks every byte of the log at startup).
 pub fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    let mut chunks = data.chunks_exact(8);
-    for c in &mut chunks {
-        let lo = crc ^ u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        let hi = u32::from_le_bytes([c[4], c[5], c[6], c[7]]);
-        crc = TABLES[7][(lo & 0xFF) as usize]
-            ^ TABLES[6][((lo >> 8) & 0xFF) as usize]
-            ^ TABLES[5][((lo >> 16) & 0xFF) as usize]
-            ^ TABLES[4][(lo >> 24) as usize]
-            ^ TABLES[3][(hi & 0xFF) as usize]
-            ^ TABLES[2][((hi >> 8) & 0xFF) as usize]
-            ^ TABLES[1][((hi >> 16) & 0xFF) as usize]
-            ^ TABLES[0][(hi >> 24) as usize];
-    }
-    for &b in chunks.remainder() {
-        crc = TABLES[0][((crc ^ b as u32) & 0xFF) as usize] ^ (crc >> 8);
-    }
-    !crc
+    crc32c::crc32c(data)
 }
 
 #[cfg(test)]

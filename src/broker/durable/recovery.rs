@@ -12,6 +12,11 @@
 //!   so its next use starts a new epoch and clients see `recovered: false`. A "forget" record
 //!   is written for it so later restarts agree. Other channels are unaffected.
 //! - A segment whose header is not ours is renamed `*.damaged` and counts as missing.
+//!
+//! A preallocated segment (see [`super::log`]) ends in zeros after its last record: a zero
+//! frame header followed only by zeros is the clean end, and the zeros are cut off. Bytes
+//! that are not zero after such a run are a damaged tail: they are cut, the zeros kept.
+//! Leftover `.pre` files (a segment being prepared when the process stopped) are deleted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
@@ -19,6 +24,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::log::{MAGIC, SegmentInfo, segment_path};
+use super::record::FRAME_HEADER;
 use serde_json::value::RawValue;
 
 use super::record::{Damage, Record};
@@ -83,6 +89,11 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
             && let Ok(seq) = u64::from_str_radix(hex, 16)
         {
             seqs.push(seq);
+        }
+        if let Some(hex) = name.strip_suffix(".pre")
+            && u64::from_str_radix(hex, 16).is_ok()
+        {
+            std::fs::remove_file(dir.join(name.as_ref()))?;
         }
     }
     seqs.sort_unstable();
@@ -164,6 +175,10 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
                 let (name, epoch) = apply(&mut building, record, data, counter);
                 info.channels.insert(name, (epoch, offset));
             }
+            if damage.is_none() && valid < total {
+                // Preallocated zeros after the last record.
+                OpenOptions::new().write(true).open(&path)?.set_len(valid)?;
+            }
             if let Some(damage) = damage {
                 let lost = total - valid;
                 OpenOptions::new().write(true).open(&path)?.set_len(valid)?;
@@ -236,7 +251,23 @@ fn scan(path: &Path) -> Scan {
     let mut records = Vec::new();
     let mut damage = None;
     while pos < bytes.len() {
-        match Record::decode(&bytes[pos..]) {
+        let rest = &bytes[pos..];
+        if rest[..rest.len().min(FRAME_HEADER)].iter().all(|&b| b == 0) {
+            // No record starts with a zero length: preallocated space from here.
+            let zeros = rest.iter().position(|&b| b != 0).unwrap_or(rest.len());
+            if zeros < rest.len() {
+                // Something after the zeros: a damaged tail, cut after the zeros.
+                pos += zeros;
+                damage = Some(Damage::AfterZeros);
+            }
+            return Scan::Read {
+                records,
+                valid: pos as u64,
+                total: bytes.len() as u64,
+                damage,
+            };
+        }
+        match Record::decode(rest) {
             Ok((mut record, used)) => {
                 let data = match record.data.take().map(RawValue::from_string) {
                     None => None,
@@ -291,22 +322,17 @@ fn apply(
     data: Option<Arc<RawValue>>,
     counter: u64,
 ) -> (Arc<str>, Arc<str>) {
-    let b = building
-        .entry(record.channel.clone())
-        .or_insert_with(|| Building {
-            name: Arc::from(record.channel.as_str()),
-            epoch: Arc::from(record.epoch.as_str()),
-            channel: RecoveredChannel {
-                name: record.channel.clone(),
-                epoch: record.epoch.clone(),
-                offset: 0,
-                limits: record.limits,
-                entries: Vec::new(),
-                keys: Vec::new(),
-            },
-            last_seen: 0,
-            untrusted: false,
-        });
+    // Looked up before inserting: a record of a known channel allocates no key.
+    if !building.contains_key(&record.channel) {
+        building.insert(record.channel.clone(), fresh(&record));
+    }
+    let Some(b) = building.get_mut(&record.channel) else {
+        // Inserted just above.
+        return (
+            Arc::from(record.channel.as_str()),
+            Arc::from(record.epoch.as_str()),
+        );
+    };
     let c = &mut b.channel;
     if c.epoch != record.epoch {
         // A later life of the channel: the earlier one is over.
@@ -339,4 +365,21 @@ fn apply(
         c.keys.push((key, record.offset, expires));
     }
     (Arc::clone(&b.name), Arc::clone(&b.epoch))
+}
+
+fn fresh(record: &Record) -> Building {
+    Building {
+        name: Arc::from(record.channel.as_str()),
+        epoch: Arc::from(record.epoch.as_str()),
+        channel: RecoveredChannel {
+            name: record.channel.clone(),
+            epoch: record.epoch.clone(),
+            offset: 0,
+            limits: record.limits,
+            entries: Vec::new(),
+            keys: Vec::new(),
+        },
+        last_seen: 0,
+        untrusted: false,
+    }
 }
