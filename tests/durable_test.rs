@@ -1,7 +1,8 @@
 //! Durable history (`RUSTY_SOCKS_DATA_DIR`) with the real binary: `kill -9` while many
 //! publishers publish, restart, and every acknowledged publication is there once, in order, in
 //! the same epoch; legacy replay after a restart; a second process on the directory refused;
-//! `storage_full` over the API and WebSocket when the quota is reached.
+//! `storage_full` over the API and WebSocket when the quota is reached, and on a really full
+//! disk (a tiny tmpfs; needs root).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -399,7 +400,10 @@ async fn a_full_disk_answers_storage_full_and_publishing_resumes_once_space_is_f
     let (mut publisher, _) = v1_client_url(&url).await;
     let mut epoch = Value::Null;
     for n in 1..=3 {
-        assert_eq!(publish(&mut publisher, "room", json!("y".repeat(300))).await, n);
+        assert_eq!(
+            publish(&mut publisher, "room", json!("y".repeat(300))).await,
+            n
+        );
         let pushed = next_publication_on(&mut watcher, "room").await;
         assert_eq!(pushed["offset"], n);
         epoch = pushed["epoch"].clone();

@@ -2,7 +2,8 @@
 //! durable publish, and the sweep that deletes segments nothing retains any more.
 //!
 //! Kept apart from `memory.rs` so the single-node broker reads the same with and without a
-//! data directory: only channels that keep history (`size > 0`) take this path.
+//! data directory: channels that keep history (`size > 0`) are logged, and so is every later
+//! publication of an epoch that logged one (see `MemoryBroker::publish_durable`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
