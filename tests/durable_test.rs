@@ -1,7 +1,8 @@
 //! Durable history (`RUSTY_SOCKS_DATA_DIR`) with the real binary: `kill -9` while many
 //! publishers publish, restart, and every acknowledged publication is there once, in order, in
 //! the same epoch; legacy replay after a restart; a second process on the directory refused;
-//! `storage_full` over the API and WebSocket when the quota is reached.
+//! `storage_full` over the API and WebSocket when the quota is reached, and on a really full
+//! disk (a tiny tmpfs; needs root).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -384,6 +385,125 @@ async fn after_kill_9_the_preallocated_zero_tail_is_the_end_not_damage() {
         "{page}"
     );
     assert_eq!(publish(&mut ws, "busy:z", json!(6)).await, 6);
+
+/// A 256 KiB tmpfs mounted on a fresh directory, unmounted when dropped.
+struct Tmpfs(TempDir);
+
+impl Tmpfs {
+    fn mount() -> Self {
+        let dir = TempDir::new();
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs", dir.path()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -t tmpfs failed: needs root");
+        Self(dir)
+    }
+
+    /// Fills the file system with `filler` until the disk is full (`ENOSPC`).
+    fn fill(&self, filler: &std::path::Path) {
+        use std::io::Write;
+        let mut file = std::fs::File::create(filler).unwrap();
+        let chunk = vec![0u8; 1024];
+        loop {
+            if let Err(err) = file.write_all(&chunk).and_then(|()| file.flush()) {
+                assert_eq!(err.raw_os_error(), Some(28), "{err}");
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
+/// The next `publication` frame on `channel` (other frames are skipped).
+async fn next_publication_on(ws: &mut Ws, channel: &str) -> Value {
+    loop {
+        let frame = recv_json(ws).await;
+        if frame["type"] == "publication" && frame["channel"] == channel {
+            return frame;
+        }
+    }
+}
+
+/// The real `ENOSPC`: the data directory on a tiny tmpfs that the test fills up. Publishes to
+/// channels with history fail with `storage_full`; delivery to connected clients and history
+/// reads go on; once space is freed, publishing works again.
+#[tokio::test]
+#[ignore = "needs root to mount a tmpfs"]
+async fn a_full_disk_answers_storage_full_and_publishing_resumes_once_space_is_freed() {
+    let disk = Tmpfs::mount();
+    let mut server = Logged::start(&[
+        ("RUSTY_SOCKS_DATA_DIR", disk.0.path()),
+        ("RUSTY_SOCKS_FSYNC", "always"),
+        (
+            "RUSTY_SOCKS_NAMESPACES",
+            r#"{"":{},"live":{"history_size":0}}"#,
+        ),
+        ("RUSTY_SOCKS_MAX_CONN_PER_IP", "0"),
+    ]);
+    let url = format!("ws://{}/ws", server.address());
+    let (mut watcher, _) = v1_client_url(&url).await;
+    subscribe(&mut watcher, "room").await;
+    subscribe(&mut watcher, "live:x").await;
+    let (mut publisher, _) = v1_client_url(&url).await;
+    let mut epoch = Value::Null;
+    for n in 1..=3 {
+        assert_eq!(
+            publish(&mut publisher, "room", json!("y".repeat(300))).await,
+            n
+        );
+        let pushed = next_publication_on(&mut watcher, "room").await;
+        assert_eq!(pushed["offset"], n);
+        epoch = pushed["epoch"].clone();
+    }
+    let filler = disk.0.0.join("filler");
+    disk.fill(&filler);
+
+    // What is left of the segment's last page fills up first: then the disk refuses.
+    let mut refused = None;
+    for _ in 0..50 {
+        let reply = call(
+            &mut publisher,
+            json!({"type":"publish","id":"p","channel":"other","data":"z".repeat(300)}),
+        )
+        .await;
+        if reply["type"] != "published" {
+            refused = Some(reply);
+            break;
+        }
+    }
+    let refused = refused.expect("the full disk never refused a publish");
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "storage_full", "{refused}");
+    server.wait_for("write failed");
+
+    // History reads go on.
+    let page = call(
+        &mut publisher,
+        json!({"type":"history","id":"h","channel":"room","since":{"offset":0,"epoch":epoch}}),
+    )
+    .await;
+    assert_eq!(offsets(&page["publications"]), vec![1, 2, 3], "{page}");
+    // Delivery of what needs no disk goes on.
+    publish(&mut publisher, "live:x", json!("still live")).await;
+    assert_eq!(
+        next_publication_on(&mut watcher, "live:x").await["data"],
+        "still live"
+    );
+
+    // Space freed: publishing works again, and `room` continues where it was.
+    std::fs::remove_file(&filler).unwrap();
+    publish(&mut publisher, "other", json!("z".repeat(300))).await;
+    assert_eq!(publish(&mut publisher, "room", json!("after")).await, 4);
+    let pushed = next_publication_on(&mut watcher, "room").await;
+    assert_eq!(pushed["offset"], 4);
+    assert_eq!(pushed["epoch"], epoch);
     signal(&server.child, "TERM");
     assert!(wait_exit(&mut server.child, WAIT).success());
 }

@@ -604,3 +604,71 @@ fn sighup_reads_the_config_file_again() {
     server.wait_for("stopped");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn feed_keeping(history_size: usize) -> Namespaces {
+    let mut namespaces = Namespaces::default();
+    namespaces.insert(
+        "feed",
+        NamespaceOptions {
+            history_size,
+            ..NamespaceOptions::default()
+        },
+    );
+    namespaces
+}
+
+/// The next `publication` frame (other frames are skipped): (offset, epoch).
+async fn next_publication(ws: &mut Ws) -> (u64, Value) {
+    loop {
+        let frame = recv_json(ws).await;
+        if frame["type"] == "publication" {
+            return (frame["offset"].as_u64().unwrap(), frame["epoch"].clone());
+        }
+    }
+}
+
+/// With `RUSTY_SOCKS_DATA_DIR`, a reload turns a namespace's history off while a channel is
+/// live: its later publications are delivered in order, and after a restart their offsets are
+/// not handed out again in the same epoch.
+#[tokio::test]
+async fn history_size_switched_to_0_by_a_reload_keeps_a_durable_channels_offsets() {
+    let dir = std::env::temp_dir().join(format!("rusty-socks-reload-{}", uuid::Uuid::new_v4()));
+    let durable = |dir: &std::path::Path, history_size: usize| {
+        let dir = dir.to_owned();
+        move |c: &mut Config| {
+            c.data_dir = Some(dir);
+            c.namespaces = feed_keeping(history_size);
+        }
+    };
+    let server = Reloadable::start(durable(&dir, 100)).await;
+    let (mut watcher, _) = v1_client_url(&server.url()).await;
+    subscribe(&mut watcher, "feed:x").await;
+    let (mut ws, _) = v1_client_url(&server.url()).await;
+    for n in 1..=3 {
+        assert_eq!(publish(&mut ws, "feed:x", json!(n)).await, n);
+    }
+    server.change(|c| c.namespaces = feed_keeping(0));
+    server.reload_ok().await;
+    for n in 4..=5 {
+        assert_eq!(publish(&mut ws, "feed:x", json!(n)).await, n);
+    }
+    let (_, epoch) = next_publication(&mut watcher).await;
+    for n in 2..=5 {
+        assert_eq!(next_publication(&mut watcher).await, (n, epoch.clone()));
+    }
+    drop((ws, watcher));
+    server.stop().await;
+
+    let server = Reloadable::start(durable(&dir, 100)).await;
+    let (mut watcher, _) = v1_client_url(&server.url()).await;
+    subscribe(&mut watcher, "feed:x").await;
+    let (mut ws, _) = v1_client_url(&server.url()).await;
+    publish(&mut ws, "feed:x", json!("after")).await;
+    let (offset, again) = next_publication(&mut watcher).await;
+    assert!(
+        again != epoch || offset == 6,
+        "offset {offset} of epoch {again} was handed out before the restart"
+    );
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -36,11 +36,16 @@ const MAX_KEYS: usize = 10_000;
 /// Bookkeeping bytes counted per remembered key on top of its length.
 const KEY_OVERHEAD: usize = 64;
 
+/// Durable channels: the outcome of a keyed publication's write, shared by its publisher and
+/// every retry with the same key (a retry is a duplicate only once its original is stored).
+pub(in crate::broker) type Stored = futures_util::future::Shared<crate::broker::durable::log::Ack>;
+
 /// The idempotency keys used on one channel in its current epoch, oldest first.
 #[derive(Debug, Default)]
 pub(in crate::broker) struct Keys {
-    /// Key to (offset of its first publish, when it is forgotten).
-    offsets: HashMap<String, (u64, Instant)>,
+    /// Key to (offset of its first publish, when it is forgotten, its write if durable and
+    /// written in this process).
+    offsets: HashMap<String, (u64, Instant, Option<Stored>)>,
     /// Keys in the order they were remembered, with when they expire.
     order: VecDeque<(Instant, String)>,
     bytes: usize,
@@ -48,19 +53,53 @@ pub(in crate::broker) struct Keys {
 
 impl Keys {
     pub(in crate::broker) fn get(&self, key: &str, now: Instant) -> Option<u64> {
+        self.entry(key, now).map(|(offset, _)| offset)
+    }
+
+    /// The offset of the key's first publish and, on a durable channel, its write.
+    pub(in crate::broker) fn entry(
+        &self,
+        key: &str,
+        now: Instant,
+    ) -> Option<(u64, Option<Stored>)> {
         self.offsets
             .get(key)
-            .filter(|(_, expires)| *expires > now)
-            .map(|(offset, _)| *offset)
+            .filter(|(_, expires, _)| *expires > now)
+            .map(|(offset, _, stored)| (*offset, stored.clone()))
     }
 
     pub(in crate::broker) fn insert(&mut self, key: String, offset: u64, expires: Instant) {
+        self.insert_stored(key, offset, expires, None);
+    }
+
+    pub(in crate::broker) fn insert_stored(
+        &mut self,
+        key: String,
+        offset: u64,
+        expires: Instant,
+        stored: Option<Stored>,
+    ) {
         self.bytes += key.len() + KEY_OVERHEAD;
-        self.offsets.insert(key.clone(), (offset, expires));
+        self.offsets.insert(key.clone(), (offset, expires, stored));
         self.order.push_back((expires, key));
         while self.order.len() > MAX_KEYS {
             self.pop();
         }
+    }
+
+    /// The lowest offset of a key still remembered at `now` (the durable sweep keeps the
+    /// segments of those records, so the keys survive a restart).
+    pub(in crate::broker) fn oldest_live(&self, now: Instant) -> Option<u64> {
+        // Offsets grow in the order keys are remembered; skip entries a reuse replaced.
+        self.order
+            .iter()
+            .filter(|(expires, _)| *expires > now)
+            .find_map(|(expires, key)| {
+                self.offsets
+                    .get(key)
+                    .filter(|(_, e, _)| e == expires)
+                    .map(|(offset, _, _)| *offset)
+            })
     }
 
     fn trim(&mut self, now: Instant) {
@@ -77,7 +116,11 @@ impl Keys {
         if let Some((expires, key)) = self.order.pop_front() {
             self.bytes -= key.len() + KEY_OVERHEAD;
             // A key used again after it expired has a newer entry: keep that one.
-            if self.offsets.get(&key).is_some_and(|(_, e)| *e == expires) {
+            if self
+                .offsets
+                .get(&key)
+                .is_some_and(|(_, e, _)| *e == expires)
+            {
                 self.offsets.remove(&key);
             }
         }
@@ -221,6 +264,54 @@ impl MemoryBroker {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Whether a publication is stored at all: past the server-wide budget it is not, and
+    /// its key is not remembered either (memory stays bounded, and a retry is then published
+    /// again, as it would be without a key).
+    pub(in crate::broker) fn stores(&self, request: &PublishRequest) -> bool {
+        let cost = request.data.get().len() + ENTRY_OVERHEAD;
+        self.history_bytes() + cost <= self.history_budget
+    }
+
+    /// Publishes in memory only, under the channel's lock: assign, append, deliver.
+    pub(in crate::broker) fn publish_now(
+        &self,
+        channel: &str,
+        state: &mut ChannelState,
+        request: PublishRequest,
+        now: Instant,
+        store: bool,
+    ) -> Published {
+        if let Some(idempotency) = &request.idempotency
+            && let Some(offset) = state.keys.get(&idempotency.key, now)
+        {
+            return Published {
+                position: StreamPosition {
+                    offset,
+                    epoch: state.stream.position().epoch,
+                },
+                duplicate: true,
+            };
+        }
+        state.limits = Some(request.history);
+        let publication =
+            state
+                .stream
+                .append(request.data, request.client_id, request.history, now, store);
+        if state.subscribed > 0 {
+            self.events
+                .on_publication(channel, state.stream.epoch(), &publication);
+        }
+        if let Some(idempotency) = request.idempotency
+            && store
+        {
+            let expires = now + idempotency.window;
+            state
+                .keys
+                .insert(idempotency.key, publication.offset, expires);
+        }
+        Published::new(state.stream.position())
+    }
+
     fn now<'a, T: Send + 'a>(value: T) -> BrokerFuture<'a, T> {
         Box::pin(std::future::ready(Ok(value)))
     }
@@ -232,58 +323,15 @@ impl Broker for MemoryBroker {
         channel: &'a str,
         request: PublishRequest,
     ) -> BrokerFuture<'a, Published> {
-        if let Some(durable) = &self.durable
-            && request.history.size > 0
-        {
-            // A channel that keeps history: acknowledged once its record is durable.
+        if let Some(durable) = &self.durable {
+            // Decides under the channel's lock whether the publication is logged (see
+            // `publish_durable`): one path per channel and epoch.
             return Box::pin(self.publish_durable(durable, channel, request));
         }
-        let cost = request.data.get().len() + ENTRY_OVERHEAD;
-        // Past the budget keys are not remembered either: memory stays bounded, and a retry
-        // is then published again (as it would be without a key).
-        let store = self.history_bytes() + cost <= self.history_budget;
         let now = Instant::now();
+        let store = self.stores(&request);
         let published = self.with(channel, |state| {
-            if let Some(idempotency) = &request.idempotency
-                && let Some(offset) = state.keys.get(&idempotency.key, now)
-            {
-                return Published {
-                    position: StreamPosition {
-                        offset,
-                        epoch: state.stream.position().epoch,
-                    },
-                    duplicate: true,
-                };
-            }
-            state.limits = Some(request.history);
-            let before = state.stream.position().offset;
-            let publication =
-                state
-                    .stream
-                    .append(request.data, request.client_id, request.history, now, store);
-            // Not logged: on a durable channel it counts as written unless an earlier
-            // record is still on its way.
-            if let Some(written) = &state.written {
-                let _ = written.compare_exchange(
-                    before,
-                    publication.offset,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
-            }
-            if state.subscribed > 0 {
-                self.events
-                    .on_publication(channel, state.stream.epoch(), &publication);
-            }
-            if let Some(idempotency) = request.idempotency
-                && store
-            {
-                let expires = now + idempotency.window;
-                state
-                    .keys
-                    .insert(idempotency.key, publication.offset, expires);
-            }
-            Published::new(state.stream.position())
+            self.publish_now(channel, state, request, now, store)
         });
         Self::now(published)
     }

@@ -2,7 +2,8 @@
 //! durable publish, and the sweep that deletes segments nothing retains any more.
 //!
 //! Kept apart from `memory.rs` so the single-node broker reads the same with and without a
-//! data directory: only channels that keep history (`size > 0`) take this path.
+//! data directory: channels that keep history (`size > 0`) are logged, and so is every later
+//! publication of an epoch that logged one (see `MemoryBroker::publish_durable`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -13,10 +14,23 @@ use tokio::time::Instant;
 use super::record::Record;
 use super::recovery::RecoveredChannel;
 use super::{Durable, DurableOptions, StorageError, wall_ms};
-use crate::broker::history::{ENTRY_OVERHEAD, Stream};
-use crate::broker::memory::{ChannelState, Keys, MemoryBroker};
+use futures_util::FutureExt;
+
+use crate::broker::history::Stream;
+use crate::broker::memory::{ChannelState, Keys, MemoryBroker, Stored};
 use crate::broker::{BrokerError, BrokerEvents, PublishRequest, Published};
 use crate::types::{Publication, StreamPosition};
+
+/// What the locked step of a durable publish decided.
+enum Step {
+    /// Published in memory only (nothing of the channel's epoch is logged).
+    Done(Published),
+    /// A key already used: the first publish's position and, if written by this process,
+    /// its write's outcome.
+    Duplicate(StreamPosition, Option<Stored>),
+    /// Queued for the log: the new position and the write's outcome.
+    Queued(StreamPosition, Stored),
+}
 
 /// How often sealed segments are checked for deletion.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -71,34 +85,63 @@ impl MemoryBroker {
         Ok(broker)
     }
 
-    /// Publish on a channel that keeps history: assign, append in memory and queue the
-    /// record under the channel's lock (so records reach the log in offset order), then wait
-    /// for the log's acknowledgement outside it. Subscribers get the publication from the
-    /// writer once it is written.
+    /// Publish with a data directory. A channel takes one path for a whole epoch, decided
+    /// under its lock: once a publication of the epoch is logged, every later one is logged
+    /// too (without history, as an offset marker), so a reload that switches `history_size`
+    /// to 0 neither reorders delivery nor hands out offsets the log does not know of. A
+    /// channel that has logged nothing in its epoch publishes in memory while it keeps no
+    /// history. A duplicate whose original failed to be stored is published again.
     pub(in crate::broker) async fn publish_durable(
         &self,
         durable: &Durable,
         channel: &str,
         request: PublishRequest,
     ) -> Result<Published, BrokerError> {
-        let cost = request.data.get().len() + ENTRY_OVERHEAD;
-        let store = self.history_bytes() + cost <= self.history_budget;
+        // Each round that finds a failed original renews the channel (forgetting its keys);
+        // only a concurrent retry of the same key can need another.
+        for _ in 0..4 {
+            match self
+                .publish_logged(durable, channel, request.clone())
+                .await?
+            {
+                Some(published) => return Ok(published),
+                None => continue,
+            }
+        }
+        Err(BrokerError::Unavailable(
+            "storage failed: the publication with this idempotency key kept failing".into(),
+        ))
+    }
+
+    /// One attempt of [`Self::publish_durable`]: assign, append in memory and queue the record
+    /// under the channel's lock (so records reach the log in offset order), then wait for the
+    /// log's acknowledgement outside it. Subscribers get the publication from the writer once
+    /// it is written. `None`: the key's original publish failed; the channel is renewed.
+    async fn publish_logged(
+        &self,
+        durable: &Durable,
+        channel: &str,
+        request: PublishRequest,
+    ) -> Result<Option<Published>, BrokerError> {
+        let store = self.stores(&request);
         let now = Instant::now();
         let wall = wall_ms();
         let step = self.with(channel, |state| {
+            if request.history.size == 0 && state.written.is_none() {
+                // Nothing of this epoch is logged: it stays in memory.
+                return Ok(Step::Done(
+                    self.publish_now(channel, state, request, now, store),
+                ));
+            }
             if let Some(idempotency) = &request.idempotency
-                && let Some(offset) = state.keys.get(&idempotency.key, now)
+                && let Some((offset, stored)) = state.keys.entry(&idempotency.key, now)
             {
                 let position = StreamPosition {
                     offset,
                     epoch: state.stream.epoch().to_owned(),
                 };
-                let published = Published {
-                    position,
-                    duplicate: true,
-                };
                 // Its original may still be on its way to the disk.
-                return durable.barrier().map(|ack| (published, ack));
+                return Ok(Step::Duplicate(position, stored));
             }
             let position = state.stream.position();
             let kept = Stream::keeps(request.data.get().len(), request.history, store);
@@ -126,11 +169,8 @@ impl MemoryBroker {
             };
             let mut bytes = Vec::with_capacity(record.data.as_ref().map_or(0, String::len) + 96);
             record.encode(&mut bytes);
-            if !durable.has_room(bytes.len()) {
-                return Err(StorageError::Full(
-                    "RUSTY_SOCKS_DATA_MAX_BYTES reached".into(),
-                ));
-            }
+            // Refused before anything changes.
+            durable.reserve(bytes.len(), false)?;
             state.limits = Some(request.history);
             if position.epoch.is_empty() {
                 state.stream.adopt_epoch(epoch);
@@ -139,14 +179,6 @@ impl MemoryBroker {
                 state
                     .stream
                     .append(request.data, request.client_id, request.history, now, store);
-            if let Some(idempotency) = request.idempotency
-                && store
-            {
-                let expires = now + idempotency.window;
-                state
-                    .keys
-                    .insert(idempotency.key, publication.offset, expires);
-            }
             let deliver = (state.subscribed > 0).then(|| publication.clone());
             let written = Arc::clone(
                 state
@@ -161,32 +193,58 @@ impl MemoryBroker {
                 record.offset,
                 deliver,
                 Some(written),
-                true,
             ) {
-                Ok(ack) => Ok((Published::new(state.stream.position()), ack)),
+                Ok(ack) => {
+                    let ack = ack.shared();
+                    if let Some(idempotency) = request.idempotency
+                        && store
+                    {
+                        let expires = now + idempotency.window;
+                        state.keys.insert_stored(
+                            idempotency.key,
+                            publication.offset,
+                            expires,
+                            Some(ack.clone()),
+                        );
+                    }
+                    Ok(Step::Queued(state.stream.position(), ack))
+                }
                 Err(err) => {
                     self.new_life(channel, state);
                     Err(err)
                 }
             }
         });
-        let (published, ack) = step?;
-        let answer = match ack.await {
-            Ok(answer) => answer,
-            Err(_) => Err(StorageError::Io("the log writer stopped".into())),
+        let (position, stored, duplicate) = match step? {
+            Step::Done(published) => return Ok(Some(published)),
+            Step::Duplicate(position, stored) => (position, stored, true),
+            Step::Queued(position, ack) => (position, Some(ack), false),
+        };
+        // Keys brought back from disk are stored already.
+        let answer = match stored {
+            None => Ok(()),
+            Some(ack) => ack
+                .await
+                .unwrap_or_else(|_| Err(StorageError::Io("the log writer stopped".into()))),
         };
         if let Err(err) = answer {
-            if !published.duplicate {
-                let epoch = published.position.epoch.clone();
-                self.with(channel, |state| {
-                    if state.stream.epoch() == epoch {
-                        self.new_life(channel, state);
-                    }
-                });
+            // The publication may differ from the disk: renew the channel (once, whoever
+            // sees the failure first), which forgets the failed publish's key.
+            self.with(channel, |state| {
+                if state.stream.epoch() == position.epoch {
+                    self.new_life(channel, state);
+                }
+            });
+            if duplicate {
+                // Its original was not stored: this retry publishes for real.
+                return Ok(None);
             }
             return Err(err.into());
         }
-        Ok(published)
+        Ok(Some(Published {
+            position,
+            duplicate,
+        }))
     }
 
     /// The channel's stream may now differ from the disk (a record was assigned but not
@@ -214,11 +272,16 @@ impl MemoryBroker {
         let after = state.cost();
         self.history_total
             .fetch_sub(before.saturating_sub(after), Ordering::Relaxed);
+        // A record is retained while it is in history or its idempotency key is live.
         let live = state.stream.epoch() == epoch
-            && state
+            && (state
                 .stream
                 .first_offset()
-                .is_some_and(|first| first <= offset);
+                .is_some_and(|first| first <= offset)
+                || state
+                    .keys
+                    .oldest_live(Instant::now())
+                    .is_some_and(|first| first <= offset));
         if state.idle() {
             stripe.channels.remove(channel);
         }
@@ -226,7 +289,7 @@ impl MemoryBroker {
     }
 
     /// Deletes sealed segments, oldest first, while nothing they hold is retained.
-    fn sweep_once(&self) {
+    pub(super) fn sweep_once(&self) {
         let Some(durable) = &self.durable else {
             return;
         };

@@ -66,6 +66,9 @@ pub type Ack = oneshot::Receiver<Result<(), StorageError>>;
 pub struct Append {
     /// The framed record.
     pub bytes: Vec<u8>,
+    /// Reserved against the quota on top of `bytes`: the header of the segment this record
+    /// may start. Kept if it does, given back once it is written otherwise.
+    pub allowance: u64,
     /// Its channel.
     pub channel: Arc<str>,
     /// Its epoch.
@@ -108,7 +111,7 @@ pub struct Writer {
     pub(super) len: u64,
     pub(super) events: Arc<dyn BrokerEvents>,
     pub(super) segments: Segments,
-    /// Bytes on disk plus bytes queued (the quota's measure).
+    /// Bytes on disk plus bytes reserved by queued records (the quota's measure).
     pub(super) bytes: Arc<AtomicU64>,
     pub(super) last_sync: Instant,
     pub(super) unsynced: bool,
@@ -262,7 +265,7 @@ impl Writer {
                 Command::FailNextWrite => self.fail_next_write = true,
                 #[cfg(test)]
                 Command::FailNextSync => self.fail_next_sync = true,
-                Command::Append(append) => {
+                Command::Append(mut append) => {
                     let full = self.len + (buf.len() + append.bytes.len()) as u64
                         > self.segment_bytes
                         && self.len + buf.len() as u64 > MAGIC.len() as u64;
@@ -274,6 +277,8 @@ impl Writer {
                             self.fail(append, storage_error(&err));
                             continue;
                         }
+                        // The new segment's header used this record's allowance.
+                        append.allowance = 0;
                     }
                     // Checked after the flush above, which may have failed an earlier record.
                     let key = (Arc::clone(&append.channel), Arc::clone(&append.epoch));
@@ -362,6 +367,8 @@ impl Writer {
                             .map(|a| (Arc::clone(&a.channel), Arc::clone(&a.epoch))),
                     );
                 }
+                let unused: u64 = group.iter().map(|a| a.allowance).sum();
+                self.bytes.fetch_sub(unused, Ordering::Relaxed);
                 for a in group.iter() {
                     if let Some(written) = &a.written {
                         written.fetch_max(a.offset, Ordering::Release);
@@ -403,8 +410,10 @@ impl Writer {
     }
 
     fn fail(&self, append: Append, error: StorageError) {
-        self.bytes
-            .fetch_sub(append.bytes.len() as u64, Ordering::Relaxed);
+        self.bytes.fetch_sub(
+            append.bytes.len() as u64 + append.allowance,
+            Ordering::Relaxed,
+        );
         if let Some(done) = append.done {
             let _ = done.send(Err(error));
         }
@@ -532,7 +541,7 @@ impl Writer {
         self.seq = seq;
         self.len = MAGIC.len() as u64;
         self.unsynced = false;
-        self.bytes.fetch_add(self.len, Ordering::Relaxed);
+        // Its header is counted already: the allowance of the record that starts it.
         self.segments
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

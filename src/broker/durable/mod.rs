@@ -12,6 +12,8 @@
 //! process on it is refused at startup.
 
 pub mod broker;
+#[cfg(test)]
+mod consistency_tests;
 pub mod log;
 #[cfg(test)]
 mod log_tests;
@@ -27,7 +29,7 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use log::{Ack, Append, Command, Segments, Writer, segment_path};
+use log::{Ack, Append, Command, MAGIC, Segments, Writer, segment_path};
 use record::Record;
 use recovery::Recovered;
 
@@ -200,16 +202,37 @@ impl Durable {
             let epoch: Arc<str> = Arc::from(record.epoch.as_str());
             let mut buf = Vec::new();
             record.encode(&mut buf);
-            // Queued before any publication; a failure is logged by the writer.
-            let _ = durable.append(buf, Arc::from(name.as_str()), epoch, 1, None, None, true);
+            // Queued before any publication, past the quota if need be; a failure is
+            // logged by the writer.
+            let _ = durable.reserve(buf.len(), true);
+            let _ = durable.append(buf, Arc::from(name.as_str()), epoch, 1, None, None);
         }
         Ok((durable, recovered))
     }
 
-    /// Queues an encoded record. Refused before anything happens when the quota would be
-    /// exceeded (`force` skips the check, for the bookkeeping records of recovery). Once it
-    /// is written, `written` (the channel's written-through offset) is raised to `offset`.
-    #[allow(clippy::too_many_arguments)]
+    /// Reserves room for a record of `len` bytes and the header of the segment it may have
+    /// to start ([`MAGIC`]): refused, atomically, when that would take the bytes on disk plus
+    /// those reserved past `RUSTY_SOCKS_DATA_MAX_BYTES` (`force` skips the check, for the
+    /// bookkeeping records of recovery). The reservation is handed to [`Self::append`]: the
+    /// writer keeps what reaches the disk and gives the rest back, a failure gives all back.
+    /// So the segment files never total more than the quota.
+    pub fn reserve(&self, len: usize, force: bool) -> Result<(), StorageError> {
+        let need = (len + MAGIC.len()) as u64;
+        let max = self.options.max_bytes;
+        if force || max == 0 {
+            self.bytes.fetch_add(need, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(need).filter(|total| *total <= max)
+            })
+            .map(|_| ())
+            .map_err(|_| StorageError::Full(format!("RUSTY_SOCKS_DATA_MAX_BYTES ({max}) reached")))
+    }
+
+    /// Queues an encoded record whose room was [reserved](Self::reserve). Once it is written,
+    /// `written` (the channel's written-through offset) is raised to `offset`.
     pub fn append(
         &self,
         bytes: Vec<u8>,
@@ -218,22 +241,12 @@ impl Durable {
         offset: u64,
         deliver: Option<Publication>,
         written: Option<Arc<AtomicU64>>,
-        force: bool,
     ) -> Result<Ack, StorageError> {
-        let len = bytes.len() as u64;
-        if !force && self.options.max_bytes > 0 {
-            let used = self.bytes.load(Ordering::Relaxed);
-            if used + len > self.options.max_bytes {
-                return Err(StorageError::Full(format!(
-                    "RUSTY_SOCKS_DATA_MAX_BYTES ({}) reached",
-                    self.options.max_bytes
-                )));
-            }
-        }
-        self.bytes.fetch_add(len, Ordering::Relaxed);
+        let reserved = (bytes.len() + MAGIC.len()) as u64;
         let (done, ack) = tokio::sync::oneshot::channel();
         let command = Command::Append(Append {
             bytes,
+            allowance: MAGIC.len() as u64,
             channel,
             epoch,
             offset,
@@ -241,14 +254,11 @@ impl Durable {
             done: Some(done),
             written,
         });
-        self.send(command)?;
+        if let Err(err) = self.send(command) {
+            self.bytes.fetch_sub(reserved, Ordering::Relaxed);
+            return Err(err);
+        }
         Ok(ack)
-    }
-
-    /// Whether a record of `len` bytes would pass the quota now.
-    pub fn has_room(&self, len: usize) -> bool {
-        self.options.max_bytes == 0
-            || self.bytes.load(Ordering::Relaxed) + len as u64 <= self.options.max_bytes
     }
 
     /// Answers once everything queued so far is durable (a duplicate publish must not be
@@ -292,7 +302,7 @@ impl Durable {
         }
     }
 
-    /// Bytes of segments on disk plus queued records.
+    /// Bytes of segments on disk plus those reserved by queued records.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
     }

@@ -9,13 +9,13 @@ use super::{DurableOptions, FsyncMode};
 use crate::broker::conformance::{self, Recorder};
 use crate::broker::history::HistoryLimits;
 use crate::broker::memory::MemoryBroker;
-use crate::broker::{Broker, BrokerError, BrokerEvents, Idempotency, PublishRequest};
+use crate::broker::{Broker, BrokerError, BrokerEvents, Idempotency, PublishRequest, Published};
 
 /// A fresh directory, removed when dropped.
-struct TempDir(PathBuf);
+pub(super) struct TempDir(pub(super) PathBuf);
 
 impl TempDir {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let path =
             std::env::temp_dir().join(format!("rusty-socks-durable-{}", uuid::Uuid::new_v4()));
         Self(path)
@@ -28,7 +28,7 @@ impl Drop for TempDir {
     }
 }
 
-fn options(dir: &Path, segment_bytes: u64) -> DurableOptions {
+pub(super) fn options(dir: &Path, segment_bytes: u64) -> DurableOptions {
     DurableOptions {
         dir: dir.to_owned(),
         fsync: FsyncMode::Always,
@@ -37,19 +37,24 @@ fn options(dir: &Path, segment_bytes: u64) -> DurableOptions {
     }
 }
 
-fn open(options: DurableOptions) -> (Arc<MemoryBroker>, Arc<Recorder>) {
+pub(super) fn open(options: DurableOptions) -> (Arc<MemoryBroker>, Arc<Recorder>) {
     let events = Arc::new(Recorder::default());
     let broker = MemoryBroker::open(events.clone(), 1 << 30, options).expect("opens");
     (broker, events)
 }
 
-const KEEP: HistoryLimits = HistoryLimits {
+/// A broker on `dir` with segments of `segment_bytes`, `fsync` always, no quota.
+pub(super) fn open_at(dir: &TempDir, segment_bytes: u64) -> (Arc<MemoryBroker>, Arc<Recorder>) {
+    open(options(&dir.0, segment_bytes))
+}
+
+pub(super) const KEEP: HistoryLimits = HistoryLimits {
     size: 1000,
     ttl: None,
     max_bytes: 1 << 20,
 };
 
-fn request(n: u64, limits: HistoryLimits) -> PublishRequest {
+pub(super) fn request(n: u64, limits: HistoryLimits) -> PublishRequest {
     PublishRequest {
         data: conformance::json(&format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(100))),
         client_id: None,
@@ -58,7 +63,7 @@ fn request(n: u64, limits: HistoryLimits) -> PublishRequest {
     }
 }
 
-async fn publish_n(broker: &MemoryBroker, channel: &str, n: u64) -> String {
+pub(super) async fn publish_n(broker: &MemoryBroker, channel: &str, n: u64) -> String {
     let mut epoch = String::new();
     for i in 1..=n {
         let published = broker
@@ -71,7 +76,7 @@ async fn publish_n(broker: &MemoryBroker, channel: &str, n: u64) -> String {
     epoch
 }
 
-async fn offsets(broker: &MemoryBroker, channel: &str) -> (String, Vec<u64>) {
+pub(super) async fn offsets(broker: &MemoryBroker, channel: &str) -> (String, Vec<u64>) {
     let page = broker
         .history(channel, Some(0), usize::MAX)
         .await
@@ -82,7 +87,7 @@ async fn offsets(broker: &MemoryBroker, channel: &str) -> (String, Vec<u64>) {
     )
 }
 
-fn segments(dir: &Path) -> Vec<PathBuf> {
+pub(super) fn segments(dir: &Path) -> Vec<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .expect("dir")
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -90,6 +95,56 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
         .collect();
     found.sort();
     found
+}
+
+/// Waits (up to 5 s) for the sweep to leave at most `most` segments in `dir`.
+pub(super) async fn swept_to(dir: &Path, most: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while segments(dir).len() > most && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `request` with the idempotency key `key` (remembered for a minute).
+pub(super) fn keyed(n: u64, limits: HistoryLimits, key: &str) -> PublishRequest {
+    PublishRequest {
+        idempotency: Some(Idempotency {
+            key: key.into(),
+            window: Duration::from_secs(60),
+        }),
+        ..request(n, limits)
+    }
+}
+
+/// A publish still in flight.
+pub(super) type InFlight = tokio::task::JoinHandle<Result<Published, BrokerError>>;
+
+/// Publishes `request` on `channel` in a task and returns once it is appended in memory as
+/// offset `offset` (the writer may be held: not yet written).
+pub(super) async fn queued(
+    broker: &Arc<MemoryBroker>,
+    channel: &'static str,
+    request: PublishRequest,
+    offset: u64,
+) -> InFlight {
+    let task = {
+        let broker = Arc::clone(broker);
+        tokio::spawn(async move { broker.publish(channel, request).await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while broker.with(channel, |state| state.stream.position().offset) < offset {
+        assert!(tokio::time::Instant::now() < deadline, "never appended");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    task
+}
+
+/// The answer to a publish started by [`queued`].
+pub(super) async fn answer(task: InFlight) -> Result<Published, BrokerError> {
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("answered")
+        .expect("task")
 }
 
 #[tokio::test]
@@ -119,16 +174,10 @@ async fn the_durable_memory_broker_passes_the_conformance_suite() {
 #[tokio::test]
 async fn history_offsets_epochs_and_keys_survive_a_restart() {
     let dir = TempDir::new();
-    let (broker, _) = open(options(&dir.0, 1 << 20));
+    let (broker, _) = open_at(&dir, 1 << 20);
     let epoch = publish_n(&broker, "a", 20).await;
     publish_n(&broker, "b", 3).await;
-    let keyed = PublishRequest {
-        idempotency: Some(Idempotency {
-            key: "k".into(),
-            window: Duration::from_secs(60),
-        }),
-        ..request(21, KEEP)
-    };
+    let keyed = keyed(21, KEEP, "k");
     assert_eq!(
         broker
             .publish("a", keyed.clone())
@@ -139,7 +188,7 @@ async fn history_offsets_epochs_and_keys_survive_a_restart() {
         21
     );
     drop(broker);
-    let (broker, _) = open(options(&dir.0, 1 << 20));
+    let (broker, _) = open_at(&dir, 1 << 20);
     let (again, got) = offsets(&broker, "a").await;
     assert_eq!(again, epoch, "the epoch is unchanged");
     assert_eq!(got, (1..=21).collect::<Vec<_>>());
@@ -155,7 +204,7 @@ async fn history_offsets_epochs_and_keys_survive_a_restart() {
 #[tokio::test]
 async fn a_torn_tail_is_cut_and_the_rest_kept() {
     let dir = TempDir::new();
-    let (broker, _) = open(options(&dir.0, 1 << 20));
+    let (broker, _) = open_at(&dir, 1 << 20);
     let epoch = publish_n(&broker, "a", 10).await;
     drop(broker);
     let last = segments(&dir.0).pop().expect("a segment");
@@ -166,7 +215,7 @@ async fn a_torn_tail_is_cut_and_the_rest_kept() {
         .expect("open");
     file.set_len(len - 5).expect("truncate");
     drop(file);
-    let (broker, _) = open(options(&dir.0, 1 << 20));
+    let (broker, _) = open_at(&dir, 1 << 20);
     let (again, got) = offsets(&broker, "a").await;
     assert_eq!(again, epoch, "a torn tail keeps the epoch");
     assert_eq!(
@@ -177,7 +226,7 @@ async fn a_torn_tail_is_cut_and_the_rest_kept() {
     let next = broker.publish("a", request(10, KEEP)).await.expect("ok");
     assert_eq!(next.position.offset, 10);
     drop(broker);
-    let (broker, _) = open(options(&dir.0, 1 << 20));
+    let (broker, _) = open_at(&dir, 1 << 20);
     assert_eq!(offsets(&broker, "a").await.1, (1..=10).collect::<Vec<_>>());
 }
 
@@ -218,7 +267,7 @@ async fn flipped_bytes_in_an_old_segment_renew_only_the_channels_it_cut() {
     let at = bytes.len() / 2;
     bytes[at] ^= 0xFF;
     std::fs::write(victim, &bytes).expect("write");
-    let (broker, _) = open(options(&dir.0, 4096));
+    let (broker, _) = open_at(&dir, 4096);
     let (epoch, got) = offsets(&broker, "late").await;
     assert_eq!(
         epoch, late_epoch,
@@ -233,7 +282,7 @@ async fn flipped_bytes_in_an_old_segment_renew_only_the_channels_it_cut() {
     assert!(got.is_empty(), "and serves nothing it cannot vouch for");
     drop(broker);
     // A second restart agrees, although the damaged part is gone by now.
-    let (broker, _) = open(options(&dir.0, 4096));
+    let (broker, _) = open_at(&dir, 4096);
     assert_ne!(offsets(&broker, "early").await.0, early_epoch);
     assert_eq!(offsets(&broker, "late").await.0, late_epoch);
 }
@@ -244,7 +293,7 @@ async fn a_missing_segment_renews_the_channels_it_held() {
     let (early_epoch, late_epoch) = interleaved(&dir.0).await;
     let all = segments(&dir.0);
     std::fs::remove_file(&all[1]).expect("remove");
-    let (broker, _) = open(options(&dir.0, 4096));
+    let (broker, _) = open_at(&dir, 4096);
     assert_ne!(offsets(&broker, "early").await.0, early_epoch);
     let (epoch, got) = offsets(&broker, "late").await;
     assert_eq!(epoch, late_epoch);
@@ -254,7 +303,7 @@ async fn a_missing_segment_renews_the_channels_it_held() {
 #[tokio::test]
 async fn a_channel_with_a_hole_gets_a_new_epoch() {
     let dir = TempDir::new();
-    let (broker, _) = open(options(&dir.0, 4096));
+    let (broker, _) = open_at(&dir, 4096);
     let mut epoch = String::new();
     for i in 1..=80 {
         epoch = broker
@@ -271,7 +320,7 @@ async fn a_channel_with_a_hole_gets_a_new_epoch() {
     let last = bytes.len() - 3;
     bytes[last] ^= 0x01;
     std::fs::write(&all[1], &bytes).expect("write");
-    let (broker, _) = open(options(&dir.0, 4096));
+    let (broker, _) = open_at(&dir, 4096);
     let (again, got) = offsets(&broker, "c").await;
     assert_ne!(again, epoch);
     assert!(got.is_empty());
@@ -280,7 +329,7 @@ async fn a_channel_with_a_hole_gets_a_new_epoch() {
 #[tokio::test]
 async fn a_second_broker_on_the_directory_is_refused() {
     let dir = TempDir::new();
-    let (_broker, _) = open(options(&dir.0, 1 << 20));
+    let (_broker, _) = open_at(&dir, 1 << 20);
     let events = Arc::new(Recorder::default());
     let err = MemoryBroker::open(events, 1 << 30, options(&dir.0, 1 << 20)).expect_err("locked");
     let text = err.to_string();
@@ -333,7 +382,7 @@ async fn ttl_expiry_holds_across_a_restart_and_leaves_no_files() {
         ttl: Some(Duration::from_millis(300)),
         ..KEEP
     };
-    let (broker, _) = open(options(&dir.0, 4096));
+    let (broker, _) = open_at(&dir, 4096);
     for i in 1..=100 {
         broker.publish("t", request(i, short)).await.expect("ok");
     }
@@ -341,14 +390,11 @@ async fn ttl_expiry_holds_across_a_restart_and_leaves_no_files() {
     assert!(written > 2);
     drop(broker);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let (broker, _) = open(options(&dir.0, 4096));
+    let (broker, _) = open_at(&dir, 4096);
     let (_, got) = offsets(&broker, "t").await;
     assert!(got.is_empty(), "expired while the server was down: {got:?}");
     // The sweep deletes every sealed segment; the newest one is all that may stay.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while segments(&dir.0).len() > 1 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    swept_to(&dir.0, 1).await;
     assert_eq!(
         segments(&dir.0).len(),
         1,
@@ -360,17 +406,14 @@ async fn ttl_expiry_holds_across_a_restart_and_leaves_no_files() {
 async fn size_limits_delete_whole_old_segments() {
     let dir = TempDir::new();
     let small = HistoryLimits { size: 5, ..KEEP };
-    let (broker, _) = open(options(&dir.0, 4096));
+    let (broker, _) = open_at(&dir, 4096);
     for i in 1..=300 {
         broker.publish("s", request(i, small)).await.expect("ok");
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while segments(&dir.0).len() > 3 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    swept_to(&dir.0, 3).await;
     assert!(segments(&dir.0).len() <= 3, "{:?}", segments(&dir.0));
     drop(broker);
-    let (broker, _) = open(options(&dir.0, 4096));
+    let (broker, _) = open_at(&dir, 4096);
     assert_eq!(
         offsets(&broker, "s").await.1,
         (296..=300).collect::<Vec<_>>()
@@ -387,7 +430,7 @@ async fn size_limits_delete_whole_old_segments() {
 #[tokio::test]
 async fn an_empty_newest_segment_leaves_no_hole_for_the_next_restart() {
     let dir = TempDir::new();
-    let (broker, _) = open(options(&dir.0, 4096));
+    let (broker, _) = open_at(&dir, 4096);
     let a = publish_n(&broker, "a", 60).await;
     let b = publish_n(&broker, "b", 3).await;
     drop(broker);
@@ -399,12 +442,12 @@ async fn an_empty_newest_segment_leaves_no_hole_for_the_next_restart() {
     )
     .expect("hex");
     std::fs::write(segment_path(&dir.0, seq + 1), b"").expect("empty segment");
-    let (broker, _) = open(options(&dir.0, 4096));
+    let (broker, _) = open_at(&dir, 4096);
     let more = broker.publish("b", request(4, KEEP)).await.expect("ok");
     assert_eq!(more.position.offset, 4);
     assert_eq!(more.position.epoch, b);
     drop(broker);
-    let (broker, _) = open(options(&dir.0, 4096));
+    let (broker, _) = open_at(&dir, 4096);
     let (epoch, got) = offsets(&broker, "a").await;
     assert_eq!(epoch, a, "a keeps its epoch over the second restart");
     assert_eq!(got, (1..=60).collect::<Vec<_>>());
@@ -419,19 +462,11 @@ async fn an_empty_newest_segment_leaves_no_hole_for_the_next_restart() {
 #[tokio::test]
 async fn reads_never_report_an_offset_the_writer_has_not_written() {
     let dir = TempDir::new();
-    let (broker, _) = open(options(&dir.0, 1 << 20));
+    let (broker, _) = open_at(&dir, 1 << 20);
     let epoch = publish_n(&broker, "a", 3).await;
     let release = broker.durable.as_ref().expect("durable").hold();
-    let publishing = {
-        let broker = Arc::clone(&broker);
-        tokio::spawn(async move { broker.publish("a", request(4, KEEP)).await })
-    };
-    // Wait until offset 4 is appended in memory (the writer is held, so not written).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while broker.with("a", |state| state.stream.position().offset) < 4 {
-        assert!(tokio::time::Instant::now() < deadline, "never appended");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // Offset 4 appended in memory; the writer is held, so not written.
+    let publishing = queued(&broker, "a", request(4, KEEP), 4).await;
     let page = broker
         .history("a", Some(0), usize::MAX)
         .await
@@ -447,11 +482,7 @@ async fn reads_never_report_an_offset_the_writer_has_not_written() {
     assert_eq!(latest.publications.len(), 3);
     assert_eq!(latest.position.offset, 3);
     drop(release);
-    let published = tokio::time::timeout(Duration::from_secs(10), publishing)
-        .await
-        .expect("acknowledged once written")
-        .expect("task")
-        .expect("published");
+    let published = answer(publishing).await.expect("published once written");
     assert_eq!(published.position.offset, 4);
     let (again, got) = offsets(&broker, "a").await;
     assert_eq!(again, epoch);
@@ -465,37 +496,25 @@ async fn reads_never_report_an_offset_the_writer_has_not_written() {
 async fn records_queued_behind_a_failed_write_of_their_channel_fail_too() {
     let dir = TempDir::new();
     // One record per segment: the two records below are written by separate writes.
-    let (broker, _) = open(options(&dir.0, 1));
+    let (broker, _) = open_at(&dir, 1);
     let epoch = publish_n(&broker, "a", 2).await;
     let durable = broker.durable.as_ref().expect("durable");
     let release = durable.hold();
     durable.fail_next_write();
     let mut publishing = Vec::new();
     for n in 3..=4 {
-        let task = {
-            let broker = Arc::clone(&broker);
-            tokio::spawn(async move { broker.publish("a", request(n, KEEP)).await })
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while broker.with("a", |state| state.stream.position().offset) < n {
-            assert!(tokio::time::Instant::now() < deadline, "never appended");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        publishing.push(task);
+        publishing.push(queued(&broker, "a", request(n, KEEP), n).await);
     }
     drop(release);
     for task in publishing {
-        let answer = tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .expect("answered")
-            .expect("task");
+        let answer = answer(task).await;
         assert!(answer.is_err(), "not acknowledged: {answer:?}");
     }
     let next = broker.publish("a", request(5, KEEP)).await.expect("ok");
     assert_ne!(next.position.epoch, epoch, "a new epoch after the failure");
     assert_eq!(next.position.offset, 1);
     drop(broker);
-    let (broker, _) = open(options(&dir.0, 1));
+    let (broker, _) = open_at(&dir, 1);
     let (again, got) = offsets(&broker, "a").await;
     assert_eq!(again, next.position.epoch);
     assert_eq!(got, vec![1]);
@@ -506,7 +525,7 @@ async fn records_queued_behind_a_failed_write_of_their_channel_fail_too() {
 #[tokio::test]
 async fn after_a_failed_sync_queued_records_fail_and_a_new_segment_starts() {
     let dir = TempDir::new();
-    let (broker, _) = open(options(&dir.0, 1 << 20));
+    let (broker, _) = open_at(&dir, 1 << 20);
     let epoch = publish_n(&broker, "a", 2).await;
     let files = segments(&dir.0).len();
     let durable = broker.durable.as_ref().expect("durable");
@@ -519,23 +538,11 @@ async fn after_a_failed_sync_queued_records_fail_and_a_new_segment_starts() {
         if n == 4 {
             holds.push(durable.hold());
         }
-        let task = {
-            let broker = Arc::clone(&broker);
-            tokio::spawn(async move { broker.publish("a", request(n, KEEP)).await })
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while broker.with("a", |state| state.stream.position().offset) < n {
-            assert!(tokio::time::Instant::now() < deadline, "never appended");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        publishing.push(task);
+        publishing.push(queued(&broker, "a", request(n, KEEP), n).await);
     }
     for (hold, task) in holds.into_iter().zip(publishing) {
         drop(hold);
-        let answer = tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .expect("answered")
-            .expect("task");
+        let answer = answer(task).await;
         assert!(answer.is_err(), "not acknowledged: {answer:?}");
     }
     let next = broker.publish("a", request(5, KEEP)).await.expect("ok");
