@@ -385,6 +385,9 @@ async fn after_kill_9_the_preallocated_zero_tail_is_the_end_not_damage() {
         "{page}"
     );
     assert_eq!(publish(&mut ws, "busy:z", json!(6)).await, 6);
+    signal(&server.child, "TERM");
+    assert!(wait_exit(&mut server.child, WAIT).success());
+}
 
 /// A 256 KiB tmpfs mounted on a fresh directory, unmounted when dropped.
 struct Tmpfs(TempDir);
