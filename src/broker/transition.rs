@@ -129,3 +129,60 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+/// This node's id in a networked broker's transition bookkeeping: random, drawn at start, so a
+/// restarted node is never taken for its old self, and drawn again when the node learns that
+/// the others declared it dead (it was alive but missed its heartbeats), so it joins afresh.
+#[derive(Debug)]
+pub struct NodeIdentity {
+    id: std::sync::Mutex<String>,
+    /// Set when a new id was drawn; the next sweep tells the engine to report its holdings again.
+    rejoined: std::sync::atomic::AtomicBool,
+}
+
+impl Default for NodeIdentity {
+    fn default() -> Self {
+        Self {
+            id: std::sync::Mutex::new(Self::fresh()),
+            rejoined: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl NodeIdentity {
+    fn fresh() -> String {
+        uuid::Uuid::new_v4().simple().to_string()
+    }
+
+    /// The current id.
+    pub fn current(&self) -> String {
+        self.id
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// This node was declared dead under `old`: draws a new id, once however many calls found
+    /// out (a call that still used `old` after the new id was drawn changes nothing). Returns
+    /// whether this call drew it.
+    pub fn declared_dead(&self, old: &str, broker: &str) -> bool {
+        let mut id = self
+            .id
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *id != old {
+            return false;
+        }
+        *id = Self::fresh();
+        self.rejoined
+            .store(true, std::sync::atomic::Ordering::Release);
+        tracing::warn!(old, new = %*id, broker, "this node was declared dead; new node id");
+        true
+    }
+
+    /// Whether a new id was drawn since the last call.
+    pub fn take_rejoined(&self) -> bool {
+        self.rejoined
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+}

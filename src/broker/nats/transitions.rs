@@ -16,7 +16,6 @@
 //! taken over, so a survivor dying mid-claim loses nothing but the transitions it had
 //! decided and not yet handed on. Node ids are random per process start.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -29,6 +28,7 @@ use futures_util::StreamExt;
 use tokio::sync::OnceCell;
 
 use super::{Inner, NatsBroker, unavailable};
+use crate::broker::transition::NodeIdentity;
 use crate::broker::{BrokerError, Holding, Swept, Transition};
 
 /// Compare-and-set attempts before a change is given up as failed (the caller retries).
@@ -36,15 +36,10 @@ const CAS_ATTEMPTS: usize = 32;
 
 /// This node's identity for transitions, and the bucket (opened at first use).
 pub(super) struct Tracking {
-    node: Mutex<String>,
-    rejoined: AtomicBool,
+    node: NodeIdentity,
     /// Whether this node's heartbeat has been written under its current id.
     beating: AtomicBool,
     bucket: OnceCell<kv::Store>,
-}
-
-fn fresh_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
 }
 
 fn encode(holding: &Holding) -> String {
@@ -63,30 +58,19 @@ fn heartbeat_key(node: &str) -> String {
 impl Tracking {
     pub(super) fn new() -> Self {
         Self {
-            node: Mutex::new(fresh_id()),
-            rejoined: AtomicBool::new(false),
+            node: NodeIdentity::default(),
             beating: AtomicBool::new(false),
             bucket: OnceCell::new(),
         }
     }
 
     fn node(&self) -> String {
-        self.node
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.node.current()
     }
 
     fn declared_dead(&self, old: &str) {
-        let mut node = self
-            .node
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *node == old {
-            *node = fresh_id();
+        if self.node.declared_dead(old, "nats") {
             self.beating.store(false, Ordering::Release);
-            self.rejoined.store(true, Ordering::Release);
-            tracing::warn!(old, new = %*node, "NATS: this node was declared dead; new node id");
         }
     }
 }
@@ -307,7 +291,7 @@ impl NatsBroker {
                 .transitions
                 .extend(self.release_dead(bucket, &other).await?);
         }
-        swept.rejoined = self.tracking.rejoined.swap(false, Ordering::AcqRel);
+        swept.rejoined = self.tracking.node.take_rejoined();
         Ok(swept)
     }
 

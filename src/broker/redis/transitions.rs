@@ -15,13 +15,11 @@
 //! taken for its old self; a node that finds itself marked dead (it was alive but missed its
 //! heartbeats, e.g. through a long broker outage) draws a new id and tracks everything again.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use redis::Script;
 
 use super::scripts::script;
 use super::{RedisBroker, millis};
+use crate::broker::transition::NodeIdentity;
 use crate::broker::{BrokerError, Holding, Swept, Transition};
 
 /// Dead nodes claimed per sweep (each one in a call of its own).
@@ -75,45 +73,26 @@ return out
 
 /// This node's identity for transitions, and the two scripts.
 pub(super) struct Tracking {
-    node: Mutex<String>,
-    rejoined: AtomicBool,
+    node: NodeIdentity,
     track: Script,
     sweep: Script,
-}
-
-fn fresh_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
 }
 
 impl Tracking {
     pub(super) fn new() -> Self {
         Self {
-            node: Mutex::new(fresh_id()),
-            rejoined: AtomicBool::new(false),
+            node: NodeIdentity::default(),
             track: script(TRACK),
             sweep: script(SWEEP),
         }
     }
 
     fn node(&self) -> String {
-        self.node
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.node.current()
     }
 
-    /// This node was declared dead under `old`: draws a new id (once, however many calls
-    /// found out) and tells the next sweep.
     fn declared_dead(&self, old: &str) {
-        let mut node = self
-            .node
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *node == old {
-            *node = fresh_id();
-            self.rejoined.store(true, Ordering::Release);
-            tracing::warn!(old, new = %*node, "redis declared this node dead; new node id");
-        }
+        self.node.declared_dead(old, "redis");
     }
 }
 
@@ -191,7 +170,7 @@ impl RedisBroker {
         }
         // Memberships first, so `member_removed` goes before its channel's `channel_vacated`.
         swept.transitions.sort_by_key(|t| t.user.is_none());
-        swept.rejoined = self.tracking.rejoined.swap(false, Ordering::AcqRel);
+        swept.rejoined = self.tracking.node.take_rejoined();
         Ok(swept)
     }
 }
