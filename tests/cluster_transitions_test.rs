@@ -13,12 +13,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::recording::*;
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-use rusty_socks::broker::{Transition, TransitionSink};
 use rusty_socks::server::Prepared;
 use rusty_socks::settings::{BrokerUrl, Config, Secret};
 use serde_json::json;
@@ -26,21 +26,6 @@ use tokio::runtime::Runtime;
 
 const SECRET: &str = "test-secret-0123456789";
 const TTL: Duration = Duration::from_secs(2);
-
-type Event = (String, String, Option<String>);
-
-#[derive(Default)]
-struct Recording(Mutex<Vec<Event>>);
-
-impl TransitionSink for Recording {
-    fn on_transition(&self, t: Transition) {
-        self.0.lock().unwrap().push((
-            t.kind.name().to_owned(),
-            t.channel.to_string(),
-            t.user.map(|u| u.to_string()),
-        ));
-    }
-}
 
 struct ClusterNode {
     runtime: Option<Runtime>,
@@ -108,7 +93,7 @@ fn token(user: &str) -> String {
 fn reported(nodes: &[&ClusterNode]) -> HashMap<Event, usize> {
     let mut counts = HashMap::new();
     for node in nodes {
-        for event in node.recording.0.lock().unwrap().iter() {
+        for event in node.recording.all().iter() {
             *counts.entry(event.clone()).or_insert(0) += 1;
         }
     }
@@ -179,7 +164,7 @@ fn node_dies_and_a_survivor_reports_once(broker: BrokerUrl) {
         WAIT,
     );
     for node in all {
-        node.recording.0.lock().unwrap().clear();
+        node.recording.clear();
     }
     n1.kill();
     let killed = Instant::now();
@@ -200,12 +185,12 @@ fn node_dies_and_a_survivor_reports_once(broker: BrokerUrl) {
     // Per channel in order: the member before the channel it vacated.
     let solo: Vec<Event> = survivors
         .iter()
-        .flat_map(|n| n.recording.0.lock().unwrap().clone())
+        .flat_map(|n| n.recording.all())
         .filter(|e| e.1 == "solo")
         .collect();
     assert_eq!(solo[1].0, "channel_vacated", "{solo:?}");
     for node in survivors {
-        node.recording.0.lock().unwrap().clear();
+        node.recording.clear();
     }
     // The survivors' own state is intact: room empties when its last subscriber leaves.
     clients.block_on(async {

@@ -4,12 +4,12 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use common::recording::*;
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-use rusty_socks::broker::{Transition, TransitionSink};
 use rusty_socks::engine::namespace::NamespaceOptions;
 use rusty_socks::server::Prepared;
 use rusty_socks::settings::{Config, Secret};
@@ -17,46 +17,6 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 const SECRET: &str = "test-secret-0123456789";
-
-/// Every transition handed to the sink, as `(event, channel, user)`.
-#[derive(Default)]
-struct Recording(Mutex<Vec<(String, String, Option<String>)>>);
-
-impl TransitionSink for Recording {
-    fn on_transition(&self, t: Transition) {
-        self.0.lock().unwrap().push((
-            t.kind.name().to_owned(),
-            t.channel.to_string(),
-            t.user.map(|u| u.to_string()),
-        ));
-    }
-}
-
-impl Recording {
-    fn all(&self) -> Vec<(String, String, Option<String>)> {
-        self.0.lock().unwrap().clone()
-    }
-
-    /// Waits (bounded) until `count` transitions were recorded, and returns them.
-    async fn wait_for(&self, count: usize) -> Vec<(String, String, Option<String>)> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let all = self.all();
-            if all.len() >= count {
-                return all;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "expected {count} transitions, got {all:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-fn ev(name: &str, channel: &str, user: Option<&str>) -> (String, String, Option<String>) {
-    (name.to_owned(), channel.to_owned(), user.map(str::to_owned))
-}
 
 struct Server {
     url: String,

@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod process;
 pub mod proxy;
+pub mod recording;
 
 use std::net::SocketAddr;
 use std::time::Duration;
