@@ -497,3 +497,23 @@ async fn a_full_server_refuses_with_503_without_asking_the_backend() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn expire_at_zero_means_no_expiry() {
+    let backend =
+        Backend::start(|_: &Recorded| Reply::json(json!({"result":{"user":"u7","expire_at":0}})))
+            .await;
+    let server = TestServer::start(connect_proxy(&backend)).await;
+    let mut ws = upgrade(
+        &server,
+        "/ws",
+        &[("sec-websocket-protocol", "rusty-socks.v1")],
+    )
+    .await
+    .expect("admitted: 0 is no expiry, not a time long past");
+    let welcome = recv_json(&mut ws).await;
+    assert_eq!(welcome["user"], "u7", "{welcome}");
+    let subscribed = subscribe(&mut ws, "lobby").await;
+    assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
+    server.stop().await;
+}

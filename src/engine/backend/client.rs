@@ -129,6 +129,15 @@ impl BackendUrl {
     }
 }
 
+impl BackendUrl {
+    /// The URL for logs: without its query, which may carry a token.
+    pub fn for_logs(&self) -> &str {
+        self.text
+            .split_once('?')
+            .map_or(&self.text, |(base, _)| base)
+    }
+}
+
 impl std::fmt::Display for BackendUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.text)

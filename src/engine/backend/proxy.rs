@@ -184,7 +184,9 @@ impl Proxy {
             Err(CallError::Refused(why)) => return Err(ConnectRefusal::Refused(why)),
             Err(CallError::Unavailable(err)) => return Err(ConnectRefusal::Unavailable(err)),
         };
-        if let Some(expire_at) = result.expire_at
+        // 0 means "no expiry", as other servers' connect proxies answer it.
+        let expire_at = result.expire_at.filter(|&at| at != 0);
+        if let Some(expire_at) = expire_at
             && expire_at <= crate::types::clock::now_s()
         {
             return Err(ConnectRefusal::Refused(
@@ -198,7 +200,7 @@ impl Proxy {
             user: Arc::from(result.user),
             channels: Arc::from(result.channels),
             info: result.info.map(Arc::from),
-            expires_at: result.expire_at,
+            expires_at: expire_at,
         }))
     }
 
@@ -288,7 +290,12 @@ impl Proxy {
         };
         self.stats.record(kind, outcome, started.elapsed());
         if let Err(err) = &result {
-            tracing::debug!(kind = kind.label(), %url, ?err, "proxy call did not allow");
+            tracing::debug!(
+                kind = kind.label(),
+                url = url.for_logs(),
+                ?err,
+                "proxy call did not allow"
+            );
         }
         result
     }

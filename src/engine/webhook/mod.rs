@@ -101,7 +101,7 @@ impl Webhooks {
             stop.clone(),
         ));
         tracing::info!(
-            url = %url,
+            url = url.for_logs(),
             events = ?options.events,
             durable = data_dir.is_some(),
             "webhooks on"

@@ -72,6 +72,11 @@ pub struct Shared {
     pub(super) closing: AtomicBool,
     /// Set while the queue is full, so the overflow is logged once per episode.
     overflowing: AtomicBool,
+    /// Events admitted and not yet delivered or dropped: those in `pending` and those on their
+    /// way to the store. The bound is applied here, when an event is pushed, never after its
+    /// record was written: a record on disk that the queue then refused would never be marked
+    /// done, and every later done-mark would point inside a record.
+    admitted: AtomicUsize,
     /// The counters.
     pub counters: Counters,
     store: Option<Mutex<std::sync::mpsc::Sender<Command>>>,
@@ -110,57 +115,72 @@ impl Shared {
         self.lock().iter().take_while(|p| f(p)).cloned().collect()
     }
 
-    /// Removes the first `n` events (delivered or dropped) and marks them done on disk.
-    pub fn done(&self, n: usize) {
-        let bytes: u64 = {
-            let mut pending = self.lock();
-            let n = n.min(pending.len());
-            pending.drain(..n).map(|p| p.len).sum()
-        };
-        if bytes > 0 {
-            self.command(Command::Ack(bytes));
-        }
-    }
-
-    fn enqueue(&self, items: impl IntoIterator<Item = Pending>) {
-        let mut added = 0u64;
-        let mut refused = 0u64;
-        {
-            let mut pending = self.lock();
-            for item in items {
-                if pending.len() >= MAX_PENDING {
-                    refused += 1;
-                    continue;
-                }
-                pending.push_back(item);
-                added += 1;
-            }
-        }
-        if refused > 0 {
-            self.counters.dropped.fetch_add(refused, Ordering::Relaxed);
+    /// Admits one more event, unless `MAX_PENDING` are already admitted (then it is dropped,
+    /// counted, and the overflow logged once per episode).
+    fn admit(&self) -> bool {
+        let admitted = self
+            .admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_PENDING).then_some(n + 1)
+            })
+            .is_ok();
+        if admitted {
+            self.overflowing.store(false, Ordering::Relaxed);
+        } else {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             if !self.overflowing.swap(true, Ordering::Relaxed) {
                 tracing::error!(
                     max = MAX_PENDING,
                     "webhook queue full: new events are dropped until the backend catches up"
                 );
             }
-        } else {
-            self.overflowing.store(false, Ordering::Relaxed);
         }
-        self.counters.queued.fetch_add(added, Ordering::Relaxed);
+        admitted
+    }
+
+    /// Removes the first `n` events (delivered or dropped) and marks them done on disk.
+    pub fn done(&self, n: usize) {
+        let bytes: u64 = {
+            let mut pending = self.lock();
+            let n = n.min(pending.len());
+            self.admitted.fetch_sub(n, Ordering::AcqRel);
+            pending.drain(..n).map(|p| p.len).sum()
+        };
+        if bytes > 0 {
+            // Without a store thread there is nothing on disk to mark.
+            let _ = self.command(Command::Ack(bytes));
+        }
+    }
+
+    /// Adds admitted events (written to the store first, if there is one) to the queue.
+    fn enqueue(&self, items: impl IntoIterator<Item = Pending>) {
+        let added = {
+            let mut pending = self.lock();
+            let before = pending.len();
+            pending.extend(items);
+            pending.len() - before
+        };
+        self.counters
+            .queued
+            .fetch_add(added as u64, Ordering::Relaxed);
         self.wake.notify_one();
     }
 
-    fn command(&self, command: Command) {
-        let Some(store) = &self.store else { return };
+    /// Hands `command` to the store thread; gives it back if there is no store or the thread
+    /// is gone.
+    fn command(&self, command: Command) -> Result<(), Command> {
+        let Some(store) = &self.store else {
+            return Err(command);
+        };
         self.in_store.fetch_add(1, Ordering::AcqRel);
         let sent = store
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .send(command);
-        if sent.is_err() {
+        sent.map_err(|std::sync::mpsc::SendError(command)| {
             self.in_store.fetch_sub(1, Ordering::AcqRel);
-        }
+            command
+        })
     }
 }
 
@@ -183,6 +203,7 @@ impl WebhookQueue {
             in_store: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             overflowing: AtomicBool::new(false),
+            admitted: AtomicUsize::new(recovered.len()),
             counters: Counters::default(),
             store: with_store.then(|| Mutex::new(tx)),
         });
@@ -235,14 +256,16 @@ impl WebhookQueue {
     /// Queues `event` (if its kind is reported). Never blocks: with a store, the write and the
     /// sync happen on the store thread.
     pub fn push(&self, event: Event) {
-        if !self.reports(event.name) {
+        if !self.reports(event.name) || !self.shared.admit() {
             return;
         }
-        if self.shared.store.is_some() {
-            self.shared.command(Command::Append(event));
-        } else {
-            self.shared.enqueue([Pending { event, len: 0 }]);
-        }
+        let event = match self.shared.command(Command::Append(event)) {
+            Ok(()) => return,
+            Err(Command::Append(event)) => event,
+            Err(Command::Ack(_)) => return,
+        };
+        // No store, or its thread is gone: the event waits in memory only.
+        self.shared.enqueue([Pending { event, len: 0 }]);
     }
 
     /// Waits until every event is delivered, or `deadline`; returns how many are left (kept
@@ -382,5 +405,60 @@ fn store_thread(
             tracing::warn!(%err, "webhook queue: cannot mark delivered events done on disk");
         }
         shared.in_store.fetch_sub(count, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settled(shared: &Shared) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while shared.in_store.load(Ordering::Acquire) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the store thread stalled"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn connected() -> Event {
+        Event::client(EventName::ClientConnected, uuid::Uuid::new_v4(), None)
+    }
+
+    #[test]
+    fn a_full_queue_refuses_before_writing_so_the_disk_holds_exactly_what_waits() {
+        let dir = std::env::temp_dir().join(format!("rusty-socks-queue-{}", uuid::Uuid::new_v4()));
+        let (store, recovered) = Store::open(&dir).expect("test setup");
+        let queue = WebhookQueue::new(
+            EventSet::of([EventName::ClientConnected]),
+            Some(store),
+            recovered,
+        );
+        let shared = Arc::clone(queue.shared());
+        for _ in 0..MAX_PENDING + 5 {
+            queue.push(connected());
+        }
+        settled(&shared);
+        assert_eq!(shared.len(), MAX_PENDING);
+        assert_eq!(shared.counters.dropped.load(Ordering::Relaxed), 5);
+        // Half is delivered; three more arrive; all but those three are delivered.
+        shared.done(MAX_PENDING / 2);
+        let late: Vec<Event> = (0..3).map(|_| connected()).collect();
+        for event in &late {
+            queue.push(event.clone());
+        }
+        settled(&shared);
+        shared.done(shared.len() - late.len());
+        settled(&shared);
+        drop(queue);
+        drop(shared);
+        // What a restart reads back is exactly the three that still wait: the refused events
+        // were never written, and the done-marks end where the last delivered record ends.
+        let (_, recovered) = Store::open(&dir).expect("reopen");
+        let ids: Vec<_> = recovered.iter().map(|(e, _)| e.id).collect();
+        assert_eq!(ids, late.iter().map(|e| e.id).collect::<Vec<_>>());
+        std::fs::remove_dir_all(dir).expect("test cleanup");
     }
 }

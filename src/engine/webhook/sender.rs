@@ -111,7 +111,7 @@ pub async fn run(shared: Arc<Shared>, target: Target, stop: CancellationToken) {
             .fetch_add(n as u64, Ordering::Relaxed);
         let delay = backoff(failures, uuid::Uuid::new_v4().as_u64_pair().0);
         tracing::warn!(
-            url = %target.url,
+            url = target.url.for_logs(),
             events = n,
             attempt = failures,
             retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),

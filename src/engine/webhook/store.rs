@@ -58,6 +58,12 @@ impl Store {
             .read(true)
             .append(true)
             .open(&path)?;
+        // The directory entries of a new directory and a new log must be durable too, or a
+        // power loss could take synced events with them.
+        sync_dir(dir)?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         let done = done.min(bytes.len() as u64);
