@@ -5,7 +5,8 @@
 # peer in both modes (enveloping: the same `Chat` frame built per message; raw: the 64 bytes
 # forwarded), and optionally a second Rusty Socks binary to compare against (a build of an
 # earlier commit). Server pinned to CPU 1 (SERVER_CPUS), generator to CPU 0, loopback only.
-# THREADS=2 runs every server with two worker threads.
+# THREADS=2 runs every server with two worker threads; FEATURES=rusty-socks/mimalloc builds
+# with those cargo features; NO_BUILD=1 uses target/release as it is.
 #
 # Usage: bench/compare.sh [ROUNDS] [BASELINE_BINARY]
 #   e.g. git worktree add /tmp/base <commit> && (cd /tmp/base && cargo build --release --bin rusty_socks)
@@ -16,7 +17,7 @@ cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
 BASELINE=${2:-}
 MESSAGES=${MESSAGES:-10000}
-cargo build --release --quiet --workspace --bins
+[ -n "${NO_BUILD:-}" ] || cargo build --release --quiet --workspace --bins ${FEATURES:+--features "$FEATURES"}
 BIN=target/release
 
 . bench/servers.sh
