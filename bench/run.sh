@@ -28,10 +28,13 @@ run() { # label server scenario args...
 }
 
 SERVERS="rusty_socks fastwebsockets tungstenite"
+# Broadcast also against the peers' envelope mode: the same `Chat` frame built per message.
+BROADCASTERS="rusty_socks fastwebsockets-envelope fastwebsockets tungstenite-envelope tungstenite"
 MSGS=$(scale 10000)
-echo "# machine: $(nproc) cores, $(uname -r); $(date -u +%FT%TZ)"
-for s in $SERVERS; do run burst-1000x64 "$s" broadcast --subscribers 1000 --messages "$MSGS" --size 64 --window 256; done
-for s in $SERVERS; do run rate-1000x64-1k/s "$s" broadcast --subscribers 1000 --messages "$(scale 3000)" --size 64 --rate 1000; done
+echo "# machine: $(nproc) cores, $(uname -r); $(date -u +%FT%TZ); load average $(cut -d' ' -f1-3 /proc/loadavg)"
+for s in $BROADCASTERS; do run burst-1000x64 "$s" broadcast --subscribers 1000 --messages "$MSGS" --size 64 --window 256; done
+run burst-1000x64-v1 rusty_socks broadcast --subscribers 1000 --messages "$MSGS" --size 64 --window 256 --dialect v1
+for s in $BROADCASTERS; do run rate-1000x64-1k/s "$s" broadcast --subscribers 1000 --messages "$(scale 3000)" --size 64 --rate 1000; done
 # The same with 10 subscribers that never read: what they cost the others.
 for s in $SERVERS; do run rate-1000x64-1k/s-stalled10 "$s" broadcast --subscribers 1000 --stalled 10 --messages "$(scale 3000)" --size 64 --rate 1000; done
 for round in 1 2; do

@@ -7,10 +7,12 @@
 #
 # Usage: bench/scaling.sh [BROKER_URL...]
 #   default: memory (1 node), redis://127.0.0.1:6379, nats://127.0.0.1:4222
+#   NO_BUILD=1 uses target/release as it is; SERVER_BINARY=path runs another rusty_socks build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet --workspace --bins
+[ -n "${NO_BUILD:-}" ] || cargo build --release --quiet --workspace --bins
 BIN=target/release
+SERVER_BINARY=${SERVER_BINARY:-$BIN/rusty_socks}
 SUBSCRIBERS=${SUBSCRIBERS:-1000}
 MESSAGES=${MESSAGES:-2000}
 if [ $# -gt 0 ]; then BROKERS=("$@"); else BROKERS=(memory redis://127.0.0.1:6379 nats://127.0.0.1:4222); fi
@@ -26,7 +28,7 @@ start_node() { # broker port prefix
   RUSTY_SOCKS_HOST=127.0.0.1 RUSTY_SOCKS_PORT=$2 RUSTY_SOCKS_THREAD_POOL_SIZE=1 \
     RUSTY_SOCKS_MAX_CONN=20000 RUSTY_SOCKS_MAX_QUEUED_TASKS=20000 RUSTY_SOCKS_MAX_CONN_PER_IP=0 \
     RUSTY_SOCKS_BROKER="$1" RUSTY_SOCKS_BROKER_PREFIX="$3" RUST_LOG=warn \
-    taskset -c 1 "$BIN/rusty_socks" >/dev/null 2>&1 &
+    taskset -c 1 "$SERVER_BINARY" >/dev/null 2>&1 &
   PIDS+=($!)
   for _ in $(seq 1 100); do
     if curl -fsS "http://127.0.0.1:$2/health" >/dev/null 2>&1; then return; fi

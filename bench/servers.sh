@@ -1,6 +1,11 @@
 # Sourced by bench/run.sh and bench/compare.sh: start and stop one server under test, pinned to
 # CPU 1. Expects BIN (the release directory); `baseline` runs $BASELINE, another rusty_socks.
+# `*-envelope` peers build the legacy `Chat` frame per message (parse, id, timestamp) instead of
+# forwarding the client's bytes. THREADS (default 1) sets every server's worker threads and
+# SERVER_CPUS (default 1) the CPUs they are pinned to.
 SERVER_PID=""
+THREADS=${THREADS:-1}
+SERVER_CPUS=${SERVER_CPUS:-1}
 stop() { if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""; fi; }
 trap stop EXIT
 
@@ -10,12 +15,15 @@ start() { # name -> sets SERVER_PID and PORT
     rusty_socks | baseline)
       [ "$name" = baseline ] && binary=$BASELINE
       PORT=9500
-      RUSTY_SOCKS_HOST=127.0.0.1 RUSTY_SOCKS_PORT=$PORT RUSTY_SOCKS_THREAD_POOL_SIZE=1 \
+      RUSTY_SOCKS_HOST=127.0.0.1 RUSTY_SOCKS_PORT=$PORT RUSTY_SOCKS_THREAD_POOL_SIZE=$THREADS \
         RUSTY_SOCKS_MAX_CONN=20000 RUSTY_SOCKS_MAX_QUEUED_TASKS=20000 RUSTY_SOCKS_MAX_CONN_PER_IP=0 RUSTY_SOCKS_ECHO_ENDPOINT=true \
-        RUST_LOG=warn taskset -c 1 "$binary" >/dev/null 2>&1 &
+        RUST_LOG=warn taskset -c "$SERVER_CPUS" "$binary" >/dev/null 2>&1 &
       ;;
-    tungstenite) PORT=9501; taskset -c 1 "$BIN/peer-tungstenite" --port $PORT >/dev/null 2>&1 & ;;
-    fastwebsockets) PORT=9502; taskset -c 1 "$BIN/peer-fastwebsockets" --port $PORT >/dev/null 2>&1 & ;;
+    tungstenite) PORT=9501; taskset -c "$SERVER_CPUS" "$BIN/peer-tungstenite" --port $PORT --threads "$THREADS" >/dev/null 2>&1 & ;;
+    fastwebsockets) PORT=9502; taskset -c "$SERVER_CPUS" "$BIN/peer-fastwebsockets" --port $PORT --threads "$THREADS" >/dev/null 2>&1 & ;;
+    tungstenite-envelope) PORT=9503; taskset -c "$SERVER_CPUS" "$BIN/peer-tungstenite" --port $PORT --threads "$THREADS" --envelope true >/dev/null 2>&1 & ;;
+    fastwebsockets-envelope) PORT=9504; taskset -c "$SERVER_CPUS" "$BIN/peer-fastwebsockets" --port $PORT --threads "$THREADS" --envelope true >/dev/null 2>&1 & ;;
+    *) echo "unknown server $name" >&2; exit 2 ;;
   esac
   SERVER_PID=$!
   for _ in $(seq 1 50); do

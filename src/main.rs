@@ -26,6 +26,12 @@ macro_rules! complain {
 
 mod cli;
 
+/// With the `mimalloc` feature, the binary allocates through mimalloc (thread-local free
+/// lists) instead of the system allocator.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let sources = match cli::parse(std::env::args_os()) {
         cli::Action::Serve(sources) => sources,

@@ -112,13 +112,35 @@ pub async fn ws_handshake(
     path: &str,
     extensions: &str,
 ) -> std::io::Result<(TcpStream, BytesMut, String)> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
     let offer = if extensions.is_empty() {
         String::new()
     } else {
         format!("Sec-WebSocket-Extensions: {extensions}\r\n")
     };
+    handshake(addr, path, &offer).await
+}
+
+/// [`ws_connect`] with extra request header lines (each ending in `\r\n`), e.g. a
+/// `Sec-WebSocket-Protocol` offer.
+pub async fn ws_connect_with_headers(
+    addr: SocketAddr,
+    path: &str,
+    offer: &str,
+) -> std::io::Result<(TcpStream, BytesMut)> {
+    handshake(addr, path, offer)
+        .await
+        .map(|(stream, buf, _)| (stream, buf))
+}
+
+/// The upgrade with extra header lines: the stream, the bytes read past the response head,
+/// and the head.
+async fn handshake(
+    addr: SocketAddr,
+    path: &str,
+    offer: &str,
+) -> std::io::Result<(TcpStream, BytesMut, String)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{offer}\r\n"
     );
@@ -274,6 +296,40 @@ pub fn process_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// What a peer's envelope mode does per message, the work the legacy chat path does: parse
+/// `{"sender","content"}` with serde_json, add a v4 UUID and an RFC 3339 UTC timestamp, and
+/// encode the `Chat` frame Rusty Socks broadcasts
+/// (`{"type":"Chat","id":..,"sender":..,"content":..,"timestamp":..}`). `None` if the message
+/// is not such an object.
+pub fn envelope(message: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct In {
+        sender: String,
+        content: String,
+    }
+    #[derive(serde::Serialize)]
+    #[serde(tag = "type")]
+    enum Out<'a> {
+        Chat {
+            id: uuid::Uuid,
+            sender: &'a str,
+            content: &'a str,
+            timestamp: String,
+        },
+    }
+    let input: In = serde_json::from_slice(message).ok()?;
+    let timestamp = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()?;
+    serde_json::to_string(&Out::Chat {
+        id: uuid::Uuid::new_v4(),
+        sender: &input.sender,
+        content: &input.content,
+        timestamp,
+    })
+    .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,5 +362,26 @@ mod tests {
             l.record(n);
         }
         assert_eq!(l.percentiles(), (500, 990, 999));
+    }
+
+    #[test]
+    fn envelopes_have_the_legacy_chat_shape() {
+        let out = envelope(br#"{"sender":"p","content":"hi there"}"#).expect("a chat message");
+        let text = out;
+        let value: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(value["type"], "Chat");
+        assert_eq!(value["sender"], "p");
+        assert_eq!(value["content"], "hi there");
+        let id = value["id"].as_str().expect("an id");
+        assert_eq!(
+            uuid::Uuid::parse_str(id).expect("a uuid").get_version_num(),
+            4
+        );
+        let ts = value["timestamp"].as_str().expect("a timestamp");
+        time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
+            .expect("rfc 3339");
+        assert!(text.starts_with(r#"{"type":"Chat","id":""#), "{text}");
+        assert!(envelope(b"not json").is_none());
+        assert!(envelope(br#"{"sender":1,"content":"x"}"#).is_none());
     }
 }

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use rusty_bench::{
     Args, Latencies, each_frame, each_frame_raw, encode_frame, inflate_message, parse_url,
-    process_cpu, process_rss_kib, ws_connect, ws_connect_offering, ws_handshake,
+    process_cpu, process_rss_kib, ws_connect, ws_connect_with_headers, ws_handshake,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 const HELP: &str = "loadgen - load generator for WebSocket broadcast servers (loopback only)
@@ -19,6 +20,7 @@ USAGE:
   loadgen broadcast --url ws://127.0.0.1:3030/ws[,ws://...] [--subscribers 1000] [--publishers 1]
                     [--messages 2000] [--size 64] [--rate 0] [--window 256]
                     [--stalled 0] [--server-pid PID] [--timeout 60] [--deflate [--inflate-every 1]]
+                    [--dialect legacy|v1] [--channel bench]
       N subscribers and P publishers connect; each publisher sends --messages JSON chat
       messages of --size bytes ({\"sender\":..,\"content\":..}); every one must reach every
       subscriber. --rate is messages/s per publisher (0 = flat out, at most --window messages
@@ -29,7 +31,9 @@ USAGE:
       only) makes only every K-th subscriber inflate and check each message; the others count
       compressed frames as deliveries, so one generator core can keep up with the server.
       --stalled K adds K subscribers that connect and never read: the others' figures show
-      what such clients cost them. Several --url values (comma-separated nodes of one
+      what such clients cost them. --dialect v1 connects with the rusty-socks.v1 subprotocol:
+      subscribers subscribe to --channel (and wait for `subscribed`), publishers send each
+      chat message as the `data` of a v1 `publish` to it. Several --url values (comma-separated nodes of one
       cluster) spread the subscribers over the nodes; publishers use the first. --server-pid
       takes a comma-separated list too, and CPU is summed over those processes.
 
@@ -133,6 +137,62 @@ fn chat_message(run: u32, publisher: usize, seq: u64, micros: u64, size: usize) 
     text.into_bytes()
 }
 
+/// A v1 `publish` of one chat message (as its `data`) to `channel`.
+fn v1_publish(channel: &str, chat: &[u8]) -> Vec<u8> {
+    let mut out = format!(r#"{{"type":"publish","channel":"{channel}","data":"#).into_bytes();
+    out.extend_from_slice(chat);
+    out.push(b'}');
+    out
+}
+
+/// Connects a subscriber: legacy needs nothing more; v1 subscribes to `channel` and waits for
+/// the `subscribed` reply (frames before and including it are consumed).
+async fn subscriber_connect(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &str,
+    channel: Option<&str>,
+) -> Result<(TcpStream, bytes::BytesMut), String> {
+    let (mut stream, mut buf) = ws_connect_with_headers(addr, path, headers)
+        .await
+        .map_err(|e| format!("subscriber connect failed: {e}"))?;
+    let Some(channel) = channel else {
+        return Ok((stream, buf));
+    };
+    let mut out = Vec::new();
+    let subscribe = format!(r#"{{"type":"subscribe","id":1,"channel":"{channel}"}}"#);
+    encode_frame(&mut out, 0x1, subscribe.as_bytes());
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| format!("subscribe failed: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut done = false;
+        let mut refused = None;
+        each_frame(&mut buf, |_, payload| {
+            if memchr::memmem::find(payload, br#""type":"subscribed""#).is_some() {
+                done = true;
+            } else if memchr::memmem::find(payload, br#""type":"error""#).is_some() {
+                refused = Some(String::from_utf8_lossy(payload).into_owned());
+            }
+        });
+        if let Some(error) = refused {
+            return Err(format!("subscribe refused: {error}"));
+        }
+        if done {
+            return Ok((stream, buf));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        buf.reserve(4096);
+        match tokio::time::timeout(left, stream.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(Ok(_)) | Ok(Err(_)) => return Err("closed before `subscribed`".into()),
+            Err(_) => return Err("no `subscribed` reply within 30 s".into()),
+        }
+    }
+}
+
 /// CPU time of every server process together (a cluster's cost).
 fn cluster_cpu(pids: &[u32]) -> Option<Duration> {
     pids.iter().map(|&pid| process_cpu(pid)).sum()
@@ -181,6 +241,26 @@ async fn broadcast(args: &Args) -> Result<(), String> {
             "--inflate-every needs --publishers 1 (counted frames name no publisher)".into(),
         );
     }
+    let channel = args.string("channel", "bench");
+    let v1 = match args.string("dialect", "legacy").as_str() {
+        "legacy" => false,
+        "v1" => true,
+        other => return Err(format!("--dialect must be legacy or v1, got {other:?}")),
+    };
+    let mut headers = if offer.is_empty() {
+        String::new()
+    } else {
+        format!("Sec-WebSocket-Extensions: {offer}\r\n")
+    };
+    // Publishers offer no extension (as before): only subscribers' reading is measured.
+    let publisher_headers = if v1 {
+        "Sec-WebSocket-Protocol: rusty-socks.v1\r\n"
+    } else {
+        ""
+    };
+    headers.push_str(publisher_headers);
+    let headers: Arc<str> = headers.into();
+    let subscribe_to: Option<Arc<str>> = v1.then(|| channel.clone().into());
     let wire_bytes = Arc::new(AtomicU64::new(0));
     let run = (std::process::id() ^ (Instant::now().elapsed().subsec_nanos())) % 1_000_000;
     let start = Instant::now();
@@ -194,16 +274,14 @@ async fn broadcast(args: &Args) -> Result<(), String> {
     for n in 0..subscribers {
         let limit = Arc::clone(&limit);
         let (addr, path) = nodes[n % nodes.len()].clone();
+        let (headers, subscribe_to) = (Arc::clone(&headers), subscribe_to.clone());
         connecting.push(tokio::spawn(async move {
             let _permit = limit.acquire().await;
-            ws_connect_offering(addr, &path, offer).await
+            subscriber_connect(addr, &path, &headers, subscribe_to.as_deref()).await
         }));
     }
     for (n, handle) in connecting.into_iter().enumerate() {
-        let (stream, leftover) = handle
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("subscriber connect failed: {e}"))?;
+        let (stream, leftover) = handle.await.map_err(|e| e.to_string())??;
         let sub = Arc::new(Subscriber {
             progress: (0..publishers).map(|_| AtomicU64::new(0)).collect(),
         });
@@ -275,14 +353,14 @@ async fn broadcast(args: &Args) -> Result<(), String> {
     // Connected, never read: held until the end of the run.
     let mut stalled_streams = Vec::with_capacity(stalled);
     for _ in 0..stalled {
-        let (stream, _) = ws_connect(addr, &path)
+        let (stream, _) = subscriber_connect(addr, &path, &headers, subscribe_to.as_deref())
             .await
-            .map_err(|e| format!("stalled subscriber connect failed: {e}"))?;
+            .map_err(|e| format!("stalled subscriber: {e}"))?;
         stalled_streams.push(stream);
     }
     let mut publisher_streams = Vec::new();
     for _ in 0..publishers {
-        let (stream, _) = ws_connect(addr, &path)
+        let (stream, _) = ws_connect_with_headers(addr, &path, publisher_headers)
             .await
             .map_err(|e| format!("publisher connect failed: {e}"))?;
         let (mut rd, wr) = stream.into_split();
@@ -306,6 +384,7 @@ async fn broadcast(args: &Args) -> Result<(), String> {
     let mut sending = Vec::new();
     for (publisher, mut wr) in publisher_streams.into_iter().enumerate() {
         let subs = Arc::clone(&subs);
+        let channel = v1.then(|| channel.clone());
         sending.push(tokio::spawn(async move {
             let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
             let mut next = Instant::now();
@@ -328,7 +407,10 @@ async fn broadcast(args: &Args) -> Result<(), String> {
                 out.clear();
                 while seq < batch_end {
                     let msg = chat_message(run, publisher, seq, micros_since(start), size);
-                    encode_frame(&mut out, 0x1, &msg);
+                    match &channel {
+                        Some(channel) => encode_frame(&mut out, 0x1, &v1_publish(channel, &msg)),
+                        None => encode_frame(&mut out, 0x1, &msg),
+                    }
                     seq += 1;
                     if interval.is_some() {
                         break;
@@ -589,5 +671,19 @@ mod tests {
         assert_eq!(marker(&msg, 7), Some((2, 41, 123_456)));
         assert_eq!(marker(&msg, 8), None, "another run's message");
         assert_eq!(marker(b"no marker here", 7), None);
+    }
+
+    #[test]
+    fn v1_publishes_carry_the_chat_message_as_data() {
+        let msg = chat_message(7, 0, 3, 99, 64);
+        let frame = v1_publish("bench", &msg);
+        let value: serde_json::Value = serde_json::from_slice(&frame).expect("json");
+        assert_eq!(value["type"], "publish");
+        assert_eq!(value["channel"], "bench");
+        assert_eq!(
+            value["data"],
+            serde_json::from_slice::<serde_json::Value>(&msg).expect("json")
+        );
+        assert_eq!(marker(&frame, 7), Some((0, 3, 99)));
     }
 }

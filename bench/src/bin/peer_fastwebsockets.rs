@@ -2,7 +2,10 @@
 //! fastwebsockets + hyper the way a careful user would: split halves, bounded queues, and a
 //! writer that writes every ready frame into a buffered writer before one flush.
 //!
-//! Usage: peer-fastwebsockets [--port 9002] [--threads 1]
+//! With `--envelope true` it does per broadcast message what Rusty Socks' legacy chat path does
+//! (see `rusty_bench::envelope`): parse, add an id and a timestamp, send the `Chat` frame.
+//!
+//! Usage: peer-fastwebsockets [--port 9002] [--threads 1] [--envelope false|true]
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -37,6 +40,7 @@ fn main() {
     });
     let port = args.number("port", 9002).unwrap_or(9002) as u16;
     let threads = args.number("threads", 1).unwrap_or(1).max(1) as usize;
+    let envelope = args.string("envelope", "false") == "true";
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
@@ -53,7 +57,7 @@ fn main() {
                 std::process::exit(1)
             }
         };
-        eprintln!("peer-fastwebsockets listening on 127.0.0.1:{port}");
+        eprintln!("peer-fastwebsockets listening on 127.0.0.1:{port} (envelope={envelope})");
         let clients: Clients = Arc::default();
         let ids = Arc::new(AtomicU64::new(0));
         loop {
@@ -66,7 +70,7 @@ fn main() {
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let id = ids.fetch_add(1, Ordering::Relaxed);
-                    handle(req, Arc::clone(&clients), id)
+                    handle(req, Arc::clone(&clients), id, envelope)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -81,6 +85,7 @@ async fn handle(
     mut req: Request<Incoming>,
     clients: Clients,
     id: u64,
+    envelope: bool,
 ) -> Result<Response<Empty<Bytes>>, Infallible> {
     let echo = req.uri().path() == "/echo";
     let Ok((response, upgrade)) = fastwebsockets::upgrade::upgrade(&mut req) else {
@@ -90,7 +95,7 @@ async fn handle(
     };
     tokio::spawn(async move {
         if let Ok(ws) = upgrade.await {
-            let _ = connection(ws.into_inner(), clients, id, echo).await;
+            let _ = connection(ws.into_inner(), clients, id, echo, envelope).await;
         }
     });
     Ok(response)
@@ -101,6 +106,7 @@ async fn connection(
     clients: Clients,
     id: u64,
     echo: bool,
+    envelope: bool,
 ) -> Result<(), WebSocketError> {
     let (read, write) = tokio::io::split(io);
     let (mut rx_ws, mut tx_ws) = after_handshake_split(
@@ -153,7 +159,14 @@ async fn connection(
         match frame.opcode {
             OpCode::Close => break,
             OpCode::Text | OpCode::Binary => {
-                let bytes = Bytes::copy_from_slice(&frame.payload);
+                let bytes = if envelope && !echo {
+                    match rusty_bench::envelope(&frame.payload) {
+                        Some(chat) => Bytes::from(chat),
+                        None => continue,
+                    }
+                } else {
+                    Bytes::copy_from_slice(&frame.payload)
+                };
                 if echo {
                     if tx.send(Out::Text(bytes)).await.is_err() {
                         break;

@@ -2,7 +2,10 @@
 //! tokio-tungstenite the way a careful user would: one reader and one writer task per
 //! connection, bounded queues, and a writer that feeds every ready message before one flush.
 //!
-//! Usage: peer-tungstenite [--port 9001] [--threads 1] [--batch true|false]
+//! With `--envelope true` it does per broadcast message what Rusty Socks' legacy chat path does
+//! (see `rusty_bench::envelope`): parse, add an id and a timestamp, send the `Chat` frame.
+//!
+//! Usage: peer-tungstenite [--port 9001] [--threads 1] [--batch true|false] [--envelope false|true]
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +30,7 @@ fn main() {
     let port = args.number("port", 9001).unwrap_or(9001) as u16;
     let threads = args.number("threads", 1).unwrap_or(1).max(1) as usize;
     let batch = args.string("batch", "true") == "true";
+    let envelope = args.string("envelope", "false") == "true";
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
@@ -43,7 +47,9 @@ fn main() {
                 std::process::exit(1)
             }
         };
-        eprintln!("peer-tungstenite listening on 127.0.0.1:{port} (batch={batch})");
+        eprintln!(
+            "peer-tungstenite listening on 127.0.0.1:{port} (batch={batch}, envelope={envelope})"
+        );
         let clients: Clients = Arc::default();
         let ids = Arc::new(AtomicU64::new(0));
         loop {
@@ -52,12 +58,12 @@ fn main() {
             };
             let clients = Arc::clone(&clients);
             let id = ids.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(serve(stream, clients, id, batch));
+            tokio::spawn(serve(stream, clients, id, batch, envelope));
         }
     });
 }
 
-async fn serve(stream: TcpStream, clients: Clients, id: u64, batch: bool) {
+async fn serve(stream: TcpStream, clients: Clients, id: u64, batch: bool, envelope: bool) {
     let _ = stream.set_nodelay(true);
     let mut path = String::new();
     #[expect(
@@ -107,6 +113,14 @@ async fn serve(stream: TcpStream, clients: Clients, id: u64, batch: bool) {
             }
             Message::Text(_) | Message::Binary(_) if echo => {}
             Message::Text(_) | Message::Binary(_) => {
+                let message = if envelope {
+                    let Some(chat) = rusty_bench::envelope(&message.into_data()) else {
+                        continue;
+                    };
+                    Message::text(chat)
+                } else {
+                    message
+                };
                 let Ok(map) = clients.read() else { break };
                 for (other, queue) in map.iter() {
                     // Slow receivers lose messages rather than stall everyone.
