@@ -47,6 +47,10 @@ struct State {
     queued: HashSet<Holding>,
     /// A `track` call is under way.
     in_flight: bool,
+    /// Holdings whose last call failed: the broker may or may not have applied it (a reply
+    /// lost, a deadline passed while the call ran on). Their next call is made whatever
+    /// `reported` says, so a change applied late is undone instead of left as a ghost holder.
+    uncertain: HashSet<Holding>,
 }
 
 impl State {
@@ -157,7 +161,8 @@ impl Tracker {
         while let Some(holding) = state.dirty.pop_front() {
             state.queued.remove(&holding);
             let held = state.counts.contains_key(&holding);
-            if held != state.reported.contains(&holding) {
+            let uncertain = state.uncertain.remove(&holding);
+            if uncertain || held != state.reported.contains(&holding) {
                 state.in_flight = true;
                 return Some((holding, held));
             }
@@ -179,6 +184,7 @@ impl Tracker {
     fn retry(&self, holding: Holding) {
         let mut state = self.state();
         state.in_flight = false;
+        state.uncertain.insert(holding.clone());
         if state.queued.insert(holding.clone()) {
             state.dirty.push_front(holding);
         }
@@ -300,6 +306,8 @@ mod tests {
     struct Flaky {
         inner: MemoryBroker,
         failing: AtomicBool,
+        /// `track` is applied, but its answer is lost (an error comes back).
+        lost_reply: AtomicBool,
         calls: AtomicUsize,
     }
 
@@ -347,6 +355,12 @@ mod tests {
                     "down".into(),
                 ))));
             }
+            if self.lost_reply.load(std::sync::atomic::Ordering::SeqCst) {
+                return Box::pin(async move {
+                    let _ = self.inner.track(holding, held).await;
+                    Err(BrokerError::Unavailable("the answer was lost".into()))
+                });
+            }
             self.inner.track(holding, held)
         }
         fn status(&self) -> BrokerStatus {
@@ -392,6 +406,7 @@ mod tests {
         let broker = Arc::new(Flaky {
             inner: MemoryBroker::new(Arc::new(Recorder::default()), 1 << 20),
             failing: AtomicBool::new(true),
+            lost_reply: AtomicBool::new(false),
             calls: AtomicUsize::new(0),
         });
         let sink = Arc::new(Sink::default());
@@ -432,6 +447,44 @@ mod tests {
                 ("channel_vacated", "room".to_owned(), None),
             ]
         );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_call_applied_but_unanswered_is_made_again_so_no_ghost_holder_stays() {
+        let broker = Arc::new(Flaky {
+            inner: MemoryBroker::new(Arc::new(Recorder::default()), 1 << 20),
+            failing: AtomicBool::new(false),
+            lost_reply: AtomicBool::new(true),
+            calls: AtomicUsize::new(0),
+        });
+        let sink = Arc::new(Sink::default());
+        let tracker = Arc::new(Tracker::new(sink.clone()));
+        let stop = CancellationToken::new();
+        tokio::spawn(Arc::clone(&tracker).run(
+            broker.clone(),
+            Arc::new(Stats::default()),
+            stop.clone(),
+        ));
+        // The broker records this node as a holder, but the answer is lost; the subscriber
+        // leaves before the retry.
+        let (m1, m2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        tracker.join("ghost", m1, None);
+        while broker.calls.load(std::sync::atomic::Ordering::SeqCst) < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        broker
+            .lost_reply
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        tracker.leave("ghost", m1);
+        // The retry tells the broker the holding is gone: `channel_vacated` (its occupied
+        // was lost with the answer) ...
+        let got = sink.wait_for(1).await;
+        assert_eq!(got, vec![("channel_vacated", "ghost".to_owned(), None)]);
+        // ... so the next subscriber occupies the channel again, instead of joining a ghost.
+        tracker.join("ghost", m2, None);
+        let got = sink.wait_for(2).await;
+        assert_eq!(got[1], ("channel_occupied", "ghost".to_owned(), None));
         stop.cancel();
     }
 }
