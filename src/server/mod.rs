@@ -139,10 +139,14 @@ impl AppState {
             Arc::clone(&stats),
         ));
         node.start(control).await?;
-        // After the broker: with RUSTY_SOCKS_DATA_DIR, the history's lock guards the directory.
-        let webhook_pipeline =
-            crate::engine::webhook::Webhooks::start(&config.webhook, config.data_dir.as_deref())
-                .map_err(StartupError::Webhook)?;
+        // After the broker: with RUSTY_SOCKS_DATA_DIR, the history's lock guards the directory
+        // (with Redis or NATS there is no history on disk: the webhook queue takes the lock).
+        let webhook_pipeline = crate::engine::webhook::Webhooks::start(
+            &config.webhook,
+            config.data_dir.as_deref(),
+            config.broker != crate::settings::BrokerUrl::Memory,
+        )
+        .map_err(StartupError::Webhook)?;
         let webhooks = webhook_pipeline.as_ref().map(|w| Arc::clone(&w.queue));
         if let Some(queue) = &webhooks {
             sessions.set_events(Arc::clone(queue) as _);

@@ -116,8 +116,8 @@ pub struct Config {
     /// `RUSTY_SOCKS_PRESENCE_TTL`: how long a node's presence entries outlive its last refresh
     /// (with a networked broker), which bounds how long a dead node's clients stay listed.
     pub presence_ttl: Duration,
-    /// `RUSTY_SOCKS_DATA_DIR`: where the memory broker keeps durable history (`None`: memory
-    /// only).
+    /// `RUSTY_SOCKS_DATA_DIR`: where the memory broker keeps durable history and any broker the
+    /// webhook queue (`None`: memory only).
     pub data_dir: Option<PathBuf>,
     /// `RUSTY_SOCKS_FSYNC` with `RUSTY_SOCKS_FSYNC_INTERVAL_MS`.
     pub fsync: crate::broker::durable::FsyncMode,

@@ -345,11 +345,15 @@ impl Config {
         super::proxy::check_namespaces(&config.proxy, &config.namespaces)?;
         if let Some(dir) = &config.data_dir
             && config.broker != BrokerUrl::Memory
+            && config.webhook.url.is_none()
         {
             return Err(ConfigError {
                 var: "RUSTY_SOCKS_DATA_DIR",
                 value: dir.display().to_string(),
-                expected: "unset with a Redis or NATS broker (they keep history themselves)".into(),
+                expected:
+                    "unset, or set with RUSTY_SOCKS_WEBHOOK_URL: with a Redis or NATS broker \
+                           it holds only the webhook queue (history stays in the broker)"
+                        .into(),
             });
         }
         if config.tls_cert.is_some() != config.tls_key.is_some() {
@@ -784,5 +788,13 @@ mod tests {
         ])
         .expect_err("a networked broker keeps its own history");
         assert_eq!(err.var, "RUSTY_SOCKS_DATA_DIR");
+        assert!(err.expected.contains("RUSTY_SOCKS_WEBHOOK_URL"), "{err:?}");
+        with(&[
+            ("RUSTY_SOCKS_DATA_DIR", "/d"),
+            ("RUSTY_SOCKS_BROKER", "redis://127.0.0.1:6379"),
+            ("RUSTY_SOCKS_WEBHOOK_URL", "http://127.0.0.1:9/hooks"),
+            ("RUSTY_SOCKS_WEBHOOK_SECRET", "0123456789abcdef"),
+        ])
+        .expect("with webhooks it holds their queue");
     }
 }

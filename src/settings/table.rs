@@ -136,7 +136,7 @@ pub const SETTINGS: &[Setting] = &[
         var: "RUSTY_SOCKS_DATA_DIR",
         default: "",
         kind: Kind::Text,
-        meaning: "directory that makes the memory broker's history durable (unset = in memory only)",
+        meaning: "directory for durable history (memory broker) and the webhook queue (any broker)",
     },
     Setting {
         var: "RUSTY_SOCKS_FSYNC",

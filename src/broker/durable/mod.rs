@@ -103,6 +103,33 @@ pub fn wall_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Creates `dir` if needed and takes its lock (`<dir>/LOCK`, an advisory `flock`), held as
+/// long as the returned file is open. The durable history takes it, and so does the webhook
+/// queue alone when the broker is Redis or NATS: one process per directory either way. The
+/// error names `RUSTY_SOCKS_DATA_DIR`.
+pub fn lock_dir(dir: &std::path::Path) -> Result<File, String> {
+    let why = |what: &str, err: std::io::Error| {
+        format!("RUSTY_SOCKS_DATA_DIR: {what} {}: {err}", dir.display())
+    };
+    std::fs::create_dir_all(dir).map_err(|e| why("cannot create", e))?;
+    let lock_path = dir.join("LOCK");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| why("cannot open the lock file in", e))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(lock),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "RUSTY_SOCKS_DATA_DIR: {} is in use by another process (lock file {})",
+            dir.display(),
+            lock_path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(why("cannot lock", e)),
+    }
+}
+
 impl Durable {
     /// Locks the directory, recovers what it holds and starts the writer. Errors name the
     /// setting: the server does not start without its data.
@@ -114,25 +141,7 @@ impl Durable {
         let why = |what: &str, err: std::io::Error| {
             format!("RUSTY_SOCKS_DATA_DIR: {what} {}: {err}", dir.display())
         };
-        std::fs::create_dir_all(dir).map_err(|e| why("cannot create", e))?;
-        let lock_path = dir.join("LOCK");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| why("cannot open the lock file in", e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(format!(
-                    "RUSTY_SOCKS_DATA_DIR: {} is in use by another process (lock file {})",
-                    dir.display(),
-                    lock_path.display()
-                ));
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(why("cannot lock", e)),
-        }
+        let lock = lock_dir(dir)?;
         let started = Instant::now();
         let recovered = recovery::recover(dir).map_err(|e| why("cannot read", e))?;
         let on_disk: u64 = recovered.segments.values().map(|s| s.bytes).sum();

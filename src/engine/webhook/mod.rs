@@ -60,21 +60,31 @@ pub struct Webhooks {
     pub queue: std::sync::Arc<WebhookQueue>,
     /// Stops the delivery task (dropping the handle stops it too).
     stop: tokio_util::sync::DropGuard,
+    /// The data directory's lock, when the queue took it itself (Redis or NATS broker: no
+    /// durable history holds it). Released when the pipeline goes.
+    _lock: Option<std::fs::File>,
 }
 
 impl Webhooks {
     /// Starts the pipeline `options` describe (`None` when no URL is set): opens the store in
-    /// `<data_dir>/webhooks` when `data_dir` is set, then spawns the delivery task. The error
+    /// `<data_dir>/webhooks` when `data_dir` is set, then spawns the delivery task. With
+    /// `take_lock` (no durable history holds the directory: the broker is Redis or NATS) the
+    /// directory's lock is taken here, the same `<data_dir>/LOCK` the history uses. The error
     /// says why the store cannot be opened.
     pub fn start(
         options: &WebhookOptions,
         data_dir: Option<&std::path::Path>,
+        take_lock: bool,
     ) -> Result<Option<Self>, String> {
         let (Some(url), Some(secret)) = (&options.url, &options.secret) else {
             return Ok(None);
         };
+        let mut lock = None;
         let (store, recovered) = match data_dir {
             Some(dir) => {
+                if take_lock {
+                    lock = Some(crate::broker::durable::lock_dir(dir)?);
+                }
                 let dir = dir.join("webhooks");
                 let (store, recovered) = store::Store::open(&dir).map_err(|e| {
                     format!(
@@ -109,6 +119,7 @@ impl Webhooks {
         Ok(Some(Self {
             queue,
             stop: stop.drop_guard(),
+            _lock: lock,
         }))
     }
 
