@@ -28,7 +28,7 @@ use super::record::{FRAME_HEADER, Record};
 use crate::broker::memory::MemoryBroker;
 
 /// How long a pinned segment found not worth compacting is left alone.
-pub const RECHECK: Duration = Duration::from_secs(10);
+pub const RECHECK: Duration = Duration::from_secs(30);
 /// How long compaction waits for the writer to sync its copies.
 const SYNC_WAIT: Duration = Duration::from_secs(30);
 
