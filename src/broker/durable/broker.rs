@@ -346,7 +346,8 @@ impl MemoryBroker {
 }
 
 async fn sweep(broker: Weak<MemoryBroker>) {
-    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    // The first sweep a period after startup, not during it (it may read a segment).
+    let mut tick = tokio::time::interval_at(Instant::now() + SWEEP_EVERY, SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
