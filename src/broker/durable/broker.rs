@@ -320,6 +320,9 @@ impl MemoryBroker {
         while let Some((seq, bytes, channels)) = sealed.get(index) {
             let seq = *seq;
             if pinned(channels) {
+                if !super::compact::compaction_due(durable, seq) {
+                    return;
+                }
                 // The segments behind it that nothing retains are freed with it.
                 let behind: u64 = sealed[index + 1..]
                     .iter()

@@ -36,17 +36,8 @@ impl MemoryBroker {
     /// Compacts the oldest sealed segment `seq` if its live bytes are at most half of `frees`
     /// (see the module docs). True once it is deleted.
     pub(super) fn compact_oldest(&self, durable: &Durable, seq: u64, frees: u64) -> bool {
-        {
-            let checked = durable
-                .compact_checked
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some((at, when)) = *checked
-                && at == seq
-                && when.elapsed() < RECHECK
-            {
-                return false;
-            }
+        if !compaction_due(durable, seq) {
+            return false;
         }
         let path = durable.segment_file(seq);
         let bytes = match std::fs::read(&path) {
@@ -147,6 +138,15 @@ impl MemoryBroker {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((seq, Instant::now()));
     }
+}
+
+/// False while segment `seq` was found not worth compacting less than [`RECHECK`] ago.
+pub(super) fn compaction_due(durable: &Durable, seq: u64) -> bool {
+    let checked = durable
+        .compact_checked
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    !matches!(*checked, Some((at, when)) if at == seq && when.elapsed() < RECHECK)
 }
 
 /// The records of a sealed segment and where each lies in it; `None` if it does not read
