@@ -510,3 +510,76 @@ async fn a_full_disk_answers_storage_full_and_publishing_resumes_once_space_is_f
     signal(&server.child, "TERM");
     assert!(wait_exit(&mut server.child, WAIT).success());
 }
+
+/// Compaction with the real binary: a quiet channel's records pin the oldest segment while a
+/// channel that keeps 5 publications fills many small segments. The sweep copies the quiet
+/// records forward and deletes the old segments; `kill -9` right after a compaction (while
+/// publishers go on, so another may be under way), restart: the quiet channel comes back
+/// once, in order, same epoch (`recovered: true`), and the busy one continues after every
+/// acknowledged offset in its epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_right_after_compaction_recovers_the_copied_records_once() {
+    let dir = TempDir::new();
+    let settings = [
+        ("RUSTY_SOCKS_DATA_DIR", dir.path()),
+        ("RUSTY_SOCKS_FSYNC", "always"),
+        (
+            "RUSTY_SOCKS_NAMESPACES",
+            r#"{"":{},"busy":{"history_size":100000},"small":{"history_size":5}}"#,
+        ),
+        ("RUSTY_SOCKS_DATA_SEGMENT_BYTES", "16384"),
+        ("RUSTY_SOCKS_MAX_CONN_PER_IP", "0"),
+    ];
+    let mut server = Logged::start(&settings);
+    let url = format!("ws://{}/ws", server.address());
+    let (mut watcher, _) = v1_client_url(&url).await;
+    let (mut publisher, _) = v1_client_url(&url).await;
+    subscribe(&mut watcher, "busy:quiet").await;
+    for n in 1..=3 {
+        assert_eq!(publish(&mut publisher, "busy:quiet", json!(n)).await, n);
+    }
+    let quiet_epoch = first_publication_epoch(&mut watcher).await;
+    let (mut watcher, _) = v1_client_url(&url).await;
+    subscribe(&mut watcher, "small:x").await;
+    publish(&mut publisher, "small:x", json!("first")).await;
+    let small_epoch = first_publication_epoch(&mut watcher).await;
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    for _ in 0..4 {
+        let (ws, _) = v1_client_url(&url).await;
+        publish_forever(ws, "small:x", Arc::clone(&acked));
+    }
+    // Blocks this worker only; the publishers run on the others.
+    server.wait_for("compacted the oldest segment");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let highest = acked.lock().unwrap().iter().copied().max().unwrap_or(1);
+    assert!(
+        !dir.0.join(format!("{:016x}.seg", 1)).exists(),
+        "the oldest segment was compacted away"
+    );
+
+    let mut server = Logged::start(&settings);
+    let url = format!("ws://{}/ws", server.address());
+    let (mut ws, _) = v1_client_url(&url).await;
+    let sub = call(
+        &mut ws,
+        json!({"type":"subscribe","id":1,"channel":"busy:quiet","since":{"offset":0,"epoch":quiet_epoch}}),
+    )
+    .await;
+    assert_eq!(sub["recovered"], true, "{sub}");
+    assert_eq!(sub["epoch"], quiet_epoch);
+    assert_eq!(offsets(&sub["publications"]), vec![1, 2, 3], "{sub}");
+    let next = publish(&mut ws, "small:x", json!("after")).await;
+    assert!(next > highest, "acknowledged up to {highest}, next {next}");
+    let sub = call(
+        &mut ws,
+        json!({"type":"subscribe","id":2,"channel":"small:x","since":{"offset":next - 1,"epoch":small_epoch}}),
+    )
+    .await;
+    assert_eq!(sub["recovered"], true, "same epoch after compaction: {sub}");
+    assert_eq!(offsets(&sub["publications"]), vec![next], "{sub}");
+    assert_eq!(publish(&mut ws, "busy:quiet", json!(4)).await, 4);
+    signal(&server.child, "TERM");
+    assert!(wait_exit(&mut server.child, WAIT).success());
+}

@@ -262,11 +262,21 @@ impl MemoryBroker {
 
     /// Whether `channel` still retains offset `offset` of `epoch` (trimming it first, and
     /// freeing it if it became idle).
-    fn retains(&self, channel: &str, epoch: &str, offset: u64) -> bool {
+    pub(super) fn retains(&self, channel: &str, epoch: &str, offset: u64) -> bool {
+        self.retains_then(channel, epoch, offset, || ()).is_some()
+    }
+
+    /// If `channel` still retains offset `offset` of `epoch`, runs `then` under the
+    /// channel's lock (so nothing is published on it meanwhile) and returns its result.
+    pub(super) fn retains_then<T>(
+        &self,
+        channel: &str,
+        epoch: &str,
+        offset: u64,
+        then: impl FnOnce() -> T,
+    ) -> Option<T> {
         let mut stripe = self.stripe(channel);
-        let Some(state) = stripe.channels.get_mut(channel) else {
-            return false;
-        };
+        let state = stripe.channels.get_mut(channel)?;
         let before = state.cost();
         state.trim(Instant::now());
         let after = state.cost();
@@ -285,20 +295,45 @@ impl MemoryBroker {
         if state.idle() {
             stripe.channels.remove(channel);
         }
-        live
+        live.then(then)
     }
 
-    /// Deletes sealed segments, oldest first, while nothing they hold is retained.
+    /// Deletes sealed segments, oldest first, while nothing they hold is retained; compacts
+    /// the oldest one that is still retained when that is worth it (see [`super::compact`]).
+    /// Blocking (file reads, waits for the writer): run off the async workers.
     pub(super) fn sweep_once(&self) {
         let Some(durable) = &self.durable else {
             return;
         };
-        for (seq, channels) in durable.sealed() {
-            if channels
+        // Holds no channel lock: publishes go on meanwhile.
+        let _sweeping = durable
+            .sweeping
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let sealed = durable.sealed();
+        let pinned = |channels: &[super::Held]| {
+            channels
                 .iter()
                 .any(|(channel, epoch, offset)| self.retains(channel, epoch, *offset))
-            {
-                return;
+        };
+        let mut index = 0;
+        while let Some((seq, bytes, channels)) = sealed.get(index) {
+            let seq = *seq;
+            if pinned(channels) {
+                if !super::compact::compaction_due(durable, seq) {
+                    return;
+                }
+                // The segments behind it that nothing retains are freed with it.
+                let behind: u64 = sealed[index + 1..]
+                    .iter()
+                    .take_while(|(_, _, channels)| !pinned(channels))
+                    .map(|(_, bytes, _)| *bytes)
+                    .sum();
+                if !self.compact_oldest(durable, seq, bytes + behind) {
+                    return;
+                }
+                index += 1;
+                continue;
             }
             match durable.delete_oldest(seq) {
                 Ok(true) => tracing::debug!(segment = seq, "deleted a segment nothing retains"),
@@ -308,19 +343,22 @@ impl MemoryBroker {
                     return;
                 }
             }
+            index += 1;
         }
     }
 }
 
 async fn sweep(broker: Weak<MemoryBroker>) {
-    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    // The first sweep a period after startup, not during it (it may read a segment).
+    let mut tick = tokio::time::interval_at(Instant::now() + SWEEP_EVERY, SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let Some(broker) = broker.upgrade() else {
             return;
         };
-        broker.sweep_once();
+        // Reads a segment and waits for the writer when it compacts.
+        let _ = tokio::task::spawn_blocking(move || broker.sweep_once()).await;
     }
 }
 

@@ -10,7 +10,8 @@
 //!
 //! Segments are files `<seq>.seg` (16 hex digits) of at most `segment_bytes`, starting with
 //! [`MAGIC`]. Sealed segments are never written again; they are deleted whole, oldest first,
-//! once none of their records is retained any more (see `MemoryBroker`'s sweep).
+//! once none of their records is retained any more (see `MemoryBroker`'s sweep), or once
+//! compaction has copied the few still retained forward (see [`super::compact`]).
 //!
 //! With `always` and `interval` the next segment is prepared ahead by a helper thread: a file
 //! `<seq>.pre` written full of zeros to `segment_bytes` (at most [`MAX_PREALLOCATE`]) and
@@ -90,6 +91,9 @@ pub enum Command {
     Append(Append),
     /// Answer once everything queued before it is durable.
     Barrier(oneshot::Sender<Result<(), StorageError>>),
+    /// Sync now whatever the fsync mode, then answer (compaction, before it deletes the
+    /// segment whose records it copied). Answered after every command queued before it.
+    Sync(std::sync::mpsc::SyncSender<Result<(), StorageError>>),
     /// Tests: the writer waits, writing nothing, until the sender is dropped.
     #[cfg(test)]
     Hold(std::sync::mpsc::Receiver<()>),
@@ -252,11 +256,13 @@ impl Writer {
     fn commit(&mut self, batch: Vec<Command>) {
         let mut written: Vec<Append> = Vec::with_capacity(batch.len());
         let mut barriers = Vec::new();
+        let mut syncs = Vec::new();
         let mut group: Vec<Append> = Vec::new();
         let mut buf: Vec<u8> = Vec::new();
         for command in batch {
             match command {
                 Command::Barrier(done) => barriers.push(done),
+                Command::Sync(done) => syncs.push(done),
                 #[cfg(test)]
                 Command::Hold(release) => {
                     let _ = release.recv();
@@ -298,6 +304,7 @@ impl Writer {
         }
         self.flush(&mut buf, &mut group, &mut written);
         let synced = match self.fsync {
+            _ if !syncs.is_empty() => self.sync(),
             FsyncMode::Always => self.sync(),
             FsyncMode::Interval(every) if self.last_sync.elapsed() >= every => self.sync(),
             _ => Ok(()),
@@ -317,6 +324,9 @@ impl Writer {
             }
         }
         for done in barriers {
+            let _ = done.send(answer.clone());
+        }
+        for done in syncs {
             let _ = done.send(answer.clone());
         }
     }
@@ -356,8 +366,15 @@ impl Writer {
                     let info = segments.entry(self.seq).or_default();
                     info.bytes = self.len;
                     for a in group.iter() {
-                        info.channels
-                            .insert(Arc::clone(&a.channel), (Arc::clone(&a.epoch), a.offset));
+                        // A copied record (compaction) may be older than one written here
+                        // before it: the segment holds up to the highest.
+                        let held = info
+                            .channels
+                            .entry(Arc::clone(&a.channel))
+                            .or_insert_with(|| (Arc::clone(&a.epoch), a.offset));
+                        if held.0 != a.epoch || held.1 < a.offset {
+                            *held = (Arc::clone(&a.epoch), a.offset);
+                        }
                     }
                 }
                 if matches!(self.fsync, FsyncMode::Interval(_)) {

@@ -12,6 +12,9 @@
 //! process on it is refused at startup.
 
 pub mod broker;
+mod compact;
+#[cfg(test)]
+mod compact_tests;
 #[cfg(test)]
 mod consistency_tests;
 pub mod log;
@@ -84,6 +87,14 @@ pub struct Durable {
     bytes: Arc<AtomicU64>,
     segments: Segments,
     options: DurableOptions,
+    /// The pinned segment compaction last found not worth copying, and when: it is read
+    /// again only after [`compact::RECHECK`].
+    compact_checked: Mutex<Option<(u64, Instant)>>,
+    /// Held by a sweep: one at a time (a compaction must not copy a segment twice).
+    pub(super) sweeping: Mutex<()>,
+    /// Tests: compaction copies but does not delete (a crash between the two).
+    #[cfg(test)]
+    pub(super) compact_keeps: std::sync::atomic::AtomicBool,
     /// Held for the broker's life: the `flock` is the lock.
     _lock: File,
 }
@@ -189,6 +200,10 @@ impl Durable {
             bytes,
             segments,
             options,
+            compact_checked: Mutex::new(None),
+            sweeping: Mutex::new(()),
+            #[cfg(test)]
+            compact_keeps: std::sync::atomic::AtomicBool::new(false),
             _lock: lock,
         };
         // Channels forgotten because of damage: a record of a fresh epoch, so that a later
@@ -316,8 +331,23 @@ impl Durable {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// Sealed segments (every one but the newest), oldest first, with what they hold.
-    pub fn sealed(&self) -> Vec<(u64, Vec<Held>)> {
+    /// Syncs everything queued so far, whatever the fsync mode (waits at most `wait`).
+    pub fn sync_now(&self, wait: Duration) -> Result<(), StorageError> {
+        let (done, answer) = std::sync::mpsc::sync_channel(1);
+        self.send(Command::Sync(done))?;
+        answer
+            .recv_timeout(wait)
+            .unwrap_or_else(|_| Err(StorageError::Io("the log writer did not answer".into())))
+    }
+
+    /// The file of segment `seq`.
+    pub fn segment_file(&self, seq: u64) -> PathBuf {
+        segment_path(&self.options.dir, seq)
+    }
+
+    /// Sealed segments (every one but the newest), oldest first, with their size in bytes
+    /// and what they hold.
+    pub fn sealed(&self) -> Vec<(u64, u64, Vec<Held>)> {
         let segments = self
             .segments
             .lock()
@@ -332,7 +362,7 @@ impl Durable {
                     .iter()
                     .map(|(c, (e, o))| (Arc::clone(c), Arc::clone(e), *o))
                     .collect();
-                (*seq, channels)
+                (*seq, info.bytes, channels)
             })
             .collect()
     }

@@ -173,7 +173,14 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
                 counter += 1;
                 let offset = record.offset;
                 let (name, epoch) = apply(&mut building, record, data, counter);
-                info.channels.insert(name, (epoch, offset));
+                // Up to the highest offset held (a copied record may be older).
+                let held = info
+                    .channels
+                    .entry(name)
+                    .or_insert_with(|| (Arc::clone(&epoch), offset));
+                if held.0 != epoch || held.1 < offset {
+                    *held = (epoch, offset);
+                }
             }
             if damage.is_none() && valid < total {
                 // Preallocated zeros after the last record.
@@ -205,7 +212,10 @@ pub fn recover(dir: &Path) -> std::io::Result<Recovered> {
         if b.untrusted || b.last_seen <= damage_at {
             out.forgotten.push(name);
         } else {
-            out.channels.push(b.channel);
+            let mut channel = b.channel;
+            // Copied records bring their keys back out of order.
+            channel.keys.sort_by_key(|k| k.1);
+            out.channels.push(channel);
         }
     }
     if !out.forgotten.is_empty() {
@@ -343,6 +353,10 @@ fn apply(
         c.keys.clear();
         b.untrusted = false;
     } else if c.offset != 0 && record.offset <= c.offset {
+        // An older offset after a newer one: a record compaction copied forward (or its
+        // original, still there after a crash). Kept once, in offset order; it says nothing
+        // about the channel's newest records, so `last_seen` stays.
+        insert_older(c, record, data);
         return (Arc::clone(&b.name), Arc::clone(&b.epoch));
     } else if c.offset != 0 && record.offset != c.offset + 1 {
         b.untrusted = true;
@@ -365,6 +379,28 @@ fn apply(
         c.keys.push((key, record.offset, expires));
     }
     (Arc::clone(&b.name), Arc::clone(&b.epoch))
+}
+
+/// Adds a record older than the channel's newest, unless its offset is there already.
+fn insert_older(c: &mut RecoveredChannel, record: Record, data: Option<Arc<RawValue>>) {
+    if let Some(data) = data {
+        let at = c.entries.partition_point(|e| e.1 < record.offset);
+        let present = c.entries.get(at).is_some_and(|e| e.1 == record.offset);
+        // Below the bounded window kept while reading: trimmed anyway.
+        let below = at == 0 && c.entries.len() >= c.limits.size.saturating_mul(2).max(64);
+        if !present && !below {
+            c.entries
+                .insert(at, (record.time_ms, record.offset, record.client_id, data));
+        }
+    }
+    if let Some((key, expires)) = record.key
+        && !c
+            .keys
+            .iter()
+            .any(|(k, o, _)| *o == record.offset && *k == key)
+    {
+        c.keys.push((key, record.offset, expires));
+    }
 }
 
 fn fresh(record: &Record) -> Building {
