@@ -130,6 +130,9 @@ pub struct Writer {
     pub(super) preallocated: bool,
     /// The helper preparing the next segment: its number and the zeroed file.
     pub(super) next: Option<(u64, Receiver<std::io::Result<File>>)>,
+    /// Sealing a segment during the current commit failed (its truncation or its sync): the
+    /// records the commit had written into it are not durable.
+    pub(super) sealing_failed: Option<std::io::Error>,
     /// Tests: the next write fails.
     #[cfg(test)]
     pub(super) fail_next_write: bool,
@@ -303,11 +306,18 @@ impl Writer {
             }
         }
         self.flush(&mut buf, &mut group, &mut written);
-        let synced = match self.fsync {
-            _ if !syncs.is_empty() => self.sync(),
-            FsyncMode::Always => self.sync(),
-            FsyncMode::Interval(every) if self.last_sync.elapsed() >= every => self.sync(),
-            _ => Ok(()),
+        // A sync of a segment sealed during this commit failed: it covered records of
+        // `written`, and syncing the file again would not make them durable (the kernel
+        // reports a failed writeback once, then forgets the lost pages).
+        let synced = if let Some(err) = self.sealing_failed.take() {
+            Err(err)
+        } else {
+            match self.fsync {
+                _ if !syncs.is_empty() => self.sync(),
+                FsyncMode::Always => self.sync(),
+                FsyncMode::Interval(every) if self.last_sync.elapsed() >= every => self.sync(),
+                _ => Ok(()),
+            }
         };
         let answer = synced.map_err(|err| storage_error(&err));
         if answer.is_err() {
@@ -543,9 +553,18 @@ impl Writer {
     /// Seals the open segment and starts the next one.
     fn roll(&mut self) -> std::io::Result<()> {
         if self.file.is_some() {
-            self.seal()?;
-            if self.fsync != FsyncMode::Never {
-                self.sync()?;
+            let sealed = self.seal().and_then(|()| {
+                if self.fsync == FsyncMode::Never {
+                    Ok(())
+                } else {
+                    self.sync()
+                }
+            });
+            if let Err(err) = sealed {
+                // What this commit wrote into the old segment may be lost with it.
+                self.sealing_failed
+                    .get_or_insert_with(|| std::io::Error::new(err.kind(), err.to_string()));
+                return Err(err);
             }
         }
         let seq = self.seq + 1;

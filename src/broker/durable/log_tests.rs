@@ -227,3 +227,43 @@ async fn a_failed_periodic_sync_fails_the_channels_it_covered_and_starts_a_new_s
     let other = broker.publish("b", request(1)).await.expect("published");
     assert_eq!(other.position.offset, 1, "other channels are unaffected");
 }
+
+#[tokio::test]
+async fn a_failed_sync_when_a_segment_is_sealed_fails_the_records_it_covered() {
+    // One record's size on disk, from a log of exactly one.
+    let probe = TempDir::new();
+    {
+        let broker = open(options(&probe.0, FsyncMode::Never, 1 << 20));
+        publish_n(&broker, "w", 1, 1).await;
+    }
+    let seg = files(&probe.0, "seg").pop().expect("a segment");
+    let record = std::fs::metadata(&seg).expect("meta").len() - MAGIC.len() as u64;
+
+    // Segments of two records: `w` and `a` fill one, `b` seals it and starts the next.
+    let dir = TempDir::new();
+    let broker = open(options(
+        &dir.0,
+        FsyncMode::Always,
+        MAGIC.len() as u64 + 2 * record + record / 2,
+    ));
+    publish_n(&broker, "w", 1, 1).await;
+    let durable = broker.durable.as_ref().expect("durable");
+    let release = durable.hold();
+    durable.fail_next_sync();
+    let (a, b) = (Arc::clone(&broker), Arc::clone(&broker));
+    let a = tokio::spawn(async move { a.publish("a", request(1)).await });
+    let b = tokio::spawn(async move { b.publish("b", request(1)).await });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    release.send(()).expect("the writer waits");
+    let (a, b) = (a.await.expect("task"), b.await.expect("task"));
+    // `a` was written into the segment whose sync (when it was sealed) failed: it must not
+    // be acknowledged as durable, nor `b`, which needed the next segment.
+    assert!(
+        a.is_err(),
+        "a record the failed sync covered was acknowledged: {a:?}"
+    );
+    assert!(b.is_err(), "{b:?}");
+    // The channels go on, `a` in a new epoch.
+    let next = broker.publish("a", request(1)).await.expect("published");
+    assert_eq!(next.position.offset, 1);
+}

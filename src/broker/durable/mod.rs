@@ -184,6 +184,7 @@ impl Durable {
             since_sync: Vec::new(),
             preallocated: false,
             next: None,
+            sealing_failed: None,
             #[cfg(test)]
             fail_next_write: false,
             #[cfg(test)]
