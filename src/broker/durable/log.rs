@@ -11,7 +11,7 @@
 //! Segments are files `<seq>.seg` (16 hex digits) of at most `segment_bytes`, starting with
 //! [`MAGIC`]. Sealed segments are never written again; they are deleted whole, oldest first,
 //! once none of their records is retained any more (see `MemoryBroker`'s sweep), or once
-//! compaction has copied the few still retained forward (see [`super::compact`]).
+//! compaction has copied the few still retained forward (see `durable::compact`).
 //!
 //! With `always` and `interval` the next segment is prepared ahead by a helper thread: a file
 //! `<seq>.pre` written full of zeros to `segment_bytes` (at most [`MAX_PREALLOCATE`]) and
