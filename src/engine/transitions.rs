@@ -401,12 +401,16 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_failing_broker_delays_transitions_but_loses_none() {
+    /// A tracker reconciling with a [`Flaky`] broker that starts `failing` (or losing its
+    /// answers), reporting into a [`Sink`]; `stop` ends it.
+    fn running(
+        failing: bool,
+        lost_reply: bool,
+    ) -> (Arc<Flaky>, Arc<Sink>, Arc<Tracker>, CancellationToken) {
         let broker = Arc::new(Flaky {
             inner: MemoryBroker::new(Arc::new(Recorder::default()), 1 << 20),
-            failing: AtomicBool::new(true),
-            lost_reply: AtomicBool::new(false),
+            failing: AtomicBool::new(failing),
+            lost_reply: AtomicBool::new(lost_reply),
             calls: AtomicUsize::new(0),
         });
         let sink = Arc::new(Sink::default());
@@ -417,6 +421,12 @@ mod tests {
             Arc::new(Stats::default()),
             stop.clone(),
         ));
+        (broker, sink, tracker, stop)
+    }
+
+    #[tokio::test]
+    async fn a_failing_broker_delays_transitions_but_loses_none() {
+        let (broker, sink, tracker, stop) = running(true, false);
         let (m1, m2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
         tracker.join("room", m1, Some(Arc::from("u1")));
         // A channel that comes and goes while the broker fails: reconciled away, never told.
@@ -452,20 +462,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_applied_but_unanswered_is_made_again_so_no_ghost_holder_stays() {
-        let broker = Arc::new(Flaky {
-            inner: MemoryBroker::new(Arc::new(Recorder::default()), 1 << 20),
-            failing: AtomicBool::new(false),
-            lost_reply: AtomicBool::new(true),
-            calls: AtomicUsize::new(0),
-        });
-        let sink = Arc::new(Sink::default());
-        let tracker = Arc::new(Tracker::new(sink.clone()));
-        let stop = CancellationToken::new();
-        tokio::spawn(Arc::clone(&tracker).run(
-            broker.clone(),
-            Arc::new(Stats::default()),
-            stop.clone(),
-        ));
+        let (broker, sink, tracker, stop) = running(false, true);
         // The broker records this node as a holder, but the answer is lost; the subscriber
         // leaves before the retry.
         let (m1, m2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
