@@ -165,25 +165,7 @@ impl Drop for Cluster {
         }
         #[cfg(feature = "nats")]
         if self.broker.starts_with("nats://") {
-            let (url, prefix) = (self.broker.clone(), self.prefix.clone());
-            // Dropped inside the test's runtime, which cannot be blocked on: a thread of its own.
-            let _ = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                runtime.block_on(async {
-                    let cleanup = async {
-                        let client = async_nats::connect(url).await.ok()?;
-                        let js = async_nats::jetstream::new(client);
-                        let _ = js.delete_stream(format!("{prefix}_history")).await;
-                        let _ = js.delete_key_value(format!("{prefix}_presence")).await;
-                        Some(())
-                    };
-                    let _ = tokio::time::timeout(Duration::from_secs(5), cleanup).await;
-                });
-            })
-            .join();
+            delete_nats_prefix(&self.broker, &self.prefix);
         }
     }
 }

@@ -223,26 +223,7 @@ impl Drop for Cleanup {
     fn drop(&mut self) {
         #[cfg(feature = "nats")]
         if let BrokerUrl::Nats(url) = &self.0 {
-            let (url, prefix) = (url.clone(), self.1.clone());
-            // A thread of its own: this may run inside a runtime, which cannot be blocked on.
-            let _ = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                runtime.block_on(async {
-                    let cleanup = async {
-                        let client = async_nats::connect(url).await.ok()?;
-                        let js = async_nats::jetstream::new(client);
-                        let _ = js.delete_stream(format!("{prefix}_history")).await;
-                        let _ = js.delete_key_value(format!("{prefix}_presence")).await;
-                        let _ = js.delete_key_value(format!("{prefix}_transitions")).await;
-                        Some(())
-                    };
-                    let _ = tokio::time::timeout(Duration::from_secs(5), cleanup).await;
-                });
-            })
-            .join();
+            delete_nats_prefix(url, &self.1);
         }
     }
 }

@@ -142,35 +142,15 @@ impl Drop for TempDir {
 }
 
 /// Deletes what a NATS run created when dropped (each stream reserves JetStream storage).
+#[cfg_attr(not(feature = "nats"), allow(dead_code))]
 struct Cleanup(String, String);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        if !cfg!(feature = "nats") || !self.0.starts_with("nats://") {
-            return;
+        #[cfg(feature = "nats")]
+        if self.0.starts_with("nats://") {
+            delete_nats_prefix(&self.0, &self.1);
         }
-        #[cfg(feature = "nats")]
-        let (url, prefix) = (self.0.clone(), self.1.clone());
-        // A thread of its own: this may run inside a runtime, which cannot be blocked on.
-        #[cfg(feature = "nats")]
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let cleanup = async {
-                    let client = async_nats::connect(url).await.ok()?;
-                    let js = async_nats::jetstream::new(client);
-                    let _ = js.delete_stream(format!("{prefix}_history")).await;
-                    let _ = js.delete_key_value(format!("{prefix}_presence")).await;
-                    let _ = js.delete_key_value(format!("{prefix}_transitions")).await;
-                    Some(())
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(5), cleanup).await;
-            });
-        })
-        .join();
     }
 }
 

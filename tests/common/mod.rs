@@ -687,3 +687,29 @@ pub async fn recover_while_publishing(
         &format!("attempt {attempt} (since {since}, replay up to {position})"),
     );
 }
+
+/// Deletes the JetStream stream and buckets a NATS run under `prefix` created (each reserves
+/// JetStream storage): history, presence and transitions. Runs on a thread of its own, since
+/// it is called from `Drop` inside a test's runtime, which cannot be blocked on; bounded by 5 s.
+#[cfg(feature = "nats")]
+pub fn delete_nats_prefix(url: &str, prefix: &str) {
+    let (url, prefix) = (url.to_owned(), prefix.to_owned());
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let cleanup = async {
+                let client = async_nats::connect(url).await.ok()?;
+                let js = async_nats::jetstream::new(client);
+                let _ = js.delete_stream(format!("{prefix}_history")).await;
+                let _ = js.delete_key_value(format!("{prefix}_presence")).await;
+                let _ = js.delete_key_value(format!("{prefix}_transitions")).await;
+                Some(())
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), cleanup).await;
+        });
+    })
+    .join();
+}
