@@ -7,22 +7,9 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use common::process::*;
 use common::*;
-
-/// Runs the binary to completion: (exit code, stdout, stderr).
-fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(BIN);
-    clean_env(&mut cmd).args(args).envs(envs.iter().copied());
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// A file with `contents` in a directory of this test process, named `name`.
 fn file(name: &str, contents: &str) -> PathBuf {

@@ -228,43 +228,17 @@ async fn redis_node_with_data_dir_keeps_undelivered_events_across_kill_9() {
     .await;
     eprintln!("the dead process's room emptied {took:?} after the restart");
     // The directory's lock is the durable history's: a second process on it is refused.
-    let mut cmd = std::process::Command::new(common::process::BIN);
-    let out = common::process::clean_env(&mut cmd)
-        .env("RUSTY_SOCKS_HOST", "127.0.0.1")
-        .env("RUSTY_SOCKS_PORT", "0")
-        .env("RUSTY_SOCKS_BROKER", &broker)
-        .env("RUSTY_SOCKS_BROKER_PREFIX", &prefix)
-        .env("RUSTY_SOCKS_DATA_DIR", dir.path())
-        .env("RUSTY_SOCKS_WEBHOOK_URL", receiver.url())
-        .env("RUSTY_SOCKS_WEBHOOK_SECRET", HOOK_SECRET)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-    assert!(
-        text.contains("RUSTY_SOCKS_DATA_DIR") && text.contains("in use"),
-        "{text}"
+    let (code, stdout, stderr) = common::process::run(
+        &[],
+        &[
+            ("RUSTY_SOCKS_HOST", "127.0.0.1"),
+            ("RUSTY_SOCKS_PORT", "0"),
+            ("RUSTY_SOCKS_BROKER", "redis://127.0.0.1:9"),
+            ("RUSTY_SOCKS_DATA_DIR", "/nonexistent/rusty-socks"),
+        ],
     );
-    assert!(dir.0.join("LOCK").exists() && dir.0.join("webhooks").is_dir());
-    server.stop();
-}
-
-#[tokio::test]
-async fn data_dir_with_a_networked_broker_but_no_webhooks_is_refused_naming_it() {
-    let mut cmd = std::process::Command::new(common::process::BIN);
-    let out = common::process::clean_env(&mut cmd)
-        .env("RUSTY_SOCKS_HOST", "127.0.0.1")
-        .env("RUSTY_SOCKS_PORT", "0")
-        .env("RUSTY_SOCKS_BROKER", "redis://127.0.0.1:9")
-        .env("RUSTY_SOCKS_DATA_DIR", "/nonexistent/rusty-socks")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(code, 2);
+    let text = format!("{stdout}{stderr}");
     assert!(text.contains("RUSTY_SOCKS_DATA_DIR"), "{text}");
     assert!(text.contains("RUSTY_SOCKS_WEBHOOK_URL"), "{text}");
 }

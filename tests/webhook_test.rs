@@ -406,20 +406,17 @@ async fn kill_9_with_undelivered_events_and_a_restart_sends_them_with_the_same_i
 
 #[test]
 fn a_webhook_url_without_a_secret_is_a_startup_error_naming_the_setting() {
-    let mut cmd = std::process::Command::new(common::process::BIN);
-    let out = common::process::clean_env(&mut cmd)
-        .env("RUSTY_SOCKS_HOST", "127.0.0.1")
-        .env("RUSTY_SOCKS_PORT", "0")
-        .env("RUSTY_SOCKS_WEBHOOK_URL", "http://127.0.0.1:9/hooks")
-        .env("RUSTY_SOCKS_WEBHOOK_EVENTS", "channel_occupied,bogus")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (code, stdout, stderr) = common::process::run(
+        &[],
+        &[
+            ("RUSTY_SOCKS_HOST", "127.0.0.1"),
+            ("RUSTY_SOCKS_PORT", "0"),
+            ("RUSTY_SOCKS_WEBHOOK_URL", "http://127.0.0.1:9/hooks"),
+            ("RUSTY_SOCKS_WEBHOOK_EVENTS", "channel_occupied,bogus"),
+        ],
     );
+    assert_eq!(code, 2);
+    let text = format!("{stdout}{stderr}");
     assert!(text.contains("RUSTY_SOCKS_WEBHOOK_SECRET"), "{text}");
     assert!(text.contains("RUSTY_SOCKS_WEBHOOK_EVENTS"), "{text}");
 }

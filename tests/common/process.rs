@@ -21,6 +21,19 @@ pub fn clean_env(cmd: &mut Command) -> &mut Command {
     cmd.env("RUST_LOG", "info")
 }
 
+/// Runs the binary to completion in a clean environment with `args` and `envs`: (exit code,
+/// stdout, stderr).
+pub fn run(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(BIN);
+    clean_env(&mut cmd).args(args).envs(envs.iter().copied());
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Kills the server if a test fails before stopping it, so no process outlives the test.
 pub struct Reap(pub Child);
 
