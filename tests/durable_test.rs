@@ -49,6 +49,17 @@ fn start(dir: &TempDir, fsync: &str) -> (Logged, std::net::SocketAddr) {
     (server, addr)
 }
 
+/// The newest history segment (`*.seg`) in `dir`.
+fn newest_segment(dir: &TempDir) -> std::path::PathBuf {
+    let mut segments: Vec<_> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    segments.pop().expect("a segment")
+}
+
 /// Publishes without pause (`in_flight` pipelined) until the connection dies, recording the
 /// offset of every `published` reply.
 /// The epoch of the next `publication` frame `ws` receives (other frames are skipped).
@@ -304,13 +315,7 @@ async fn a_damaged_tail_is_cut_and_logged_and_the_server_starts() {
     let epoch = first_publication_epoch(&mut watcher).await;
     server.child.kill().unwrap();
     server.child.wait().unwrap();
-    let mut segments: Vec<_> = std::fs::read_dir(&dir.0)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-        .collect();
-    segments.sort();
-    let last = segments.pop().unwrap();
+    let last = newest_segment(&dir);
     // Garbage after the last record, as a torn write leaves it.
     let mut bytes = std::fs::read(&last).unwrap();
     let whole = bytes.len();
@@ -342,13 +347,7 @@ async fn after_kill_9_the_preallocated_zero_tail_is_the_end_not_damage() {
     }
     server.child.kill().unwrap();
     server.child.wait().unwrap();
-    let mut segments: Vec<_> = std::fs::read_dir(&dir.0)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-        .collect();
-    segments.sort();
-    let last = segments.pop().unwrap();
+    let last = newest_segment(&dir);
     let bytes = std::fs::read(&last).unwrap();
     assert_eq!(
         bytes.len(),
