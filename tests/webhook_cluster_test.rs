@@ -250,10 +250,15 @@ async fn a_killed_node_is_reported_once_by_a_survivor(broker: &str) {
     let prefix = prefix();
     let _cleanup = Cleanup(broker.to_owned(), prefix.clone());
     let receiver = Receiver::start(HOOK_SECRET).await;
-    let mut nodes: Vec<Logged> = (0..3)
-        .map(|_| node(broker, &prefix, &receiver, None))
-        .collect();
-    let addrs: Vec<_> = nodes.iter_mut().map(Logged::address).collect();
+    // One after another: each node is listening before the next starts, so three processes
+    // do not create the same JetStream stream and buckets at once on a busy machine.
+    let mut nodes = Vec::new();
+    let mut addrs = Vec::new();
+    for _ in 0..3 {
+        let mut started = node(broker, &prefix, &receiver, None);
+        addrs.push(started.address());
+        nodes.push(started);
+    }
     let a = member(addrs[0], "u1", &["room"]).await;
     let b = member(addrs[1], "u2", &["room"]).await;
     let c = member(addrs[2], "u3", &["room", "solo"]).await;
