@@ -492,9 +492,12 @@ async fn legacy_and_v1_share_the_default_channel() {
     let server = TestServer::start(with_namespaces).await;
     let (mut legacy, _) = join(&server).await;
     let (mut modern, _) = join(&server).await;
+    // A second legacy client that stays: once it has a chat message, the message is stored.
+    let (mut witness, _) = join(&server).await;
     send_text(&mut legacy, r#"{"sender":"old","content":"hello"}"#).await;
     let chat = recv_json(&mut modern).await;
     assert_eq!(chat["type"], "Chat", "the default channel speaks legacy");
+    assert_eq!(recv_json(&mut witness).await["content"], "hello");
     let history = call(
         &mut modern,
         json!({"type":"history","id":1,"channel":"default"}),
@@ -517,6 +520,13 @@ async fn legacy_and_v1_share_the_default_channel() {
     )
     .await;
     send_text(&mut legacy, r#"{"sender":"old","content":"anyone?"}"#).await;
+    // Published and stored before the history call below reads it.
+    // (Legacy clients first hear of the v1 client leaving, as a `Disconnect`.)
+    let mut heard = recv_json(&mut witness).await;
+    while heard["type"] == "Disconnect" {
+        heard = recv_json(&mut witness).await;
+    }
+    assert_eq!(heard["content"], "anyone?");
     let reply = call(
         &mut modern,
         json!({"type":"history","id":4,"channel":"default","limit":1}),
