@@ -142,36 +142,13 @@ impl Batch {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use super::*;
-
-    /// Records what reaches the node, in order.
-    #[derive(Default)]
-    struct Recorder(Mutex<Vec<String>>);
-
-    impl BrokerEvents for Recorder {
-        fn on_publication(&self, channel: &str, epoch: &str, publication: &Publication) {
-            let line = format!("{channel} {epoch}:{}", publication.offset);
-            self.0.lock().unwrap().push(line);
-        }
-        fn on_join(&self, channel: &str, _: &ClientInfo) {
-            self.0.lock().unwrap().push(format!("{channel} join"));
-        }
-        fn on_leave(&self, channel: &str, _: &ClientInfo) {
-            self.0.lock().unwrap().push(format!("{channel} leave"));
-        }
-        fn on_gap(&self, channel: &str) {
-            self.0.lock().unwrap().push(format!("{channel} gap"));
-        }
-    }
+    use crate::broker::conformance::{Event, Recorder, json};
 
     fn publication(offset: u64) -> Publication {
         Publication {
             offset,
-            data: serde_json::value::RawValue::from_string("1".into())
-                .unwrap()
-                .into(),
+            data: json("1"),
             client_id: None,
         }
     }
@@ -193,16 +170,17 @@ mod tests {
             "quiet: at once"
         );
         batch.flush(&node);
+        let (joined, left) = (client(), client());
         assert!(
             !batch.publication("c", "e", publication(2)),
             "streaming: held"
         );
         assert!(!batch.gap("c"));
         assert!(!batch.publication("c", "e", publication(4)));
-        assert!(!batch.join("c", client()));
-        assert!(!batch.leave("d", client()));
+        assert!(!batch.join("c", joined.clone()));
+        assert!(!batch.leave("c", left.clone()));
         assert!(batch.holding());
-        assert!(node.0.lock().unwrap().len() == 1, "nothing delivered early");
+        assert_eq!(node.taken("").len(), 1, "nothing delivered early");
         let waited = Instant::now();
         batch.due().await;
         assert_eq!(
@@ -213,12 +191,26 @@ mod tests {
         batch.flush(&node);
         assert!(!batch.holding());
         assert_eq!(
-            *node.0.lock().unwrap(),
-            ["c e:1", "c e:2", "c gap", "c e:4", "c join", "d leave"],
+            node.taken(""),
+            [
+                Event::Publication("c".into(), 1),
+                Event::Publication("c".into(), 2),
+                Event::Gap("c".into()),
+                Event::Publication("c".into(), 4),
+                Event::Join("c".into(), joined.client_id),
+                Event::Leave("c".into(), left.client_id),
+            ],
             "delivered in arrival order"
         );
-        tokio::time::advance(QUIET - WINDOW).await;
-        assert!(batch.publication("c", "e", publication(5)), "quiet again");
+        assert_eq!(node.epochs("c").len(), 3);
+        tokio::time::advance(QUIET - WINDOW - Duration::from_millis(1)).await;
+        assert!(
+            !batch.publication("c", "e", publication(5)),
+            "still streaming"
+        );
+        batch.flush(&node);
+        tokio::time::advance(QUIET).await;
+        assert!(batch.publication("c", "e", publication(6)), "quiet again");
     }
 
     #[tokio::test(start_paused = true)]
@@ -232,6 +224,6 @@ mod tests {
         assert!(batch.publication("c", "e", publication(MAX_HELD as u64 + 1)));
         let node = Recorder::default();
         batch.flush(&node);
-        assert_eq!(node.0.lock().unwrap().len(), MAX_HELD);
+        assert_eq!(node.taken("c").len(), MAX_HELD);
     }
 }
