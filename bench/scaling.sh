@@ -8,6 +8,7 @@
 # Usage: bench/scaling.sh [BROKER_URL...]
 #   default: memory (1 node), redis://127.0.0.1:6379, nats://127.0.0.1:4222
 #   NO_BUILD=1 uses target/release as it is; SERVER_BINARY=path runs another rusty_socks build.
+#   PUBLISHERS=N (default 1) publishers on the first node, each sending MESSAGES.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${NO_BUILD:-}" ] || cargo build --release --quiet --workspace --bins
@@ -15,6 +16,7 @@ BIN=target/release
 SERVER_BINARY=${SERVER_BINARY:-$BIN/rusty_socks}
 SUBSCRIBERS=${SUBSCRIBERS:-1000}
 MESSAGES=${MESSAGES:-2000}
+PUBLISHERS=${PUBLISHERS:-1}
 if [ $# -gt 0 ]; then BROKERS=("$@"); else BROKERS=(memory redis://127.0.0.1:6379 nats://127.0.0.1:4222); fi
 
 PIDS=()
@@ -51,7 +53,7 @@ for broker in "${BROKERS[@]}"; do
     pids=$(IFS=,; echo "${PIDS[*]}")
     printf '%-24s nodes=%s ' "$broker" "$nodes"
     taskset -c 0 "$BIN/loadgen" broadcast --url "$urls" --server-pid "$pids" \
-      --subscribers "$SUBSCRIBERS" --messages "$MESSAGES" --timeout 120 | grep '^RESULT' \
+      --subscribers "$SUBSCRIBERS" --publishers "$PUBLISHERS" --messages "$MESSAGES" --timeout 120 | grep '^RESULT' \
       || echo "RESULT failed"
     stop_all
   done

@@ -225,6 +225,82 @@ async fn fan_out_reaches_every_node_once_in_order(kind: Kind) {
     }
 }
 
+/// Publications in the burst of [`a_burst_crosses_nodes_in_order_without_loss`].
+const BURST: u64 = 10_000;
+
+/// Reads publications on `channel` until `count` arrived, telling `progress` how many so far;
+/// fails on anything but a publication or a `published` reply (a gap above all).
+async fn burst_received(
+    mut ws: Ws,
+    count: u64,
+    progress: tokio::sync::watch::Sender<u64>,
+) -> Vec<(u64, Value)> {
+    let mut got = Vec::new();
+    while (got.len() as u64) < count {
+        let frame = recv_json(&mut ws).await;
+        assert_eq!(frame["type"], "publication", "only publications: {frame}");
+        got.push((frame["offset"].as_u64().unwrap(), frame["data"].clone()));
+        progress.send_replace(got.len() as u64);
+    }
+    got
+}
+
+/// A burst of publications that a node receives from the broker as fast as the publisher can
+/// make them (the node holds them briefly and hands them on in batches) reaches the
+/// subscribers of both nodes whole, in order, without a gap.
+async fn a_burst_crosses_nodes_in_order_without_loss(kind: Kind) {
+    let url = kind.shared_url();
+    let cluster = nodes(&url, 2).await;
+    let (mut publisher, _) = cluster[0].client().await;
+    let mut progress = Vec::new();
+    let mut readers = Vec::new();
+    for node in [&cluster[0], &cluster[1]] {
+        let (mut ws, _) = node.client().await;
+        subscribe(&mut ws, "burst").await;
+        let (tell, watch) = tokio::sync::watch::channel(0);
+        progress.push(watch);
+        readers.push(tokio::spawn(burst_received(ws, BURST, tell)));
+    }
+    // As fast as the publisher goes: 64 publishes awaiting their reply at a time, and at most
+    // 1,000 publications ahead of the slower subscriber (whose queue must not overflow).
+    let (mut sent, mut acked) = (0, 0);
+    let started = Instant::now();
+    while acked < BURST {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "stalled: {sent} sent, {acked} acknowledged"
+        );
+        let behind = progress.iter().map(|p| *p.borrow()).min().unwrap_or(0);
+        if sent < BURST && sent - acked < 64 && sent < behind + 1000 {
+            sent += 1;
+            let command = json!({"type": "publish", "channel": "burst", "data": {"n": sent}});
+            send_text(&mut publisher, &command.to_string()).await;
+            continue;
+        }
+        if sent == acked {
+            // Waiting for the subscribers to catch up.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        let reply = tokio::time::timeout(Duration::from_secs(30), recv_json(&mut publisher))
+            .await
+            .expect("publishing stalled");
+        assert_eq!(reply["type"], "published", "{reply}");
+        acked += 1;
+    }
+    let expected: Vec<(u64, Value)> = (1..=BURST).map(|n| (n, json!({ "n": n }))).collect();
+    for (node, reader) in readers.into_iter().enumerate() {
+        let got = tokio::time::timeout(Duration::from_secs(60), reader)
+            .await
+            .expect("a subscriber did not get the whole burst within 60 s")
+            .unwrap();
+        assert!(
+            got == expected,
+            "node {node}: every publication once, in order"
+        );
+    }
+}
+
 async fn a_client_moving_to_another_node_recovers_what_it_missed(kind: Kind) {
     let url = kind.shared_url();
     let cluster = nodes(&url, 3).await;
@@ -932,6 +1008,7 @@ macro_rules! for_each_broker {
 for_each_broker!(
     shared: [
         fan_out_reaches_every_node_once_in_order,
+        a_burst_crosses_nodes_in_order_without_loss,
         a_client_moving_to_another_node_recovers_what_it_missed,
         recovery_on_another_node_while_publications_keep_arriving,
         presence_spans_nodes_and_a_killed_node_leaves_no_ghosts,

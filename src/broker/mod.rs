@@ -9,6 +9,8 @@
 //! delivering must be one atomic step per channel: that is what lets a subscriber recover
 //! exactly what it missed.
 
+#[cfg(any(feature = "redis", feature = "nats"))]
+pub mod batch;
 pub mod cluster_cases;
 pub mod conformance;
 pub mod durable;

@@ -17,6 +17,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::history::Stored;
 use super::{Inner, unavailable};
+use crate::broker::batch::Batch;
 use crate::broker::local::Continuity;
 use crate::broker::{BrokerError, ClientInfo, wire};
 use crate::types::StreamPosition;
@@ -169,11 +170,16 @@ impl Inner {
         live: Arc<Live>,
         stop: CancellationToken,
     ) {
+        let mut batch = Batch::default();
         loop {
             let reopen = tokio::select! {
                 () = stop.cancelled() => {
                     self.delete_consumer(streams.consumer);
                     return;
+                }
+                () = batch.due(), if batch.holding() => {
+                    self.flush(&mut batch, &live);
+                    false
                 }
                 changed = resets.changed() => {
                     if changed.is_err() {
@@ -183,7 +189,9 @@ impl Inner {
                 }
                 message = streams.history.next() => match message {
                     Some(Ok(message)) => {
-                        self.deliver(&channel, &message, &live);
+                        if self.deliver(&channel, &message, &live, &mut batch) {
+                            self.flush(&mut batch, &live);
+                        }
                         false
                     }
                     Some(Err(err)) => {
@@ -194,7 +202,9 @@ impl Inner {
                 },
                 message = streams.events.next() => match message {
                     Some(message) => {
-                        self.deliver_event(&channel, &message.payload, &live);
+                        if self.deliver_event(&channel, &message.payload, &mut batch) {
+                            self.flush(&mut batch, &live);
+                        }
                         false
                     }
                     None => true,
@@ -203,6 +213,8 @@ impl Inner {
             if !reopen {
                 continue;
             }
+            // What arrived before goes out before any gap the reopening reports.
+            self.flush(&mut batch, &live);
             self.delete_consumer(std::mem::take(&mut streams.consumer));
             let mut backoff = Duration::from_millis(100);
             streams = loop {
@@ -234,7 +246,20 @@ impl Inner {
         });
     }
 
-    fn deliver(&self, channel: &str, message: &jetstream::Message, live: &Live) {
+    /// Delivers what `batch` holds, unless the feed was stopped meanwhile.
+    fn flush(&self, batch: &mut Batch, live: &Live) {
+        live.run(|| batch.flush(&*self.events));
+        batch.discard();
+    }
+
+    /// Takes one publication into `batch`; `true` if the batch must be delivered now.
+    fn deliver(
+        &self,
+        channel: &str,
+        message: &jetstream::Message,
+        live: &Live,
+        batch: &mut Batch,
+    ) -> bool {
         let decoded = Stored::from_consumer(message).and_then(|stored| {
             // Epoch markers (offset 0) are not publications.
             let publication = (stored.offset > 0)
@@ -244,38 +269,38 @@ impl Inner {
         });
         let (stored, publication) = match decoded {
             Ok((stored, Some(publication))) => (stored, publication),
-            Ok((_, None)) => return,
+            Ok((_, None)) => return false,
             Err(why) => {
                 tracing::warn!(channel, why, "dropped a malformed history message");
-                return;
+                return false;
             }
         };
+        let mut now = false;
         live.run(
             || match self.subs.observe(channel, &stored.epoch, stored.offset) {
                 Continuity::Next => {
-                    self.events
-                        .on_publication(channel, &stored.epoch, &publication);
+                    now = batch.publication(channel, &stored.epoch, publication);
                 }
                 Continuity::Gap => {
-                    self.events.on_gap(channel);
-                    self.events
-                        .on_publication(channel, &stored.epoch, &publication);
+                    let quiet = batch.gap(channel);
+                    now = batch.publication(channel, &stored.epoch, publication) || quiet;
                 }
                 Continuity::Seen | Continuity::Unwanted => {}
             },
         );
+        now
     }
 
-    fn deliver_event(&self, channel: &str, payload: &[u8], live: &Live) {
+    /// Takes one join or leave into `batch`; `true` if the batch must be delivered now.
+    fn deliver_event(&self, channel: &str, payload: &[u8], batch: &mut Batch) -> bool {
         match wire::decode(payload) {
-            Ok(wire::WireEvent::Join(client)) => {
-                live.run(|| self.events.on_join(channel, &client));
+            Ok(wire::WireEvent::Join(client)) => batch.join(channel, client),
+            Ok(wire::WireEvent::Leave(client)) => batch.leave(channel, client),
+            Ok(wire::WireEvent::Publication { .. }) => false,
+            Err(err) => {
+                tracing::warn!(%err, channel, "dropped a join/leave message");
+                false
             }
-            Ok(wire::WireEvent::Leave(client)) => {
-                live.run(|| self.events.on_leave(channel, &client));
-            }
-            Ok(wire::WireEvent::Publication { .. }) => {}
-            Err(err) => tracing::warn!(%err, channel, "dropped a join/leave message"),
         }
     }
 

@@ -46,6 +46,7 @@ use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use super::batch::Batch;
 use super::local::{Continuity, PresenceEntries, Subscriptions};
 use super::wire::{self, WireEvent};
 use super::{
@@ -282,19 +283,19 @@ impl Shared {
         Ok(())
     }
 
-    /// Hands one pub/sub message to the node.
-    fn receive(&self, message: &redis::Msg) {
+    /// Takes one pub/sub message into `batch`; `true` if the batch must be delivered now.
+    fn receive(&self, message: &redis::Msg, batch: &mut Batch) -> bool {
         let Some(channel) = message
             .get_channel_name()
             .strip_prefix(self.live_prefix().as_str())
         else {
-            return;
+            return false;
         };
         let event = match wire::decode(message.get_payload_bytes()) {
             Ok(event) => event,
             Err(err) => {
                 tracing::warn!(%err, channel, "dropping a message from redis");
-                return;
+                return false;
             }
         };
         match event {
@@ -303,21 +304,21 @@ impl Shared {
                     .subscriptions
                     .observe(channel, &epoch, publication.offset)
                 {
-                    Continuity::Next => self.events.on_publication(channel, &epoch, &publication),
+                    Continuity::Next => batch.publication(channel, &epoch, publication),
                     Continuity::Gap => {
-                        self.events.on_gap(channel);
-                        self.events.on_publication(channel, &epoch, &publication);
+                        let quiet = batch.gap(channel);
+                        batch.publication(channel, &epoch, publication) || quiet
                     }
-                    Continuity::Seen | Continuity::Unwanted => {}
+                    Continuity::Seen | Continuity::Unwanted => false,
                 }
             }
             WireEvent::Join(client) if self.subscriptions.wanted(channel) => {
-                self.events.on_join(channel, &client);
+                batch.join(channel, client)
             }
             WireEvent::Leave(client) if self.subscriptions.wanted(channel) => {
-                self.events.on_leave(channel, &client);
+                batch.leave(channel, client)
             }
-            WireEvent::Join(_) | WireEvent::Leave(_) => {}
+            WireEvent::Join(_) | WireEvent::Leave(_) => false,
         }
     }
 
@@ -351,6 +352,7 @@ async fn pubsub_task(
 ) {
     let mut connection = Some(first);
     let mut backoff = Duration::from_millis(100);
+    let mut batch = Batch::default();
     loop {
         let pubsub = match connection.take() {
             Some(pubsub) => Ok(pubsub),
@@ -365,7 +367,9 @@ async fn pubsub_task(
         match pubsub {
             Ok(pubsub) => {
                 let (sink, stream) = pubsub.split();
-                let lost = serve(&shared, sink, stream, &mut requests, &stop).await;
+                let lost = serve(&shared, sink, stream, &mut requests, &stop, &mut batch).await;
+                // What arrived before the loss goes out before any gap the reconnect reports.
+                batch.flush(&*shared.events);
                 shared.connected.store(false, Ordering::Release);
                 match lost {
                     Ok(()) => return, // stopped
@@ -402,13 +406,16 @@ async fn pubsub_task(
     }
 }
 
-/// Runs one pub/sub connection until it fails (`Err`) or the broker stops (`Ok`).
+/// Runs one pub/sub connection until it fails (`Err`) or the broker stops (`Ok`). Messages go
+/// to the node through `batch` (see [`Batch`]); what it still holds on return is the
+/// caller's to flush.
 async fn serve(
     shared: &Shared,
     mut sink: PubSubSink,
     mut stream: PubSubStream,
     requests: &mut mpsc::UnboundedReceiver<Sync>,
     stop: &CancellationToken,
+    batch: &mut Batch,
 ) -> Result<(), redis::RedisError> {
     let wanted = shared.subscriptions.channels();
     let mut active: HashSet<String> = HashSet::new();
@@ -425,11 +432,14 @@ async fn serve(
         tokio::select! {
             () = stop.cancelled() => return Ok(()),
             message = stream.next() => match message {
-                Some(message) => shared.receive(&message),
+                Some(message) => if shared.receive(&message, batch) {
+                    batch.flush(&*shared.events);
+                },
                 None => return Err(redis::RedisError::from(std::io::Error::from(
                     std::io::ErrorKind::ConnectionReset,
                 ))),
             },
+            () = batch.due(), if batch.holding() => batch.flush(&*shared.events),
             request = requests.recv() => {
                 let Some(mut request) = request else { return Ok(()) };
                 let outcome = apply(shared, &mut sink, &mut active, &request.channel).await;
