@@ -452,8 +452,8 @@ async fn wait_distinct(receiver: &Receiver, n: usize) -> Vec<(String, String, Op
 
 /// Issue 15, one node: what a `kill -9` left held (a member of a presence channel, the
 /// channel) is released after the restart, members first, before the channel is occupied
-/// again; a second `kill -9` releases only what the second life held; a graceful stop leaves
-/// nothing to release.
+/// again; a second `kill -9` releases only what the second life held; a graceful stop releases
+/// what it held itself and leaves nothing to release.
 #[tokio::test]
 async fn kill_9_of_a_single_node_releases_its_channels_and_members_after_the_restart() {
     let dir = TempDir::new();
@@ -505,7 +505,7 @@ async fn kill_9_of_a_single_node_releases_its_channels_and_members_after_the_res
     drop(u2);
 
     // The first life's releases were stored, so only the second's come now.
-    let (mut server, _) = start_binary_with(&dir, &receiver, &events);
+    let (mut server, addr) = start_binary_with(&dir, &receiver, &events);
     let got = wait_distinct(&receiver, 8).await;
     assert_eq!(
         got[6..],
@@ -515,13 +515,37 @@ async fn kill_9_of_a_single_node_releases_its_channels_and_members_after_the_res
         ]
     );
     assert!(receiver.attempts().iter().all(|a| a.signed));
+    // A graceful stop releases what its sessions held itself ...
+    let url = format!("ws://{addr}/ws?token={}", token("u3"));
+    let (mut u3, _) = v1_client_url(&url).await;
+    subscribe(&mut u3, "room").await;
+    wait_distinct(&receiver, 10).await;
+    // The client answers the server's close (1001) while the server stops.
+    let closing = tokio::spawn(async move {
+        while let Ok(Some(Ok(_))) =
+            tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut u3)).await
+        {}
+    });
     signal(&server.child, "TERM");
-    assert!(wait_exit(&mut server.child, WAIT).success());
+    let deadline = std::time::Instant::now() + WAIT;
+    while server.child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "no exit after TERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(server.child.try_wait().unwrap().unwrap().success());
+    closing.await.unwrap();
+    assert_eq!(
+        distinct(&receiver)[10..],
+        [
+            step("member_removed", Some("u3")),
+            step("channel_vacated", None)
+        ]
+    );
 
-    // Released and stored before the graceful stop: nothing is left to release.
+    // ... so the next start has nothing to release.
     let (mut server, _) = start_binary_with(&dir, &receiver, &events);
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(distinct(&receiver).len(), 8, "{:#?}", distinct(&receiver));
+    assert_eq!(distinct(&receiver).len(), 12, "{:#?}", distinct(&receiver));
     assert!(
         !server
             .seen
