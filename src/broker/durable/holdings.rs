@@ -9,16 +9,16 @@
 //!
 //! - One file of records, each framed like the durable history's and the webhook queue's:
 //!   body length (`u32` LE), CRC-32C of the body (`u32` LE), body. The body is a kind byte
-//!   and, except for [`LEFT_RELEASED`], the holding in [`Holding::encode`]'s text form.
-//!   [`HELD`] and [`RELEASED`] follow this life's holdings; [`LEFT`] names a holding of a
-//!   previous life not yet released, and [`LEFT_RELEASED`] says all of those are.
+//!   and, except for `LEFT_RELEASED`, the holding in [`Holding::encode`]'s text form.
+//!   `HELD` and `RELEASED` follow this life's holdings; `LEFT` names a holding of a
+//!   previous life not yet released, and `LEFT_RELEASED` says all of those are.
 //! - At startup ([`Journal::open`]) the file is read (a damaged tail, never acknowledged, is
 //!   ignored), everything held at its end, this life's or left over, becomes the previous
-//!   lives' holdings, and the file is rewritten as one [`LEFT`] record each (written aside,
+//!   lives' holdings, and the file is rewritten as one `LEFT` record each (written aside,
 //!   synced, renamed). The first [`Journal::release_left`] hands their releases (members
 //!   first, so each channel's `member_removed` precede its `channel_vacated`) to the caller
 //!   (the first sweep, before any transition of this life); [`Journal::forget_left`] appends
-//!   [`LEFT_RELEASED`] once the caller says they are stored durably. A crash before that
+//!   `LEFT_RELEASED` once the caller says they are stored durably. A crash before that
 //!   reports them again: duplicates, never loss.
 //! - Records are written by one thread: [`Journal::record`] hands it a record (under the
 //!   broker's holdings lock, so the file follows the set's order) and waits until it is
