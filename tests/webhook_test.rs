@@ -1,6 +1,7 @@
 //! Webhooks against a real HTTP receiver on a free port: signed batches, retries with the same
 //! event ids after failures and while the receiver is away, order, the max age, and `kill -9`
-//! of the real binary with undelivered events kept in `RUSTY_SOCKS_DATA_DIR`.
+//! of the real binary with undelivered events kept in `RUSTY_SOCKS_DATA_DIR`, and the channels
+//! and members such a killed single node held, released after its restart.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -338,16 +339,30 @@ impl Drop for TempDir {
 }
 
 fn start_binary(dir: &TempDir, receiver: &Receiver) -> (Logged, std::net::SocketAddr) {
+    start_binary_with(
+        dir,
+        receiver,
+        &[(
+            "RUSTY_SOCKS_WEBHOOK_EVENTS",
+            "client_connected,client_disconnected",
+        )],
+    )
+}
+
+/// The binary on `dir`, reporting to `receiver`, with `extra` settings.
+fn start_binary_with(
+    dir: &TempDir,
+    receiver: &Receiver,
+    extra: &[(&str, &str)],
+) -> (Logged, std::net::SocketAddr) {
     let url = receiver.url();
-    let mut server = Logged::start(&[
+    let mut envs = vec![
         ("RUSTY_SOCKS_DATA_DIR", dir.path()),
         ("RUSTY_SOCKS_WEBHOOK_URL", url.as_str()),
         ("RUSTY_SOCKS_WEBHOOK_SECRET", SECRET),
-        (
-            "RUSTY_SOCKS_WEBHOOK_EVENTS",
-            "client_connected,client_disconnected",
-        ),
-    ]);
+    ];
+    envs.extend_from_slice(extra);
+    let mut server = Logged::start(&envs);
     let addr = server.address();
     (server, addr)
 }
@@ -400,6 +415,145 @@ async fn kill_9_with_undelivered_events_and_a_restart_sends_them_with_the_same_i
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(receiver.events().len(), 6);
     assert_eq!(metric(addr, "rusty_socks_webhook_events_pending").await, 0);
+    signal(&server.child, "TERM");
+    assert!(wait_exit(&mut server.child, WAIT).success());
+}
+
+/// What the receiver got, each id once (at least once allows a duplicate), as
+/// (name, channel, user).
+fn distinct(receiver: &Receiver) -> Vec<(String, String, Option<String>)> {
+    let mut seen = std::collections::HashSet::new();
+    receiver
+        .events()
+        .into_iter()
+        .filter(|e| seen.insert(e["id"].as_str().unwrap().to_owned()))
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_owned(),
+                e["channel"].as_str().unwrap_or_default().to_owned(),
+                e["user"].as_str().map(str::to_owned),
+            )
+        })
+        .collect()
+}
+
+/// Waits until the receiver has `n` distinct events.
+async fn wait_distinct(receiver: &Receiver, n: usize) -> Vec<(String, String, Option<String>)> {
+    let deadline = std::time::Instant::now() + DELIVERY;
+    loop {
+        let got = distinct(receiver);
+        if got.len() >= n {
+            return got;
+        }
+        assert!(std::time::Instant::now() < deadline, "{got:#?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 15, one node: what a `kill -9` left held (a member of a presence channel, the
+/// channel) is released after the restart, members first, before the channel is occupied
+/// again; a second `kill -9` releases only what the second life held; a graceful stop releases
+/// what it held itself and leaves nothing to release.
+#[tokio::test]
+async fn kill_9_of_a_single_node_releases_its_channels_and_members_after_the_restart() {
+    let dir = TempDir::new();
+    let receiver = Receiver::start(SECRET).await;
+    let events = [
+        (
+            "RUSTY_SOCKS_WEBHOOK_EVENTS",
+            "channel_occupied,channel_vacated,member_added,member_removed",
+        ),
+        ("RUSTY_SOCKS_JWT_SECRET", JWT_SECRET),
+    ];
+    let step = |name: &str, user: Option<&str>| {
+        (name.to_owned(), "room".to_owned(), user.map(str::to_owned))
+    };
+    let (mut server, addr) = start_binary_with(&dir, &receiver, &events);
+    let url = format!("ws://{addr}/ws?token={}", token("u1"));
+    let (mut u1, _) = v1_client_url(&url).await;
+    subscribe(&mut u1, "room").await;
+    assert_eq!(
+        wait_distinct(&receiver, 2).await,
+        [
+            step("channel_occupied", None),
+            step("member_added", Some("u1"))
+        ]
+    );
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    drop(u1);
+
+    let (mut server, addr) = start_binary_with(&dir, &receiver, &events);
+    server.wait_for("holdings of the previous run");
+    // A client back at once: its occupation follows the old life's vacancy.
+    let url = format!("ws://{addr}/ws?token={}", token("u2"));
+    let (mut u2, _) = v1_client_url(&url).await;
+    subscribe(&mut u2, "room").await;
+    assert_eq!(
+        wait_distinct(&receiver, 6).await,
+        [
+            step("channel_occupied", None),
+            step("member_added", Some("u1")),
+            step("member_removed", Some("u1")),
+            step("channel_vacated", None),
+            step("channel_occupied", None),
+            step("member_added", Some("u2")),
+        ]
+    );
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    drop(u2);
+
+    // The first life's releases were stored, so only the second's come now.
+    let (mut server, addr) = start_binary_with(&dir, &receiver, &events);
+    let got = wait_distinct(&receiver, 8).await;
+    assert_eq!(
+        got[6..],
+        [
+            step("member_removed", Some("u2")),
+            step("channel_vacated", None)
+        ]
+    );
+    assert!(receiver.attempts().iter().all(|a| a.signed));
+    // A graceful stop releases what its sessions held itself ...
+    let url = format!("ws://{addr}/ws?token={}", token("u3"));
+    let (mut u3, _) = v1_client_url(&url).await;
+    subscribe(&mut u3, "room").await;
+    wait_distinct(&receiver, 10).await;
+    // The client answers the server's close (1001) while the server stops.
+    let closing = tokio::spawn(async move {
+        while let Ok(Some(Ok(_))) =
+            tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut u3)).await
+        {}
+    });
+    signal(&server.child, "TERM");
+    let deadline = std::time::Instant::now() + WAIT;
+    while server.child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "no exit after TERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(server.child.try_wait().unwrap().unwrap().success());
+    closing.await.unwrap();
+    assert_eq!(
+        distinct(&receiver)[10..],
+        [
+            step("member_removed", Some("u3")),
+            step("channel_vacated", None)
+        ]
+    );
+
+    // ... so the next start has nothing to release.
+    let (mut server, _) = start_binary_with(&dir, &receiver, &events);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(distinct(&receiver).len(), 12, "{:#?}", distinct(&receiver));
+    assert!(
+        !server
+            .seen
+            .iter()
+            .any(|l| l.contains("holdings of the previous run")),
+        "{:#?}",
+        server.seen
+    );
     signal(&server.child, "TERM");
     assert!(wait_exit(&mut server.child, WAIT).success());
 }

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use super::{
     Broker, BrokerEvents, BrokerFuture, BrokerStatus, ClientInfo, HistoryPage, Holding,
-    PublishRequest, Published, Transition,
+    PublishRequest, Published, Swept, Transition,
 };
 use crate::broker::history::{ENTRY_OVERHEAD, HistoryLimits, Stream};
 use crate::types::ClientId;
@@ -220,6 +220,9 @@ pub struct MemoryBroker {
     /// What this node holds ([`Broker::track`]): one node, so the cluster-wide state is this
     /// set, and a transition is an insert or removal that changed it.
     holdings: Mutex<HashSet<Holding>>,
+    /// `RUSTY_SOCKS_DATA_DIR`: `holdings` on disk, so the next life releases what a crash left
+    /// (see `broker::durable::holdings`).
+    pub(in crate::broker) journal: Option<crate::broker::durable::holdings::Journal>,
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -240,6 +243,7 @@ impl MemoryBroker {
             history_budget,
             durable: None,
             holdings: Mutex::default(),
+            journal: None,
         }
     }
 
@@ -355,8 +359,43 @@ impl Broker for MemoryBroker {
         } else {
             holdings.remove(holding)
         };
+        // Handed to the journal under the lock, so its records follow the set's order.
+        let written = changed
+            .then(|| self.journal.as_ref().map(|j| j.record(holding, held)))
+            .flatten();
         drop(holdings);
-        Self::now(changed.then(|| holding.transition(held)))
+        let transition = changed.then(|| holding.transition(held));
+        match written {
+            // A gained holding is reported only once the journal can release it.
+            Some(written) => Box::pin(async move {
+                written.await;
+                Ok(transition)
+            }),
+            None => Self::now(transition),
+        }
+    }
+
+    /// The first sweep releases the holdings a previous life left (the journal's).
+    fn sweep(&self) -> BrokerFuture<'_, Swept> {
+        let transitions = self
+            .journal
+            .as_ref()
+            .map(|j| j.release_left())
+            .unwrap_or_default();
+        Self::now(Swept {
+            transitions,
+            ..Swept::default()
+        })
+    }
+
+    fn claimed_stored(&self, durably: bool) -> BrokerFuture<'_, ()> {
+        match &self.journal {
+            Some(journal) => Box::pin(async move {
+                journal.forget_left(durably).await;
+                Ok(())
+            }),
+            None => Self::now(()),
+        }
     }
 
     fn unsubscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {

@@ -177,7 +177,10 @@ pub trait BrokerEvents: Send + Sync {
 ///   and decides nothing). `sweep`, called periodically, refreshes this node's heartbeat and
 ///   claims dead nodes (no heartbeat for the presence TTL) atomically, one survivor each,
 ///   returning the transitions their holdings cause; a node declared dead that comes back is
-///   told to track everything again ([`Swept::rejoined`]).
+///   told to track everything again ([`Swept::rejoined`]). The memory broker with a data
+///   directory treats its own previous life as the dead node: its first sweep returns the
+///   releases of what that life held when it ended, and forgets them once
+///   [`Broker::claimed_stored`] says they are stored durably.
 pub trait Broker: Send + Sync + std::fmt::Debug {
     /// Publishes on `channel` and returns its new position (or a duplicate's first one).
     fn publish<'a>(
@@ -217,6 +220,16 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     /// A single-node broker has nothing to do (the default).
     fn sweep(&self) -> BrokerFuture<'_, Swept> {
         Box::pin(std::future::ready(Ok(Swept::default())))
+    }
+    /// The transitions the last [`Broker::sweep`] returned are with the sink now; `durably`
+    /// says whether they survive a crash there ([`TransitionSink::on_transitions_stored`]). A
+    /// broker that keeps its own record of them until then (the memory broker: what its
+    /// previous life held, in `RUSTY_SOCKS_DATA_DIR`) forgets it on `true` and keeps it on
+    /// `false` (reported again after the next restart: a duplicate, never a loss). Nothing to
+    /// do for the others (the default).
+    fn claimed_stored(&self, durably: bool) -> BrokerFuture<'_, ()> {
+        let _ = durably;
+        Box::pin(std::future::ready(Ok(())))
     }
     /// How often the node calls [`Broker::sweep`] (networked brokers: a third of the
     /// presence TTL, so a live node never looks dead).

@@ -52,7 +52,22 @@ pub struct Transition {
 pub trait TransitionSink: Send + Sync {
     /// Takes one transition. Per channel, calls arrive in the order the transitions happened.
     fn on_transition(&self, transition: Transition);
+
+    /// Takes `transitions` in order, as [`TransitionSink::on_transition`] does, and resolves
+    /// once they are stored: `true` if they survive a crash (on disk), `false` if not (kept in
+    /// memory only, or some were dropped). A caller keeping its own record of them until they
+    /// are safe (the memory broker's holdings of a previous life) forgets it only on `true`.
+    /// The default keeps nothing on disk.
+    fn on_transitions_stored(&self, transitions: Vec<Transition>) -> StoredFuture<'_> {
+        for transition in transitions {
+            self.on_transition(transition);
+        }
+        Box::pin(std::future::ready(false))
+    }
 }
+
+/// What [`TransitionSink::on_transitions_stored`] returns: whether the transitions are durable.
+pub type StoredFuture<'a> = std::pin::Pin<Box<dyn Future<Output = bool> + Send + 'a>>;
 
 /// What a node holds and reports to the broker through [`super::Broker::track`]: a channel
 /// (it has local subscribers), or a user's membership of a presence channel (the user has a

@@ -272,13 +272,21 @@ impl Tracker {
                     tracing::warn!("the broker had declared this node dead; tracking again");
                     self.rejoin();
                 }
-                for transition in swept.transitions {
+                if swept.transitions.is_empty() {
+                    return;
+                }
+                for transition in &swept.transitions {
                     tracing::info!(
                         event = transition.kind.name(),
                         channel = &*transition.channel,
                         "transition of a dead node, claimed here"
                     );
-                    self.sink.on_transition(transition);
+                }
+                // Before any later transition: with the memory broker these release what the
+                // previous life held, and must come before this life occupies the channels.
+                let durably = self.sink.on_transitions_stored(swept.transitions).await;
+                if let Err(err) = broker.claimed_stored(durably).await {
+                    tracing::warn!(%err, "could not confirm the claimed transitions as stored");
                 }
             }
             Err(err) => {

@@ -136,7 +136,7 @@ pub const SETTINGS: &[Setting] = &[
         var: "RUSTY_SOCKS_DATA_DIR",
         default: "",
         kind: Kind::Text,
-        meaning: "directory for durable history (memory broker) and the webhook queue (any broker)",
+        meaning: "directory for durable history and holdings (memory broker) and the webhook queue (any broker)",
     },
     Setting {
         var: "RUSTY_SOCKS_FSYNC",

@@ -52,9 +52,19 @@ impl MemoryBroker {
         history_budget: usize,
         options: DurableOptions,
     ) -> Result<Arc<Self>, BrokerError> {
+        let dir = options.dir.clone();
+        let fsync = options.fsync;
         let (durable, recovered) =
             Durable::open(options, Arc::clone(&events)).map_err(BrokerError::Storage)?;
         let mut broker = Self::new(events, history_budget);
+        // After the history: it holds the directory's lock.
+        let journal = super::holdings::Journal::open(&dir, fsync).map_err(|e| {
+            BrokerError::Storage(format!(
+                "RUSTY_SOCKS_DATA_DIR: cannot open the holdings journal in {}: {e}",
+                dir.display()
+            ))
+        })?;
+        broker.journal = Some(journal);
         let now = Instant::now();
         let wall = wall_ms();
         let mut restored = 0usize;

@@ -17,6 +17,7 @@ mod compact;
 mod compact_tests;
 #[cfg(test)]
 mod consistency_tests;
+pub mod holdings;
 pub mod log;
 #[cfg(test)]
 mod log_tests;

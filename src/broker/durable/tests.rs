@@ -552,3 +552,52 @@ async fn after_a_failed_sync_queued_records_fail_and_a_new_segment_starts() {
         "the writer left the file whose sync failed"
     );
 }
+
+fn holding(channel: &str, user: Option<&str>) -> crate::broker::Holding {
+    crate::broker::Holding {
+        channel: Arc::from(channel),
+        user: user.map(Arc::from),
+    }
+}
+
+#[tokio::test]
+async fn holdings_a_run_left_are_released_by_the_next_ones_first_sweep_until_stored() {
+    use crate::broker::TransitionKind::{ChannelVacated, MemberRemoved};
+    let dir = TempDir::new();
+    let (room, u1) = (holding("room", None), holding("room", Some("u1")));
+    let (broker, _) = open_at(&dir, 1 << 20);
+    assert!(broker.sweep().await.expect("memory").transitions.is_empty());
+    for h in [&room, &u1] {
+        assert!(broker.track(h, true).await.expect("memory").is_some());
+    }
+    // Ends without releasing them (as a crash does).
+    drop(broker);
+    let kinds = |swept: crate::broker::Swept| -> Vec<_> {
+        swept
+            .transitions
+            .into_iter()
+            .map(|t| (t.kind, t.channel.to_string(), t.user.map(|u| u.to_string())))
+            .collect()
+    };
+    let released = || {
+        vec![
+            (MemberRemoved, "room".to_owned(), Some("u1".to_owned())),
+            (ChannelVacated, "room".to_owned(), None),
+        ]
+    };
+    let (broker, _) = open_at(&dir, 1 << 20);
+    assert_eq!(kinds(broker.sweep().await.expect("memory")), released());
+    assert!(broker.sweep().await.expect("memory").transitions.is_empty());
+    // This run holds the channel anew: a transition of its own (the set is this run's).
+    assert!(broker.track(&room, true).await.expect("memory").is_some());
+    // The releases were not stored durably: kept, and the next run reports them again, with
+    // what this run held.
+    broker.claimed_stored(false).await.expect("memory");
+    drop(broker);
+    let (broker, _) = open_at(&dir, 1 << 20);
+    assert_eq!(kinds(broker.sweep().await.expect("memory")), released());
+    broker.claimed_stored(true).await.expect("memory");
+    drop(broker);
+    let (broker, _) = open_at(&dir, 1 << 20);
+    assert!(broker.sweep().await.expect("memory").transitions.is_empty());
+}

@@ -10,6 +10,15 @@
 //! the in-memory queue the sender reads: an event is only sent once it is on disk, and is
 //! marked done on disk once delivered. Without a store the queue lives in memory only and a
 //! crash loses what it holds.
+//!
+//! Every step is bounded and none blocks the caller: at most [`MAX_PENDING`] events are
+//! admitted (on their way to the disk or waiting for delivery); the store thread's command
+//! channel has room for all of them ([`STORE_CAPACITY`]), and done-marks are added up in one
+//! counter instead of queued one by one, so it never fills while admission holds. Past the
+//! bound, new events are dropped: counted in `rusty_socks_webhook_events_dropped_total` and
+//! logged once per episode, never silently. A slow disk shows as
+//! `rusty_socks_webhook_events_storing` (events waiting for their write) and a warning when
+//! one write takes longer than [`SLOW_STORE`].
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -18,7 +27,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::broker::transition::{Transition, TransitionSink};
+use crate::broker::transition::{StoredFuture, Transition, TransitionSink};
 use crate::engine::sessions::SessionEvents;
 use crate::engine::stats::counter;
 use crate::types::ClientId;
@@ -29,6 +38,13 @@ use super::store::Store;
 /// Most events held at once; more are dropped (and counted) rather than exhausting memory
 /// while the backend is away.
 pub const MAX_PENDING: usize = 100_000;
+
+/// Commands the store thread's channel holds: every admitted event, plus room for the
+/// done-mark wake-up and the tracker's [`TransitionSink::on_transitions_stored`] batches.
+pub const STORE_CAPACITY: usize = MAX_PENDING + 64;
+
+/// A store round (write and sync) slower than this is logged: events wait in memory meanwhile.
+pub const SLOW_STORE: Duration = Duration::from_secs(1);
 
 /// An event in the queue, with the length of its record on disk (0 without a store).
 #[derive(Debug, Clone)]
@@ -43,8 +59,10 @@ pub struct Pending {
 #[derive(Debug)]
 enum Command {
     Append(Event),
-    /// The next this many bytes are done.
-    Ack(u64),
+    /// Done-marks were added to [`Shared::acked`]: write them.
+    Ack,
+    /// Append these and answer whether they are on disk.
+    Stored(Vec<Event>, tokio::sync::oneshot::Sender<bool>),
 }
 
 /// Counters for `/metrics`.
@@ -68,6 +86,13 @@ pub struct Shared {
     pub(super) wake: Notify,
     /// Commands handed to the store thread and not yet carried out.
     in_store: AtomicUsize,
+    /// Events handed to the store thread and not yet written (the gauge of a slow disk).
+    storing: AtomicUsize,
+    /// Bytes delivered or dropped and not yet marked done on disk (a store thread adds them
+    /// all up to one mark; delivery is head-first, so they always follow the last mark).
+    acked: AtomicU64,
+    /// An [`Command::Ack`] is in the channel: later done-marks join it.
+    ack_queued: AtomicBool,
     /// Set when shutdown begins: the sender stops waiting to fill batches.
     pub(super) closing: AtomicBool,
     /// Set while the queue is full, so the overflow is logged once per episode.
@@ -79,7 +104,7 @@ pub struct Shared {
     admitted: AtomicUsize,
     /// The counters.
     pub counters: Counters,
-    store: Option<Mutex<std::sync::mpsc::Sender<Command>>>,
+    store: Option<tokio::sync::mpsc::Sender<Command>>,
 }
 
 impl Shared {
@@ -115,6 +140,11 @@ impl Shared {
         self.lock().iter().take_while(|p| f(p)).cloned().collect()
     }
 
+    /// Events waiting for their write to disk.
+    pub fn storing(&self) -> usize {
+        self.storing.load(Ordering::Relaxed)
+    }
+
     /// Admits one more event, unless `MAX_PENDING` are already admitted (then it is dropped,
     /// counted, and the overflow logged once per episode).
     fn admit(&self) -> bool {
@@ -146,9 +176,15 @@ impl Shared {
             self.admitted.fetch_sub(n, Ordering::AcqRel);
             pending.drain(..n).map(|p| p.len).sum()
         };
-        if bytes > 0 {
-            // Without a store thread there is nothing on disk to mark.
-            let _ = self.command(Command::Ack(bytes));
+        // Without a store thread there is nothing on disk to mark.
+        if bytes > 0 && self.store.is_some() {
+            self.acked.fetch_add(bytes, Ordering::AcqRel);
+            if !self.ack_queued.swap(true, Ordering::AcqRel) && self.command(Command::Ack).is_err()
+            {
+                // The channel is full (so the thread has rounds to come, and each writes
+                // what `acked` holds) or the thread is gone.
+                self.ack_queued.store(false, Ordering::Release);
+            }
         }
     }
 
@@ -166,21 +202,45 @@ impl Shared {
         self.wake.notify_one();
     }
 
-    /// Hands `command` to the store thread; gives it back if there is no store or the thread
-    /// is gone.
+    /// Hands `command` to the store thread without waiting; gives it back if there is no
+    /// store, its channel is full or the thread is gone.
     fn command(&self, command: Command) -> Result<(), Command> {
         let Some(store) = &self.store else {
             return Err(command);
         };
+        let events = command.events();
         self.in_store.fetch_add(1, Ordering::AcqRel);
-        let sent = store
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .send(command);
-        sent.map_err(|std::sync::mpsc::SendError(command)| {
+        self.storing.fetch_add(events, Ordering::AcqRel);
+        store.try_send(command).map_err(|err| {
             self.in_store.fetch_sub(1, Ordering::AcqRel);
-            command
+            self.storing.fetch_sub(events, Ordering::AcqRel);
+            match err {
+                tokio::sync::mpsc::error::TrySendError::Full(command)
+                | tokio::sync::mpsc::error::TrySendError::Closed(command) => command,
+            }
         })
+    }
+
+    /// The channel is full although admission holds (it has room for every admitted
+    /// event): `event` is dropped, counted and logged, never waited for.
+    fn refused(&self, event: &Event) {
+        self.admitted.fetch_sub(1, Ordering::AcqRel);
+        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            id = %event.id,
+            name = event.name.as_str(),
+            "webhook store channel full: event dropped"
+        );
+    }
+}
+
+impl Command {
+    fn events(&self) -> usize {
+        match self {
+            Command::Append(_) => 1,
+            Command::Ack => 0,
+            Command::Stored(events, _) => events.len(),
+        }
     }
 }
 
@@ -195,17 +255,30 @@ impl WebhookQueue {
     /// A queue reporting `events`; with `store`, kept on disk, starting with the events it
     /// still holds (sent first, in their order).
     pub fn new(events: EventSet, store: Option<Store>, recovered: Vec<(Event, u64)>) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel();
+        Self::with_capacity(events, store, recovered, STORE_CAPACITY)
+    }
+
+    /// [`WebhookQueue::new`] with a store channel of `capacity` commands (tests: a full one).
+    fn with_capacity(
+        events: EventSet,
+        store: Option<Store>,
+        recovered: Vec<(Event, u64)>,
+        capacity: usize,
+    ) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity);
         let with_store = store.is_some();
         let shared = Arc::new(Shared {
             pending: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             in_store: AtomicUsize::new(0),
+            storing: AtomicUsize::new(0),
+            acked: AtomicU64::new(0),
+            ack_queued: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             overflowing: AtomicBool::new(false),
             admitted: AtomicUsize::new(recovered.len()),
             counters: Counters::default(),
-            store: with_store.then(|| Mutex::new(tx)),
+            store: with_store.then_some(tx),
         });
         if !recovered.is_empty() {
             tracing::info!(
@@ -262,8 +335,12 @@ impl WebhookQueue {
         let event = match self.shared.command(Command::Append(event)) {
             Ok(()) => return,
             Err(Command::Append(event)) => event,
-            Err(Command::Ack(_)) => return,
+            Err(_) => return,
         };
+        if self.shared.store.as_ref().is_some_and(|s| !s.is_closed()) {
+            self.shared.refused(&event);
+            return;
+        }
         // No store, or its thread is gone: the event waits in memory only.
         self.shared.enqueue([Pending { event, len: 0 }]);
     }
@@ -320,6 +397,12 @@ impl WebhookQueue {
             "Webhook events waiting to be delivered",
             i64::try_from(self.shared.len()).unwrap_or(i64::MAX),
         );
+        crate::engine::stats::gauge(
+            out,
+            "rusty_socks_webhook_events_storing",
+            "Webhook events waiting to be written to RUSTY_SOCKS_DATA_DIR",
+            i64::try_from(self.shared.storing()).unwrap_or(i64::MAX),
+        );
     }
 }
 
@@ -328,6 +411,45 @@ impl TransitionSink for WebhookQueue {
         if self.reports(transition.kind.into()) {
             self.push(Event::from_transition(transition));
         }
+    }
+
+    /// Writes and syncs them as one command (waiting for room in the store's channel: the
+    /// tracker's worker calls this, never the message path) and answers whether all of them
+    /// are on disk. Kinds not reported count as stored: nothing is ever sent of them.
+    fn on_transitions_stored(&self, transitions: Vec<Transition>) -> StoredFuture<'_> {
+        let events: Vec<Event> = transitions
+            .into_iter()
+            .filter(|t| self.reports(t.kind.into()))
+            .map(Event::from_transition)
+            .collect();
+        let offered = events.len();
+        let events: Vec<Event> = events.into_iter().filter(|_| self.shared.admit()).collect();
+        let all = events.len() == offered;
+        Box::pin(async move {
+            if events.is_empty() {
+                return all;
+            }
+            let Some(store) = &self.shared.store else {
+                self.shared
+                    .enqueue(events.into_iter().map(|event| Pending { event, len: 0 }));
+                return false;
+            };
+            let (reply, stored) = tokio::sync::oneshot::channel();
+            let count = events.len();
+            self.shared.in_store.fetch_add(1, Ordering::AcqRel);
+            self.shared.storing.fetch_add(count, Ordering::AcqRel);
+            if let Err(err) = store.send(Command::Stored(events, reply)).await {
+                self.shared.in_store.fetch_sub(1, Ordering::AcqRel);
+                self.shared.storing.fetch_sub(count, Ordering::AcqRel);
+                // The store thread is gone: memory only.
+                if let Command::Stored(events, _) = err.0 {
+                    self.shared
+                        .enqueue(events.into_iter().map(|event| Pending { event, len: 0 }));
+                }
+                return false;
+            }
+            stored.await.unwrap_or(false) && all
+        })
     }
 }
 
@@ -346,14 +468,14 @@ impl SessionEvents for WebhookQueue {
 }
 
 /// Writes and syncs appended events (all that arrived together, with one sync), then hands
-/// them to the sender; carries out done-marks. Ends when the queue is gone.
+/// them to the sender; writes the done-marks. Ends when the queue is gone.
 fn store_thread(
     mut store: Store,
-    rx: std::sync::mpsc::Receiver<Command>,
+    mut rx: tokio::sync::mpsc::Receiver<Command>,
     shared: std::sync::Weak<Shared>,
 ) {
     let mut broken = false;
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = rx.blocking_recv() {
         let mut commands = vec![first];
         while commands.len() < 4096 {
             match rx.try_recv() {
@@ -361,18 +483,24 @@ fn store_thread(
                 Err(_) => break,
             }
         }
-        let count = commands.len();
-        let mut appended = Vec::new();
-        let mut acked = 0u64;
-        for command in commands {
-            match command {
-                Command::Append(event) => appended.push(event),
-                Command::Ack(bytes) => acked += bytes,
-            }
-        }
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        let started = std::time::Instant::now();
+        let count = commands.len();
+        let mut appended = Vec::new();
+        let mut replies = Vec::new();
+        for command in commands {
+            match command {
+                Command::Append(event) => appended.push(event),
+                Command::Ack => shared.ack_queued.store(false, Ordering::Release),
+                Command::Stored(events, reply) => {
+                    appended.extend(events);
+                    replies.push(reply);
+                }
+            }
+        }
+        let events = appended.len();
         if !appended.is_empty() {
             let lens = if broken {
                 vec![0; appended.len()]
@@ -397,6 +525,11 @@ fn store_thread(
                     .map(|(event, len)| Pending { event, len }),
             );
         }
+        for reply in replies {
+            let _ = reply.send(!broken);
+        }
+        // After the appends: a mark only ever covers records already written.
+        let acked = shared.acked.swap(0, Ordering::AcqRel);
         if acked > 0
             && !broken
             && let Err(err) = store.ack(acked)
@@ -404,6 +537,16 @@ fn store_thread(
             // Delivered events may be sent again after a restart: receivers drop them by id.
             tracing::warn!(%err, "webhook queue: cannot mark delivered events done on disk");
         }
+        let took = started.elapsed();
+        if took > SLOW_STORE {
+            tracing::warn!(
+                ms = took.as_millis() as u64,
+                events,
+                waiting = shared.storing().saturating_sub(events),
+                "webhook queue: a write to disk was slow; events wait in memory meanwhile"
+            );
+        }
+        shared.storing.fetch_sub(events, Ordering::AcqRel);
         shared.in_store.fetch_sub(count, Ordering::AcqRel);
     }
 }
@@ -459,6 +602,101 @@ mod tests {
         let (_, recovered) = Store::open(&dir).expect("reopen");
         let ids: Vec<_> = recovered.iter().map(|(e, _)| e.id).collect();
         assert_eq!(ids, late.iter().map(|e| e.id).collect::<Vec<_>>());
+        std::fs::remove_dir_all(dir).expect("test cleanup");
+    }
+
+    fn temp_dir() -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("rusty-socks-queue-{}", uuid::Uuid::new_v4()))
+    }
+
+    /// The store thread stops at its next hand-over to the sender while `pending` is locked:
+    /// a stalled disk, as far as the channel can tell.
+    #[test]
+    fn a_full_store_channel_drops_and_counts_without_blocking_and_marks_coalesce() {
+        let dir = temp_dir();
+        let (store, recovered) = Store::open(&dir).expect("test setup");
+        let queue = WebhookQueue::with_capacity(
+            EventSet::of([EventName::ClientConnected]),
+            Some(store),
+            recovered,
+            4,
+        );
+        let shared = Arc::clone(queue.shared());
+        let channel = shared.store.clone().expect("a store");
+        // Two events reach the sender's queue, so there is something to mark done.
+        queue.push(connected());
+        queue.push(connected());
+        settled(&shared);
+        let stalled = shared.lock();
+        queue.push(connected());
+        // The thread took it and waits for the lock.
+        while channel.capacity() < 4 || shared.storing() == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let started = std::time::Instant::now();
+        for _ in 0..4 {
+            queue.push(connected());
+        }
+        assert_eq!(channel.capacity(), 0, "full");
+        queue.push(connected());
+        assert_eq!(shared.counters.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.storing(), 5, "the one taken and four waiting");
+        drop(stalled);
+        // Many done-marks while the channel is full or busy: at most one command.
+        let marks = std::thread::spawn({
+            let shared = Arc::clone(&shared);
+            move || {
+                shared.done(1);
+                shared.done(1);
+            }
+        });
+        marks.join().expect("done-marks");
+        assert!(started.elapsed() < Duration::from_secs(5), "never blocked");
+        settled(&shared);
+        assert_eq!(shared.len(), 5);
+        assert_eq!(shared.storing(), 0);
+        drop(queue);
+        drop(shared);
+        drop(channel);
+        // On disk: the five admitted and not done; the dropped one was never written.
+        let (_, recovered) = Store::open(&dir).expect("reopen");
+        assert_eq!(recovered.len(), 5);
+        std::fs::remove_dir_all(dir).expect("test cleanup");
+    }
+
+    fn vacated(channel: &str) -> Transition {
+        crate::broker::Holding {
+            channel: Arc::from(channel),
+            user: None,
+        }
+        .transition(false)
+    }
+
+    #[tokio::test]
+    async fn transitions_handed_over_together_say_whether_they_are_on_disk() {
+        let dir = temp_dir();
+        let (store, recovered) = Store::open(&dir).expect("test setup");
+        let queue = WebhookQueue::new(EventSet::DEFAULT, Some(store), recovered);
+        assert!(
+            queue
+                .on_transitions_stored(vec![vacated("a"), vacated("b")])
+                .await
+        );
+        // Stored means readable after a crash, in order.
+        let (_, recovered) = Store::open(&dir).expect("reopen");
+        let channels: Vec<_> = recovered
+            .iter()
+            .map(|(e, _)| e.channel.as_deref().map(str::to_owned))
+            .collect();
+        assert_eq!(channels, [Some("a".to_owned()), Some("b".to_owned())]);
+        // A kind not reported has nothing to keep.
+        let quiet = WebhookQueue::new(EventSet::of([EventName::ClientConnected]), None, vec![]);
+        assert!(quiet.on_transitions_stored(vec![vacated("c")]).await);
+        // Without a store they wait in memory: not durable.
+        let memory = WebhookQueue::new(EventSet::DEFAULT, None, vec![]);
+        assert!(!memory.on_transitions_stored(vec![vacated("d")]).await);
+        assert_eq!(memory.shared().len(), 1);
+        drop(queue);
         std::fs::remove_dir_all(dir).expect("test cleanup");
     }
 }
