@@ -220,6 +220,8 @@ pub struct MemoryBroker {
     /// What this node holds ([`Broker::track`]): one node, so the cluster-wide state is this
     /// set, and a transition is an insert or removal that changed it.
     holdings: Mutex<HashSet<Holding>>,
+    /// Numbers the transitions this node decides (their `seq` and id).
+    decisions: crate::broker::transition::LocalDecisions,
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -240,6 +242,7 @@ impl MemoryBroker {
             history_budget,
             durable: None,
             holdings: Mutex::default(),
+            decisions: Default::default(),
         }
     }
 
@@ -355,8 +358,10 @@ impl Broker for MemoryBroker {
         } else {
             holdings.remove(holding)
         };
+        // Decided under the lock, so `seq` follows the order of the decisions.
+        let transition = changed.then(|| self.decisions.decide(holding, held));
         drop(holdings);
-        Self::now(changed.then(|| holding.transition(held)))
+        Self::now(transition)
     }
 
     fn unsubscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
