@@ -734,7 +734,10 @@ where
         kind(vacated.clone()),
         Some((ChannelVacated, Arc::from(&*c), None))
     );
-    repeat(&vacated, broker.track(&channel, false).await.expect("again"));
+    repeat(
+        &vacated,
+        broker.track(&channel, false).await.expect("again"),
+    );
     // A channel that was vacated is occupied again by its next holder.
     assert_eq!(
         kind(broker.track(&channel, true).await.expect("reoccupy")),

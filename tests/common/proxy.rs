@@ -188,8 +188,20 @@ async fn connection(client: TcpStream, target: SocketAddr, control: Arc<Control>
     let (client_read, client_write) = client.split();
     let (upstream_read, upstream_write) = upstream.split();
     let cut = Cut::default();
-    let up = pump(client_read, upstream_write, &control, born, Some((&cut, true)));
-    let down = pump(upstream_read, client_write, &control, born, Some((&cut, false)));
+    let up = pump(
+        client_read,
+        upstream_write,
+        &control,
+        born,
+        Some((&cut, true)),
+    );
+    let down = pump(
+        upstream_read,
+        client_write,
+        &control,
+        born,
+        Some((&cut, false)),
+    );
     let was_reset = tokio::select! {
         () = async { tokio::join!(up, down); } => false,
         _ = resets.changed() => true,

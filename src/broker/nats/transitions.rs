@@ -202,9 +202,9 @@ async fn change(
         };
         let now = now_ms();
         let nodes = &holders.nodes;
-        holders.last.retain(|n, last| {
-            nodes.contains(n) || last.time_ms.saturating_add(keep) > now
-        });
+        holders
+            .last
+            .retain(|n, last| nodes.contains(n) || last.time_ms.saturating_add(keep) > now);
         holders.last.insert(
             node.to_owned(),
             Last {
@@ -508,10 +508,14 @@ impl NatsBroker {
         for (token, _) in holdings {
             // As the dead node's last call: a removal repeated by whoever finishes the claim
             // returns the same decision.
-            let decided = change(bucket, &format!("h.{token}"), dead, false, u64::MAX, keep).await?;
+            let decided =
+                change(bucket, &format!("h.{token}"), dead, false, u64::MAX, keep).await?;
             if let Some((revision, time_ms)) = decided {
-                let value = serde_json::to_vec(&Pending { h: token.clone(), t: time_ms })
-                    .map_err(unavailable)?;
+                let value = serde_json::to_vec(&Pending {
+                    h: token.clone(),
+                    t: time_ms,
+                })
+                .map_err(unavailable)?;
                 bucket
                     .put(format!("pend.{me}.{}", base + revision), Bytes::from(value))
                     .await
@@ -521,7 +525,11 @@ impl NatsBroker {
                 .forget(bucket, &format!("of.{dead}.{token}"))
                 .await?;
         }
-        for key in self.inner.subjects(bucket, &format!("pend.{dead}.*")).await? {
+        for key in self
+            .inner
+            .subjects(bucket, &format!("pend.{dead}.*"))
+            .await?
+        {
             let Some(seq) = key.rsplit('.').next() else {
                 continue;
             };

@@ -243,18 +243,29 @@ mod tests {
         let client: serde_json::Value =
             serde_json::from_slice(&super::body(std::slice::from_ref(&connected), 9))
                 .expect("test setup");
-        assert!(client["events"][0].get("seq").is_none(), "client events have no seq");
+        assert!(
+            client["events"][0].get("seq").is_none(),
+            "client events have no seq"
+        );
     }
 
     #[test]
     fn a_decision_has_one_id_per_scope_and_seq() {
         use crate::broker::transition::decision_id;
         let id = decision_id("redis/app", 42);
-        assert_eq!(id, decision_id("redis/app", 42), "a replayed decision: same id");
+        assert_eq!(
+            id,
+            decision_id("redis/app", 42),
+            "a replayed decision: same id"
+        );
         assert_eq!(id.get_version_num(), 5);
         assert_ne!(id, decision_id("redis/app", 43));
         assert_ne!(id, decision_id("nats/app", 42));
-        assert_ne!(id, decision_id("redis/app4", 2), "scope and seq never run together");
+        assert_ne!(
+            id,
+            decision_id("redis/app4", 2),
+            "scope and seq never run together"
+        );
     }
 
     /// RFC 4231, test case 2.

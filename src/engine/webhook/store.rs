@@ -353,7 +353,9 @@ mod tests {
         assert_eq!(pending[0].0.channel.as_deref(), Some("news"));
         let mut new = pending[0].0.clone();
         new.seq = Some(1_733_000_000_000_001);
-        store.append(std::slice::from_ref(&new)).expect("test setup");
+        store
+            .append(std::slice::from_ref(&new))
+            .expect("test setup");
         drop(store);
         let (_, pending) = Store::open(&dir).expect("test setup");
         let seqs: Vec<_> = pending.iter().map(|(e, _)| e.seq).collect();
