@@ -3,6 +3,10 @@
 //! `channel_vacated` (where it was the last holder) are reported by one survivor within the
 //! presence TTL.
 //!
+//! A decision whose answer is lost (a fault proxy between a node and the broker forwards the
+//! request, then cuts the connection before the answer comes back) is still reported
+//! exactly once: a `track` the broker applied, and a dead node's claim.
+//!
 //! Each node runs in this process on a Tokio runtime of its own with a recording
 //! `TransitionSink`. A node is killed by shutting its runtime down in the background: its
 //! tasks are dropped where they stand (no unsubscribe, no heartbeat, no broker call again), its
@@ -16,6 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::proxy::FaultProxy;
 use common::recording::*;
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
@@ -213,6 +218,262 @@ fn node_dies_and_a_survivor_reports_once(broker: BrokerUrl) {
         drop(a);
         drop(b);
     });
+}
+
+/// `broker`, reached through a fault proxy started on `runtime`.
+fn proxied(broker: &BrokerUrl, runtime: &Runtime) -> (FaultProxy, BrokerUrl) {
+    let (scheme, url) = match broker {
+        BrokerUrl::Redis(url) => ("redis", url),
+        BrokerUrl::Nats(url) => ("nats", url),
+        other => panic!("not a networked broker: {other:?}"),
+    };
+    let target: std::net::SocketAddr = url
+        .rsplit('/')
+        .find(|part| !part.is_empty())
+        .and_then(|host| std::net::ToSocketAddrs::to_socket_addrs(host).ok()?.next())
+        .unwrap_or_else(|| panic!("{url}: no host:port"));
+    let proxy = runtime.block_on(FaultProxy::start(target));
+    let url = proxy.url(scheme);
+    let proxied = match broker {
+        BrokerUrl::Redis(_) => BrokerUrl::Redis(url),
+        _ => BrokerUrl::Nats(url),
+    };
+    (proxy, proxied)
+}
+
+/// What a node sends when it changes a holding's holders (so its answer can be cut):
+/// Redis, the `track` script's key of the node's last call; NATS, the compare-and-set
+/// publish on the holding's key.
+fn track_request(broker: &BrokerUrl, prefix: &str) -> Vec<u8> {
+    match broker {
+        BrokerUrl::Redis(_) => format!("{prefix}:tr:d:").into_bytes(),
+        _ => format!("PUB $KV.{prefix}_transitions.h.").into_bytes(),
+    }
+}
+
+/// What a claim sends: Redis, the sweep script (its pending-claims key; every sweep, claiming
+/// or not); NATS, the write of a claimed transition to the claimer's pending ones.
+fn claim_request(broker: &BrokerUrl, prefix: &str) -> Vec<u8> {
+    match broker {
+        BrokerUrl::Redis(_) => format!("{prefix}:tr:pend:").into_bytes(),
+        _ => format!("PUB $KV.{prefix}_transitions.pend.").into_bytes(),
+    }
+}
+
+/// `channel`'s transitions as `node` recorded them.
+fn story(node: &ClusterNode, channel: &str) -> Vec<rusty_socks::broker::Transition> {
+    node.recording
+        .transitions()
+        .into_iter()
+        .filter(|t| &*t.channel == channel)
+        .collect()
+}
+
+/// A channel's story as one node told it is consistent: no decision twice (ids), `seq` in the
+/// order told, and the channel's and each user's events alternate, starting with
+/// `channel_occupied` / `member_added`. Returns whether it ends held (`channel_occupied` and
+/// `member_added` last) or released.
+fn consistent(story: &[rusty_socks::broker::Transition]) -> Option<bool> {
+    let ids: std::collections::HashSet<_> = story.iter().map(|t| t.id).collect();
+    assert_eq!(ids.len(), story.len(), "a decision told twice: {story:#?}");
+    assert!(story.windows(2).all(|w| w[0].seq < w[1].seq), "{story:#?}");
+    let mut ends = None;
+    for user in [None, Some("u1")] {
+        let kinds: Vec<&str> = story
+            .iter()
+            .filter(|t| t.user.as_deref() == user)
+            .map(|t| t.kind.name())
+            .collect();
+        let (held, released) = match user {
+            None => ("channel_occupied", "channel_vacated"),
+            Some(_) => ("member_added", "member_removed"),
+        };
+        for (i, kind) in kinds.iter().enumerate() {
+            let want = if i % 2 == 0 { held } else { released };
+            assert_eq!(*kind, want, "{user:?}: {kinds:?}");
+        }
+        let end = kinds.last().map(|k| *k == held);
+        if ends.is_some() && end != ends {
+            return None;
+        }
+        ends = end;
+    }
+    ends
+}
+
+/// Waits (up to `within`) until `node`'s story of `channel` ends `held` (see [`consistent`]),
+/// then a little longer for a duplicate, and checks it once more.
+fn wait_story(node: &ClusterNode, channel: &str, held: bool, within: Duration) {
+    let started = Instant::now();
+    while consistent(&story(node, channel)) != Some(held) {
+        assert!(
+            started.elapsed() < within,
+            "{channel} never ended held={held}: {:#?}",
+            story(node, channel)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(consistent(&story(node, channel)), Some(held));
+}
+
+/// A `track` that Redis or NATS applied and whose answer was lost: the node's retry gets
+/// the same decision back, so `channel_occupied` is reported exactly once (with the `seq` of
+/// the decision), and the channel's story stays consistent. (With NATS the cut connection
+/// carries everything, so the client's subscribe may fail meanwhile; it subscribes again.)
+fn a_lost_track_answer_still_reports_once(broker: BrokerUrl) {
+    let prefix = format!("trlost{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _cleanup = Cleanup(broker.clone(), prefix.clone());
+    let clients = Runtime::new().unwrap();
+    let (proxy, through) = proxied(&broker, &clients);
+    let node = ClusterNode::start(&through, &prefix);
+    let mut ws = clients.block_on(async {
+        let (mut ws, _) = v1_client_url(&format!("{}?token={}", node.url, token("u1"))).await;
+        // Scripts loaded and the bucket open before the fault: the request cut is the one
+        // that changes the holders.
+        assert_eq!(subscribe(&mut ws, "warm").await["type"], "subscribed");
+        ws
+    });
+    wait_story(&node, "warm", true, WAIT);
+    proxy.cut_replies(&track_request(&broker, &prefix), 1);
+    clients.block_on(async {
+        let started = Instant::now();
+        loop {
+            let reply = call(
+                &mut ws,
+                json!({"type":"subscribe","id":"sub","channel":"room"}),
+            )
+            .await;
+            if reply["type"] == "subscribed" {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "{reply}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    wait_story(&node, "room", true, Duration::from_secs(20));
+    assert_eq!(proxy.cuts(), 1, "the answer of the decisive call was lost");
+    // The channel is tracked first: its `channel_occupied` was the decision whose answer was
+    // lost, and it is there once, first.
+    assert_eq!(story(&node, "room")[0].kind.name(), "channel_occupied");
+    clients.block_on(async {
+        let reply = call(
+            &mut ws,
+            json!({"type":"unsubscribe","id":9,"channel":"room"}),
+        )
+        .await;
+        assert_eq!(reply["type"], "unsubscribed");
+    });
+    wait_story(&node, "room", false, WAIT);
+    clients.block_on(async move { drop(ws) });
+}
+
+/// A survivor's claim of a dead node is applied but its answer is lost: the claimed
+/// transitions stay pending in the broker and the survivor's next sweep reports them,
+/// exactly once.
+fn a_lost_claim_answer_still_reports_once(broker: BrokerUrl) {
+    let prefix = format!("trclaim{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let _cleanup = Cleanup(broker.clone(), prefix.clone());
+    let clients = Runtime::new().unwrap();
+    let (proxy, through) = proxied(&broker, &clients);
+    let mut dying = ClusterNode::start(&broker, &prefix);
+    let survivor = ClusterNode::start(&through, &prefix);
+    let ws = clients.block_on(async {
+        let (mut ws, _) = v1_client_url(&format!("{}?token={}", dying.url, token("u1"))).await;
+        assert_eq!(subscribe(&mut ws, "room").await["type"], "subscribed");
+        ws
+    });
+    expect_exactly(
+        &[&dying, &survivor],
+        &[
+            ev("channel_occupied", "room", None),
+            ev("member_added", "room", Some("u1")),
+        ],
+        WAIT,
+    );
+    survivor.recording.clear();
+    // Every claim request loses its answer until the claim is seen applied.
+    proxy.cut_replies(&claim_request(&broker, &prefix), usize::MAX);
+    dying.kill();
+    let killed = Instant::now();
+    loop {
+        let claimed = match &broker {
+            BrokerUrl::Redis(url) => {
+                !clients.block_on(redis_has(url, &format!("{prefix}:tr:h:c:room")))
+                    && proxy.cuts() > 0
+            }
+            // Only a claim writes pending transitions: one cut means one claim applied.
+            _ => proxy.cuts() > 0,
+        };
+        if claimed {
+            break;
+        }
+        assert!(
+            killed.elapsed() < TTL * 3 + Duration::from_secs(5),
+            "never claimed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proxy.stop_cutting();
+    if matches!(broker, BrokerUrl::Redis(_)) {
+        // (NATS: the sweep goes on after the lost write, and may read it back at once.)
+        assert!(
+            survivor.recording.all().is_empty(),
+            "nothing reported while every claim answer was lost: {:?}",
+            survivor.recording.all()
+        );
+    }
+    expect_exactly(
+        &[&survivor],
+        &[
+            ev("member_removed", "room", Some("u1")),
+            ev("channel_vacated", "room", None),
+        ],
+        Duration::from_secs(20),
+    );
+    clients.block_on(async move { drop(ws) });
+}
+
+/// Whether Redis at `url` has `key` (read directly, not through the proxy).
+#[cfg(feature = "redis")]
+async fn redis_has(url: &str, key: &str) -> bool {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let found: i64 = redis::cmd("EXISTS")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    found == 1
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_has(_: &str, _: &str) -> bool {
+    panic!("this test needs the `redis` feature")
+}
+
+#[test]
+#[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
+fn redis_a_lost_track_answer_still_reports_once() {
+    a_lost_track_answer_still_reports_once(redis());
+}
+
+#[test]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
+fn nats_a_lost_track_answer_still_reports_once() {
+    a_lost_track_answer_still_reports_once(nats());
+}
+
+#[test]
+#[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
+fn redis_a_lost_claim_answer_still_reports_once() {
+    a_lost_claim_answer_still_reports_once(redis());
+}
+
+#[test]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
+fn nats_a_lost_claim_answer_still_reports_once() {
+    a_lost_claim_answer_still_reports_once(nats());
 }
 
 /// Deletes what a NATS run created when dropped (each stream reserves JetStream storage).

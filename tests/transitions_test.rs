@@ -167,6 +167,14 @@ async fn channels_and_members_transition_once_per_change() {
     );
     server.stop().await;
     assert_eq!(rec.all().len(), 12, "{:?}", rec.all());
+    // One node decides alone: `seq` follows the order of its decisions, one id each.
+    let decided = rec.transitions();
+    assert!(
+        decided.windows(2).all(|w| w[0].seq < w[1].seq),
+        "{decided:?}"
+    );
+    let ids: std::collections::HashSet<_> = decided.iter().map(|t| t.id).collect();
+    assert_eq!(ids.len(), decided.len());
 }
 
 #[tokio::test]

@@ -304,6 +304,24 @@ async fn a_killed_node_is_reported_once_by_a_survivor(broker: &str) {
         .filter(|t| t.1 == "solo")
         .collect();
     assert_eq!(solo[1].0, "channel_vacated", "{solo:?}");
+    // Across nodes (C occupied "solo", a survivor vacated it), ordered by the broker's `seq`:
+    // the channel's whole story in the order it happened.
+    let mut solo: Vec<(u64, Transition)> = receiver
+        .events()
+        .iter()
+        .filter(|e| e["channel"] == "solo")
+        .map(|e| (e["seq"].as_u64().expect("a seq"), transition(e)))
+        .collect();
+    solo.sort_by_key(|(seq, _)| *seq);
+    assert_eq!(
+        solo.into_iter().map(|(_, t)| t).collect::<Vec<_>>(),
+        [
+            tr("channel_occupied", "solo", None),
+            tr("member_added", "solo", Some("u3")),
+            tr("member_removed", "solo", Some("u3")),
+            tr("channel_vacated", "solo", None),
+        ]
+    );
     drop((a, b));
     for node in nodes {
         node.stop();

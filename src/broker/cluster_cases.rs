@@ -1,7 +1,9 @@
 //! Conformance cases for networked brokers only: several brokers built by one factory are
-//! nodes of one cluster. Transitions are decided once across the nodes, and a dead node's
-//! holdings are claimed by exactly one survivor within the presence TTL. The Redis and NATS
-//! tests run these with [`super::conformance::run_all`].
+//! nodes of one cluster. Transitions are decided once across the nodes, in `seq` order
+//! across them; a call repeated for the same state (its answer was lost) returns the same
+//! decision; a dead node's holdings are claimed by exactly one survivor within the presence
+//! TTL, and what a claimer died with before acknowledging is taken over by another survivor
+//! with the same ids. The Redis and NATS tests run these.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,7 +26,13 @@ where
     let a = make(Arc::new(Recorder::default())).await;
     let b = make(Arc::new(Recorder::default())).await;
     let c = format!("{}:shared", prefix());
-    let kind = |t: Option<super::Transition>| t.map(|t| t.kind);
+    let seqs = std::sync::Mutex::new(Vec::new());
+    let kind = |t: Option<super::Transition>| {
+        if let Some(t) = &t {
+            seqs.lock().unwrap_or_else(|e| e.into_inner()).push(t.seq);
+        }
+        t.map(|t| t.kind)
+    };
     let channel = holding(&c, None);
     let user = holding(&c, Some("u42"));
     assert_eq!(
@@ -47,6 +55,10 @@ where
         kind(b.track(&channel, false).await.expect("b out")),
         Some(ChannelVacated)
     );
+    // Decided by a, b, a, b: one order across the nodes.
+    let seqs = seqs.into_inner().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(seqs.len(), 4);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     // Racing first holders: exactly one of them occupies.
     let d = holding(&format!("{c}:race"), None);
     let (x, y) = tokio::join!(a.track(&d, true), b.track(&d, true));
@@ -191,4 +203,99 @@ where
         Some(ChannelVacated)
     );
     let _ = slow.track(&holding(&c1, Some("u1")), false).await;
+}
+
+/// A call repeated for the same state (the retry of a call whose answer was lost) returns the
+/// decision the first one made, with the same `seq` and id, on the node that made it; on the
+/// others it decides nothing.
+pub async fn a_repeated_call_returns_the_same_decision<F, Fut>(make: &F)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    use TransitionKind::{ChannelOccupied, ChannelVacated};
+    let a = make(Arc::new(Recorder::default())).await;
+    let b = make(Arc::new(Recorder::default())).await;
+    let h = holding(&format!("{}:again", prefix()), None);
+    let occupied = a.track(&h, true).await.expect("a");
+    assert_eq!(occupied.as_ref().map(|t| t.kind), Some(ChannelOccupied));
+    assert_eq!(a.track(&h, true).await.expect("a again"), occupied);
+    assert_eq!(b.track(&h, true).await.expect("b"), None);
+    assert_eq!(b.track(&h, true).await.expect("b again"), None);
+    assert_eq!(a.track(&h, false).await.expect("a out"), None);
+    assert_eq!(a.track(&h, false).await.expect("a out again"), None);
+    let vacated = b.track(&h, false).await.expect("b out");
+    assert_eq!(vacated.as_ref().map(|t| t.kind), Some(ChannelVacated));
+    assert_eq!(b.track(&h, false).await.expect("b out again"), vacated);
+    // A new state is a new decision again.
+    let again = a.track(&h, true).await.expect("a back").expect("occupied");
+    assert!(again.seq > vacated.as_ref().map_or(0, |t| t.seq));
+    assert_ne!(Some(again.id), occupied.map(|t| t.id));
+    a.track(&h, false).await.expect("a out");
+}
+
+/// A survivor that claimed a dead node's transitions and died before acknowledging them
+/// (its next sweep never came) leaves them pending in the broker: another survivor takes
+/// them over with its claim of the dead claimer and reports them with the same `seq` and
+/// id. `make` builds brokers whose presence TTL is `ttl`.
+pub async fn a_dead_claimers_pending_transitions_are_taken_over<F, Fut>(make: &F, ttl: Duration)
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    let dying = make(Arc::new(Recorder::default())).await;
+    let x = make(Arc::new(Recorder::default())).await;
+    let y = make(Arc::new(Recorder::default())).await;
+    let c1 = format!("{}:heir", prefix());
+    assert!(
+        dying
+            .track(&holding(&c1, None), true)
+            .await
+            .expect("track")
+            .is_some()
+    );
+    dying.sweep().await.expect("heartbeat");
+    drop(dying);
+    let mine = |t: &Vec<super::Transition>| {
+        t.iter()
+            .filter(|t| t.channel.as_ref() == c1)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    // Both survivors sweep (and beat) until one of them claims: the claimer; the other is
+    // the heir.
+    let started = tokio::time::Instant::now();
+    let (claimed, heir) = 'claim: loop {
+        assert!(
+            started.elapsed() < ttl * 3 + Duration::from_secs(2),
+            "never claimed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for (me, other) in [(&x, &y), (&y, &x)] {
+            let found = mine(&me.sweep().await.expect("sweep").transitions);
+            if !found.is_empty() {
+                break 'claim (found, Arc::clone(other));
+            }
+        }
+    };
+    drop((x, y));
+    assert_eq!(claimed.len(), 1, "{claimed:?}");
+    // The claimer died (dropped above) before its next sweep would have acknowledged them.
+    let started = tokio::time::Instant::now();
+    let inherited = loop {
+        assert!(
+            started.elapsed() < ttl * 3 + Duration::from_secs(2),
+            "the dead claimer's pending transitions were never taken over"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let found = mine(&heir.sweep().await.expect("sweep").transitions);
+        if !found.is_empty() {
+            break found;
+        }
+    };
+    assert_eq!(inherited, claimed, "the same decision: same seq, same id");
+    // Acknowledged by the heir's next sweep: not reported again.
+    for _ in 0..3 {
+        assert!(mine(&heir.sweep().await.expect("sweep").transitions).is_empty());
+    }
 }

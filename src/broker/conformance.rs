@@ -675,9 +675,11 @@ pub(crate) fn holding(channel: &str, user: Option<&str>) -> super::Holding {
     }
 }
 
-/// `track` decides a transition only when the holding's state moves, and is idempotent: the
-/// first holder gives `channel_occupied` / `member_added`, the last one gone gives
-/// `channel_vacated` / `member_removed`, repeats give nothing.
+/// `track` decides a transition only when the holding's state moves: the first holder gives
+/// `channel_occupied` / `member_added`, the last one gone gives `channel_vacated` /
+/// `member_removed`. A repeated call decides nothing new: it returns nothing or (networked
+/// brokers, which remember a node's last call so a lost answer can be asked again) the same
+/// decision, with the same `seq` and id. Decisions carry increasing `seq`s and distinct ids.
 async fn transitions_are_decided_once_per_change<F, Fut>(make: &F)
 where
     F: Fn(Arc<dyn BrokerEvents>) -> Fut,
@@ -686,48 +688,69 @@ where
     use super::TransitionKind::{ChannelOccupied, ChannelVacated, MemberAdded, MemberRemoved};
     let broker = make(Arc::new(Recorder::default())).await;
     let c = format!("{}:occupancy", prefix());
-    let kind = |t: Option<super::Transition>| t.map(|t| (t.kind, t.channel, t.user));
+    let mut decided = Vec::new();
+    let mut kind = |t: Option<super::Transition>| {
+        decided.extend(t.clone());
+        t.map(|t| (t.kind, t.channel, t.user))
+    };
+    // A repeat returns nothing or exactly the first call's decision.
+    let repeat = |first: &Option<super::Transition>, again: Option<super::Transition>| {
+        assert!(
+            again.is_none() || again == *first,
+            "a repeated call decided something new: {again:?} after {first:?}"
+        );
+    };
     let channel = holding(&c, None);
     let first = broker.track(&channel, true).await.expect("track");
     assert!(first.as_ref().is_some_and(|t| t.time_ms > 0));
-    assert_eq!(kind(first), Some((ChannelOccupied, Arc::from(&*c), None)));
     assert_eq!(
-        kind(broker.track(&channel, true).await.expect("again")),
-        None
+        kind(first.clone()),
+        Some((ChannelOccupied, Arc::from(&*c), None))
     );
+    repeat(&first, broker.track(&channel, true).await.expect("again"));
     let (u1, u2) = (holding(&c, Some("u1")), holding(&c, Some("u:2")));
+    let added = broker.track(&u1, true).await.expect("u1");
     assert_eq!(
-        kind(broker.track(&u1, true).await.expect("u1")),
+        kind(added.clone()),
         Some((MemberAdded, Arc::from(&*c), Some(Arc::from("u1"))))
     );
     assert_eq!(
         kind(broker.track(&u2, true).await.expect("u2")),
         Some((MemberAdded, Arc::from(&*c), Some(Arc::from("u:2"))))
     );
-    assert_eq!(kind(broker.track(&u1, true).await.expect("u1 again")), None);
+    repeat(&added, broker.track(&u1, true).await.expect("u1 again"));
+    let removed = broker.track(&u1, false).await.expect("u1 gone");
     assert_eq!(
-        kind(broker.track(&u1, false).await.expect("u1 gone")),
+        kind(removed.clone()),
         Some((MemberRemoved, Arc::from(&*c), Some(Arc::from("u1"))))
     );
-    assert_eq!(kind(broker.track(&u1, false).await.expect("twice")), None);
+    repeat(&removed, broker.track(&u1, false).await.expect("twice"));
     assert_eq!(
         kind(broker.track(&u2, false).await.expect("u2 gone")),
         Some((MemberRemoved, Arc::from(&*c), Some(Arc::from("u:2"))))
     );
+    let vacated = broker.track(&channel, false).await.expect("vacate");
     assert_eq!(
-        kind(broker.track(&channel, false).await.expect("vacate")),
+        kind(vacated.clone()),
         Some((ChannelVacated, Arc::from(&*c), None))
     );
-    assert_eq!(
-        kind(broker.track(&channel, false).await.expect("again")),
-        None
+    repeat(
+        &vacated,
+        broker.track(&channel, false).await.expect("again"),
     );
     // A channel that was vacated is occupied again by its next holder.
     assert_eq!(
         kind(broker.track(&channel, true).await.expect("reoccupy")),
         Some((ChannelOccupied, Arc::from(&*c), None))
     );
-    broker.track(&channel, false).await.expect("vacate");
+    kind(broker.track(&channel, false).await.expect("vacate"));
+    assert_eq!(decided.len(), 8, "{decided:?}");
+    assert!(
+        decided.windows(2).all(|w| w[0].seq < w[1].seq),
+        "seq increases with every decision: {decided:?}"
+    );
+    let ids: std::collections::HashSet<_> = decided.iter().map(|t| t.id).collect();
+    assert_eq!(ids.len(), decided.len(), "one id per decision");
     let swept = broker.sweep().await.expect("sweep");
     assert!(
         swept

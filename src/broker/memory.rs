@@ -223,6 +223,8 @@ pub struct MemoryBroker {
     /// `RUSTY_SOCKS_DATA_DIR`: `holdings` on disk, so the next life releases what a crash left
     /// (see `broker::durable::holdings`).
     pub(in crate::broker) journal: Option<crate::broker::durable::holdings::Journal>,
+    /// Numbers the transitions this node decides (their `seq` and id).
+    decisions: crate::broker::transition::LocalDecisions,
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -244,6 +246,7 @@ impl MemoryBroker {
             durable: None,
             holdings: Mutex::default(),
             journal: None,
+            decisions: Default::default(),
         }
     }
 
@@ -363,8 +366,9 @@ impl Broker for MemoryBroker {
         let written = changed
             .then(|| self.journal.as_ref().map(|j| j.record(holding, held)))
             .flatten();
+        // Decided under the lock, so `seq` follows the order of the decisions.
+        let transition = changed.then(|| self.decisions.decide(holding, held));
         drop(holdings);
-        let transition = changed.then(|| holding.transition(held));
         match written {
             // A gained holding is reported only once the journal can release it.
             Some(written) => Box::pin(async move {
@@ -380,7 +384,7 @@ impl Broker for MemoryBroker {
         let transitions = self
             .journal
             .as_ref()
-            .map(|j| j.release_left())
+            .map(|j| j.release_left(&self.decisions))
             .unwrap_or_default();
         Self::now(Swept {
             transitions,

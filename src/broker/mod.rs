@@ -173,14 +173,25 @@ pub trait BrokerEvents: Send + Sync {
 ///   of a channel, a user's first local subscription to a presence channel) and loses. The
 ///   broker keeps, per holding, the set of nodes that hold it; the call that makes the set
 ///   non-empty or empty returns the transition, so exactly one node in the cluster reports
-///   each one. `track` is idempotent (a node already in, or not in, the set changes nothing
-///   and decides nothing). `sweep`, called periodically, refreshes this node's heartbeat and
-///   claims dead nodes (no heartbeat for the presence TTL) atomically, one survivor each,
-///   returning the transitions their holdings cause; a node declared dead that comes back is
-///   told to track everything again ([`Swept::rejoined`]). The memory broker with a data
-///   directory treats its own previous life as the dead node: its first sweep returns the
-///   releases of what that life held when it ended, and forgets them once
-///   [`Broker::claimed_stored`] says they are stored durably.
+///   each one. Every decision carries a `seq`, assigned atomically with it and increasing
+///   across the cluster (per broker prefix), and an id derived from it. A repeated call for
+///   the same state changes nothing and decides nothing new: networked brokers, whose answers
+///   can be lost after they applied a call, remember each node's last call per holding (for
+///   twice the presence TTL) and return the same decision (same `seq`, same id) to the
+///   repeat, so a caller that retries a failed call with the same state reports the decision
+///   once; the memory broker answers in process and returns nothing for a repeat. A call
+///   older than the node's last one (stuck on a dropped connection) is refused. `sweep`,
+///   called periodically, refreshes this node's heartbeat and claims dead nodes (no heartbeat
+///   for the presence TTL) atomically, one survivor each; the transitions their holdings
+///   cause are kept in the broker, pending for the claimer, and every sweep returns all that
+///   are pending: the caller hands them on, and the next sweep acknowledges (removes) what the
+///   last one returned. So a claim whose answer is lost, or a sweep cut short, loses nothing,
+///   and a claimer that dies before acknowledging has its pending transitions taken over by
+///   whoever claims it (same ids). A node declared dead that comes back is told to track
+///   everything again ([`Swept::rejoined`]). The memory broker with a data directory treats
+///   its own previous life as the dead node: its first sweep returns the releases of what that
+///   life held when it ended, and forgets them once [`Broker::claimed_stored`] says they are
+///   stored durably.
 pub trait Broker: Send + Sync + std::fmt::Debug {
     /// Publishes on `channel` and returns its new position (or a duplicate's first one).
     fn publish<'a>(
@@ -210,13 +221,15 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
     /// Announces a leave to every subscribed node.
     fn publish_leave<'a>(&'a self, channel: &'a str, client: ClientInfo) -> BrokerFuture<'a, ()>;
     /// Records whether this node holds `holding` and returns the transition if this call
-    /// moved the cluster-wide state (the first holder arrived, or the last one left).
+    /// moved the cluster-wide state (the first holder arrived, or the last one left), or if
+    /// an earlier call of this node for the same state did (see the trait docs).
     fn track<'a>(
         &'a self,
         holding: &'a Holding,
         held: bool,
     ) -> BrokerFuture<'a, Option<Transition>>;
-    /// Refreshes this node's heartbeat and claims dead nodes' holdings; see the trait docs.
+    /// Acknowledges what the last sweep returned, refreshes this node's heartbeat, claims
+    /// dead nodes' holdings and returns every pending claimed transition; see the trait docs.
     /// A single-node broker has nothing to do (the default).
     fn sweep(&self) -> BrokerFuture<'_, Swept> {
         Box::pin(std::future::ready(Ok(Swept::default())))

@@ -7,6 +7,12 @@
 //! one, including the transitions a dead node's subscribers cause once its entries expire.
 //! Whoever decides hands it to a [`TransitionSink`]; the sink (the webhook queue) must not
 //! block.
+//!
+//! Every decision carries a `seq` the broker assigned atomically with it, increasing across
+//! the cluster (one counter per broker prefix, seeded from the clock in microseconds so it
+//! keeps increasing when the counter is lost), and an id derived from it ([`decision_id`]):
+//! a decision reported twice (its answer was lost and the call repeated, or a claim handed
+//! out again) carries the same id, and a receiver orders a channel's events by `seq`.
 
 use std::sync::Arc;
 
@@ -46,6 +52,40 @@ pub struct Transition {
     pub user: Option<Arc<str>>,
     /// When it was decided, in wall-clock milliseconds since the Unix epoch.
     pub time_ms: u64,
+    /// The decision's place in the cluster-wide order: larger for every later decision of
+    /// the same broker (prefix), whichever node made it.
+    pub seq: u64,
+    /// The decision's id ([`decision_id`] of the broker's scope and `seq`): the same however
+    /// often the decision is reported.
+    pub id: uuid::Uuid,
+}
+
+/// The namespace of [`decision_id`]'s name-based (v5) UUIDs.
+const DECISIONS: uuid::Uuid = uuid::Uuid::from_u128(0x5f1c_2a67_9d0e_4b8a_b3c4_7e21_0a9f_6d13);
+
+/// The id of decision `seq` of the broker `scope` (`redis/<prefix>`, `nats/<prefix>`, or
+/// `memory/<random>`): a UUID v5 (SHA-1 of the scope and `seq`), so every report of one
+/// decision carries the same id and decisions of different scopes never share one.
+pub fn decision_id(scope: &str, seq: u64) -> uuid::Uuid {
+    use sha1::Digest;
+    let mut hash = sha1::Sha1::new();
+    hash.update(DECISIONS.as_bytes());
+    hash.update(scope.as_bytes());
+    hash.update(b"/");
+    hash.update(seq.to_string().as_bytes());
+    let digest = hash.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_sha1_bytes(bytes).into_uuid()
+}
+
+/// A clock-seeded start for a decision counter: microseconds since the Unix epoch, so a
+/// counter started later (a restart, a lost key) starts above every value an earlier one
+/// reached (unless it made more than one decision per microsecond).
+pub fn seq_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// Where decided transitions go. Called from broker and engine tasks; must not block.
@@ -82,8 +122,8 @@ pub struct Holding {
 
 impl Holding {
     /// The transition that the first holder anywhere (`held`) or the last one gone (`!held`)
-    /// causes, decided now.
-    pub fn transition(&self, held: bool) -> Transition {
+    /// causes, decided by broker `scope` as its decision `seq` at `time_ms`.
+    pub fn transition(&self, held: bool, scope: &str, seq: u64, time_ms: u64) -> Transition {
         let kind = match (self.user.is_some(), held) {
             (false, true) => TransitionKind::ChannelOccupied,
             (false, false) => TransitionKind::ChannelVacated,
@@ -94,7 +134,9 @@ impl Holding {
             kind,
             channel: Arc::clone(&self.channel),
             user: self.user.clone(),
-            time_ms: now_ms(),
+            time_ms,
+            seq,
+            id: decision_id(scope, seq),
         }
     }
 
@@ -127,10 +169,39 @@ impl Holding {
     }
 }
 
+/// The decision counter of a broker that decides alone (the memory broker): node-wide,
+/// seeded from the clock in microseconds at start ([`seq_seed`]), so it keeps increasing
+/// across restarts; its scope is random per start, so ids never repeat across restarts.
+#[derive(Debug)]
+pub struct LocalDecisions {
+    scope: String,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Default for LocalDecisions {
+    fn default() -> Self {
+        Self {
+            scope: format!("memory/{}", uuid::Uuid::new_v4().simple()),
+            next: std::sync::atomic::AtomicU64::new(seq_seed()),
+        }
+    }
+}
+
+impl LocalDecisions {
+    /// The transition of `holding` now held (or no longer held), as the next decision. Called
+    /// under the lock that orders the decisions, so `seq` follows their order.
+    pub fn decide(&self, holding: &Holding, held: bool) -> Transition {
+        let seq = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        holding.transition(held, &self.scope, seq, now_ms())
+    }
+}
+
 /// What [`super::Broker::sweep`] found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Swept {
     /// Transitions that dead nodes' holdings caused, claimed by this node: it reports them.
+    /// Networked brokers keep them in the broker until the next sweep acknowledges them, so
+    /// a sweep whose answer is lost (or cut short) loses none: the next one returns them.
     pub transitions: Vec<Transition>,
     /// The broker had declared this node dead (it missed its heartbeats for the presence
     /// TTL) and its holdings are gone: the node must [`super::Broker::track`] everything it
@@ -153,6 +224,9 @@ pub struct NodeIdentity {
     id: std::sync::Mutex<String>,
     /// Set when a new id was drawn; the next sweep tells the engine to report its holdings again.
     rejoined: std::sync::atomic::AtomicBool,
+    /// Numbers this node's `track` calls in the order they were made, so the broker can
+    /// refuse one that arrives after a later one (a request stuck on a dropped connection).
+    calls: std::sync::atomic::AtomicU64,
 }
 
 impl Default for NodeIdentity {
@@ -160,6 +234,7 @@ impl Default for NodeIdentity {
         Self {
             id: std::sync::Mutex::new(Self::fresh()),
             rejoined: std::sync::atomic::AtomicBool::new(false),
+            calls: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -193,6 +268,13 @@ impl NodeIdentity {
             .store(true, std::sync::atomic::Ordering::Release);
         tracing::warn!(old, new = %*id, broker, "this node was declared dead; new node id");
         true
+    }
+
+    /// The number of this node's next `track` call: larger than every earlier one's.
+    pub fn next_call(&self) -> u64 {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
     }
 
     /// Whether a new id was drawn since the last call.

@@ -47,10 +47,13 @@ struct State {
     queued: HashSet<Holding>,
     /// A `track` call is under way.
     in_flight: bool,
-    /// Holdings whose last call failed: the broker may or may not have applied it (a reply
-    /// lost, a deadline passed while the call ran on). Their next call is made whatever
-    /// `reported` says, so a change applied late is undone instead of left as a ghost holder.
-    uncertain: HashSet<Holding>,
+    /// Holdings whose last call failed, with the state it asked for: the broker may or may
+    /// not have applied it (a reply lost, a deadline passed while the call ran on). Their
+    /// next call repeats that state, whatever the holding's state is now: the broker
+    /// answers a repeated call with the decision it made the first time, so a transition
+    /// decided with a lost answer is still reported (once). Then the holding is reconciled
+    /// as usual, so a change applied late is undone instead of left as a ghost holder.
+    uncertain: HashMap<Holding, bool>,
 }
 
 impl State {
@@ -160,9 +163,12 @@ impl Tracker {
         let mut state = self.state();
         while let Some(holding) = state.dirty.pop_front() {
             state.queued.remove(&holding);
+            if let Some(held) = state.uncertain.remove(&holding) {
+                state.in_flight = true;
+                return Some((holding, held));
+            }
             let held = state.counts.contains_key(&holding);
-            let uncertain = state.uncertain.remove(&holding);
-            if uncertain || held != state.reported.contains(&holding) {
+            if held != state.reported.contains(&holding) {
                 state.in_flight = true;
                 return Some((holding, held));
             }
@@ -174,17 +180,22 @@ impl Tracker {
         let mut state = self.state();
         state.in_flight = false;
         if held {
-            state.reported.insert(holding);
+            state.reported.insert(holding.clone());
         } else {
             state.reported.remove(&holding);
         }
+        // A repeated call (after a failure) may have told an older state: the current one
+        // goes next, before other holdings, so the channel's order holds.
+        if held != state.counts.contains_key(&holding) && state.queued.insert(holding.clone()) {
+            state.dirty.push_front(holding);
+        }
     }
 
-    /// Puts a holding whose call failed back at the front of the queue.
-    fn retry(&self, holding: Holding) {
+    /// Puts a holding whose call (for state `held`) failed back at the front of the queue.
+    fn retry(&self, holding: Holding, held: bool) {
         let mut state = self.state();
         state.in_flight = false;
-        state.uncertain.insert(holding.clone());
+        state.uncertain.insert(holding.clone(), held);
         if state.queued.insert(holding.clone()) {
             state.dirty.push_front(holding);
         }
@@ -245,7 +256,7 @@ impl Tracker {
                             "transition tracking failed; retrying"
                         );
                         stats.broker_error();
-                        self.retry(holding);
+                        self.retry(holding, held);
                         tokio::select! {
                             () = stop.cancelled() => return,
                             () = tokio::time::sleep(backoff) => {}
@@ -317,6 +328,8 @@ mod tests {
         /// `track` is applied, but its answer is lost (an error comes back).
         lost_reply: AtomicBool,
         calls: AtomicUsize,
+        /// The state each `track` call asked for, in order.
+        asked: Mutex<Vec<bool>>,
     }
 
     impl Broker for Flaky {
@@ -358,6 +371,10 @@ mod tests {
             held: bool,
         ) -> BrokerFuture<'a, Option<Transition>> {
             self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.asked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(held);
             if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
                 return Box::pin(std::future::ready(Err(BrokerError::Unavailable(
                     "down".into(),
@@ -420,6 +437,7 @@ mod tests {
             failing: AtomicBool::new(failing),
             lost_reply: AtomicBool::new(lost_reply),
             calls: AtomicUsize::new(0),
+            asked: Mutex::default(),
         });
         let sink = Arc::new(Sink::default());
         let tracker = Arc::new(Tracker::new(sink.clone()));
@@ -468,6 +486,9 @@ mod tests {
         stop.cancel();
     }
 
+    /// The retry of a call whose answer was lost asks for the same state first (a networked
+    /// broker answers it with the decision it made, so that transition is still reported),
+    /// and only then for the holding's state now.
     #[tokio::test]
     async fn a_call_applied_but_unanswered_is_made_again_so_no_ghost_holder_stays() {
         let (broker, sink, tracker, stop) = running(false, true);
@@ -482,10 +503,19 @@ mod tests {
             .lost_reply
             .store(false, std::sync::atomic::Ordering::SeqCst);
         tracker.leave("ghost", m1);
-        // The retry tells the broker the holding is gone: `channel_vacated` (its occupied
-        // was lost with the answer) ...
+        // The retry repeats the lost call (the memory broker, which cannot lose answers,
+        // remembers no decisions: it decides nothing), then tells the broker the holding is
+        // gone: `channel_vacated` ...
         let got = sink.wait_for(1).await;
         assert_eq!(got, vec![("channel_vacated", "ghost".to_owned(), None)]);
+        assert_eq!(
+            *broker
+                .asked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            vec![true, true, false],
+            "the lost call is repeated as it was, then the state now is told"
+        );
         // ... so the next subscriber occupies the channel again, instead of joining a ghost.
         tracker.join("ghost", m2, None);
         let got = sink.wait_for(2).await;

@@ -9,6 +9,10 @@
 //!   partition that lasted until TCP silently gave up. Only deadlines and keepalives notice.
 //!   New connections are held until `heal`, then pass.
 //! - [`FaultProxy::reset`]: every open connection is closed at once with an RST; new ones pass.
+//! - [`FaultProxy::cut_replies`]: a request that contains a given byte string is forwarded,
+//!   and its connection is cut (RST both ways) once the answer comes back, which is thrown
+//!   away: the broker applied the request, the client never hears so. Like a link that
+//!   drops right after the request went through.
 //!
 //! Everything runs on the test's runtime and stops when the proxy is dropped.
 
@@ -37,6 +41,10 @@ struct Control {
     black_holes: AtomicU64,
     /// Bumped by every `reset`.
     resets: watch::Sender<u64>,
+    /// The byte string whose requests lose their answers, and how many more times.
+    cut: std::sync::Mutex<Option<(Vec<u8>, usize)>>,
+    /// Connections cut so far by `cut_replies`.
+    cuts: AtomicU64,
 }
 
 /// A TCP proxy in front of `target`; see the module docs.
@@ -59,6 +67,8 @@ impl FaultProxy {
             mode: watch::Sender::new(Mode::Pass),
             black_holes: AtomicU64::new(0),
             resets: watch::Sender::new(0),
+            cut: std::sync::Mutex::new(None),
+            cuts: AtomicU64::new(0),
         });
         let tasks = tokio::spawn(accept_loop(listener, target, Arc::clone(&control)));
         Self {
@@ -92,6 +102,22 @@ impl FaultProxy {
     /// Lets traffic pass again.
     pub fn heal(&self) {
         self.control.mode.send_replace(Mode::Pass);
+    }
+
+    /// The next `times` requests (client to target) containing `needle` lose their answers;
+    /// see the module docs. A request split across reads is still found.
+    pub fn cut_replies(&self, needle: &[u8], times: usize) {
+        *self.control.cut.lock().unwrap() = Some((needle.to_vec(), times));
+    }
+
+    /// Stops cutting.
+    pub fn stop_cutting(&self) {
+        *self.control.cut.lock().unwrap() = None;
+    }
+
+    /// How many connections `cut_replies` cut so far.
+    pub fn cuts(&self) -> u64 {
+        self.control.cuts.load(Ordering::SeqCst)
     }
 
     /// Resets every open connection (RST), then lets new ones pass.
@@ -161,11 +187,25 @@ async fn connection(client: TcpStream, target: SocketAddr, control: Arc<Control>
     // reset below is an RST and nothing else.
     let (client_read, client_write) = client.split();
     let (upstream_read, upstream_write) = upstream.split();
-    let up = pump(client_read, upstream_write, &control, born);
-    let down = pump(upstream_read, client_write, &control, born);
+    let cut = Cut::default();
+    let up = pump(
+        client_read,
+        upstream_write,
+        &control,
+        born,
+        Some((&cut, true)),
+    );
+    let down = pump(
+        upstream_read,
+        client_write,
+        &control,
+        born,
+        Some((&cut, false)),
+    );
     let was_reset = tokio::select! {
         () = async { tokio::join!(up, down); } => false,
         _ = resets.changed() => true,
+        () = cut.done(&control) => true,
     };
     if was_reset {
         reset(&client);
@@ -173,10 +213,64 @@ async fn connection(client: TcpStream, target: SocketAddr, control: Arc<Control>
     }
 }
 
-/// Copies `from` to `to` while the link allows, until `from` ends.
-async fn pump(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, control: &Control, born: u64) {
+/// A connection's state for [`FaultProxy::cut_replies`].
+#[derive(Default)]
+struct Cut {
+    /// The request matched and was forwarded: nothing more goes back to the client.
+    fired: std::sync::atomic::AtomicBool,
+    /// Bytes came back after the request was forwarded (and were thrown away).
+    answered: tokio::sync::Notify,
+}
+
+impl Cut {
+    /// Once a request matched and an answer came back (the broker applied the request;
+    /// at most 2 s), says the connection is to be reset.
+    async fn done(&self, control: &Control) {
+        loop {
+            let wait = std::time::Duration::from_secs(2);
+            let answered = tokio::time::timeout(wait, self.answered.notified()).await;
+            // (Two seconds after a request was cut and no answer: cut anyway.)
+            if answered.is_ok() || self.fired.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        // A margin, so a request that was answered before ours is not mistaken for it.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        control.cuts.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Whether `window` contains a needle armed by `cut_replies` (used up once found).
+fn armed(control: &Control, window: &[u8]) -> bool {
+    let mut cut = control.cut.lock().unwrap();
+    let Some((needle, times)) = cut.as_mut() else {
+        return false;
+    };
+    if *times == 0 || !window.windows(needle.len()).any(|w| w == needle.as_slice()) {
+        return false;
+    }
+    *times -= 1;
+    if *times == 0 {
+        *cut = None;
+    }
+    true
+}
+
+/// Copies `from` to `to` while the link allows, until `from` ends. With `cut` (and whether
+/// this is the client-to-target direction): a request matching [`FaultProxy::cut_replies`]
+/// is forwarded, then this direction stops reading and the other one throws away what
+/// comes back, until the connection is reset.
+async fn pump(
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
+    control: &Control,
+    born: u64,
+    cut: Option<(&Cut, bool)>,
+) {
     let mut mode = control.mode.subscribe();
     let mut buf = vec![0u8; 16 * 1024];
+    // The tail of what came before, so a needle split across reads is found.
+    let mut window: Vec<u8> = Vec::new();
     loop {
         if passable(control, born, &mut mode).await.is_none() {
             // Dead for good: hold the sockets open and silent until the proxy goes away.
@@ -190,8 +284,28 @@ async fn pump(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, control: &Control, 
         if passable(control, born, &mut mode).await.is_none() {
             std::future::pending::<()>().await;
         }
+        if let Some((cut, false)) = cut
+            && cut.fired.load(Ordering::SeqCst)
+        {
+            cut.answered.notify_one();
+            continue;
+        }
+        let matched = matches!(cut, Some((_, true))) && {
+            window.extend_from_slice(&buf[..n]);
+            let hit = armed(control, &window);
+            let keep = window.len().saturating_sub(256);
+            window.drain(..keep);
+            hit
+        };
+        if matched && let Some((cut, _)) = cut {
+            // Before the request goes: its answer must not slip through.
+            cut.fired.store(true, Ordering::SeqCst);
+        }
         if to.write_all(&buf[..n]).await.is_err() {
             break;
+        }
+        if matched {
+            std::future::pending::<()>().await;
         }
     }
     // A plain end is passed on as a plain end.

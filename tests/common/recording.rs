@@ -18,24 +18,34 @@ pub fn ev(name: &str, channel: &str, user: Option<&str>) -> Event {
 
 /// Every transition handed to the sink, in order.
 #[derive(Default)]
-pub struct Recording(Mutex<Vec<Event>>);
+pub struct Recording(Mutex<Vec<Transition>>);
 
 impl TransitionSink for Recording {
     fn on_transition(&self, t: Transition) {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push((
-                t.kind.name().to_owned(),
-                t.channel.to_string(),
-                t.user.map(|u| u.to_string()),
-            ));
+            .push(t);
     }
 }
 
 impl Recording {
     /// Everything recorded so far.
     pub fn all(&self) -> Vec<Event> {
+        self.transitions()
+            .into_iter()
+            .map(|t| {
+                (
+                    t.kind.name().to_owned(),
+                    t.channel.to_string(),
+                    t.user.map(|u| u.to_string()),
+                )
+            })
+            .collect()
+    }
+
+    /// Everything recorded so far, whole (`seq` and id included).
+    pub fn transitions(&self) -> Vec<Transition> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -44,7 +44,7 @@ use tokio::sync::oneshot;
 
 use super::FsyncMode;
 use super::record::crc32c;
-use crate::broker::transition::{Holding, Transition};
+use crate::broker::transition::{Holding, LocalDecisions, Transition};
 
 /// A holding this life gained.
 const HELD: u8 = 1;
@@ -275,14 +275,14 @@ impl Journal {
     /// The releases of the previous lives' holdings (members first), decided now; empty after
     /// the first call. The caller reports them before any transition of this life, then calls
     /// [`Journal::forget_left`].
-    pub fn release_left(&self) -> Vec<Transition> {
+    pub fn release_left(&self, decisions: &LocalDecisions) -> Vec<Transition> {
         let left = self
             .left
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
             .unwrap_or_default();
-        left.iter().map(|h| h.transition(false)).collect()
+        left.iter().map(|h| decisions.decide(h, false)).collect()
     }
 
     /// The releases [`Journal::release_left`] handed out are stored (`durably`: on disk, so a
@@ -470,7 +470,7 @@ mod tests {
             .build()
             .expect("test setup");
         let journal = Journal::open(dir, fsync).expect("open");
-        let left = journal.release_left();
+        let left = journal.release_left(&LocalDecisions::default());
         runtime.block_on(async {
             for (holding, held) in steps {
                 journal.record(holding, *held).await;
@@ -492,7 +492,7 @@ mod tests {
         // The next life (its predecessor "crashed": nothing released) gets room and u1, not
         // the channel it had released.
         let journal = Journal::open(&dir, FsyncMode::Always).expect("open");
-        let left = journal.release_left();
+        let left = journal.release_left(&LocalDecisions::default());
         assert_eq!(
             kinds(&left),
             [
@@ -504,14 +504,14 @@ mod tests {
                 (TransitionKind::ChannelVacated, "room".into(), None),
             ]
         );
-        assert!(journal.release_left().is_empty(), "handed out once");
+        assert!(journal.release_left(&LocalDecisions::default()).is_empty(), "handed out once");
         drop(journal);
         // Not confirmed as stored: the life after reports them again, and adds its own.
         let other = channel("other");
         let again = life(&dir, &[(&other, true)]);
         assert_eq!(again.len(), 2);
         let journal = Journal::open(&dir, FsyncMode::Always).expect("open");
-        let left = journal.release_left();
+        let left = journal.release_left(&LocalDecisions::default());
         assert_eq!(left.len(), 3);
         assert_eq!(left[0].kind, TransitionKind::MemberRemoved);
         // Confirmed: forgotten, so the next life has nothing to release.
@@ -521,7 +521,7 @@ mod tests {
             .block_on(journal.forget_left(true));
         drop(journal);
         let journal = Journal::open(&dir, FsyncMode::Always).expect("open");
-        assert!(journal.release_left().is_empty());
+        assert!(journal.release_left(&LocalDecisions::default()).is_empty());
         drop(journal);
         std::fs::remove_dir_all(dir).expect("test cleanup");
     }
@@ -541,7 +541,7 @@ mod tests {
         std::fs::write(&path, &bytes).expect("test setup");
         let journal = Journal::open(&dir, FsyncMode::Always).expect("open");
         let left: Vec<String> = journal
-            .release_left()
+            .release_left(&LocalDecisions::default())
             .iter()
             .map(|t| t.channel.to_string())
             .collect();
@@ -554,7 +554,7 @@ mod tests {
         bytes[first + HEADER + 1] ^= 0x20;
         std::fs::write(&path, &bytes).expect("test setup");
         let journal = Journal::open(&dir, FsyncMode::Always).expect("open");
-        assert_eq!(journal.release_left().len(), 1);
+        assert_eq!(journal.release_left(&LocalDecisions::default()).len(), 1);
         drop(journal);
         std::fs::remove_dir_all(dir).expect("test cleanup");
     }
@@ -582,7 +582,7 @@ mod tests {
             steps.len()
         );
         let journal = Journal::open(&dir, FsyncMode::Always).expect("open");
-        let left = kinds(&journal.release_left());
+        let left = kinds(&journal.release_left(&LocalDecisions::default()));
         assert_eq!(
             left,
             [(TransitionKind::ChannelVacated, "keep".into(), None)]

@@ -395,3 +395,23 @@ async fn a_node_declared_dead_tracks_again() {
     let make = cluster(options, ttl);
     crate::broker::cluster_cases::a_node_declared_dead_rejoins(&make, ttl).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
+async fn a_repeated_track_returns_the_same_decision() {
+    let options = options(&url());
+    let _cleanup = Cleanup(options.clone());
+    let make = cluster(options, Duration::from_secs(3));
+    crate::broker::cluster_cases::a_repeated_call_returns_the_same_decision(&make).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
+async fn a_dead_claimers_pending_transitions_are_taken_over() {
+    let options = options(&url());
+    let _cleanup = Cleanup(options.clone());
+    let ttl = Duration::from_secs(1);
+    let make = cluster(options, ttl);
+    crate::broker::cluster_cases::a_dead_claimers_pending_transitions_are_taken_over(&make, ttl)
+        .await;
+}

@@ -226,3 +226,19 @@ async fn a_node_declared_dead_tracks_again() {
     let make = cluster(prefix(), ttl);
     crate::broker::cluster_cases::a_node_declared_dead_rejoins(&make, ttl).await;
 }
+
+#[tokio::test]
+#[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
+async fn a_repeated_track_returns_the_same_decision() {
+    let make = cluster(prefix(), Duration::from_secs(3));
+    crate::broker::cluster_cases::a_repeated_call_returns_the_same_decision(&make).await;
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
+async fn a_dead_claimers_pending_transitions_are_taken_over() {
+    let ttl = Duration::from_secs(1);
+    let make = cluster(prefix(), ttl);
+    crate::broker::cluster_cases::a_dead_claimers_pending_transitions_are_taken_over(&make, ttl)
+        .await;
+}

@@ -109,7 +109,9 @@ impl std::fmt::Debug for EventSet {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     /// Unique, and the same on every attempt and after a restart: receivers drop duplicates
-    /// by it.
+    /// by it. For channel and member events it is derived from the broker's decision, so a
+    /// decision reported twice (a lost answer repeated, a dead node's claim handed out again)
+    /// carries the same id too.
     pub id: Uuid,
     /// What happened.
     pub name: EventName,
@@ -124,18 +126,24 @@ pub struct Event {
     pub client: Option<Uuid>,
     /// When it happened, in wall-clock milliseconds since the Unix epoch.
     pub time_ms: u64,
+    /// Channel and member events: the decision's place in the cluster-wide order, larger for
+    /// every later decision whichever node made it; receivers order a channel's events by
+    /// it. Absent for client events (and in records written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
 impl Event {
-    /// The event reporting `transition`, with a fresh id.
+    /// The event reporting `transition`, with the decision's id and `seq`.
     pub fn from_transition(transition: Transition) -> Self {
         Self {
-            id: Uuid::new_v4(),
+            id: transition.id,
             name: transition.kind.into(),
             channel: Some(transition.channel),
             user: transition.user,
             client: None,
             time_ms: transition.time_ms,
+            seq: Some(transition.seq),
         }
     }
 
@@ -148,6 +156,7 @@ impl Event {
             user,
             client: Some(client),
             time_ms: wall_ms(),
+            seq: None,
         }
     }
 }
@@ -217,6 +226,8 @@ mod tests {
             channel: Arc::from("news"),
             user: None,
             time_ms: 7,
+            seq: 42,
+            id: crate::broker::transition::decision_id("redis/app", 42),
         });
         let body: serde_json::Value =
             serde_json::from_slice(&body(std::slice::from_ref(&occupied), 9)).expect("test setup");
@@ -226,7 +237,35 @@ mod tests {
         assert_eq!(event["channel"], "news");
         assert_eq!(event["id"], occupied.id.to_string());
         assert_eq!(event["time_ms"], 7);
+        assert_eq!(event["seq"], 42);
         assert!(event.get("user").is_none() && event.get("client").is_none());
+        let connected = Event::client(EventName::ClientConnected, Uuid::new_v4(), None);
+        let client: serde_json::Value =
+            serde_json::from_slice(&super::body(std::slice::from_ref(&connected), 9))
+                .expect("test setup");
+        assert!(
+            client["events"][0].get("seq").is_none(),
+            "client events have no seq"
+        );
+    }
+
+    #[test]
+    fn a_decision_has_one_id_per_scope_and_seq() {
+        use crate::broker::transition::decision_id;
+        let id = decision_id("redis/app", 42);
+        assert_eq!(
+            id,
+            decision_id("redis/app", 42),
+            "a replayed decision: same id"
+        );
+        assert_eq!(id.get_version_num(), 5);
+        assert_ne!(id, decision_id("redis/app", 43));
+        assert_ne!(id, decision_id("nats/app", 42));
+        assert_ne!(
+            id,
+            decision_id("redis/app4", 2),
+            "scope and seq never run together"
+        );
     }
 
     /// RFC 4231, test case 2.

@@ -669,7 +669,7 @@ mod tests {
             channel: Arc::from(channel),
             user: None,
         }
-        .transition(false)
+        .transition(false, "test", 1, 0)
     }
 
     #[tokio::test]

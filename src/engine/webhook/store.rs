@@ -3,7 +3,8 @@
 //!
 //! - `queue-<generation>.log`: an append-only file of records, one event each: body length
 //!   (`u32` LE), CRC-32C of the body (`u32` LE, the durable history's checksum), the event as
-//!   JSON. An event counts as queued once its record is written and synced.
+//!   JSON (its `seq` included; a record without one, written before `seq` existed, reads as
+//!   an event without it). An event counts as queued once its record is written and synced.
 //! - `ACKED`: the generation in use and how many of its bytes are delivered (or dropped), with
 //!   a CRC-32C; replaced atomically (written aside, synced, renamed). Delivery is head-first,
 //!   so what is done is always a prefix of the file.
@@ -332,6 +333,33 @@ mod tests {
         let (_, pending) = Store::open(&dir).expect("test setup");
         assert_eq!(pending.len(), 2);
         assert!(!log_path(&dir, 1).exists());
+        std::fs::remove_dir_all(dir).expect("test setup");
+    }
+
+    /// Records carry the event's `seq`; records written before it existed (no `seq`) are
+    /// still read, as events without one.
+    #[test]
+    fn records_keep_the_seq_and_old_records_without_one_are_read() {
+        let dir = temp_dir("seq");
+        let old = br#"{"id":"6f1c2a67-9d0e-4b8a-b3c4-7e210a9f6d13","name":"channel_occupied","channel":"news","time_ms":7}"#;
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&(old.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crc32c(old).to_le_bytes());
+        bytes.extend_from_slice(old);
+        std::fs::write(log_path(&dir, 0), &bytes).expect("test setup");
+        let (mut store, pending) = Store::open(&dir).expect("test setup");
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].0.seq, None);
+        assert_eq!(pending[0].0.channel.as_deref(), Some("news"));
+        let mut new = pending[0].0.clone();
+        new.seq = Some(1_733_000_000_000_001);
+        store
+            .append(std::slice::from_ref(&new))
+            .expect("test setup");
+        drop(store);
+        let (_, pending) = Store::open(&dir).expect("test setup");
+        let seqs: Vec<_> = pending.iter().map(|(e, _)| e.seq).collect();
+        assert_eq!(seqs, vec![None, Some(1_733_000_000_000_001)]);
         std::fs::remove_dir_all(dir).expect("test setup");
     }
 
