@@ -370,6 +370,10 @@ where
     /// The connection's life between open and close. A plain fn returning an `async move`
     /// block, like [`Session::run`]: as an `async fn` its four references would be kept twice
     /// in the state an idle connection waits in.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep the four references twice in every idle connection's task"
+    )]
     fn main_loop<'a>(
         &'a mut self,
         rbuf: &'a mut BytesMut,
