@@ -57,3 +57,5 @@ for round in 1 2; do
   run "deflate-off-1000x1k-r$round" rusty_socks broadcast --subscribers 1000 --messages "$(scale 5000)" --size 1024 --window 256 --deflate
   RUSTY_SOCKS_COMPRESSION=true run "deflate-on-1000x1k-r$round" rusty_socks broadcast --subscribers 1000 --messages "$(scale 5000)" --size 1024 --window 256 --deflate
 done
+# The sender-only ceiling of this machine, in the same run (docs/BENCHMARKS.md, "Sender ceiling").
+NO_BUILD=1 bench/sender_ceiling.sh "$( [ "$QUICK" = quick ] && echo 1 || echo 5 )" 1000 | sed 's/^RESULT/sender-ceiling RESULT/'

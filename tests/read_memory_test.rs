@@ -1,6 +1,7 @@
-//! What a client can make the server reserve for reading: only the bytes it actually sent.
-//! A frame header declares a length; believing it before the bytes arrive would let a few
-//! hundred connections that send only headers make the server reserve gigabytes.
+//! What connections cost the server's memory. A client can make it reserve for reading only
+//! the bytes it actually sent: a frame header declares a length, and believing it before the
+//! bytes arrive would let a few hundred connections that send only headers make the server
+//! reserve gigabytes. And an idle connection costs a small, bounded footprint.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -35,6 +36,71 @@ async fn bytes_in(addr: std::net::SocketAddr) -> u64 {
         .find_map(|l| l.strip_prefix("rusty_socks_bytes_in_total "))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("no bytes_in counter in {body}"))
+}
+
+/// Welcomed legacy `/ws` connections held idle in the footprint test.
+const IDLE: usize = 2000;
+/// The most one idle legacy `/ws` connection may add to the server's RSS in the test build.
+/// Connected one at a time, this measures about 1.45 KB (2026-12-02; release builds measure
+/// 1.7-1.9 KB with `loadgen connect`, 200 handshakes at a time, see docs/BENCHMARKS.md). A
+/// session that kept a read or write buffer (4 KiB at least) or a timer while idle fails
+/// this, and so does growth of a few hundred bytes anywhere in the per-connection state.
+const IDLE_BYTES_LIMIT: u64 = 2048;
+
+/// `count` legacy `/ws` connections, each once its `Connect` welcome arrived.
+async fn welcomed_raw(addr: std::net::SocketAddr, count: usize) -> Vec<RawClient> {
+    let mut clients = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut client = RawClient::connect(addr, "/ws").await;
+        let (opcode, welcome) = client.read_frame().await.expect("a welcome");
+        assert_eq!(opcode, 0x1);
+        assert!(
+            String::from_utf8_lossy(&welcome).contains(r#""type":"Connect""#),
+            "{}",
+            String::from_utf8_lossy(&welcome)
+        );
+        clients.push(client);
+    }
+    clients
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_chat_connection_costs_a_small_bounded_footprint() {
+    let mut server = Logged::start(&[
+        ("RUSTY_SOCKS_MAX_CONN", "5000"),
+        ("RUSTY_SOCKS_MAX_CONN_PER_IP", "0"),
+        ("RUSTY_SOCKS_THREAD_POOL_SIZE", "1"),
+    ]);
+    let addr = server.address();
+    let pid = server.child.id();
+    // Warm up: the runtime's, the hub's and the registry's lasting state, and the allocator's
+    // pools for the handshake's temporary buffers.
+    let warm = welcomed_raw(addr, 200).await;
+    // Idle sessions give their buffers back on the next heartbeat tick (once a second).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let before = status_kib(pid, "VmRSS:");
+    let idle = welcomed_raw(addr, IDLE).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after = status_kib(pid, "VmRSS:");
+    let per_connection = after.saturating_sub(before) * 1024 / IDLE as u64;
+    eprintln!("RSS {before} -> {after} KiB over {IDLE} idle connections: {per_connection} B each");
+    assert!(
+        per_connection <= IDLE_BYTES_LIMIT,
+        "an idle connection costs {per_connection} B (limit {IDLE_BYTES_LIMIT} B)"
+    );
+    // Still live: the last one is answered (past whatever else came first: pings, notices).
+    let mut last = idle.into_iter().last().expect("connections");
+    last.send_frame(0x89, b"still there", true).await;
+    loop {
+        match last.read_frame().await {
+            Some((0xA, payload)) => break assert_eq!(payload, b"still there"),
+            Some(_) => {}
+            None => panic!("the connection closed instead of answering"),
+        }
+    }
+    drop((warm, last));
+    signal(&server.child, "TERM");
+    wait_exit(&mut server.child, Duration::from_secs(10));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -117,7 +117,8 @@ struct Auth {
 /// Handler for one `/ws` connection.
 #[derive(Debug)]
 pub struct ChatHandler {
-    client_id: ClientId,
+    /// Its fan-out queue, which also carries the connection's id (not kept a second time:
+    /// every connection's task holds this struct for its whole life).
     outbox: Outbox,
     /// The node and the limits, shared by every connection (one pointer per connection).
     shared: Arc<ChatShared>,
@@ -148,17 +149,15 @@ pub struct ChatShared {
 }
 
 impl ChatHandler {
-    /// A handler for connection `client_id` whose fan-out goes to `outbox`, authenticated as
-    /// `identity` (`None`: anonymous), speaking `dialect`.
+    /// A handler for the connection whose fan-out goes to `outbox` (and whose id is the
+    /// outbox's), authenticated as `identity` (`None`: anonymous), speaking `dialect`.
     pub fn new(
-        client_id: ClientId,
         outbox: Outbox,
         shared: Arc<ChatShared>,
         identity: Option<Box<Identity>>,
         dialect: Dialect,
     ) -> Self {
         Self {
-            client_id,
             outbox,
             shared,
             default: None,
@@ -186,7 +185,7 @@ impl ChatHandler {
     /// connection does not carry a copy).
     fn client(&self) -> ClientInfo {
         ClientInfo {
-            client_id: self.client_id,
+            client_id: self.client_id(),
             user: self.auth.as_ref().map(|a| Arc::clone(&a.identity.user)),
             info: self.auth.as_ref().and_then(|a| a.identity.info.clone()),
         }
@@ -246,7 +245,7 @@ impl ChatHandler {
     }
 
     fn client_id(&self) -> ClientId {
-        self.client_id
+        self.outbox.id()
     }
 
     fn subscription_count(&self) -> usize {
@@ -337,7 +336,7 @@ impl ChatHandler {
                     let asked = self
                         .shared
                         .proxy
-                        .subscribe(self.client_id, user, &channel, None);
+                        .subscribe(self.client_id(), user, &channel, None);
                     Box::pin(asked).await?;
                 }
                 let caller = Caller::Client(self.auth.as_ref().map(|a| &a.identity));
@@ -399,7 +398,7 @@ impl ChatHandler {
                     let asked = self
                         .shared
                         .proxy
-                        .publish(self.client_id, user, &channel, &data);
+                        .publish(self.client_id(), user, &channel, &data);
                     if let Some(replaced) = Box::pin(asked).await? {
                         if replaced.get().len() > self.limits().max_data as usize {
                             return Err(ClientError::DataTooBig(self.limits().max_data as usize));
@@ -617,7 +616,7 @@ impl Handler for ChatHandler {
     fn on_closing(&mut self) {
         let node = &self.shared.node;
         for state in self.default.iter().chain(self.others.iter()) {
-            node.detach(self.client_id, state);
+            node.detach(self.client_id(), state);
         }
     }
 

@@ -74,7 +74,7 @@ async fn the_welcome_does_not_wait_for_a_stalled_broker() {
             permit: admission.try_connection().expect("a connection slot"),
             task: stats.task(),
         };
-        let handler = ChatHandler::new(id, outbox, Arc::clone(&shared), None, dialect);
+        let handler = ChatHandler::new(outbox, Arc::clone(&shared), None, dialect);
         let config = SessionConfig::new(
             65536,
             Some(Duration::from_secs(30)),

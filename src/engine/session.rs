@@ -287,21 +287,10 @@ where
                 self.config.max_message(),
                 self.config.deflate.is_some(),
             );
-            let mut replies = Replies {
-                buf: &mut wbuf,
-                count: 0,
-                deflate: self.config.deflate,
-            };
-            self.handler.on_welcome(&mut replies);
-            self.stats.add_out(replies.count);
-            self.flush_welcome(&mut wbuf).await;
-            let mut replies = Replies {
-                buf: &mut wbuf,
-                count: 0,
-                deflate: self.config.deflate,
-            };
-            self.handler.on_open(&mut replies).await;
-            self.stats.add_out(replies.count);
+            // Boxed: the welcome's write deadline and the handler's replies exist only while
+            // the connection opens; inline they would enlarge every connection's task for its
+            // whole life (the task is as large as the largest state it may ever be in).
+            Box::pin(self.open(&mut wbuf)).await;
 
             // A bug must not skip `on_close`: that would leave the client in its channels and in
             // presence forever. A panic ends the connection with 1011 instead.
@@ -324,6 +313,25 @@ where
             // Boxed too: its timer exists only while closing.
             Box::pin(self.clean_up(shutting_down)).await;
         }
+    }
+
+    /// The welcome, written before `on_open` may wait on the broker, then `on_open`.
+    async fn open(&mut self, wbuf: &mut BytesMut) {
+        let mut replies = Replies {
+            buf: wbuf,
+            count: 0,
+            deflate: self.config.deflate,
+        };
+        self.handler.on_welcome(&mut replies);
+        self.stats.add_out(replies.count);
+        self.flush_welcome(wbuf).await;
+        let mut replies = Replies {
+            buf: wbuf,
+            count: 0,
+            deflate: self.config.deflate,
+        };
+        self.handler.on_open(&mut replies).await;
+        self.stats.add_out(replies.count);
     }
 
     /// The handler's cleanup after the close frame; on shutdown it is best effort, cut short
@@ -359,127 +367,137 @@ where
         let _ = timeout(self.config.close_grace(), write).await;
     }
 
-    async fn main_loop(
-        &mut self,
-        rbuf: &mut BytesMut,
-        wbuf: &mut BytesMut,
-        parser: &mut MessageReader,
-    ) -> End {
-        // Microsecond stamps ([`now_us`]) rather than `Instant`s: half the size, in every
-        // connection's state.
-        let mut last_seen = now_us();
-        let mut next_ping = self
-            .config
-            .ping_interval()
-            .map_or(0, |p| last_seen + micros(p));
-        if self.shutdown.is_cancelled() {
-            return End::Server(CloseCode::GoingAway);
-        }
-
-        // Bytes the client pipelined right behind its handshake are processed first.
-        let mut pending_input = !rbuf.is_empty();
-        loop {
-            // A loop, not an `if`: the opportunistic write below may empty the write buffer,
-            // and then nothing else would bring us back to the input still pending.
-            while pending_input && wbuf.len() < WRITE_HIGH_WATER {
-                let frames_before = parser.frames();
-                // Boxed: this state exists only while input is handled, not while idle.
-                let (end, more) = Box::pin(self.on_readable(rbuf, wbuf, parser)).await;
-                // Only whole frames prove the client alive; a trickle of bytes does not.
-                if parser.frames() != frames_before {
-                    last_seen = now_us();
-                }
-                if let Some(end) = end {
-                    return end;
-                }
-                pending_input = more;
-                if rbuf.is_empty() && rbuf.capacity() > KEEP_BUFFER {
-                    *rbuf = BytesMut::new();
-                }
-                self.take_from_outbox(wbuf);
-                // Answer right away when the socket takes it, without another turn.
-                if !wbuf.is_empty() {
-                    match std::future::poll_fn(|cx| self.io.poll_write(cx, wbuf)).now_or_never() {
-                        Some(Ok(0) | Err(_)) => return End::Gone,
-                        Some(Ok(n)) => self.wrote(n, wbuf),
-                        None => {}
-                    }
-                }
+    /// The connection's life between open and close. A plain fn returning an `async move`
+    /// block, like [`Session::run`]: as an `async fn` its four references would be kept twice
+    /// in the state an idle connection waits in.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep the four references twice in every idle connection's task"
+    )]
+    fn main_loop<'a>(
+        &'a mut self,
+        rbuf: &'a mut BytesMut,
+        wbuf: &'a mut BytesMut,
+        parser: &'a mut MessageReader,
+    ) -> impl Future<Output = End> + 'a {
+        async move {
+            // Microsecond stamps ([`now_us`]) rather than `Instant`s: half the size, in every
+            // connection's state.
+            let mut last_seen = now_us();
+            let mut next_ping = self
+                .config
+                .ping_interval()
+                .map_or(0, |p| last_seen + micros(p));
+            if self.shutdown.is_cancelled() {
+                return End::Server(CloseCode::GoingAway);
             }
-            let can_take = wbuf.len() < WRITE_HIGH_WATER;
-            // Unbiased: under load every ready branch gets its turn, so a busy outbox cannot
-            // starve reading (and with it the client's pongs), nor busy input the outbox.
-            tokio::select! {
-                () = std::future::poll_fn(|cx| self.outbox.poll_woken(cx)) => {
-                    if let Some(code) = self.outbox.close_requested() {
-                        return End::Server(code);
+
+            // Bytes the client pipelined right behind its handshake are processed first.
+            let mut pending_input = !rbuf.is_empty();
+            loop {
+                // A loop, not an `if`: the opportunistic write below may empty the write buffer,
+                // and then nothing else would bring us back to the input still pending.
+                while pending_input && wbuf.len() < WRITE_HIGH_WATER {
+                    let frames_before = parser.frames();
+                    // Boxed: this state exists only while input is handled, not while idle.
+                    let (end, more) = Box::pin(self.on_readable(rbuf, wbuf, parser)).await;
+                    // Only whole frames prove the client alive; a trickle of bytes does not.
+                    if parser.frames() != frames_before {
+                        last_seen = now_us();
                     }
-                    if self.shutdown.is_cancelled() {
-                        return End::Server(CloseCode::GoingAway);
+                    if let Some(end) = end {
+                        return end;
                     }
-                    if self.outbox.take_tick() {
-                        // Small buffers stay while a connection is busy (no allocation per
-                        // message); an idle one gives them back within a tick.
-                        if rbuf.is_empty() && !pending_input {
-                            *rbuf = BytesMut::new();
-                        }
-                        if wbuf.is_empty() {
-                            *wbuf = BytesMut::new();
-                        }
-                        let now = now_us();
-                        if now.saturating_sub(last_seen) >= micros(self.config.timeout()) {
-                            return End::Server(CloseCode::HeartbeatTimeout);
-                        }
-                        let mut replies = Replies { buf: wbuf, count: 0, deflate: self.config.deflate };
-                        self.handler.on_tick(&mut replies);
-                        self.stats.add_out(replies.count);
-                        // Ticks come every second: ping when the next tick would be late.
-                        if let Some(every) = self.config.ping_interval()
-                            && now + micros(PING_EARLY) >= next_ping
+                    pending_input = more;
+                    if rbuf.is_empty() && rbuf.capacity() > KEEP_BUFFER {
+                        *rbuf = BytesMut::new();
+                    }
+                    self.take_from_outbox(wbuf);
+                    // Answer right away when the socket takes it, without another turn.
+                    if !wbuf.is_empty() {
+                        match std::future::poll_fn(|cx| self.io.poll_write(cx, wbuf)).now_or_never()
                         {
-                            encode_into(wbuf, OpCode::Ping, b"");
-                            next_ping = now + micros(every);
+                            Some(Ok(0) | Err(_)) => return End::Gone,
+                            Some(Ok(n)) => self.wrote(n, wbuf),
+                            None => {}
                         }
                     }
-                    if can_take {
-                        self.take_from_outbox(wbuf);
-                    }
-                },
-                written = std::future::poll_fn(|cx| self.io.poll_write(cx, wbuf)), if !wbuf.is_empty() => match written {
-                    Ok(0) | Err(_) => return End::Gone,
-                    Ok(n) => self.wrote(n, wbuf),
-                },
-                // TLS may hold the last records it took when the socket was full; nothing else
-                // would send them until the next frame (or ping) comes along.
-                flushed = std::future::poll_fn(|cx| self.io.poll_flush(cx)), if wbuf.is_empty() && self.io.has_unflushed() => {
-                    if flushed.is_err() {
-                        return End::Gone;
-                    }
-                },
-                ready = std::future::poll_fn(|cx| self.io.poll_read_ready(cx)), if can_take && !pending_input => {
-                    if ready.is_err() {
-                        return End::Gone;
-                    }
-                    let read = if rbuf.capacity() == 0 {
-                        // No buffer yet (idle): read onto the stack first, so a spurious
-                        // readiness never allocates one, and a small message gets a small one.
-                        let mut chunk = [0u8; READ_CHUNK];
-                        self.io.try_read(&mut chunk).inspect(|n| rbuf.extend_from_slice(&chunk[..*n]))
-                    } else {
-                        // Room in proportion to what arrived, never to a declared length.
-                        reserve_for_read(rbuf);
-                        self.io.try_read_buf(rbuf)
-                    };
-                    match read {
-                        Ok(0) => return End::Gone,
-                        Ok(n) => {
-                            self.stats.add_bytes_in(n);
-                            pending_input = true;
+                }
+                let can_take = wbuf.len() < WRITE_HIGH_WATER;
+                // Unbiased: under load every ready branch gets its turn, so a busy outbox cannot
+                // starve reading (and with it the client's pongs), nor busy input the outbox.
+                tokio::select! {
+                    () = std::future::poll_fn(|cx| self.outbox.poll_woken(cx)) => {
+                        if let Some(code) = self.outbox.close_requested() {
+                            return End::Server(code);
                         }
-                        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(_) => return End::Gone,
-                    }
-                },
+                        if self.shutdown.is_cancelled() {
+                            return End::Server(CloseCode::GoingAway);
+                        }
+                        if self.outbox.take_tick() {
+                            // Small buffers stay while a connection is busy (no allocation per
+                            // message); an idle one gives them back within a tick.
+                            if rbuf.is_empty() && !pending_input {
+                                *rbuf = BytesMut::new();
+                            }
+                            if wbuf.is_empty() {
+                                *wbuf = BytesMut::new();
+                            }
+                            let now = now_us();
+                            if now.saturating_sub(last_seen) >= micros(self.config.timeout()) {
+                                return End::Server(CloseCode::HeartbeatTimeout);
+                            }
+                            let mut replies = Replies { buf: wbuf, count: 0, deflate: self.config.deflate };
+                            self.handler.on_tick(&mut replies);
+                            self.stats.add_out(replies.count);
+                            // Ticks come every second: ping when the next tick would be late.
+                            if let Some(every) = self.config.ping_interval()
+                                && now + micros(PING_EARLY) >= next_ping
+                            {
+                                encode_into(wbuf, OpCode::Ping, b"");
+                                next_ping = now + micros(every);
+                            }
+                        }
+                        if can_take {
+                            self.take_from_outbox(wbuf);
+                        }
+                    },
+                    written = std::future::poll_fn(|cx| self.io.poll_write(cx, wbuf)), if !wbuf.is_empty() => match written {
+                        Ok(0) | Err(_) => return End::Gone,
+                        Ok(n) => self.wrote(n, wbuf),
+                    },
+                    // TLS may hold the last records it took when the socket was full; nothing else
+                    // would send them until the next frame (or ping) comes along.
+                    flushed = std::future::poll_fn(|cx| self.io.poll_flush(cx)), if wbuf.is_empty() && self.io.has_unflushed() => {
+                        if flushed.is_err() {
+                            return End::Gone;
+                        }
+                    },
+                    ready = std::future::poll_fn(|cx| self.io.poll_read_ready(cx)), if can_take && !pending_input => {
+                        if ready.is_err() {
+                            return End::Gone;
+                        }
+                        let read = if rbuf.capacity() == 0 {
+                            // No buffer yet (idle): read onto the stack first, so a spurious
+                            // readiness never allocates one, and a small message gets a small one.
+                            let mut chunk = [0u8; READ_CHUNK];
+                            self.io.try_read(&mut chunk).inspect(|n| rbuf.extend_from_slice(&chunk[..*n]))
+                        } else {
+                            // Room in proportion to what arrived, never to a declared length.
+                            reserve_for_read(rbuf);
+                            self.io.try_read_buf(rbuf)
+                        };
+                        match read {
+                            Ok(0) => return End::Gone,
+                            Ok(n) => {
+                                self.stats.add_bytes_in(n);
+                                pending_input = true;
+                            }
+                            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => return End::Gone,
+                        }
+                    },
+                }
             }
         }
     }

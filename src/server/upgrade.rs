@@ -287,13 +287,7 @@ pub async fn start(pending: Pending, state: &Arc<AppState>, address: Option<Addr
             )
             .with_deflate(deflate);
             let dialect = if v1 { Dialect::V1 } else { Dialect::Legacy };
-            let handler = ChatHandler::new(
-                client_id,
-                outbox,
-                Arc::clone(&state.chat),
-                identity,
-                dialect,
-            );
+            let handler = ChatHandler::new(outbox, Arc::clone(&state.chat), identity, dialect);
             spawn_on_socket(upgraded, rx, handler, session_config, guards, state);
         }
         Endpoint::Echo => {

@@ -15,6 +15,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::rustls;
 
 const WAIT: Duration = Duration::from_secs(5);
+/// The largest session future of a chat connection on plain TCP that still makes a task of
+/// 640 bytes or less (see `the_session_task_of_a_chat_connection_stays_within_its_size_class`).
+const SESSION_FUTURE_LIMIT: usize = 576;
 
 /// Whether writes are held back, the waker of the last held-back write, and whether one
 /// was held back since the gate closed.
@@ -253,4 +256,22 @@ fn session_durations_up_to_the_settings_limits_are_kept_exactly() {
     let long = SessionConfig::new(1, None, Duration::from_secs(100 * 86_400), day);
     assert!(long.timeout() > Duration::from_secs(49 * 86_400));
     assert_eq!(long.ping_interval(), None);
+}
+
+/// The size of what `f` returns, without calling it.
+fn returned_size<A, B, R>(_: fn(A, B) -> R) -> usize {
+    std::mem::size_of::<R>()
+}
+
+/// Every idle `/ws` connection holds one task for its whole life, as large as the largest
+/// state its future can be in, plus tokio's header and trailer, rounded up to a multiple of
+/// 128 bytes (tokio aligns tasks to a cache line pair). A state that grows past this bound
+/// (a new local kept across the main loop's await, an unboxed cold path) puts every idle
+/// connection into the next size class: docs/BENCHMARKS.md, "How RSS per connection is
+/// measured".
+#[test]
+fn the_session_task_of_a_chat_connection_stays_within_its_size_class() {
+    let size = returned_size(Session::<TcpStream, crate::engine::chat::ChatHandler>::run);
+    eprintln!("session future of a chat connection: {size} bytes");
+    assert!(size <= SESSION_FUTURE_LIMIT, "{size} bytes");
 }

@@ -1,0 +1,269 @@
+//! The sender-only ceiling of this machine: how many pre-encoded WebSocket frames one thread can
+//! hand to the kernel per second over loopback, with 1, 32 or 256 frames per syscall.
+//!
+//! No server, no parsing, no queues, no wake-ups: one sender thread writes the same ~200-byte
+//! text frame (a server-to-client frame the size of a legacy `Chat` or a v1 publication) to N
+//! loopback sockets in turn, `--batch` frames per `writev` (one iovec per frame, all pointing
+//! at the one shared frame, as a fan-out of a shared `Bytes` would), while reader threads drain
+//! the other ends. A broadcast server does this and more per delivery, so frames per sender
+//! CPU-second here bound its deliveries per server CPU-second at the same batching; the
+//! distance of a measured figure to this one is what the server's own work costs.
+//!
+//! Blocking sockets: a full socket makes the sender sleep until a reader drains it, which shows
+//! as wall-clock time but not as sender CPU time, so both rates are reported.
+
+use std::io::{IoSlice, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rusty_bench::Args;
+
+const HELP: &str = "\
+sender-ceiling [--connections 1000] [--batches 1,32,256] [--seconds 5] [--size 200] [--readers 1]
+               [--sender-cpu 1] [--reader-cpus 0]
+
+One thread writes pre-encoded text frames of --size bytes (header included) to --connections
+loopback sockets in turn, each batch of frames with one writev; --readers threads drain the other
+ends. Runs each batch size for --seconds and prints, per batch size, frames/s and syscalls/s
+(wall clock) and frames per sender CPU-second (the sender thread's own user+system time).
+--sender-cpu and --reader-cpus pin the threads with `taskset` (as bench/run.sh pins the server
+to CPU 1 and the load generator to CPU 0); an empty value leaves a thread unpinned.
+
+Output: one line per batch size starting with RESULT.";
+
+/// CPU time (user + system) of the calling thread, from `/proc/thread-self/stat`.
+fn thread_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+/// Pins the calling thread to `cpus` (a `taskset` list) by running `taskset -pc` on its id.
+fn pin_this_thread(cpus: &str) -> Result<(), String> {
+    if cpus.is_empty() {
+        return Ok(());
+    }
+    let link = std::fs::read_link("/proc/thread-self").map_err(|e| e.to_string())?;
+    let tid = link
+        .file_name()
+        .and_then(|t| t.to_str())
+        .ok_or("no thread id in /proc/thread-self")?;
+    let status = std::process::Command::new("taskset")
+        .args(["-pc", cpus, tid])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("taskset: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("taskset -pc {cpus} {tid} failed"))
+    }
+}
+
+/// An unmasked server-to-client text frame of exactly `size` bytes, header included.
+fn frame(size: usize) -> Result<Vec<u8>, String> {
+    let header = match size {
+        0..=1 => return Err("--size must be at least 2".into()),
+        2..=127 => 2,
+        128..=65_539 => 4,
+        _ => return Err("--size must be at most 65539".into()),
+    };
+    let payload = size - header;
+    let mut out = vec![0x81];
+    if header == 2 {
+        out.push(payload as u8);
+    } else {
+        out.push(126);
+        out.extend_from_slice(&(payload as u16).to_be_bytes());
+    }
+    // JSON-looking filler, so nothing along the path could take a shortcut on zeros.
+    let body =
+        br#"{"type":"Chat","sender":"bench","content":"0123456789abcdefghijklmnopqrstuvwxyz"}"#;
+    out.extend(body.iter().cycle().take(payload));
+    Ok(out)
+}
+
+/// Writes `batch` copies of `frame` completely; returns the number of `writev` calls it took.
+fn write_batch(stream: &mut TcpStream, frame: &[u8], batch: usize) -> std::io::Result<u64> {
+    let mut slices: Vec<IoSlice<'_>> = vec![IoSlice::new(frame); batch];
+    let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    let mut calls = 0;
+    while !rest.is_empty() {
+        let n = stream.write_vectored(rest)?;
+        calls += 1;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(calls)
+}
+
+/// What one run at one batch size measured.
+struct Measured {
+    frames: u64,
+    calls: u64,
+    wall: Duration,
+    cpu: Duration,
+}
+
+fn run(
+    streams: &mut [TcpStream],
+    frame: &[u8],
+    batch: usize,
+    seconds: u64,
+) -> Result<Measured, String> {
+    let cpu_start = thread_cpu().ok_or("no /proc/thread-self/stat")?;
+    let start = Instant::now();
+    let until = start + Duration::from_secs(seconds);
+    let (mut frames, mut calls) = (0u64, 0u64);
+    while Instant::now() < until {
+        for stream in streams.iter_mut() {
+            calls += write_batch(stream, frame, batch).map_err(|e| format!("write: {e}"))?;
+            frames += batch as u64;
+        }
+    }
+    let wall = start.elapsed();
+    let cpu = thread_cpu().ok_or("no /proc/thread-self/stat")? - cpu_start;
+    Ok(Measured {
+        frames,
+        calls,
+        wall,
+        cpu,
+    })
+}
+
+/// N connected loopback pairs: the sending ends, and the receiving ends spread over `readers`
+/// threads that drain them (nonblocking, polling in turn) until `stop`.
+fn pairs(
+    connections: usize,
+    readers: usize,
+    reader_cpus: &str,
+    stop: &Arc<AtomicBool>,
+    drained: &Arc<AtomicU64>,
+) -> Result<(Vec<TcpStream>, Vec<std::thread::JoinHandle<()>>), String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut senders = Vec::with_capacity(connections);
+    let mut receivers: Vec<Vec<TcpStream>> = (0..readers).map(|_| Vec::new()).collect();
+    for i in 0..connections {
+        let sender = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+        let (receiver, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        sender.set_nodelay(true).map_err(|e| e.to_string())?;
+        receiver.set_nonblocking(true).map_err(|e| e.to_string())?;
+        senders.push(sender);
+        receivers[i % readers].push(receiver);
+    }
+    let threads = receivers
+        .into_iter()
+        .map(|mut mine| {
+            let stop = Arc::clone(stop);
+            let drained = Arc::clone(drained);
+            let cpus = reader_cpus.to_owned();
+            std::thread::spawn(move || {
+                if let Err(err) = pin_this_thread(&cpus) {
+                    eprintln!("sender-ceiling: reader not pinned: {err}");
+                }
+                let mut buf = vec![0u8; 256 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    let mut idle = true;
+                    for stream in &mut mine {
+                        while let Ok(n @ 1..) = stream.read(&mut buf) {
+                            drained.fetch_add(n as u64, Ordering::Relaxed);
+                            idle = false;
+                        }
+                    }
+                    if idle {
+                        std::thread::yield_now();
+                    }
+                }
+            })
+        })
+        .collect();
+    Ok((senders, threads))
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv
+        .first()
+        .is_some_and(|a| matches!(a.as_str(), "-h" | "--help" | "help"))
+    {
+        println!("{HELP}");
+        return;
+    }
+    if let Err(err) = Args::parse(argv.into_iter()).and_then(|args| measure(&args)) {
+        eprintln!("sender-ceiling: {err}");
+        std::process::exit(2);
+    }
+}
+
+fn measure(args: &Args) -> Result<(), String> {
+    let connections = args.number("connections", 1000)? as usize;
+    let seconds = args.number("seconds", 5)?;
+    let size = args.number("size", 200)? as usize;
+    let readers = args.number("readers", 1)?.max(1) as usize;
+    let batches: Vec<usize> = args
+        .string("batches", "1,32,256")
+        .split(',')
+        .map(|b| {
+            b.trim()
+                .parse()
+                .ok()
+                .filter(|&n: &usize| (1..=1024).contains(&n))
+                .ok_or_else(|| format!("--batches: {b:?} is not a number from 1 to 1024"))
+        })
+        .collect::<Result<_, _>>()?;
+    if connections == 0 {
+        return Err("--connections must be at least 1".into());
+    }
+    let frame = frame(size)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let drained = Arc::new(AtomicU64::new(0));
+    let reader_cpus = args.string("reader-cpus", "0");
+    let (mut streams, readers) = pairs(connections, readers, &reader_cpus, &stop, &drained)?;
+    pin_this_thread(&args.string("sender-cpu", "1"))?;
+    println!(
+        "sender-ceiling: {connections} loopback sockets, {size}-byte frames, {} reader thread(s), {seconds} s per batch size",
+        readers.len()
+    );
+    let mut outcome = Ok(());
+    for batch in batches {
+        let m = match run(&mut streams, &frame, batch, seconds) {
+            Ok(m) => m,
+            Err(err) => {
+                outcome = Err(err);
+                break;
+            }
+        };
+        let per_sec = m.frames as f64 / m.wall.as_secs_f64();
+        let calls_per_sec = m.calls as f64 / m.wall.as_secs_f64();
+        let per_cpu = m.frames as f64 / m.cpu.as_secs_f64().max(0.01);
+        println!(
+            "batch {batch}: {} frames in {:.2} s = {per_sec:.0} frames/s, {calls_per_sec:.0} syscalls/s; sender CPU {:.2} s = {per_cpu:.0} frames per sender CPU-second",
+            m.frames,
+            m.wall.as_secs_f64(),
+            m.cpu.as_secs_f64()
+        );
+        println!(
+            "RESULT sender batch={batch} frames_per_sec={per_sec:.0} syscalls_per_sec={calls_per_sec:.0} frames_per_cpu_sec={per_cpu:.0} connections={connections} size={size}"
+        );
+    }
+    // The readers see every byte written only after the sender is done; they stop here.
+    drop(streams);
+    stop.store(true, Ordering::Relaxed);
+    for reader in readers {
+        let _ = reader.join();
+    }
+    eprintln!(
+        "sender-ceiling: readers drained {} bytes",
+        drained.load(Ordering::Relaxed)
+    );
+    outcome
+}
