@@ -353,6 +353,20 @@ impl Broker for Guarded {
         self.health.inner.sweep_every()
     }
 
+    fn keeps_releases(&self) -> bool {
+        self.health.inner.keeps_releases()
+    }
+
+    fn release_stored<'a>(&'a self, holding: &'a Holding, durably: bool) -> BrokerFuture<'a, ()> {
+        let call = self.health.inner.release_stored(holding, durably);
+        Box::pin(self.health.call("release stored", call))
+    }
+
+    fn claimed_stored(&self, durably: bool) -> BrokerFuture<'_, ()> {
+        let call = self.health.inner.claimed_stored(durably);
+        Box::pin(self.health.call("claims stored", call))
+    }
+
     fn sweep(&self) -> BrokerFuture<'_, Swept> {
         // Several calls (one claim each), each under the inner broker's own deadline; the
         // inner broker stops claiming after half a deadline, so two deadlines bound the

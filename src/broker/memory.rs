@@ -362,8 +362,10 @@ impl Broker for MemoryBroker {
         } else {
             holdings.remove(holding)
         };
-        // Handed to the journal under the lock, so its records follow the set's order.
-        let written = changed
+        // Handed to the journal under the lock, so its records follow the set's order. A
+        // release is written only once its event is stored (`release_stored`): until then the
+        // journal still holds it, and a crash releases it again after the restart.
+        let written = (changed && held)
             .then(|| self.journal.as_ref().map(|j| j.record(holding, held)))
             .flatten();
         // Decided under the lock, so `seq` follows the order of the decisions.
@@ -389,6 +391,33 @@ impl Broker for MemoryBroker {
         Self::now(Swept {
             transitions,
             ..Swept::default()
+        })
+    }
+
+    fn keeps_releases(&self) -> bool {
+        self.journal.is_some()
+    }
+
+    fn release_stored<'a>(&'a self, holding: &'a Holding, durably: bool) -> BrokerFuture<'a, ()> {
+        let Some(journal) = &self.journal else {
+            return Self::now(());
+        };
+        if !durably {
+            // Kept: the next life reports it again (a duplicate, never a loss).
+            return Self::now(());
+        }
+        let holdings = self
+            .holdings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Held again meanwhile: the journal's record of it is right as it is.
+        let written = (!holdings.contains(holding)).then(|| journal.record(holding, false));
+        drop(holdings);
+        Box::pin(async move {
+            if let Some(written) = written {
+                written.await;
+            }
+            Ok(())
         })
     }
 

@@ -244,6 +244,20 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
         let _ = durably;
         Box::pin(std::future::ready(Ok(())))
     }
+    /// Whether a release (`track(_, false)` that decided a transition) must be confirmed with
+    /// [`Broker::release_stored`] once its event is stored: the memory broker with a data
+    /// directory keeps a holding in its journal until then, so a crash between the decision and
+    /// the event reaching the webhook queue's disk releases it again after the restart instead
+    /// of losing the event. `false` for the others (the default).
+    fn keeps_releases(&self) -> bool {
+        false
+    }
+    /// The release of `holding` that `track` decided is with the sink; `durably` says whether it
+    /// survives a crash there. See [`Broker::keeps_releases`]; nothing to do by default.
+    fn release_stored<'a>(&'a self, holding: &'a Holding, durably: bool) -> BrokerFuture<'a, ()> {
+        let _ = (holding, durably);
+        Box::pin(std::future::ready(Ok(())))
+    }
     /// How often the node calls [`Broker::sweep`] (networked brokers: a third of the
     /// presence TTL, so a live node never looks dead).
     fn sweep_every(&self) -> Duration {

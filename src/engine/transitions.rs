@@ -238,14 +238,24 @@ impl Tracker {
                 match broker.track(&holding, held).await {
                     Ok(transition) => {
                         backoff = FIRST_BACKOFF;
-                        self.reported(holding, held);
+                        self.reported(holding.clone(), held);
                         if let Some(transition) = transition {
                             tracing::debug!(
                                 event = transition.kind.name(),
                                 channel = &*transition.channel,
                                 "transition decided here"
                             );
-                            self.sink.on_transition(transition);
+                            if !held && broker.keeps_releases() {
+                                // Confirmed once stored: the broker keeps the holding until
+                                // then, so a crash in between reports it again, not never.
+                                let durably =
+                                    self.sink.on_transitions_stored(vec![transition]).await;
+                                if let Err(err) = broker.release_stored(&holding, durably).await {
+                                    tracing::warn!(%err, "could not confirm a release as stored");
+                                }
+                            } else {
+                                self.sink.on_transition(transition);
+                            }
                         }
                     }
                     Err(err) => {

@@ -24,7 +24,9 @@
 //!   broker's holdings lock, so the file follows the set's order) and waits until it is
 //!   written; a holding gained is also synced according to `RUSTY_SOCKS_FSYNC` first, so it
 //!   is never reported (`channel_occupied`, `member_added`) before the journal can release
-//!   it. A batch of releases only is not synced: a power loss that takes one costs a
+//!   it. A release is recorded only once its event is stored on the webhook queue's disk
+//!   (`Broker::release_stored`), so a crash in between releases it again after the restart.
+//!   A batch of releases only is not synced: a power loss that takes one costs a
 //!   duplicate release after the restart, not a ghost; a process crash loses no written
 //!   record. Holdings change once per channel or member, not per message: this is off the
 //!   message path, and the tracker's worker, which calls `track` one at a time, is the only
@@ -504,7 +506,10 @@ mod tests {
                 (TransitionKind::ChannelVacated, "room".into(), None),
             ]
         );
-        assert!(journal.release_left(&LocalDecisions::default()).is_empty(), "handed out once");
+        assert!(
+            journal.release_left(&LocalDecisions::default()).is_empty(),
+            "handed out once"
+        );
         drop(journal);
         // Not confirmed as stored: the life after reports them again, and adds its own.
         let other = channel("other");

@@ -601,3 +601,28 @@ async fn holdings_a_run_left_are_released_by_the_next_ones_first_sweep_until_sto
     let (broker, _) = open_at(&dir, 1 << 20);
     assert!(broker.sweep().await.expect("memory").transitions.is_empty());
 }
+
+#[tokio::test]
+async fn a_release_stays_in_the_journal_until_its_event_is_stored() {
+    use crate::broker::TransitionKind::ChannelVacated;
+    let dir = TempDir::new();
+    let (a, b) = (holding("a", None), holding("b", None));
+    let (broker, _) = open_at(&dir, 1 << 20);
+    assert!(broker.keeps_releases());
+    for h in [&a, &b] {
+        assert!(broker.track(h, true).await.expect("memory").is_some());
+        assert!(broker.track(h, false).await.expect("memory").is_some());
+    }
+    // `a`'s vacated reached the queue's disk; `b`'s did not (a crash came first).
+    broker.release_stored(&a, true).await.expect("memory");
+    broker.release_stored(&b, false).await.expect("memory");
+    drop(broker);
+    let (broker, _) = open_at(&dir, 1 << 20);
+    let swept = broker.sweep().await.expect("memory").transitions;
+    let got: Vec<_> = swept.iter().map(|t| (t.kind, &*t.channel)).collect();
+    assert_eq!(
+        got,
+        vec![(ChannelVacated, "b")],
+        "b's release is reported again"
+    );
+}
