@@ -39,9 +39,6 @@ const SIGNAL_CODES: [CloseCode; 8] = [
     CloseCode::TryAgainLater,
 ];
 
-/// A queue that has been emptied keeps at most this many slots of capacity.
-const KEEP_SLOTS: usize = 16;
-
 /// A notice is queued only while fewer frames than this (or than half the queue's capacity,
 /// if smaller) are waiting. A client with that much unread is behind; when 19,000 clients
 /// leave at once, the notices bound this way cost at most a few MB in all instead of a full
@@ -324,22 +321,37 @@ impl OutboxReceiver {
             return (0, 0);
         }
         let mut queue = self.shared.queue();
-        let mut moved = 0;
-        while buf.len() < limit || moved == 0 {
-            let Some(queued) = queue.frames.pop_front() else {
+        // Sized first, then reserved once: growing the buffer frame by frame reallocated and
+        // copied it over and over (a third of the instructions per delivery in a profile).
+        let mut count = 0;
+        let mut bytes = 0;
+        for queued in &queue.frames {
+            if count > 0 && buf.len() + bytes >= limit {
                 break;
-            };
+            }
+            bytes += queued.frame.for_connection(deflate).len();
+            count += 1;
+        }
+        buf.reserve(bytes);
+        let queue = &mut *queue;
+        for queued in queue.frames.drain(..count) {
             queue.notices -= usize::from(queued.notice);
             buf.extend_from_slice(queued.frame.for_connection(deflate));
-            moved += 1;
-        }
-        if queue.frames.is_empty() && queue.frames.capacity() > KEEP_SLOTS {
-            queue.frames = VecDeque::new();
         }
         self.shared
             .queued
             .store(queue.frames.len(), Ordering::Release);
-        (moved, queue.since_us)
+        (count as u64, queue.since_us)
+    }
+
+    /// Gives back the queue's memory if it is empty. The session calls this on its heartbeat
+    /// tick: a busy connection keeps its slots (no allocation per batch of pushes), an idle
+    /// one holds none within a second.
+    pub fn release_idle(&self) {
+        let mut queue = self.shared.queue();
+        if queue.frames.is_empty() && queue.frames.capacity() > 0 {
+            queue.frames = VecDeque::new();
+        }
     }
 
     /// The next queued frame, if any.

@@ -426,6 +426,7 @@ where
                         if wbuf.is_empty() {
                             *wbuf = BytesMut::new();
                         }
+                        self.outbox.release_idle();
                         let now = now_us();
                         if now.saturating_sub(last_seen) >= micros(self.config.timeout()) {
                             return End::Server(CloseCode::HeartbeatTimeout);
