@@ -11,7 +11,8 @@
 //! The queue is a `VecDeque` behind a per-connection mutex (never contended by more than the
 //! publishers of that moment and the connection itself) with one wake-up (an atomic flag and
 //! waker) for everything: frames, close requests and gap reports. An idle connection's queue
-//! holds no allocation at all, which is what keeps memory per idle connection small; a general
+//! holds no allocation at all (a drained queue keeps its slots for the next batch until the
+//! session's heartbeat tick), which is what keeps memory per idle connection small; a general
 //! purpose channel would pre-allocate a block of slots per connection.
 
 use std::cell::{Cell, RefCell};
