@@ -535,22 +535,23 @@ mod tests {
         rx.poll_woken(&mut Context::from_waker(&waker)).is_ready()
     }
 
+    /// Pushes `frame` inside `batch`, as a handler would.
+    async fn push_held(batch: &mut WakeBatch, outbox: &Outbox, frame: &'static [u8]) {
+        batch
+            .hold(async {
+                assert_eq!(outbox.try_push(Bytes::from_static(frame)), Push::Queued);
+            })
+            .await;
+    }
+
     #[tokio::test]
     async fn a_batch_holds_wake_ups_until_released_and_frames_are_queued_at_once() {
         let (outbox, rx) = Outbox::new(uuid::Uuid::new_v4(), 8);
         let mut batch = WakeBatch::default();
-        batch
-            .hold(async {
-                assert_eq!(outbox.try_push(Bytes::from_static(b"1")), Push::Queued);
-            })
-            .await;
+        push_held(&mut batch, &outbox, b"1").await;
         assert!(!woken(&rx), "held back");
         assert!(!rx.is_empty(), "but queued");
-        batch
-            .hold(async {
-                assert_eq!(outbox.try_push(Bytes::from_static(b"2")), Push::Queued);
-            })
-            .await;
+        push_held(&mut batch, &outbox, b"2").await;
         batch.release();
         assert!(woken(&rx), "released");
         let mut buf = BytesMut::new();
@@ -574,11 +575,7 @@ mod tests {
             .await;
         let mut buf = BytesMut::new();
         rx.drain_into(&mut buf, usize::MAX, None);
-        batch
-            .hold(async {
-                assert_eq!(outbox.try_push(Bytes::from_static(b"2")), Push::Queued);
-            })
-            .await;
+        push_held(&mut batch, &outbox, b"2").await;
         assert!(!woken(&rx));
         drop(batch);
         assert!(woken(&rx), "released when dropped");
