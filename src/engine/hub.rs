@@ -103,6 +103,16 @@ impl MemberState {
         self.last_offset.fetch_max(offset, Ordering::AcqRel);
     }
 
+    /// [`MemberState::delivered_up_to`] on the delivery path, where it runs for every
+    /// delivery: a load and a store instead of a read-modify-write (a locked instruction per
+    /// delivery). Deliveries to one member come from one broker path in order, and the only
+    /// other writer, [`Hub::finish_recovery`], runs before live delivery starts.
+    fn delivered_in_order(&self, offset: u64) {
+        if self.last_offset.load(Ordering::Acquire) < offset {
+            self.last_offset.store(offset, Ordering::Release);
+        }
+    }
+
     /// Makes `epoch` (an [`epoch_tag`]) the member's stream; if it was another one, what was
     /// delivered or replayed of that one counts no more. Deliveries to one member come from
     /// one broker path in order, so this does not race with itself.
@@ -525,7 +535,7 @@ fn deliver_one(member: &Member, publication: Option<(u64, u64)>, frame: &SharedF
     }
     match member.outbox.try_push(frame.clone()) {
         pushed @ (Push::Queued | Push::QueuedOverNotice) => {
-            state.delivered_up_to(offset);
+            state.delivered_in_order(offset);
             if pushed == Push::Queued {
                 Outcome::Queued
             } else {

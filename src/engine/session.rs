@@ -17,7 +17,7 @@ use futures_util::FutureExt;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-use super::outbox::OutboxReceiver;
+use super::outbox::{OutboxReceiver, WakeBatch};
 use crate::engine::stats::Stats;
 use crate::types::clock::now_us;
 use crate::ws::close::{CloseCode, WsViolation};
@@ -443,6 +443,7 @@ where
                             if wbuf.is_empty() {
                                 *wbuf = BytesMut::new();
                             }
+                            self.outbox.release_idle();
                             let now = now_us();
                             if now.saturating_sub(last_seen) >= micros(self.config.timeout()) {
                                 return End::Server(CloseCode::HeartbeatTimeout);
@@ -556,8 +557,11 @@ where
             count: 0,
             deflate: self.config.deflate,
         };
-        let mut received = 0;
+        let mut received: u64 = 0;
         let mut queued = 0;
+        // The subscribers these messages reach are woken once per batch, not per message
+        // (released when this returns, before a yield, and whenever a handler waits).
+        let mut wakes = WakeBatch::default();
         let outcome = loop {
             if replies.buf.len() >= WRITE_HIGH_WATER {
                 break (None, true);
@@ -583,8 +587,10 @@ where
                 received += 1;
             }
             match message {
-                Incoming::Text(text) => self.handler.on_text(text, &mut replies).await,
-                Incoming::Binary(data) => self.handler.on_binary(data, &mut replies).await,
+                Incoming::Text(text) => wakes.hold(self.handler.on_text(text, &mut replies)).await,
+                Incoming::Binary(data) => {
+                    wakes.hold(self.handler.on_binary(data, &mut replies)).await;
+                }
                 Incoming::Ping(payload) => {
                     encode_into(replies.buf, OpCode::Pong, &payload);
                     continue;
@@ -592,8 +598,12 @@ where
                 Incoming::Pong => continue,
                 Incoming::Close(code) => break (Some(End::ClientClosed(code)), false),
             }
+            if received > 0 && received.is_multiple_of(MESSAGES_PER_YIELD) {
+                wakes.release();
+            }
             yield_every(received).await;
         };
+        wakes.release();
         self.stats.add_in(received);
         self.stats.add_out(replies.count + queued);
         outcome

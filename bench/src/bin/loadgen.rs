@@ -21,6 +21,7 @@ USAGE:
                     [--messages 2000] [--size 64] [--rate 0] [--window 256]
                     [--stalled 0] [--server-pid PID] [--timeout 60] [--deflate [--inflate-every 1]]
                     [--dialect legacy|v1] [--channel bench]
+                    [--before-burst CMD] [--after-burst CMD]
       N subscribers and P publishers connect; each publisher sends --messages JSON chat
       messages of --size bytes ({\"sender\":..,\"content\":..}); every one must reach every
       subscriber. --rate is messages/s per publisher (0 = flat out, at most --window messages
@@ -36,6 +37,10 @@ USAGE:
       chat message as the `data` of a v1 `publish` to it. Several --url values (comma-separated nodes of one
       cluster) spread the subscribers over the nodes; publishers use the first. --server-pid
       takes a comma-separated list too, and CPU is summed over those processes.
+      --before-burst / --after-burst run a shell command (sh -c) right before the first
+      message is sent and right after the last one arrived, while every connection is still
+      open: bench/callgrind.sh zeroes and dumps the server's instruction counts there, so
+      connecting and closing are not counted.
 
   loadgen echo --url ws://127.0.0.1:3030/echo [--connections 100] [--window 1] [--size 64]
                [--duration 10] [--server-pid PID]
@@ -196,6 +201,19 @@ async fn subscriber_connect(
 /// CPU time of every server process together (a cluster's cost).
 fn cluster_cpu(pids: &[u32]) -> Option<Duration> {
     pids.iter().map(|&pid| process_cpu(pid)).sum()
+}
+
+/// Runs a `--before-burst`/`--after-burst` command and waits for it; a failure ends the run.
+fn run_hook(name: &str, command: &str) -> Result<(), String> {
+    let status = std::process::Command::new("sh")
+        .args(["-c", command])
+        .status()
+        .map_err(|e| format!("--{name}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("--{name} {command:?} failed: {status}"))
+    }
 }
 
 struct Subscriber {
@@ -376,6 +394,12 @@ async fn broadcast(args: &Args) -> Result<(), String> {
         start.elapsed().as_secs_f64()
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
+    if let Some(hook) = args
+        .flag("before-burst")
+        .then(|| args.string("before-burst", ""))
+    {
+        run_hook("before-burst", &hook)?;
+    }
 
     let cpu_before = cluster_cpu(&server_pids);
     let own_before = process_cpu(std::process::id());
@@ -439,6 +463,12 @@ async fn broadcast(args: &Args) -> Result<(), String> {
         }
     }
     let elapsed = began.elapsed();
+    if let Some(hook) = args
+        .flag("after-burst")
+        .then(|| args.string("after-burst", ""))
+    {
+        run_hook("after-burst", &hook)?;
+    }
     let cpu = match (cpu_before, cluster_cpu(&server_pids)) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a)),
         _ => None,
