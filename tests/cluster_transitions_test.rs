@@ -94,12 +94,19 @@ fn token(user: &str) -> String {
     .unwrap()
 }
 
-/// Every transition any of `nodes` reported, counted.
+/// Every transition any of `nodes` reported, counted once per decision: a claimed transition
+/// handed out again (its acknowledgement lost) carries the same id and counts once; two ids
+/// for one transition are two decisions and count twice.
 fn reported(nodes: &[&ClusterNode]) -> HashMap<Event, usize> {
     let mut counts = HashMap::new();
+    let mut ids = std::collections::HashSet::new();
     for node in nodes {
-        for event in node.recording.all().iter() {
-            *counts.entry(event.clone()).or_insert(0) += 1;
+        for t in node.recording.transitions() {
+            if !ids.insert(t.id) {
+                continue;
+            }
+            let event = ev(t.kind.name(), &t.channel, t.user.as_deref());
+            *counts.entry(event).or_insert(0) += 1;
         }
     }
     counts
