@@ -6,7 +6,8 @@
 # forwarded), and optionally a second Rusty Socks binary to compare against (a build of an
 # earlier commit). Server pinned to CPU 1 (SERVER_CPUS), generator to CPU 0, loopback only.
 # THREADS=2 runs every server with two worker threads; FEATURES=rusty-socks/mimalloc builds
-# with those cargo features; NO_BUILD=1 uses target/release as it is.
+# with those cargo features; NO_BUILD=1 uses target/release as it is. SUBSCRIBERS (1000), SIZE
+# (64 bytes) and RATE (unset: burst; N: N messages/s, for latency) change the load.
 #
 # Usage: bench/compare.sh [ROUNDS] [BASELINE_BINARY]
 #   e.g. git worktree add /tmp/base <commit> && (cd /tmp/base && cargo build --release --bin rusty_socks)
@@ -17,6 +18,9 @@ cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}
 BASELINE=${2:-}
 MESSAGES=${MESSAGES:-10000}
+SUBSCRIBERS=${SUBSCRIBERS:-1000}
+SIZE=${SIZE:-64}
+if [ -n "${RATE:-}" ]; then LOAD="--rate $RATE"; NAME="rate$RATE"; else LOAD="--window 256"; NAME=burst; fi
 [ -n "${NO_BUILD:-}" ] || cargo build --release --quiet --workspace --bins ${FEATURES:+--features "$FEATURES"}
 BIN=target/release
 
@@ -31,9 +35,10 @@ for round in $(seq 1 "$ROUNDS"); do
     s=${scenario%%:*}
     dialect=${scenario##*:}
     start "$s"
-    out=$(taskset -c 0 "$BIN/loadgen" broadcast --subscribers 1000 --messages "$MESSAGES" --size 64 \
-      --window 256 --dialect "$dialect" --url "ws://127.0.0.1:$PORT/ws" --server-pid "$SERVER_PID" | grep '^RESULT' || echo "RESULT failed")
-    echo "burst-1000x64-r$round $s $dialect $out"
+    # shellcheck disable=SC2086 # LOAD is two words
+    out=$(taskset -c 0 "$BIN/loadgen" broadcast --subscribers "$SUBSCRIBERS" --messages "$MESSAGES" --size "$SIZE" \
+      $LOAD --dialect "$dialect" --url "ws://127.0.0.1:$PORT/ws" --server-pid "$SERVER_PID" | grep '^RESULT' || echo "RESULT failed")
+    echo "$NAME-${SUBSCRIBERS}x$SIZE-r$round $s $dialect $out"
     stop
     sleep 1
   done
