@@ -18,7 +18,8 @@
 //! every such stream for sparse traffic and deliver it one publication at a time again.
 //!
 //! Order is kept: events are delivered in arrival order, and whoever drives a batch flushes
-//! it before anything it reports on its own (a gap after a reconnect) and before it stops.
+//! it before anything it reports on its own (a gap after a reconnect). When the node stops, the
+//! Redis task flushes what it holds; a NATS feed drops it, as the subscribers go too.
 
 use std::time::Duration;
 

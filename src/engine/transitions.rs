@@ -211,6 +211,8 @@ impl Tracker {
     fn rejoin(&self) {
         let mut state = self.state();
         state.reported.clear();
+        // The calls made under the old id are moot: the survivors released all it held.
+        state.uncertain.clear();
         let held: Vec<Holding> = state.counts.keys().cloned().collect();
         for holding in held {
             state.mark(holding);
@@ -238,7 +240,6 @@ impl Tracker {
                 match broker.track(&holding, held).await {
                     Ok(transition) => {
                         backoff = FIRST_BACKOFF;
-                        self.reported(holding.clone(), held);
                         if let Some(transition) = transition {
                             tracing::debug!(
                                 event = transition.kind.name(),
@@ -257,6 +258,9 @@ impl Tracker {
                                 self.sink.on_transition(transition);
                             }
                         }
+                        // Only now, once the transition is with the sink (and a release
+                        // confirmed): until then `settled` says no, so a graceful stop waits.
+                        self.reported(holding, held);
                     }
                     Err(err) => {
                         tracing::warn!(
