@@ -299,3 +299,56 @@ where
         assert!(mine(&heir.sweep().await.expect("sweep").transitions).is_empty());
     }
 }
+
+/// A dead node that held many channels (more than one sweep returns: NATS pages its pending
+/// transitions) has every one of them vacated, once each, by the survivor's sweeps within a
+/// few presence TTLs. Returns whether a sweep said more were pending.
+pub async fn a_dead_nodes_many_holdings_are_all_released<F, Fut>(make: &F, ttl: Duration) -> bool
+where
+    F: Fn(Arc<dyn BrokerEvents>) -> Fut,
+    Fut: Future<Output = Arc<dyn Broker>>,
+{
+    const HELD: usize = 300;
+    let dying = make(Arc::new(Recorder::default())).await;
+    let survivor = make(Arc::new(Recorder::default())).await;
+    let p = prefix();
+    let channels: Vec<String> = (0..HELD).map(|n| format!("{p}:many{n}")).collect();
+    for channel in &channels {
+        assert!(
+            dying
+                .track(&holding(channel, None), true)
+                .await
+                .expect("track")
+                .is_some()
+        );
+    }
+    dying.sweep().await.expect("heartbeat");
+    drop(dying);
+    let started = tokio::time::Instant::now();
+    let (mut ids, mut vacated) = (
+        std::collections::HashSet::new(),
+        std::collections::BTreeMap::<String, usize>::new(),
+    );
+    let mut saw_more = false;
+    while vacated.len() < HELD {
+        assert!(
+            started.elapsed() < ttl * 4 + Duration::from_secs(10),
+            "{} of {HELD} vacated after {:?}",
+            vacated.len(),
+            started.elapsed()
+        );
+        let swept = survivor.sweep().await.expect("sweep");
+        saw_more |= swept.more;
+        for t in swept.transitions {
+            // Handed out again (not yet acknowledged) keeps its id: counted once.
+            if t.channel.starts_with(&*p) && ids.insert(t.id) {
+                assert_eq!(t.kind, TransitionKind::ChannelVacated);
+                *vacated.entry(t.channel.to_string()).or_default() += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(vacated.values().all(|&n| n == 1), "one decision each");
+    assert_eq!(vacated.len(), HELD);
+    saw_more
+}

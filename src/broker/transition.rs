@@ -207,6 +207,9 @@ pub struct Swept {
     /// TTL) and its holdings are gone: the node must [`super::Broker::track`] everything it
     /// holds again.
     pub rejoined: bool,
+    /// More transitions are pending than one sweep returns: the caller sweeps again soon
+    /// (after handing these on), instead of waiting for the next interval.
+    pub more: bool,
 }
 
 /// Wall-clock milliseconds since the Unix epoch.

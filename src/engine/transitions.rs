@@ -234,8 +234,7 @@ impl Tracker {
             while let Some((holding, held)) = self.next() {
                 // A long queue (thousands of channels at once) must not stop the heartbeat.
                 if tokio::time::Instant::now() >= next_sweep {
-                    self.sweep(&*broker, &stats).await;
-                    next_sweep = tokio::time::Instant::now() + every;
+                    next_sweep = self.sweep(&*broker, &stats, every).await;
                 }
                 match broker.track(&holding, held).await {
                     Ok(transition) => {
@@ -283,22 +282,32 @@ impl Tracker {
                 () = stop.cancelled() => return,
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep_until(next_sweep) => {
-                    self.sweep(&*broker, &stats).await;
-                    next_sweep = tokio::time::Instant::now() + every;
+                    next_sweep = self.sweep(&*broker, &stats, every).await;
                 }
             }
         }
     }
 
-    async fn sweep(&self, broker: &dyn Broker, stats: &Stats) {
+    /// One sweep; returns when the next is due: after `every`, or at once when the broker has
+    /// more pending transitions than one sweep returns.
+    async fn sweep(
+        &self,
+        broker: &dyn Broker,
+        stats: &Stats,
+        every: Duration,
+    ) -> tokio::time::Instant {
+        let mut next = tokio::time::Instant::now() + every;
         match broker.sweep().await {
             Ok(swept) => {
                 if swept.rejoined {
                     tracing::warn!("the broker had declared this node dead; tracking again");
                     self.rejoin();
                 }
+                if swept.more {
+                    next = tokio::time::Instant::now();
+                }
                 if swept.transitions.is_empty() {
-                    return;
+                    return next;
                 }
                 for transition in &swept.transitions {
                     tracing::info!(
@@ -319,6 +328,7 @@ impl Tracker {
                 stats.broker_error();
             }
         }
+        next
     }
 }
 

@@ -388,6 +388,18 @@ async fn a_dead_nodes_transitions_are_claimed_by_one_survivor() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
+async fn a_dead_node_with_more_holdings_than_a_sweep_returns_has_all_released() {
+    let options = options(&url());
+    let _cleanup = Cleanup(options.clone());
+    let ttl = Duration::from_secs(1);
+    let make = cluster(options, ttl);
+    let paged =
+        crate::broker::cluster_cases::a_dead_nodes_many_holdings_are_all_released(&make, ttl).await;
+    assert!(paged, "300 pending transitions take more than one sweep");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
 async fn a_node_declared_dead_tracks_again() {
     let options = options(&url());
     let _cleanup = Cleanup(options.clone());

@@ -48,6 +48,10 @@ use super::{Inner, NatsBroker, unavailable};
 use crate::broker::transition::{NodeIdentity, now_ms};
 use crate::broker::{BrokerError, Holding, Swept, Transition};
 
+/// Pending transitions a sweep returns at most (each is one read, and its acknowledgement one
+/// purge, in the next sweep); see `pending`.
+const PENDING_PER_SWEEP: usize = 256;
+
 /// Compare-and-set attempts before a change is given up as failed (the caller retries).
 const CAS_ATTEMPTS: usize = 32;
 
@@ -423,20 +427,24 @@ impl NatsBroker {
                 return Err(err);
             }
         }
-        let (transitions, handed) = self.pending(bucket, &me).await?;
+        let (transitions, handed, more) = self.pending(bucket, &me).await?;
         *self.tracking.handed() = handed;
         Ok(Swept {
             transitions,
             rejoined: self.tracking.node.take_rejoined(),
+            more,
         })
     }
 
-    /// Every transition pending for `me`, by `seq`, and their keys.
+    /// The oldest transitions pending for `me` (at most [`PENDING_PER_SWEEP`]), by `seq`,
+    /// their keys, and whether more are pending. Bounded so that a sweep after the death of a
+    /// node that held tens of thousands of memberships (one read each) stays inside its
+    /// deadline and makes progress, instead of timing out on every try.
     async fn pending(
         &self,
         bucket: &kv::Store,
         me: &str,
-    ) -> Result<(Vec<Transition>, Vec<String>), BrokerError> {
+    ) -> Result<(Vec<Transition>, Vec<String>, bool), BrokerError> {
         let mut keys: Vec<(u64, String)> = self
             .inner
             .subjects(bucket, &format!("pend.{me}.*"))
@@ -445,6 +453,8 @@ impl NatsBroker {
             .filter_map(|key| Some((key.rsplit('.').next()?.parse().ok()?, key)))
             .collect();
         keys.sort();
+        let more = keys.len() > PENDING_PER_SWEEP;
+        keys.truncate(PENDING_PER_SWEEP);
         let scope = self.scope();
         let mut out = Vec::with_capacity(keys.len());
         for (seq, key) in &keys {
@@ -460,7 +470,7 @@ impl NatsBroker {
                 None => tracing::warn!(key, "unreadable pending transition of a dead node"),
             }
         }
-        Ok((out, keys.into_iter().map(|(_, key)| key).collect()))
+        Ok((out, keys.into_iter().map(|(_, key)| key).collect(), more))
     }
 
     /// Claims dead node `dead` for `me`: create-if-absent, or take over a claim whose

@@ -213,6 +213,14 @@ async fn transitions_are_decided_once_across_nodes() {
 
 #[tokio::test]
 #[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
+async fn a_dead_node_with_many_holdings_has_all_released() {
+    let ttl = Duration::from_secs(1);
+    let make = cluster(prefix(), ttl);
+    crate::broker::cluster_cases::a_dead_nodes_many_holdings_are_all_released(&make, ttl).await;
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
 async fn a_dead_nodes_transitions_are_claimed_by_one_survivor() {
     let ttl = Duration::from_secs(1);
     let make = cluster(prefix(), ttl);

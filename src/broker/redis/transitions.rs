@@ -331,6 +331,7 @@ impl RedisBroker {
         Ok(Swept {
             transitions,
             rejoined: self.tracking.node.take_rejoined(),
+            more: false,
         })
     }
 }
