@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,24 +17,6 @@ use rusty_socks::settings::{Config, Secret};
 use serde_json::{Value, json};
 
 const NAMESPACES: &str = r#"{"":{},"busy":{"history_size":100000}}"#;
-
-/// A fresh directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        Self(std::env::temp_dir().join(format!("rusty-socks-durable-it-{}", uuid::Uuid::new_v4())))
-    }
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn start(dir: &TempDir, fsync: &str) -> (Logged, std::net::SocketAddr) {
     let mut server = Logged::start(&[

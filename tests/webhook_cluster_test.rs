@@ -15,7 +15,6 @@ mod common;
 mod receiver;
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::process::Logged;
@@ -128,24 +127,6 @@ async fn expect_exactly(
     assert_eq!(count(&events[since..]), want, "{:#?}", &events[since..]);
     assert!(receiver.attempts().iter().all(|a| a.signed));
     took
-}
-
-/// A fresh directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        Self(std::env::temp_dir().join(format!("rusty-socks-whc-{}", uuid::Uuid::new_v4())))
-    }
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Deletes what a NATS run created when dropped (each stream reserves JetStream storage).

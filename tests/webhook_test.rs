@@ -8,7 +8,6 @@ mod common;
 #[path = "common/receiver.rs"]
 mod receiver;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::process::{Logged, signal, wait_exit};
@@ -318,24 +317,6 @@ async fn channel_and_member_events_arrive_in_order_per_channel() {
             "channel_vacated"
         ]
     );
-}
-
-/// A fresh directory, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        Self(std::env::temp_dir().join(format!("rusty-socks-webhook-it-{}", uuid::Uuid::new_v4())))
-    }
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn start_binary(dir: &TempDir, receiver: &Receiver) -> (Logged, std::net::SocketAddr) {

@@ -713,3 +713,30 @@ pub fn delete_nats_prefix(url: &str, prefix: &str) {
     })
     .join();
 }
+
+/// A fresh directory under the system's temporary directory (not created), removed with
+/// everything in it when dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        Self(std::env::temp_dir().join(format!("rusty-socks-test-{}", uuid::Uuid::new_v4())))
+    }
+
+    /// The path, for a setting.
+    pub fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -572,7 +572,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_refuses_before_writing_so_the_disk_holds_exactly_what_waits() {
-        let dir = std::env::temp_dir().join(format!("rusty-socks-queue-{}", uuid::Uuid::new_v4()));
+        let dir = temp_dir();
         let (store, recovered) = Store::open(&dir).expect("test setup");
         let queue = WebhookQueue::new(
             EventSet::of([EventName::ClientConnected]),
