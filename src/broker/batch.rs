@@ -119,26 +119,59 @@ impl Batch {
     }
 
     /// Delivers everything held, in arrival order, in one go: no subscriber runs in between,
-    /// so each is woken once for all of it.
+    /// so each is woken once for all of it. Consecutive publications of one channel and
+    /// epoch go over together ([`BrokerEvents::on_publications`]).
     pub fn flush(&mut self, events: &dyn BrokerEvents) {
+        let mut run: Vec<Publication> = Vec::new();
+        let mut run_of: Option<(String, String)> = None;
         for held in self.held.drain(..) {
             match held {
                 Held::Publication {
                     channel,
                     epoch,
                     publication,
-                } => events.on_publication(&channel, &epoch, &publication),
-                Held::Gap(channel) => events.on_gap(&channel),
-                Held::Join(channel, client) => events.on_join(&channel, &client),
-                Held::Leave(channel, client) => events.on_leave(&channel, &client),
+                } => {
+                    let same = run_of
+                        .as_ref()
+                        .is_some_and(|(c, e)| *c == channel && *e == epoch);
+                    if !same {
+                        deliver_run(events, run_of.take(), &mut run);
+                        run_of = Some((channel, epoch));
+                    }
+                    run.push(publication);
+                }
+                other => {
+                    deliver_run(events, run_of.take(), &mut run);
+                    match other {
+                        Held::Gap(channel) => events.on_gap(&channel),
+                        Held::Join(channel, client) => events.on_join(&channel, &client),
+                        Held::Leave(channel, client) => events.on_leave(&channel, &client),
+                        Held::Publication { .. } => {}
+                    }
+                }
             }
         }
+        deliver_run(events, run_of, &mut run);
     }
 
     /// Drops what is held (the feed stopped: nobody wants it any more).
     pub fn discard(&mut self) {
         self.held.clear();
     }
+}
+
+/// Hands a run of publications of one channel and epoch to `events`, and empties it.
+fn deliver_run(
+    events: &dyn BrokerEvents,
+    of: Option<(String, String)>,
+    run: &mut Vec<Publication>,
+) {
+    if let Some((channel, epoch)) = of
+        && !run.is_empty()
+    {
+        events.on_publications(&channel, &epoch, run);
+    }
+    run.clear();
 }
 
 #[cfg(test)]
@@ -226,5 +259,73 @@ mod tests {
         let node = Recorder::default();
         batch.flush(&node);
         assert_eq!(node.taken("c").len(), MAX_HELD);
+    }
+
+    /// Records how publications were handed over: runs of (channel, epoch, offsets).
+    #[derive(Default)]
+    struct Runs(std::sync::Mutex<Vec<(String, String, Vec<u64>)>>);
+
+    impl BrokerEvents for Runs {
+        fn on_publication(&self, channel: &str, epoch: &str, publication: &Publication) {
+            self.on_publications(channel, epoch, std::slice::from_ref(publication));
+        }
+        fn on_publications(&self, channel: &str, epoch: &str, publications: &[Publication]) {
+            let offsets = publications.iter().map(|p| p.offset).collect();
+            self.0
+                .lock()
+                .unwrap()
+                .push((channel.into(), epoch.into(), offsets));
+        }
+        fn on_join(&self, channel: &str, _: &ClientInfo) {
+            self.0
+                .lock()
+                .unwrap()
+                .push((channel.into(), "join".into(), Vec::new()));
+        }
+        fn on_leave(&self, _: &str, _: &ClientInfo) {}
+        fn on_gap(&self, channel: &str) {
+            self.0
+                .lock()
+                .unwrap()
+                .push((channel.into(), "gap".into(), Vec::new()));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_publications_of_one_channel_and_epoch_go_over_together() {
+        let mut batch = Batch::default();
+        batch.publication("a", "e1", publication(1));
+        batch.discard();
+        for (channel, epoch, offset) in [
+            ("a", "e1", 2),
+            ("a", "e1", 3),
+            ("b", "e1", 1),
+            ("a", "e1", 4),
+            ("a", "e2", 1),
+            ("a", "e2", 2),
+        ] {
+            batch.publication(channel, epoch, publication(offset));
+        }
+        batch.gap("a");
+        batch.publication("a", "e2", publication(3));
+        batch.join("b", client());
+        batch.publication("a", "e2", publication(4));
+        let runs = Runs::default();
+        batch.flush(&runs);
+        let got = runs.0.into_inner().unwrap();
+        let want: Vec<(String, String, Vec<u64>)> = [
+            ("a", "e1", vec![2, 3]),
+            ("b", "e1", vec![1]),
+            ("a", "e1", vec![4]),
+            ("a", "e2", vec![1, 2]),
+            ("a", "gap", vec![]),
+            ("a", "e2", vec![3]),
+            ("b", "join", vec![]),
+            ("a", "e2", vec![4]),
+        ]
+        .into_iter()
+        .map(|(c, e, o)| (c.to_owned(), e.to_owned(), o))
+        .collect();
+        assert_eq!(got, want);
     }
 }

@@ -139,6 +139,14 @@ pub trait BrokerEvents: Send + Sync {
     /// publication (position `{offset: 0, epoch: ""}`) learns the epoch from it, and one that
     /// outlived a restart can tell the new stream's offsets from the old one's.
     fn on_publication(&self, channel: &str, epoch: &str, publication: &Publication);
+    /// Several publications of one channel and epoch, in offset order, delivered together:
+    /// a node with many subscribers on the channel then touches each of them once for all of
+    /// them (see `Hub::deliver_batch`). The default hands them over one by one.
+    fn on_publications(&self, channel: &str, epoch: &str, publications: &[Publication]) {
+        for publication in publications {
+            self.on_publication(channel, epoch, publication);
+        }
+    }
     /// A client joined a channel this node subscribed to.
     fn on_join(&self, channel: &str, client: &ClientInfo);
     /// A client left a channel this node subscribed to.

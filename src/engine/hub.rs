@@ -267,6 +267,17 @@ pub struct Delivery {
     pub notices_dropped: usize,
 }
 
+/// One publication for [`Hub::deliver_batch`].
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The publication's [`epoch_tag`] and offset.
+    pub place: (u64, u64),
+    /// The encoded frame.
+    pub frame: Bytes,
+    /// A member that must not get it (a legacy publisher does not get its own message).
+    pub skip: Option<ClientId>,
+}
+
 /// What happened to one frame for one member.
 enum Outcome {
     Queued,
@@ -446,6 +457,41 @@ impl Hub {
                 }
                 Outcome::NoticeDropped => delivery.notices_dropped += 1,
                 Outcome::Dropped => delivery.dropped += 1,
+            }
+        }
+        delivery
+    }
+
+    /// [`Hub::deliver`] for several publications of one channel, in their order, member by
+    /// member: each member's state and queue are touched once for the whole batch instead of
+    /// once per publication. With 10,000 members those no longer fit in a core's cache, and
+    /// publication by publication every delivery missed it (issue 19: the cost per delivery
+    /// at 10,000 subscribers was 0.70× that at 1,000, at best).
+    pub fn deliver_batch(&self, channel: &str, batch: &[Outgoing]) -> Delivery {
+        let mut delivery = Delivery::default();
+        if batch.is_empty() {
+            return delivery;
+        }
+        // One shared frame per publication for every member (see `deliver`).
+        let frames: Vec<SharedFrame> = batch.iter().map(|o| SharedFrame::from(&o.frame)).collect();
+        let shard = self.read(channel);
+        let Some(entry) = shard.get(channel) else {
+            return delivery;
+        };
+        for (id, member) in &entry.members {
+            for (outgoing, frame) in batch.iter().zip(&frames) {
+                if Some(*id) == outgoing.skip {
+                    continue;
+                }
+                match deliver_one(member, Some(outgoing.place), frame) {
+                    Outcome::Queued => delivery.queued += 1,
+                    Outcome::QueuedOverNotice => {
+                        delivery.queued += 1;
+                        delivery.notices_dropped += 1;
+                    }
+                    Outcome::NoticeDropped => delivery.notices_dropped += 1,
+                    Outcome::Dropped => delivery.dropped += 1,
+                }
             }
         }
         delivery

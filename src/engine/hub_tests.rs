@@ -214,3 +214,68 @@ fn notices_never_make_a_slow_consumer_in_the_outbox_or_the_recovery_buffer() {
     hub.deliver("n", Some((0, 9)), &Bytes::from_static(b"p"), None);
     assert_eq!(rx.close_requested(), None);
 }
+
+fn outgoing(offset: u64, skip: Option<ClientId>) -> Outgoing {
+    Outgoing {
+        place: (0, offset),
+        frame: Bytes::from(offset.to_string()),
+        skip,
+    }
+}
+
+#[test]
+fn a_batch_reaches_every_member_in_order_but_each_publisher_skips_its_own() {
+    let hub = Hub::new();
+    let (a, mut ra, _) = member(&hub, "room", 8, SlowPolicy::Disconnect);
+    let (b, mut rb, _) = member(&hub, "room", 8, SlowPolicy::Disconnect);
+    let (_c, mut rc, _) = member(&hub, "room", 8, SlowPolicy::Disconnect);
+    let batch = [
+        outgoing(1, Some(a.id())),
+        outgoing(2, Some(b.id())),
+        outgoing(3, None),
+    ];
+    let d = hub.deliver_batch("room", &batch);
+    assert_eq!(d.queued, 7);
+    let drain = |rx: &mut crate::engine::outbox::OutboxReceiver| {
+        std::iter::from_fn(|| rx.try_recv()).collect::<Vec<_>>()
+    };
+    assert_eq!(drain(&mut ra), [Bytes::from("2"), Bytes::from("3")]);
+    assert_eq!(drain(&mut rb), [Bytes::from("1"), Bytes::from("3")]);
+    assert_eq!(
+        drain(&mut rc),
+        [Bytes::from("1"), Bytes::from("2"), Bytes::from("3")]
+    );
+    assert_eq!(hub.deliver_batch("other", &batch), Delivery::default());
+}
+
+#[test]
+fn a_batch_keeps_the_per_member_rules_recovery_late_copies_and_overflow() {
+    let hub = Hub::new();
+    // Recovering: buffered, in order, for the merge after its replay.
+    let (outbox, mut recovering_rx) = Outbox::new(Uuid::new_v4(), 8);
+    let recovering = MemberState::recovering("room", SlowPolicy::Disconnect, 8);
+    hub.subscribe(&outbox, Arc::clone(&recovering));
+    // Replayed through 2: the batch's copies of 1 and 2 are late.
+    let (_l, mut late_rx, late) = member(&hub, "room", 8, SlowPolicy::Gap);
+    late.replayed_through(2);
+    // Room for two frames on a gap namespace: the third makes a gap, the rest is dropped.
+    let (_s, mut slow_rx, slow) = member(&hub, "room", 2, SlowPolicy::Gap);
+    let batch: Vec<Outgoing> = (1..=4).map(|o| outgoing(o, None)).collect();
+    hub.deliver_batch("room", &batch);
+    assert!(recovering_rx.try_recv().is_none(), "buffered, not queued");
+    let buffered = hub.finish_recovery(&recovering, 0, 0);
+    assert_eq!(
+        buffered
+            .iter()
+            .map(|(p, _)| p.unwrap().1)
+            .collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    assert_eq!(late_rx.try_recv(), Some(Bytes::from("3")));
+    assert_eq!(late_rx.try_recv(), Some(Bytes::from("4")));
+    assert!(late_rx.try_recv().is_none());
+    assert_eq!(slow_rx.try_recv(), Some(Bytes::from("1")));
+    assert_eq!(slow_rx.try_recv(), Some(Bytes::from("2")));
+    assert!(slow_rx.try_recv().is_none());
+    assert!(slow.gapped.load(Ordering::Acquire), "the overflow is a gap");
+}

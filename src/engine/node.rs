@@ -14,19 +14,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Identity, Verifier};
 use crate::broker::history::HistoryLimits;
-use crate::broker::{Broker, BrokerEvents, HistoryPage, Idempotency, PublishRequest, Published};
+use crate::broker::{Broker, HistoryPage, Idempotency, PublishRequest, Published};
 use crate::engine::control::{CONTROL_HISTORY, Control};
 use crate::engine::hub::{BrokerReady, Hub, Joined, Left, MemberState, epoch_tag};
 use crate::engine::namespace::{Access, NamespaceOptions, Namespaces};
 use crate::engine::outbox::Outbox;
-use crate::engine::sessions::Sessions;
 use crate::engine::stats::Stats;
-use crate::protocol::legacy::ServerFrame;
-use crate::protocol::v1::{Frame, MAX_HISTORY_LIMIT};
+use crate::protocol::v1::MAX_HISTORY_LIMIT;
 use crate::types::error::ClientError;
 use crate::types::position::is_complete_replay;
 use crate::types::{ClientId, ClientInfo, Publication, StreamPosition};
-use crate::ws::frame::{OpCode, encode};
 
 /// The channel every `/ws` connection joins on connect; legacy chat is published here and its
 /// frames are rendered in the legacy shapes (`Chat`, `Disconnect`).
@@ -38,116 +35,11 @@ pub const DEFAULT_CHANNEL: &str = "default";
 pub const CONTROL_CHANNEL: &str = "$control";
 
 mod closing;
+mod dispatcher;
 mod live;
 
+pub use dispatcher::Dispatcher;
 pub use live::NodeLive;
-
-/// Renders broker deliveries into frames for the local hub.
-#[derive(Debug)]
-pub struct Dispatcher {
-    hub: Arc<Hub>,
-    echo_to_sender: bool,
-    stats: Arc<Stats>,
-    control: Arc<Control>,
-}
-
-impl Dispatcher {
-    /// A dispatcher feeding `hub`, counting gaps in `stats`, acting on control messages for
-    /// `sessions`.
-    pub fn new(
-        hub: Arc<Hub>,
-        echo_to_sender: bool,
-        stats: Arc<Stats>,
-        sessions: Arc<Sessions>,
-    ) -> Self {
-        Self {
-            hub,
-            echo_to_sender,
-            stats,
-            control: Arc::new(Control::new(sessions)),
-        }
-    }
-
-    /// The control side, for [`Node::start`]: recovering missed control messages needs the
-    /// broker, which is built after (and around) the dispatcher.
-    pub fn control(&self) -> Arc<Control> {
-        Arc::clone(&self.control)
-    }
-}
-
-fn text_frame(json: &str) -> Bytes {
-    encode(OpCode::Text, json.as_bytes())
-}
-
-impl BrokerEvents for Dispatcher {
-    fn on_publication(&self, channel: &str, epoch: &str, publication: &Publication) {
-        if channel == CONTROL_CHANNEL {
-            return self.control.on_publication(epoch, publication);
-        }
-        let place = Some((epoch_tag(epoch), publication.offset));
-        if channel == DEFAULT_CHANNEL {
-            // Legacy chat: the stored data *is* the legacy Chat frame; the sender gets no copy.
-            let frame = text_frame(publication.data.get());
-            let skip = publication.client_id.filter(|_| !self.echo_to_sender);
-            let delivery = self.hub.deliver(channel, place, &frame, skip);
-            self.stats.notices_dropped(delivery.notices_dropped);
-            return;
-        }
-        let frame = text_frame(
-            &Frame::Publication {
-                channel,
-                offset: publication.offset,
-                epoch,
-                data: &publication.data,
-                client_id: publication.client_id,
-            }
-            .to_json(),
-        );
-        let delivery = self.hub.deliver(channel, place, &frame, None);
-        self.stats.notices_dropped(delivery.notices_dropped);
-    }
-
-    fn on_join(&self, channel: &str, client: &ClientInfo) {
-        if channel == DEFAULT_CHANNEL {
-            return; // The legacy dialect has no join notice.
-        }
-        let frame = text_frame(&Frame::Join { channel, client }.to_json());
-        let delivery = self
-            .hub
-            .deliver(channel, None, &frame, Some(client.client_id));
-        self.stats.notices_dropped(delivery.notices_dropped);
-    }
-
-    fn on_leave(&self, channel: &str, client: &ClientInfo) {
-        let json = if channel == DEFAULT_CHANNEL {
-            ServerFrame::Disconnect {
-                client_id: client.client_id,
-            }
-            .to_json()
-        } else {
-            Frame::Leave { channel, client }.to_json()
-        };
-        let delivery = self
-            .hub
-            .deliver(channel, None, &text_frame(&json), Some(client.client_id));
-        self.stats.notices_dropped(delivery.notices_dropped);
-    }
-
-    fn on_gap(&self, channel: &str) {
-        if channel == CONTROL_CHANNEL {
-            tracing::warn!("control messages may have been missed; recovering them");
-            return self.control.on_gap();
-        }
-        // The legacy dialect has no gap frame: its clients are closed so they reconnect.
-        let told = self.hub.gap(channel, channel == DEFAULT_CHANNEL);
-        self.stats.gap(told);
-        tracing::warn!(
-            channel,
-            told,
-            "publications may have been missed; subscribers told"
-        );
-    }
-}
 
 /// Who is asking the node to act, for the namespace permissions.
 #[derive(Debug, Clone, Copy)]
