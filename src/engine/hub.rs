@@ -278,6 +278,21 @@ pub struct Outgoing {
     pub skip: Option<ClientId>,
 }
 
+impl Delivery {
+    /// Counts one member's outcome for one frame.
+    fn count(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Queued => self.queued += 1,
+            Outcome::QueuedOverNotice => {
+                self.queued += 1;
+                self.notices_dropped += 1;
+            }
+            Outcome::NoticeDropped => self.notices_dropped += 1,
+            Outcome::Dropped => self.dropped += 1,
+        }
+    }
+}
+
 /// What happened to one frame for one member.
 enum Outcome {
     Queued,
@@ -449,15 +464,7 @@ impl Hub {
             if Some(*id) == skip {
                 continue;
             }
-            match deliver_one(member, publication, frame) {
-                Outcome::Queued => delivery.queued += 1,
-                Outcome::QueuedOverNotice => {
-                    delivery.queued += 1;
-                    delivery.notices_dropped += 1;
-                }
-                Outcome::NoticeDropped => delivery.notices_dropped += 1,
-                Outcome::Dropped => delivery.dropped += 1,
-            }
+            delivery.count(deliver_one(member, publication, frame));
         }
         delivery
     }
@@ -479,19 +486,16 @@ impl Hub {
             return delivery;
         };
         for (id, member) in &entry.members {
-            for (outgoing, frame) in batch.iter().zip(&frames) {
-                if Some(*id) == outgoing.skip {
-                    continue;
-                }
-                match deliver_one(member, Some(outgoing.place), frame) {
-                    Outcome::Queued => delivery.queued += 1,
-                    Outcome::QueuedOverNotice => {
-                        delivery.queued += 1;
-                        delivery.notices_dropped += 1;
+            let state = &member.state;
+            if state.recovering.load(Ordering::Acquire) || state.gapped.load(Ordering::Acquire) {
+                // The rare paths, frame by frame (buffering, dropping).
+                for (outgoing, frame) in batch.iter().zip(&frames) {
+                    if Some(*id) != outgoing.skip {
+                        delivery.count(deliver_one(member, Some(outgoing.place), frame));
                     }
-                    Outcome::NoticeDropped => delivery.notices_dropped += 1,
-                    Outcome::Dropped => delivery.dropped += 1,
                 }
+            } else {
+                deliver_run(member, *id, batch, &frames, &mut delivery);
             }
         }
         delivery
@@ -600,6 +604,63 @@ fn deliver_one(member: &Member, publication: Option<(u64, u64)>, frame: &SharedF
             Outcome::Dropped
         }
         Push::Closed | Push::NoticeDropped => Outcome::Dropped,
+    }
+}
+
+/// A run of publications for a member that is neither recovering nor gapped, under one lock
+/// of its queue ([`deliver_one`]'s publication path, frame by frame). The first frame that
+/// does not fit applies the slow-client policy, and the rest of the run is dropped, as it
+/// would be one by one (the member is then gapped or closing).
+fn deliver_run(
+    member: &Member,
+    id: ClientId,
+    batch: &[Outgoing],
+    frames: &[SharedFrame],
+    delivery: &mut Delivery,
+) {
+    let state = &member.state;
+    let mut pushing = member.outbox.pushing();
+    let mut full = false;
+    for (outgoing, frame) in batch.iter().zip(frames) {
+        if Some(id) == outgoing.skip {
+            continue;
+        }
+        if full {
+            delivery.dropped += 1;
+            continue;
+        }
+        let (epoch, offset) = outgoing.place;
+        state.enter_epoch(epoch);
+        if offset <= state.replayed_through.load(Ordering::Acquire) {
+            // Already in the client's replay (see `MemberState::replayed_through`).
+            delivery.queued += 1;
+            continue;
+        }
+        match pushing.push(frame.clone()) {
+            pushed @ (Push::Queued | Push::QueuedOverNotice) => {
+                state.delivered_in_order(offset);
+                delivery.queued += 1;
+                if pushed == Push::QueuedOverNotice {
+                    delivery.notices_dropped += 1;
+                }
+            }
+            Push::Full => {
+                full = true;
+                delivery.dropped += 1;
+            }
+            Push::Closed | Push::NoticeDropped => delivery.dropped += 1,
+        }
+    }
+    drop(pushing);
+    if full {
+        match state.policy {
+            SlowPolicy::Gap => {
+                if !state.gapped.swap(true, Ordering::AcqRel) {
+                    member.outbox.report_gap(Arc::clone(state));
+                }
+            }
+            SlowPolicy::Disconnect => member.outbox.close(CloseCode::SlowConsumer),
+        }
     }
 }
 

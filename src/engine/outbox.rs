@@ -172,27 +172,19 @@ impl Outbox {
     /// The frame is shared: a publication's compressed form (permessage-deflate) is built
     /// once, by the first session that needs it, for every outbox it went to.
     pub fn try_push(&self, frame: impl Into<SharedFrame>) -> Push {
-        let mut queue = self.shared.queue();
-        if queue.closed {
-            return Push::Closed;
+        self.pushing().push(frame.into())
+    }
+
+    /// Takes the queue's lock for a run of publication pushes ([`Pushing`]): the hub's batch
+    /// fan-out queues a whole run for one member under one lock and with one wake-up.
+    pub fn pushing(&self) -> Pushing<'_> {
+        let queue = self.shared.queue();
+        let was_empty = queue.frames.is_empty();
+        Pushing {
+            outbox: self,
+            queue: Some(queue),
+            was_empty,
         }
-        let mut pushed = Push::Queued;
-        if queue.frames.len() >= self.shared.capacity {
-            let oldest = if queue.notices > 0 {
-                queue.frames.iter().position(|q| q.notice)
-            } else {
-                None
-            };
-            match oldest.and_then(|i| queue.frames.remove(i)) {
-                Some(_) => {
-                    queue.notices -= 1;
-                    pushed = Push::QueuedOverNotice;
-                }
-                None => return Push::Full,
-            }
-        }
-        self.push_locked(queue, frame.into(), false);
-        pushed
     }
 
     /// Queues a join/leave/`Disconnect` notice, only while fewer than
@@ -270,6 +262,66 @@ impl Outbox {
     /// Takes the gaps to report (see [`OutboxReceiver::take_gaps`]).
     pub fn take_gaps(&self) -> Vec<Arc<MemberState>> {
         take_gaps(&self.shared)
+    }
+}
+
+/// An outbox's queue, locked for a run of pushes ([`Outbox::pushing`]). The length the
+/// session reads without the lock is updated, and the session woken, when it is dropped.
+#[derive(Debug)]
+pub struct Pushing<'a> {
+    outbox: &'a Outbox,
+    /// Always `Some` until dropped (taken then, to release the lock before the wake-up).
+    queue: Option<MutexGuard<'a, Queue>>,
+    was_empty: bool,
+}
+
+impl Pushing<'_> {
+    /// [`Outbox::try_push`] under the lock already held.
+    pub fn push(&mut self, frame: SharedFrame) -> Push {
+        let Some(queue) = self.queue.as_deref_mut() else {
+            return Push::Closed;
+        };
+        if queue.closed {
+            return Push::Closed;
+        }
+        let mut pushed = Push::Queued;
+        if queue.frames.len() >= self.outbox.shared.capacity {
+            let oldest = if queue.notices > 0 {
+                queue.frames.iter().position(|q| q.notice)
+            } else {
+                None
+            };
+            match oldest.and_then(|i| queue.frames.remove(i)) {
+                Some(_) => {
+                    queue.notices -= 1;
+                    pushed = Push::QueuedOverNotice;
+                }
+                None => return Push::Full,
+            }
+        }
+        if queue.frames.is_empty() {
+            queue.since_us = crate::types::clock::now_us();
+        }
+        queue.frames.push_back(Queued {
+            frame,
+            notice: false,
+        });
+        pushed
+    }
+}
+
+impl Drop for Pushing<'_> {
+    fn drop(&mut self) {
+        let Some(queue) = self.queue.take() else {
+            return;
+        };
+        let len = queue.frames.len();
+        self.outbox.shared.queued.store(len, Ordering::Release);
+        // Released before the wake-up: the session may run on another worker at once.
+        drop(queue);
+        if self.was_empty && len > 0 {
+            hold_or_wake(&self.outbox.shared);
+        }
     }
 }
 
