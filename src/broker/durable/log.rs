@@ -396,14 +396,28 @@ impl Writer {
                 }
                 let unused: u64 = group.iter().map(|a| a.allowance).sum();
                 self.bytes.fetch_sub(unused, Ordering::Relaxed);
+                // Consecutive publications of one channel and epoch go to the node together,
+                // which fans them out member by member.
+                let mut run: Vec<Publication> = Vec::new();
+                let mut run_of: Option<(&Arc<str>, &Arc<str>)> = None;
                 for a in group.iter() {
                     if let Some(written) = &a.written {
                         written.fetch_max(a.offset, Ordering::Release);
                     }
-                    if let Some(publication) = &a.deliver {
-                        self.events
-                            .on_publication(&a.channel, &a.epoch, publication);
+                    let Some(publication) = &a.deliver else {
+                        continue;
+                    };
+                    if run_of.is_some_and(|(c, e)| *c != a.channel || *e != a.epoch) {
+                        if let Some((channel, epoch)) = run_of {
+                            self.events.on_publications(channel, epoch, &run);
+                        }
+                        run.clear();
                     }
+                    run_of = Some((&a.channel, &a.epoch));
+                    run.push(publication.clone());
+                }
+                if let Some((channel, epoch)) = run_of {
+                    self.events.on_publications(channel, epoch, &run);
                 }
                 written.append(group);
             }
