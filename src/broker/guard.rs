@@ -241,6 +241,20 @@ impl Broker for Guarded {
         Box::pin(self.health.call("publish", call))
     }
 
+    fn publish_batch<'a>(
+        &'a self,
+        channel: &'a str,
+        requests: Vec<PublishRequest>,
+    ) -> BrokerFuture<'a, Vec<Result<Published, BrokerError>>> {
+        // One deadline for the whole batch: it is one round trip, not one per request.
+        let call = self.health.inner.publish_batch(channel, requests);
+        Box::pin(self.health.call("publish", call))
+    }
+
+    fn pipelines_publish(&self) -> bool {
+        self.health.inner.pipelines_publish()
+    }
+
     fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
         Box::pin(async move {
             let health = &self.health;

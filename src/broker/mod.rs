@@ -207,6 +207,33 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
         channel: &'a str,
         request: PublishRequest,
     ) -> BrokerFuture<'a, Published>;
+    /// Publishes `requests` on `channel` in their order, each as [`Broker::publish`] would,
+    /// and returns one result per request, in the same order. A request that fails does not
+    /// stop the ones after it. Networked brokers send them back to back on one connection
+    /// and then wait for the answers ([`Broker::pipelines_publish`]): the publications reach
+    /// every node's subscription together, so the receiving node delivers them in one batch
+    /// instead of one round trip each. `Err` fails every request alike (the deadline passed,
+    /// the broker is known down): whether any was stored is then unknown, as for a publish
+    /// whose answer was lost. The default publishes one after another.
+    fn publish_batch<'a>(
+        &'a self,
+        channel: &'a str,
+        requests: Vec<PublishRequest>,
+    ) -> BrokerFuture<'a, Vec<Result<Published, BrokerError>>> {
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(requests.len());
+            for request in requests {
+                results.push(self.publish(channel, request).await);
+            }
+            Ok(results)
+        })
+    }
+    /// Whether [`Broker::publish_batch`] is worth gathering messages for: `true` where a
+    /// publish waits for a round trip to another server. The memory broker publishes at once
+    /// (the default `false`), so a connection's messages go to it one by one, as they come.
+    fn pipelines_publish(&self) -> bool {
+        false
+    }
     /// Starts delivering `channel` to this node.
     fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()>;
     /// Stops delivering `channel` to this node.

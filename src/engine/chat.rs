@@ -14,6 +14,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
+use self::gather::Gathered;
 use super::outbox::Outbox;
 use super::session::{Handler, Replies};
 use crate::auth::Identity;
@@ -26,6 +27,8 @@ use crate::types::position::continues_from;
 use crate::types::rate::{Rate, TokenBucket};
 use crate::types::{AuthError, ClientId, ClientInfo};
 use crate::ws::close::CloseCode;
+
+mod gather;
 
 /// What a `/ws` connection speaks, chosen by the subprotocols it offered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +135,9 @@ pub struct ChatHandler {
     auth: Option<Box<Auth>>,
     /// The per-connection rate limit's state, from the first message under a rate.
     bucket: Option<Box<Bucket>>,
+    /// Legacy chat messages of the current read, to be published together at its end (only
+    /// with a broker that pipelines publishes; boxed: empty between reads).
+    gathered: Option<Box<Gathered>>,
     /// Legacy or v1-only.
     dialect: Dialect,
 }
@@ -169,6 +175,7 @@ impl ChatHandler {
                 })
             }),
             bucket: None,
+            gathered: None,
             dialect,
         }
     }
@@ -198,9 +205,25 @@ impl ChatHandler {
     /// Applies the rate limit to one incoming message; `false` drops it (with an error reply,
     /// or a close for a client that keeps going).
     fn admit(&mut self, out: &mut Replies<'_>, v1: Option<Option<&RawValue>>) -> bool {
+        match self.admission() {
+            Ok(()) => true,
+            Err(Some(err)) => {
+                match v1 {
+                    Some(id) => out.text(&Frame::error(id, &err).to_json()),
+                    None => out.text(&ServerFrame::error(&err).to_json()),
+                }
+                false
+            }
+            Err(None) => false,
+        }
+    }
+
+    /// The rate limit's verdict on one message: `Err(Some)` refuses it with that error,
+    /// `Err(None)` refuses it and is closing the connection.
+    fn admission(&mut self) -> Result<(), Option<ClientError>> {
         let limits = self.limits();
         if limits.rate == 0 {
-            return true;
+            return Ok(());
         }
         // Made at the first message under a rate (full, as a new connection's would be), so a
         // rate set by a reload also limits connections that were open before it.
@@ -208,20 +231,15 @@ impl ChatHandler {
             Box::new(Bucket::new(limits.burst, crate::types::clock::now_us()))
         });
         match bucket.admit(limits.rate, limits.burst, crate::types::clock::now_us()) {
-            Admit::Yes => true,
+            Admit::Yes => Ok(()),
             Admit::Refuse => {
                 self.node().stats().rate_limited();
-                let err = ClientError::RateLimited(limits.rate);
-                match v1 {
-                    Some(id) => out.text(&Frame::error(id, &err).to_json()),
-                    None => out.text(&ServerFrame::error(&err).to_json()),
-                }
-                false
+                Err(Some(ClientError::RateLimited(limits.rate)))
             }
             Admit::Close => {
                 self.node().stats().rate_limited();
                 self.outbox.close(CloseCode::RateLimited);
-                false
+                Err(None)
             }
         }
     }
@@ -278,15 +296,10 @@ impl ChatHandler {
     /// A legacy chat message: published on [`DEFAULT_CHANNEL`] if the unnamed namespace's
     /// `publish` lets this connection, with the token's `sub` as `sender` when it has one.
     async fn legacy_chat(&mut self, text: &str, out: &mut Replies<'_>) {
-        let user = self.auth.as_ref().map(|a| &*a.identity.user);
-        let chat = match parse_chat(text, OffsetDateTime::now_utc(), user) {
-            Ok(chat) => chat,
+        let data = match self.legacy_data(text) {
+            Ok(Some(data)) => data,
+            Ok(None) => return,
             Err(err) => return out.text(&ServerFrame::error(&err).to_json()),
-        };
-        // The legacy frame itself is the publication's data: stored once, replayed verbatim.
-        let data = match RawValue::from_string(ServerFrame::Chat(&chat).to_json()) {
-            Ok(raw) => Arc::from(raw),
-            Err(_) => return,
         };
         let published = self
             .shared
@@ -305,6 +318,16 @@ impl ChatHandler {
             }
             out.text(&ServerFrame::error(&err).to_json());
         }
+    }
+
+    /// A legacy chat message's publication data (`None`: nothing to publish or answer).
+    fn legacy_data(&self, text: &str) -> Result<Option<Arc<RawValue>>, ClientError> {
+        let user = self.auth.as_ref().map(|a| &*a.identity.user);
+        let chat = parse_chat(text, OffsetDateTime::now_utc(), user)?;
+        // The legacy frame itself is the publication's data: stored once, replayed verbatim.
+        Ok(RawValue::from_string(ServerFrame::Chat(&chat).to_json())
+            .ok()
+            .map(Arc::from))
     }
 
     async fn command(
@@ -553,6 +576,13 @@ impl Handler for ChatHandler {
                 Dialect::Legacy => v1::parse(text),
                 Dialect::V1 => v1::parse_v1_only(text),
             };
+            if matches!(parsed, Parsed::Legacy) && self.shared.node.pipelines_publish() {
+                return self.gather_legacy(text);
+            }
+            // Anything else waits for the chat messages before it, and answers after them.
+            if self.gathered.is_some() {
+                Box::pin(self.publish_gathered(out)).await;
+            }
             let v1_id = match &parsed {
                 Parsed::Command(id, _) | Parsed::BadCommand(id, _) => Some(*id),
                 Parsed::Legacy | Parsed::Invalid(_) => None,
@@ -575,10 +605,21 @@ impl Handler for ChatHandler {
     }
 
     async fn on_binary(&mut self, _data: Bytes, out: &mut Replies<'_>) {
+        if self.gathered.is_some() {
+            Box::pin(self.publish_gathered(out)).await;
+        }
         let err = ClientError::BinaryNotSupported;
         match self.dialect {
             Dialect::Legacy => out.text(&ServerFrame::error(&err).to_json()),
             Dialect::V1 => out.text(&Frame::error(None, &err).to_json()),
+        }
+    }
+
+    async fn on_read_end(&mut self, out: &mut Replies<'_>) {
+        if self.gathered.is_some() {
+            // Boxed: a connection's task would otherwise be as large as a pipelined publish
+            // for its whole life.
+            Box::pin(self.publish_gathered(out)).await;
         }
     }
 

@@ -34,6 +34,7 @@ pub const DEFAULT_CHANNEL: &str = "default";
 /// Its messages are kept in history and recovered after a gap (see [`Control`]).
 pub const CONTROL_CHANNEL: &str = "$control";
 
+mod batch;
 mod closing;
 mod dispatcher;
 mod live;

@@ -153,6 +153,13 @@ pub trait Handler: Send {
     fn on_text(&mut self, text: Bytes, out: &mut Replies<'_>) -> impl Future<Output = ()> + Send;
     /// A complete binary message.
     fn on_binary(&mut self, data: Bytes, out: &mut Replies<'_>) -> impl Future<Output = ()> + Send;
+    /// Called when the messages of one read have been handed over, before the session
+    /// yields its thread in a long read, and before it ends: a handler that gathers messages
+    /// to act on them together (publishing a read's chat messages as one pipeline) finishes
+    /// them here, so their replies go out with the read's. The default gathers nothing.
+    fn on_read_end(&mut self, _out: &mut Replies<'_>) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
     /// Called when the outbox has drained and the hub reported gaps, so gap notices follow
     /// everything queued before them.
     fn on_gaps(&mut self, _out: &mut Replies<'_>) {}
@@ -599,10 +606,14 @@ where
                 Incoming::Close(code) => break (Some(End::ClientClosed(code)), false),
             }
             if received > 0 && received.is_multiple_of(MESSAGES_PER_YIELD) {
+                wakes.hold(self.handler.on_read_end(&mut replies)).await;
                 wakes.release();
             }
             yield_every(received).await;
         };
+        // Also when the connection ends here: what the client sent before its close is
+        // handled, as it would have been one message at a time.
+        wakes.hold(self.handler.on_read_end(&mut replies)).await;
         wakes.release();
         self.stats.add_in(received);
         self.stats.add_out(replies.count + queued);

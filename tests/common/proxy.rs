@@ -14,6 +14,11 @@
 //!   away: the broker applied the request, the client never hears so. Like a link that
 //!   drops right after the request went through.
 //!
+//! - [`FaultProxy::hold_replies`]: answers on a connection that carried a request containing
+//!   a given byte string are held back (nothing lost) until that string has been seen `n`
+//!   times in all; then everything passes. Proves requests were sent without waiting for
+//!   each other's answers (a pipeline): one at a time, the first answer never comes.
+//!
 //! Everything runs on the test's runtime and stops when the proxy is dropped.
 
 use std::net::SocketAddr;
@@ -45,6 +50,26 @@ struct Control {
     cut: std::sync::Mutex<Option<(Vec<u8>, usize)>>,
     /// Connections cut so far by `cut_replies`.
     cuts: AtomicU64,
+    /// The armed `hold_replies`, if any (its count changes notify the held connections).
+    hold: watch::Sender<Option<Hold>>,
+}
+
+/// What [`FaultProxy::hold_replies`] armed.
+#[derive(Debug)]
+struct Hold {
+    /// Tells this hold from earlier ones, for the connections that carried its needle.
+    id: u64,
+    needle: Vec<u8>,
+    want: usize,
+    seen: usize,
+}
+
+impl Hold {
+    /// Whether a connection that last carried hold `carried` must hold its answers now.
+    fn holds(hold: &Option<Hold>, carried: u64) -> bool {
+        hold.as_ref()
+            .is_some_and(|h| h.id == carried && h.seen < h.want)
+    }
 }
 
 /// A TCP proxy in front of `target`; see the module docs.
@@ -69,6 +94,7 @@ impl FaultProxy {
             resets: watch::Sender::new(0),
             cut: std::sync::Mutex::new(None),
             cuts: AtomicU64::new(0),
+            hold: watch::Sender::new(None),
         });
         let tasks = tokio::spawn(accept_loop(listener, target, Arc::clone(&control)));
         Self {
@@ -118,6 +144,26 @@ impl FaultProxy {
     /// How many connections `cut_replies` cut so far.
     pub fn cuts(&self) -> u64 {
         self.control.cuts.load(Ordering::SeqCst)
+    }
+
+    /// Holds back the answers on every connection that sends a request containing `needle`
+    /// until `needle` has been sent `n` times in all (counting from now, over every
+    /// connection); see the module docs.
+    pub fn hold_replies(&self, needle: &[u8], n: usize) {
+        self.control.hold.send_modify(|hold| {
+            let id = hold.as_ref().map_or(1, |h| h.id + 1);
+            *hold = Some(Hold {
+                id,
+                needle: needle.to_vec(),
+                want: n,
+                seen: 0,
+            });
+        });
+    }
+
+    /// How many times the needle of `hold_replies` was sent so far.
+    pub fn held_requests(&self) -> usize {
+        self.control.hold.borrow().as_ref().map_or(0, |h| h.seen)
     }
 
     /// Resets every open connection (RST), then lets new ones pass.
@@ -220,6 +266,8 @@ struct Cut {
     fired: std::sync::atomic::AtomicBool,
     /// Bytes came back after the request was forwarded (and were thrown away).
     answered: tokio::sync::Notify,
+    /// The id of the last `hold_replies` whose needle this connection sent (0: none).
+    carried: AtomicU64,
 }
 
 impl Cut {
@@ -268,7 +316,10 @@ async fn pump(
     cut: Option<(&Cut, bool)>,
 ) {
     let mut mode = control.mode.subscribe();
+    let mut hold = control.hold.subscribe();
     let mut buf = vec![0u8; 16 * 1024];
+    // The tail of what came before, so a held needle split across reads is counted.
+    let mut hold_tail: Vec<u8> = Vec::new();
     // The tail of what came before, so a needle split across reads is found.
     let mut window: Vec<u8> = Vec::new();
     loop {
@@ -283,6 +334,20 @@ async fn pump(
         // Bytes read while the link went down wait (pause) or vanish (black hole).
         if passable(control, born, &mut mode).await.is_none() {
             std::future::pending::<()>().await;
+        }
+        if let Some((cut, true)) = cut {
+            // Counted before the request goes on, so its answer is held if it must be.
+            count_held(control, cut, &mut hold_tail, &buf[..n]);
+        }
+        if let Some((cut, false)) = cut {
+            while Hold::holds(
+                &hold.borrow_and_update(),
+                cut.carried.load(Ordering::SeqCst),
+            ) {
+                if hold.changed().await.is_err() {
+                    break;
+                }
+            }
         }
         if let Some((cut, false)) = cut
             && cut.fired.load(Ordering::SeqCst)
@@ -310,6 +375,33 @@ async fn pump(
     }
     // A plain end is passed on as a plain end.
     let _ = to.shutdown().await;
+}
+
+/// Counts the armed hold's needle in `bytes` (sent by the client), and marks the connection
+/// as one whose answers it holds.
+fn count_held(control: &Control, cut: &Cut, tail: &mut Vec<u8>, bytes: &[u8]) {
+    control.hold.send_if_modified(|hold| {
+        let Some(hold) = hold.as_mut() else {
+            return false;
+        };
+        let len = hold.needle.len();
+        if len == 0 {
+            return false;
+        }
+        tail.extend_from_slice(bytes);
+        let found = tail
+            .windows(len)
+            .filter(|w| *w == hold.needle.as_slice())
+            .count();
+        let keep = tail.len().saturating_sub(len - 1);
+        tail.drain(..keep);
+        if found == 0 {
+            return false;
+        }
+        cut.carried.store(hold.id, Ordering::SeqCst);
+        hold.seen += found;
+        true
+    });
 }
 
 /// Makes closing `stream` (when it is dropped) send an RST.

@@ -20,6 +20,8 @@ use serde_json::value::RawValue;
 use time::OffsetDateTime;
 
 use super::{Inner, ensure, read, token, unavailable};
+
+mod pipeline;
 use crate::broker::history::{HistoryLimits, new_epoch};
 use crate::broker::{BrokerError, HistoryPage, PublishRequest, Published};
 use crate::types::ClientId;

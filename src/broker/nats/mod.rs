@@ -15,6 +15,10 @@
 //!   per channel), publishes offset + 1 in its epoch with `Nats-Expected-Last-Subject-Sequence`
 //!   set to its sequence, and on "wrong last sequence" reads again and retries. A new epoch
 //!   starts only when the subject has no message left (history aged out, or the stream was lost).
+//! - Several publishes of one channel at once ([`Broker::publish_batch`]) are appended back to
+//!   back, each expecting the one before it (predicted sequence and message id), and the acks
+//!   awaited after; whatever was refused because something else came in between is published
+//!   again one by one (`history/pipeline.rs`).
 //! - Idempotency keys: a keyed publish carries `Nats-Msg-Id` (the channel's token and the
 //!   key), and the stream's duplicate window is `RUSTY_SOCKS_IDEMPOTENCY_WINDOW`; JetStream
 //!   acknowledges a duplicate with the first message's sequence, which is read back for its
@@ -477,6 +481,18 @@ impl Broker for NatsBroker {
         request: PublishRequest,
     ) -> BrokerFuture<'a, Published> {
         Box::pin(self.inner.publish(channel, request))
+    }
+
+    fn publish_batch<'a>(
+        &'a self,
+        channel: &'a str,
+        requests: Vec<PublishRequest>,
+    ) -> BrokerFuture<'a, Vec<Result<Published, BrokerError>>> {
+        Box::pin(self.inner.publish_pipelined(channel, requests))
+    }
+
+    fn pipelines_publish(&self) -> bool {
+        true
     }
 
     fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {

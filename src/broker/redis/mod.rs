@@ -5,6 +5,9 @@
 //!   entry IDs are the offsets, trims it to the namespace's bounds, and `PUBLISH`es the
 //!   publication, all atomically. Scripts run one at a time, so every node receives a
 //!   channel's publications in offset order.
+//! - **Pipelines**: [`Broker::publish_batch`] sends the scripts of several publishes back to
+//!   back on the command connection and then reads the answers (`pipeline.rs`): Redis runs
+//!   them in that order, and they reach the other nodes together.
 //! - **Live delivery**: Redis pub/sub, one Redis channel per channel, subscribed on one
 //!   connection per node only while the node has local subscribers. Each publication crosses
 //!   Redis once per subscribed node.
@@ -32,6 +35,7 @@
 //! position is offset 0 with the empty epoch until its first publication.
 
 mod commands;
+mod pipeline;
 mod scripts;
 mod transitions;
 
@@ -130,6 +134,16 @@ fn unavailable(err: redis::RedisError) -> BrokerError {
     BrokerError::Unavailable(format!("redis: {err}"))
 }
 
+/// What the [`PUBLISH`] script returns: epoch, offset, and `1` for a duplicate.
+type PublishReply = (String, u64, u8);
+
+fn published((epoch, offset, duplicate): PublishReply) -> Published {
+    Published {
+        position: StreamPosition { offset, epoch },
+        duplicate: duplicate == 1,
+    }
+}
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -189,6 +203,39 @@ impl RedisBroker {
 impl Shared {
     fn key(&self, channel: &str, what: &str) -> String {
         format!("{}:{{{channel}}}:{what}", self.options.prefix)
+    }
+
+    /// The [`PUBLISH`] script's invocation for `request` on `channel`.
+    fn publish_invocation(
+        &self,
+        channel: &str,
+        request: &PublishRequest,
+    ) -> redis::ScriptInvocation<'_> {
+        let limits = request.history;
+        let keep = STREAM_KEEP.max(limits.ttl.unwrap_or_default());
+        // The key shares the channel's hash tag, so the script may touch it in a cluster.
+        let (idem, window) = match &request.idempotency {
+            Some(i) => (
+                format!("idem:{}", i.key),
+                millis(i.window).max(1).to_string(),
+            ),
+            None => (String::from("idem"), String::new()),
+        };
+        let mut invocation = self.publish.prepare_invoke();
+        invocation
+            .key(self.key(channel, "meta"))
+            .key(self.key(channel, "history"))
+            .key(self.key(channel, &idem))
+            .arg(self.live(channel))
+            .arg(request.data.get())
+            .arg(request.client_id.map(|c| c.to_string()).unwrap_or_default())
+            .arg(limits.size.min(MAX_READ))
+            .arg(limits.ttl.map_or(0, millis))
+            .arg(limits.max_bytes.min(MAX_READ))
+            .arg(millis(keep))
+            .arg(crate::broker::history::new_epoch())
+            .arg(window);
+        invocation
     }
 
     fn live_prefix(&self) -> String {
@@ -517,40 +564,23 @@ impl Broker for RedisBroker {
     ) -> BrokerFuture<'a, Published> {
         Box::pin(async move {
             let shared = &self.shared;
-            let limits = request.history;
-            let keep = STREAM_KEEP.max(limits.ttl.unwrap_or_default());
+            let invocation = shared.publish_invocation(channel, &request);
             let (lease, mut conn) = shared.commands.get().await?;
-            // The key shares the channel's hash tag, so the script may touch it in a cluster.
-            let (idem, window) = match &request.idempotency {
-                Some(i) => (
-                    format!("idem:{}", i.key),
-                    millis(i.window).max(1).to_string(),
-                ),
-                None => (String::from("idem"), String::new()),
-            };
-            let (epoch, offset, duplicate): (String, u64, u8) = lease.finish(
-                shared
-                    .publish
-                    .key(shared.key(channel, "meta"))
-                    .key(shared.key(channel, "history"))
-                    .key(shared.key(channel, &idem))
-                    .arg(shared.live(channel))
-                    .arg(request.data.get())
-                    .arg(request.client_id.map(|c| c.to_string()).unwrap_or_default())
-                    .arg(limits.size.min(MAX_READ))
-                    .arg(limits.ttl.map_or(0, millis))
-                    .arg(limits.max_bytes.min(MAX_READ))
-                    .arg(millis(keep))
-                    .arg(crate::broker::history::new_epoch())
-                    .arg(window)
-                    .invoke_async(&mut conn)
-                    .await,
-            )?;
-            Ok(Published {
-                position: StreamPosition { offset, epoch },
-                duplicate: duplicate == 1,
-            })
+            let reply: PublishReply = lease.finish(invocation.invoke_async(&mut conn).await)?;
+            Ok(published(reply))
         })
+    }
+
+    fn publish_batch<'a>(
+        &'a self,
+        channel: &'a str,
+        requests: Vec<PublishRequest>,
+    ) -> BrokerFuture<'a, Vec<Result<Published, BrokerError>>> {
+        Box::pin(self.shared.publish_pipelined(channel, requests))
+    }
+
+    fn pipelines_publish(&self) -> bool {
+        true
     }
 
     fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {

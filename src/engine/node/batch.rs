@@ -1,0 +1,70 @@
+//! Publishing several messages of one connection together (see [`Broker::publish_batch`]).
+
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+
+use super::{Caller, Node};
+use crate::broker::{PublishRequest, Published};
+use crate::types::ClientId;
+use crate::types::error::ClientError;
+
+impl Node {
+    /// Whether a connection should gather its messages for [`Node::publish_batch`] (the
+    /// broker pipelines them) rather than publish each as it comes.
+    pub fn pipelines_publish(&self) -> bool {
+        self.broker.pipelines_publish()
+    }
+
+    /// Publishes `data` on `channel`, in order, as one pipeline; one result per item, in
+    /// order, each what [`Node::publish`] would have answered (no idempotency keys: legacy
+    /// chat has none). The permission check is the same for every item (one channel, one
+    /// caller), so it is made once.
+    pub async fn publish_batch(
+        &self,
+        channel: &str,
+        data: Vec<Arc<RawValue>>,
+        client_id: Option<ClientId>,
+        caller: Caller<'_>,
+    ) -> Vec<Result<Published, ClientError>> {
+        let count = data.len();
+        let all = |err: ClientError| vec![Err(err); count];
+        let options = match self.options(channel) {
+            Ok(options) => options,
+            Err(err) => return all(err),
+        };
+        if let Err(err) = caller.check(
+            options.publish,
+            channel,
+            "this connection may not publish to this channel",
+        ) {
+            return all(err);
+        }
+        // One count for the batch: shutdown waits for its one broker call.
+        let _in_flight = match self.enter_publish() {
+            Ok(in_flight) => in_flight,
+            Err(err) => return all(err),
+        };
+        let history = self.limits(&options);
+        let requests = data
+            .into_iter()
+            .map(|data| PublishRequest {
+                data,
+                client_id,
+                history,
+                idempotency: None,
+            })
+            .collect();
+        match self.broker.publish_batch(channel, requests).await {
+            Ok(results) => results
+                .into_iter()
+                .map(|result| {
+                    result
+                        .map_err(|err| self.unavailable(&err))
+                        .and_then(|published| self.confirm(published))
+                })
+                .collect(),
+            Err(err) => all(self.unavailable(&err)),
+        }
+    }
+}
