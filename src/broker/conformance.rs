@@ -34,6 +34,8 @@ pub struct Recorder {
     events: Mutex<Vec<Event>>,
     /// `(channel, offset, epoch)` of every publication delivered, in order.
     epochs: Mutex<Vec<(String, u64, String)>>,
+    /// `(channel, count)` of every hand-over of publications, in order.
+    runs: Mutex<Vec<(String, usize)>>,
 }
 
 impl Recorder {
@@ -53,6 +55,33 @@ impl Recorder {
             .filter(|(c, _, _)| c == channel)
             .map(|(_, offset, epoch)| (*offset, epoch.clone()))
             .collect()
+    }
+
+    /// How many publications each hand-over to `channel` carried, in order
+    /// ([`BrokerEvents::on_publications`] or one [`BrokerEvents::on_publication`]).
+    pub fn runs(&self, channel: &str) -> Vec<usize> {
+        self.runs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|(c, _)| c == channel)
+            .map(|(_, count)| *count)
+            .collect()
+    }
+
+    fn record(&self, channel: &str, epoch: &str, publication: &Publication) {
+        self.epochs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((channel.to_owned(), publication.offset, epoch.to_owned()));
+        self.push(Event::Publication(channel.to_owned(), publication.offset));
+    }
+
+    fn handed_over(&self, channel: &str, count: usize) {
+        self.runs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((channel.to_owned(), count));
     }
 
     /// Everything recorded for channels starting with `prefix`.
@@ -93,11 +122,14 @@ impl Recorder {
 
 impl BrokerEvents for Recorder {
     fn on_publication(&self, channel: &str, epoch: &str, publication: &Publication) {
-        self.epochs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push((channel.to_owned(), publication.offset, epoch.to_owned()));
-        self.push(Event::Publication(channel.to_owned(), publication.offset));
+        self.handed_over(channel, 1);
+        self.record(channel, epoch, publication);
+    }
+    fn on_publications(&self, channel: &str, epoch: &str, publications: &[Publication]) {
+        self.handed_over(channel, publications.len());
+        for publication in publications {
+            self.record(channel, epoch, publication);
+        }
     }
     fn on_join(&self, channel: &str, client: &ClientInfo) {
         self.push(Event::Join(channel.to_owned(), client.client_id));

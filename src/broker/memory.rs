@@ -20,12 +20,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::time::Instant;
 
 use super::{
-    Broker, BrokerEvents, BrokerFuture, BrokerStatus, ClientInfo, HistoryPage, Holding,
-    PublishRequest, Published, Swept, Transition,
+    Broker, BrokerError, BrokerEvents, BrokerFuture, BrokerStatus, ClientInfo, HistoryPage,
+    Holding, PublishRequest, Published, Swept, Transition,
 };
 use crate::broker::history::{ENTRY_OVERHEAD, HistoryLimits, Stream};
-use crate::types::ClientId;
 use crate::types::StreamPosition;
+use crate::types::{ClientId, Publication};
 
 const STRIPES: usize = 64;
 /// Every this many operations on a stripe, its idle channels are swept.
@@ -288,26 +288,68 @@ impl MemoryBroker {
         now: Instant,
         store: bool,
     ) -> Published {
+        let (published, publication) = Self::append_now(state, request, now, store);
+        if let Some(publication) = publication {
+            self.events
+                .on_publication(channel, state.stream.epoch(), &publication);
+        }
+        published
+    }
+
+    /// Publishes several requests in memory only, in their order, under the channel's lock
+    /// once: assign and append each, then deliver them together, so the node fans them out
+    /// member by member ([`BrokerEvents::on_publications`]).
+    pub(in crate::broker) fn publish_batch_now(
+        &self,
+        channel: &str,
+        requests: Vec<PublishRequest>,
+    ) -> Vec<Published> {
+        let now = Instant::now();
+        let stores: Vec<bool> = requests.iter().map(|r| self.stores(r)).collect();
+        self.with(channel, |state| {
+            let mut publications = Vec::with_capacity(requests.len());
+            let published = requests
+                .into_iter()
+                .zip(stores)
+                .map(|(request, store)| {
+                    let (published, publication) = Self::append_now(state, request, now, store);
+                    publications.extend(publication);
+                    published
+                })
+                .collect();
+            if !publications.is_empty() {
+                self.events
+                    .on_publications(channel, state.stream.epoch(), &publications);
+            }
+            published
+        })
+    }
+
+    /// Assigns and appends one publication; returns it too when the channel has subscribers
+    /// to deliver it to (a duplicate appends nothing).
+    fn append_now(
+        state: &mut ChannelState,
+        request: PublishRequest,
+        now: Instant,
+        store: bool,
+    ) -> (Published, Option<Publication>) {
         if let Some(idempotency) = &request.idempotency
             && let Some(offset) = state.keys.get(&idempotency.key, now)
         {
-            return Published {
+            let published = Published {
                 position: StreamPosition {
                     offset,
                     epoch: state.stream.position().epoch,
                 },
                 duplicate: true,
             };
+            return (published, None);
         }
         state.limits = Some(request.history);
         let publication =
             state
                 .stream
                 .append(request.data, request.client_id, request.history, now, store);
-        if state.subscribed > 0 {
-            self.events
-                .on_publication(channel, state.stream.epoch(), &publication);
-        }
         if let Some(idempotency) = request.idempotency
             && store
         {
@@ -316,7 +358,8 @@ impl MemoryBroker {
                 .keys
                 .insert(idempotency.key, publication.offset, expires);
         }
-        Published::new(state.stream.position())
+        let published = Published::new(state.stream.position());
+        (published, (state.subscribed > 0).then_some(publication))
     }
 
     fn now<'a, T: Send + 'a>(value: T) -> BrokerFuture<'a, T> {
@@ -341,6 +384,23 @@ impl Broker for MemoryBroker {
             self.publish_now(channel, state, request, now, store)
         });
         Self::now(published)
+    }
+
+    fn publish_batch<'a>(
+        &'a self,
+        channel: &'a str,
+        requests: Vec<PublishRequest>,
+    ) -> BrokerFuture<'a, Vec<Result<Published, BrokerError>>> {
+        if self.durable.is_some() {
+            // One by one, each through its log record (not gathered: `pipelines_publish`).
+            return Box::pin(super::publish_one_by_one(self, channel, requests));
+        }
+        let published = self.publish_batch_now(channel, requests);
+        Self::now(published.into_iter().map(Ok).collect())
+    }
+
+    fn pipelines_publish(&self) -> bool {
+        self.durable.is_none()
     }
 
     fn subscribe<'a>(&'a self, channel: &'a str) -> BrokerFuture<'a, ()> {
@@ -574,6 +634,52 @@ mod tests {
         }
         assert_eq!(channels(&broker), 0);
         assert_eq!(broker.history_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_appended_in_order_and_handed_to_the_node_in_one_go() {
+        let events = Arc::new(conformance::Recorder::default());
+        let broker = MemoryBroker::new(events.clone(), 1 << 20);
+        assert!(broker.pipelines_publish(), "worth gathering for");
+        broker.subscribe("room").await.expect("memory");
+        let limits = HistoryLimits {
+            size: 100,
+            ttl: None,
+            max_bytes: 1 << 20,
+        };
+        let request = |n: u32, key: Option<&str>| PublishRequest {
+            data: conformance::json(&n.to_string()),
+            client_id: None,
+            history: limits,
+            idempotency: key.map(|key| super::super::Idempotency {
+                key: key.to_owned(),
+                window: std::time::Duration::from_secs(60),
+            }),
+        };
+        let batch = vec![
+            request(1, None),
+            request(2, Some("k")),
+            request(3, None),
+            request(4, Some("k")),
+        ];
+        let results = broker.publish_batch("room", batch).await.expect("memory");
+        let offsets: Vec<(u64, bool)> = results
+            .into_iter()
+            .map(|r| r.map(|p| (p.position.offset, p.duplicate)).expect("memory"))
+            .collect();
+        assert_eq!(offsets, [(1, false), (2, false), (3, false), (2, true)]);
+        assert_eq!(
+            events.runs("room"),
+            [3],
+            "one hand-over, the duplicate left out"
+        );
+        let page = broker.history("room", None, 10).await.expect("memory");
+        let data: Vec<String> = page
+            .publications
+            .iter()
+            .map(|p| p.data.get().to_owned())
+            .collect();
+        assert_eq!(data, ["1", "2", "3"]);
     }
 
     #[tokio::test]

@@ -157,6 +157,20 @@ pub trait BrokerEvents: Send + Sync {
     fn on_gap(&self, channel: &str);
 }
 
+/// [`Broker::publish_batch`] one request after another (the default, and the memory broker
+/// with a data directory, where each publish waits for its own log record).
+pub async fn publish_one_by_one<B: Broker + ?Sized>(
+    broker: &B,
+    channel: &str,
+    requests: Vec<PublishRequest>,
+) -> Result<Vec<Result<Published, BrokerError>>, BrokerError> {
+    let mut results = Vec::with_capacity(requests.len());
+    for request in requests {
+        results.push(broker.publish(channel, request).await);
+    }
+    Ok(results)
+}
+
 /// Distributes publications, keeps history and presence.
 ///
 /// Contract (checked by [`conformance`]):
@@ -220,17 +234,14 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
         channel: &'a str,
         requests: Vec<PublishRequest>,
     ) -> BrokerFuture<'a, Vec<Result<Published, BrokerError>>> {
-        Box::pin(async move {
-            let mut results = Vec::with_capacity(requests.len());
-            for request in requests {
-                results.push(self.publish(channel, request).await);
-            }
-            Ok(results)
-        })
+        Box::pin(publish_one_by_one(self, channel, requests))
     }
     /// Whether [`Broker::publish_batch`] is worth gathering messages for: `true` where a
-    /// publish waits for a round trip to another server. The memory broker publishes at once
-    /// (the default `false`), so a connection's messages go to it one by one, as they come.
+    /// publish waits for a round trip to another server (one pipeline instead of one round
+    /// trip each), and for the memory broker without a data directory, which appends a batch
+    /// under one lock of the channel and hands it to the node in one go, fanned out member by
+    /// member ([`BrokerEvents::on_publications`]). The default `false`: a connection's
+    /// messages go one by one, as they come.
     fn pipelines_publish(&self) -> bool {
         false
     }
