@@ -267,7 +267,7 @@ fn a_batch_keeps_the_per_member_rules_recovery_late_copies_and_overflow() {
     assert_eq!(
         buffered
             .iter()
-            .map(|(p, _)| p.unwrap().1)
+            .map(|(p, _)| p.map_or(0, |(_, offset)| offset))
             .collect::<Vec<_>>(),
         [1, 2, 3, 4]
     );
