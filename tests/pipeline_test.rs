@@ -333,3 +333,71 @@ async fn redis_keeps_offsets_and_order_of_two_nodes_pipelining_at_once() {
 async fn nats_keeps_offsets_and_order_of_two_nodes_pipelining_at_once() {
     contended(Kind::Nats).await;
 }
+
+/// `redis-cli -p port args...`, which must succeed.
+fn redis_cli(port: u16, args: &[&str]) {
+    let status = std::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|err| panic!("redis-cli could not be run ({err}): this test needs it"));
+    assert!(status.success(), "redis-cli {args:?}: {status:?}");
+}
+
+/// A Redis that does not know the publish script (a fresh server, then one whose scripts were
+/// flushed, as after a restart): the pipeline is refused with NOSCRIPT, the script loaded and
+/// the pipeline sent again, with nothing lost, doubled or reordered. Runs a `redis-server` of
+/// its own, since flushing the shared one's scripts would touch other runs.
+#[tokio::test]
+#[ignore = "needs redis-server and redis-cli on the PATH (starts its own): cargo test -- --include-ignored"]
+async fn a_redis_without_the_publish_script_gets_it_and_the_pipeline_again() {
+    const N: usize = 6;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|err| panic!("redis-server could not be run ({err}): this test needs it"));
+    let _redis = common::process::Reap(child);
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "redis-server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let marker = format!("ns{}-", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let server = node(Kind::Redis, format!("redis://127.0.0.1:{port}"), "ns").await;
+    let (mut subscriber, _) = join(&server).await;
+    let (mut publisher, _) = join(&server).await;
+    for round in 0..2 {
+        if round == 1 {
+            redis_cli(port, &["SCRIPT", "FLUSH"]);
+        }
+        let texts: Vec<String> = (0..N).map(|n| chat(&marker, round * N + n)).collect();
+        send_all(&mut publisher, &texts).await;
+        let expected: Vec<String> = (0..N)
+            .map(|n| format!("{marker}{}", round * N + n))
+            .collect();
+        assert_eq!(
+            contents(&mut subscriber, N).await,
+            expected,
+            "round {round}"
+        );
+        assert_eq!(
+            errors_until_sentinel(&mut publisher).await,
+            Vec::<Value>::new()
+        );
+    }
+    let stored = history(&mut publisher).await;
+    let offsets: Vec<u64> = stored.iter().map(|(offset, _)| *offset).collect();
+    assert_eq!(offsets, (1..=2 * N as u64).collect::<Vec<_>>());
+    server.stop().await;
+}
