@@ -152,14 +152,18 @@ impl Admission {
 #[derive(Debug)]
 pub struct ConnectionPermit {
     admission: Arc<Admission>,
-    address: Option<AddressPermit>,
+    /// Boxed: the permit lives in every connection's task, and inline the address's 32 bytes
+    /// would put an idle chat session's task in the next 128-byte size class (see
+    /// `session::tests`); out of line they cost 32 bytes, and only where a per-address limit
+    /// is set.
+    address: Option<Box<AddressPermit>>,
 }
 
 impl ConnectionPermit {
     /// Keeps `address` (the socket's count under its client address) until the session ends.
     pub fn hold(&mut self, address: Option<AddressPermit>) {
-        if address.is_some() {
-            self.address = address;
+        if let Some(address) = address {
+            self.address = Some(Box::new(address));
         }
     }
 }

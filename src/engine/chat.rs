@@ -130,7 +130,7 @@ pub struct ChatHandler {
     default: Option<Arc<MemberState>>,
     /// Other memberships (a few at most: a list beats a map here, and costs nothing until
     /// the first v1 subscription).
-    others: Vec<Arc<MemberState>>,
+    others: Others,
     /// Set for connections that presented a token (boxed: most connections have none).
     auth: Option<Box<Auth>>,
     /// The per-connection rate limit's state, from the first message under a rate.
@@ -140,6 +140,42 @@ pub struct ChatHandler {
     gathered: Option<Box<Gathered>>,
     /// Legacy or v1-only.
     dialect: Dialect,
+}
+
+/// A connection's memberships besides the default channel's: one pointer in every
+/// connection's task (a `Vec` would take three), the list allocated on the first one.
+#[derive(Debug, Default)]
+#[expect(
+    clippy::box_collection,
+    reason = "one pointer inline instead of a Vec's three; the extra allocation is rare"
+)]
+struct Others(Option<Box<Vec<Arc<MemberState>>>>);
+
+impl Others {
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |list| list.len())
+    }
+
+    fn push(&mut self, state: Arc<MemberState>) {
+        self.0.get_or_insert_default().push(state);
+    }
+
+    fn remove(&mut self, channel: &str) {
+        if let Some(list) = &mut self.0 {
+            list.retain(|s| &*s.channel != channel);
+            if list.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, Arc<MemberState>> {
+        self.0.as_deref().map_or([].iter(), |list| list.iter())
+    }
+
+    fn take(&mut self) -> Vec<Arc<MemberState>> {
+        self.0.take().map(|list| *list).unwrap_or_default()
+    }
 }
 
 /// What every `/ws` connection of a server shares.
@@ -167,7 +203,7 @@ impl ChatHandler {
             outbox,
             shared,
             default: None,
-            others: Vec::new(),
+            others: Others::default(),
             auth: identity.map(|identity| {
                 Box::new(Auth {
                     identity: *identity,
@@ -282,7 +318,7 @@ impl ChatHandler {
         if channel == DEFAULT_CHANNEL {
             self.default = None;
         } else {
-            self.others.retain(|s| &*s.channel != channel);
+            self.others.remove(channel);
         }
     }
 
@@ -669,11 +705,7 @@ impl Handler for ChatHandler {
             // N² frames for nobody.
             let announce = !server_shutting_down;
             let client = self.client();
-            let all = self
-                .default
-                .take()
-                .into_iter()
-                .chain(std::mem::take(&mut self.others));
+            let all = self.default.take().into_iter().chain(self.others.take());
             for state in all {
                 self.shared
                     .node

@@ -19,7 +19,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
@@ -61,22 +61,28 @@ struct Queued {
 struct Queue {
     frames: VecDeque<Queued>,
     /// How many of `frames` are notices.
-    notices: usize,
+    notices: u32,
     /// When the queue last went from empty to non-empty ([`crate::types::clock::now_us`]).
     since_us: u64,
     /// The session is gone: pushes are refused.
     closed: bool,
+    /// Memberships that dropped frames since the session last looked (see `has_gaps`):
+    /// under the queue's lock rather than a lock of their own, which would cost every
+    /// connection's outbox a second mutex for something that rarely happens.
+    gaps: Vec<Arc<MemberState>>,
 }
 
 #[derive(Debug)]
 struct Shared {
     id: ClientId,
-    capacity: usize,
+    /// Frames the queue holds at most. This struct and the fields below are 32 bits where
+    /// that suffices: every connection has one (152 bytes with its reference counts).
+    capacity: u32,
     queue: Mutex<Queue>,
     /// Frames queued, kept beside the queue so the session's frequent "anything queued?" checks
     /// need no lock. Updated under the queue's lock; a push that races a zero read wakes the
     /// session anyway.
-    queued: AtomicUsize,
+    queued: AtomicU32,
     /// Set when the session should look: a frame arrived in an empty queue, a close was
     /// requested, or a gap was reported.
     woken: AtomicBool,
@@ -85,9 +91,13 @@ struct Shared {
     /// 0 while open; otherwise the index + 1 in [`SIGNAL_CODES`] of the first close request.
     close: AtomicU8,
     has_gaps: AtomicBool,
-    gaps: Mutex<Vec<Arc<MemberState>>>,
     /// Set by the server's heartbeat ticker: time to check the heartbeat deadlines.
     tick: AtomicBool,
+}
+
+/// A queue length as stored in `Shared::queued`: never above the capacity, a `u32`.
+fn queued_count(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
 }
 
 impl Shared {
@@ -99,12 +109,6 @@ impl Shared {
     fn queue(&self) -> MutexGuard<'_, Queue> {
         // Every update is a single push or pop, so a poisoned lock is still consistent.
         self.queue
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn gaps(&self) -> MutexGuard<'_, Vec<Arc<MemberState>>> {
-        self.gaps
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -143,14 +147,13 @@ impl Outbox {
     pub fn new(id: ClientId, capacity: usize) -> (Self, OutboxReceiver) {
         let shared = Arc::new(Shared {
             id,
-            capacity: capacity.max(1),
+            capacity: u32::try_from(capacity).unwrap_or(u32::MAX).max(1),
             queue: Mutex::default(),
-            queued: AtomicUsize::new(0),
+            queued: AtomicU32::new(0),
             woken: AtomicBool::new(false),
             waker: AtomicWaker::new(),
             close: AtomicU8::new(0),
             has_gaps: AtomicBool::new(false),
-            gaps: Mutex::default(),
             tick: AtomicBool::new(false),
         });
         (
@@ -197,7 +200,7 @@ impl Outbox {
         if queue.closed {
             return Push::Closed;
         }
-        if queue.frames.len() >= (self.shared.capacity / 2).clamp(1, NOTICE_QUEUE_LIMIT) {
+        if queue.frames.len() >= (self.shared.capacity as usize / 2).clamp(1, NOTICE_QUEUE_LIMIT) {
             return Push::NoticeDropped;
         }
         self.push_locked(queue, frame.into(), true);
@@ -206,14 +209,14 @@ impl Outbox {
 
     fn push_locked(&self, mut queue: MutexGuard<'_, Queue>, frame: SharedFrame, notice: bool) {
         queue.frames.push_back(Queued { frame, notice });
-        queue.notices += usize::from(notice);
+        queue.notices += u32::from(notice);
         let first = queue.frames.len() == 1;
         if first {
             queue.since_us = crate::types::clock::now_us();
         }
         self.shared
             .queued
-            .store(queue.frames.len(), Ordering::Release);
+            .store(queued_count(queue.frames.len()), Ordering::Release);
         drop(queue);
         if first {
             // A non-empty queue is drained until empty, so only this transition needs a wake.
@@ -254,7 +257,7 @@ impl Outbox {
     /// everything queued before it has been written.
     pub fn report_gap(&self, state: Arc<MemberState>) {
         tracing::debug!(client_id = %self.shared.id, channel = %state.channel, "outbox overflow: gap");
-        self.shared.gaps().push(state);
+        self.shared.queue().gaps.push(state);
         self.shared.has_gaps.store(true, Ordering::Release);
         self.shared.wake();
     }
@@ -285,7 +288,7 @@ impl Pushing<'_> {
             return Push::Closed;
         }
         let mut pushed = Push::Queued;
-        if queue.frames.len() >= self.outbox.shared.capacity {
+        if queue.frames.len() >= self.outbox.shared.capacity as usize {
             let oldest = if queue.notices > 0 {
                 queue.frames.iter().position(|q| q.notice)
             } else {
@@ -316,7 +319,10 @@ impl Drop for Pushing<'_> {
             return;
         };
         let len = queue.frames.len();
-        self.outbox.shared.queued.store(len, Ordering::Release);
+        self.outbox
+            .shared
+            .queued
+            .store(queued_count(len), Ordering::Release);
         // Released before the wake-up: the session may run on another worker at once.
         drop(queue);
         if self.was_empty && len > 0 {
@@ -414,9 +420,9 @@ fn take_gaps(shared: &Shared) -> Vec<Arc<MemberState>> {
     if !shared.has_gaps.load(Ordering::Acquire) {
         return Vec::new();
     }
-    let mut gaps = shared.gaps();
+    let mut queue = shared.queue();
     shared.has_gaps.store(false, Ordering::Release);
-    std::mem::take(&mut *gaps)
+    std::mem::take(&mut queue.gaps)
 }
 
 impl OutboxReceiver {
@@ -476,12 +482,12 @@ impl OutboxReceiver {
         buf.reserve(bytes);
         let queue = &mut *queue;
         for queued in queue.frames.drain(..count) {
-            queue.notices -= usize::from(queued.notice);
+            queue.notices -= u32::from(queued.notice);
             buf.extend_from_slice(queued.frame.for_connection(deflate));
         }
         self.shared
             .queued
-            .store(queue.frames.len(), Ordering::Release);
+            .store(queued_count(queue.frames.len()), Ordering::Release);
         (count as u64, queue.since_us)
     }
 
@@ -499,10 +505,10 @@ impl OutboxReceiver {
     pub fn try_recv(&mut self) -> Option<Bytes> {
         let mut queue = self.shared.queue();
         let queued = queue.frames.pop_front()?;
-        queue.notices -= usize::from(queued.notice);
+        queue.notices -= u32::from(queued.notice);
         self.shared
             .queued
-            .store(queue.frames.len(), Ordering::Release);
+            .store(queued_count(queue.frames.len()), Ordering::Release);
         Some(queued.frame.plain().clone())
     }
 

@@ -1,6 +1,6 @@
 //! One task per WebSocket connection: reads frames, writes queued frames, keeps the heartbeat.
 //!
-//! Everything a connection does happens in one `select!` loop over its socket halves and one
+//! Everything a connection does happens in one loop waiting on its socket halves and one
 //! wake-up (frames queued, close requested, heartbeat tick, shutdown), so there is no second
 //! task and no timer per connection. Frames waiting for the socket are copied into one contiguous write buffer and
 //! written with as few syscalls as the kernel allows; reading pauses while that buffer is over
@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -175,6 +176,18 @@ pub trait Handler: Send {
     fn on_close(&mut self, server_shutting_down: bool) -> impl Future<Output = ()> + Send;
 }
 
+/// What the main loop's wait returned (see `Session::poll_event`).
+enum Event {
+    /// The outbox woke the session: frames, a close request, a tick or gaps.
+    Woken,
+    /// The socket took bytes of the write buffer.
+    Written(std::io::Result<usize>),
+    /// TLS flushed the records it held.
+    Flushed(std::io::Result<()>),
+    /// The socket is readable.
+    Ready(std::io::Result<()>),
+}
+
 /// Why the main loop ended.
 #[derive(Debug)]
 enum End {
@@ -243,6 +256,8 @@ impl<H: Handler> SessionParts<H> {
     )]
     pub fn into_session<T: Transport>(self: Box<Self>, io: T) -> Session<T, H> {
         let parts = *self;
+        let parser =
+            MessageReader::with_deflate(parts.config.max_message(), parts.config.deflate.is_some());
         Session {
             io,
             outbox: parts.outbox,
@@ -251,6 +266,9 @@ impl<H: Handler> SessionParts<H> {
             shutdown: parts.shutdown,
             stats: parts.stats,
             batch_since: 0,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            parser,
             _guards: parts.guards,
         }
     }
@@ -267,6 +285,12 @@ pub struct Session<T, H> {
     /// When the oldest frame in the write buffer was queued (0: none), for the
     /// queue-to-socket latency histogram.
     batch_since: u64,
+    /// Bytes read and not yet parsed; no allocation while idle.
+    rbuf: BytesMut,
+    /// Frames waiting for the socket; no allocation while idle.
+    wbuf: BytesMut,
+    /// The state that spans frames (a fragmented message).
+    parser: MessageReader,
     _guards: Guards,
 }
 
@@ -286,22 +310,17 @@ where
         T: 'static,
         H: 'static,
     {
-        let mut rbuf = BytesMut::from(&leftover[..]);
+        self.rbuf = BytesMut::from(&leftover[..]);
         drop(leftover);
         async move {
-            let mut wbuf = BytesMut::new();
-            let mut parser = MessageReader::with_deflate(
-                self.config.max_message(),
-                self.config.deflate.is_some(),
-            );
             // Boxed: the welcome's write deadline and the handler's replies exist only while
             // the connection opens; inline they would enlarge every connection's task for its
             // whole life (the task is as large as the largest state it may ever be in).
-            Box::pin(self.open(&mut wbuf)).await;
+            Box::pin(self.open()).await;
 
             // A bug must not skip `on_close`: that would leave the client in its channels and in
             // presence forever. A panic ends the connection with 1011 instead.
-            let end = AssertUnwindSafe(self.main_loop(&mut rbuf, &mut wbuf, &mut parser))
+            let end = AssertUnwindSafe(self.main_loop())
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|_| {
@@ -316,24 +335,24 @@ where
             // never hold back a client's close frame.
             // Boxed: the closing state is only needed once, and would otherwise enlarge every
             // connection's task for its whole life.
-            Box::pin(self.finish(end, rbuf, wbuf, parser)).await;
+            Box::pin(self.finish(end)).await;
             // Boxed too: its timer exists only while closing.
             Box::pin(self.clean_up(shutting_down)).await;
         }
     }
 
     /// The welcome, written before `on_open` may wait on the broker, then `on_open`.
-    async fn open(&mut self, wbuf: &mut BytesMut) {
+    async fn open(&mut self) {
         let mut replies = Replies {
-            buf: wbuf,
+            buf: &mut self.wbuf,
             count: 0,
             deflate: self.config.deflate,
         };
         self.handler.on_welcome(&mut replies);
         self.stats.add_out(replies.count);
-        self.flush_welcome(wbuf).await;
+        self.flush_welcome().await;
         let mut replies = Replies {
-            buf: wbuf,
+            buf: &mut self.wbuf,
             count: 0,
             deflate: self.config.deflate,
         };
@@ -357,9 +376,10 @@ where
     /// (a fresh socket takes a welcome at once; a client that reads nothing must not hold the
     /// session here): whatever is left is written by the main loop, and a broken socket is
     /// noticed there too.
-    async fn flush_welcome(&mut self, wbuf: &mut BytesMut) {
+    async fn flush_welcome(&mut self) {
         let io = &self.io;
         let stats = &self.stats;
+        let wbuf = &mut self.wbuf;
         let write = async {
             while !wbuf.is_empty() {
                 match std::future::poll_fn(|cx| io.poll_write(cx, wbuf)).await {
@@ -375,18 +395,14 @@ where
     }
 
     /// The connection's life between open and close. A plain fn returning an `async move`
-    /// block, like [`Session::run`]: as an `async fn` its four references would be kept twice
-    /// in the state an idle connection waits in.
+    /// block, like [`Session::run`]: as an `async fn` its reference would be kept twice in the
+    /// state an idle connection waits in. The buffers and the parser are the session's own
+    /// fields, so that state holds one reference, not four.
     #[expect(
         clippy::manual_async_fn,
-        reason = "an async fn would keep the four references twice in every idle connection's task"
+        reason = "an async fn would keep its reference twice in every idle connection's task"
     )]
-    fn main_loop<'a>(
-        &'a mut self,
-        rbuf: &'a mut BytesMut,
-        wbuf: &'a mut BytesMut,
-        parser: &'a mut MessageReader,
-    ) -> impl Future<Output = End> + 'a {
+    fn main_loop(&mut self) -> impl Future<Output = End> + '_ {
         async move {
             // Microsecond stamps ([`now_us`]) rather than `Instant`s: half the size, in every
             // connection's state.
@@ -400,41 +416,46 @@ where
             }
 
             // Bytes the client pipelined right behind its handshake are processed first.
-            let mut pending_input = !rbuf.is_empty();
+            let mut pending_input = !self.rbuf.is_empty();
+            // Which source is polled first; turns rotate (see `poll_event`).
+            let mut turn: u8 = 0;
             loop {
                 // A loop, not an `if`: the opportunistic write below may empty the write buffer,
                 // and then nothing else would bring us back to the input still pending.
-                while pending_input && wbuf.len() < WRITE_HIGH_WATER {
-                    let frames_before = parser.frames();
+                while pending_input && self.wbuf.len() < WRITE_HIGH_WATER {
+                    let frames_before = self.parser.frames();
                     // Boxed: this state exists only while input is handled, not while idle.
-                    let (end, more) = Box::pin(self.on_readable(rbuf, wbuf, parser)).await;
+                    let (end, more) = Box::pin(self.on_readable()).await;
                     // Only whole frames prove the client alive; a trickle of bytes does not.
-                    if parser.frames() != frames_before {
+                    if self.parser.frames() != frames_before {
                         last_seen = now_us();
                     }
                     if let Some(end) = end {
                         return end;
                     }
                     pending_input = more;
-                    if rbuf.is_empty() && rbuf.capacity() > KEEP_BUFFER {
-                        *rbuf = BytesMut::new();
+                    if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP_BUFFER {
+                        self.rbuf = BytesMut::new();
                     }
-                    self.take_from_outbox(wbuf);
+                    self.take_from_outbox();
                     // Answer right away when the socket takes it, without another turn.
-                    if !wbuf.is_empty() {
-                        match std::future::poll_fn(|cx| self.io.poll_write(cx, wbuf)).now_or_never()
-                        {
+                    if !self.wbuf.is_empty() {
+                        let io = &self.io;
+                        let wbuf = &self.wbuf;
+                        match std::future::poll_fn(|cx| io.poll_write(cx, wbuf)).now_or_never() {
                             Some(Ok(0) | Err(_)) => return End::Gone,
-                            Some(Ok(n)) => self.wrote(n, wbuf),
+                            Some(Ok(n)) => self.wrote(n),
                             None => {}
                         }
                     }
                 }
-                let can_take = wbuf.len() < WRITE_HIGH_WATER;
-                // Unbiased: under load every ready branch gets its turn, so a busy outbox cannot
-                // starve reading (and with it the client's pongs), nor busy input the outbox.
-                tokio::select! {
-                    () = std::future::poll_fn(|cx| self.outbox.poll_woken(cx)) => {
+                let can_take = self.wbuf.len() < WRITE_HIGH_WATER;
+                let read = can_take && !pending_input;
+                turn = turn.wrapping_add(1);
+                let this = &mut *self;
+                let event = std::future::poll_fn(move |cx| this.poll_event(cx, turn, read)).await;
+                match event {
+                    Event::Woken => {
                         if let Some(code) = self.outbox.close_requested() {
                             return End::Server(code);
                         }
@@ -444,56 +465,55 @@ where
                         if self.outbox.take_tick() {
                             // Small buffers stay while a connection is busy (no allocation per
                             // message); an idle one gives them back within a tick.
-                            if rbuf.is_empty() && !pending_input {
-                                *rbuf = BytesMut::new();
+                            if self.rbuf.is_empty() && !pending_input {
+                                self.rbuf = BytesMut::new();
                             }
-                            if wbuf.is_empty() {
-                                *wbuf = BytesMut::new();
+                            if self.wbuf.is_empty() {
+                                self.wbuf = BytesMut::new();
                             }
                             self.outbox.release_idle();
                             let now = now_us();
                             if now.saturating_sub(last_seen) >= micros(self.config.timeout()) {
                                 return End::Server(CloseCode::HeartbeatTimeout);
                             }
-                            let mut replies = Replies { buf: wbuf, count: 0, deflate: self.config.deflate };
+                            let mut replies = Replies {
+                                buf: &mut self.wbuf,
+                                count: 0,
+                                deflate: self.config.deflate,
+                            };
                             self.handler.on_tick(&mut replies);
                             self.stats.add_out(replies.count);
                             // Ticks come every second: ping when the next tick would be late.
                             if let Some(every) = self.config.ping_interval()
                                 && now + micros(PING_EARLY) >= next_ping
                             {
-                                encode_into(wbuf, OpCode::Ping, b"");
+                                encode_into(&mut self.wbuf, OpCode::Ping, b"");
                                 next_ping = now + micros(every);
                             }
                         }
                         if can_take {
-                            self.take_from_outbox(wbuf);
+                            self.take_from_outbox();
                         }
-                    },
-                    written = std::future::poll_fn(|cx| self.io.poll_write(cx, wbuf)), if !wbuf.is_empty() => match written {
-                        Ok(0) | Err(_) => return End::Gone,
-                        Ok(n) => self.wrote(n, wbuf),
-                    },
-                    // TLS may hold the last records it took when the socket was full; nothing else
-                    // would send them until the next frame (or ping) comes along.
-                    flushed = std::future::poll_fn(|cx| self.io.poll_flush(cx)), if wbuf.is_empty() && self.io.has_unflushed() => {
-                        if flushed.is_err() {
-                            return End::Gone;
-                        }
-                    },
-                    ready = std::future::poll_fn(|cx| self.io.poll_read_ready(cx)), if can_take && !pending_input => {
-                        if ready.is_err() {
-                            return End::Gone;
-                        }
-                        let read = if rbuf.capacity() == 0 {
+                    }
+                    Event::Written(Ok(0) | Err(_))
+                    | Event::Flushed(Err(_))
+                    | Event::Ready(Err(_)) => {
+                        return End::Gone;
+                    }
+                    Event::Written(Ok(n)) => self.wrote(n),
+                    Event::Flushed(Ok(())) => {}
+                    Event::Ready(Ok(())) => {
+                        let read = if self.rbuf.capacity() == 0 {
                             // No buffer yet (idle): read onto the stack first, so a spurious
                             // readiness never allocates one, and a small message gets a small one.
                             let mut chunk = [0u8; READ_CHUNK];
-                            self.io.try_read(&mut chunk).inspect(|n| rbuf.extend_from_slice(&chunk[..*n]))
+                            self.io
+                                .try_read(&mut chunk)
+                                .inspect(|n| self.rbuf.extend_from_slice(&chunk[..*n]))
                         } else {
                             // Room in proportion to what arrived, never to a declared length.
-                            reserve_for_read(rbuf);
-                            self.io.try_read_buf(rbuf)
+                            reserve_for_read(&mut self.rbuf);
+                            self.io.try_read_buf(&mut self.rbuf)
                         };
                         match read {
                             Ok(0) => return End::Gone,
@@ -504,42 +524,70 @@ where
                             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
                             Err(_) => return End::Gone,
                         }
-                    },
+                    }
                 }
             }
         }
     }
 
+    /// Waits for whichever comes first: the outbox's wake-up (frames, close, tick), room in
+    /// the socket for the write buffer, TLS's flush of records it held back, or input (when
+    /// `read`). In place of `tokio::select!`, whose state (one future per branch) every idle
+    /// connection would keep: this keeps one reference. The source polled first rotates with
+    /// `turn`, so under load every ready source gets its turn: a busy outbox cannot starve
+    /// reading (and with it the client's pongs), nor busy input the outbox.
+    fn poll_event(&mut self, cx: &mut Context<'_>, turn: u8, read: bool) -> Poll<Event> {
+        for source in 0..4u8 {
+            let polled = match turn.wrapping_add(source) % 4 {
+                0 => self.outbox.poll_woken(cx).map(|()| Event::Woken),
+                1 if !self.wbuf.is_empty() => {
+                    self.io.poll_write(cx, &self.wbuf).map(Event::Written)
+                }
+                // TLS may hold the last records it took when the socket was full; nothing else
+                // would send them until the next frame (or ping) comes along.
+                2 if self.wbuf.is_empty() && self.io.has_unflushed() => {
+                    self.io.poll_flush(cx).map(Event::Flushed)
+                }
+                3 if read => self.io.poll_read_ready(cx).map(Event::Ready),
+                _ => Poll::Pending,
+            };
+            if polled.is_ready() {
+                return polled;
+            }
+        }
+        Poll::Pending
+    }
+
     /// Accounts for `n` written bytes; an emptied buffer is released, and queued frames that
     /// waited for room move in (pushes only wake the session when its queue was empty).
-    fn wrote(&mut self, n: usize, wbuf: &mut BytesMut) {
-        wbuf.advance(n);
+    fn wrote(&mut self, n: usize) {
+        self.wbuf.advance(n);
         self.stats.add_bytes_out(n);
-        if wbuf.is_empty() && self.batch_since != 0 {
+        if self.wbuf.is_empty() && self.batch_since != 0 {
             self.stats.observe_write_delay(self.batch_since);
             self.batch_since = 0;
         }
-        if wbuf.is_empty() && wbuf.capacity() > KEEP_BUFFER {
-            *wbuf = BytesMut::new();
+        if self.wbuf.is_empty() && self.wbuf.capacity() > KEEP_BUFFER {
+            self.wbuf = BytesMut::new();
         }
-        if wbuf.len() < WRITE_HIGH_WATER {
-            self.take_from_outbox(wbuf);
+        if self.wbuf.len() < WRITE_HIGH_WATER {
+            self.take_from_outbox();
         }
     }
 
     /// Moves queued frames into the write buffer up to its high mark, then reports gaps once
     /// the outbox is empty, so a gap notice follows everything queued before it.
-    fn take_from_outbox(&mut self, wbuf: &mut BytesMut) {
-        let (taken, since) = self
-            .outbox
-            .drain_into(wbuf, WRITE_HIGH_WATER, self.config.deflate);
+    fn take_from_outbox(&mut self) {
+        let (taken, since) =
+            self.outbox
+                .drain_into(&mut self.wbuf, WRITE_HIGH_WATER, self.config.deflate);
         self.stats.add_out(taken);
         if taken > 0 && self.batch_since == 0 {
             self.batch_since = since;
         }
         if self.outbox.has_gaps() && self.outbox.is_empty() {
             let mut replies = Replies {
-                buf: wbuf,
+                buf: &mut self.wbuf,
                 count: 0,
                 deflate: self.config.deflate,
             };
@@ -553,14 +601,11 @@ where
     /// in `rbuf` until the client has read some): replies can be large (a `history`), so
     /// answering everything a client pipelined before writing would let it grow the server's
     /// memory at will.
-    async fn on_readable(
-        &mut self,
-        rbuf: &mut BytesMut,
-        wbuf: &mut BytesMut,
-        parser: &mut MessageReader,
-    ) -> (Option<End>, bool) {
+    async fn on_readable(&mut self) -> (Option<End>, bool) {
+        let rbuf = &mut self.rbuf;
+        let parser = &mut self.parser;
         let mut replies = Replies {
-            buf: wbuf,
+            buf: &mut self.wbuf,
             count: 0,
             deflate: self.config.deflate,
         };
@@ -622,19 +667,16 @@ where
 
     /// Sends the closing frames, flushes within the grace period and waits briefly for the
     /// client's close reply, so the server ends the TCP connection only after the handshake.
-    async fn finish(
-        &mut self,
-        end: End,
-        mut rbuf: BytesMut,
-        mut wbuf: BytesMut,
-        mut parser: MessageReader,
-    ) {
+    async fn finish(&mut self, end: End) {
+        let rbuf = &mut self.rbuf;
+        let wbuf = &mut self.wbuf;
+        let parser = &mut self.parser;
         let code = match end {
             End::Gone => return,
             End::ClientClosed(code) => {
                 // Echo the client's code, as RFC 6455 §5.5.1 asks; no reply needed after.
-                encode_close(&mut wbuf, code.unwrap_or(1000), "");
-                let _ = timeout(self.config.close_grace(), write_all(&self.io, &mut wbuf)).await;
+                encode_close(wbuf, code.unwrap_or(1000), "");
+                let _ = timeout(self.config.close_grace(), write_all(&self.io, wbuf)).await;
                 return;
             }
             End::Violation(v) => v.close_code(),
@@ -645,24 +687,24 @@ where
                 // Shutdown: deliver what was already queued for this client first.
                 let (n, _) = self
                     .outbox
-                    .drain_into(&mut wbuf, usize::MAX, self.config.deflate);
+                    .drain_into(wbuf, usize::MAX, self.config.deflate);
                 self.stats.add_out(n);
             }
             CloseCode::SlowConsumer => self.stats.slow_consumer_closed(),
             _ => {}
         }
-        encode_close(&mut wbuf, code.code(), code.reason());
+        encode_close(wbuf, code.code(), code.reason());
         let violation = matches!(end, End::Violation(_));
         let closing = async {
-            write_all(&self.io, &mut wbuf).await?;
+            write_all(&self.io, wbuf).await?;
             if violation {
                 // Failing the connection: the stream cannot be trusted to parse any more, so
                 // end TCP first and only drain (never parse) what is still arriving.
                 std::future::poll_fn(|cx| self.io.poll_shutdown(cx)).await?;
-                drain(&self.io, &mut rbuf).await;
+                drain(&self.io, rbuf).await;
                 Ok(())
             } else {
-                wait_for_close(&self.io, &mut rbuf, &mut parser).await;
+                wait_for_close(&self.io, rbuf, parser).await;
                 std::future::poll_fn(|cx| self.io.poll_shutdown(cx)).await
             }
         };

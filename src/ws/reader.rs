@@ -97,7 +97,8 @@ impl Utf8Stream {
 /// Reassembles client frames into messages, enforcing a per-message size limit.
 #[derive(Debug)]
 pub struct MessageReader {
-    max_message: usize,
+    /// 32 bits, like the session's settings: the reader lives in every connection's task.
+    max_message: u32,
     /// permessage-deflate was negotiated: RSV1 marks compressed messages.
     deflate: bool,
     /// Payload bytes of the frame at the front of the buffer already unmasked in place (and,
@@ -106,7 +107,8 @@ pub struct MessageReader {
     utf8: Utf8Stream,
     /// Boxed: only fragmented messages need it, and the reader lives in every connection.
     partial: Option<Box<Partial>>,
-    frames: u64,
+    /// Wraps: only ever compared with an earlier reading.
+    frames: u32,
 }
 
 impl MessageReader {
@@ -119,7 +121,7 @@ impl MessageReader {
     /// the limit then also applies to a compressed message once inflated.
     pub fn with_deflate(max_message: usize, deflate: bool) -> Self {
         Self {
-            max_message,
+            max_message: u32::try_from(max_message).unwrap_or(u32::MAX),
             deflate,
             progress: 0,
             utf8: Utf8Stream::default(),
@@ -128,16 +130,21 @@ impl MessageReader {
         }
     }
 
-    /// Complete frames parsed so far (fragments and control frames included).
-    pub fn frames(&self) -> u64 {
+    /// Complete frames parsed so far (fragments and control frames included), wrapping at
+    /// 2^32: compare readings for equality only.
+    pub fn frames(&self) -> u32 {
         self.frames
+    }
+
+    fn max_message(&self) -> usize {
+        self.max_message as usize
     }
 
     /// The most compressed data a message may bring: the limit, plus what deflate's stored
     /// blocks add to data that does not compress (5 bytes per block of up to 64 KiB).
     fn compressed_limit(&self) -> usize {
-        self.max_message
-            .saturating_add(self.max_message / 1024)
+        self.max_message()
+            .saturating_add(self.max_message() / 1024)
             .saturating_add(64)
     }
 
@@ -177,13 +184,13 @@ impl MessageReader {
             let limit = if compressed {
                 self.compressed_limit()
             } else {
-                self.max_message
+                self.max_message()
             };
             if !header.opcode.is_control()
                 && header.payload_len > (limit - already.min(limit)) as u64
             {
                 return Err(WsViolation::TooBig {
-                    limit: self.max_message,
+                    limit: self.max_message(),
                 });
             }
             // The limit check above bounds payload_len to usize.
@@ -212,7 +219,7 @@ impl MessageReader {
             buf.advance(header.header_len);
             let payload = buf.split_to(len);
             self.progress = 0;
-            self.frames += 1;
+            self.frames = self.frames.wrapping_add(1);
             if let Some(message) = self.on_frame(header.opcode, header.fin, compressed, payload)? {
                 return Ok(Some(message));
             }
@@ -267,7 +274,7 @@ impl MessageReader {
         data: BytesMut,
     ) -> Result<Incoming, WsViolation> {
         let data = if compressed {
-            let inflated = super::deflate::inflate(&data, self.max_message)?;
+            let inflated = super::deflate::inflate(&data, self.max_message())?;
             if text && std::str::from_utf8(&inflated).is_err() {
                 return Err(WsViolation::InvalidUtf8);
             }
