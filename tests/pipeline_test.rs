@@ -42,6 +42,15 @@ impl Kind {
         })
     }
 
+    /// How many publishes of a pipeline go alone before the rest are sent back to back
+    /// (NATS sends its first alone: the rest chain to its stream sequence).
+    fn alone(self) -> usize {
+        match self {
+            Kind::Redis => 0,
+            Kind::Nats => 1,
+        }
+    }
+
     fn scheme(self) -> &'static str {
         match self {
             Kind::Redis => "redis",
@@ -151,7 +160,7 @@ async fn errors_until_sentinel(ws: &mut Ws) -> Vec<Value> {
 async fn one_pipeline(kind: Kind) {
     const N: usize = 8;
     let (proxy, server, mut subscriber, mut publisher, marker, _cleanup) = setup(kind).await;
-    proxy.hold_replies(marker.as_bytes(), N);
+    proxy.hold_replies_after(marker.as_bytes(), kind.alone(), N);
     let texts: Vec<String> = (1..=N).map(|n| chat(&marker, n)).collect();
     send_all(&mut publisher, &texts).await;
     let expected: Vec<String> = (1..=N).map(|n| format!("{marker}{n}")).collect();
@@ -162,6 +171,27 @@ async fn one_pipeline(kind: Kind) {
         errors_until_sentinel(&mut publisher).await,
         Vec::<Value>::new()
     );
+    server.stop().await;
+}
+
+/// Another channel of the same JetStream stream was written since this channel's last
+/// publication: the stream's sequence moved on. The pipeline still goes out as one (its first
+/// append alone, the rest chained to that one's real sequence), with nothing refused and sent
+/// again: exactly N publish requests.
+#[tokio::test]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
+async fn nats_pipelines_on_a_stream_that_other_channels_write_to() {
+    const N: usize = 8;
+    let kind = Kind::Nats;
+    let (proxy, server, mut subscriber, mut publisher, marker, _cleanup) = setup(kind).await;
+    let (mut other, _) = v1_client(&server).await;
+    publish(&mut other, "elsewhere", json!("moves the stream on")).await;
+    proxy.hold_replies_after(marker.as_bytes(), kind.alone(), N);
+    let texts: Vec<String> = (1..=N).map(|n| chat(&marker, n)).collect();
+    send_all(&mut publisher, &texts).await;
+    let expected: Vec<String> = (1..=N).map(|n| format!("{marker}{n}")).collect();
+    assert_eq!(contents(&mut subscriber, N).await, expected);
+    assert_eq!(proxy.held_requests(), N, "none refused and published again");
     server.stop().await;
 }
 
@@ -181,7 +211,7 @@ async fn nats_gets_the_chat_messages_of_one_read_as_one_pipeline() {
 /// each invalid one answered in its place.
 async fn invalid_in_the_middle(kind: Kind) {
     let (proxy, server, mut subscriber, mut publisher, marker, _cleanup) = setup(kind).await;
-    proxy.hold_replies(marker.as_bytes(), 3);
+    proxy.hold_replies_after(marker.as_bytes(), kind.alone(), 3);
     let texts = vec![
         chat(&marker, 1),
         json!({"sender": "pipe", "content": 5}).to_string(),

@@ -305,7 +305,17 @@ impl MemoryBroker {
         requests: Vec<PublishRequest>,
     ) -> Vec<Published> {
         let now = Instant::now();
-        let stores: Vec<bool> = requests.iter().map(|r| self.stores(r)).collect();
+        // Each request is checked against the budget as the ones before it would leave it.
+        let mut total = self.history_bytes();
+        let stores: Vec<bool> = requests
+            .iter()
+            .map(|request| {
+                let cost = request.data.get().len() + ENTRY_OVERHEAD;
+                let store = total + cost <= self.history_budget;
+                total += if store { cost } else { 0 };
+                store
+            })
+            .collect();
         self.with(channel, |state| {
             let mut publications = Vec::with_capacity(requests.len());
             let published = requests

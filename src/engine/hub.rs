@@ -625,7 +625,8 @@ fn deliver_run(
         if Some(id) == outgoing.skip {
             continue;
         }
-        if full {
+        // Gapped meanwhile (a broker's gap, on another thread): dropped, as one by one.
+        if full || state.gapped.load(Ordering::Acquire) {
             delivery.dropped += 1;
             continue;
         }

@@ -18,6 +18,7 @@
 //!   a given byte string are held back (nothing lost) until that string has been seen `n`
 //!   times in all; then everything passes. Proves requests were sent without waiting for
 //!   each other's answers (a pipeline): one at a time, the first answer never comes.
+//!   [`FaultProxy::hold_replies_after`] lets the first few answers pass.
 //!
 //! Everything runs on the test's runtime and stops when the proxy is dropped.
 
@@ -60,6 +61,9 @@ struct Hold {
     /// Tells this hold from earlier ones, for the connections that carried its needle.
     id: u64,
     needle: Vec<u8>,
+    /// How many of the first requests are answered at once (a pipeline that sends its
+    /// first request alone and waits for its answer).
+    free: usize,
     want: usize,
     seen: usize,
 }
@@ -68,7 +72,7 @@ impl Hold {
     /// Whether a connection that last carried hold `carried` must hold its answers now.
     fn holds(hold: &Option<Hold>, carried: u64) -> bool {
         hold.as_ref()
-            .is_some_and(|h| h.id == carried && h.seen < h.want)
+            .is_some_and(|h| h.id == carried && h.seen > h.free && h.seen < h.want)
     }
 }
 
@@ -150,11 +154,18 @@ impl FaultProxy {
     /// until `needle` has been sent `n` times in all (counting from now, over every
     /// connection); see the module docs.
     pub fn hold_replies(&self, needle: &[u8], n: usize) {
+        self.hold_replies_after(needle, 0, n);
+    }
+
+    /// [`FaultProxy::hold_replies`], except that the answers to the first `free` requests
+    /// with `needle` pass at once.
+    pub fn hold_replies_after(&self, needle: &[u8], free: usize, n: usize) {
         self.control.hold.send_modify(|hold| {
             let id = hold.as_ref().map_or(1, |h| h.id + 1);
             *hold = Some(Hold {
                 id,
                 needle: needle.to_vec(),
+                free,
                 want: n,
                 seen: 0,
             });

@@ -26,25 +26,52 @@ impl Shared {
         channel: &str,
         requests: Vec<PublishRequest>,
     ) -> Result<Vec<Result<Published, BrokerError>>, BrokerError> {
-        let mut replies = self.pipeline(channel, &requests).await?;
+        let replies = self.pipeline(channel, &requests).await?;
         // Redis lost its scripts (a restart, `SCRIPT FLUSH`): load it and send again what was
         // refused for that, if that is everything from some request on (those ran nothing,
         // and nothing after them ran either, so sending them again keeps the order). A
         // refusal followed by a success (another node loaded the script meanwhile) is
         // reported as a failure instead: sending it again would publish it out of order.
-        if let Some(first) = replies.iter().position(no_script) {
-            let (lease, mut conn) = self.commands.get().await?;
-            lease.finish(self.publish.prepare_invoke().load_async(&mut conn).await)?;
-            if replies[first..].iter().all(no_script) {
-                let again = self.pipeline(channel, &requests[first..]).await?;
-                replies.truncate(first);
-                replies.extend(again);
-            }
+        let mut retried = None;
+        if let Some(first) = replies.iter().position(no_script)
+            && replies[first..].iter().all(no_script)
+        {
+            let again = match self.load_script().await {
+                Ok(()) => self.pipeline(channel, &requests[first..]).await,
+                Err(err) => Err(err),
+            };
+            retried = Some((first, again));
         }
-        Ok(replies
+        let mut results: Vec<Result<Published, BrokerError>> = replies
             .into_iter()
             .map(|reply| reply.map(published).map_err(unavailable))
-            .collect())
+            .collect();
+        match retried {
+            Some((first, Ok(again))) => {
+                results.truncate(first);
+                results.extend(
+                    again
+                        .into_iter()
+                        .map(|reply| reply.map(published).map_err(unavailable)),
+                );
+            }
+            // Those before `first` were published: only the ones sent again failed.
+            Some((first, Err(err))) => {
+                let message = err.to_string();
+                for result in &mut results[first..] {
+                    *result = Err(BrokerError::Unavailable(message.clone()));
+                }
+            }
+            None => {}
+        }
+        Ok(results)
+    }
+
+    /// Loads the publish script (Redis lost it: a restart, `SCRIPT FLUSH`).
+    async fn load_script(&self) -> Result<(), BrokerError> {
+        let (lease, mut conn) = self.commands.get().await?;
+        lease.finish(self.publish.prepare_invoke().load_async(&mut conn).await)?;
+        Ok(())
     }
 
     /// Sends `requests` as one pipeline and reads every answer (each its own result).

@@ -64,7 +64,8 @@ impl Node {
                         .and_then(|published| self.confirm(published))
                 })
                 .collect(),
-            Err(err) => all(self.unavailable(&err)),
+            // Counted once per message, as one by one.
+            Err(err) => (0..count).map(|_| Err(self.unavailable(&err))).collect(),
         }
     }
 }

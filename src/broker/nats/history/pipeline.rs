@@ -1,23 +1,26 @@
 //! Several publishes on one channel sent to JetStream back to back, then the acks awaited.
 //!
 //! Each append names the subject's previous message (`Nats-Expected-Last-Subject-Sequence`),
-//! whose stream sequence JetStream assigns across every channel of the stream: the second
-//! append of a pipeline cannot know the first one's sequence before its ack. So it predicts
-//! it (the previous one's plus one: nothing else was appended in between) and makes the
-//! prediction checkable: every append but the last carries a `Nats-Msg-Id` of its own, and
-//! every append but the first expects the stream's last sequence to be the predicted one
-//! (`Nats-Expected-Last-Sequence`) and its last message id to be the previous append's
-//! (`Nats-Expected-Last-Msg-Id`). An append is then stored only if the one before it was
-//! stored, and stored right before it, so its offset and `Rs-Prev` are right; once one is
-//! refused, every later one is refused too. The refused ones (anything else was appended
-//! meanwhile: another channel, another node) are published again one by one, in order, as
-//! [`Inner::publish`] does, so contention costs one extra round trip, never order or offsets.
+//! whose stream sequence JetStream assigns across every channel of the stream: an append
+//! cannot know the one before it's sequence before that one's ack. So the first append goes
+//! alone and its ack is awaited (on a stream that other channels write to, its sequence
+//! could not be predicted); the others are sent back to back, each predicting the previous
+//! one's sequence (the first's plus one per append: nothing else was appended in between),
+//! and the prediction is made checkable: every append but the last carries a `Nats-Msg-Id`
+//! of its own, and every append but the first expects the stream's last sequence to be the
+//! predicted one (`Nats-Expected-Last-Sequence`) and its last message id to be the previous
+//! append's (`Nats-Expected-Last-Msg-Id`). An append is then stored only if the one before
+//! it was stored, and stored right before it, so its offset and `Rs-Prev` are right; once
+//! one is refused, every later one is refused too. The refused ones (anything else was
+//! appended meanwhile: another channel, another node) are published again one by one, in
+//! order, as [`Inner::publish`] does, so contention costs round trips, never order or
+//! offsets. A pipeline of `n` therefore takes two round trips, not `n`.
 //!
 //! The ids live in the stream's duplicate window (`RUSTY_SOCKS_IDEMPOTENCY_WINDOW`) like
 //! idempotency keys; a pipeline of `n` messages stores `n - 1` of them.
 
 use async_nats::header;
-use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use bytes::Bytes;
 
 use super::{HEADS_MAX, Head, PURGE_EVERY, headers};
@@ -31,6 +34,14 @@ enum Outcome {
     /// Refused because something else was appended first: to publish again.
     Refused,
     Failed(BrokerError),
+}
+
+/// `count` failures with `err`'s message (one per request it failed).
+fn failed_alike(err: &BrokerError, count: usize) -> Vec<Outcome> {
+    let message = err.to_string();
+    (0..count)
+        .map(|_| Outcome::Failed(BrokerError::Unavailable(message.clone())))
+        .collect()
 }
 
 fn refused(err: &PublishError) -> bool {
@@ -61,7 +72,11 @@ impl Inner {
                 // to: it goes alone, and the others chain to it.
                 results.push(self.publish(channel, requests[0].clone()).await);
                 if requests.len() > 2 {
-                    outcomes = self.append_all(channel, &requests[1..]).await?;
+                    // Its result is in: a failure now fails only the others.
+                    outcomes = match self.append_all(channel, &requests[1..]).await {
+                        Ok(outcomes) => outcomes,
+                        Err(err) => Some(failed_alike(&err, requests.len() - 1)),
+                    };
                 }
             }
         }
@@ -106,34 +121,48 @@ impl Inner {
             },
         };
         let ids = uuid::Uuid::new_v4().simple().to_string();
+        let count = requests.len() as u64;
+        // The first goes alone and its ack is awaited: the stream's sequence is shared by
+        // every channel, so the first one's can only be predicted while nothing else is
+        // appended, and on a busy stream it rarely is. The others chain to its real one.
+        let first = self
+            .send_chained(
+                &subject,
+                &last,
+                0,
+                last.seq,
+                None,
+                (count > 1).then(|| format!("{ids}.0")),
+                &requests[0],
+            )
+            .await;
+        let first = match first {
+            Ok(ack) => ack.await,
+            Err(err) => Err(err),
+        };
         let mut sent = Vec::with_capacity(requests.len());
-        for (i, request) in (0u64..).zip(requests) {
-            let prev = last.seq + i;
-            let mut headers = headers(&last.epoch, last.offset + 1 + i, prev, Some(request));
-            if i > 0 {
-                headers.insert(header::NATS_EXPECTED_LAST_SEQUENCE, prev.to_string());
-                let expected = format!("{ids}.{}", i - 1);
-                headers.insert(header::NATS_EXPECTED_LAST_MESSAGE_ID, expected.as_str());
+        if let Ok(ack) = &first {
+            let base = ack.sequence;
+            for (i, request) in (1u64..).zip(&requests[1..]) {
+                let prev = base + i - 1;
+                let expect = (prev, format!("{ids}.{}", i - 1));
+                let id = (i + 1 < count).then(|| format!("{ids}.{i}"));
+                sent.push(
+                    self.send_chained(&subject, &last, i, prev, Some(expect), id, request)
+                        .await,
+                );
             }
-            if i + 1 < requests.len() as u64 {
-                let id = format!("{ids}.{i}");
-                headers.insert(header::NATS_MESSAGE_ID, id.as_str());
-            }
-            let payload = Bytes::from(request.data.get().to_owned());
-            sent.push(
-                self.js
-                    .publish_with_headers(subject.clone(), headers, payload)
-                    .await,
-            );
         }
-        let mut outcomes = Vec::with_capacity(sent.len());
+        let sent = std::iter::once(Ok(first)).chain(sent.into_iter().map(Err));
+        let mut outcomes = Vec::with_capacity(requests.len());
         // The head after the pipeline, if every append was stored (else read again next time).
         let mut new_head = Some(last.clone());
         let mut purge = false;
         for (i, sent) in (0u64..).zip(sent) {
             let acked = match sent {
-                Ok(ack) => ack.await,
-                Err(err) => Err(err),
+                Ok(first) => first,
+                Err(Ok(ack)) => ack.await,
+                Err(Err(err)) => Err(err),
             };
             let offset = last.offset + 1 + i;
             outcomes.push(match acked {
@@ -158,6 +187,8 @@ impl Inner {
                 }
             });
         }
+        // Not sent, because the first was not stored: published one by one.
+        outcomes.resize_with(requests.len(), || Outcome::Refused);
         *head = new_head;
         drop(head);
         if purge && let Some(request) = requests.last() {
@@ -168,5 +199,33 @@ impl Inner {
             }
         }
         Ok(Some(outcomes))
+    }
+
+    /// Sends the `i`-th append of a pipeline after `last` (`prev`: the stream sequence it
+    /// follows); `expect`: the sequence and message id the stream must end with, `id`: its
+    /// own message id (see the module docs).
+    #[expect(clippy::too_many_arguments, reason = "one append's headers, named")]
+    async fn send_chained(
+        &self,
+        subject: &str,
+        last: &Head,
+        i: u64,
+        prev: u64,
+        expect: Option<(u64, String)>,
+        id: Option<String>,
+        request: &PublishRequest,
+    ) -> Result<PublishAckFuture, PublishError> {
+        let mut headers = headers(&last.epoch, last.offset + 1 + i, prev, Some(request));
+        if let Some((sequence, message)) = expect {
+            headers.insert(header::NATS_EXPECTED_LAST_SEQUENCE, sequence.to_string());
+            headers.insert(header::NATS_EXPECTED_LAST_MESSAGE_ID, message.as_str());
+        }
+        if let Some(id) = id {
+            headers.insert(header::NATS_MESSAGE_ID, id.as_str());
+        }
+        let payload = Bytes::from(request.data.get().to_owned());
+        self.js
+            .publish_with_headers(subject.to_owned(), headers, payload)
+            .await
     }
 }
