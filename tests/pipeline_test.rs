@@ -431,3 +431,114 @@ async fn a_redis_without_the_publish_script_gets_it_and_the_pipeline_again() {
     assert_eq!(offsets, (1..=2 * N as u64).collect::<Vec<_>>());
     server.stop().await;
 }
+
+/// The next `n` publication frames on `ws` (skipping anything else): their data.
+async fn publications(ws: &mut Ws, n: usize) -> Vec<Value> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let frame = recv_json(ws).await;
+        if frame["type"] == "publication" {
+            got.push(frame["data"].clone());
+        }
+    }
+    got
+}
+
+/// v1 `publish` commands to one channel in one write go as one pipeline too, each answered
+/// with its own id and offset, in order.
+async fn v1_pipeline(kind: Kind) {
+    const N: u64 = 6;
+    let (proxy, server, _legacy_subscriber, _legacy_publisher, marker, _cleanup) =
+        setup(kind).await;
+    let (mut subscriber, _) = v1_client(&server).await;
+    subscribe(&mut subscriber, "room").await;
+    let (mut publisher, _) = v1_client(&server).await;
+    // The channel's first publication goes alone (NATS: nothing to chain to).
+    assert_eq!(publish(&mut publisher, "room", json!("warm-up")).await, 1);
+    assert_eq!(publications(&mut subscriber, 1).await, [json!("warm-up")]);
+    proxy.hold_replies_after(marker.as_bytes(), kind.alone(), N as usize);
+    let commands: Vec<String> = (1..=N)
+        .map(|n| {
+            json!({"type": "publish", "id": n, "channel": "room", "data": format!("{marker}{n}")})
+                .to_string()
+        })
+        .collect();
+    send_all(&mut publisher, &commands).await;
+    for n in 1..=N {
+        let reply = recv_json(&mut publisher).await;
+        assert_eq!(reply["type"], "published", "{reply}");
+        assert_eq!(reply["id"], n, "{reply}");
+        assert_eq!(reply["offset"], n + 1, "{reply}");
+    }
+    let expected: Vec<Value> = (1..=N).map(|n| json!(format!("{marker}{n}"))).collect();
+    assert_eq!(publications(&mut subscriber, N as usize).await, expected);
+    assert_eq!(proxy.held_requests(), N as usize);
+    server.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
+async fn redis_gets_the_v1_publishes_of_one_read_as_one_pipeline() {
+    v1_pipeline(Kind::Redis).await;
+}
+
+#[tokio::test]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
+async fn nats_gets_the_v1_publishes_of_one_read_as_one_pipeline() {
+    v1_pipeline(Kind::Nats).await;
+}
+
+/// The memory broker gathers a read's v1 publishes too: every command still gets its own
+/// answer, in order, whether it was gathered (a keyed retry is a duplicate) or not (one to
+/// the default channel is refused, one to another channel ends the gathered run).
+#[tokio::test]
+async fn v1_publishes_of_one_read_are_answered_in_order_on_the_memory_broker() {
+    let server = TestServer::start(|_| {}).await;
+    let (mut subscriber, _) = v1_client(&server).await;
+    subscribe(&mut subscriber, "room").await;
+    let (mut publisher, _) = v1_client(&server).await;
+    let publish = |id: u64, channel: &str, key: Option<&str>| {
+        let mut command = json!({"type": "publish", "id": id, "channel": channel, "data": id});
+        if let Some(key) = key {
+            command["idempotency_key"] = json!(key);
+        }
+        command.to_string()
+    };
+    let commands = [
+        publish(1, "room", None),
+        publish(2, "room", Some("k")),
+        publish(3, "default", None),
+        publish(4, "room", Some("k")),
+        publish(5, "other", None),
+        publish(6, "room", None),
+    ];
+    send_all(&mut publisher, &commands).await;
+    let mut replies = Vec::new();
+    for _ in 0..commands.len() {
+        let reply = recv_json(&mut publisher).await;
+        replies.push((
+            reply["id"].as_u64().unwrap(),
+            reply["type"].as_str().unwrap().to_owned(),
+            reply["offset"].as_u64(),
+            // Present only on a duplicate.
+            reply["duplicate"].as_bool().unwrap_or(false),
+        ));
+    }
+    let published = |id, offset, duplicate| (id, "published".to_owned(), Some(offset), duplicate);
+    assert_eq!(
+        replies,
+        [
+            published(1, 1, false),
+            published(2, 2, false),
+            (3, "error".to_owned(), None, false),
+            published(4, 2, true),
+            published(5, 1, false),
+            published(6, 3, false),
+        ]
+    );
+    assert_eq!(
+        publications(&mut subscriber, 3).await,
+        [json!(1), json!(2), json!(6)]
+    );
+    server.stop().await;
+}

@@ -1,4 +1,5 @@
-//! Legacy chat messages of one read, published together.
+//! Legacy chat messages (or v1 `publish` commands to one channel) of one read, published
+//! together.
 //!
 //! With a networked broker each publish is a round trip. A client that sends several chat
 //! messages at once has them gathered while the read is handled (rate limit and validation
@@ -14,16 +15,28 @@ use super::ChatHandler;
 use crate::engine::node::DEFAULT_CHANNEL;
 use crate::engine::session::Replies;
 use crate::protocol::legacy::ServerFrame;
+use crate::protocol::v1::Frame;
 use crate::types::error::ClientError;
 
 /// Legacy chat messages gathered during one read, in arrival order: what to publish, and
 /// the errors to answer in between (a message refused by validation or the rate limit), so
-/// every error frame keeps its place among the others.
+/// every error frame keeps its place among the others. Or, for a v1 connection, its
+/// consecutive `publish` commands to one channel, each answered with its own id.
 #[derive(Debug, Default)]
 pub(super) struct Gathered {
     data: Vec<Arc<RawValue>>,
     /// Each error with the number of messages gathered to publish before it.
     refused: Vec<(usize, ClientError)>,
+    /// `Some` for v1 `publish` commands: their channel, and per command its id and key.
+    v1: Option<V1Publishes>,
+}
+
+/// The v1 side of [`Gathered`].
+#[derive(Debug)]
+struct V1Publishes {
+    channel: String,
+    /// Per gathered command (in the order of `Gathered::data`): its id and idempotency key.
+    commands: Vec<(Option<Box<RawValue>>, Option<String>)>,
 }
 
 impl ChatHandler {
@@ -43,19 +56,62 @@ impl ChatHandler {
         }
     }
 
-    /// Publishes the gathered legacy chat messages as one pipeline and answers, in order,
-    /// every error among them.
+    /// Whether a v1 `publish` command (already admitted by the rate limit) joins the ones
+    /// gathered: `false` sends it the ordinary way (after those are published). Checks here
+    /// only what the ordinary way would refuse it for at once, so its error is the same.
+    pub(super) fn gathers_v1(&self, channel: &str, data: &RawValue) -> bool {
+        data.get().len() <= self.limits().max_data as usize
+            && channel != DEFAULT_CHANNEL
+            && self
+                .node()
+                .options(channel)
+                .is_ok_and(|options| !options.proxy_publish)
+            && self
+                .gathered
+                .as_ref()
+                .is_none_or(|g| g.v1.as_ref().is_some_and(|v1| v1.channel == channel))
+    }
+
+    /// Gathers a v1 `publish` command that [`ChatHandler::gathers_v1`] took.
+    pub(super) fn gather_v1(
+        &mut self,
+        id: Option<&RawValue>,
+        channel: &str,
+        data: &RawValue,
+        idempotency_key: Option<String>,
+    ) {
+        let gathered = self.gathered.get_or_insert_with(|| {
+            Box::new(Gathered {
+                v1: Some(V1Publishes {
+                    channel: channel.to_owned(),
+                    commands: Vec::new(),
+                }),
+                ..Gathered::default()
+            })
+        });
+        gathered.data.push(Arc::from(data.to_owned()));
+        if let Some(v1) = &mut gathered.v1 {
+            v1.commands
+                .push((id.map(RawValue::to_owned), idempotency_key));
+        }
+    }
+
+    /// Publishes what was gathered as one pipeline and answers, in order: for legacy chat,
+    /// every error among them; for v1, every command.
     pub(super) async fn publish_gathered(&mut self, out: &mut Replies<'_>) {
         let Some(gathered) = self.gathered.take() else {
             return;
         };
-        let Gathered { data, refused } = *gathered;
+        let Gathered { data, refused, v1 } = *gathered;
+        if let Some(v1) = v1 {
+            return self.publish_gathered_v1(data, v1, out).await;
+        }
         let results = if data.is_empty() {
             Vec::new()
         } else {
             let published = self.shared.node.publish_batch(
                 DEFAULT_CHANNEL,
-                data,
+                data.into_iter().map(|data| (data, None)).collect(),
                 Some(self.client_id()),
                 self.caller(),
             );
@@ -71,6 +127,38 @@ impl ChatHandler {
                     tracing::warn!(%err, "legacy publish failed");
                 }
                 out.text(&ServerFrame::error(&err).to_json());
+            }
+        }
+    }
+
+    async fn publish_gathered_v1(
+        &mut self,
+        data: Vec<Arc<RawValue>>,
+        v1: V1Publishes,
+        out: &mut Replies<'_>,
+    ) {
+        let V1Publishes { channel, commands } = v1;
+        let (ids, keys): (Vec<_>, Vec<_>) = commands.into_iter().unzip();
+        let published = self.shared.node.publish_batch(
+            &channel,
+            data.into_iter().zip(keys).collect(),
+            Some(self.client_id()),
+            self.caller(),
+        );
+        let results = Box::pin(published).await;
+        for (id, result) in ids.iter().zip(results) {
+            let id = id.as_deref();
+            match result {
+                Ok(published) => out.text(
+                    &Frame::Published {
+                        id,
+                        channel: &channel,
+                        offset: published.position.offset,
+                        duplicate: published.duplicate,
+                    }
+                    .to_json(),
+                ),
+                Err(err) => out.text(&Frame::error(id, &err).to_json()),
             }
         }
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 
 use super::{Caller, Node};
-use crate::broker::{PublishRequest, Published};
+use crate::broker::{Idempotency, PublishRequest, Published};
 use crate::types::ClientId;
 use crate::types::error::ClientError;
 
@@ -16,18 +16,18 @@ impl Node {
         self.broker.pipelines_publish()
     }
 
-    /// Publishes `data` on `channel`, in order, as one pipeline; one result per item, in
-    /// order, each what [`Node::publish`] would have answered (no idempotency keys: legacy
-    /// chat has none). The permission check is the same for every item (one channel, one
-    /// caller), so it is made once.
+    /// Publishes `items` (data, idempotency key) on `channel`, in order, as one pipeline;
+    /// one result per item, in order, each what [`Node::publish`] would have answered. The
+    /// permission check is the same for every item (one channel, one caller), so it is made
+    /// once.
     pub async fn publish_batch(
         &self,
         channel: &str,
-        data: Vec<Arc<RawValue>>,
+        items: Vec<(Arc<RawValue>, Option<String>)>,
         client_id: Option<ClientId>,
         caller: Caller<'_>,
     ) -> Vec<Result<Published, ClientError>> {
-        let count = data.len();
+        let count = items.len();
         let all = |err: ClientError| vec![Err(err); count];
         let options = match self.options(channel) {
             Ok(options) => options,
@@ -46,13 +46,16 @@ impl Node {
             Err(err) => return all(err),
         };
         let history = self.limits(&options);
-        let requests = data
+        let requests = items
             .into_iter()
-            .map(|data| PublishRequest {
+            .map(|(data, key)| PublishRequest {
                 data,
                 client_id,
                 history,
-                idempotency: None,
+                idempotency: key.map(|key| Idempotency {
+                    key,
+                    window: self.options.idempotency_window,
+                }),
             })
             .collect();
         match self.broker.publish_batch(channel, requests).await {
