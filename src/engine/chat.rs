@@ -616,28 +616,7 @@ impl Handler for ChatHandler {
             if matches!(parsed, Parsed::Legacy) && pipelines {
                 return self.gather_legacy(text);
             }
-            if let Parsed::Command(
-                id,
-                Command::Publish {
-                    channel,
-                    data,
-                    idempotency_key,
-                },
-            ) = &parsed
-                && pipelines
-                && self.gathers_v1(channel, data)
-            {
-                let refusal = match self.admission() {
-                    Ok(()) => return self.gather_v1(*id, channel, data, idempotency_key.clone()),
-                    Err(refusal) => refusal,
-                };
-                // Refused by the rate limit: answered after what was gathered before it.
-                if self.gathered.is_some() {
-                    Box::pin(self.publish_gathered(out)).await;
-                }
-                if let Some(err) = refusal {
-                    out.text(&Frame::error(*id, &err).to_json());
-                }
+            if pipelines && self.gather_publish(&parsed, out).await {
                 return;
             }
             // Anything else waits for the chat messages before it, and answers after them.

@@ -15,7 +15,7 @@ use super::ChatHandler;
 use crate::engine::node::DEFAULT_CHANNEL;
 use crate::engine::session::Replies;
 use crate::protocol::legacy::ServerFrame;
-use crate::protocol::v1::Frame;
+use crate::protocol::v1::{Command, Frame, Parsed};
 use crate::types::error::ClientError;
 
 /// Legacy chat messages gathered during one read, in arrival order: what to publish, and
@@ -56,9 +56,47 @@ impl ChatHandler {
         }
     }
 
-    /// Whether a v1 `publish` command (already admitted by the rate limit) joins the ones
-    /// gathered: `false` sends it the ordinary way (after those are published). Checks here
-    /// only what the ordinary way would refuse it for at once, so its error is the same.
+    /// Gathers `parsed` if it is a v1 `publish` command that [`ChatHandler::gathers_v1`]
+    /// takes, or answers its refusal by the rate limit (after what was gathered before it);
+    /// `false`: it is for the ordinary way.
+    pub(super) async fn gather_publish(
+        &mut self,
+        parsed: &Parsed<'_>,
+        out: &mut Replies<'_>,
+    ) -> bool {
+        let Parsed::Command(
+            id,
+            Command::Publish {
+                channel,
+                data,
+                idempotency_key,
+            },
+        ) = parsed
+        else {
+            return false;
+        };
+        if !self.gathers_v1(channel, data) {
+            return false;
+        }
+        let refusal = match self.admission() {
+            Ok(()) => {
+                self.gather_v1(*id, channel, data, idempotency_key.clone());
+                return true;
+            }
+            Err(refusal) => refusal,
+        };
+        if self.gathered.is_some() {
+            Box::pin(self.publish_gathered(out)).await;
+        }
+        if let Some(err) = refusal {
+            out.text(&Frame::error(*id, &err).to_json());
+        }
+        true
+    }
+
+    /// Whether a v1 `publish` command joins the ones gathered: `false` sends it the ordinary
+    /// way (after those are published). Checks here only what the ordinary way would refuse
+    /// it for at once, so its error is the same.
     pub(super) fn gathers_v1(&self, channel: &str, data: &RawValue) -> bool {
         data.get().len() <= self.limits().max_data as usize
             && channel != DEFAULT_CHANNEL
