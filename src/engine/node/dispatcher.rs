@@ -41,7 +41,7 @@ impl Dispatcher {
         }
     }
 
-    /// The control side, for [`Node::start`]: recovering missed control messages needs the
+    /// The control side, for [`super::Node::start`]: recovering missed control messages needs the
     /// broker, which is built after (and around) the dispatcher.
     pub fn control(&self) -> Arc<Control> {
         Arc::clone(&self.control)
