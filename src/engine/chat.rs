@@ -18,6 +18,7 @@ use self::gather::Gathered;
 use super::outbox::Outbox;
 use super::session::{Handler, Replies};
 use crate::auth::Identity;
+use crate::broker::Published;
 use crate::engine::hub::MemberState;
 use crate::engine::node::{Caller, DEFAULT_CHANNEL, Node};
 use crate::protocol::legacy::{ServerFrame, parse_chat};
@@ -476,15 +477,7 @@ impl ChatHandler {
                         self.caller(),
                     )
                     .await?;
-                out.text(
-                    &Frame::Published {
-                        id,
-                        channel: &channel,
-                        offset: published.position.offset,
-                        duplicate: published.duplicate,
-                    }
-                    .to_json(),
-                );
+                out.text(&published_reply(id, &channel, &published));
             }
             Command::Presence { channel } => {
                 let clients = self.node().presence(&channel, self.caller()).await?;
@@ -719,6 +712,17 @@ impl Handler for ChatHandler {
         })
         .await
     }
+}
+
+/// The `published` answer to a v1 `publish` command.
+fn published_reply(id: Option<&RawValue>, channel: &str, published: &Published) -> String {
+    Frame::Published {
+        id,
+        channel,
+        offset: published.position.offset,
+        duplicate: published.duplicate,
+    }
+    .to_json()
 }
 
 #[cfg(test)]

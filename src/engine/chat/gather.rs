@@ -187,15 +187,7 @@ impl ChatHandler {
         for (id, result) in ids.iter().zip(results) {
             let id = id.as_deref();
             match result {
-                Ok(published) => out.text(
-                    &Frame::Published {
-                        id,
-                        channel: &channel,
-                        offset: published.position.offset,
-                        duplicate: published.duplicate,
-                    }
-                    .to_json(),
-                ),
+                Ok(published) => out.text(&super::published_reply(id, &channel, &published)),
                 Err(err) => out.text(&Frame::error(id, &err).to_json()),
             }
         }
