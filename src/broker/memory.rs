@@ -275,8 +275,14 @@ impl MemoryBroker {
     /// its key is not remembered either (memory stays bounded, and a retry is then published
     /// again, as it would be without a key).
     pub(in crate::broker) fn stores(&self, request: &PublishRequest) -> bool {
-        let cost = request.data.get().len() + ENTRY_OVERHEAD;
-        self.history_bytes() + cost <= self.history_budget
+        self.stores_after(self.history_bytes(), request).is_some()
+    }
+
+    /// [`Self::stores`] with `total` bytes of history held: the total after storing it, if
+    /// it is stored.
+    fn stores_after(&self, total: usize, request: &PublishRequest) -> Option<usize> {
+        let after = total + request.data.get().len() + ENTRY_OVERHEAD;
+        (after <= self.history_budget).then_some(after)
     }
 
     /// Publishes in memory only, under the channel's lock: assign, append, deliver.
@@ -309,11 +315,12 @@ impl MemoryBroker {
         let mut total = self.history_bytes();
         let stores: Vec<bool> = requests
             .iter()
-            .map(|request| {
-                let cost = request.data.get().len() + ENTRY_OVERHEAD;
-                let store = total + cost <= self.history_budget;
-                total += if store { cost } else { 0 };
-                store
+            .map(|request| match self.stores_after(total, request) {
+                Some(after) => {
+                    total = after;
+                    true
+                }
+                None => false,
             })
             .collect();
         self.with(channel, |state| {

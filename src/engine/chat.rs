@@ -367,6 +367,21 @@ impl ChatHandler {
             .map(Arc::from))
     }
 
+    /// What a v1 `publish` is refused for before anything is published: data over the
+    /// limit, or the default channel (legacy chat's). Checked by the ordinary way and by the
+    /// gathering ([`ChatHandler::gathers_v1`]) alike.
+    fn check_publish(&self, channel: &str, data: &RawValue) -> Result<(), ClientError> {
+        if data.get().len() > self.limits().max_data as usize {
+            return Err(ClientError::DataTooBig(self.limits().max_data as usize));
+        }
+        if channel == DEFAULT_CHANNEL {
+            return Err(ClientError::PermissionDenied(
+                "the default channel carries legacy chat; send a legacy message",
+            ));
+        }
+        Ok(())
+    }
+
     async fn command(
         &mut self,
         id: Option<&RawValue>,
@@ -444,14 +459,7 @@ impl ChatHandler {
                 data,
                 idempotency_key,
             } => {
-                if data.get().len() > self.limits().max_data as usize {
-                    return Err(ClientError::DataTooBig(self.limits().max_data as usize));
-                }
-                if channel == DEFAULT_CHANNEL {
-                    return Err(ClientError::PermissionDenied(
-                        "the default channel carries legacy chat; send a legacy message",
-                    ));
-                }
+                self.check_publish(&channel, data)?;
                 let mut data: Arc<RawValue> = Arc::from(data.to_owned());
                 if self.node().options(&channel)?.proxy_publish {
                     let user = self.auth.as_ref().map(|a| &*a.identity.user);

@@ -593,14 +593,7 @@ fn deliver_one(member: &Member, publication: Option<(u64, u64)>, frame: &SharedF
             }
         }
         Push::Full => {
-            match state.policy {
-                SlowPolicy::Gap => {
-                    if !state.gapped.swap(true, Ordering::AcqRel) {
-                        member.outbox.report_gap(Arc::clone(state));
-                    }
-                }
-                SlowPolicy::Disconnect => member.outbox.close(CloseCode::SlowConsumer),
-            }
+            overflowed(member);
             Outcome::Dropped
         }
         Push::Closed | Push::NoticeDropped => Outcome::Dropped,
@@ -654,14 +647,22 @@ fn deliver_run(
     }
     drop(pushing);
     if full {
-        match state.policy {
-            SlowPolicy::Gap => {
-                if !state.gapped.swap(true, Ordering::AcqRel) {
-                    member.outbox.report_gap(Arc::clone(state));
-                }
+        overflowed(member);
+    }
+}
+
+/// Applies a member's slow-client policy when its queue had no room for a publication: a
+/// gap (reported once) on a `gap` namespace, otherwise a close with
+/// [`CloseCode::SlowConsumer`].
+fn overflowed(member: &Member) {
+    let state = &member.state;
+    match state.policy {
+        SlowPolicy::Gap => {
+            if !state.gapped.swap(true, Ordering::AcqRel) {
+                member.outbox.report_gap(Arc::clone(state));
             }
-            SlowPolicy::Disconnect => member.outbox.close(CloseCode::SlowConsumer),
         }
+        SlowPolicy::Disconnect => member.outbox.close(CloseCode::SlowConsumer),
     }
 }
 

@@ -98,8 +98,7 @@ impl ChatHandler {
     /// way (after those are published). Checks here only what the ordinary way would refuse
     /// it for at once, so its error is the same.
     pub(super) fn gathers_v1(&self, channel: &str, data: &RawValue) -> bool {
-        data.get().len() <= self.limits().max_data as usize
-            && channel != DEFAULT_CHANNEL
+        self.check_publish(channel, data).is_ok()
             && self
                 .node()
                 .options(channel)
