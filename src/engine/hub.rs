@@ -11,7 +11,8 @@
 //! live frames are buffered and merged by offset afterwards) and while it is *gapped* (its
 //! outbox overflowed on a `gap` namespace, so frames are dropped until the gap is reported).
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, DefaultHasher, Hash, Hasher, RandomState};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -43,15 +44,27 @@ pub fn epoch_tag(epoch: &str) -> u64 {
     hasher.finish().max(1)
 }
 
+/// A recovering membership's held-back frames, allocated on the first one.
+#[expect(
+    clippy::box_collection,
+    reason = "one pointer inline instead of a Vec's three; most memberships never buffer"
+)]
+type RecoveryBuffer = Option<Box<Vec<Buffered>>>;
+
 /// One connection's subscription to one channel.
 #[derive(Debug)]
 pub struct MemberState {
     /// The channel.
     pub channel: Arc<str>,
     policy: SlowPolicy,
-    buffer_limit: usize,
+    /// Frames a recovery buffers at most. 32 bits: every subscription has one of these
+    /// states, and it must stay in the allocator's 96-byte size class (see
+    /// `a_membership_fits_the_96_byte_size_class`).
+    buffer_limit: u32,
     recovering: AtomicBool,
-    buffer: Mutex<Vec<Buffered>>,
+    /// Live frames held back while recovering; one pointer until the first one (a `Vec`
+    /// inline takes three, in every subscription).
+    buffer: Mutex<RecoveryBuffer>,
     gapped: AtomicBool,
     /// The [`epoch_tag`] of the stream `last_offset` and `replayed_through` count in. A
     /// publication of another epoch starts both again: its offsets say nothing about the old
@@ -81,7 +94,7 @@ impl MemberState {
         Arc::new(Self {
             channel: channel.into(),
             policy,
-            buffer_limit,
+            buffer_limit: u32::try_from(buffer_limit).unwrap_or(u32::MAX),
             recovering: AtomicBool::new(true),
             buffer: Mutex::default(),
             gapped: AtomicBool::new(false),
@@ -157,17 +170,41 @@ impl MemberState {
         self.gapped.store(false, Ordering::Release);
     }
 
-    fn lock_buffer(&self) -> std::sync::MutexGuard<'_, Vec<Buffered>> {
+    fn lock_buffer(&self) -> std::sync::MutexGuard<'_, RecoveryBuffer> {
         self.buffer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
+/// One member of a channel, found in the channel's set by its client's id, which its outbox
+/// holds: a map keyed by the id kept it a second time, 16 bytes more per slot of the table
+/// (a channel's table has up to twice as many slots as members).
 #[derive(Debug, Clone)]
 struct Member {
     outbox: Outbox,
     state: Arc<MemberState>,
+}
+
+impl PartialEq for Member {
+    fn eq(&self, other: &Self) -> bool {
+        self.outbox.id_ref() == other.outbox.id_ref()
+    }
+}
+
+impl Eq for Member {}
+
+/// As its id, so the set finds it by id ([`Borrow`]).
+impl Hash for Member {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.outbox.id_ref().hash(state);
+    }
+}
+
+impl Borrow<ClientId> for Member {
+    fn borrow(&self) -> &ClientId {
+        self.outbox.id_ref()
+    }
 }
 
 /// Whether this node's broker subscription for a channel is in place yet.
@@ -249,7 +286,7 @@ impl NoticeBudget {
 
 #[derive(Debug, Default)]
 struct Channel {
-    members: HashMap<ClientId, Member>,
+    members: HashSet<Member>,
     ready: Arc<BrokerReady>,
     notices: Mutex<NoticeBudget>,
 }
@@ -372,16 +409,13 @@ impl Hub {
         let mut shard = self.write(&state.channel);
         let first = !shard.contains_key(&*state.channel);
         let channel = shard.entry(state.channel.to_string()).or_default();
-        if channel.members.contains_key(&outbox.id()) {
+        if channel.members.contains(outbox.id_ref()) {
             return Joined::Already;
         }
-        channel.members.insert(
-            outbox.id(),
-            Member {
-                outbox: outbox.clone(),
-                state,
-            },
-        );
+        channel.members.insert(Member {
+            outbox: outbox.clone(),
+            state,
+        });
         let ready = Arc::clone(&channel.ready);
         if first {
             Joined::First(ready)
@@ -406,7 +440,7 @@ impl Hub {
         state.enter_epoch(epoch);
         state.replayed_through(replayed_through);
         state.recovering.store(false, Ordering::Release);
-        std::mem::take(&mut *buffer)
+        buffer.take().map_or_else(Vec::new, |frames| *frames)
     }
 
     /// Removes a membership; the channel goes away with its last member.
@@ -415,7 +449,7 @@ impl Hub {
         let Some(entry) = shard.get_mut(channel) else {
             return Left::NotMember;
         };
-        if entry.members.remove(&client).is_none() {
+        if !entry.members.remove(&client) {
             return Left::NotMember;
         }
         if entry.members.is_empty() {
@@ -448,7 +482,7 @@ impl Hub {
             return delivery;
         };
         if publication.is_none() {
-            let skipped = skip.is_some_and(|id| entry.members.contains_key(&id));
+            let skipped = skip.is_some_and(|id| entry.members.contains(&id));
             let frames = entry.members.len() - usize::from(skipped);
             let allowed = entry
                 .notices
@@ -460,8 +494,8 @@ impl Hub {
                 return delivery;
             }
         }
-        for (id, member) in &entry.members {
-            if Some(*id) == skip {
+        for member in &entry.members {
+            if skip.is_some_and(|id| id == member.outbox.id()) {
                 continue;
             }
             delivery.count(deliver_one(member, publication, frame));
@@ -485,17 +519,18 @@ impl Hub {
         let Some(entry) = shard.get(channel) else {
             return delivery;
         };
-        for (id, member) in &entry.members {
+        for member in &entry.members {
+            let id = member.outbox.id();
             let state = &member.state;
             if state.recovering.load(Ordering::Acquire) || state.gapped.load(Ordering::Acquire) {
                 // The rare paths, frame by frame (buffering, dropping).
                 for (outgoing, frame) in batch.iter().zip(&frames) {
-                    if Some(*id) != outgoing.skip {
+                    if Some(id) != outgoing.skip {
                         delivery.count(deliver_one(member, Some(outgoing.place), frame));
                     }
                 }
             } else {
-                deliver_run(member, *id, batch, &frames, &mut delivery);
+                deliver_run(member, id, batch, &frames, &mut delivery);
             }
         }
         delivery
@@ -510,7 +545,7 @@ impl Hub {
         let Some(entry) = shard.get(channel) else {
             return 0;
         };
-        for member in entry.members.values() {
+        for member in &entry.members {
             // The stream may have restarted (offsets from 1 again): nothing is a late copy now.
             member.state.replayed_through.store(0, Ordering::Release);
             if close_instead {
@@ -565,7 +600,7 @@ fn deliver_one(member: &Member, publication: Option<(u64, u64)>, frame: &SharedF
         let mut buffer = state.lock_buffer();
         // Re-checked under the lock: recovery may have finished while we waited for it.
         if state.recovering.load(Ordering::Acquire) {
-            return buffer_one(&mut buffer, member, publication, frame);
+            return buffer_one(buffer.get_or_insert_default(), member, publication, frame);
         }
     }
     if state.gapped.load(Ordering::Acquire) {
@@ -675,7 +710,7 @@ fn buffer_one(
     publication: Option<(u64, u64)>,
     frame: &SharedFrame,
 ) -> Outcome {
-    let limit = member.state.buffer_limit;
+    let limit = member.state.buffer_limit as usize;
     if publication.is_none() {
         let notices = (limit / 2).clamp(1, crate::engine::outbox::NOTICE_QUEUE_LIMIT);
         if buffer.len() >= notices {

@@ -8,7 +8,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::node_tests::faulty_node;
@@ -81,15 +80,7 @@ async fn the_welcome_does_not_wait_for_a_stalled_broker() {
             Duration::from_secs(60),
             Duration::from_secs(1),
         );
-        let session = SessionParts::new(
-            rx,
-            handler,
-            config,
-            CancellationToken::new(),
-            Arc::clone(&stats),
-            guards,
-        )
-        .into_session(socket);
+        let session = SessionParts::new(rx, handler, config, guards).into_session(socket);
         running.push(tokio::spawn(session.run(Bytes::new())));
         let frame = read_text_frame(&mut client, Duration::from_secs(3)).await;
         assert_eq!(frame["type"], welcome, "{dialect:?}: {frame}");

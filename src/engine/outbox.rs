@@ -27,7 +27,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 
 use crate::engine::hub::MemberState;
-use crate::types::ClientId;
+use crate::types::{ClientId, clock};
 use crate::ws::close::CloseCode;
 use crate::ws::deflate::{Deflate, SharedFrame};
 
@@ -62,21 +62,40 @@ struct Queue {
     frames: VecDeque<Queued>,
     /// How many of `frames` are notices.
     notices: u32,
-    /// When the queue last went from empty to non-empty ([`crate::types::clock::now_us`]).
-    since_us: u64,
-    /// The session is gone: pushes are refused.
-    closed: bool,
+    /// When the queue last went from empty to non-empty ([`clock::stamp_us`]: 32 bits, for
+    /// the write-delay histogram).
+    since: u32,
     /// Memberships that dropped frames since the session last looked (see `has_gaps`):
     /// under the queue's lock rather than a lock of their own, which would cost every
-    /// connection's outbox a second mutex for something that rarely happens.
-    gaps: Vec<Arc<MemberState>>,
+    /// connection's outbox a second mutex for something that rarely happens; one pointer
+    /// until the first gap (a `Vec` inline would take three in every connection's outbox).
+    gaps: Gaps,
+}
+
+/// Memberships with a gap to report, allocated on the first one.
+#[derive(Debug, Default)]
+#[expect(
+    clippy::box_collection,
+    reason = "one pointer inline instead of a Vec's three; gaps are rare"
+)]
+struct Gaps(Option<Box<Vec<Arc<MemberState>>>>);
+
+impl Gaps {
+    fn push(&mut self, state: Arc<MemberState>) {
+        self.0.get_or_insert_default().push(state);
+    }
+
+    fn take(&mut self) -> Vec<Arc<MemberState>> {
+        self.0.take().map_or_else(Vec::new, |gaps| *gaps)
+    }
 }
 
 #[derive(Debug)]
 struct Shared {
     id: ClientId,
     /// Frames the queue holds at most. This struct and the fields below are 32 bits where
-    /// that suffices: every connection has one (152 bytes with its reference counts).
+    /// that suffices: every connection has one (128 bytes with its reference counts, the
+    /// allocator's 128-byte size class; at 152 it took 160).
     capacity: u32,
     queue: Mutex<Queue>,
     /// Frames queued, kept beside the queue so the session's frequent "anything queued?" checks
@@ -93,6 +112,9 @@ struct Shared {
     has_gaps: AtomicBool,
     /// Set by the server's heartbeat ticker: time to check the heartbeat deadlines.
     tick: AtomicBool,
+    /// The session is gone: pushes are refused. Read and written under the queue's lock only
+    /// (kept out of [`Queue`], whose size sets the outbox's size class).
+    closed: AtomicBool,
 }
 
 /// A queue length as stored in `Shared::queued`: never above the capacity, a `u32`.
@@ -104,6 +126,11 @@ impl Shared {
     fn wake(&self) {
         self.woken.store(true, Ordering::Release);
         self.waker.wake();
+    }
+
+    /// Whether the session is gone; only meaningful under the queue's lock, which orders it.
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {
@@ -154,6 +181,7 @@ impl Outbox {
             waker: AtomicWaker::new(),
             close: AtomicU8::new(0),
             has_gaps: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             tick: AtomicBool::new(false),
         });
         (
@@ -167,6 +195,12 @@ impl Outbox {
     /// The client this queue feeds.
     pub fn id(&self) -> ClientId {
         self.shared.id
+    }
+
+    /// The id where it is kept, for sets that find an outbox by its id without keeping the
+    /// id a second time.
+    pub fn id_ref(&self) -> &ClientId {
+        &self.shared.id
     }
 
     /// Queues an encoded frame without waiting. A full queue that holds notices drops the
@@ -197,7 +231,7 @@ impl Outbox {
     /// cannot grow a connection's queue past half its capacity.
     pub fn try_push_notice(&self, frame: impl Into<SharedFrame>) -> Push {
         let queue = self.shared.queue();
-        if queue.closed {
+        if self.shared.is_closed() {
             return Push::Closed;
         }
         if queue.frames.len() >= (self.shared.capacity as usize / 2).clamp(1, NOTICE_QUEUE_LIMIT) {
@@ -212,7 +246,7 @@ impl Outbox {
         queue.notices += u32::from(notice);
         let first = queue.frames.len() == 1;
         if first {
-            queue.since_us = crate::types::clock::now_us();
+            queue.since = clock::stamp_us();
         }
         self.shared
             .queued
@@ -284,7 +318,7 @@ impl Pushing<'_> {
         let Some(queue) = self.queue.as_deref_mut() else {
             return Push::Closed;
         };
-        if queue.closed {
+        if self.outbox.shared.is_closed() {
             return Push::Closed;
         }
         let mut pushed = Push::Queued;
@@ -303,7 +337,7 @@ impl Pushing<'_> {
             }
         }
         if queue.frames.is_empty() {
-            queue.since_us = crate::types::clock::now_us();
+            queue.since = clock::stamp_us();
         }
         queue.frames.push_back(Queued {
             frame,
@@ -422,7 +456,7 @@ fn take_gaps(shared: &Shared) -> Vec<Arc<MemberState>> {
     }
     let mut queue = shared.queue();
     shared.has_gaps.store(false, Ordering::Release);
-    std::mem::take(&mut queue.gaps)
+    queue.gaps.take()
 }
 
 impl OutboxReceiver {
@@ -456,14 +490,13 @@ impl OutboxReceiver {
 
     /// Moves queued frames into `buf` until it holds `limit` bytes (at least one frame if any
     /// is queued), compressed when the connection negotiated `deflate`; returns how many
-    /// frames were moved and since when the oldest of them waited
-    /// ([`crate::types::clock::now_us`]).
+    /// frames were moved and since when the oldest of them waited ([`clock::stamp_us`]).
     pub fn drain_into(
         &self,
         buf: &mut BytesMut,
         limit: usize,
         deflate: Option<Deflate>,
-    ) -> (u64, u64) {
+    ) -> (u64, u32) {
         if self.shared.queued.load(Ordering::Acquire) == 0 {
             return (0, 0);
         }
@@ -488,7 +521,7 @@ impl OutboxReceiver {
         self.shared
             .queued
             .store(queued_count(queue.frames.len()), Ordering::Release);
-        (count as u64, queue.since_us)
+        (count as u64, queue.since)
     }
 
     /// Gives back the queue's memory if it is empty. The session calls this on its heartbeat
@@ -531,7 +564,7 @@ impl OutboxReceiver {
 impl Drop for OutboxReceiver {
     fn drop(&mut self) {
         let mut queue = self.shared.queue();
-        queue.closed = true;
+        self.shared.closed.store(true, Ordering::Relaxed);
         queue.frames = VecDeque::new();
         queue.notices = 0;
         self.shared.queued.store(0, Ordering::Release);
@@ -541,6 +574,14 @@ impl Drop for OutboxReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every connection holds one outbox for its whole life: past 112 bytes (128 with the
+    /// reference counts) it lands in the allocator's next size class, 160 bytes.
+    #[test]
+    fn an_outbox_fits_the_128_byte_size_class() {
+        let size = std::mem::size_of::<Shared>() + 2 * std::mem::size_of::<usize>();
+        assert!(size <= 128, "{size} bytes with the reference counts");
+    }
 
     #[tokio::test]
     async fn queues_up_to_capacity_and_wakes_on_the_first_frame() {

@@ -9,23 +9,21 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
 use tokio::time::timeout;
-use tokio_util::sync::CancellationToken;
 
 use super::outbox::{OutboxReceiver, WakeBatch};
 use crate::engine::stats::Stats;
 use crate::types::clock::now_us;
-use crate::ws::close::{CloseCode, WsViolation};
+use crate::ws::close::CloseCode;
 use crate::ws::deflate::{self, Deflate};
-use crate::ws::frame::{OpCode, encode_close, encode_into};
+use crate::ws::frame::{OpCode, encode_into};
 use crate::ws::reader::{Incoming, MessageReader};
-use crate::ws::transport::{READ_CHUNK, Transport, read_some, reserve_for_read, write_all};
+use crate::ws::transport::{READ_CHUNK, Transport, reserve_for_read};
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -39,8 +37,6 @@ const KEEP_BUFFER: usize = 16 * 1024;
 /// How much earlier than due a ping may go out: the heartbeat ticks once a second, and a ping
 /// that waited for the next tick would leave the client too little time to answer.
 const PING_EARLY: Duration = Duration::from_millis(500);
-/// How long the server waits for the client's close frame after sending its own.
-const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(1);
 
 /// Per-endpoint session settings, stored compactly: every connection carries a copy.
 #[derive(Debug, Clone, Copy)]
@@ -195,8 +191,10 @@ enum End {
     ClientClosed(Option<u16>),
     /// The server decided to close.
     Server(CloseCode),
-    /// The client broke the protocol.
-    Violation(WsViolation),
+    /// The client broke the protocol; closed with this code. The violation itself is logged
+    /// where it is found: kept here it would triple this enum, which sits in every
+    /// connection's task.
+    Violation(CloseCode),
     /// The socket is gone (EOF without close, reset, write error).
     Gone,
 }
@@ -209,12 +207,8 @@ pub struct SessionParts<H> {
     pub handler: H,
     /// Endpoint settings.
     pub config: SessionConfig,
-    /// Server-wide shutdown.
-    pub shutdown: CancellationToken,
-    /// Server counters.
-    pub stats: Arc<Stats>,
     /// What must live exactly as long as the session (registry entry, connection permit,
-    /// task count).
+    /// task count); the session also reads the server's counters and its shutdown through them.
     pub guards: Guards,
 }
 
@@ -229,22 +223,25 @@ pub struct Guards {
     pub task: crate::engine::stats::TaskGuard,
 }
 
+impl Guards {
+    /// The server's counters.
+    fn stats(&self) -> &Stats {
+        self.task.stats()
+    }
+}
+
 impl<H: Handler> SessionParts<H> {
     /// The parts of a session of `handler`, boxed (see `ws::start`).
     pub fn new(
         outbox: OutboxReceiver,
         handler: H,
         config: SessionConfig,
-        shutdown: CancellationToken,
-        stats: Arc<Stats>,
         guards: Guards,
     ) -> Box<Self> {
         Box::new(Self {
             outbox,
             handler,
             config,
-            shutdown,
-            stats,
             guards,
         })
     }
@@ -256,22 +253,72 @@ impl<H: Handler> SessionParts<H> {
     )]
     pub fn into_session<T: Transport>(self: Box<Self>, io: T) -> Session<T, H> {
         let parts = *self;
-        let parser =
-            MessageReader::with_deflate(parts.config.max_message(), parts.config.deflate.is_some());
         Session {
             io,
             outbox: parts.outbox,
             handler: parts.handler,
             config: parts.config,
-            shutdown: parts.shutdown,
-            stats: parts.stats,
-            batch_since: 0,
-            rbuf: BytesMut::new(),
-            wbuf: BytesMut::new(),
-            parser,
-            _guards: parts.guards,
+            busy: None,
+            guards: parts.guards,
         }
     }
+}
+
+/// What a session holds only while it has something to do: its buffers, the parser's state
+/// between frames, the write-delay stamp. Allocated when bytes arrive or frames are queued,
+/// dropped on the heartbeat tick once all of it is empty again, so an idle connection's task
+/// carries one pointer for it instead of 104 bytes (which put every idle connection's task
+/// in the next 128-byte size class).
+struct Busy {
+    /// Bytes read and not yet parsed.
+    rbuf: BytesMut,
+    /// Frames waiting for the socket.
+    wbuf: BytesMut,
+    /// The state that spans frames (a fragmented message).
+    parser: MessageReader,
+    /// When the oldest frame in the write buffer was queued (a
+    /// [`stamp_us`](crate::types::clock::stamp_us); 0: none), for the queue-to-socket
+    /// latency histogram.
+    batch_since: u32,
+}
+
+impl Busy {
+    /// Whether dropping this loses nothing: a fresh one is the same.
+    fn is_idle(&self) -> bool {
+        self.rbuf.is_empty()
+            && self.wbuf.is_empty()
+            && self.batch_since == 0
+            && self.parser.between_messages()
+    }
+}
+
+/// The session's [`Busy`] state, made when first needed. A function of the two fields rather
+/// than a method, so the handler and the outbox stay borrowable beside it.
+fn busy<'a>(slot: &'a mut Option<Box<Busy>>, config: &SessionConfig) -> &'a mut Busy {
+    slot.get_or_insert_with(|| {
+        Box::new(Busy {
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            parser: MessageReader::with_deflate(config.max_message(), config.deflate.is_some()),
+            batch_since: 0,
+        })
+    })
+}
+
+/// Replies into the write buffer.
+fn replies_in<'a>(slot: &'a mut Option<Box<Busy>>, config: &SessionConfig) -> Replies<'a> {
+    Replies {
+        buf: &mut busy(slot, config).wbuf,
+        count: 0,
+        deflate: config.deflate,
+    }
+}
+
+/// Bytes waiting for the socket, if any.
+fn pending_write(slot: &Option<Box<Busy>>) -> Option<&BytesMut> {
+    slot.as_deref()
+        .map(|busy| &busy.wbuf)
+        .filter(|wbuf| !wbuf.is_empty())
 }
 
 /// Everything one session task owns.
@@ -280,18 +327,9 @@ pub struct Session<T, H> {
     outbox: OutboxReceiver,
     handler: H,
     config: SessionConfig,
-    shutdown: CancellationToken,
-    stats: Arc<Stats>,
-    /// When the oldest frame in the write buffer was queued (0: none), for the
-    /// queue-to-socket latency histogram.
-    batch_since: u64,
-    /// Bytes read and not yet parsed; no allocation while idle.
-    rbuf: BytesMut,
-    /// Frames waiting for the socket; no allocation while idle.
-    wbuf: BytesMut,
-    /// The state that spans frames (a fragmented message).
-    parser: MessageReader,
-    _guards: Guards,
+    /// Buffers and parser, only while there is something in them (see [`Busy`]).
+    busy: Option<Box<Busy>>,
+    guards: Guards,
 }
 
 impl<T, H> Session<T, H>
@@ -310,7 +348,11 @@ where
         T: 'static,
         H: 'static,
     {
-        self.rbuf = BytesMut::from(&leftover[..]);
+        if !leftover.is_empty() {
+            busy(&mut self.busy, &self.config)
+                .rbuf
+                .extend_from_slice(&leftover);
+        }
         drop(leftover);
         async move {
             // Boxed: the welcome's write deadline and the handler's replies exist only while
@@ -327,7 +369,7 @@ where
                     tracing::error!("session panicked; closing with 1011");
                     End::Server(CloseCode::InternalError)
                 });
-            let shutting_down = self.shutdown.is_cancelled();
+            let shutting_down = self.guards.registration.closing();
             self.handler.on_closing();
             tracing::debug!(?end, "session ending");
             // The close frame goes first: the broker's part of leaving (unsubscribe, presence,
@@ -343,33 +385,13 @@ where
 
     /// The welcome, written before `on_open` may wait on the broker, then `on_open`.
     async fn open(&mut self) {
-        let mut replies = Replies {
-            buf: &mut self.wbuf,
-            count: 0,
-            deflate: self.config.deflate,
-        };
+        let mut replies = replies_in(&mut self.busy, &self.config);
         self.handler.on_welcome(&mut replies);
-        self.stats.add_out(replies.count);
+        self.guards.stats().add_out(replies.count);
         self.flush_welcome().await;
-        let mut replies = Replies {
-            buf: &mut self.wbuf,
-            count: 0,
-            deflate: self.config.deflate,
-        };
+        let mut replies = replies_in(&mut self.busy, &self.config);
         self.handler.on_open(&mut replies).await;
-        self.stats.add_out(replies.count);
-    }
-
-    /// The handler's cleanup after the close frame; on shutdown it is best effort, cut short
-    /// after the close grace period, so a broker that does not answer cannot hold the exit.
-    async fn clean_up(&mut self, shutting_down: bool) {
-        let grace = self.config.close_grace();
-        let cleanup = self.handler.on_close(shutting_down);
-        if !shutting_down {
-            cleanup.await;
-        } else if timeout(grace, cleanup).await.is_err() {
-            tracing::debug!("broker cleanup cut short by shutdown");
-        }
+        self.guards.stats().add_out(replies.count);
     }
 
     /// Writes the welcome before `on_open` may wait on the broker. Bounded by the close grace
@@ -378,8 +400,8 @@ where
     /// noticed there too.
     async fn flush_welcome(&mut self) {
         let io = &self.io;
-        let stats = &self.stats;
-        let wbuf = &mut self.wbuf;
+        let stats = self.guards.stats();
+        let wbuf = &mut busy(&mut self.busy, &self.config).wbuf;
         let write = async {
             while !wbuf.is_empty() {
                 match std::future::poll_fn(|cx| io.poll_write(cx, wbuf)).await {
@@ -397,7 +419,7 @@ where
     /// The connection's life between open and close. A plain fn returning an `async move`
     /// block, like [`Session::run`]: as an `async fn` its reference would be kept twice in the
     /// state an idle connection waits in. The buffers and the parser are the session's own
-    /// fields, so that state holds one reference, not four.
+    /// (boxed) fields, so that state holds one reference, not four.
     #[expect(
         clippy::manual_async_fn,
         reason = "an async fn would keep its reference twice in every idle connection's task"
@@ -411,37 +433,35 @@ where
                 .config
                 .ping_interval()
                 .map_or(0, |p| last_seen + micros(p));
-            if self.shutdown.is_cancelled() {
+            if self.guards.registration.closing() {
                 return End::Server(CloseCode::GoingAway);
             }
 
             // Bytes the client pipelined right behind its handshake are processed first.
-            let mut pending_input = !self.rbuf.is_empty();
+            let mut pending_input = self.busy.as_ref().is_some_and(|b| !b.rbuf.is_empty());
             // Which source is polled first; turns rotate (see `poll_event`).
             let mut turn: u8 = 0;
             loop {
                 // A loop, not an `if`: the opportunistic write below may empty the write buffer,
                 // and then nothing else would bring us back to the input still pending.
-                while pending_input && self.wbuf.len() < WRITE_HIGH_WATER {
-                    let frames_before = self.parser.frames();
+                while pending_input && self.write_waiting() < WRITE_HIGH_WATER {
                     // Boxed: this state exists only while input is handled, not while idle.
-                    let (end, more) = Box::pin(self.on_readable()).await;
-                    // Only whole frames prove the client alive; a trickle of bytes does not.
-                    if self.parser.frames() != frames_before {
+                    let (end, more, alive) = Box::pin(self.on_readable()).await;
+                    if alive {
                         last_seen = now_us();
                     }
+                    let busy = busy(&mut self.busy, &self.config);
                     if let Some(end) = end {
                         return end;
                     }
                     pending_input = more;
-                    if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP_BUFFER {
-                        self.rbuf = BytesMut::new();
+                    if busy.rbuf.is_empty() && busy.rbuf.capacity() > KEEP_BUFFER {
+                        busy.rbuf = BytesMut::new();
                     }
                     self.take_from_outbox();
                     // Answer right away when the socket takes it, without another turn.
-                    if !self.wbuf.is_empty() {
+                    if let Some(wbuf) = pending_write(&self.busy) {
                         let io = &self.io;
-                        let wbuf = &self.wbuf;
                         match std::future::poll_fn(|cx| io.poll_write(cx, wbuf)).now_or_never() {
                             Some(Ok(0) | Err(_)) => return End::Gone,
                             Some(Ok(n)) => self.wrote(n),
@@ -449,8 +469,7 @@ where
                         }
                     }
                 }
-                let can_take = self.wbuf.len() < WRITE_HIGH_WATER;
-                let read = can_take && !pending_input;
+                let read = self.write_waiting() < WRITE_HIGH_WATER && !pending_input;
                 turn = turn.wrapping_add(1);
                 let this = &mut *self;
                 let event = std::future::poll_fn(move |cx| this.poll_event(cx, turn, read)).await;
@@ -459,39 +478,21 @@ where
                         if let Some(code) = self.outbox.close_requested() {
                             return End::Server(code);
                         }
-                        if self.shutdown.is_cancelled() {
+                        if self.guards.registration.closing() {
                             return End::Server(CloseCode::GoingAway);
                         }
                         if self.outbox.take_tick() {
-                            // Small buffers stay while a connection is busy (no allocation per
-                            // message); an idle one gives them back within a tick.
-                            if self.rbuf.is_empty() && !pending_input {
-                                self.rbuf = BytesMut::new();
-                            }
-                            if self.wbuf.is_empty() {
-                                self.wbuf = BytesMut::new();
-                            }
+                            self.release_buffers(pending_input);
                             self.outbox.release_idle();
                             let now = now_us();
                             if now.saturating_sub(last_seen) >= micros(self.config.timeout()) {
                                 return End::Server(CloseCode::HeartbeatTimeout);
                             }
-                            let mut replies = Replies {
-                                buf: &mut self.wbuf,
-                                count: 0,
-                                deflate: self.config.deflate,
-                            };
-                            self.handler.on_tick(&mut replies);
-                            self.stats.add_out(replies.count);
-                            // Ticks come every second: ping when the next tick would be late.
-                            if let Some(every) = self.config.ping_interval()
-                                && now + micros(PING_EARLY) >= next_ping
-                            {
-                                encode_into(&mut self.wbuf, OpCode::Ping, b"");
-                                next_ping = now + micros(every);
-                            }
+                            self.on_tick(now, &mut next_ping);
                         }
-                        if can_take {
+                        // Not while the write buffer is at its high mark (a tick's ping may
+                        // have taken it there).
+                        if self.write_waiting() < WRITE_HIGH_WATER {
                             self.take_from_outbox();
                         }
                     }
@@ -502,32 +503,94 @@ where
                     }
                     Event::Written(Ok(n)) => self.wrote(n),
                     Event::Flushed(Ok(())) => {}
-                    Event::Ready(Ok(())) => {
-                        let read = if self.rbuf.capacity() == 0 {
-                            // No buffer yet (idle): read onto the stack first, so a spurious
-                            // readiness never allocates one, and a small message gets a small one.
-                            let mut chunk = [0u8; READ_CHUNK];
-                            self.io
-                                .try_read(&mut chunk)
-                                .inspect(|n| self.rbuf.extend_from_slice(&chunk[..*n]))
-                        } else {
-                            // Room in proportion to what arrived, never to a declared length.
-                            reserve_for_read(&mut self.rbuf);
-                            self.io.try_read_buf(&mut self.rbuf)
-                        };
-                        match read {
-                            Ok(0) => return End::Gone,
-                            Ok(n) => {
-                                self.stats.add_bytes_in(n);
-                                pending_input = true;
-                            }
-                            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
-                            Err(_) => return End::Gone,
-                        }
-                    }
+                    Event::Ready(Ok(())) => match self.read() {
+                        Ok(0) => return End::Gone,
+                        Ok(_) => pending_input = true,
+                        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return End::Gone,
+                    },
                 }
             }
         }
+    }
+
+    /// Bytes in the write buffer.
+    fn write_waiting(&self) -> usize {
+        pending_write(&self.busy).map_or(0, BytesMut::len)
+    }
+
+    /// On the heartbeat tick: small buffers stay while a connection is busy (no allocation
+    /// per message); an idle one gives them back within a tick, and with them its [`Busy`]
+    /// state once nothing is left in it.
+    fn release_buffers(&mut self, pending_input: bool) {
+        let Some(busy) = self.busy.as_deref_mut() else {
+            return;
+        };
+        if busy.rbuf.is_empty() && !pending_input {
+            busy.rbuf = BytesMut::new();
+        }
+        if busy.wbuf.is_empty() {
+            busy.wbuf = BytesMut::new();
+        }
+        if !pending_input && busy.is_idle() {
+            self.busy = None;
+        }
+    }
+
+    /// The handler's tick, and a ping when the next tick would be late for it.
+    /// Written to a buffer of its own first, which allocates nothing while nothing is
+    /// written: an idle connection gets no [`Busy`] state for a tick that sends nothing.
+    fn on_tick(&mut self, now: u64, next_ping: &mut u64) {
+        let mut out = BytesMut::new();
+        let mut replies = Replies {
+            buf: &mut out,
+            count: 0,
+            deflate: self.config.deflate,
+        };
+        self.handler.on_tick(&mut replies);
+        self.guards.stats().add_out(replies.count);
+        // Ticks come every second: ping when the next tick would be late.
+        if let Some(every) = self.config.ping_interval()
+            && now + micros(PING_EARLY) >= *next_ping
+        {
+            encode_into(&mut out, OpCode::Ping, b"");
+            *next_ping = now + micros(every);
+        }
+        if !out.is_empty() {
+            let wbuf = &mut busy(&mut self.busy, &self.config).wbuf;
+            if wbuf.is_empty() {
+                *wbuf = out;
+            } else {
+                wbuf.extend_from_slice(&out);
+            }
+        }
+    }
+
+    /// Reads what the socket holds into the read buffer. With no buffer yet (idle) it reads
+    /// onto the stack first, so a spurious readiness never allocates one, and a small
+    /// message gets a small one.
+    fn read(&mut self) -> std::io::Result<usize> {
+        let read = match self.busy.as_deref_mut() {
+            Some(busy) if busy.rbuf.capacity() > 0 => {
+                // Room in proportion to what arrived, never to a declared length.
+                reserve_for_read(&mut busy.rbuf);
+                self.io.try_read_buf(&mut busy.rbuf)
+            }
+            _ => {
+                let mut chunk = [0u8; READ_CHUNK];
+                let n = self.io.try_read(&mut chunk)?;
+                if n > 0 {
+                    busy(&mut self.busy, &self.config)
+                        .rbuf
+                        .extend_from_slice(&chunk[..n]);
+                }
+                Ok(n)
+            }
+        };
+        if let Ok(n) = read {
+            self.guards.stats().add_bytes_in(n);
+        }
+        read
     }
 
     /// Waits for whichever comes first: the outbox's wake-up (frames, close, tick), room in
@@ -540,12 +603,13 @@ where
         for source in 0..4u8 {
             let polled = match turn.wrapping_add(source) % 4 {
                 0 => self.outbox.poll_woken(cx).map(|()| Event::Woken),
-                1 if !self.wbuf.is_empty() => {
-                    self.io.poll_write(cx, &self.wbuf).map(Event::Written)
-                }
+                1 => match pending_write(&self.busy) {
+                    Some(wbuf) => self.io.poll_write(cx, wbuf).map(Event::Written),
+                    None => Poll::Pending,
+                },
                 // TLS may hold the last records it took when the socket was full; nothing else
                 // would send them until the next frame (or ping) comes along.
-                2 if self.wbuf.is_empty() && self.io.has_unflushed() => {
+                2 if pending_write(&self.busy).is_none() && self.io.has_unflushed() => {
                     self.io.poll_flush(cx).map(Event::Flushed)
                 }
                 3 if read => self.io.poll_read_ready(cx).map(Event::Ready),
@@ -561,51 +625,66 @@ where
     /// Accounts for `n` written bytes; an emptied buffer is released, and queued frames that
     /// waited for room move in (pushes only wake the session when its queue was empty).
     fn wrote(&mut self, n: usize) {
-        self.wbuf.advance(n);
-        self.stats.add_bytes_out(n);
-        if self.wbuf.is_empty() && self.batch_since != 0 {
-            self.stats.observe_write_delay(self.batch_since);
-            self.batch_since = 0;
+        let stats = self.guards.stats();
+        let busy = busy(&mut self.busy, &self.config);
+        busy.wbuf.advance(n);
+        stats.add_bytes_out(n);
+        if busy.wbuf.is_empty() && busy.batch_since != 0 {
+            stats.observe_write_delay(busy.batch_since);
+            busy.batch_since = 0;
         }
-        if self.wbuf.is_empty() && self.wbuf.capacity() > KEEP_BUFFER {
-            self.wbuf = BytesMut::new();
+        if busy.wbuf.is_empty() && busy.wbuf.capacity() > KEEP_BUFFER {
+            busy.wbuf = BytesMut::new();
         }
-        if self.wbuf.len() < WRITE_HIGH_WATER {
+        if busy.wbuf.len() < WRITE_HIGH_WATER {
             self.take_from_outbox();
         }
     }
 
     /// Moves queued frames into the write buffer up to its high mark, then reports gaps once
-    /// the outbox is empty, so a gap notice follows everything queued before it.
+    /// the outbox is empty, so a gap notice follows everything queued before it. Makes no
+    /// [`Busy`] state for an empty outbox.
     fn take_from_outbox(&mut self) {
+        if self.outbox.is_empty() && !self.outbox.has_gaps() {
+            return;
+        }
+        let stats = self.guards.stats();
+        let busy = busy(&mut self.busy, &self.config);
         let (taken, since) =
             self.outbox
-                .drain_into(&mut self.wbuf, WRITE_HIGH_WATER, self.config.deflate);
-        self.stats.add_out(taken);
-        if taken > 0 && self.batch_since == 0 {
-            self.batch_since = since;
+                .drain_into(&mut busy.wbuf, WRITE_HIGH_WATER, self.config.deflate);
+        stats.add_out(taken);
+        if taken > 0 && busy.batch_since == 0 {
+            busy.batch_since = since;
         }
         if self.outbox.has_gaps() && self.outbox.is_empty() {
             let mut replies = Replies {
-                buf: &mut self.wbuf,
+                buf: &mut busy.wbuf,
                 count: 0,
                 deflate: self.config.deflate,
             };
             self.handler.on_gaps(&mut replies);
-            self.stats.add_out(replies.count);
+            stats.add_out(replies.count);
         }
     }
 
-    /// Handles the complete messages in `rbuf`. Returns `Some` to end the connection, and
-    /// whether it stopped early because the write buffer reached its high mark (the rest stays
-    /// in `rbuf` until the client has read some): replies can be large (a `history`), so
-    /// answering everything a client pipelined before writing would let it grow the server's
-    /// memory at will.
-    async fn on_readable(&mut self) -> (Option<End>, bool) {
-        let rbuf = &mut self.rbuf;
-        let parser = &mut self.parser;
+    /// Handles the complete messages in the read buffer. Returns `Some` to end the connection;
+    /// whether it stopped early because the write buffer reached its high mark (the rest
+    /// stays in the read buffer until the client has read some): replies can be large (a
+    /// `history`), so answering everything a client pipelined before writing would let it
+    /// grow the server's memory at will; and whether a whole frame arrived (only whole frames
+    /// prove the client alive, a trickle of bytes does not).
+    async fn on_readable(&mut self) -> (Option<End>, bool, bool) {
+        let stats = self.guards.stats();
+        let Busy {
+            rbuf,
+            wbuf,
+            parser,
+            batch_since,
+        } = busy(&mut self.busy, &self.config);
+        let frames_before = parser.frames();
         let mut replies = Replies {
-            buf: &mut self.wbuf,
+            buf: wbuf,
             count: 0,
             deflate: self.config.deflate,
         };
@@ -623,7 +702,7 @@ where
                 Ok(Some(message)) => message,
                 Err(violation) => {
                     tracing::debug!(%violation, "closing on client violation");
-                    break (Some(End::Violation(violation)), false);
+                    break (Some(End::Violation(violation.close_code())), false);
                 }
             };
             if matches!(message, Incoming::Text(_) | Incoming::Binary(_)) {
@@ -633,8 +712,8 @@ where
                     self.outbox
                         .drain_into(replies.buf, usize::MAX, self.config.deflate);
                 queued += taken;
-                if taken > 0 && self.batch_since == 0 {
-                    self.batch_since = since;
+                if taken > 0 && *batch_since == 0 {
+                    *batch_since = since;
                 }
                 received += 1;
             }
@@ -660,55 +739,9 @@ where
         // handled, as it would have been one message at a time.
         wakes.hold(self.handler.on_read_end(&mut replies)).await;
         wakes.release();
-        self.stats.add_in(received);
-        self.stats.add_out(replies.count + queued);
-        outcome
-    }
-
-    /// Sends the closing frames, flushes within the grace period and waits briefly for the
-    /// client's close reply, so the server ends the TCP connection only after the handshake.
-    async fn finish(&mut self, end: End) {
-        let rbuf = &mut self.rbuf;
-        let wbuf = &mut self.wbuf;
-        let parser = &mut self.parser;
-        let code = match end {
-            End::Gone => return,
-            End::ClientClosed(code) => {
-                // Echo the client's code, as RFC 6455 §5.5.1 asks; no reply needed after.
-                encode_close(wbuf, code.unwrap_or(1000), "");
-                let _ = timeout(self.config.close_grace(), write_all(&self.io, wbuf)).await;
-                return;
-            }
-            End::Violation(v) => v.close_code(),
-            End::Server(code) => code,
-        };
-        match code {
-            CloseCode::GoingAway => {
-                // Shutdown: deliver what was already queued for this client first.
-                let (n, _) = self
-                    .outbox
-                    .drain_into(wbuf, usize::MAX, self.config.deflate);
-                self.stats.add_out(n);
-            }
-            CloseCode::SlowConsumer => self.stats.slow_consumer_closed(),
-            _ => {}
-        }
-        encode_close(wbuf, code.code(), code.reason());
-        let violation = matches!(end, End::Violation(_));
-        let closing = async {
-            write_all(&self.io, wbuf).await?;
-            if violation {
-                // Failing the connection: the stream cannot be trusted to parse any more, so
-                // end TCP first and only drain (never parse) what is still arriving.
-                std::future::poll_fn(|cx| self.io.poll_shutdown(cx)).await?;
-                drain(&self.io, rbuf).await;
-                Ok(())
-            } else {
-                wait_for_close(&self.io, rbuf, parser).await;
-                std::future::poll_fn(|cx| self.io.poll_shutdown(cx)).await
-            }
-        };
-        let _ = timeout(self.config.close_grace(), closing).await;
+        stats.add_in(received);
+        stats.add_out(replies.count + queued);
+        (outcome.0, outcome.1, parser.frames() != frames_before)
     }
 }
 
@@ -724,40 +757,7 @@ async fn yield_every(handled: u64) {
     }
 }
 
-/// Reads until the client's close frame, EOF, an error, or [`CLOSE_REPLY_WAIT`].
-async fn wait_for_close<T: Transport>(io: &T, rbuf: &mut BytesMut, parser: &mut MessageReader) {
-    let wait = async {
-        loop {
-            loop {
-                match parser.next(rbuf) {
-                    Ok(Some(Incoming::Close(_))) | Err(_) => return,
-                    Ok(Some(_)) => {}
-                    Ok(None) => break,
-                }
-            }
-            match read_some(io, rbuf, READ_CHUNK).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    };
-    let _ = timeout(CLOSE_REPLY_WAIT, wait).await;
-}
-
-/// Discards input until EOF or [`CLOSE_REPLY_WAIT`]: closing a socket with unread input makes
-/// the kernel send a reset, which can destroy the close frame before the client reads it.
-async fn drain<T: Transport>(io: &T, rbuf: &mut BytesMut) {
-    let wait = async {
-        loop {
-            rbuf.clear();
-            match read_some(io, rbuf, READ_CHUNK).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    };
-    let _ = timeout(CLOSE_REPLY_WAIT, wait).await;
-}
+mod closing;
 
 #[cfg(test)]
 mod tests;

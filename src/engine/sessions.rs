@@ -5,8 +5,9 @@
 //! over a hundred bytes in every idle connection, the registry entry a few dozen. The ticker
 //! wakes each session once per tick; the session compares the time with its own deadlines.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -29,7 +30,7 @@ pub trait SessionEvents: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub struct Sessions {
     hasher: RandomState,
-    shards: Box<[Mutex<HashMap<ClientId, Outbox>>]>,
+    shards: Box<[Mutex<HashSet<Registered>>]>,
     /// The user of each authenticated session. Kept apart so anonymous sessions, the common
     /// case, pay nothing for it.
     users: Mutex<HashMap<ClientId, Arc<str>>>,
@@ -37,6 +38,9 @@ pub struct Sessions {
     any_users: AtomicBool,
     /// Told of sessions starting ([`Sessions::connected`]) and ending, once set.
     events: OnceLock<Arc<dyn SessionEvents>>,
+    /// Set by [`Sessions::close_all`]: the server is shutting down. A session that registers
+    /// after it closed the others sees this when it starts.
+    closing: AtomicBool,
 }
 
 impl Default for Sessions {
@@ -47,7 +51,35 @@ impl Default for Sessions {
             users: Mutex::default(),
             any_users: AtomicBool::new(false),
             events: OnceLock::new(),
+            closing: AtomicBool::new(false),
         }
+    }
+}
+
+/// A session's outbox in the registry, found by the id the outbox holds: a map keyed by the
+/// id kept it a second time, 16 bytes more per slot (and a table has up to twice as many
+/// slots as sessions).
+#[derive(Debug)]
+struct Registered(Outbox);
+
+impl PartialEq for Registered {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id_ref() == other.0.id_ref()
+    }
+}
+
+impl Eq for Registered {}
+
+/// As its id, so the set finds it by id ([`Borrow`]).
+impl Hash for Registered {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.id_ref().hash(state);
+    }
+}
+
+impl Borrow<ClientId> for Registered {
+    fn borrow(&self) -> &ClientId {
+        self.0.id_ref()
     }
 }
 
@@ -55,19 +87,29 @@ impl Default for Sessions {
 #[derive(Debug)]
 pub struct Registration {
     sessions: Arc<Sessions>,
-    id: ClientId,
+    /// The session's outbox, which holds its id: a pointer rather than the id's 16 bytes,
+    /// in every connection's task.
+    outbox: Outbox,
+}
+
+impl Registration {
+    /// Whether the server is shutting down ([`Sessions::close_all`] was called).
+    pub fn closing(&self) -> bool {
+        self.sessions.closing.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.sessions.shard(self.id).remove(&self.id);
+        let id = self.outbox.id();
+        self.sessions.shard(id).remove(&id);
         let user = if self.sessions.any_users.load(Ordering::Acquire) {
-            self.sessions.lock_users().remove(&self.id)
+            self.sessions.lock_users().remove(&id)
         } else {
             None
         };
         if let Some(events) = self.sessions.events.get() {
-            events.disconnected(self.id, user);
+            events.disconnected(id, user);
         }
     }
 }
@@ -79,7 +121,7 @@ impl Sessions {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn shard(&self, id: ClientId) -> MutexGuard<'_, HashMap<ClientId, Outbox>> {
+    fn shard(&self, id: ClientId) -> MutexGuard<'_, HashSet<Registered>> {
         let index = self.hasher.hash_one(id) as usize % SHARDS;
         // Every update is a single insert or remove, so a poisoned lock is still consistent.
         self.shards[index]
@@ -90,17 +132,17 @@ impl Sessions {
     /// Registers a session's outbox until the returned guard drops.
     pub fn register(self: &Arc<Self>, outbox: Outbox) -> Registration {
         let id = outbox.id();
-        self.shard(id).insert(id, outbox);
+        self.shard(id).insert(Registered(outbox.clone()));
         Registration {
             sessions: Arc::clone(self),
-            id,
+            outbox,
         }
     }
 
     /// Records which user a session is authenticated as.
     pub fn set_user(&self, registration: &Registration, user: Arc<str>) {
         self.any_users.store(true, Ordering::Release);
-        self.lock_users().insert(registration.id, user);
+        self.lock_users().insert(registration.outbox.id(), user);
     }
 
     /// Tells `events` of every session started (through [`Sessions::connected`]) and ended
@@ -113,11 +155,11 @@ impl Sessions {
     pub fn connected(&self, registration: &Registration) {
         if let Some(events) = self.events.get() {
             let user = if self.any_users.load(Ordering::Acquire) {
-                self.lock_users().get(&registration.id).cloned()
+                self.lock_users().get(&registration.outbox.id()).cloned()
             } else {
                 None
             };
-            events.connected(registration.id, user);
+            events.connected(registration.outbox.id(), user);
         }
     }
 
@@ -127,7 +169,7 @@ impl Sessions {
             let shard = shard
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            shard.values().for_each(&f);
+            shard.iter().for_each(|registered| f(&registered.0));
         }
     }
 
@@ -141,8 +183,8 @@ impl Sessions {
             .collect();
         let mut closed = 0;
         for id in ids {
-            if let Some(outbox) = self.shard(id).get(&id) {
-                outbox.close(CloseCode::Disconnected);
+            if let Some(registered) = self.shard(id).get(&id) {
+                registered.0.close(CloseCode::Disconnected);
                 closed += 1;
             }
         }
@@ -156,6 +198,9 @@ impl Sessions {
 
     /// Asks every session to close with 1001.
     pub fn close_all(&self) {
+        // SeqCst with the shard locks: a session registered after its shard was visited
+        // sees the flag when it starts.
+        self.closing.store(true, Ordering::SeqCst);
         self.for_each(|outbox| outbox.close(CloseCode::GoingAway));
     }
 
@@ -188,8 +233,10 @@ mod tests {
         let (outbox, rx) = Outbox::new(Uuid::new_v4(), 1);
         let guard = sessions.register(outbox);
         assert_eq!(sessions.len(), 1);
+        assert!(!guard.closing());
         sessions.close_all();
         assert_eq!(rx.close_requested(), Some(CloseCode::GoingAway));
+        assert!(guard.closing());
         drop(guard);
         assert!(sessions.is_empty());
     }

@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use crate::types::clock::now_us;
-
 /// Why a connection attempt was refused, for the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -105,6 +103,14 @@ impl Default for Stats {
 /// Keeps a task counted in `active_tasks` while it lives.
 #[derive(Debug)]
 pub struct TaskGuard(Arc<Stats>);
+
+impl TaskGuard {
+    /// The counters this guard counts in: the session reaches them through it rather than
+    /// through a second pointer in every connection's task.
+    pub fn stats(&self) -> &Stats {
+        &self.0
+    }
+}
 
 impl Drop for TaskGuard {
     fn drop(&mut self) {
@@ -205,9 +211,10 @@ impl Stats {
         self.notices_dropped.load(Ordering::Relaxed)
     }
 
-    /// Records how long the oldest frame of a written batch waited (`since` from [`now_us`]).
-    pub fn observe_write_delay(&self, since: u64) {
-        let waited = now_us().saturating_sub(since);
+    /// Records how long the oldest frame of a written batch waited (`since` from
+    /// [`stamp_us`](crate::types::clock::stamp_us)).
+    pub fn observe_write_delay(&self, since: u32) {
+        let waited = crate::types::clock::micros_since(since);
         self.write_delay.observe(waited as f64 / 1e6);
     }
 

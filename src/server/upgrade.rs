@@ -316,14 +316,7 @@ fn spawn_on_socket<H: Handler + 'static>(
     guards: Guards,
     state: &AppState,
 ) {
-    let parts = SessionParts::new(
-        rx,
-        handler,
-        config,
-        state.shutdown.clone(),
-        Arc::clone(&state.stats),
-        guards,
-    );
+    let parts = SessionParts::new(rx, handler, config, guards);
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(raw) => {
             let session = parts.into_session(raw.io.into_inner());

@@ -11,6 +11,20 @@ pub fn now_us() -> u64 {
     u64::try_from(base.elapsed().as_micros()).unwrap_or(u64::MAX) + 1
 }
 
+/// A [`now_us`] reading in 32 bits, for spans under an hour kept where every byte counts
+/// (one per connection): it wraps every 71 minutes, and [`micros_since`] measures from it.
+/// Never 0, which marks "none" where it is kept.
+pub fn stamp_us() -> u32 {
+    // Truncation on purpose: only the low bits matter for a span measured by wrapping.
+    let low = now_us() as u32;
+    low.max(1)
+}
+
+/// Microseconds since `stamp` ([`stamp_us`]); right for spans under 71 minutes.
+pub fn micros_since(stamp: u32) -> u64 {
+    u64::from(stamp_us().wrapping_sub(stamp))
+}
+
 /// Seconds since the Unix epoch.
 pub fn now_s() -> u64 {
     std::time::SystemTime::now()

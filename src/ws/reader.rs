@@ -130,6 +130,13 @@ impl MessageReader {
         }
     }
 
+    /// Whether nothing of a message is held: no fragmented message under way, and no frame
+    /// partly parsed. A fresh reader is in the same state, so a session may drop an idle one and
+    /// make a new one when the client sends again.
+    pub fn between_messages(&self) -> bool {
+        self.progress == 0 && self.partial.is_none() && self.utf8.len == 0
+    }
+
     /// Complete frames parsed so far (fragments and control frames included), wrapping at
     /// 2^32: compare readings for equality only.
     pub fn frames(&self) -> u32 {

@@ -8,6 +8,7 @@ use crate::engine::outbox::Outbox;
 use crate::engine::sessions::Sessions;
 use crate::ws::transport::Buffered;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -16,10 +17,15 @@ use tokio_rustls::rustls;
 
 const WAIT: Duration = Duration::from_secs(5);
 /// The largest session future of a chat connection on plain TCP that still makes a task of
-/// 512 bytes or less (see `the_session_task_of_a_chat_connection_stays_within_its_size_class`):
+/// 384 bytes or less (see `the_session_task_of_a_chat_connection_stays_within_its_size_class`):
 /// tokio's task cell adds 104 bytes to the future it runs (header 32, scheduler handle, task
-/// id and stage tag 24, trailer 48) and the `TaskTracker` 8 more, and rounds up to 128.
-const SESSION_FUTURE_LIMIT: usize = 512 - 112;
+/// id and stage tag 24, trailer 48) and the `TaskTracker` 8 more, and rounds up to 128. (It
+/// was 512: the buffers, the parser and the write-delay stamp now live in `Busy`, boxed and
+/// dropped while idle.) The system allocator is asked for 384 bytes per idle connection
+/// instead of 512; mimalloc, the default, serves 128-aligned blocks that are not a power of
+/// two from the next power of two, so there the task still takes 512 until the future fits
+/// in 144 bytes (docs/BENCHMARKS.md, "Idle memory, third pass").
+const SESSION_FUTURE_LIMIT: usize = 384 - 112;
 
 /// Whether writes are held back, the waker of the last held-back write, and whether one
 /// was held back since the gate closed.
@@ -192,15 +198,8 @@ fn start(server: tokio_rustls::server::TlsStream<Gate>) -> Outbox {
         Duration::from_secs(60),
         Duration::from_secs(3),
     );
-    let session = SessionParts::new(
-        rx,
-        EchoHandler,
-        config,
-        CancellationToken::new(),
-        stats,
-        guards,
-    )
-    .into_session(Buffered::new(server));
+    let session =
+        SessionParts::new(rx, EchoHandler, config, guards).into_session(Buffered::new(server));
     tokio::spawn(session.run(Bytes::new()));
     outbox
 }
