@@ -185,3 +185,45 @@ async fn headers_declaring_maximum_frames_do_not_make_the_server_reserve_them() 
     signal(&server.child, "TERM");
     wait_exit(&mut server.child, Duration::from_secs(10));
 }
+
+/// One masked frame (key 12 34 56 78), as `RawClient::send_frame` writes it.
+fn masked_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let key = [0x12, 0x34, 0x56, 0x78];
+    let mut frame = vec![first_byte, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&key);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    frame
+}
+
+/// An idle session gives its buffers and its parser back on the heartbeat tick (once a
+/// second); a message still under way must keep them. A fragmented message, a character split
+/// between fragments and a frame cut in two, each completed after two ticks, come back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_under_way_survives_the_ticks_that_release_idle_buffers() {
+    let mut server = Logged::start(&[("RUSTY_SOCKS_ECHO_ENDPOINT", "true")]);
+    let addr = server.address();
+    let mut fragmented = RawClient::connect(addr, "/echo").await;
+    fragmented.send_frame(0x01, b"hello ", true).await;
+    let word = "w\u{f6}rld".as_bytes();
+    let mut split_char = RawClient::connect(addr, "/echo").await;
+    // Ends between the two bytes of the umlaut.
+    split_char.send_frame(0x01, &word[..2], true).await;
+    let mut cut = RawClient::connect(addr, "/echo").await;
+    let frame = masked_frame(0x82, b"0123456789");
+    cut.stream.write_all(&frame[..7]).await.unwrap();
+
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    fragmented.send_frame(0x80, b"again", true).await;
+    split_char.send_frame(0x80, &word[2..], true).await;
+    cut.stream.write_all(&frame[7..]).await.unwrap();
+    assert_eq!(
+        fragmented.read_frame().await,
+        Some((0x1, b"hello again".to_vec()))
+    );
+    assert_eq!(split_char.read_frame().await, Some((0x1, word.to_vec())));
+    assert_eq!(cut.read_frame().await, Some((0x2, b"0123456789".to_vec())));
+
+    signal(&server.child, "TERM");
+    wait_exit(&mut server.child, Duration::from_secs(10));
+}

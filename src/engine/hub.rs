@@ -44,11 +44,8 @@ pub fn epoch_tag(epoch: &str) -> u64 {
     hasher.finish().max(1)
 }
 
-/// A recovering membership's held-back frames, allocated on the first one.
-#[expect(
-    clippy::box_collection,
-    reason = "one pointer inline instead of a Vec's three; most memberships never buffer"
-)]
+/// A recovering membership's held-back frames, allocated on the first one: one pointer
+/// inline instead of a `Vec`'s three, since most memberships never buffer.
 type RecoveryBuffer = Option<Box<Vec<Buffered>>>;
 
 /// One connection's subscription to one channel.

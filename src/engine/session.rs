@@ -265,10 +265,11 @@ impl<H: Handler> SessionParts<H> {
 }
 
 /// What a session holds only while it has something to do: its buffers, the parser's state
-/// between frames, the write-delay stamp. Allocated when bytes arrive or frames are queued,
-/// dropped on the heartbeat tick once all of it is empty again, so an idle connection's task
-/// carries one pointer for it instead of 104 bytes (which put every idle connection's task
-/// in the next 128-byte size class).
+/// between frames, the write-delay stamp. Allocated for the welcome, when bytes arrive, when
+/// frames are queued or a tick has something to send, and for closing; dropped on the
+/// heartbeat tick once all of it is empty and no input is pending, so an idle connection's
+/// task carries one pointer for it instead of 104 bytes (which put every idle connection's
+/// task in the next 128-byte size class).
 struct Busy {
     /// Bytes read and not yet parsed.
     rbuf: BytesMut,

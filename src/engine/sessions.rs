@@ -132,7 +132,10 @@ impl Sessions {
     /// Registers a session's outbox until the returned guard drops.
     pub fn register(self: &Arc<Self>, outbox: Outbox) -> Registration {
         let id = outbox.id();
-        self.shard(id).insert(Registered(outbox.clone()));
+        let added = self.shard(id).insert(Registered(outbox.clone()));
+        // Ids are fresh v4 UUIDs: a second session with the same id would be a bug (the set
+        // would keep the first one's outbox).
+        debug_assert!(added, "session {id} registered twice");
         Registration {
             sessions: Arc::clone(self),
             outbox,

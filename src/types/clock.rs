@@ -20,9 +20,15 @@ pub fn stamp_us() -> u32 {
     low.max(1)
 }
 
-/// Microseconds since `stamp` ([`stamp_us`]); right for spans under 71 minutes.
+/// Microseconds since `stamp` ([`stamp_us`]); right for spans under 35 minutes. A span that
+/// wrapped past half the range reads as 0 rather than as a long wait that never happened.
 pub fn micros_since(stamp: u32) -> u64 {
-    u64::from(stamp_us().wrapping_sub(stamp))
+    let span = stamp_us().wrapping_sub(stamp);
+    if span > u32::MAX / 2 {
+        0
+    } else {
+        u64::from(span)
+    }
 }
 
 /// Seconds since the Unix epoch.

@@ -130,9 +130,11 @@ impl MessageReader {
         }
     }
 
-    /// Whether nothing of a message is held: no fragmented message under way, and no frame
-    /// partly parsed. A fresh reader is in the same state, so a session may drop an idle one and
-    /// make a new one when the client sends again.
+    /// Whether the reader holds nothing of a message: no fragmented message under way, no
+    /// frame partly unmasked, no character split between fragments. Together with an empty
+    /// buffer (a header or the start of a frame waits in the caller's buffer, not here) it is
+    /// the state of a fresh reader, so a session may drop an idle one and make a new one when
+    /// the client sends again.
     pub fn between_messages(&self) -> bool {
         self.progress == 0 && self.partial.is_none() && self.utf8.len == 0
     }

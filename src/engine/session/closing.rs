@@ -36,6 +36,9 @@ where
     /// Sends the closing frames, flushes within the grace period and waits briefly for the
     /// client's close reply, so the server ends the TCP connection only after the handshake.
     pub(super) async fn finish(&mut self, end: End) {
+        if matches!(end, End::Gone) {
+            return;
+        }
         let stats = self.guards.stats();
         let Busy {
             rbuf, wbuf, parser, ..
