@@ -204,16 +204,46 @@ impl<'a> Arrived<'a> {
     }
 }
 
+/// A request's limits and client id as header values, kept across the appends of a pipeline
+/// (the requests of one connection share them), so each is formatted once, not per append.
+#[derive(Debug, Default)]
+pub(super) struct Encoded {
+    of: Option<(HistoryLimits, Option<ClientId>)>,
+    limits: HeaderValue,
+    client: Option<HeaderValue>,
+}
+
+impl Encoded {
+    fn of(&mut self, request: &PublishRequest) -> (&HeaderValue, Option<&HeaderValue>) {
+        let key = (request.history, request.client_id);
+        if self.of != Some(key) {
+            self.limits = HeaderValue::from(encode_limits(request.history));
+            self.client = request
+                .client_id
+                .map(|client| HeaderValue::from(client.to_string()));
+            self.of = Some(key);
+        }
+        (&self.limits, self.client.as_ref())
+    }
+}
+
 /// The headers of a publication at `offset` of `epoch`, following stream sequence `prev`.
 /// The caller adds what JetStream must check before storing it.
-fn headers(epoch: &str, offset: u64, prev: u64, request: &PublishRequest) -> HeaderMap {
+fn headers(
+    epoch: &str,
+    offset: u64,
+    prev: u64,
+    request: &PublishRequest,
+    encoded: &mut Encoded,
+) -> HeaderMap {
+    let (limits, client) = encoded.of(request);
     let mut headers = HeaderMap::new();
     headers.insert(H_EPOCH, epoch);
     headers.insert(H_OFFSET, offset.to_string());
     headers.insert(H_PREV, prev.to_string());
-    headers.insert(H_LIMITS, encode_limits(request.history));
-    if let Some(client) = request.client_id {
-        headers.insert(H_CLIENT, client.to_string());
+    headers.insert(H_LIMITS, limits.clone());
+    if let Some(client) = client {
+        headers.insert(H_CLIENT, client.clone());
     }
     headers
 }
@@ -360,7 +390,7 @@ impl Inner {
                 Some(last) => (last.seq, last.offset + 1, last.epoch),
                 None => (0, 1, new_epoch()),
             };
-            let mut headers = headers(&epoch, offset, prev, &request);
+            let mut headers = headers(&epoch, offset, prev, &request, &mut Encoded::default());
             headers.insert(
                 header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
                 prev.to_string(),

@@ -29,7 +29,7 @@ use async_nats::header;
 use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use bytes::Bytes;
 
-use super::{H_RUN, HEADS_MAX, Head, PURGE_EVERY, headers};
+use super::{Encoded, H_RUN, HEADS_MAX, Head, PURGE_EVERY, headers};
 use crate::broker::nats::{Inner, unavailable};
 use crate::broker::{BrokerError, PublishRequest, Published};
 use crate::types::StreamPosition;
@@ -139,6 +139,7 @@ impl Inner {
         };
         let ids = uuid::Uuid::new_v4().simple().to_string();
         let count = requests.len() as u64;
+        let mut encoded = Encoded::default();
         // The first goes alone and its ack is awaited: the stream's sequence is shared by
         // every channel, so the first one's can only be predicted while nothing else is
         // appended, and on a busy stream it rarely is. The others chain to its real one.
@@ -151,6 +152,7 @@ impl Inner {
                 Chain::First { run: count },
                 (count > 1).then(|| format!("{ids}.0")),
                 &requests[0],
+                &mut encoded,
             )
             .await;
         let first = match first {
@@ -165,7 +167,7 @@ impl Inner {
                 let expect = Chain::After(prev, format!("{ids}.{}", i - 1));
                 let id = (i + 1 < count).then(|| format!("{ids}.{i}"));
                 sent.push(
-                    self.send_chained(&subject, &last, i, prev, expect, id, request)
+                    self.send_chained(&subject, &last, i, prev, expect, id, request, &mut encoded)
                         .await,
                 );
             }
@@ -231,8 +233,9 @@ impl Inner {
         expect: Chain,
         id: Option<String>,
         request: &PublishRequest,
+        encoded: &mut Encoded,
     ) -> Result<PublishAckFuture, PublishError> {
-        let mut headers = headers(&last.epoch, last.offset + 1 + i, prev, request);
+        let mut headers = headers(&last.epoch, last.offset + 1 + i, prev, request, encoded);
         match expect {
             Chain::First { run } => {
                 headers.insert(
