@@ -17,6 +17,10 @@
 //! behind them on the node (1,000 subscribers take milliseconds), and a short one would take
 //! every such stream for sparse traffic and deliver it one publication at a time again.
 //!
+//! A receive task that knows more is on its way can hold a batch longer ([`Batch::hold_for`]):
+//! a NATS feed that got the first publication of a pipeline waits for the rest (one round
+//! trip) and then flushes at once, so the pipeline wakes each subscriber once.
+//!
 //! Order is kept: events are delivered in arrival order, and whoever drives a batch flushes
 //! it before anything it reports on its own (a gap after a reconnect). When the node stops, the
 //! Redis task flushes what it holds; a NATS feed drops it, as the subscribers go too.

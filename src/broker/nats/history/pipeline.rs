@@ -143,6 +143,7 @@ impl Inner {
         // The first goes alone and its ack is awaited: the stream's sequence is shared by
         // every channel, so the first one's can only be predicted while nothing else is
         // appended, and on a busy stream it rarely is. The others chain to its real one.
+        let first_id = format!("{ids}.0");
         let first = self
             .send_chained(
                 &subject,
@@ -150,7 +151,7 @@ impl Inner {
                 0,
                 last.seq,
                 Chain::First { run: count },
-                (count > 1).then(|| format!("{ids}.0")),
+                (count > 1).then_some(first_id.as_str()),
                 &requests[0],
                 &mut encoded,
             )
@@ -162,14 +163,26 @@ impl Inner {
         let mut sent = Vec::with_capacity(requests.len());
         if let Ok(ack) = &first {
             let base = ack.sequence;
+            // Each append's id is what the next one expects: formatted once.
+            let mut previous = first_id;
             for (i, request) in (1u64..).zip(&requests[1..]) {
                 let prev = base + i - 1;
-                let expect = Chain::After(prev, format!("{ids}.{}", i - 1));
                 let id = (i + 1 < count).then(|| format!("{ids}.{i}"));
+                let expect = Chain::After(prev, std::mem::take(&mut previous));
                 sent.push(
-                    self.send_chained(&subject, &last, i, prev, expect, id, request, &mut encoded)
-                        .await,
+                    self.send_chained(
+                        &subject,
+                        &last,
+                        i,
+                        prev,
+                        expect,
+                        id.as_deref(),
+                        request,
+                        &mut encoded,
+                    )
+                    .await,
                 );
+                previous = id.unwrap_or_default();
             }
         }
         let sent = std::iter::once(Ok(first)).chain(sent.into_iter().map(Err));
@@ -231,7 +244,7 @@ impl Inner {
         i: u64,
         prev: u64,
         expect: Chain,
-        id: Option<String>,
+        id: Option<&str>,
         request: &PublishRequest,
         encoded: &mut Encoded,
     ) -> Result<PublishAckFuture, PublishError> {
@@ -252,7 +265,7 @@ impl Inner {
             }
         }
         if let Some(id) = id {
-            headers.insert(header::NATS_MESSAGE_ID, id.as_str());
+            headers.insert(header::NATS_MESSAGE_ID, id);
         }
         let payload = Bytes::from(request.data.get().to_owned());
         self.js
