@@ -180,14 +180,15 @@ impl Inner {
         // The last offset of the announced pipeline being held, if one is.
         let mut run_end: Option<u64> = None;
         loop {
+            // In this order: whatever the feed has received already is taken into the batch
+            // before a due batch is delivered, so a task that was kept from running (a busy
+            // worker) does not flush a pipeline's first publication while the rest waits in
+            // its queue. The batch stays bounded (a full one is delivered at once).
             let reopen = tokio::select! {
+                biased;
                 () = stop.cancelled() => {
                     self.delete_consumer(streams.consumer);
                     return;
-                }
-                () = batch.due(), if batch.holding() => {
-                    self.flush(&mut batch, &live, &mut run_end);
-                    false
                 }
                 changed = resets.changed() => {
                     if changed.is_err() {
@@ -217,6 +218,10 @@ impl Inner {
                     }
                     None => true,
                 },
+                () = batch.due(), if batch.holding() => {
+                    self.flush(&mut batch, &live, &mut run_end);
+                    false
+                }
             };
             if !reopen {
                 continue;
