@@ -67,6 +67,8 @@ pub struct Batch {
     last: Option<Instant>,
     /// Fires when the held events are due; reset when the first one is held.
     timer: std::pin::Pin<Box<Sleep>>,
+    /// When the held events are due without a longer wait ([`Batch::hold_for`]).
+    window_end: Instant,
 }
 
 impl Default for Batch {
@@ -76,6 +78,7 @@ impl Default for Batch {
             count: 0,
             last: None,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            window_end: Instant::now(),
         }
     }
 }
@@ -133,7 +136,8 @@ impl Batch {
         let streaming = self.last.is_some_and(|last| now - last < QUIET);
         self.last = Some(now);
         if self.held.is_empty() {
-            self.timer.as_mut().reset(now + WINDOW);
+            self.window_end = now + WINDOW;
+            self.timer.as_mut().reset(self.window_end);
         }
         !streaming
     }
@@ -151,11 +155,20 @@ impl Batch {
 
     /// Keeps what is held until at least `wait` from now (unless it fills up first): for a
     /// receive task that knows more is on its way (a NATS feed told the size of a pipeline
-    /// whose first publication it holds), and flushes as soon as that has arrived.
+    /// whose first publication it holds), until that has arrived ([`Batch::stop_holding`]).
     pub fn hold_for(&mut self, wait: Duration) {
         let until = Instant::now() + wait;
         if self.holding() && self.timer.deadline() < until {
             self.timer.as_mut().reset(until);
+        }
+    }
+
+    /// Ends a longer wait ([`Batch::hold_for`]): what is held is due when it would have been
+    /// without it, at once if that time has passed. Later events still join it until then,
+    /// so a subscriber's wake may carry more than what was waited for.
+    pub fn stop_holding(&mut self) {
+        if self.holding() {
+            self.timer.as_mut().reset(self.window_end);
         }
     }
 
@@ -307,6 +320,24 @@ mod tests {
         assert!(!batch.publication("c", "e", publication(4)));
         batch.due().await;
         assert_eq!(waited.elapsed(), WINDOW, "the next batch waits as usual");
+        batch.flush(&node);
+
+        // What was waited for came early: due at the end of the usual window.
+        let waited = Instant::now();
+        assert!(!batch.publication("c", "e", publication(5)));
+        batch.hold_for(Duration::from_millis(20));
+        batch.stop_holding();
+        batch.due().await;
+        assert_eq!(waited.elapsed(), WINDOW);
+        batch.flush(&node);
+        // ... or late: due at once.
+        assert!(!batch.publication("c", "e", publication(6)));
+        batch.hold_for(Duration::from_millis(20));
+        tokio::time::advance(WINDOW * 3).await;
+        let waited = Instant::now();
+        batch.stop_holding();
+        batch.due().await;
+        assert_eq!(waited.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

@@ -270,10 +270,11 @@ impl Inner {
     /// Takes one publication into `batch`; `true` if the batch must be delivered now.
     ///
     /// The first publication of a pipeline says how many follow it (`Rs-Run`): it is held
-    /// (even after a quiet spell) until the pipeline's last offset arrives, which flushes
-    /// the batch at once, or [`RUN_WAIT`] passes. So the pipeline wakes each subscriber
-    /// once, as the memory broker's gathered publish does, rather than for its first
-    /// publication and then for the rest.
+    /// (even after a quiet spell) until the pipeline's last offset arrives or [`RUN_WAIT`]
+    /// passes; then the batch is due as usual (the window after its first event, at once if
+    /// that has passed). So the pipeline wakes each subscriber once, as the memory broker's
+    /// gathered publish does, rather than for its first publication and then for the rest,
+    /// and what follows within the window still joins it.
     fn deliver(
         &self,
         channel: &str,
@@ -321,7 +322,11 @@ impl Inner {
             return batch.full();
         }
         match *run_end {
-            Some(end) if offset >= end => true,
+            Some(end) if offset >= end => {
+                *run_end = None;
+                batch.stop_holding();
+                batch.full()
+            }
             Some(_) => batch.full(),
             None => now,
         }
