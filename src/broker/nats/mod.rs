@@ -29,7 +29,7 @@
 //! - Live delivery: per subscribed channel an ordered push consumer on `p.h.t` starting right
 //!   after the message read at subscribe time (from the subject's first message if it had
 //!   none), checked by [`Subscriptions::observe`], held in a batch and handed to the node
-//!   in one go (a pipeline announced by `Rs-Run` once its last offset arrived, at most
+//!   in one go (a pipeline announced by `Rs-Run` not before its last offset arrived, or
 //!   20 ms after its first). It is removed at unsubscribe. Ordered
 //!   consumers resume by themselves after a reconnect; when the stream itself was recreated
 //!   (the server lost its data) every feed restarts and reports a gap.
