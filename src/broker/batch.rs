@@ -17,6 +17,10 @@
 //! behind them on the node (1,000 subscribers take milliseconds), and a short one would take
 //! every such stream for sparse traffic and deliver it one publication at a time again.
 //!
+//! A receive task that knows more is on its way can hold a batch longer ([`Batch::hold_for`]):
+//! a NATS feed that got the first publication of a pipeline waits for the rest (one round
+//! trip) and then flushes at once, so the pipeline wakes each subscriber once.
+//!
 //! Order is kept: events are delivered in arrival order, and whoever drives a batch flushes
 //! it before anything it reports on its own (a gap after a reconnect). When the node stops, the
 //! Redis task flushes what it holds; a NATS feed drops it, as the subscribers go too.
@@ -41,10 +45,12 @@ pub const MAX_HELD: usize = 64;
 /// One event waiting in a [`Batch`].
 #[derive(Debug)]
 enum Held {
-    Publication {
+    /// Consecutive publications of one channel and epoch: kept as one run as they arrive, so
+    /// a held publication costs no copy of its channel and epoch.
+    Run {
         channel: String,
         epoch: String,
-        publication: Publication,
+        publications: Vec<Publication>,
     },
     Gap(String),
     Join(String, ClientInfo),
@@ -55,18 +61,24 @@ enum Held {
 #[derive(Debug)]
 pub struct Batch {
     held: Vec<Held>,
+    /// Events held (publications one by one), against [`MAX_HELD`].
+    count: usize,
     /// When the previous event arrived.
     last: Option<Instant>,
     /// Fires when the held events are due; reset when the first one is held.
     timer: std::pin::Pin<Box<Sleep>>,
+    /// When the held events are due without a longer wait ([`Batch::hold_for`]).
+    window_end: Instant,
 }
 
 impl Default for Batch {
     fn default() -> Self {
         Self {
             held: Vec::new(),
+            count: 0,
             last: None,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            window_end: Instant::now(),
         }
     }
 }
@@ -74,11 +86,27 @@ impl Default for Batch {
 impl Batch {
     /// Holds a publication; `true` if the batch must be flushed now.
     pub fn publication(&mut self, channel: &str, epoch: &str, publication: Publication) -> bool {
-        self.hold(Held::Publication {
-            channel: channel.to_owned(),
-            epoch: epoch.to_owned(),
-            publication,
-        })
+        let now = self.arrived();
+        if let Some(Held::Run {
+            channel: run_channel,
+            epoch: run_epoch,
+            publications,
+        }) = self.held.last_mut()
+            && run_channel == channel
+            && run_epoch == epoch
+        {
+            publications.push(publication);
+            self.count += 1;
+            return now || self.full();
+        }
+        self.push(
+            Held::Run {
+                channel: channel.to_owned(),
+                epoch: epoch.to_owned(),
+                publications: vec![publication],
+            },
+            now,
+        )
     }
 
     /// Holds a gap report (in order with the publications around it); `true` if the batch
@@ -98,19 +126,55 @@ impl Batch {
     }
 
     fn hold(&mut self, event: Held) -> bool {
+        let now = self.arrived();
+        self.push(event, now)
+    }
+
+    /// Notes an arrival; `true` if it follows a quiet spell (to be delivered at once).
+    fn arrived(&mut self) -> bool {
         let now = Instant::now();
         let streaming = self.last.is_some_and(|last| now - last < QUIET);
         self.last = Some(now);
         if self.held.is_empty() {
-            self.timer.as_mut().reset(now + WINDOW);
+            self.window_end = now + WINDOW;
+            self.timer.as_mut().reset(self.window_end);
         }
+        !streaming
+    }
+
+    fn push(&mut self, event: Held, now: bool) -> bool {
         self.held.push(event);
-        !streaming || self.held.len() >= MAX_HELD
+        self.count += 1;
+        now || self.full()
+    }
+
+    /// Whether the batch holds [`MAX_HELD`] events: it must be delivered now.
+    pub fn full(&self) -> bool {
+        self.count >= MAX_HELD
+    }
+
+    /// Keeps what is held until at least `wait` from now (unless it fills up first): for a
+    /// receive task that knows more is on its way (a NATS feed told the size of a pipeline
+    /// whose first publication it holds), until that has arrived ([`Batch::stop_holding`]).
+    pub fn hold_for(&mut self, wait: Duration) {
+        let until = Instant::now() + wait;
+        if self.holding() && self.timer.deadline() < until {
+            self.timer.as_mut().reset(until);
+        }
+    }
+
+    /// Ends a longer wait ([`Batch::hold_for`]): what is held is due when it would have been
+    /// without it, at once if that time has passed. Later events still join it until then,
+    /// so a subscriber's wake may carry more than what was waited for.
+    pub fn stop_holding(&mut self) {
+        if self.holding() {
+            self.timer.as_mut().reset(self.window_end);
+        }
     }
 
     /// Whether events are waiting (the timer branch of the receive loop is live only then).
     pub fn holding(&self) -> bool {
-        !self.held.is_empty()
+        self.count > 0
     }
 
     /// Completes when the held events are due (use only while [`Batch::holding`]).
@@ -122,56 +186,26 @@ impl Batch {
     /// so each is woken once for all of it. Consecutive publications of one channel and
     /// epoch go over together ([`BrokerEvents::on_publications`]).
     pub fn flush(&mut self, events: &dyn BrokerEvents) {
-        let mut run: Vec<Publication> = Vec::new();
-        let mut run_of: Option<(String, String)> = None;
         for held in self.held.drain(..) {
             match held {
-                Held::Publication {
+                Held::Run {
                     channel,
                     epoch,
-                    publication,
-                } => {
-                    let same = run_of
-                        .as_ref()
-                        .is_some_and(|(c, e)| *c == channel && *e == epoch);
-                    if !same {
-                        deliver_run(events, run_of.take(), &mut run);
-                        run_of = Some((channel, epoch));
-                    }
-                    run.push(publication);
-                }
-                other => {
-                    deliver_run(events, run_of.take(), &mut run);
-                    match other {
-                        Held::Gap(channel) => events.on_gap(&channel),
-                        Held::Join(channel, client) => events.on_join(&channel, &client),
-                        Held::Leave(channel, client) => events.on_leave(&channel, &client),
-                        Held::Publication { .. } => {}
-                    }
-                }
+                    publications,
+                } => events.on_publications(&channel, &epoch, &publications),
+                Held::Gap(channel) => events.on_gap(&channel),
+                Held::Join(channel, client) => events.on_join(&channel, &client),
+                Held::Leave(channel, client) => events.on_leave(&channel, &client),
             }
         }
-        deliver_run(events, run_of, &mut run);
+        self.count = 0;
     }
 
     /// Drops what is held (the feed stopped: nobody wants it any more).
     pub fn discard(&mut self) {
         self.held.clear();
+        self.count = 0;
     }
-}
-
-/// Hands a run of publications of one channel and epoch to `events`, and empties it.
-fn deliver_run(
-    events: &dyn BrokerEvents,
-    of: Option<(String, String)>,
-    run: &mut Vec<Publication>,
-) {
-    if let Some((channel, epoch)) = of
-        && !run.is_empty()
-    {
-        events.on_publications(&channel, &epoch, run);
-    }
-    run.clear();
 }
 
 #[cfg(test)]
@@ -259,6 +293,51 @@ mod tests {
         let node = Recorder::default();
         batch.flush(&node);
         assert_eq!(node.taken("c").len(), MAX_HELD);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_told_more_is_coming_waits_longer_and_only_then() {
+        let mut batch = Batch::default();
+        batch.hold_for(Duration::from_millis(20));
+        assert!(!batch.holding(), "nothing held: nothing to wait for");
+        assert!(batch.publication("c", "e", publication(1)));
+        batch.discard();
+        assert!(!batch.publication("c", "e", publication(2)));
+        let waited = Instant::now();
+        batch.hold_for(Duration::from_millis(20));
+        batch.hold_for(Duration::from_millis(5));
+        assert!(!batch.publication("c", "e", publication(3)));
+        batch.due().await;
+        assert_eq!(
+            waited.elapsed(),
+            Duration::from_millis(20),
+            "the longest wait asked for"
+        );
+        let node = Recorder::default();
+        batch.flush(&node);
+        assert_eq!(node.runs("c"), [2]);
+        let waited = Instant::now();
+        assert!(!batch.publication("c", "e", publication(4)));
+        batch.due().await;
+        assert_eq!(waited.elapsed(), WINDOW, "the next batch waits as usual");
+        batch.flush(&node);
+
+        // What was waited for came early: due at the end of the usual window.
+        let waited = Instant::now();
+        assert!(!batch.publication("c", "e", publication(5)));
+        batch.hold_for(Duration::from_millis(20));
+        batch.stop_holding();
+        batch.due().await;
+        assert_eq!(waited.elapsed(), WINDOW);
+        batch.flush(&node);
+        // ... or late: due at once.
+        assert!(!batch.publication("c", "e", publication(6)));
+        batch.hold_for(Duration::from_millis(20));
+        tokio::time::advance(WINDOW * 3).await;
+        let waited = Instant::now();
+        batch.stop_holding();
+        batch.due().await;
+        assert_eq!(waited.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

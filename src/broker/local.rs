@@ -123,10 +123,16 @@ impl Subscriptions {
             Some(last) if offset == last.offset + 1 => Continuity::Next,
             Some(_) => Continuity::Gap,
         };
-        entry.last = Some(StreamPosition {
-            offset,
-            epoch: epoch.to_owned(),
-        });
+        match &mut entry.last {
+            // Every publication of an epoch but its first: no new copy of the epoch.
+            Some(last) if last.epoch == epoch => last.offset = offset,
+            last => {
+                *last = Some(StreamPosition {
+                    offset,
+                    epoch: epoch.to_owned(),
+                });
+            }
+        }
         entry.doubt = false;
         verdict
     }

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::header::{HeaderName, HeaderValue};
 use async_nats::jetstream;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::context::PublishErrorKind;
@@ -37,11 +38,17 @@ const WALK_MAX: u64 = 16;
 /// Cached channel heads kept before idle ones are dropped.
 const HEADS_MAX: usize = 4096;
 
-const H_EPOCH: &str = "Rs-Epoch";
-const H_OFFSET: &str = "Rs-Offset";
-const H_CLIENT: &str = "Rs-Client";
-const H_PREV: &str = "Rs-Prev";
-const H_LIMITS: &str = "Rs-Limits";
+// Names built once: a name given as `&str` is validated and copied on every insert and get.
+const H_EPOCH: HeaderName = HeaderName::from_static("Rs-Epoch");
+const H_OFFSET: HeaderName = HeaderName::from_static("Rs-Offset");
+const H_CLIENT: HeaderName = HeaderName::from_static("Rs-Client");
+const H_PREV: HeaderName = HeaderName::from_static("Rs-Prev");
+const H_LIMITS: HeaderName = HeaderName::from_static("Rs-Limits");
+/// On the first append of a pipeline only: how many publications it starts (itself
+/// included), all sent right after its ack. A feed holding it waits for the others (see
+/// `live`), so the pipeline reaches subscribers as one batch. Readers that do not know it
+/// ignore it.
+const H_RUN: HeaderName = HeaderName::from_static("Rs-Run");
 
 pub(super) fn encode_limits(limits: HistoryLimits) -> String {
     let ttl = limits
@@ -88,8 +95,8 @@ impl Stored {
         data: Bytes,
     ) -> Result<Self, String> {
         let headers = headers.ok_or("no headers")?;
-        let get = |name: &str| headers.get(name).map(|value| value.as_str());
-        let number = |name: &str| get(name).map(str::parse::<u64>).transpose();
+        let get = |name: HeaderName| headers.get(name).map(HeaderValue::as_str);
+        let number = |name: HeaderName| get(name).map(str::parse::<u64>).transpose();
         Ok(Self {
             seq,
             epoch: get(H_EPOCH).ok_or("no epoch")?.to_owned(),
@@ -134,30 +141,109 @@ impl Stored {
     }
 
     pub(super) fn publication(&self) -> Result<Publication, String> {
-        let text = String::from_utf8(self.data.to_vec()).map_err(|_| "data is not UTF-8")?;
-        let data = RawValue::from_string(text).map_err(|_| "data is not JSON")?;
         Ok(Publication {
             offset: self.offset,
-            data: Arc::from(data),
+            data: json_data(&self.data)?,
             client_id: self.client_id,
         })
     }
 }
 
-fn headers(epoch: &str, offset: u64, prev: u64, request: Option<&PublishRequest>) -> HeaderMap {
+/// A publication's data as stored: JSON text, checked.
+fn json_data(data: &[u8]) -> Result<Arc<RawValue>, String> {
+    let text = String::from_utf8(data.to_vec()).map_err(|_| "data is not UTF-8")?;
+    let data = RawValue::from_string(text).map_err(|_| "data is not JSON")?;
+    Ok(Arc::from(data))
+}
+
+/// What live delivery needs of a message from a feed's consumer: decoded without the stream
+/// sequence, time, previous sequence and limits that only history reads use, and borrowing
+/// the epoch from the message, since every message of a feed is decoded.
+#[derive(Debug)]
+pub(super) struct Arrived<'a> {
+    pub(super) epoch: &'a str,
+    /// `None` for an epoch marker (offset 0), which is not a publication.
+    pub(super) publication: Option<Publication>,
+    /// How many publications this one starts, sent together (`Rs-Run`; 1 if absent).
+    pub(super) run: u64,
+}
+
+impl<'a> Arrived<'a> {
+    pub(super) fn decode(message: &'a jetstream::Message) -> Result<Self, String> {
+        let headers = message.headers.as_ref().ok_or("no headers")?;
+        let get = |name: HeaderName| headers.get(name).map(HeaderValue::as_str);
+        let epoch = get(H_EPOCH).ok_or("no epoch")?;
+        let offset = get(H_OFFSET)
+            .and_then(|offset| offset.parse::<u64>().ok())
+            .ok_or("bad offset")?;
+        if offset == 0 {
+            return Ok(Self {
+                epoch,
+                publication: None,
+                run: 1,
+            });
+        }
+        let client_id = get(H_CLIENT)
+            .map(str::parse)
+            .transpose()
+            .map_err(|_| "bad client id")?;
+        let run = get(H_RUN)
+            .map(str::parse::<u64>)
+            .transpose()
+            .map_err(|_| "bad run")?
+            .unwrap_or(1);
+        Ok(Self {
+            epoch,
+            publication: Some(Publication {
+                offset,
+                data: json_data(&message.payload)?,
+                client_id,
+            }),
+            run,
+        })
+    }
+}
+
+/// A request's limits and client id as header values, kept across the appends of a pipeline
+/// (the requests of one connection share them), so each is formatted once, not per append.
+#[derive(Debug, Default)]
+pub(super) struct Encoded {
+    of: Option<(HistoryLimits, Option<ClientId>)>,
+    limits: HeaderValue,
+    client: Option<HeaderValue>,
+}
+
+impl Encoded {
+    fn of(&mut self, request: &PublishRequest) -> (&HeaderValue, Option<&HeaderValue>) {
+        let key = (request.history, request.client_id);
+        if self.of != Some(key) {
+            self.limits = HeaderValue::from(encode_limits(request.history));
+            self.client = request
+                .client_id
+                .map(|client| HeaderValue::from(client.to_string()));
+            self.of = Some(key);
+        }
+        (&self.limits, self.client.as_ref())
+    }
+}
+
+/// The headers of a publication at `offset` of `epoch`, following stream sequence `prev`.
+/// The caller adds what JetStream must check before storing it.
+fn headers(
+    epoch: &str,
+    offset: u64,
+    prev: u64,
+    request: &PublishRequest,
+    encoded: &mut Encoded,
+) -> HeaderMap {
+    let (limits, client) = encoded.of(request);
     let mut headers = HeaderMap::new();
     headers.insert(H_EPOCH, epoch);
     headers.insert(H_OFFSET, offset.to_string());
     headers.insert(H_PREV, prev.to_string());
-    headers.insert(
-        header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-        prev.to_string(),
-    );
-    if let Some(request) = request {
-        headers.insert(H_LIMITS, encode_limits(request.history));
-        if let Some(client) = request.client_id {
-            headers.insert(H_CLIENT, client.to_string());
-        }
+    headers.insert(H_LIMITS, limits.clone());
+    if let Some(client) = client {
+        headers.insert(H_CLIENT, client.clone());
     }
     headers
 }
@@ -304,7 +390,11 @@ impl Inner {
                 Some(last) => (last.seq, last.offset + 1, last.epoch),
                 None => (0, 1, new_epoch()),
             };
-            let mut headers = headers(&epoch, offset, prev, Some(&request));
+            let mut headers = headers(&epoch, offset, prev, &request, &mut Encoded::default());
+            headers.insert(
+                header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                prev.to_string(),
+            );
             if let Some(idempotency) = &request.idempotency {
                 // Deduplication is stream-wide: the channel's token makes the key per channel.
                 let id = format!("{}:{}", token(channel), idempotency.key);

@@ -18,7 +18,8 @@
 //! - Several publishes of one channel at once ([`Broker::publish_batch`]) are appended back to
 //!   back, each expecting the one before it (predicted sequence and message id), and the acks
 //!   awaited after; whatever was refused because something else came in between is published
-//!   again one by one (`history/pipeline.rs`).
+//!   again one by one (`history/pipeline.rs`). The first append of such a pipeline carries
+//!   `Rs-Run` (how many it starts), so live delivery can hand the pipeline on in one go.
 //! - Idempotency keys: a keyed publish carries `Nats-Msg-Id` (the channel's token and the
 //!   key), and the stream's duplicate window is `RUSTY_SOCKS_IDEMPOTENCY_WINDOW`; JetStream
 //!   acknowledges a duplicate with the first message's sequence, which is read back for its
@@ -27,7 +28,9 @@
 //!   offsets the publisher also purges the subject down to `size` + 64 messages.
 //! - Live delivery: per subscribed channel an ordered push consumer on `p.h.t` starting right
 //!   after the message read at subscribe time (from the subject's first message if it had
-//!   none), checked by [`Subscriptions::observe`]. It is removed at unsubscribe. Ordered
+//!   none), checked by [`Subscriptions::observe`], held in a batch and handed to the node
+//!   in one go (a pipeline announced by `Rs-Run` not before its last offset arrived, or
+//!   20 ms after its first). It is removed at unsubscribe. Ordered
 //!   consumers resume by themselves after a reconnect; when the stream itself was recreated
 //!   (the server lost its data) every feed restarts and reports a gap.
 //! - Join/leave: core NATS subject `p.e.t` in the [`wire`] format, never stored.

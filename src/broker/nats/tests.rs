@@ -337,6 +337,129 @@ async fn two_nodes_share_publications_and_presence() {
     assert_eq!(a.presence(c).await.expect("presence"), vec![alice]);
 }
 
+/// Waits until `events` holds `count` publications of `channel`, or five seconds passed.
+async fn publications(events: &Recorder, channel: &str, count: usize) -> Vec<Event> {
+    events
+        .wait_until(channel, |got| {
+            got.iter()
+                .filter(|e| matches!(e, Event::Publication(..)))
+                .count()
+                >= count
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
+async fn a_pipeline_reaches_every_node_as_one_batch_in_order() {
+    let url = url();
+    let options = options(&url);
+    let _cleanup = Cleanup(options.clone());
+    let (events_a, events_b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+    let a = connect(&options, events_a.clone()).await;
+    let b = connect(&options, events_b.clone()).await;
+    let c = "pipelined";
+    a.subscribe(c).await.expect("subscribe");
+    b.subscribe(c).await.expect("subscribe");
+    a.publish(c, request("0", 100, 1 << 20))
+        .await
+        .expect("publish");
+    for events in [&events_a, &events_b] {
+        assert_eq!(publications(events, c, 1).await.len(), 1);
+    }
+    let mut offset = 1;
+    for round in 0..3 {
+        // After a quiet spell, which alone would deliver the pipeline's first publication at
+        // once and the rest a round trip later.
+        tokio::time::sleep(crate::broker::batch::QUIET * 2).await;
+        let requests = (0..16)
+            .map(|n| request(&format!("{round}{n}"), 100, 1 << 20))
+            .collect();
+        let published = a.publish_batch(c, requests).await.expect("pipeline");
+        let published: Vec<u64> = published
+            .into_iter()
+            .map(|p| p.expect("publish").position.offset)
+            .collect();
+        assert_eq!(published, (offset + 1..=offset + 16).collect::<Vec<_>>());
+        offset += 16;
+    }
+    let expected: Vec<Event> = (1..=offset)
+        .map(|n| Event::Publication(c.into(), n))
+        .collect();
+    for events in [&events_a, &events_b] {
+        assert_eq!(
+            publications(events, c, expected.len()).await,
+            expected,
+            "in order, exactly once"
+        );
+        assert_eq!(
+            events.runs(c),
+            [1, 16, 16, 16],
+            "each pipeline handed over in one go"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
+async fn an_announced_pipeline_that_never_completes_is_not_waited_for_long() {
+    let url = url();
+    let options = options(&url);
+    let _cleanup = Cleanup(options.clone());
+    let events = Arc::new(Recorder::default());
+    let node = connect(&options, events.clone()).await;
+    let c = "cut short";
+    node.subscribe(c).await.expect("subscribe");
+    // The first append of a pipeline of five, whose other four never come (as if its
+    // publisher died right after the first ack).
+    let js = jetstream::new(
+        async_nats::connect(url.as_str())
+            .await
+            .expect("connect to NATS"),
+    );
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in [
+        ("Rs-Epoch", "e1"),
+        ("Rs-Offset", "1"),
+        ("Rs-Prev", "0"),
+        ("Rs-Limits", "100 1048576 -"),
+        ("Rs-Run", "5"),
+    ] {
+        headers.insert(name, value);
+    }
+    let names = Names {
+        prefix: options.prefix.clone(),
+    };
+    let sent = std::time::Instant::now();
+    js.publish_with_headers(names.history(c), headers, "1".into())
+        .await
+        .expect("append")
+        .await
+        .expect("stored");
+    assert_eq!(
+        publications(&events, c, 1).await,
+        [Event::Publication(c.into(), 1)]
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(1),
+        "held for {:?}",
+        sent.elapsed()
+    );
+    // What follows is delivered as usual, in order.
+    let published = node
+        .publish(c, request("2", 100, 1 << 20))
+        .await
+        .expect("publish");
+    assert_eq!(published.position.offset, 2);
+    assert_eq!(
+        publications(&events, c, 2).await,
+        [
+            Event::Publication(c.into(), 1),
+            Event::Publication(c.into(), 2)
+        ]
+    );
+}
+
 #[tokio::test]
 async fn an_unreachable_server_fails_fast() {
     let started = std::time::Instant::now();

@@ -1,9 +1,9 @@
 //! Several publishes on one channel sent to JetStream back to back, then the acks awaited.
 //!
-//! Each append names the subject's previous message (`Nats-Expected-Last-Subject-Sequence`),
-//! whose stream sequence JetStream assigns across every channel of the stream: an append
+//! Each append follows the subject's previous message (its `Rs-Prev`), whose stream sequence JetStream assigns across every channel of the stream: an append
 //! cannot know the one before it's sequence before that one's ack. So the first append goes
-//! alone and its ack is awaited (on a stream that other channels write to, its sequence
+//! alone, expecting the subject's last message (`Nats-Expected-Last-Subject-Sequence`), and
+//! its ack is awaited (on a stream that other channels write to, its sequence
 //! could not be predicted); the others are sent back to back, each predicting the previous
 //! one's sequence (the first's plus one per append: nothing else was appended in between),
 //! and the prediction is made checkable: every append but the last carries a `Nats-Msg-Id`
@@ -14,7 +14,13 @@
 //! one is refused, every later one is refused too. The refused ones (anything else was
 //! appended meanwhile: another channel, another node) are published again one by one, in
 //! order, as [`Inner::publish`] does, so contention costs round trips, never order or
-//! offsets. A pipeline of `n` therefore takes two round trips, not `n`.
+//! offsets. A pipeline of `n` therefore takes two round trips, not `n`. (The later appends
+//! need no subject check: the stream's last message being the append before implies it.)
+//!
+//! The first append carries `Rs-Run: n`, so every node's feed that receives it holds it
+//! until the other `n - 1` have arrived (a round trip later), at most `RUN_WAIT`, and
+//! delivers the pipeline to its subscribers as one batch instead of as the first and then
+//! the rest.
 //!
 //! The ids live in the stream's duplicate window (`RUSTY_SOCKS_IDEMPOTENCY_WINDOW`) like
 //! idempotency keys; a pipeline of `n` messages stores `n - 1` of them.
@@ -23,10 +29,21 @@ use async_nats::header;
 use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use bytes::Bytes;
 
-use super::{HEADS_MAX, Head, PURGE_EVERY, headers};
+use super::{Encoded, H_RUN, HEADS_MAX, Head, PURGE_EVERY, headers};
 use crate::broker::nats::{Inner, unavailable};
 use crate::broker::{BrokerError, PublishRequest, Published};
 use crate::types::StreamPosition;
+
+/// What one append of a pipeline expects JetStream to find before storing it.
+enum Chain {
+    /// The first: the subject's last message is the one it follows. It announces the
+    /// pipeline's size (`Rs-Run`) when that is more than one.
+    First { run: u64 },
+    /// A later one: the stream's last message is the append before it (its predicted
+    /// sequence and its message id). That implies the subject's last message too, so the
+    /// subject check is left out: one header less to store and to deliver to every node.
+    After(u64, String),
+}
 
 /// What became of one append of a pipeline.
 enum Outcome {
@@ -122,18 +139,21 @@ impl Inner {
         };
         let ids = uuid::Uuid::new_v4().simple().to_string();
         let count = requests.len() as u64;
+        let mut encoded = Encoded::default();
         // The first goes alone and its ack is awaited: the stream's sequence is shared by
         // every channel, so the first one's can only be predicted while nothing else is
         // appended, and on a busy stream it rarely is. The others chain to its real one.
+        let first_id = format!("{ids}.0");
         let first = self
             .send_chained(
                 &subject,
                 &last,
                 0,
                 last.seq,
-                None,
-                (count > 1).then(|| format!("{ids}.0")),
+                Chain::First { run: count },
+                (count > 1).then_some(first_id.as_str()),
                 &requests[0],
+                &mut encoded,
             )
             .await;
         let first = match first {
@@ -143,14 +163,26 @@ impl Inner {
         let mut sent = Vec::with_capacity(requests.len());
         if let Ok(ack) = &first {
             let base = ack.sequence;
+            // Each append's id is what the next one expects: formatted once.
+            let mut previous = first_id;
             for (i, request) in (1u64..).zip(&requests[1..]) {
                 let prev = base + i - 1;
-                let expect = (prev, format!("{ids}.{}", i - 1));
                 let id = (i + 1 < count).then(|| format!("{ids}.{i}"));
+                let expect = Chain::After(prev, std::mem::take(&mut previous));
                 sent.push(
-                    self.send_chained(&subject, &last, i, prev, Some(expect), id, request)
-                        .await,
+                    self.send_chained(
+                        &subject,
+                        &last,
+                        i,
+                        prev,
+                        expect,
+                        id.as_deref(),
+                        request,
+                        &mut encoded,
+                    )
+                    .await,
                 );
+                previous = id.unwrap_or_default();
             }
         }
         let sent = std::iter::once(Ok(first)).chain(sent.into_iter().map(Err));
@@ -202,8 +234,8 @@ impl Inner {
     }
 
     /// Sends the `i`-th append of a pipeline after `last` (`prev`: the stream sequence it
-    /// follows); `expect`: the sequence and message id the stream must end with, `id`: its
-    /// own message id (see the module docs).
+    /// follows); `expect`: what the stream must end with, `id`: its own message id (see the
+    /// module docs).
     #[expect(clippy::too_many_arguments, reason = "one append's headers, named")]
     async fn send_chained(
         &self,
@@ -211,17 +243,29 @@ impl Inner {
         last: &Head,
         i: u64,
         prev: u64,
-        expect: Option<(u64, String)>,
-        id: Option<String>,
+        expect: Chain,
+        id: Option<&str>,
         request: &PublishRequest,
+        encoded: &mut Encoded,
     ) -> Result<PublishAckFuture, PublishError> {
-        let mut headers = headers(&last.epoch, last.offset + 1 + i, prev, Some(request));
-        if let Some((sequence, message)) = expect {
-            headers.insert(header::NATS_EXPECTED_LAST_SEQUENCE, sequence.to_string());
-            headers.insert(header::NATS_EXPECTED_LAST_MESSAGE_ID, message.as_str());
+        let mut headers = headers(&last.epoch, last.offset + 1 + i, prev, request, encoded);
+        match expect {
+            Chain::First { run } => {
+                headers.insert(
+                    header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                    prev.to_string(),
+                );
+                if run > 1 {
+                    headers.insert(H_RUN, run.to_string());
+                }
+            }
+            Chain::After(sequence, message) => {
+                headers.insert(header::NATS_EXPECTED_LAST_SEQUENCE, sequence.to_string());
+                headers.insert(header::NATS_EXPECTED_LAST_MESSAGE_ID, message.as_str());
+            }
         }
         if let Some(id) = id {
-            headers.insert(header::NATS_MESSAGE_ID, id.as_str());
+            headers.insert(header::NATS_MESSAGE_ID, id);
         }
         let payload = Bytes::from(request.data.get().to_owned());
         self.js
