@@ -276,3 +276,47 @@ fn the_session_task_of_a_chat_connection_stays_within_its_size_class() {
     eprintln!("session future of a chat connection: {size} bytes");
     assert!(size <= SESSION_FUTURE_LIMIT, "{size} bytes");
 }
+
+/// Shutdown asks every registered session to close (`Sessions::close_all`); a session that
+/// registers after that pass, its handshake still under way then, finds the registry closing
+/// when it starts and closes with 1001 at once instead of living on unasked.
+#[tokio::test]
+async fn a_session_registered_after_close_all_closes_with_1001_at_once() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mut client = TcpStream::connect(listener.local_addr().expect("address"))
+        .await
+        .expect("connect");
+    let (socket, _) = listener.accept().await.expect("accept");
+    let stats = Arc::new(Stats::default());
+    let sessions: Arc<Sessions> = Arc::default();
+    let admission = Admission::new(10, 10);
+    sessions.close_all();
+    let (outbox, rx) = Outbox::new(uuid::Uuid::new_v4(), 8);
+    let guards = Guards {
+        registration: sessions.register(outbox),
+        permit: admission.try_connection().expect("a free slot"),
+        task: stats.task(),
+    };
+    let config = SessionConfig::new(1024, None, Duration::from_secs(60), Duration::from_secs(1));
+    let session = SessionParts::new(rx, EchoHandler, config, guards).into_session(socket);
+    let task = tokio::spawn(session.run(Bytes::new()));
+    let mut head = [0u8; 2];
+    timeout(WAIT, client.read_exact(&mut head))
+        .await
+        .expect("a close frame in time")
+        .expect("read");
+    assert_eq!(head[0], 0x88, "a close frame");
+    let mut payload = vec![0u8; usize::from(head[1])];
+    client.read_exact(&mut payload).await.expect("read");
+    assert_eq!(payload[..2], [0x03, 0xe9], "close 1001");
+    // The client answers the close; the session ends and leaves the registry.
+    client
+        .write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe9])
+        .await
+        .expect("write");
+    timeout(WAIT, task)
+        .await
+        .expect("the session ends")
+        .expect("no panic");
+    assert!(sessions.is_empty());
+}
