@@ -49,6 +49,25 @@ async fn connect(options: &NatsOptions, events: Arc<Recorder>) -> Arc<NatsBroker
 /// Deletes what a run created on the server when dropped, so a failing test does not leave
 /// its stream behind either (each reserves JetStream storage; leaked ones end up exhausting
 /// it). Dropped inside the test's runtime, which cannot be blocked on: a thread of its own.
+/// A node subscribed to `channel`, with what it receives.
+async fn subscribed_node(options: &NatsOptions, channel: &str) -> (Arc<NatsBroker>, Arc<Recorder>) {
+    let events = Arc::new(Recorder::default());
+    let node = connect(options, events.clone()).await;
+    node.subscribe(channel).await.expect("subscribe");
+    (node, events)
+}
+
+/// Two nodes on one NATS, both subscribed to `channel`, each with what it receives.
+async fn subscribed_nodes(
+    options: &NatsOptions,
+    channel: &str,
+) -> [(Arc<NatsBroker>, Arc<Recorder>); 2] {
+    [
+        subscribed_node(options, channel).await,
+        subscribed_node(options, channel).await,
+    ]
+}
+
 struct Cleanup(NatsOptions);
 
 impl Drop for Cleanup {
@@ -273,15 +292,10 @@ async fn reading_a_never_published_channel_stores_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
 async fn two_nodes_share_publications_and_presence() {
-    let url = url();
-    let options = options(&url);
+    let options = options(&url());
     let _cleanup = Cleanup(options.clone());
-    let (events_a, events_b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
-    let a = connect(&options, events_a.clone()).await;
-    let b = connect(&options, events_b.clone()).await;
     let c = "shared room.>";
-    a.subscribe(c).await.expect("subscribe");
-    b.subscribe(c).await.expect("subscribe");
+    let [(a, events_a), (b, events_b)] = subscribed_nodes(&options, c).await;
     let tasks: Vec<_> = [&a, &b]
         .into_iter()
         .map(|node| {
@@ -352,15 +366,10 @@ async fn publications(events: &Recorder, channel: &str, count: usize) -> Vec<Eve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
 async fn a_pipeline_reaches_every_node_as_one_batch_in_order() {
-    let url = url();
-    let options = options(&url);
+    let options = options(&url());
     let _cleanup = Cleanup(options.clone());
-    let (events_a, events_b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
-    let a = connect(&options, events_a.clone()).await;
-    let b = connect(&options, events_b.clone()).await;
     let c = "pipelined";
-    a.subscribe(c).await.expect("subscribe");
-    b.subscribe(c).await.expect("subscribe");
+    let [(a, events_a), (_b, events_b)] = subscribed_nodes(&options, c).await;
     a.publish(c, request("0", 100, 1 << 20))
         .await
         .expect("publish");
@@ -406,10 +415,8 @@ async fn an_announced_pipeline_that_never_completes_is_not_waited_for_long() {
     let url = url();
     let options = options(&url);
     let _cleanup = Cleanup(options.clone());
-    let events = Arc::new(Recorder::default());
-    let node = connect(&options, events.clone()).await;
     let c = "cut short";
-    node.subscribe(c).await.expect("subscribe");
+    let (node, events) = subscribed_node(&options, c).await;
     // The first append of a pipeline of five, whose other four never come (as if its
     // publisher died right after the first ack).
     let js = jetstream::new(
