@@ -26,6 +26,7 @@ use crate::protocol::v1::{self, Command, Frame, Parsed};
 use crate::types::error::ClientError;
 use crate::types::position::continues_from;
 use crate::types::rate::{Rate, TokenBucket};
+use crate::types::thin_list::ThinList;
 use crate::types::{AuthError, ClientId, ClientInfo};
 use crate::ws::close::CloseCode;
 
@@ -131,7 +132,7 @@ pub struct ChatHandler {
     default: Option<Arc<MemberState>>,
     /// Other memberships (a few at most: a list beats a map here, and costs nothing until
     /// the first v1 subscription).
-    others: Others,
+    others: ThinList<Arc<MemberState>>,
     /// Set for connections that presented a token (boxed: most connections have none).
     auth: Option<Box<Auth>>,
     /// The per-connection rate limit's state, from the first message under a rate.
@@ -141,42 +142,6 @@ pub struct ChatHandler {
     gathered: Option<Box<Gathered>>,
     /// Legacy or v1-only.
     dialect: Dialect,
-}
-
-/// A connection's memberships besides the default channel's: one pointer in every
-/// connection's task (a `Vec` would take three), the list allocated on the first one.
-#[derive(Debug, Default)]
-#[expect(
-    clippy::box_collection,
-    reason = "one pointer inline instead of a Vec's three; the extra allocation is rare"
-)]
-struct Others(Option<Box<Vec<Arc<MemberState>>>>);
-
-impl Others {
-    fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, |list| list.len())
-    }
-
-    fn push(&mut self, state: Arc<MemberState>) {
-        self.0.get_or_insert_default().push(state);
-    }
-
-    fn remove(&mut self, channel: &str) {
-        if let Some(list) = &mut self.0 {
-            list.retain(|s| &*s.channel != channel);
-            if list.is_empty() {
-                self.0 = None;
-            }
-        }
-    }
-
-    fn iter(&self) -> std::slice::Iter<'_, Arc<MemberState>> {
-        self.0.as_deref().map_or([].iter(), |list| list.iter())
-    }
-
-    fn take(&mut self) -> Vec<Arc<MemberState>> {
-        self.0.take().map(|list| *list).unwrap_or_default()
-    }
 }
 
 /// What every `/ws` connection of a server shares.
@@ -204,7 +169,7 @@ impl ChatHandler {
             outbox,
             shared,
             default: None,
-            others: Others::default(),
+            others: ThinList::default(),
             auth: identity.map(|identity| {
                 Box::new(Auth {
                     identity: *identity,
@@ -319,7 +284,7 @@ impl ChatHandler {
         if channel == DEFAULT_CHANNEL {
             self.default = None;
         } else {
-            self.others.remove(channel);
+            self.others.retain(|s| &*s.channel != channel);
         }
     }
 

@@ -23,6 +23,7 @@ use tokio::sync::Notify;
 use crate::engine::namespace::SlowPolicy;
 use crate::engine::outbox::{Outbox, Push};
 use crate::types::ClientId;
+use crate::types::thin_list::ThinList;
 use crate::ws::close::CloseCode;
 use crate::ws::deflate::SharedFrame;
 
@@ -46,7 +47,7 @@ pub fn epoch_tag(epoch: &str) -> u64 {
 
 /// A recovering membership's held-back frames, allocated on the first one: one pointer
 /// inline instead of a `Vec`'s three, since most memberships never buffer.
-type RecoveryBuffer = Option<Box<Vec<Buffered>>>;
+type RecoveryBuffer = ThinList<Buffered>;
 
 /// One connection's subscription to one channel.
 #[derive(Debug)]
@@ -437,7 +438,7 @@ impl Hub {
         state.enter_epoch(epoch);
         state.replayed_through(replayed_through);
         state.recovering.store(false, Ordering::Release);
-        buffer.take().map_or_else(Vec::new, |frames| *frames)
+        buffer.take()
     }
 
     /// Removes a membership; the channel goes away with its last member.
@@ -597,7 +598,7 @@ fn deliver_one(member: &Member, publication: Option<(u64, u64)>, frame: &SharedF
         let mut buffer = state.lock_buffer();
         // Re-checked under the lock: recovery may have finished while we waited for it.
         if state.recovering.load(Ordering::Acquire) {
-            return buffer_one(buffer.get_or_insert_default(), member, publication, frame);
+            return buffer_one(buffer.as_vec_mut(), member, publication, frame);
         }
     }
     if state.gapped.load(Ordering::Acquire) {

@@ -27,6 +27,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 
 use crate::engine::hub::MemberState;
+use crate::types::thin_list::ThinList;
 use crate::types::{ClientId, clock};
 use crate::ws::close::CloseCode;
 use crate::ws::deflate::{Deflate, SharedFrame};
@@ -69,25 +70,7 @@ struct Queue {
     /// under the queue's lock rather than a lock of their own, which would cost every
     /// connection's outbox a second mutex for something that rarely happens; one pointer
     /// until the first gap (a `Vec` inline would take three in every connection's outbox).
-    gaps: Gaps,
-}
-
-/// Memberships with a gap to report, allocated on the first one.
-#[derive(Debug, Default)]
-#[expect(
-    clippy::box_collection,
-    reason = "one pointer inline instead of a Vec's three; gaps are rare"
-)]
-struct Gaps(Option<Box<Vec<Arc<MemberState>>>>);
-
-impl Gaps {
-    fn push(&mut self, state: Arc<MemberState>) {
-        self.0.get_or_insert_default().push(state);
-    }
-
-    fn take(&mut self) -> Vec<Arc<MemberState>> {
-        self.0.take().map_or_else(Vec::new, |gaps| *gaps)
-    }
+    gaps: ThinList<Arc<MemberState>>,
 }
 
 #[derive(Debug)]

@@ -12,6 +12,7 @@ pub mod net;
 pub mod position;
 pub mod rate;
 pub mod secret;
+pub mod thin_list;
 
 pub use channel::ChannelError;
 pub use client::{ClientId, ClientInfo};
