@@ -1,6 +1,6 @@
 //! Plain types every layer shares: client ids, stream positions and publications, channel
 //! names, the errors a client can cause, clocks and the token bucket, secrets and address
-//! ranges.
+//! ranges, and a list that costs one pointer until its first element.
 //!
 //! The lowest layer: it imports nothing else of the crate, so anything may use it.
 
