@@ -24,13 +24,16 @@ macro_rules! complain {
     }};
 }
 
+#[cfg(feature = "mimalloc")]
+mod allocator;
 mod cli;
 
 /// With the `mimalloc` feature, the binary allocates through mimalloc (thread-local free
-/// lists) instead of the system allocator.
+/// lists) instead of the system allocator, with tokio's task blocks at their exact size (see
+/// the `allocator` module).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::Allocator = allocator::Allocator;
 
 fn main() -> ExitCode {
     let sources = match cli::parse(std::env::args_os()) {
@@ -65,12 +68,16 @@ fn main() -> ExitCode {
         ),
         Err(err) => tracing::warn!(%err, "could not raise the open-file limit"),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder
         .worker_threads(config.worker_threads)
         .thread_name("rusty-socks-worker")
-        .enable_all()
-        .build()
-    {
+        .enable_all();
+    // A worker about to sleep hands memory freed since back to the system (at most once a
+    // second): a quiet server keeps only what its connections hold.
+    #[cfg(feature = "mimalloc")]
+    builder.on_thread_park(allocator::worker_idle);
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(err) => {
             complain!(

@@ -46,7 +46,16 @@ const LAYERS: &[(&str, u8, &str)] = &[
         6,
         "the binary's command line: subcommands, a flag per setting (a module of main.rs)",
     ),
+    (
+        "allocator",
+        6,
+        "the binary's global allocator: mimalloc, exact task blocks (a module of main.rs)",
+    ),
 ];
+
+/// The one file that may allow `unsafe_code` (denied crate-wide in Cargo.toml): a global
+/// allocator cannot be written without it.
+const ALLOWS_UNSAFE: &str = "allocator.rs";
 
 /// Longest file allowed in `src/`, in lines.
 const MAX_LINES: usize = 800;
@@ -475,6 +484,22 @@ fn only_the_settings_read_the_environment() {
         readers.is_empty(),
         "read the environment outside the settings: {readers:?}"
     );
+}
+
+#[test]
+fn only_the_allocator_allows_unsafe_code() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    src_files(&src, &mut files);
+    let allowing: Vec<String> = files
+        .iter()
+        .filter(|f| {
+            let code = code_only(&std::fs::read_to_string(f).unwrap());
+            code.contains("allow(unsafe_code)") || code.contains("expect(unsafe_code)")
+        })
+        .map(|f| f.strip_prefix(&src).unwrap().display().to_string())
+        .collect();
+    assert_eq!(allowing, [ALLOWS_UNSAFE], "files that allow unsafe code");
 }
 
 #[test]
