@@ -645,9 +645,12 @@ impl Handler for ChatHandler {
     }
 
     fn on_gaps(&mut self, out: &mut Replies<'_>) {
-        for state in self.outbox.take_gaps() {
-            let current = self.membership(&state.channel);
-            if current.is_some_and(|s| Arc::ptr_eq(s, &state)) {
+        if !self.outbox.take_gap_report() {
+            return;
+        }
+        // The report is a flag: the gapped memberships say which channels it is about.
+        for state in self.default.iter().chain(self.others.iter()) {
+            if state.is_gapped() {
                 out.text(
                     &Frame::Gap {
                         channel: &state.channel,
@@ -655,8 +658,8 @@ impl Handler for ChatHandler {
                     }
                     .to_json(),
                 );
+                state.clear_gap();
             }
-            state.clear_gap();
         }
     }
 

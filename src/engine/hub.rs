@@ -163,6 +163,11 @@ impl MemberState {
         }
     }
 
+    /// Whether frames are being dropped until a gap is reported (see [`Outbox::report_gap`]).
+    pub fn is_gapped(&self) -> bool {
+        self.gapped.load(Ordering::Acquire)
+    }
+
     /// Ends a gap after it was reported; frames flow again.
     pub fn clear_gap(&self) {
         self.gapped.store(false, Ordering::Release);
@@ -549,7 +554,7 @@ impl Hub {
             if close_instead {
                 member.outbox.close(CloseCode::MessagesMissed);
             } else if !member.state.gapped.swap(true, Ordering::AcqRel) {
-                member.outbox.report_gap(Arc::clone(&member.state));
+                member.outbox.report_gap(&member.state);
             }
         }
         entry.members.len()
@@ -692,7 +697,7 @@ fn overflowed(member: &Member) {
     match state.policy {
         SlowPolicy::Gap => {
             if !state.gapped.swap(true, Ordering::AcqRel) {
-                member.outbox.report_gap(Arc::clone(state));
+                member.outbox.report_gap(state);
             }
         }
         SlowPolicy::Disconnect => member.outbox.close(CloseCode::SlowConsumer),

@@ -9,8 +9,9 @@
 //! subscriber, and growing the queue would let it grow the server's memory without bound.
 //!
 //! The queue is a `VecDeque` behind a per-connection mutex (never contended by more than the
-//! publishers of that moment and the connection itself) with one wake-up (an atomic flag and
-//! waker) for everything: frames, close requests and gap reports. An idle connection's queue
+//! publishers of that moment and the connection itself) with one wake-up (an atomic flag, and
+//! the session's waker kept under the queue's lock) for everything: frames, close requests and
+//! gap reports. An idle connection's queue
 //! holds no allocation at all (a drained queue keeps its slots for the next batch until the
 //! session's heartbeat tick), which is what keeps memory per idle connection small; a general
 //! purpose channel would pre-allocate a block of slots per connection.
@@ -21,13 +22,11 @@ use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
-use futures_util::task::AtomicWaker;
 
 use crate::engine::hub::MemberState;
-use crate::types::thin_list::ThinList;
 use crate::types::{ClientId, clock};
 use crate::ws::close::CloseCode;
 use crate::ws::deflate::{Deflate, SharedFrame};
@@ -66,19 +65,19 @@ struct Queue {
     /// When the queue last went from empty to non-empty ([`clock::stamp_us`]: 32 bits, for
     /// the write-delay histogram).
     since: u32,
-    /// Memberships that dropped frames since the session last looked (see `has_gaps`):
-    /// under the queue's lock rather than a lock of their own, which would cost every
-    /// connection's outbox a second mutex for something that rarely happens; one pointer
-    /// until the first gap (a `Vec` inline would take three in every connection's outbox).
-    gaps: ThinList<Arc<MemberState>>,
+    /// The session task to wake, registered while it waits. Under the queue's lock, which a
+    /// push holds anyway when it finds the queue empty, instead of an `AtomicWaker` of its
+    /// own: 8 bytes less per connection, which keeps the outbox in the allocator's 112-byte
+    /// size class (see `an_outbox_fits_the_112_byte_size_class`).
+    waker: Option<Waker>,
 }
 
 #[derive(Debug)]
 struct Shared {
     id: ClientId,
     /// Frames the queue holds at most. This struct and the fields below are 32 bits where
-    /// that suffices: every connection has one (128 bytes with its reference counts, the
-    /// allocator's 128-byte size class; at 152 it took 160).
+    /// that suffices: every connection has one (112 bytes with its reference counts, the
+    /// allocator's 112-byte size class; at 152 it took 160).
     capacity: u32,
     queue: Mutex<Queue>,
     /// Frames queued, kept beside the queue so the session's frequent "anything queued?" checks
@@ -86,10 +85,8 @@ struct Shared {
     /// session anyway.
     queued: AtomicU32,
     /// Set when the session should look: a frame arrived in an empty queue, a close was
-    /// requested, or a gap was reported.
+    /// requested, or a gap was reported. The task to wake is `Queue::waker`.
     woken: AtomicBool,
-    /// The session task to wake.
-    waker: AtomicWaker,
     /// 0 while open; otherwise the index + 1 in [`SIGNAL_CODES`] of the first close request.
     close: AtomicU8,
     has_gaps: AtomicBool,
@@ -107,8 +104,20 @@ fn queued_count(len: usize) -> u32 {
 
 impl Shared {
     fn wake(&self) {
+        self.wake_locked(self.queue());
+    }
+
+    /// Marks the outbox woken and wakes the session if it waits, taking its waker under the
+    /// lock already held (released before the wake-up: the session may run on another worker
+    /// at once). The flag is set before the waker is looked at, and the session registers
+    /// under the same lock before it checks the flag again, so no wake-up is lost.
+    fn wake_locked(&self, mut queue: MutexGuard<'_, Queue>) {
         self.woken.store(true, Ordering::Release);
-        self.waker.wake();
+        let waker = queue.waker.take();
+        drop(queue);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
     }
 
     /// Whether the session is gone; only meaningful under the queue's lock, which orders it.
@@ -161,7 +170,6 @@ impl Outbox {
             queue: Mutex::default(),
             queued: AtomicU32::new(0),
             woken: AtomicBool::new(false),
-            waker: AtomicWaker::new(),
             close: AtomicU8::new(0),
             has_gaps: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -234,10 +242,9 @@ impl Outbox {
         self.shared
             .queued
             .store(queued_count(queue.frames.len()), Ordering::Release);
-        drop(queue);
         if first {
             // A non-empty queue is drained until empty, so only this transition needs a wake.
-            hold_or_wake(&self.shared);
+            hold_or_wake(&self.shared, queue);
         }
     }
 
@@ -272,16 +279,20 @@ impl Outbox {
 
     /// Records that a membership overflowed on a `gap` namespace; the session reports it once
     /// everything queued before it has been written.
-    pub fn report_gap(&self, state: Arc<MemberState>) {
+    ///
+    /// Only a flag: the membership itself is marked (`MemberState::gapped`, set by the caller
+    /// before this), and the session finds which of its memberships are gapped. A list of them
+    /// here would cost every connection's outbox 8 bytes for something that rarely happens.
+    pub fn report_gap(&self, state: &MemberState) {
         tracing::debug!(client_id = %self.shared.id, channel = %state.channel, "outbox overflow: gap");
-        self.shared.queue().gaps.push(state);
         self.shared.has_gaps.store(true, Ordering::Release);
         self.shared.wake();
     }
 
-    /// Takes the gaps to report (see [`OutboxReceiver::take_gaps`]).
-    pub fn take_gaps(&self) -> Vec<Arc<MemberState>> {
-        take_gaps(&self.shared)
+    /// Takes the gap report: whether a gap was reported since the last call (see
+    /// [`Outbox::report_gap`]).
+    pub fn take_gap_report(&self) -> bool {
+        self.shared.has_gaps.swap(false, Ordering::AcqRel)
     }
 }
 
@@ -340,10 +351,8 @@ impl Drop for Pushing<'_> {
             .shared
             .queued
             .store(queued_count(len), Ordering::Release);
-        // Released before the wake-up: the session may run on another worker at once.
-        drop(queue);
         if self.was_empty && len > 0 {
-            hold_or_wake(&self.outbox.shared);
+            hold_or_wake(&self.outbox.shared, queue);
         }
     }
 }
@@ -357,11 +366,15 @@ thread_local! {
     static HELD_WAKES: RefCell<Vec<Arc<Shared>>> = const { RefCell::new(Vec::new()) };
 }
 
-fn hold_or_wake(shared: &Arc<Shared>) {
+/// Wakes the session of a queue that just got its first frame, or holds the wake-up back
+/// for the [`WakeBatch`] being polled on this thread. Takes the queue's lock guard, to take
+/// the waker without locking again.
+fn hold_or_wake(shared: &Arc<Shared>, queue: MutexGuard<'_, Queue>) {
     if HOLDING.get() {
+        drop(queue);
         HELD_WAKES.with_borrow_mut(|held| held.push(Arc::clone(shared)));
     } else {
-        shared.wake();
+        shared.wake_locked(queue);
     }
 }
 
@@ -433,15 +446,6 @@ impl Drop for Restore<'_> {
     }
 }
 
-fn take_gaps(shared: &Shared) -> Vec<Arc<MemberState>> {
-    if !shared.has_gaps.load(Ordering::Acquire) {
-        return Vec::new();
-    }
-    let mut queue = shared.queue();
-    shared.has_gaps.store(false, Ordering::Release);
-    queue.gaps.take()
-}
-
 impl OutboxReceiver {
     /// Ready once something happened since the last time it was ready: frames, a close request
     /// or a gap. Wake-ups that happen while nobody polls are kept, not lost.
@@ -449,7 +453,16 @@ impl OutboxReceiver {
         if self.shared.woken.swap(false, Ordering::AcqRel) {
             return Poll::Ready(());
         }
-        self.shared.waker.register(cx.waker());
+        {
+            let mut queue = self.shared.queue();
+            if !queue
+                .waker
+                .as_ref()
+                .is_some_and(|w| w.will_wake(cx.waker()))
+            {
+                queue.waker = Some(cx.waker().clone());
+            }
+        }
         // Checked again after registering, so a wake in between is not missed.
         if self.shared.woken.swap(false, Ordering::AcqRel) {
             Poll::Ready(())
@@ -537,11 +550,6 @@ impl OutboxReceiver {
     pub fn has_gaps(&self) -> bool {
         self.shared.has_gaps.load(Ordering::Acquire)
     }
-
-    /// Takes the memberships whose gaps must be reported now.
-    pub fn take_gaps(&self) -> Vec<Arc<MemberState>> {
-        take_gaps(&self.shared)
-    }
 }
 
 impl Drop for OutboxReceiver {
@@ -550,6 +558,9 @@ impl Drop for OutboxReceiver {
         self.shared.closed.store(true, Ordering::Relaxed);
         queue.frames = VecDeque::new();
         queue.notices = 0;
+        // Nothing will wake the ended session; its task's memory need not wait for the
+        // outbox's last handle.
+        queue.waker = None;
         self.shared.queued.store(0, Ordering::Release);
     }
 }
@@ -558,12 +569,12 @@ impl Drop for OutboxReceiver {
 mod tests {
     use super::*;
 
-    /// Every connection holds one outbox for its whole life: past 112 bytes (128 with the
-    /// reference counts) it lands in the allocator's next size class, 160 bytes.
+    /// Every connection holds one outbox for its whole life: past 96 bytes (112 with the
+    /// reference counts) it lands in the allocator's next size class, 128 bytes.
     #[test]
-    fn an_outbox_fits_the_128_byte_size_class() {
+    fn an_outbox_fits_the_112_byte_size_class() {
         let size = std::mem::size_of::<Shared>() + 2 * std::mem::size_of::<usize>();
-        assert!(size <= 128, "{size} bytes with the reference counts");
+        assert!(size <= 112, "{size} bytes with the reference counts");
     }
 
     #[tokio::test]

@@ -2,8 +2,7 @@
 
 /// A `Vec` behind an `Option<Box<..>>`: one pointer inline instead of a `Vec`'s three, and no
 /// allocation while empty. For lists that sit in every connection's state and are rarely
-/// used (a connection's non-default memberships, its outbox's gap reports, a membership's
-/// recovery buffer), where 16 bytes per connection decide the allocator's size class.
+/// used (a connection's non-default memberships, a membership's recovery buffer), where 16 bytes per connection decide the allocator's size class.
 #[derive(Debug)]
 #[expect(
     clippy::box_collection,
