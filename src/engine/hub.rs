@@ -56,8 +56,8 @@ pub struct MemberState {
     pub channel: Arc<str>,
     policy: SlowPolicy,
     /// Frames a recovery buffers at most. 32 bits: every subscription has one of these
-    /// states, and it must stay in the allocator's 96-byte size class (see
-    /// `a_membership_fits_the_96_byte_size_class`).
+    /// states, and it must stay in the allocator's 80-byte size class (see
+    /// `a_membership_fits_the_80_byte_size_class`).
     buffer_limit: u32,
     recovering: AtomicBool,
     /// Live frames held back while recovering; one pointer until the first one (a `Vec`

@@ -21,10 +21,10 @@ const WAIT: Duration = Duration::from_secs(5);
 /// tokio's task cell adds 104 bytes to the future it runs (header 32, scheduler handle, task
 /// id and stage tag 24, trailer 48) and the `TaskTracker` 8 more, and rounds up to 128. (It
 /// was 512: the buffers, the parser and the write-delay stamp now live in `Busy`, boxed and
-/// dropped while idle.) The system allocator is asked for 384 bytes per idle connection
-/// instead of 512; mimalloc, the default, serves 128-aligned blocks that are not a power of
-/// two from the next power of two, so there the task still takes 512 until the future fits
-/// in 144 bytes (docs/BENCHMARKS.md, "Idle memory, third pass").
+/// dropped while idle.) The allocator is asked for 384 bytes per idle connection instead of
+/// 512; the binary's allocator (`src/allocator.rs`) serves such 128-aligned blocks at their
+/// exact size, where mimalloc alone would take the next power of two (docs/BENCHMARKS.md,
+/// "Idle memory, fourth pass").
 const SESSION_FUTURE_LIMIT: usize = 384 - 112;
 
 /// Whether writes are held back, the waker of the last held-back write, and whether one
