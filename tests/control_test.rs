@@ -103,12 +103,40 @@ async fn closed_within(ws: &mut Ws, within: Duration) -> Option<u16> {
     tokio::time::timeout(within, wait).await.ok().flatten()
 }
 
-fn prefix() -> String {
-    format!("ctl{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+/// A run's key prefix. What a NATS run created under it is deleted when this is dropped, also
+/// when the test fails: each stream reserves JetStream storage on the shared server, and
+/// leftovers pile up until it refuses new streams.
+struct Prefix {
+    kind: Kind,
+    name: String,
+}
+
+impl std::ops::Deref for Prefix {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Prefix {
+    fn drop(&mut self) {
+        #[cfg(feature = "nats")]
+        if let Kind::Nats = self.kind {
+            delete_nats_prefix(&self.kind.url(), &self.name);
+        }
+    }
+}
+
+fn prefix(kind: Kind) -> Prefix {
+    Prefix {
+        kind,
+        name: format!("ctl{}", &uuid::Uuid::new_v4().simple().to_string()[..10]),
+    }
 }
 
 async fn a_disconnect_reaches_a_node_whose_broker_link_was_down(kind: Kind) {
-    let prefix = prefix();
+    let prefix = prefix(kind);
     let proxy = FaultProxy::start(kind.addr()).await;
     let a = node(kind, kind.url(), &prefix).await;
     let b = node(kind, proxy.url(kind.scheme()), &prefix).await;
@@ -147,7 +175,7 @@ async fn a_disconnect_reaches_a_node_whose_broker_link_was_down(kind: Kind) {
 }
 
 async fn an_idempotency_key_is_honoured_across_nodes(kind: Kind) {
-    let prefix = prefix();
+    let prefix = prefix(kind);
     let a = node(kind, kind.url(), &prefix).await;
     let b = node(kind, kind.url(), &prefix).await;
     let body = json!({"channel":"orders","data":1,"idempotency_key":"order-1"});
