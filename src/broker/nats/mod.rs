@@ -16,7 +16,7 @@
 //!   set to its sequence, and on "wrong last sequence" reads again and retries. A new epoch
 //!   starts only when the subject has no message left (history aged out, or the stream was lost).
 //! - Several publishes of one channel at once ([`Broker::publish_batch`]) are appended back to
-//!   back, each expecting the one before it (predicted sequence and message id), and the acks
+//!   back, each expecting the one before it (its message id), and the acks
 //!   awaited after; the first one's ack is awaited before the others are sent unless the
 //!   channel had the stream to itself last time (then the first also expects the stream's
 //!   last sequence, and a refusal sends the pipeline again that way). Whatever was refused

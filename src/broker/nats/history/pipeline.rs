@@ -5,13 +5,15 @@
 //! before it's sequence before that one's ack, only predict it. Every append but the first
 //! is sent predicting the previous one's sequence (the first's plus one per append: nothing
 //! else was appended in between), and the prediction is made checkable: every append but the
-//! last carries a `Nats-Msg-Id` of its own, and every append but the first expects the
-//! stream's last sequence to be the predicted one (`Nats-Expected-Last-Sequence`) and its last
-//! message id to be the previous append's (`Nats-Expected-Last-Msg-Id`). An append is then
-//! stored only if the one before it was stored, and stored right before it, so its offset and
-//! `Rs-Prev` are right; once one is refused, every later one is refused too. (The later
-//! appends need no subject check: the stream's last message being the append before implies
-//! it.)
+//! last carries a `Nats-Msg-Id` of its own (unique per pipeline), and every append but the
+//! first expects the stream's last message id to be the previous append's
+//! (`Nats-Expected-Last-Msg-Id`; JetStream compares it with the id of the stream's last
+//! message, empty if that one had none). An append is then stored only if the one before it
+//! was stored, and stored right before it, so its sequence is the predicted one and its
+//! offset and `Rs-Prev` are right; once one is refused, every later one is refused too. (So
+//! the later appends need no sequence or subject check: the stream's last message being the
+//! append before implies both. Each header left out is one less to store and to parse on
+//! every node.)
 //!
 //! The first append expects the subject's last message (`Nats-Expected-Last-Subject-Sequence`).
 //! Its own sequence is known in one of two ways:
@@ -58,10 +60,13 @@ enum Chain {
     /// message is that one too (the later appends are sent before its ack, predicting its
     /// sequence).
     First { run: u64, predicted: bool },
-    /// A later one: the stream's last message is the append before it (its predicted
-    /// sequence and its message id). That implies the subject's last message too, so the
-    /// subject check is left out: one header less to store and to deliver to every node.
-    After(u64, String),
+    /// A later one: the stream's last message is the append before it, told by its message
+    /// id (unique, and JetStream's "last message id" is the id of the stream's last message,
+    /// empty when that one had none). That implies its sequence (the one before it was
+    /// stored at a known sequence, by induction from the first) and the subject's last
+    /// message too, so neither is checked: two headers less to store and to deliver to
+    /// every node.
+    After(String),
 }
 
 /// What became of one append of a pipeline.
@@ -281,7 +286,7 @@ impl Inner {
         for (i, request) in (1u64..).zip(&requests[1..]) {
             let prev = base + i - 1;
             let id = (i + 1 < count).then(|| format!("{ids}.{i}"));
-            let expect = Chain::After(prev, std::mem::take(&mut previous));
+            let expect = Chain::After(std::mem::take(&mut previous));
             pending.push(
                 self.send_chained(
                     subject,
@@ -333,8 +338,7 @@ impl Inner {
                     headers.insert(H_RUN, run.to_string());
                 }
             }
-            Chain::After(sequence, message) => {
-                headers.insert(header::NATS_EXPECTED_LAST_SEQUENCE, sequence.to_string());
+            Chain::After(message) => {
                 headers.insert(header::NATS_EXPECTED_LAST_MESSAGE_ID, message.as_str());
             }
         }
