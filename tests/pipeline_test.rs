@@ -43,7 +43,9 @@ impl Kind {
     }
 
     /// How many publishes of a pipeline go alone before the rest are sent back to back
-    /// (NATS sends its first alone: the rest chain to its stream sequence).
+    /// (NATS sends its first alone, the rest chained to its stream sequence, unless the
+    /// channel's previous pipeline found the stream its alone: see
+    /// `nats_sends_a_pipeline_whole_when_its_channel_had_the_stream_alone`).
     fn alone(self) -> usize {
         match self {
             Kind::Redis => 0,
@@ -192,6 +194,63 @@ async fn nats_pipelines_on_a_stream_that_other_channels_write_to() {
     let expected: Vec<String> = (1..=N).map(|n| format!("{marker}{n}")).collect();
     assert_eq!(contents(&mut subscriber, N).await, expected);
     assert_eq!(proxy.held_requests(), N, "none refused and published again");
+    server.stop().await;
+}
+
+/// A pipeline whose channel had the stream to itself last time (the previous pipeline's
+/// first append was stored right after the channel's message before it) predicts that it
+/// still does and sends every append before any answer: the proxy answers none of them
+/// until it has seen all N (one round trip, not two). When the stream has moved on after
+/// all (another channel was written), the prediction is refused, nothing of it is stored,
+/// and the pipeline goes again the usual way: every message stored once, in order.
+#[tokio::test]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
+async fn nats_sends_a_pipeline_whole_when_its_channel_had_the_stream_alone() {
+    const N: usize = 8;
+    let kind = Kind::Nats;
+    let (proxy, server, mut subscriber, mut publisher, marker, _cleanup) = setup(kind).await;
+    let read = |reads: usize| -> (Vec<String>, Vec<String>) {
+        let numbers = reads * N + 1..=(reads + 1) * N;
+        let texts = numbers.clone().map(|n| chat(&marker, n)).collect();
+        (texts, numbers.map(|n| format!("{marker}{n}")).collect())
+    };
+    // After the warm-up (a single publish), the first append goes alone and finds the
+    // stream unmoved.
+    proxy.hold_replies_after(marker.as_bytes(), kind.alone(), N);
+    let (texts, expected) = read(0);
+    send_all(&mut publisher, &texts).await;
+    assert_eq!(contents(&mut subscriber, N).await, expected);
+    // Now every append goes out before any answer.
+    proxy.hold_replies_after(marker.as_bytes(), 0, N);
+    let (texts, expected) = read(1);
+    send_all(&mut publisher, &texts).await;
+    assert_eq!(contents(&mut subscriber, N).await, expected);
+    assert_eq!(
+        proxy.held_requests(),
+        N,
+        "one pipeline, nothing published again"
+    );
+    assert_eq!(
+        errors_until_sentinel(&mut publisher).await,
+        Vec::<Value>::new()
+    );
+    // Another channel moves the stream on: the predicted pipeline is refused whole and sent
+    // again (the proxy holds nothing once it has seen N).
+    let (mut other, _) = v1_client(&server).await;
+    publish(&mut other, "elsewhere", json!("moves the stream on")).await;
+    let (texts, expected) = read(2);
+    send_all(&mut publisher, &texts).await;
+    assert_eq!(contents(&mut subscriber, N).await, expected);
+    assert_eq!(
+        errors_until_sentinel(&mut publisher).await,
+        Vec::<Value>::new()
+    );
+    let stored = history(&mut publisher).await;
+    let offsets: Vec<u64> = stored.iter().map(|(offset, _)| *offset).collect();
+    assert_eq!(offsets, (1..=3 * N as u64 + 1).collect::<Vec<_>>());
+    let contents: Vec<String> = stored.into_iter().skip(1).map(|(_, c)| c).collect();
+    let all: Vec<String> = (1..=3 * N).map(|n| format!("{marker}{n}")).collect();
+    assert_eq!(contents, all, "each stored once, in order");
     server.stop().await;
 }
 

@@ -319,6 +319,22 @@ pub(super) struct Head {
     seq: u64,
     offset: u64,
     epoch: String,
+    /// Whether it was stored right after the channel's message before it (no other
+    /// channel's or node's message in between): the stream was this channel's alone then, so
+    /// the next pipeline predicts that it still is and does not wait for its first ack (see
+    /// `pipeline`). `false` when read from the stream.
+    alone: bool,
+}
+
+impl Head {
+    fn read(last: Stored) -> Self {
+        Self {
+            seq: last.seq,
+            offset: last.offset,
+            epoch: last.epoch,
+            alone: false,
+        }
+    }
 }
 
 enum Append {
@@ -380,11 +396,7 @@ impl Inner {
         for attempt in 0..PUBLISH_ATTEMPTS {
             let last = match head.take() {
                 Some(head) => Some(head),
-                None => self.last(&subject).await?.map(|last| Head {
-                    seq: last.seq,
-                    offset: last.offset,
-                    epoch: last.epoch,
-                }),
+                None => self.last(&subject).await?.map(Head::read),
             };
             let (prev, offset, epoch) = match last {
                 Some(last) => (last.seq, last.offset + 1, last.epoch),
@@ -407,6 +419,7 @@ impl Inner {
                         seq,
                         offset,
                         epoch: epoch.clone(),
+                        alone: prev != 0 && seq == prev + 1,
                     });
                     if offset.is_multiple_of(PURGE_EVERY) {
                         let keep = (request.history.size as u64).saturating_add(PURGE_EVERY);

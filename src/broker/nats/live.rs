@@ -23,9 +23,10 @@ use crate::broker::{BrokerError, ClientInfo, wire};
 use crate::types::StreamPosition;
 
 /// How long a feed holds the first publication of an announced pipeline (`Rs-Run`) for the
-/// rest of it, which its publisher sends right after the first one's ack: one JetStream round
-/// trip, far less than this unless the rest was refused (published again one by one) or the
-/// publisher failed. Bounds the extra wait of those cases.
+/// rest of it, which its publisher sends right behind it (a predicted pipeline) or right after
+/// the first one's ack (one JetStream round trip): far less than this unless the rest was
+/// refused (published again one by one) or the publisher failed. Bounds the extra wait of
+/// those cases.
 const RUN_WAIT: Duration = Duration::from_millis(20);
 
 /// Live delivery of one channel to this node; dropping it stops the task.

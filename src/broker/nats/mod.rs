@@ -16,10 +16,13 @@
 //!   set to its sequence, and on "wrong last sequence" reads again and retries. A new epoch
 //!   starts only when the subject has no message left (history aged out, or the stream was lost).
 //! - Several publishes of one channel at once ([`Broker::publish_batch`]) are appended back to
-//!   back, each expecting the one before it (predicted sequence and message id), and the acks
-//!   awaited after; whatever was refused because something else came in between is published
-//!   again one by one (`history/pipeline.rs`). The first append of such a pipeline carries
-//!   `Rs-Run` (how many it starts), so live delivery can hand the pipeline on in one go.
+//!   back, each expecting the one before it (its message id), and the acks
+//!   awaited after; the first one's ack is awaited before the others are sent unless the
+//!   channel had the stream to itself last time (then the first also expects the stream's
+//!   last sequence, and a refusal sends the pipeline again that way). Whatever was refused
+//!   because something else came in between is published again one by one
+//!   (`history/pipeline.rs`). The first append of such a pipeline carries `Rs-Run` (how many
+//!   it starts), so live delivery can hand the pipeline on in one go.
 //! - Idempotency keys: a keyed publish carries `Nats-Msg-Id` (the channel's token and the
 //!   key), and the stream's duplicate window is `RUSTY_SOCKS_IDEMPOTENCY_WINDOW`; JetStream
 //!   acknowledges a duplicate with the first message's sequence, which is read back for its

@@ -409,6 +409,61 @@ async fn a_pipeline_reaches_every_node_as_one_batch_in_order() {
     }
 }
 
+/// Publishes `from..=to` (each its own number) on `c` as one pipeline; the offsets given.
+async fn pipeline(node: &NatsBroker, c: &str, from: u64, to: u64) -> Vec<u64> {
+    let requests = (from..=to)
+        .map(|n| request(&n.to_string(), 100, 1 << 20))
+        .collect();
+    let published = node.publish_batch(c, requests).await.expect("pipeline");
+    published
+        .into_iter()
+        .map(|p| p.expect("publish").position.offset)
+        .collect()
+}
+
+/// A pipeline sent whole on the prediction that its channel still has the stream alone (its
+/// previous pipeline found so), where the stream moved on meanwhile: by another channel, then
+/// by another node on the same channel. Each time nothing of it is stored twice, offsets
+/// follow on, and `Rs-Prev` still links every publication to the one before it (a short
+/// history read follows it). Every node gets every publication once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
+async fn a_predicted_pipeline_that_finds_the_stream_moved_is_stored_once_in_order() {
+    let options = options(&url());
+    let _cleanup = Cleanup(options.clone());
+    let c = "predicted";
+    let [(a, events_a), (b, events_b)] = subscribed_nodes(&options, c).await;
+    let one = a.publish(c, request("1", 100, 1 << 20)).await;
+    assert_eq!(one.expect("publish").position.offset, 1);
+    // Confirmed (first ack awaited), and found the stream the channel's alone.
+    assert_eq!(pipeline(&a, c, 2, 5).await, [2, 3, 4, 5]);
+    // Predicted, and right.
+    assert_eq!(pipeline(&a, c, 6, 9).await, [6, 7, 8, 9]);
+    a.publish("elsewhere", request("0", 100, 1 << 20))
+        .await
+        .expect("publish elsewhere");
+    // Predicted, refused whole, sent again confirmed.
+    assert_eq!(pipeline(&a, c, 10, 13).await, [10, 11, 12, 13]);
+    assert_eq!(pipeline(&a, c, 14, 17).await, [14, 15, 16, 17]);
+    let by_b = b.publish(c, request("18", 100, 1 << 20)).await;
+    assert_eq!(by_b.expect("publish").position.offset, 18);
+    // Predicted on a head another node moved past: refused, then published one by one.
+    assert_eq!(pipeline(&a, c, 19, 22).await, [19, 20, 21, 22]);
+    let page = b.history(c, Some(6), 16).await.expect("history");
+    assert_eq!(offsets(&page), (7..=22).collect::<Vec<_>>());
+    let data: Vec<String> = page
+        .publications
+        .iter()
+        .map(|p| p.data.get().to_owned())
+        .collect();
+    let numbers: Vec<String> = (7..=22).map(|n: u64| n.to_string()).collect();
+    assert_eq!(data, numbers, "each stored once, in order");
+    let expected: Vec<Event> = (1..=22).map(|n| Event::Publication(c.into(), n)).collect();
+    for events in [&events_a, &events_b] {
+        assert_eq!(publications(events, c, 22).await, expected);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
 async fn an_announced_pipeline_that_never_completes_is_not_waited_for_long() {

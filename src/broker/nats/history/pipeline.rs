@@ -1,32 +1,51 @@
 //! Several publishes on one channel sent to JetStream back to back, then the acks awaited.
 //!
-//! Each append follows the subject's previous message (its `Rs-Prev`), whose stream sequence JetStream assigns across every channel of the stream: an append
-//! cannot know the one before it's sequence before that one's ack. So the first append goes
-//! alone, expecting the subject's last message (`Nats-Expected-Last-Subject-Sequence`), and
-//! its ack is awaited (on a stream that other channels write to, its sequence
-//! could not be predicted); the others are sent back to back, each predicting the previous
-//! one's sequence (the first's plus one per append: nothing else was appended in between),
-//! and the prediction is made checkable: every append but the last carries a `Nats-Msg-Id`
-//! of its own, and every append but the first expects the stream's last sequence to be the
-//! predicted one (`Nats-Expected-Last-Sequence`) and its last message id to be the previous
-//! append's (`Nats-Expected-Last-Msg-Id`). An append is then stored only if the one before
-//! it was stored, and stored right before it, so its offset and `Rs-Prev` are right; once
-//! one is refused, every later one is refused too. The refused ones (anything else was
-//! appended meanwhile: another channel, another node) are published again one by one, in
-//! order, as [`Inner::publish`] does, so contention costs round trips, never order or
-//! offsets. A pipeline of `n` therefore takes two round trips, not `n`. (The later appends
-//! need no subject check: the stream's last message being the append before implies it.)
+//! Each append follows the subject's previous message (its `Rs-Prev`), whose stream sequence
+//! JetStream assigns across every channel of the stream: an append cannot know the one
+//! before it's sequence before that one's ack, only predict it. Every append but the first
+//! is sent predicting the previous one's sequence (the first's plus one per append: nothing
+//! else was appended in between), and the prediction is made checkable: every append but the
+//! last carries a `Nats-Msg-Id` of its own (unique per pipeline), and every append but the
+//! first expects the stream's last message id to be the previous append's
+//! (`Nats-Expected-Last-Msg-Id`; JetStream compares it with the id of the stream's last
+//! message, empty if that one had none). An append is then stored only if the one before it
+//! was stored, and stored right before it, so its sequence is the predicted one and its
+//! offset and `Rs-Prev` are right; once one is refused, every later one is refused too. (So
+//! the later appends need no sequence or subject check: the stream's last message being the
+//! append before implies both. Each header left out is one less to store and to parse on
+//! every node.)
+//!
+//! The first append expects the subject's last message (`Nats-Expected-Last-Subject-Sequence`).
+//! Its own sequence is known in one of two ways:
+//!
+//! - **Predicted** (one round trip): when the channel's previous pipeline or publish from
+//!   this node was stored right after the channel's message before it (nothing else of the
+//!   stream in between: `Head::alone`), the stream is taken to still end with that
+//!   message: the first append also expects it as the stream's last
+//!   (`Nats-Expected-Last-Sequence`), so it lands right after it, and every append goes out
+//!   at once. If the stream moved on (another channel or node appended meanwhile), the first
+//!   is refused, so is everything after it, nothing was stored, and the pipeline goes again
+//!   confirmed: a round trip lost, never order or offsets. A confirmed pipeline whose first
+//!   append lands right after the head makes the next one predicted again, so on a stream
+//!   other channels keep writing to most pipelines are confirmed and few predictions fail.
+//! - **Confirmed** (two round trips): the first goes alone and its ack is awaited; the others
+//!   chain to its real sequence.
+//!
+//! Appends refused for any other reason (anything else appended in the middle of the
+//! pipeline) are published again one by one, in order, as [`Inner::publish`] does, so
+//! contention costs round trips, never order or offsets.
 //!
 //! The first append carries `Rs-Run: n`, so every node's feed that receives it holds it
-//! until the other `n - 1` have arrived (a round trip later), at most `RUN_WAIT`, and
-//! delivers the pipeline to its subscribers as one batch instead of as the first and then
-//! the rest.
+//! until the other `n - 1` have arrived (right behind it, or a round trip later), at most
+//! `RUN_WAIT`, and delivers the pipeline to its subscribers as one batch instead of as the
+//! first and then the rest.
 //!
 //! The ids live in the stream's duplicate window (`RUSTY_SOCKS_IDEMPOTENCY_WINDOW`) like
 //! idempotency keys; a pipeline of `n` messages stores `n - 1` of them.
 
 use async_nats::header;
 use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
+use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
 
 use super::{Encoded, H_RUN, HEADS_MAX, Head, PURGE_EVERY, headers};
@@ -37,12 +56,17 @@ use crate::types::StreamPosition;
 /// What one append of a pipeline expects JetStream to find before storing it.
 enum Chain {
     /// The first: the subject's last message is the one it follows. It announces the
-    /// pipeline's size (`Rs-Run`) when that is more than one.
-    First { run: u64 },
-    /// A later one: the stream's last message is the append before it (its predicted
-    /// sequence and its message id). That implies the subject's last message too, so the
-    /// subject check is left out: one header less to store and to deliver to every node.
-    After(u64, String),
+    /// pipeline's size (`Rs-Run`) when that is more than one. `predicted`: the stream's last
+    /// message is that one too (the later appends are sent before its ack, predicting its
+    /// sequence).
+    First { run: u64, predicted: bool },
+    /// A later one: the stream's last message is the append before it, told by its message
+    /// id (unique, and JetStream's "last message id" is the id of the stream's last message,
+    /// empty when that one had none). That implies its sequence (the one before it was
+    /// stored at a known sequence, by induction from the first) and the subject's last
+    /// message too, so neither is checked: two headers less to store and to deliver to
+    /// every node.
+    After(String),
 }
 
 /// What became of one append of a pipeline.
@@ -129,73 +153,41 @@ impl Inner {
         let last = match head.take() {
             Some(head) => head,
             None => match self.last(&subject).await? {
-                Some(last) => Head {
-                    seq: last.seq,
-                    offset: last.offset,
-                    epoch: last.epoch,
-                },
+                Some(last) => Head::read(last),
                 None => return Ok(None),
             },
         };
-        let ids = uuid::Uuid::new_v4().simple().to_string();
-        let count = requests.len() as u64;
-        let mut encoded = Encoded::default();
-        // The first goes alone and its ack is awaited: the stream's sequence is shared by
-        // every channel, so the first one's can only be predicted while nothing else is
-        // appended, and on a busy stream it rarely is. The others chain to its real one.
-        let first_id = format!("{ids}.0");
-        let first = self
-            .send_chained(
-                &subject,
-                &last,
-                0,
-                last.seq,
-                Chain::First { run: count },
-                (count > 1).then_some(first_id.as_str()),
-                &requests[0],
-                &mut encoded,
-            )
-            .await;
-        let first = match first {
-            Ok(ack) => ack.await,
-            Err(err) => Err(err),
-        };
-        let mut sent = Vec::with_capacity(requests.len());
-        if let Ok(ack) = &first {
-            let base = ack.sequence;
-            // Each append's id is what the next one expects: formatted once.
-            let mut previous = first_id;
-            for (i, request) in (1u64..).zip(&requests[1..]) {
-                let prev = base + i - 1;
-                let id = (i + 1 < count).then(|| format!("{ids}.{i}"));
-                let expect = Chain::After(prev, std::mem::take(&mut previous));
-                sent.push(
-                    self.send_chained(
-                        &subject,
-                        &last,
-                        i,
-                        prev,
-                        expect,
-                        id.as_deref(),
-                        request,
-                        &mut encoded,
-                    )
-                    .await,
-                );
-                previous = id.unwrap_or_default();
+        let mut predicted = None;
+        if last.alone {
+            let acks = self.send_all(&subject, &last, requests, true).await;
+            // Refused at the first append: then every later one was refused too (each
+            // expects the one before it), nothing was stored, and the pipeline starts again
+            // waiting for its first ack, which tells whether the stream is ours alone again.
+            let moved = matches!(acks.first(), Some(Err(err)) if refused(err));
+            if moved {
+                tracing::trace!(channel, "NATS pipeline: the stream moved on; confirming");
+            } else {
+                predicted = Some(acks);
             }
         }
-        let sent = std::iter::once(Ok(first)).chain(sent.into_iter().map(Err));
+        let (acks, alone) = match predicted {
+            // Stored at all means stored right after `last`.
+            Some(acks) => (acks, true),
+            None => {
+                let acks = self.send_all(&subject, &last, requests, false).await;
+                let next = last.seq + 1;
+                let alone = matches!(acks.first(), Some(Ok(ack)) if ack.sequence == next);
+                (acks, alone)
+            }
+        };
         let mut outcomes = Vec::with_capacity(requests.len());
         // The head after the pipeline, if every append was stored (else read again next time).
-        let mut new_head = Some(last.clone());
+        let mut new_head = Some(Head {
+            alone,
+            ..last.clone()
+        });
         let mut purge = false;
-        for (i, sent) in (0u64..).zip(sent) {
-            let acked = match sent {
-                Ok(first) => first,
-                Err(Ok(ack)) => ack.await,
-                Err(Err(err)) => Err(err),
-            };
+        for (i, acked) in (0u64..).zip(acks) {
             let offset = last.offset + 1 + i;
             outcomes.push(match acked {
                 Ok(ack) => {
@@ -233,6 +225,92 @@ impl Inner {
         Ok(Some(outcomes))
     }
 
+    /// Sends the pipeline after `last` and reads its acks, in order; fewer acks than
+    /// requests if the first was not stored and the rest were therefore not sent.
+    ///
+    /// `predicted`: the first append's stream sequence is taken to be `last.seq + 1` (the
+    /// stream's last message is still `last`, which its first append makes JetStream check),
+    /// so every append goes out at once: one round trip. Otherwise the first goes alone and
+    /// its ack is awaited, and the others chain to its real sequence: two round trips.
+    async fn send_all(
+        &self,
+        subject: &str,
+        last: &Head,
+        requests: &[PublishRequest],
+        predicted: bool,
+    ) -> Vec<Result<PublishAck, PublishError>> {
+        let ids = uuid::Uuid::new_v4().simple().to_string();
+        let count = requests.len() as u64;
+        let mut encoded = Encoded::default();
+        let mut acks = Vec::with_capacity(requests.len());
+        let first_id = format!("{ids}.0");
+        let first = self
+            .send_chained(
+                subject,
+                last,
+                0,
+                last.seq,
+                Chain::First {
+                    run: count,
+                    predicted,
+                },
+                (count > 1).then_some(first_id.as_str()),
+                &requests[0],
+                &mut encoded,
+            )
+            .await;
+        let mut pending = Vec::with_capacity(requests.len());
+        let base = match first {
+            Ok(ack) if predicted => {
+                pending.push(Ok(ack));
+                last.seq + 1
+            }
+            Ok(ack) => match ack.await {
+                Ok(ack) => {
+                    let base = ack.sequence;
+                    acks.push(Ok(ack));
+                    base
+                }
+                Err(err) => {
+                    acks.push(Err(err));
+                    return acks;
+                }
+            },
+            Err(err) => {
+                acks.push(Err(err));
+                return acks;
+            }
+        };
+        // Each append's id is what the next one expects: formatted once.
+        let mut previous = first_id;
+        for (i, request) in (1u64..).zip(&requests[1..]) {
+            let prev = base + i - 1;
+            let id = (i + 1 < count).then(|| format!("{ids}.{i}"));
+            let expect = Chain::After(std::mem::take(&mut previous));
+            pending.push(
+                self.send_chained(
+                    subject,
+                    last,
+                    i,
+                    prev,
+                    expect,
+                    id.as_deref(),
+                    request,
+                    &mut encoded,
+                )
+                .await,
+            );
+            previous = id.unwrap_or_default();
+        }
+        for sent in pending {
+            acks.push(match sent {
+                Ok(ack) => ack.await,
+                Err(err) => Err(err),
+            });
+        }
+        acks
+    }
+
     /// Sends the `i`-th append of a pipeline after `last` (`prev`: the stream sequence it
     /// follows); `expect`: what the stream must end with, `id`: its own message id (see the
     /// module docs).
@@ -250,17 +328,17 @@ impl Inner {
     ) -> Result<PublishAckFuture, PublishError> {
         let mut headers = headers(&last.epoch, last.offset + 1 + i, prev, request, encoded);
         match expect {
-            Chain::First { run } => {
-                headers.insert(
-                    header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-                    prev.to_string(),
-                );
+            Chain::First { run, predicted } => {
+                let prev = prev.to_string();
+                if predicted {
+                    headers.insert(header::NATS_EXPECTED_LAST_SEQUENCE, prev.as_str());
+                }
+                headers.insert(header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, prev);
                 if run > 1 {
                     headers.insert(H_RUN, run.to_string());
                 }
             }
-            Chain::After(sequence, message) => {
-                headers.insert(header::NATS_EXPECTED_LAST_SEQUENCE, sequence.to_string());
+            Chain::After(message) => {
                 headers.insert(header::NATS_EXPECTED_LAST_MESSAGE_ID, message.as_str());
             }
         }
