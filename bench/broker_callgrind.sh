@@ -19,20 +19,21 @@ SUBSCRIBERS=${SUBSCRIBERS:-200}
 MESSAGES=${MESSAGES:-300}
 PORT=${PORT:-9580}
 if [ $# -gt 0 ]; then BROKERS=("$@"); else BROKERS=(memory redis://127.0.0.1:6379 nats://127.0.0.1:4222); fi
+. bench/nats_clean.sh
 OUT=$(mktemp -d)
 PID=
 trap '[ -z "$PID" ] || kill "$PID" 2>/dev/null; rm -rf "$OUT"' EXIT
 
 # Runs one node under callgrind with `messages` published; prints its instruction count.
 measure() { # broker messages
-  local log="$OUT/cg.$RANDOM"
+  local log="$OUT/cg.$RANDOM" prefix="cg$$r$RANDOM"
   if curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null 2>&1; then
     echo "port $PORT is taken" >&2; exit 1
   fi
   RUSTY_SOCKS_HOST=127.0.0.1 RUSTY_SOCKS_PORT=$PORT RUSTY_SOCKS_THREAD_POOL_SIZE=1 \
     RUSTY_SOCKS_MAX_CONN=20000 RUSTY_SOCKS_MAX_QUEUED_TASKS=20000 RUSTY_SOCKS_MAX_CONN_PER_IP=0 \
     RUSTY_SOCKS_BROKER="$1" \
-    RUSTY_SOCKS_BROKER_PREFIX="cg$$r$RANDOM" RUST_LOG=warn RUSTY_SOCKS_BROKER_TIMEOUT=30 \
+    RUSTY_SOCKS_BROKER_PREFIX="$prefix" RUST_LOG=warn RUSTY_SOCKS_BROKER_TIMEOUT=30 \
     valgrind --tool=callgrind --callgrind-out-file="$log" "$SERVER_BINARY" >/dev/null 2>&1 &
   PID=$!
   for _ in $(seq 1 300); do
@@ -45,6 +46,7 @@ measure() { # broker messages
   kill -TERM "$PID"
   wait "$PID" || true
   PID=
+  nats_delete_prefix "$1" "$prefix"
   grep '^summary:' "$log" | awk '{print $2}'
 }
 

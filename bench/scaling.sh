@@ -19,6 +19,8 @@ MESSAGES=${MESSAGES:-2000}
 PUBLISHERS=${PUBLISHERS:-1}
 if [ $# -gt 0 ]; then BROKERS=("$@"); else BROKERS=(memory redis://127.0.0.1:6379 nats://127.0.0.1:4222); fi
 
+. bench/nats_clean.sh
+
 PIDS=()
 stop_all() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
@@ -56,5 +58,6 @@ for broker in "${BROKERS[@]}"; do
       --subscribers "$SUBSCRIBERS" --publishers "$PUBLISHERS" --messages "$MESSAGES" --timeout 120 | grep '^RESULT' \
       || echo "RESULT failed"
     stop_all
+    nats_delete_prefix "$broker" "$prefix"
   done
 done

@@ -15,9 +15,13 @@
 //! 2. **Idle memory back to the system.** mimalloc returns freed pages to the OS lazily, from
 //!    inside later allocations; a server that goes quiet after a wave of handshakes (each one
 //!    a few KiB of HTTP buffers, freed after the upgrade) makes none, so those pages stay
-//!    resident. [`worker_idle`] runs when a worker thread is about to sleep and, at most once a
-//!    second per thread, asks mimalloc to collect that thread's heap, which frees pages whose
-//!    blocks are all free and returns those that have been free for a while.
+//!    resident. [`worker_parks`] runs when a worker thread is about to sleep and, at most once
+//!    a second per thread, asks mimalloc to collect that thread's heap: it frees pages whose
+//!    blocks are all free and returns those that have been free for a while. When the
+//!    thread's previous sleep was long (a quiet server), the collection is forced: it also
+//!    visits full pages and returns every free page of every arena at once, ignoring
+//!    mimalloc's purge delay. That walks the whole heap, which a busy server should not pay
+//!    between bursts ([`worker_unparks`] measures the sleeps).
 //!
 //! The only module with `unsafe` code: a global allocator cannot be written without it.
 //! Everything else in the crate denies it (tests/layers_test.rs checks that no other file
@@ -40,6 +44,8 @@ const MAX_POOLED: usize = 1024;
 const CHUNK: usize = 64 * 1024;
 /// How often a worker that goes idle asks mimalloc to return memory, at most.
 const COLLECT_EVERY: Duration = Duration::from_secs(1);
+/// A sleep at least this long means a quiet server: the next collection is forced.
+const QUIET: Duration = Duration::from_millis(250);
 
 /// mimalloc, with 128-aligned blocks of 384, 640, 768 and 896 bytes served from [`Pools`].
 pub struct Allocator;
@@ -65,14 +71,21 @@ struct Pool {
     end: usize,
 }
 
+/// A pool's lock on a cache line pair of its own, so that workers taking blocks of different
+/// sizes do not bounce one line between cores.
+#[repr(align(128))]
+struct Padded(Mutex<Pool>);
+
 /// One pool per multiple of [`ALIGN`] up to [`MAX_POOLED`] (index `size / ALIGN`; the powers
-/// of two and 0 stay unused).
-static POOLS: [Mutex<Pool>; MAX_POOLED / ALIGN + 1] = [const {
-    Mutex::new(Pool {
+/// of two and 0 stay unused). One lock per size for all threads: taken once per task spawned
+/// and once per task ended (not per message), and a new chunk (one allocation from mimalloc
+/// per 170 sessions) is taken under it.
+static POOLS: [Padded; MAX_POOLED / ALIGN + 1] = [const {
+    Padded(Mutex::new(Pool {
         free: 0,
         next: 0,
         end: 0,
-    })
+    }))
 }; MAX_POOLED / ALIGN + 1];
 
 impl Pool {
@@ -115,6 +128,7 @@ impl Pool {
 
 fn pool(size: usize) -> std::sync::MutexGuard<'static, Pool> {
     POOLS[size / ALIGN]
+        .0
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
 }
@@ -179,28 +193,61 @@ unsafe impl GlobalAlloc for Allocator {
     }
 }
 
-thread_local! {
+/// A worker thread's sleeps, as its park and unpark hooks see them.
+#[derive(Clone, Copy)]
+struct Sleeps {
+    /// When the current (or last) sleep began.
+    parked_at: Option<Instant>,
+    /// How long the last finished sleep lasted.
+    last: Duration,
     /// When this thread last asked mimalloc to collect.
-    static COLLECTED: Cell<Option<Instant>> = const { Cell::new(None) };
+    collected_at: Option<Instant>,
+}
+
+thread_local! {
+    static SLEEPS: Cell<Sleeps> = const {
+        Cell::new(Sleeps {
+            parked_at: None,
+            last: Duration::ZERO,
+            collected_at: None,
+        })
+    };
 }
 
 /// Called by each worker thread as it is about to sleep (tokio's `on_thread_park`): at most
 /// once per [`COLLECT_EVERY`], collect this thread's heap so that pages freed since return to
-/// the system. Cheap when it does nothing (a clock read); a busy worker parks between bursts
-/// and so still collects about once a second.
-pub fn worker_idle() {
+/// the system, forced when its last sleep lasted [`QUIET`] or more. Returns whether it
+/// collected, and whether forced. Cheap when it does nothing (a clock read); a busy worker
+/// parks between bursts and so still collects (unforced) about once a second.
+pub fn worker_parks() -> Option<bool> {
     let now = Instant::now();
-    let due = COLLECTED.with(|last| match last.get() {
-        Some(at) if now.duration_since(at) < COLLECT_EVERY => false,
-        _ => {
-            last.set(Some(now));
-            true
-        }
-    });
+    let mut sleeps = SLEEPS.get();
+    sleeps.parked_at = Some(now);
+    let due = sleeps
+        .collected_at
+        .is_none_or(|at| now.duration_since(at) >= COLLECT_EVERY);
+    let force = sleeps.last >= QUIET;
     if due {
-        // SAFETY: `mi_collect` takes no pointers; it walks this thread's own heap.
-        unsafe { libmimalloc_sys::mi_collect(true) };
+        sleeps.collected_at = Some(now);
     }
+    SLEEPS.set(sleeps);
+    if !due {
+        return None;
+    }
+    // SAFETY: `mi_collect` takes no pointers; it walks this thread's heap (and, forced, every
+    // arena's free pages).
+    unsafe { libmimalloc_sys::mi_collect(force) };
+    Some(force)
+}
+
+/// Called by each worker thread as it wakes (tokio's `on_thread_unpark`): notes how long it
+/// slept, which decides whether its next collection is forced.
+pub fn worker_unparks() {
+    let mut sleeps = SLEEPS.get();
+    if let Some(at) = sleeps.parked_at {
+        sleeps.last = at.elapsed();
+    }
+    SLEEPS.set(sleeps);
 }
 
 #[cfg(test)]
@@ -313,10 +360,36 @@ mod tests {
     }
 
     #[test]
-    fn worker_idle_collects_at_most_once_a_second() {
-        worker_idle();
-        let first = COLLECTED.with(Cell::get).unwrap();
-        worker_idle();
-        assert_eq!(COLLECTED.with(Cell::get), Some(first));
+    fn a_worker_collects_at_most_once_a_second_and_forces_only_after_a_long_sleep() {
+        // A fresh thread: its own record of sleeps.
+        std::thread::spawn(|| {
+            assert_eq!(
+                worker_parks(),
+                Some(false),
+                "first park: collects, not forced"
+            );
+            worker_unparks();
+            assert_eq!(worker_parks(), None, "again within the second: nothing");
+            worker_unparks();
+            // A long sleep, then a park once the second has passed: forced.
+            let mut sleeps = SLEEPS.get();
+            sleeps.parked_at = sleeps.parked_at.map(|at| at - QUIET);
+            sleeps.collected_at = sleeps.collected_at.map(|at| at - COLLECT_EVERY);
+            SLEEPS.set(sleeps);
+            worker_unparks();
+            assert_eq!(worker_parks(), Some(true), "after a quiet sleep: forced");
+            // A short sleep: the next due collection is not forced.
+            worker_unparks();
+            let mut sleeps = SLEEPS.get();
+            sleeps.collected_at = sleeps.collected_at.map(|at| at - COLLECT_EVERY);
+            SLEEPS.set(sleeps);
+            assert_eq!(
+                worker_parks(),
+                Some(false),
+                "after a short sleep: not forced"
+            );
+        })
+        .join()
+        .unwrap();
     }
 }

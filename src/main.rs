@@ -76,7 +76,11 @@ fn main() -> ExitCode {
     // A worker about to sleep hands memory freed since back to the system (at most once a
     // second): a quiet server keeps only what its connections hold.
     #[cfg(feature = "mimalloc")]
-    builder.on_thread_park(allocator::worker_idle);
+    builder
+        .on_thread_park(|| {
+            allocator::worker_parks();
+        })
+        .on_thread_unpark(allocator::worker_unparks);
     let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(err) => {

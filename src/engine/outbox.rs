@@ -298,6 +298,11 @@ impl Outbox {
 
 /// An outbox's queue, locked for a run of pushes ([`Outbox::pushing`]). The length the
 /// session reads without the lock is updated, and the session woken, when it is dropped.
+///
+/// While it is alive, nothing may call another method of the same outbox: `close`, `tick`,
+/// `report_gap` and every wake-up take the queue's lock (the session's waker lives under it),
+/// and a second lock on the same queue would deadlock. The hub drops it before applying a
+/// slow-client policy (`deliver_run`).
 #[derive(Debug)]
 pub struct Pushing<'a> {
     outbox: &'a Outbox,

@@ -752,8 +752,14 @@ where
     }
 }
 
-/// Messages handled between two yields to the scheduler.
-const MESSAGES_PER_YIELD: u64 = 16;
+/// Messages handled between two yields to the scheduler. Also the most a read's legacy chat
+/// messages (or v1 publishes) are published together as one pipeline, and so how many
+/// publications a subscriber's wake carries from a flooding publisher. 64 rather than 16
+/// (issue 19, 2026-12-03, docs/BENCHMARKS.md "Idle memory, fourth pass"): 1.5-1.8x the
+/// enveloping peer's deliveries per CPU-second instead of 1.4-1.6x, and through NATS, where a
+/// pipeline costs one broker round trip, 40 % more. A slice of 64 messages still takes well
+/// under a millisecond of the worker, and no outbox (1,024 frames by default) fills in one.
+const MESSAGES_PER_YIELD: u64 = 64;
 
 /// Each message may fan out to many outboxes. Yielding every few messages makes a client that
 /// pipelines thousands of them share its worker thread, so the sessions it feeds get to drain
