@@ -43,7 +43,7 @@ const IDLE: usize = 2000;
 /// The most one idle legacy `/ws` connection may add to the server's RSS in the test build:
 /// with mimalloc (the default allocator) the issue's 1 KiB. Connected one at a time, this
 /// measures 741-751 B (2026-12-03: the session task carved at its exact 384 bytes, a 112-byte
-/// outbox, the welcome's buffers given back at once; release builds measure 894-915 B with
+/// outbox, the welcome's buffers given back at once; release builds measure 894-959 B with
 /// `loadgen connect`, 200 handshakes at a time, see docs/BENCHMARKS.md, "Idle memory, fourth
 /// pass"). It was 1,173 B before that pass, 1,210-1,260 B before the third. On the system
 /// allocator (`--no-default-features`) about 1,370 B were measured before the third pass. A
