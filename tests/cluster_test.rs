@@ -65,6 +65,11 @@ impl Node {
             .env("RUSTY_SOCKS_PRESENCE_TTL", PRESENCE_TTL.to_string())
             .env("RUSTY_SOCKS_NAMESPACES", NAMESPACES)
             .env("RUSTY_SOCKS_HISTORY_BYTES", HISTORY_BYTES)
+            // Queues (and recovery buffers) for 8,192 frames instead of 1,024: publishers here
+            // run flat out (a NATS pipeline takes one round trip since 2026-12-03), and a test
+            // client that is not scheduled for a moment on a loaded CI machine must not be
+            // closed as a slow consumer (4001) in tests about ordering and recovery.
+            .env("RUSTY_SOCKS_BUFFER", "8192")
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
