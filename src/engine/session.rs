@@ -755,7 +755,7 @@ where
 /// Messages handled between two yields to the scheduler. Also the most a read's legacy chat
 /// messages (or v1 publishes) are published together as one pipeline, and so how many
 /// publications a subscriber's wake carries from a flooding publisher. 64 rather than 16
-/// (issue 19, 2026-12-03, docs/BENCHMARKS.md "Idle memory, fourth pass"): 1.5-1.8x the
+/// (issue 19, docs/BENCHMARKS.md "Issue 19 on a quiet machine, 2026-12-03"): 1.6-1.8x the
 /// enveloping peer's deliveries per CPU-second instead of 1.4-1.6x, and through NATS, where a
 /// pipeline costs one broker round trip, 40 % more. A slice of 64 messages still takes well
 /// under a millisecond of the worker, and no outbox (1,024 frames by default) fills in one.
