@@ -8,6 +8,9 @@
 #   cachesim   the same with callgrind's cache simulation: first-level and last-level data
 #              cache misses per delivery (a model of a cache, not this CPU's; for A/B and for
 #              how cost grows with the number of subscribers).
+#   perf       where the CPU time goes, user and kernel (`perf record -e cpu-clock`, sampled at
+#              4 kHz on the server running at full speed; `perf report -i OUT.data` for more):
+#              the top symbols with their share and nanoseconds per delivery.
 #   syscalls   system calls and context switches per delivery, and CPU time, on the server
 #              running at full speed (`perf stat` software events and syscall tracepoints,
 #              which work without hardware counters): where two workers contend it shows up
@@ -23,7 +26,7 @@
 # Fixed port 9500 like the other bench scripts: run it under `flock /tmp/bench.lock`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODE=${1:?usage: bench/profile.sh callgrind|cachesim|syscalls [SUBSCRIBERS] [MESSAGES] [DIALECT] [THREADS] [BINARY]}
+MODE=${1:?usage: bench/profile.sh callgrind|cachesim|perf|syscalls [SUBSCRIBERS] [MESSAGES] [DIALECT] [THREADS] [BINARY]}
 SUBSCRIBERS=${2:-1000}
 MESSAGES=${3:-2000}
 DIALECT=${4:-legacy}
@@ -45,16 +48,22 @@ case "$MODE" in
     BEFORE="callgrind_control -i on $SERVER_PID >/dev/null"
     AFTER="callgrind_control -d $SERVER_PID >/dev/null"
     ;;
+  perf)
+    taskset -c "$([ "$THREADS" -gt 1 ] && echo 0,1 || echo 1)" "$BINARY" >/dev/null 2>"$OUT.log" &
+    SERVER_PID=$!
+    BEFORE="perf record -q -e cpu-clock -F 4000 ${PERF_RECORD_ARGS:-} -p $SERVER_PID -o $OUT.data >/dev/null 2>&1 & echo \$! > $OUT.perfpid; sleep 0.5; cat /proc/$SERVER_PID/stat > $OUT.stat0"
+    AFTER="cat /proc/$SERVER_PID/stat > $OUT.stat1; kill -INT \$(cat $OUT.perfpid); while kill -0 \$(cat $OUT.perfpid) 2>/dev/null; do sleep 0.1; done"
+    ;;
   syscalls)
     # One worker on CPU 1 (the generator has CPU 0); more share both CPUs with the generator.
     taskset -c "$([ "$THREADS" -gt 1 ] && echo 0,1 || echo 1)" "$BINARY" >/dev/null 2>"$OUT.log" &
     SERVER_PID=$!
-    EVENTS=task-clock,context-switches,syscalls:sys_enter_futex,syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read
+    EVENTS=${EVENTS:-task-clock,context-switches,syscalls:sys_enter_futex,syscalls:sys_enter_write,syscalls:sys_enter_writev,syscalls:sys_enter_sendto,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_recvfrom,syscalls:sys_enter_read}
     # /proc/PID/stat before and after splits the CPU time into user and system (kernel) time.
     BEFORE="perf stat -x, -e $EVENTS -p $SERVER_PID -o $OUT.perf & echo \$! > $OUT.perfpid; sleep 0.5; cat /proc/$SERVER_PID/stat > $OUT.stat0"
     AFTER="cat /proc/$SERVER_PID/stat > $OUT.stat1; kill -INT \$(cat $OUT.perfpid); while kill -0 \$(cat $OUT.perfpid) 2>/dev/null; do sleep 0.1; done"
     ;;
-  *) echo "MODE must be callgrind, cachesim or syscalls, got $MODE" >&2; exit 2 ;;
+  *) echo "MODE must be callgrind, cachesim, perf or syscalls, got $MODE" >&2; exit 2 ;;
 esac
 stop() { kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; }
 trap stop EXIT
@@ -80,6 +89,15 @@ case "$MODE" in
     [ "$MODE" = cachesim ] && awk -v d="$delivered" -v d1=$((d1r + d1w)) -v ll=$((dlr + dlw)) \
       'BEGIN { printf " d1_misses_per_delivery=%.2f ll_misses_per_delivery=%.2f", d1 / d, ll / d }'
     echo " profile=$OUT.1"
+    ;;
+  perf)
+    read -r u0 s0 < <(awk '{print $14, $15}' "$OUT.stat0")
+    read -r u1 s1 < <(awk '{print $14, $15}' "$OUT.stat1")
+    cpu_ns=$(awk -v d="$delivered" -v t=$((u1 - u0 + s1 - s0)) -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.0f", t * 1e9 / hz / d }')
+    echo "cpu_ns_per_delivery=$cpu_ns profile=$OUT.data"
+    # Share of samples per symbol ([k] kernel, [.] user), and what that is per delivery.
+    perf report -i "$OUT.data" --no-children --sort dso,sym --percent-limit 0.7 --stdio 2>/dev/null |
+      awk -v ns="$cpu_ns" '$1 ~ /%$/ { p = $1; sub(/%/, "", p); $1 = ""; printf "%6.2f%% %6.1f ns %s\n", p, p * ns / 100, $0 }'
     ;;
   syscalls)
     # perf -x, lines: value,unit,event,...; task-clock is in milliseconds.

@@ -525,6 +525,43 @@ impl OutboxReceiver {
         (count as u64, queue.since)
     }
 
+    /// Moves queued frames, shared and uncopied, to the back of `out` while it holds less
+    /// than `room` bytes (at least one frame if any is queued); returns how many frames were
+    /// moved, since when the oldest of them waited ([`clock::stamp_us`]) and their bytes as
+    /// this connection sends them (`deflate`). For a transport that writes them with one
+    /// vectored write: no per-connection copy of every frame, and none of the memory such
+    /// copies take while a slow client's socket is full.
+    pub fn drain_frames(
+        &self,
+        out: &mut VecDeque<SharedFrame>,
+        room: usize,
+        deflate: Option<Deflate>,
+    ) -> (u64, u32, usize) {
+        if self.shared.queued.load(Ordering::Acquire) == 0 {
+            return (0, 0, 0);
+        }
+        let mut queue = self.shared.queue();
+        let queue = &mut *queue;
+        let mut count = 0;
+        let mut bytes = 0;
+        for queued in &queue.frames {
+            if count > 0 && bytes >= room {
+                break;
+            }
+            bytes += queued.frame.for_connection(deflate).len();
+            count += 1;
+        }
+        out.reserve(count);
+        for queued in queue.frames.drain(..count) {
+            queue.notices -= u32::from(queued.notice);
+            out.push_back(queued.frame);
+        }
+        self.shared
+            .queued
+            .store(queued_count(queue.frames.len()), Ordering::Release);
+        (count as u64, queue.since, bytes)
+    }
+
     /// Gives back the queue's memory if it is empty. The session calls this on its heartbeat
     /// tick: a busy connection keeps its slots (no allocation per batch of pushes), an idle
     /// one holds none within a second.

@@ -24,6 +24,7 @@ use crate::ws::deflate::{self, Deflate};
 use crate::ws::frame::{OpCode, encode_into};
 use crate::ws::reader::{Incoming, MessageReader};
 use crate::ws::transport::{READ_CHUNK, Transport, reserve_for_read};
+use output::Frames;
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -273,8 +274,10 @@ impl<H: Handler> SessionParts<H> {
 struct Busy {
     /// Bytes read and not yet parsed.
     rbuf: BytesMut,
-    /// Frames waiting for the socket.
+    /// Frames waiting for the socket, behind [`Busy::frames`].
     wbuf: BytesMut,
+    /// Outbox frames waiting for the socket, uncopied, ahead of `wbuf`.
+    frames: Frames,
     /// The state that spans frames (a fragmented message).
     parser: MessageReader,
     /// When the oldest frame in the write buffer was queued (a
@@ -288,6 +291,7 @@ impl Busy {
     fn is_idle(&self) -> bool {
         self.rbuf.is_empty()
             && self.wbuf.is_empty()
+            && self.frames.is_empty()
             && self.batch_since == 0
             && self.parser.between_messages()
     }
@@ -300,6 +304,7 @@ fn busy<'a>(slot: &'a mut Option<Box<Busy>>, config: &SessionConfig) -> &'a mut 
         Box::new(Busy {
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
+            frames: Frames::default(),
             parser: MessageReader::with_deflate(config.max_message(), config.deflate.is_some()),
             batch_since: 0,
         })
@@ -315,11 +320,10 @@ fn replies_in<'a>(slot: &'a mut Option<Box<Busy>>, config: &SessionConfig) -> Re
     }
 }
 
-/// Bytes waiting for the socket, if any.
-fn pending_write(slot: &Option<Box<Busy>>) -> Option<&BytesMut> {
+/// The [`Busy`] state, if it has bytes waiting for the socket.
+fn pending_write(slot: &Option<Box<Busy>>) -> Option<&Busy> {
     slot.as_deref()
-        .map(|busy| &busy.wbuf)
-        .filter(|wbuf| !wbuf.is_empty())
+        .filter(|busy| !busy.wbuf.is_empty() || !busy.frames.is_empty())
 }
 
 /// Everything one session task owns.
@@ -467,9 +471,12 @@ where
                     }
                     self.take_from_outbox();
                     // Answer right away when the socket takes it, without another turn.
-                    if let Some(wbuf) = pending_write(&self.busy) {
-                        let io = &self.io;
-                        match std::future::poll_fn(|cx| io.poll_write(cx, wbuf)).now_or_never() {
+                    if let Some(busy) = pending_write(&self.busy) {
+                        let (io, deflate) = (&self.io, self.config.deflate);
+                        let write = std::future::poll_fn(|cx| {
+                            output::poll_write(io, cx, &busy.frames, &busy.wbuf, deflate)
+                        });
+                        match write.now_or_never() {
                             Some(Ok(0) | Err(_)) => return End::Gone,
                             Some(Ok(n)) => self.wrote(n),
                             None => {}
@@ -521,9 +528,9 @@ where
         }
     }
 
-    /// Bytes in the write buffer.
+    /// Bytes waiting for the socket.
     fn write_waiting(&self) -> usize {
-        pending_write(&self.busy).map_or(0, BytesMut::len)
+        pending_write(&self.busy).map_or(0, |busy| busy.wbuf.len() + busy.frames.len())
     }
 
     /// On the heartbeat tick: small buffers stay while a connection is busy (no allocation
@@ -539,6 +546,7 @@ where
         if busy.wbuf.is_empty() {
             busy.wbuf = BytesMut::new();
         }
+        busy.frames.release();
         if !pending_input && busy.is_idle() {
             self.busy = None;
         }
@@ -611,7 +619,14 @@ where
             let polled = match turn.wrapping_add(source) % 4 {
                 0 => self.outbox.poll_woken(cx).map(|()| Event::Woken),
                 1 => match pending_write(&self.busy) {
-                    Some(wbuf) => self.io.poll_write(cx, wbuf).map(Event::Written),
+                    Some(busy) => output::poll_write(
+                        &self.io,
+                        cx,
+                        &busy.frames,
+                        &busy.wbuf,
+                        self.config.deflate,
+                    )
+                    .map(Event::Written),
                     None => Poll::Pending,
                 },
                 // TLS may hold the last records it took when the socket was full; nothing else
@@ -634,16 +649,17 @@ where
     fn wrote(&mut self, n: usize) {
         let stats = self.guards.stats();
         let busy = busy(&mut self.busy, &self.config);
-        busy.wbuf.advance(n);
+        output::advance(&mut busy.frames, &mut busy.wbuf, n, self.config.deflate);
         stats.add_bytes_out(n);
-        if busy.wbuf.is_empty() && busy.batch_since != 0 {
+        let nothing_waits = busy.wbuf.is_empty() && busy.frames.is_empty();
+        if nothing_waits && busy.batch_since != 0 {
             stats.observe_write_delay(busy.batch_since);
             busy.batch_since = 0;
         }
         if busy.wbuf.is_empty() && busy.wbuf.capacity() > KEEP_BUFFER {
             busy.wbuf = BytesMut::new();
         }
-        if busy.wbuf.len() < WRITE_HIGH_WATER {
+        if busy.wbuf.len() + busy.frames.len() < WRITE_HIGH_WATER {
             self.take_from_outbox();
         }
     }
@@ -657,9 +673,14 @@ where
         }
         let stats = self.guards.stats();
         let busy = busy(&mut self.busy, &self.config);
-        let (taken, since) =
-            self.outbox
-                .drain_into(&mut busy.wbuf, WRITE_HIGH_WATER, self.config.deflate);
+        let deflate = self.config.deflate;
+        // Uncopied while nothing of the session's own waits behind them (see `output`).
+        let (taken, since) = if busy.wbuf.is_empty() && self.io.writes_vectored() {
+            busy.frames.take(&self.outbox, WRITE_HIGH_WATER, deflate)
+        } else {
+            let room = WRITE_HIGH_WATER.saturating_sub(busy.frames.len());
+            self.outbox.drain_into(&mut busy.wbuf, room, deflate)
+        };
         stats.add_out(taken);
         if taken > 0 && busy.batch_since == 0 {
             busy.batch_since = since;
@@ -688,6 +709,7 @@ where
             wbuf,
             parser,
             batch_since,
+            ..
         } = busy(&mut self.busy, &self.config);
         let frames_before = parser.frames();
         let mut replies = Replies {
@@ -771,6 +793,7 @@ async fn yield_every(handled: u64) {
 }
 
 mod closing;
+mod output;
 
 #[cfg(test)]
 mod tests;

@@ -6,7 +6,7 @@
 //! one socket serves reads and writes at once without being split into two halves (which would
 //! cost every connection a shared allocation).
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll, ready};
@@ -29,6 +29,24 @@ pub trait Transport: Send + Unpin + 'static {
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes some of `buf`, waiting for the socket to accept it.
     fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>>;
+    /// Whether [`Transport::poll_write_vectored`] writes several slices in one system call.
+    /// When it does, the session writes shared frames straight from the outbox instead of
+    /// copying them into a buffer of its own first.
+    fn writes_vectored(&self) -> bool {
+        false
+    }
+    /// Writes some of `bufs`, in order, waiting for the socket to accept it. By default the
+    /// first non-empty slice only.
+    fn poll_write_vectored(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match bufs.iter().find(|b| !b.is_empty()) {
+            Some(buf) => self.poll_write(cx, buf),
+            None => Poll::Ready(Ok(0)),
+        }
+    }
     /// Whether bytes that `poll_write` accepted may still wait in a buffer of the transport's
     /// own (TLS records the socket had no room for). Nothing wakes a caller for them once its
     /// own buffer is empty, so it must call [`Transport::poll_flush`] while this is true.
@@ -61,6 +79,24 @@ impl Transport for TcpStream {
         loop {
             ready!(self.poll_write_ready(cx))?;
             match self.try_write(buf) {
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn writes_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_write_vectored(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.poll_write_ready(cx))?;
+            match self.try_write_vectored(bufs) {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
                 other => return Poll::Ready(other),
             }

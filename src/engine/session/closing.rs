@@ -41,8 +41,14 @@ where
         }
         let stats = self.guards.stats();
         let Busy {
-            rbuf, wbuf, parser, ..
+            rbuf,
+            wbuf,
+            frames,
+            parser,
+            ..
         } = busy(&mut self.busy, &self.config);
+        // Closing writes one buffer: the uncopied frames that still wait go in front of it.
+        frames.flatten_into(wbuf, self.config.deflate);
         let code = match end {
             End::Gone => return,
             End::ClientClosed(code) => {
