@@ -29,11 +29,16 @@ pub trait Transport: Send + Unpin + 'static {
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes some of `buf`, waiting for the socket to accept it.
     fn poll_write(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>>;
-    /// Whether [`Transport::poll_write_vectored`] writes several slices in one system call.
-    /// When it does, the session writes shared frames straight from the outbox instead of
-    /// copying them into a buffer of its own first.
+    /// Whether [`Transport::poll_write_vectored`] writes several slices in one system call
+    /// and [`Transport::poll_write_ready`] really waits. When so, the session keeps outbox
+    /// frames shared until the moment it writes them, instead of copying each into a buffer
+    /// of its own as it takes it from the outbox.
     fn writes_vectored(&self) -> bool {
         false
+    }
+    /// Ready when the socket may take bytes. By default at once (the write itself waits).
+    fn poll_write_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
     /// Writes some of `bufs`, in order, waiting for the socket to accept it. By default the
     /// first non-empty slice only.
@@ -87,6 +92,10 @@ impl Transport for TcpStream {
 
     fn writes_vectored(&self) -> bool {
         true
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_write_ready(self, cx)
     }
 
     fn poll_write_vectored(

@@ -12,9 +12,10 @@
 //! here only while the write buffer is empty; once it holds something, later outbox frames are
 //! copied in behind it, as they were before.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
 
@@ -22,9 +23,23 @@ use crate::engine::outbox::OutboxReceiver;
 use crate::ws::deflate::{Deflate, SharedFrame};
 use crate::ws::transport::Transport;
 
-/// Most slices one write hands the kernel (Linux accepts up to 1,024). A burst's write
-/// carries about 150-250 frames; a longer queue takes a few calls.
+/// Most slices one write hands the kernel (Linux accepts up to 1,024).
 const MAX_SLICES: usize = 256;
+/// Frames this large on average go to the kernel as they are, one slice each (`writev`).
+/// Smaller ones are gathered into the worker's scratch buffer first: the kernel copies a
+/// short slice several times slower than a long one (71-92 ns per 171-byte frame measured,
+/// against 21-23 ns for the same bytes in one piece), while copying them into a buffer that
+/// stays in cache costs a few nanoseconds.
+const GATHER_BELOW: usize = 1024;
+/// The most one gathered write carries. A burst's write carries 150-250 small frames,
+/// 30-50 KB; the scratch buffer stays in the worker's cache.
+const SCRATCH: usize = 64 * 1024;
+
+thread_local! {
+    /// Each worker's scratch buffer for gathered writes (see [`GATHER_BELOW`]): one per
+    /// thread, not one per connection, and only for the length of one write.
+    static SCRATCH_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Outbox frames waiting for the socket, in order, uncopied.
 #[derive(Debug, Default)]
@@ -125,6 +140,16 @@ pub(super) fn poll_write<T: Transport>(
     if frames.is_empty() {
         return io.poll_write(cx, wbuf);
     }
+    if frames.bytes < GATHER_BELOW.saturating_mul(frames.queue.len()) {
+        // Gathered only once the socket can take them: a socket that is full costs no copy.
+        ready!(io.poll_write_ready(cx))?;
+        return SCRATCH_BUF.with_borrow_mut(|scratch| {
+            scratch.clear();
+            scratch.reserve(SCRATCH);
+            gather(frames, wbuf, deflate, scratch);
+            io.poll_write(cx, scratch)
+        });
+    }
     let mut slices = [IoSlice::new(&[]); MAX_SLICES];
     let mut n = 0;
     for (slot, frame) in slices.iter_mut().zip(&frames.queue) {
@@ -141,6 +166,26 @@ pub(super) fn poll_write<T: Transport>(
         n += 1;
     }
     io.poll_write_vectored(cx, &slices[..n])
+}
+
+/// Copies what waits, in order, into `out` until it holds [`SCRATCH`] bytes.
+fn gather(frames: &Frames, wbuf: &BytesMut, deflate: Option<Deflate>, out: &mut Vec<u8>) {
+    let rest = frames.queue.iter().enumerate().map(|(i, frame)| {
+        let bytes = frame.for_connection(deflate);
+        if i == 0 {
+            &bytes[frames.written..]
+        } else {
+            bytes
+        }
+    });
+    for bytes in rest.chain(std::iter::once(&wbuf[..])) {
+        let room = SCRATCH.saturating_sub(out.len());
+        if bytes.len() >= room {
+            out.extend_from_slice(&bytes[..room]);
+            return;
+        }
+        out.extend_from_slice(bytes);
+    }
 }
 
 /// Accounts for `n` bytes that [`poll_write`] wrote.
@@ -285,6 +330,43 @@ mod tests {
         frames.take(&rx, usize::MAX, None);
         let mut wbuf = BytesMut::from(&b"end"[..]);
         expected.extend_from_slice(b"end");
+        assert_eq!(write_all(&mut frames, &mut wbuf, usize::MAX), expected);
+    }
+
+    #[test]
+    fn large_frames_go_out_as_slices_and_arrive_whole() {
+        let texts: Vec<String> = (b'a'..b'f')
+            .map(|c| char::from(c).to_string().repeat(GATHER_BELOW + 7))
+            .collect();
+        let mut expected = texts.concat().into_bytes();
+        expected.extend_from_slice(b"tail");
+        for per_call in [usize::MAX, 1000, 3] {
+            let (outbox, rx) = Outbox::new(uuid::Uuid::new_v4(), 64);
+            for text in &texts {
+                let _ = outbox.try_push(frame(text));
+            }
+            let mut frames = Frames::default();
+            frames.take(&rx, usize::MAX, None);
+            let mut wbuf = BytesMut::from(&b"tail"[..]);
+            assert_eq!(write_all(&mut frames, &mut wbuf, per_call), expected);
+        }
+    }
+
+    #[test]
+    fn more_than_the_scratch_buffer_takes_several_gathered_writes() {
+        let (outbox, rx) = Outbox::new(uuid::Uuid::new_v4(), 4096);
+        let mut expected = Vec::new();
+        let mut i = 0;
+        while expected.len() < 3 * SCRATCH {
+            let text = format!("[{i:0>100}]");
+            expected.extend_from_slice(text.as_bytes());
+            let _ = outbox.try_push(frame(&text));
+            i += 1;
+        }
+        let mut frames = Frames::default();
+        frames.take(&rx, usize::MAX, None);
+        let mut wbuf = BytesMut::from(&b"!"[..]);
+        expected.push(b'!');
         assert_eq!(write_all(&mut frames, &mut wbuf, usize::MAX), expected);
     }
 
