@@ -2,8 +2,8 @@
 //!
 //! Everything a connection does happens in one loop waiting on its socket halves and one
 //! wake-up (frames queued, close requested, heartbeat tick, shutdown), so there is no second
-//! task and no timer per connection. Frames waiting for the socket are copied into one contiguous write buffer and
-//! written with as few syscalls as the kernel allows; reading pauses while that buffer is over
+//! task and no timer per connection. Frames waiting for the socket stay shared until written
+//! (`output`), with as few syscalls as the kernel allows; reading pauses while what waits is over
 //! its high mark, which is what bounds the memory of a client that sends but never reads.
 //! While idle, a session holds neither a read nor a write buffer.
 

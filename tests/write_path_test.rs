@@ -1,0 +1,78 @@
+//! The session's write path over a real socket that fills up: frames stay shared until the
+//! socket takes them (small ones gathered into one write, large ones written as slices), and
+//! a write the kernel takes only part of must resume exactly where it stopped.
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+/// Content of the `i`-th message: small, large, or alternating, by phase, so that every
+/// write path (gathered, sliced, and the switch between them) meets a full socket.
+fn content(i: usize) -> String {
+    let len = match i / 300 {
+        0 => 10 + i % 50,               // small frames: gathered
+        1 => 3_000 + (i * 37) % 9_000,  // large frames: written as slices
+        _ if i.is_multiple_of(2) => 20, // alternating
+        _ => 6_000 + i % 1_000,
+    };
+    let stamp = format!("<{i}>");
+    let fill = char::from(b'a' + (i % 26) as u8);
+    format!(
+        "{stamp}{}",
+        fill.to_string().repeat(len - stamp.len().min(len))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_pauses_reading_gets_every_frame_whole_and_in_order() {
+    const MESSAGES: usize = 1_200;
+    let server = TestServer::start(|c| {
+        c.buffer = 4 * MESSAGES;
+    })
+    .await;
+    let mut subscriber = RawClient::connect(server.addr, "/ws").await;
+    // A small receive window: the server's writes stop part-way through frames long before
+    // the test reads anything.
+    socket2::SockRef::from(&subscriber.stream)
+        .set_recv_buffer_size(32 * 1024)
+        .expect("SO_RCVBUF");
+    let (_, welcome) = subscriber.read_frame().await.expect("welcome");
+    let welcome: Value = serde_json::from_slice(&welcome).expect("welcome JSON");
+    assert_eq!(welcome["type"], "Connect", "{welcome}");
+
+    let (mut publisher, _) = join(&server).await;
+    let mut sent_bytes = 0;
+    for i in 0..MESSAGES {
+        let text = json!({"sender": "p", "content": content(i)}).to_string();
+        sent_bytes += text.len();
+        send_text(&mut publisher, &text).await;
+    }
+    // All of it is queued or in flight while the subscriber reads nothing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        sent_bytes > 4_000_000,
+        "{sent_bytes} bytes: more than the socket holds"
+    );
+
+    let mut next = 0;
+    while next < MESSAGES {
+        let (opcode, payload) = subscriber.read_frame().await.expect("a frame, not EOF");
+        if opcode != 0x1 {
+            continue; // pings
+        }
+        let chat: Value = serde_json::from_slice(&payload)
+            .unwrap_or_else(|e| panic!("frame {next} is not whole JSON ({e}): {payload:?}"));
+        if chat["type"] != "Chat" {
+            continue;
+        }
+        assert_eq!(
+            chat["content"],
+            content(next),
+            "message {next} intact, in order"
+        );
+        next += 1;
+    }
+    server.stop().await;
+}
