@@ -22,9 +22,9 @@ use crate::types::clock::now_us;
 use crate::ws::close::CloseCode;
 use crate::ws::deflate::{self, Deflate};
 use crate::ws::frame::{OpCode, encode_into};
-use crate::ws::reader::{Incoming, MessageReader};
+use crate::ws::reader::Incoming;
 use crate::ws::transport::{READ_CHUNK, Transport, reserve_for_read};
-use output::Frames;
+use busy::{Busy, busy, pending_write, replies_in};
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -177,7 +177,7 @@ pub trait Handler: Send {
 enum Event {
     /// The outbox woke the session: frames, a close request, a tick or gaps.
     Woken,
-    /// The socket took bytes of the write buffer.
+    /// The socket took bytes of what waits (frames, then the write buffer).
     Written(std::io::Result<usize>),
     /// TLS flushed the records it held.
     Flushed(std::io::Result<()>),
@@ -263,67 +263,6 @@ impl<H: Handler> SessionParts<H> {
             guards: parts.guards,
         }
     }
-}
-
-/// What a session holds only while it has something to do: its buffers, the parser's state
-/// between frames, the write-delay stamp. Allocated for the welcome, when bytes arrive, when
-/// frames are queued or a tick has something to send, and for closing; dropped on the
-/// heartbeat tick once all of it is empty and no input is pending, so an idle connection's
-/// task carries one pointer for it instead of 104 bytes (which put every idle connection's
-/// task in the next 128-byte size class).
-struct Busy {
-    /// Bytes read and not yet parsed.
-    rbuf: BytesMut,
-    /// Frames waiting for the socket, behind [`Busy::frames`].
-    wbuf: BytesMut,
-    /// Outbox frames waiting for the socket, uncopied, ahead of `wbuf`.
-    frames: Frames,
-    /// The state that spans frames (a fragmented message).
-    parser: MessageReader,
-    /// When the oldest frame in the write buffer was queued (a
-    /// [`stamp_us`](crate::types::clock::stamp_us); 0: none), for the queue-to-socket
-    /// latency histogram.
-    batch_since: u32,
-}
-
-impl Busy {
-    /// Whether dropping this loses nothing: a fresh one is the same.
-    fn is_idle(&self) -> bool {
-        self.rbuf.is_empty()
-            && self.wbuf.is_empty()
-            && self.frames.is_empty()
-            && self.batch_since == 0
-            && self.parser.between_messages()
-    }
-}
-
-/// The session's [`Busy`] state, made when first needed. A function of the two fields rather
-/// than a method, so the handler and the outbox stay borrowable beside it.
-fn busy<'a>(slot: &'a mut Option<Box<Busy>>, config: &SessionConfig) -> &'a mut Busy {
-    slot.get_or_insert_with(|| {
-        Box::new(Busy {
-            rbuf: BytesMut::new(),
-            wbuf: BytesMut::new(),
-            frames: Frames::default(),
-            parser: MessageReader::with_deflate(config.max_message(), config.deflate.is_some()),
-            batch_since: 0,
-        })
-    })
-}
-
-/// Replies into the write buffer.
-fn replies_in<'a>(slot: &'a mut Option<Box<Busy>>, config: &SessionConfig) -> Replies<'a> {
-    Replies {
-        buf: &mut busy(slot, config).wbuf,
-        count: 0,
-        deflate: config.deflate,
-    }
-}
-
-/// The [`Busy`] state, if it has bytes waiting for the socket.
-fn pending_write(slot: &Option<Box<Busy>>) -> Option<&Busy> {
-    slot.as_deref()
-        .filter(|busy| !busy.wbuf.is_empty() || !busy.frames.is_empty())
 }
 
 /// Everything one session task owns.
@@ -664,7 +603,8 @@ where
         }
     }
 
-    /// Moves queued frames into the write buffer up to its high mark, then reports gaps once
+    /// Takes queued frames up to the high mark (uncopied while the write buffer is empty, else
+    /// copied in behind it; see `output`), then reports gaps once
     /// the outbox is empty, so a gap notice follows everything queued before it. Makes no
     /// [`Busy`] state for an empty outbox.
     fn take_from_outbox(&mut self) {
@@ -709,7 +649,7 @@ where
             wbuf,
             parser,
             batch_since,
-            ..
+            frames,
         } = busy(&mut self.busy, &self.config);
         let frames_before = parser.frames();
         let mut replies = Replies {
@@ -723,7 +663,7 @@ where
         // (released when this returns, before a yield, and whenever a handler waits).
         let mut wakes = WakeBatch::default();
         let outcome = loop {
-            if replies.buf.len() >= WRITE_HIGH_WATER {
+            if replies.buf.len() + frames.len() >= WRITE_HIGH_WATER {
                 break (None, true);
             }
             let message = match parser.next(rbuf) {
@@ -792,6 +732,7 @@ async fn yield_every(handled: u64) {
     }
 }
 
+mod busy;
 mod closing;
 mod output;
 
