@@ -9,7 +9,8 @@ use common::*;
 use serde_json::{Value, json};
 
 /// Content of the `i`-th message: small, large, or alternating, by phase, so that every
-/// write path (gathered, sliced, and the switch between them) meets a full socket.
+/// write path (gathered, sliced, and the switch between them) runs, most of the stream
+/// against a socket that is full.
 fn content(i: usize) -> String {
     let len = match i / 300 {
         0 => 10 + i % 50,               // small frames: gathered
@@ -73,6 +74,41 @@ async fn a_client_that_pauses_reading_gets_every_frame_whole_and_in_order() {
             "message {next} intact, in order"
         );
         next += 1;
+    }
+    server.stop().await;
+}
+
+/// Frames the session holds uncopied go out before its own replies only when they were queued
+/// before them: a `published` reply is written before the publication it announces, which
+/// reaches the publisher (a subscriber of its channel) only after its publish was handled.
+#[tokio::test]
+async fn a_reply_is_never_overtaken_by_frames_queued_after_it() {
+    let server = TestServer::start(|_| {}).await;
+    let (mut client, _) = v1_client(&server).await;
+    subscribe(&mut client, "c").await;
+    const PUBLISHES: u64 = 50;
+    for i in 0..PUBLISHES {
+        let command = json!({"type": "publish", "id": i, "channel": "c", "data": {"i": i}});
+        send_text(&mut client, &command.to_string()).await;
+    }
+    let mut replied = std::collections::HashSet::new();
+    let mut published = 0;
+    while published < PUBLISHES || replied.len() < PUBLISHES as usize {
+        let frame = recv_json(&mut client).await;
+        match frame["type"].as_str() {
+            Some("published") => {
+                replied.insert(frame["offset"].as_u64().expect("offset"));
+            }
+            Some("publication") => {
+                let offset = frame["offset"].as_u64().expect("offset");
+                assert!(
+                    replied.contains(&offset),
+                    "publication {offset} arrived before the reply that announced it"
+                );
+                published += 1;
+            }
+            _ => panic!("unexpected frame {frame}"),
+        }
     }
     server.stop().await;
 }

@@ -51,6 +51,19 @@ pub const NOTICE_QUEUE_LIMIT: usize = 64;
 
 /// One queued frame; `notice` marks a join/leave/`Disconnect` notice, which may be dropped
 /// to make room (see [`Outbox::try_push_notice`]).
+/// What [`OutboxReceiver::drain_frames`] moved.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Drained {
+    /// Frames moved.
+    pub count: u64,
+    /// When the oldest of them was queued ([`clock::stamp_us`]).
+    pub since: u32,
+    /// Their bytes as the connection sends them.
+    pub sent: usize,
+    /// The bytes they keep alive: the plain frames.
+    pub held: usize,
+}
+
 #[derive(Debug)]
 struct Queued {
     frame: SharedFrame,
@@ -525,30 +538,32 @@ impl OutboxReceiver {
         (count as u64, queue.since)
     }
 
-    /// Moves queued frames, shared and uncopied, to the back of `out` while it holds less
-    /// than `room` bytes (at least one frame if any is queued); returns how many frames were
-    /// moved, since when the oldest of them waited ([`clock::stamp_us`]) and their bytes as
-    /// this connection sends them (`deflate`). For a transport that writes them with one
-    /// vectored write: no per-connection copy of every frame, and none of the memory such
-    /// copies take while a slow client's socket is full.
+    /// Moves queued frames, shared and uncopied, to the back of `out` until their frames
+    /// hold `room` bytes (at least one frame if any is queued); returns how many frames were
+    /// moved, since when the oldest of them waited ([`clock::stamp_us`]), their bytes as this
+    /// connection sends them (`deflate`), and the bytes they keep alive (the plain frames,
+    /// which a compressed one keeps too): a slow client is bounded by what it keeps, not by
+    /// what its frames compress to. For a transport that writes them without copying each
+    /// into a buffer of the connection's own (see `session/output.rs`).
     pub fn drain_frames(
         &self,
         out: &mut VecDeque<SharedFrame>,
         room: usize,
         deflate: Option<Deflate>,
-    ) -> (u64, u32, usize) {
+    ) -> Drained {
+        let mut drained = Drained::default();
         if self.shared.queued.load(Ordering::Acquire) == 0 {
-            return (0, 0, 0);
+            return drained;
         }
         let mut queue = self.shared.queue();
         let queue = &mut *queue;
         let mut count = 0;
-        let mut bytes = 0;
         for queued in &queue.frames {
-            if count > 0 && bytes >= room {
+            if count > 0 && drained.held >= room {
                 break;
             }
-            bytes += queued.frame.for_connection(deflate).len();
+            drained.sent += queued.frame.for_connection(deflate).len();
+            drained.held += queued.frame.plain().len();
             count += 1;
         }
         out.reserve(count);
@@ -559,7 +574,9 @@ impl OutboxReceiver {
         self.shared
             .queued
             .store(queued_count(queue.frames.len()), Ordering::Release);
-        (count as u64, queue.since, bytes)
+        drained.count = count as u64;
+        drained.since = queue.since;
+        drained
     }
 
     /// Gives back the queue's memory if it is empty. The session calls this on its heartbeat
