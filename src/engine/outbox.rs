@@ -49,8 +49,6 @@ const SIGNAL_CODES: [CloseCode; 8] = [
 /// queue per connection.
 pub const NOTICE_QUEUE_LIMIT: usize = 64;
 
-/// One queued frame; `notice` marks a join/leave/`Disconnect` notice, which may be dropped
-/// to make room (see [`Outbox::try_push_notice`]).
 /// What [`OutboxReceiver::drain_frames`] moved.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Drained {
@@ -64,6 +62,8 @@ pub struct Drained {
     pub held: usize,
 }
 
+/// One queued frame; `notice` marks a join/leave/`Disconnect` notice, which may be dropped
+/// to make room (see [`Outbox::try_push_notice`]).
 #[derive(Debug)]
 struct Queued {
     frame: SharedFrame,
