@@ -106,6 +106,19 @@ impl Frames {
         n
     }
 
+    /// What is left to write of each frame, in order: the first from where the last write
+    /// stopped, the others whole.
+    fn unwritten(&self, deflate: Option<Deflate>) -> impl Iterator<Item = &[u8]> {
+        self.queue.iter().enumerate().map(move |(i, frame)| {
+            let bytes = frame.for_connection(deflate);
+            if i == 0 {
+                &bytes[self.written..]
+            } else {
+                bytes
+            }
+        })
+    }
+
     /// Gives back the queue's slots once it is empty.
     pub(super) fn release(&mut self) {
         if self.queue.is_empty() && self.queue.capacity() > 0 {
@@ -120,16 +133,12 @@ impl Frames {
             return;
         }
         let mut all = BytesMut::with_capacity(self.bytes + wbuf.len());
-        for (i, frame) in self.queue.drain(..).enumerate() {
-            let bytes = frame.for_connection(deflate);
-            all.extend_from_slice(if i == 0 {
-                &bytes[self.written..]
-            } else {
-                bytes
-            });
+        for bytes in self.unwritten(deflate) {
+            all.extend_from_slice(bytes);
         }
         all.extend_from_slice(wbuf);
         *wbuf = all;
+        self.queue.clear();
         self.written = 0;
         self.bytes = 0;
         self.held = 0;
@@ -159,13 +168,8 @@ pub(super) fn poll_write<T: Transport>(
     }
     let mut slices = [IoSlice::new(&[]); MAX_SLICES];
     let mut n = 0;
-    for (slot, frame) in slices.iter_mut().zip(&frames.queue) {
-        let bytes = frame.for_connection(deflate);
-        *slot = IoSlice::new(if n == 0 {
-            &bytes[frames.written..]
-        } else {
-            bytes
-        });
+    for (slot, bytes) in slices.iter_mut().zip(frames.unwritten(deflate)) {
+        *slot = IoSlice::new(bytes);
         n += 1;
     }
     if n < MAX_SLICES && !wbuf.is_empty() {
@@ -177,14 +181,7 @@ pub(super) fn poll_write<T: Transport>(
 
 /// Copies what waits, in order, into `out` until it holds [`SCRATCH`] bytes.
 fn gather(frames: &Frames, wbuf: &BytesMut, deflate: Option<Deflate>, out: &mut Vec<u8>) {
-    let rest = frames.queue.iter().enumerate().map(|(i, frame)| {
-        let bytes = frame.for_connection(deflate);
-        if i == 0 {
-            &bytes[frames.written..]
-        } else {
-            bytes
-        }
-    });
+    let rest = frames.unwritten(deflate);
     for bytes in rest.chain(std::iter::once(&wbuf[..])) {
         let room = SCRATCH.saturating_sub(out.len());
         if bytes.len() >= room {
