@@ -42,7 +42,7 @@ start_node() { # broker port prefix
 }
 
 for broker in "${BROKERS[@]}"; do
-  max=3
+  max=${MAX_NODES:-3}
   if [ "$broker" = memory ]; then max=1; fi
   for nodes in $(seq 1 $max); do
     prefix="scale$$n$nodes"

@@ -26,6 +26,9 @@ use crate::types::ClientId;
 use crate::types::thin_list::ThinList;
 use crate::ws::close::CloseCode;
 use crate::ws::deflate::SharedFrame;
+use runs::Runs;
+
+mod runs;
 
 const SHARDS: usize = 64;
 
@@ -522,6 +525,7 @@ impl Hub {
         let Some(entry) = shard.get(channel) else {
             return delivery;
         };
+        let mut runs = Runs::new(batch, &frames, entry.members.len());
         for member in &entry.members {
             let id = member.outbox.id();
             let state = &member.state;
@@ -532,7 +536,7 @@ impl Hub {
                         delivery.count(deliver_one(member, Some(outgoing.place), frame));
                     }
                 }
-            } else {
+            } else if !runs.deliver(member, id, &mut delivery) {
                 deliver_run(member, id, batch, &frames, &mut delivery);
             }
         }

@@ -93,9 +93,10 @@ struct Shared {
     /// allocator's 112-byte size class; at 152 it took 160).
     capacity: u32,
     queue: Mutex<Queue>,
-    /// Frames queued, kept beside the queue so the session's frequent "anything queued?" checks
-    /// need no lock. Updated under the queue's lock; a push that races a zero read wakes the
-    /// session anyway.
+    /// Frames queued (a run counts its frames: see [`Pushing::push_run`]), kept beside the
+    /// queue so the session's frequent "anything queued?" checks need no lock. Written under
+    /// the queue's lock, where it is the queue's length against `capacity`; a push that races
+    /// a zero read wakes the session anyway.
     queued: AtomicU32,
     /// Set when the session should look: a frame arrived in an empty queue, a close was
     /// requested, or a gap was reported. The task to wake is `Queue::waker`.
@@ -131,6 +132,11 @@ impl Shared {
         if let Some(waker) = waker {
             waker.wake();
         }
+    }
+
+    /// Frames queued; only meaningful under the queue's lock (see `Shared::queued`).
+    fn len(&self) -> usize {
+        self.queued.load(Ordering::Relaxed) as usize
     }
 
     /// Whether the session is gone; only meaningful under the queue's lock, which orders it.
@@ -223,6 +229,7 @@ impl Outbox {
         let was_empty = queue.frames.is_empty();
         Pushing {
             outbox: self,
+            len: self.shared.len(),
             queue: Some(queue),
             was_empty,
         }
@@ -238,7 +245,7 @@ impl Outbox {
         if self.shared.is_closed() {
             return Push::Closed;
         }
-        if queue.frames.len() >= (self.shared.capacity as usize / 2).clamp(1, NOTICE_QUEUE_LIMIT) {
+        if self.shared.len() >= (self.shared.capacity as usize / 2).clamp(1, NOTICE_QUEUE_LIMIT) {
             return Push::NoticeDropped;
         }
         self.push_locked(queue, frame.into(), true);
@@ -254,7 +261,7 @@ impl Outbox {
         }
         self.shared
             .queued
-            .store(queued_count(queue.frames.len()), Ordering::Release);
+            .store(queued_count(self.shared.len() + 1), Ordering::Release);
         if first {
             // A non-empty queue is drained until empty, so only this transition needs a wake.
             hold_or_wake(&self.shared, queue);
@@ -319,6 +326,8 @@ impl Outbox {
 #[derive(Debug)]
 pub struct Pushing<'a> {
     outbox: &'a Outbox,
+    /// Frames queued, as pushes go (stored in `Shared::queued` when dropped).
+    len: usize,
     /// Always `Some` until dropped (taken then, to release the lock before the wake-up).
     queue: Option<MutexGuard<'a, Queue>>,
     was_empty: bool,
@@ -334,7 +343,7 @@ impl Pushing<'_> {
             return Push::Closed;
         }
         let mut pushed = Push::Queued;
-        if queue.frames.len() >= self.outbox.shared.capacity as usize {
+        if self.len >= self.outbox.shared.capacity as usize {
             let oldest = if queue.notices > 0 {
                 queue.frames.iter().position(|q| q.notice)
             } else {
@@ -343,6 +352,7 @@ impl Pushing<'_> {
             match oldest.and_then(|i| queue.frames.remove(i)) {
                 Some(_) => {
                     queue.notices -= 1;
+                    self.len -= 1;
                     pushed = Push::QueuedOverNotice;
                 }
                 None => return Push::Full,
@@ -355,7 +365,34 @@ impl Pushing<'_> {
             frame,
             notice: false,
         });
+        self.len += 1;
         pushed
+    }
+
+    /// Queues a run of publications ([`SharedFrame::run`]) as one entry that counts as its
+    /// frames, only if all of them fit: `Full` otherwise, with nothing queued and no notice
+    /// dropped, so the caller can push the frames one by one instead and reach the limit
+    /// exactly where it would have.
+    pub fn push_run(&mut self, run: SharedFrame) -> Push {
+        let Some(queue) = self.queue.as_deref_mut() else {
+            return Push::Closed;
+        };
+        if self.outbox.shared.is_closed() {
+            return Push::Closed;
+        }
+        let frames = run.frames();
+        if self.len + frames > self.outbox.shared.capacity as usize {
+            return Push::Full;
+        }
+        if queue.frames.is_empty() {
+            queue.since = clock::stamp_us();
+        }
+        queue.frames.push_back(Queued {
+            frame: run,
+            notice: false,
+        });
+        self.len += frames;
+        Push::Queued
     }
 }
 
@@ -364,7 +401,7 @@ impl Drop for Pushing<'_> {
         let Some(queue) = self.queue.take() else {
             return;
         };
-        let len = queue.frames.len();
+        let len = self.len;
         self.outbox
             .shared
             .queued
@@ -517,24 +554,25 @@ impl OutboxReceiver {
         let mut queue = self.shared.queue();
         // Sized first, then reserved once: growing the buffer frame by frame reallocated and
         // copied it over and over (a third of the instructions per delivery in a profile).
-        let mut count = 0;
+        let (mut entries, mut count) = (0, 0);
         let mut bytes = 0;
         for queued in &queue.frames {
-            if count > 0 && buf.len() + bytes >= limit {
+            if entries > 0 && buf.len() + bytes >= limit {
                 break;
             }
             bytes += queued.frame.for_connection(deflate).len();
-            count += 1;
+            entries += 1;
+            count += queued.frame.frames();
         }
         buf.reserve(bytes);
         let queue = &mut *queue;
-        for queued in queue.frames.drain(..count) {
+        for queued in queue.frames.drain(..entries) {
             queue.notices -= u32::from(queued.notice);
             buf.extend_from_slice(queued.frame.for_connection(deflate));
         }
         self.shared
             .queued
-            .store(queued_count(queue.frames.len()), Ordering::Release);
+            .store(queued_count(self.shared.len() - count), Ordering::Release);
         (count as u64, queue.since)
     }
 
@@ -557,23 +595,24 @@ impl OutboxReceiver {
         }
         let mut queue = self.shared.queue();
         let queue = &mut *queue;
-        let mut count = 0;
+        let (mut entries, mut count) = (0, 0);
         for queued in &queue.frames {
-            if count > 0 && drained.held >= room {
+            if entries > 0 && drained.held >= room {
                 break;
             }
             drained.sent += queued.frame.for_connection(deflate).len();
             drained.held += queued.frame.plain().len();
-            count += 1;
+            entries += 1;
+            count += queued.frame.frames();
         }
-        out.reserve(count);
-        for queued in queue.frames.drain(..count) {
+        out.reserve(entries);
+        for queued in queue.frames.drain(..entries) {
             queue.notices -= u32::from(queued.notice);
             out.push_back(queued.frame);
         }
         self.shared
             .queued
-            .store(queued_count(queue.frames.len()), Ordering::Release);
+            .store(queued_count(self.shared.len() - count), Ordering::Release);
         drained.count = count as u64;
         drained.since = queue.since;
         drained
@@ -589,14 +628,23 @@ impl OutboxReceiver {
         }
     }
 
-    /// The next queued frame, if any.
+    /// The next queued frame, if any (a run's frames one by one).
     pub fn try_recv(&mut self) -> Option<Bytes> {
         let mut queue = self.shared.queue();
         let queued = queue.frames.pop_front()?;
         queue.notices -= u32::from(queued.notice);
         self.shared
             .queued
-            .store(queued_count(queue.frames.len()), Ordering::Release);
+            .store(queued_count(self.shared.len() - 1), Ordering::Release);
+        if let [first, rest @ ..] = queued.frame.parts() {
+            for frame in rest.iter().rev() {
+                queue.frames.push_front(Queued {
+                    frame: frame.clone(),
+                    notice: false,
+                });
+            }
+            return Some(first.plain().clone());
+        }
         Some(queued.frame.plain().clone())
     }
 
