@@ -1,8 +1,9 @@
 //! The bounded queue between fan-out and one connection's writer, and the signals that travel
 //! beside it.
 //!
-//! Fan-out never waits: it pushes an already-encoded frame (a cheap `Bytes` clone) and moves
-//! on. When a connection's queue is full, the client is not keeping up, and the hub applies the
+//! Fan-out never waits: it pushes an already-encoded frame (a cheap `Bytes` clone), or a run of
+//! them laid end to end that counts as its frames ([`Pushing::push_run`]), and moves on. When
+//! a connection's queue is full, the client is not keeping up, and the hub applies the
 //! channel's slow-client policy: close the connection with [`CloseCode::SlowConsumer`] (4001),
 //! or, on a `gap` namespace, drop that channel's frames and report a gap once the queue has
 //! drained. Waiting instead would let one client that stops reading stall every other
