@@ -627,17 +627,18 @@ mod tests {
                 .collect()
         };
         assert_eq!(run.for_connection(None), &each(None)[..]);
-        let shared = Some(Deflate {
+        let full_window = Deflate {
             level: 1,
             window_bits: MAX_WINDOW,
             min_size: 100,
-        });
+        };
+        let shared = Some(full_window);
         let compressed = each(shared);
         assert!(compressed.len() < run.plain().len(), "the long ones shrink");
         assert_eq!(run.for_connection(shared), &compressed[..]);
         let small_window = Some(Deflate {
             window_bits: 10,
-            ..shared.expect("set")
+            ..full_window
         });
         assert_eq!(run.for_connection(small_window), &run.plain()[..]);
         let nested = SharedFrame::run(&[run.clone(), parts[0].clone()]);
