@@ -65,24 +65,32 @@ fn inflate(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// One masked client frame.
+fn masked_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![first_byte];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xFFFF => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let key = [0x12, 0x34, 0x56, 0x78];
+    out.extend_from_slice(&key);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    out
+}
+
 impl DeflateClient {
     async fn send_frame(&mut self, first_byte: u8, payload: &[u8]) {
-        let mut out = vec![first_byte];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 0xFFFF => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        let key = [0x12, 0x34, 0x56, 0x78];
-        out.extend_from_slice(&key);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        self.stream.write_all(&out).await.unwrap();
+        self.stream
+            .write_all(&masked_frame(first_byte, payload))
+            .await
+            .unwrap();
     }
 
     async fn send_compressed_text(&mut self, text: &str) {
@@ -278,6 +286,59 @@ async fn a_publication_reaches_deflate_subscribers_compressed_and_others_plain()
         compressed[0], compressed[1],
         "the same bytes for every receiver"
     );
+    server.stop().await;
+}
+
+/// A publisher's pipelined messages are fanned out together (a batch, laid end to end once for
+/// all subscribers): each must still reach a deflate subscriber as a message of its own,
+/// compressed or not by its own size, in order.
+#[tokio::test]
+async fn pipelined_publications_reach_deflate_subscribers_one_message_each() {
+    let server = server(true).await;
+    let v1 = Some("rusty-socks.v1");
+    let mut subscribers = Vec::new();
+    for offer in [Some(OFFER), Some(OFFER), None] {
+        let (mut client, _) = connect(server.addr, "/ws", v1, offer).await;
+        assert_eq!(client.recv_json().await["type"], "welcome");
+        let subscribe = json!({"type":"subscribe","id":"s","channel":"feed"}).to_string();
+        client.send_frame(0x81, subscribe.as_bytes()).await;
+        assert_eq!(client.recv_json().await["type"], "subscribed");
+        subscribers.push(client);
+    }
+    let (mut publisher, _) = connect(server.addr, "/ws", v1, None).await;
+    assert_eq!(publisher.recv_json().await["type"], "welcome");
+    // Large (compressed) and small (below the 256-byte minimum: plain) alternating.
+    let data = |i: usize| {
+        if i % 2 == 0 {
+            json!({"i": i, "text": "abcdefgh".repeat(100)})
+        } else {
+            json!({"i": i})
+        }
+    };
+    let mut pipeline = Vec::new();
+    for i in 0..20 {
+        let publish = json!({"type":"publish","id":i.to_string(),"channel":"feed","data":data(i)});
+        pipeline.extend(masked_frame(0x81, publish.to_string().as_bytes()));
+    }
+    publisher.stream.write_all(&pipeline).await.unwrap();
+    for (n, client) in subscribers.iter_mut().enumerate() {
+        for i in 0..20 {
+            let (first, payload) = client.read_frame().await.expect("publication");
+            let compressed = n < 2 && i % 2 == 0;
+            assert_eq!(
+                first,
+                if compressed { 0xC1 } else { 0x81 },
+                "subscriber {n}, message {i}"
+            );
+            let text = if compressed {
+                inflate(&payload)
+            } else {
+                payload
+            };
+            let publication: Value = serde_json::from_slice(&text).expect("one whole message");
+            assert_eq!(publication["data"], data(i), "subscriber {n}, in order");
+        }
+    }
     server.stop().await;
 }
 

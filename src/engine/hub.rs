@@ -21,7 +21,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::engine::namespace::SlowPolicy;
-use crate::engine::outbox::{Outbox, Push};
+use crate::engine::outbox::{Outbox, Push, Pushing};
 use crate::types::ClientId;
 use crate::types::thin_list::ThinList;
 use crate::ws::close::CloseCode;
@@ -537,7 +537,7 @@ impl Hub {
                     }
                 }
             } else if !runs.deliver(member, id, &mut delivery) {
-                deliver_run(member, id, batch, &frames, &mut delivery);
+                deliver_frames(member, id, batch, &frames, &mut delivery);
             }
         }
         delivery
@@ -642,19 +642,35 @@ fn deliver_one(member: &Member, publication: Option<(u64, u64)>, frame: &SharedF
     }
 }
 
-/// A run of publications for a member that is neither recovering nor gapped, under one lock
-/// of its queue ([`deliver_one`]'s publication path, frame by frame). The first frame that
-/// does not fit applies the slow-client policy, and the rest of the run is dropped, as it
-/// would be one by one (the member is then gapped or closing).
-fn deliver_run(
+/// A batch of publications, frame by frame, for a member that is neither recovering nor
+/// gapped, under one lock of its queue ([`deliver_one`]'s publication path). The first frame
+/// that does not fit applies the slow-client policy, and the rest of the batch is dropped, as
+/// it would be one by one (the member is then gapped or closing).
+fn deliver_frames(
     member: &Member,
     id: ClientId,
     batch: &[Outgoing],
     frames: &[SharedFrame],
     delivery: &mut Delivery,
 ) {
-    let state = &member.state;
     let mut pushing = member.outbox.pushing();
+    let full = push_frames(&mut pushing, &member.state, id, batch, frames, delivery);
+    drop(pushing);
+    if full {
+        overflowed(member);
+    }
+}
+
+/// [`deliver_frames`] under a lock already held; `true` if the queue filled, for the caller
+/// to apply the slow-client policy once it has let go of the lock ([`Pushing`]).
+fn push_frames(
+    pushing: &mut Pushing<'_>,
+    state: &MemberState,
+    id: ClientId,
+    batch: &[Outgoing],
+    frames: &[SharedFrame],
+    delivery: &mut Delivery,
+) -> bool {
     let mut full = false;
     for (outgoing, frame) in batch.iter().zip(frames) {
         if Some(id) == outgoing.skip {
@@ -687,10 +703,7 @@ fn deliver_run(
             Push::Closed | Push::NoticeDropped => delivery.dropped += 1,
         }
     }
-    drop(pushing);
-    if full {
-        overflowed(member);
-    }
+    full
 }
 
 /// Applies a member's slow-client policy when its queue had no room for a publication: a

@@ -63,8 +63,9 @@ pub struct Drained {
     pub held: usize,
 }
 
-/// One queued frame; `notice` marks a join/leave/`Disconnect` notice, which may be dropped
-/// to make room (see [`Outbox::try_push_notice`]).
+/// One queued frame, or a run of them ([`Pushing::push_run`]); `notice` marks a
+/// join/leave/`Disconnect` notice (always one frame), which may be dropped to make room (see
+/// [`Outbox::try_push_notice`]).
 #[derive(Debug)]
 struct Queued {
     frame: SharedFrame,
@@ -146,7 +147,8 @@ impl Shared {
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {
-        // Every update is a single push or pop, so a poisoned lock is still consistent.
+        // Nothing under the lock can panic between updating the queue and its length (see
+        // `Shared::queued`), so a poisoned lock is still consistent.
         self.queue
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -254,6 +256,8 @@ impl Outbox {
     }
 
     fn push_locked(&self, mut queue: MutexGuard<'_, Queue>, frame: SharedFrame, notice: bool) {
+        let frames = frame.frames();
+        debug_assert!(!notice || frames == 1, "a notice is one frame");
         queue.frames.push_back(Queued { frame, notice });
         queue.notices += u32::from(notice);
         let first = queue.frames.len() == 1;
@@ -262,7 +266,7 @@ impl Outbox {
         }
         self.shared
             .queued
-            .store(queued_count(self.shared.len() + 1), Ordering::Release);
+            .store(queued_count(self.shared.len() + frames), Ordering::Release);
         if first {
             // A non-empty queue is drained until empty, so only this transition needs a wake.
             hold_or_wake(&self.shared, queue);
@@ -323,7 +327,7 @@ impl Outbox {
 /// While it is alive, nothing may call another method of the same outbox: `close`, `tick`,
 /// `report_gap` and every wake-up take the queue's lock (the session's waker lives under it),
 /// and a second lock on the same queue would deadlock. The hub drops it before applying a
-/// slow-client policy (`deliver_run`).
+/// slow-client policy (`hub::deliver_frames`).
 #[derive(Debug)]
 pub struct Pushing<'a> {
     outbox: &'a Outbox,
@@ -353,7 +357,7 @@ impl Pushing<'_> {
             match oldest.and_then(|i| queue.frames.remove(i)) {
                 Some(_) => {
                     queue.notices -= 1;
-                    self.len -= 1;
+                    self.len = self.len.saturating_sub(1);
                     pushed = Push::QueuedOverNotice;
                 }
                 None => return Push::Full,
@@ -362,11 +366,11 @@ impl Pushing<'_> {
         if queue.frames.is_empty() {
             queue.since = clock::stamp_us();
         }
+        self.len += frame.frames();
         queue.frames.push_back(Queued {
             frame,
             notice: false,
         });
-        self.len += 1;
         pushed
     }
 
@@ -540,8 +544,8 @@ impl OutboxReceiver {
         }
     }
 
-    /// Moves queued frames into `buf` until it holds `limit` bytes (at least one frame if any
-    /// is queued), compressed when the connection negotiated `deflate`; returns how many
+    /// Moves queued frames into `buf` until it holds `limit` bytes (at least one entry, a
+    /// frame or a run, if any is queued), compressed when the connection negotiated `deflate`; returns how many
     /// frames were moved and since when the oldest of them waited ([`clock::stamp_us`]).
     pub fn drain_into(
         &self,
@@ -571,18 +575,19 @@ impl OutboxReceiver {
             queue.notices -= u32::from(queued.notice);
             buf.extend_from_slice(queued.frame.for_connection(deflate));
         }
-        self.shared
-            .queued
-            .store(queued_count(self.shared.len() - count), Ordering::Release);
+        self.shared.queued.store(
+            queued_count(self.shared.len().saturating_sub(count)),
+            Ordering::Release,
+        );
         (count as u64, queue.since)
     }
 
     /// Moves queued frames, shared and uncopied, to the back of `out` until their frames
-    /// hold `room` bytes (at least one frame if any is queued); returns how many frames were
-    /// moved, since when the oldest of them waited ([`clock::stamp_us`]), their bytes as this
-    /// connection sends them (`deflate`), and the bytes they keep alive (the plain frames,
-    /// which a compressed one keeps too): a slow client is bounded by what it keeps, not by
-    /// what its frames compress to. For a transport that writes them without copying each
+    /// hold `room` bytes (at least one entry, a frame or a run, if any is queued); returns
+    /// how many frames were moved, since when the oldest of them waited
+    /// ([`clock::stamp_us`]), their bytes as this connection sends them (`deflate`), and the
+    /// bytes they keep alive (the plain frames, which a compressed one keeps too): a slow
+    /// client is bounded by what it keeps, not by what its frames compress to. For a transport that writes them without copying each
     /// into a buffer of the connection's own (see `session/output.rs`).
     pub fn drain_frames(
         &self,
@@ -611,9 +616,10 @@ impl OutboxReceiver {
             queue.notices -= u32::from(queued.notice);
             out.push_back(queued.frame);
         }
-        self.shared
-            .queued
-            .store(queued_count(self.shared.len() - count), Ordering::Release);
+        self.shared.queued.store(
+            queued_count(self.shared.len().saturating_sub(count)),
+            Ordering::Release,
+        );
         drained.count = count as u64;
         drained.since = queue.since;
         drained
@@ -634,19 +640,19 @@ impl OutboxReceiver {
         let mut queue = self.shared.queue();
         let queued = queue.frames.pop_front()?;
         queue.notices -= u32::from(queued.notice);
-        self.shared
-            .queued
-            .store(queued_count(self.shared.len() - 1), Ordering::Release);
-        if let [first, rest @ ..] = queued.frame.parts() {
-            for frame in rest.iter().rev() {
-                queue.frames.push_front(Queued {
-                    frame: frame.clone(),
-                    notice: false,
-                });
-            }
-            return Some(first.plain().clone());
+        self.shared.queued.store(
+            queued_count(self.shared.len().saturating_sub(1)),
+            Ordering::Release,
+        );
+        let mut parts = queued.frame.parts();
+        let first = parts.remove(0);
+        for frame in parts.into_iter().rev() {
+            queue.frames.push_front(Queued {
+                frame: frame.into(),
+                notice: false,
+            });
         }
-        Some(queued.frame.plain().clone())
+        Some(first)
     }
 
     /// Whether nothing is queued.
@@ -674,121 +680,5 @@ impl Drop for OutboxReceiver {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every connection holds one outbox for its whole life: past 96 bytes (112 with the
-    /// reference counts) it lands in the allocator's next size class, 128 bytes.
-    #[test]
-    fn an_outbox_fits_the_112_byte_size_class() {
-        let size = std::mem::size_of::<Shared>() + 2 * std::mem::size_of::<usize>();
-        assert!(size <= 112, "{size} bytes with the reference counts");
-    }
-
-    #[tokio::test]
-    async fn queues_up_to_capacity_and_wakes_on_the_first_frame() {
-        let (outbox, rx) = Outbox::new(uuid::Uuid::new_v4(), 2);
-        assert_eq!(outbox.try_push(Bytes::from_static(b"1")), Push::Queued);
-        std::future::poll_fn(|cx| rx.poll_woken(cx)).await;
-        assert_eq!(outbox.try_push(Bytes::from_static(b"2")), Push::Queued);
-        assert_eq!(outbox.try_push(Bytes::from_static(b"3")), Push::Full);
-        let mut buf = BytesMut::new();
-        assert_eq!(rx.drain_into(&mut buf, 1, None).0, 1, "stops at the limit");
-        assert_eq!(rx.drain_into(&mut buf, 100, None).0, 1);
-        assert_eq!(&buf[..], b"12");
-        assert!(rx.is_empty());
-        drop(rx);
-        assert_eq!(outbox.try_push(Bytes::new()), Push::Closed);
-    }
-
-    #[test]
-    fn notices_fill_half_the_queue_at_most_and_make_room_for_publications() {
-        let (outbox, mut rx) = Outbox::new(uuid::Uuid::new_v4(), 4);
-        assert_eq!(
-            outbox.try_push_notice(Bytes::from_static(b"n1")),
-            Push::Queued
-        );
-        assert_eq!(outbox.try_push(Bytes::from_static(b"p1")), Push::Queued);
-        assert_eq!(
-            outbox.try_push_notice(Bytes::from_static(b"n2")),
-            Push::NoticeDropped,
-            "half full: no more notices"
-        );
-        assert_eq!(outbox.try_push(Bytes::from_static(b"p2")), Push::Queued);
-        assert_eq!(outbox.try_push(Bytes::from_static(b"p3")), Push::Queued);
-        assert_eq!(
-            outbox.try_push(Bytes::from_static(b"p4")),
-            Push::QueuedOverNotice,
-            "the notice gives way"
-        );
-        assert_eq!(outbox.try_push(Bytes::from_static(b"p5")), Push::Full);
-        let got: Vec<Bytes> = std::iter::from_fn(|| rx.try_recv()).collect();
-        assert_eq!(got, [&b"p1"[..], b"p2", b"p3", b"p4"]);
-        assert_eq!(
-            outbox.try_push_notice(Bytes::from_static(b"n3")),
-            Push::Queued
-        );
-    }
-
-    /// Whether `rx` was woken, without waiting.
-    fn woken(rx: &OutboxReceiver) -> bool {
-        let waker = futures_util::task::noop_waker();
-        rx.poll_woken(&mut Context::from_waker(&waker)).is_ready()
-    }
-
-    /// Pushes `frame` inside `batch`, as a handler would.
-    async fn push_held(batch: &mut WakeBatch, outbox: &Outbox, frame: &'static [u8]) {
-        batch
-            .hold(async {
-                assert_eq!(outbox.try_push(Bytes::from_static(frame)), Push::Queued);
-            })
-            .await;
-    }
-
-    #[tokio::test]
-    async fn a_batch_holds_wake_ups_until_released_and_frames_are_queued_at_once() {
-        let (outbox, rx) = Outbox::new(uuid::Uuid::new_v4(), 8);
-        let mut batch = WakeBatch::default();
-        push_held(&mut batch, &outbox, b"1").await;
-        assert!(!woken(&rx), "held back");
-        assert!(!rx.is_empty(), "but queued");
-        push_held(&mut batch, &outbox, b"2").await;
-        batch.release();
-        assert!(woken(&rx), "released");
-        let mut buf = BytesMut::new();
-        assert_eq!(rx.drain_into(&mut buf, usize::MAX, None).0, 2);
-        // Outside a batch, a push wakes at once again.
-        assert_eq!(outbox.try_push(Bytes::from_static(b"3")), Push::Queued);
-        assert!(woken(&rx));
-    }
-
-    #[tokio::test]
-    async fn a_batch_releases_before_its_future_waits_and_when_dropped() {
-        let (outbox, rx) = Outbox::new(uuid::Uuid::new_v4(), 8);
-        let mut batch = WakeBatch::default();
-        batch
-            .hold(async {
-                assert_eq!(outbox.try_push(Bytes::from_static(b"1")), Push::Queued);
-                // Suspended: nothing may stay held while the task waits.
-                tokio::task::yield_now().await;
-                assert!(woken(&rx), "released when the future had to wait");
-            })
-            .await;
-        let mut buf = BytesMut::new();
-        rx.drain_into(&mut buf, usize::MAX, None);
-        push_held(&mut batch, &outbox, b"2").await;
-        assert!(!woken(&rx));
-        drop(batch);
-        assert!(woken(&rx), "released when dropped");
-    }
-
-    #[tokio::test]
-    async fn only_the_first_close_request_counts_and_it_wakes() {
-        let (outbox, rx) = Outbox::new(uuid::Uuid::new_v4(), 1);
-        outbox.close(CloseCode::SlowConsumer);
-        outbox.close(CloseCode::GoingAway);
-        std::future::poll_fn(|cx| rx.poll_woken(cx)).await;
-        assert_eq!(rx.close_requested(), Some(CloseCode::SlowConsumer));
-        assert!(outbox.is_closing());
-    }
-}
+#[path = "outbox_tests.rs"]
+mod tests;

@@ -271,9 +271,10 @@ struct Shared {
     plain: Bytes,
     /// The compressed frame, or `None` once it is known that compressing does not help.
     deflated: OnceLock<Option<Bytes>>,
-    /// A run's frames (empty for a single frame): a run's compressed form is theirs, end to
-    /// end, each compressed as a message of its own (`server_no_context_takeover`).
-    parts: Box<[SharedFrame]>,
+    /// A run's frames, as where each ends in `plain` (empty for a single frame). Boundaries,
+    /// not the frames: a run that kept its frames alive would hold every publication twice
+    /// for as long as a slow subscriber holds the run.
+    ends: Box<[usize]>,
 }
 
 impl SharedFrame {
@@ -282,39 +283,54 @@ impl SharedFrame {
         Self(Arc::new(Shared {
             plain,
             deflated: OnceLock::new(),
-            parts: Box::default(),
+            ends: Box::default(),
         }))
     }
 
     /// The frames of `parts` end to end, sent as they would be one by one (for a
-    /// connection that takes the shared compressed form, each part compressed on its own).
-    /// Runs do not nest: a run's parts are single frames.
+    /// connection that takes the shared compressed form, each compressed on its own). A run
+    /// among `parts` counts as its frames: runs do not nest.
     pub fn run(parts: &[SharedFrame]) -> Self {
         let mut plain = BytesMut::with_capacity(parts.iter().map(|p| p.0.plain.len()).sum());
-        let mut singles = Vec::with_capacity(parts.len());
+        let mut ends = Vec::with_capacity(parts.len());
         for part in parts {
+            let base = plain.len();
             plain.extend_from_slice(&part.0.plain);
-            if part.0.parts.is_empty() {
-                singles.push(part.clone());
+            if part.0.ends.is_empty() {
+                ends.push(plain.len());
             } else {
-                singles.extend(part.0.parts.iter().cloned());
+                ends.extend(part.0.ends.iter().map(|&end| base + end));
             }
         }
+        debug_assert!(ends.len() >= 2, "a run of fewer than two frames");
         Self(Arc::new(Shared {
             plain: plain.freeze(),
             deflated: OnceLock::new(),
-            parts: singles.into_boxed_slice(),
+            ends: ends.into_boxed_slice(),
         }))
     }
 
     /// How many frames this is: 1, or a run's length.
     pub fn frames(&self) -> usize {
-        self.0.parts.len().max(1)
+        self.0.ends.len().max(1)
     }
 
-    /// A run's frames, one by one (empty for a single frame).
-    pub fn parts(&self) -> &[SharedFrame] {
-        &self.0.parts
+    /// Each frame, uncopied (a single frame: itself). Off the hot path: a run is written
+    /// whole.
+    pub fn parts(&self) -> Vec<Bytes> {
+        if self.0.ends.is_empty() {
+            return vec![self.0.plain.clone()];
+        }
+        let mut start = 0;
+        self.0
+            .ends
+            .iter()
+            .map(|&end| {
+                let part = self.0.plain.slice(start..end);
+                start = end;
+                part
+            })
+            .collect()
     }
 
     /// The frame as encoded, uncompressed (a run: its frames end to end).
@@ -337,40 +353,52 @@ impl SharedFrame {
     /// [`SharedFrame::for_connection`] for a connection that takes the shared compressed form.
     fn deflated_for(&self, d: Deflate) -> &[u8] {
         let plain = &self.0.plain;
-        if !self.0.parts.is_empty() {
-            let run = self.0.deflated.get_or_init(|| {
-                let mut out = BytesMut::new();
-                for part in &self.0.parts {
-                    out.extend_from_slice(part.deflated_for(d));
-                }
-                Some(out.freeze())
-            });
-            return run.as_deref().unwrap_or(plain);
-        }
-        let Some((text, start)) = data_payload(plain) else {
-            return plain;
-        };
-        if plain.len() - start < d.min_size as usize {
-            return plain;
-        }
         let deflated = self.0.deflated.get_or_init(|| {
-            compress(&plain[start..], d.level, MAX_WINDOW).map(|compressed| {
-                let mut out = BytesMut::with_capacity(compressed.len() + 10);
-                super::frame::encode_into(
-                    &mut out,
-                    if text {
-                        super::frame::OpCode::Text
-                    } else {
-                        super::frame::OpCode::Binary
-                    },
-                    &compressed,
-                );
-                out[0] |= 0x40;
-                out.freeze()
-            })
+            if self.0.ends.is_empty() {
+                return deflate_frame(plain, d);
+            }
+            // A run: each frame compressed as a message of its own, end to end.
+            let mut out = BytesMut::new();
+            let mut shrank = false;
+            let mut start = 0;
+            for &end in &self.0.ends {
+                let frame = &plain[start..end];
+                match deflate_frame(frame, d) {
+                    Some(compressed) => {
+                        out.extend_from_slice(&compressed);
+                        shrank = true;
+                    }
+                    None => out.extend_from_slice(frame),
+                }
+                start = end;
+            }
+            shrank.then(|| out.freeze())
         });
         deflated.as_deref().unwrap_or(plain)
     }
+}
+
+/// One encoded data frame compressed as a message of its own (RSV1 set), or `None` when it
+/// is not a data frame, is below `min_size`, or does not shrink.
+fn deflate_frame(plain: &[u8], d: Deflate) -> Option<Bytes> {
+    let (text, start) = data_payload(plain)?;
+    if plain.len() - start < d.min_size as usize {
+        return None;
+    }
+    compress(&plain[start..], d.level, MAX_WINDOW).map(|compressed| {
+        let mut out = BytesMut::with_capacity(compressed.len() + 10);
+        super::frame::encode_into(
+            &mut out,
+            if text {
+                super::frame::OpCode::Text
+            } else {
+                super::frame::OpCode::Binary
+            },
+            &compressed,
+        );
+        out[0] |= 0x40;
+        out.freeze()
+    })
 }
 
 impl From<Bytes> for SharedFrame {
@@ -641,8 +669,17 @@ mod tests {
             ..full_window
         });
         assert_eq!(run.for_connection(small_window), &run.plain()[..]);
+        let plain: Vec<Bytes> = parts.iter().map(|p| p.plain().clone()).collect();
+        assert_eq!(run.parts(), plain, "its frames, one by one");
         let nested = SharedFrame::run(&[run.clone(), parts[0].clone()]);
         assert_eq!(nested.frames(), 4, "runs do not nest");
+        assert_eq!(nested.parts()[3], plain[0]);
+        let short = SharedFrame::run(&[parts[0].clone(), parts[0].clone()]);
+        assert_eq!(
+            short.for_connection(shared),
+            &short.plain()[..],
+            "nothing shrank: the plain run"
+        );
         assert_eq!(
             nested.for_connection(shared),
             &[&compressed[..], parts[0].plain()].concat()[..]

@@ -10,14 +10,14 @@
 //!
 //! Only the common case goes as runs: a batch of one epoch with offsets in order and the same
 //! member skipped by every frame (a legacy publisher does not get its own messages), to a
-//! member that is neither recovering nor gapped, is past the batch in no replay, and has room
-//! for it. Anything else goes frame by frame, exactly as before ([`super::deliver_run`]);
-//! where a member's queue fills part way through, the rest of the batch goes frame by frame
-//! too, so the queue's limit is met at the same frame either way.
+//! member that is neither recovering nor gapped and is past the batch in no replay. Anything
+//! else goes frame by frame, as before ([`super::deliver_frames`]). A run goes whole or not at
+//! all: where the next one does not fit, the rest of the batch goes frame by frame under the
+//! same lock of the member's queue, so the queue's limit is met at the same frame either way.
 
 use std::sync::atomic::Ordering;
 
-use super::{Delivery, Member, Outgoing, deliver_run};
+use super::{Delivery, Member, Outgoing, overflowed, push_frames};
 use crate::engine::outbox::Push;
 use crate::types::ClientId;
 use crate::ws::deflate::SharedFrame;
@@ -29,7 +29,8 @@ const RUN_BYTES: usize = 16 * 1024;
 /// Frames a batch needs for runs: building them copies the batch once.
 const MIN_FRAMES: usize = 2;
 
-/// Members a channel needs for runs: for one, the copy would buy nothing.
+/// Members a batch goes to (the skipped one not counted) for runs: for one, the copy would
+/// buy nothing.
 const MIN_MEMBERS: usize = 2;
 
 /// What every frame of a batch that can go as runs has in common.
@@ -53,8 +54,8 @@ pub(super) struct Runs<'a> {
 impl<'a> Runs<'a> {
     /// Runs for `batch` (whose frames are `frames`), fanned out to `members` members.
     pub(super) fn new(batch: &'a [Outgoing], frames: &'a [SharedFrame], members: usize) -> Self {
-        let shape = if batch.len() >= MIN_FRAMES && members >= MIN_MEMBERS {
-            shape(batch)
+        let shape = if batch.len() >= MIN_FRAMES {
+            shape(batch).filter(|s| members >= MIN_MEMBERS + usize::from(s.skip.is_some()))
         } else {
             None
         };
@@ -67,7 +68,8 @@ impl<'a> Runs<'a> {
     }
 
     /// Delivers the whole batch to `member` (neither recovering nor gapped), as runs where
-    /// it can; `false` if the batch cannot go as runs to it and nothing was done.
+    /// it can; `false` if the batch cannot go as runs to it, and the caller goes frame by
+    /// frame (nothing was queued; the member's epoch may have been entered, as it would be).
     pub(super) fn deliver(
         &mut self,
         member: &Member,
@@ -91,6 +93,9 @@ impl<'a> Runs<'a> {
         let mut pushing = member.outbox.pushing();
         let mut start = 0;
         for (run, end) in &self.runs {
+            if state.gapped.load(Ordering::Acquire) {
+                break; // a broker's gap, meanwhile: the rest is dropped frame by frame
+            }
             match pushing.push_run(run.clone()) {
                 Push::Queued => {
                     state.delivered_in_order(self.batch[end - 1].place.1);
@@ -104,16 +109,20 @@ impl<'a> Runs<'a> {
                 Push::Full | Push::QueuedOverNotice => break,
             }
         }
+        // What did not go as runs: frame by frame under the same lock, up to the queue's
+        // limit (dropping notices to make room, as one by one).
+        let rest = start..self.batch.len();
+        let full = push_frames(
+            &mut pushing,
+            state,
+            id,
+            &self.batch[rest.clone()],
+            &self.frames[rest],
+            delivery,
+        );
         drop(pushing);
-        if start < self.batch.len() {
-            // No room for the next run: the rest frame by frame, up to the queue's limit.
-            deliver_run(
-                member,
-                id,
-                &self.batch[start..],
-                &self.frames[start..],
-                delivery,
-            );
+        if full {
+            overflowed(member);
         }
         true
     }
@@ -202,11 +211,17 @@ mod tests {
         let hub = Hub::new();
         let (publisher, publisher_rx, _) = member(&hub, 64);
         let (_b, b_rx, b) = member(&hub, 64);
+        let (_c, c_rx, _) = member(&hub, 64);
         let frames: Vec<Bytes> = (0..10)
             .map(|i| Bytes::from(format!("frame {i};")))
             .collect();
         let delivery = hub.deliver_batch("room", &batch(&frames, Some(publisher.id())));
-        assert_eq!((delivery.queued, delivery.dropped), (10, 0));
+        assert_eq!((delivery.queued, delivery.dropped), (20, 0));
+        assert_eq!(
+            c_rx.drain_frames(&mut VecDeque::new(), usize::MAX, None)
+                .count,
+            10
+        );
         assert!(publisher_rx.is_empty(), "a publisher skips its own");
         let mut out = VecDeque::new();
         let drained = b_rx.drain_frames(&mut out, usize::MAX, None);
@@ -218,11 +233,23 @@ mod tests {
     }
 
     #[test]
+    fn a_single_recipient_besides_the_publisher_gets_frames_as_they_are() {
+        let hub = Hub::new();
+        let (publisher, _publisher_rx, _) = member(&hub, 64);
+        let (_b, b_rx, _) = member(&hub, 64);
+        let frames: Vec<Bytes> = (0..3).map(|i| Bytes::from(format!("frame {i};"))).collect();
+        hub.deliver_batch("room", &batch(&frames, Some(publisher.id())));
+        let mut out = VecDeque::new();
+        assert_eq!(b_rx.drain_frames(&mut out, usize::MAX, None).count, 3);
+        assert_eq!(out.len(), 3, "no run copied for one recipient");
+    }
+
+    #[test]
     fn a_queue_filling_part_way_through_a_batch_stops_at_the_same_frame() {
         let hub = Hub::new();
         // 6,000-byte frames: runs of two (16 KiB at most). Room for five: two runs, then
         // one frame by itself, then the slow-client policy.
-        let (_a, mut a_rx, a) = member(&hub, 5);
+        let (_a, a_rx, a) = member(&hub, 5);
         let (_b, mut b_rx, _) = member(&hub, 64);
         let frames: Vec<Bytes> = (0..6u8)
             .map(|i| Bytes::from(vec![b'a' + i; 6000]))
@@ -231,10 +258,68 @@ mod tests {
         assert_eq!((delivery.queued, delivery.dropped), (6 + 5, 1));
         assert_eq!(a_rx.close_requested(), Some(CloseCode::SlowConsumer));
         assert_eq!(a.last_offset(), 5);
-        let got: Vec<Bytes> = std::iter::from_fn(|| a_rx.try_recv()).collect();
-        assert_eq!(got, frames[..5], "whole frames, in order, one by one");
+        let mut out = VecDeque::new();
+        assert_eq!(a_rx.drain_frames(&mut out, usize::MAX, None).count, 5);
+        assert_eq!(
+            out.iter().map(SharedFrame::frames).collect::<Vec<_>>(),
+            [2, 2, 1],
+            "two runs, then the fifth frame by itself"
+        );
+        let sent: Vec<u8> = out.iter().flat_map(|f| f.plain().to_vec()).collect();
+        assert_eq!(sent, frames[..5].concat(), "whole frames, in order");
         let got: Vec<Bytes> = std::iter::from_fn(|| b_rx.try_recv()).collect();
-        assert_eq!(got, frames);
+        assert_eq!(got, frames, "and one by one");
+    }
+
+    #[test]
+    fn a_run_that_fills_the_queue_exactly_goes_whole() {
+        let hub = Hub::new();
+        let (_a, a_rx, _) = member(&hub, 6);
+        let (_b, _b_rx, _) = member(&hub, 6);
+        let frames: Vec<Bytes> = (0..6u8).map(|i| Bytes::from(vec![i; 10])).collect();
+        let delivery = hub.deliver_batch("room", &batch(&frames, None));
+        assert_eq!((delivery.queued, delivery.dropped), (12, 0));
+        assert_eq!(a_rx.close_requested(), None);
+        let mut out = VecDeque::new();
+        assert_eq!(a_rx.drain_frames(&mut out, usize::MAX, None).count, 6);
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn notices_make_room_for_the_rest_of_a_batch_one_by_one() {
+        let hub = Hub::new();
+        let (a, a_rx, _) = member(&hub, 8);
+        let (_b, _b_rx, _) = member(&hub, 8);
+        for _ in 0..2 {
+            assert_eq!(a.try_push_notice(Bytes::from_static(b"join")), Push::Queued);
+        }
+        let frames: Vec<Bytes> = (0..8u8).map(|i| Bytes::from(vec![i; 10])).collect();
+        let delivery = hub.deliver_batch("room", &batch(&frames, None));
+        assert_eq!(
+            (delivery.queued, delivery.dropped, delivery.notices_dropped),
+            (16, 0, 2),
+            "the run did not fit; frame by frame, the notices gave way"
+        );
+        assert_eq!(a_rx.close_requested(), None);
+        let mut out = VecDeque::new();
+        assert_eq!(a_rx.drain_frames(&mut out, usize::MAX, None).count, 8);
+        let sent: Vec<u8> = out.iter().flat_map(|f| f.plain().to_vec()).collect();
+        assert_eq!(sent, frames.concat());
+    }
+
+    #[test]
+    fn a_gone_session_drops_the_batch_and_a_tls_writer_copies_a_run_whole() {
+        let hub = Hub::new();
+        let (_a, a_rx, _) = member(&hub, 64);
+        let (_b, b_rx, _) = member(&hub, 64);
+        drop(a_rx);
+        let frames: Vec<Bytes> = (0..5u8).map(|i| Bytes::from(vec![i; 10])).collect();
+        let delivery = hub.deliver_batch("room", &batch(&frames, None));
+        assert_eq!((delivery.queued, delivery.dropped), (5, 5));
+        let mut buf = bytes::BytesMut::new();
+        assert_eq!(b_rx.drain_into(&mut buf, usize::MAX, None).0, 5);
+        assert_eq!(&buf[..], &frames.concat()[..]);
+        assert!(b_rx.is_empty());
     }
 
     #[test]
