@@ -309,7 +309,7 @@ async fn pipelined_publications_reach_deflate_subscribers_one_message_each() {
     assert_eq!(publisher.recv_json().await["type"], "welcome");
     // Large (compressed) and small (below the 256-byte minimum: plain) alternating.
     let data = |i: usize| {
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             json!({"i": i, "text": "abcdefgh".repeat(100)})
         } else {
             json!({"i": i})
@@ -322,9 +322,9 @@ async fn pipelined_publications_reach_deflate_subscribers_one_message_each() {
     }
     publisher.stream.write_all(&pipeline).await.unwrap();
     for (n, client) in subscribers.iter_mut().enumerate() {
-        for i in 0..20 {
+        for i in 0..20usize {
             let (first, payload) = client.read_frame().await.expect("publication");
-            let compressed = n < 2 && i % 2 == 0;
+            let compressed = n < 2 && i.is_multiple_of(2);
             assert_eq!(
                 first,
                 if compressed { 0xC1 } else { 0x81 },
