@@ -1,6 +1,6 @@
 //! Coalescing what a networked broker delivers, so subscribers are woken once per batch.
 //!
-//! The memory broker hands the node a publisher's whole read (up to 64 publications) before
+//! The memory broker hands the node a publisher's whole read (up to 256 publications) before
 //! any subscriber runs, so every subscriber's writer is woken once and writes them all with
 //! one syscall. Through Redis or NATS, publications arrive one at a time on the receive task
 //! (a publisher waits for each publish's reply, so one is in flight per publisher), and
@@ -38,10 +38,11 @@ pub const WINDOW: Duration = Duration::from_millis(1);
 /// How recent the previous event must be for a new one to be held at all.
 pub const QUIET: Duration = Duration::from_millis(100);
 
-/// Events held at most: a full batch is delivered at once (as many as the memory broker's 64
-/// publications per read, so a subscriber's writes stay large without a long wait; 256
-/// changed nothing measurable, as batches end by their window: docs/BENCHMARKS.md).
-pub const MAX_HELD: usize = 64;
+/// Events held at most: a full batch is delivered at once. As many as a publisher's pipeline
+/// (`MESSAGES_PER_YIELD` in the session: the memory broker hands the node that many per read),
+/// so a pipeline that arrives whole is delivered as one batch and a subscriber's writes stay
+/// large without a long wait (docs/BENCHMARKS.md, "Issue 19: a batch laid end to end once").
+pub const MAX_HELD: usize = 256;
 
 /// One event waiting in a [`Batch`].
 #[derive(Debug)]

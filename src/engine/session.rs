@@ -716,12 +716,14 @@ where
 
 /// Messages handled between two yields to the scheduler. Also the most a read's legacy chat
 /// messages (or v1 publishes) are published together as one pipeline, and so how many
-/// publications a subscriber's wake carries from a flooding publisher. 64 rather than 16
-/// (issue 19, docs/BENCHMARKS.md "Issue 19 on a quiet machine, 2026-12-03"): 1.6-1.8x the
-/// enveloping peer's deliveries per CPU-second instead of 1.4-1.6x, and through NATS, where a
-/// pipeline costs one broker round trip, 40 % more. A slice of 64 messages still takes well
-/// under a millisecond of the worker, and no outbox (1,024 frames by default) fills in one.
-const MESSAGES_PER_YIELD: u64 = 64;
+/// publications a subscriber's wake carries from a flooding publisher. 64 rather than 16 first
+/// (issue 19, docs/BENCHMARKS.md "Issue 19 on a quiet machine, 2026-12-03"), then 256 once a
+/// batch went to each subscriber as runs of frames (docs/BENCHMARKS.md, "Issue 19: a batch
+/// laid end to end once"): through Redis or NATS, where each pipeline costs a broker round
+/// trip and arrives as one batch, 10-30 % more deliveries per CPU-second; the memory broker
+/// the same. A slice of 256 messages to 1,000 subscribers takes a few milliseconds of the
+/// worker (about 20 at 10,000), and no outbox (1,024 frames by default) fills in one.
+const MESSAGES_PER_YIELD: u64 = 256;
 
 /// Each message may fan out to many outboxes. Yielding every few messages makes a client that
 /// pipelines thousands of them share its worker thread, so the sessions it feeds get to drain
