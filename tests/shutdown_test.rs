@@ -20,7 +20,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// Reads text frames until the close frame; returns them and the close code (`None`: the
 /// connection ended without one).
-async fn read_to_close(ws: &mut Ws) -> (Vec<Value>, Option<u16>) {
+async fn read_to_close<S>(ws: &mut S) -> (Vec<Value>, Option<u16>)
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
     let mut frames = Vec::new();
     loop {
         match tokio::time::timeout(WAIT, ws.next()).await {
@@ -37,10 +40,14 @@ async fn read_to_close(ws: &mut Ws) -> (Vec<Value>, Option<u16>) {
 
 /// Item 10: a publish handled once shutdown has begun is refused with `shutting_down`, never
 /// acknowledged and then dropped: every publication the publisher saw acknowledged reached the
-/// subscriber before its 1001.
+/// subscriber before its 1001. The publisher keeps pipelining until its connection closes, so
+/// publishes certainly arrive after shutdown begins, however fast the server handles them (a
+/// fixed pipeline of 10,000 could be handled whole before the shutdown signal got there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_once_shutdown_begins_are_refused_never_acknowledged_and_lost() {
     const SENT: usize = 10_000;
+    // Below the subscriber's queue (100,000): it must not become a slow consumer.
+    const PUBLISHES_AT_MOST: u64 = 50_000;
     let mut server = TestServer::start(|c| c.buffer = 100_000).await;
     let (mut subscriber, _) = v1_client(&server).await;
     subscribe(&mut subscriber, "room").await;
@@ -61,20 +68,40 @@ async fn publishes_once_shutdown_begins_are_refused_never_acknowledged_and_lost(
     }
     legacy.flush().await.unwrap();
     let legacy_reader = tokio::spawn(async move { read_to_close(&mut legacy).await });
-    let (mut publisher, _) = v1_client(&server).await;
-    for i in 0..SENT {
-        let command = json!({"type":"publish","id":i,"channel":"room","data":i});
-        publisher
-            .feed(Message::text(command.to_string()))
-            .await
-            .unwrap();
-    }
-    publisher.flush().await.unwrap();
+    let (publisher, _) = v1_client(&server).await;
+    let (mut sink, mut publisher) = publisher.split();
+    let stop_sending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = tokio::spawn({
+        let stop_sending = std::sync::Arc::clone(&stop_sending);
+        async move {
+            let mut sent = 0;
+            while sent < PUBLISHES_AT_MOST
+                && !stop_sending.load(std::sync::atomic::Ordering::Relaxed)
+            {
+                for _ in 0..1_000 {
+                    let command = json!({"type":"publish","id":sent,"channel":"room","data":sent});
+                    if sink.feed(Message::text(command.to_string())).await.is_err() {
+                        return sent;
+                    }
+                    sent += 1;
+                }
+                if sink.flush().await.is_err() {
+                    return sent;
+                }
+            }
+            sent
+        }
+    });
     // Shutdown begins while the pipelined publishes are being handled.
-    let first = recv_json(&mut publisher).await;
+    let first: Value = match tokio::time::timeout(WAIT, publisher.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => serde_json::from_str(&text).unwrap(),
+        other => panic!("no reply: {other:?}"),
+    };
     assert_eq!(first["type"], "published", "{first}");
     let stopped = server.begin_stop();
     let (mut frames, code) = read_to_close(&mut publisher).await;
+    stop_sending.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = sender.await.unwrap();
     frames.insert(0, first);
     assert_eq!(code, Some(1001));
     let acked: Vec<u64> = frames
@@ -103,7 +130,7 @@ async fn publishes_once_shutdown_begins_are_refused_never_acknowledged_and_lost(
     );
     assert!(
         !refused.is_empty(),
-        "shutdown must have refused some of the {SENT} publishes (acked {})",
+        "shutdown must have refused some of the {sent} publishes (acked {})",
         acked.len()
     );
     let (frames, code) = legacy_reader.await.unwrap();
