@@ -9,8 +9,8 @@
 #   default: memory (1 node), redis://127.0.0.1:6379, nats://127.0.0.1:4222
 #   NO_BUILD=1 uses target/release as it is; SERVER_BINARY=path runs another rusty_socks build.
 #   PUBLISHERS=N (default 1) publishers on the first node, each sending MESSAGES.
-#   MAX_NODES=N (default 3) stops at N nodes per broker (1: the one-node comparison with the
-#   memory broker only). MESSAGES (default 2000): on a fast machine 2,000 is a 0.3 s burst, a
+#   MAX_NODES=N (default 3) stops at N nodes per broker (1: every broker with one node, the
+#   comparison with the memory broker). MESSAGES (default 2000): on a fast machine 2,000 is a 0.3 s burst, a
 #   few tens of the 10 ms ticks the server's CPU time is read in; MESSAGES=10000 reads closer.
 set -euo pipefail
 cd "$(dirname "$0")/.."

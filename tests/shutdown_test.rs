@@ -42,7 +42,9 @@ where
 /// acknowledged and then dropped: every publication the publisher saw acknowledged reached the
 /// subscriber before its 1001. The publisher keeps pipelining until its connection closes, so
 /// publishes certainly arrive after shutdown begins, however fast the server handles them (a
-/// fixed pipeline of 10,000 could be handled whole before the shutdown signal got there).
+/// fixed pipeline of 10,000 could be handled whole before the shutdown signal got there);
+/// whether the session handles any of them before it is closed is scheduling, so refusals are
+/// checked for their form here and for their rule in the node's unit tests.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_once_shutdown_begins_are_refused_never_acknowledged_and_lost() {
     const SENT: usize = 10_000;
@@ -101,7 +103,10 @@ async fn publishes_once_shutdown_begins_are_refused_never_acknowledged_and_lost(
     let stopped = server.begin_stop();
     let (mut frames, code) = read_to_close(&mut publisher).await;
     stop_sending.store(true, std::sync::atomic::Ordering::Relaxed);
-    let sent = sender.await.unwrap();
+    let sent = tokio::time::timeout(WAIT, sender)
+        .await
+        .expect("the publisher's sender ended with its connection")
+        .unwrap();
     frames.insert(0, first);
     assert_eq!(code, Some(1001));
     let acked: Vec<u64> = frames
@@ -128,10 +133,13 @@ async fn publishes_once_shutdown_begins_are_refused_never_acknowledged_and_lost(
         refused.len(),
         &lost[..lost.len().min(10)]
     );
+    // Shutdown cut the stream: what was not acknowledged was refused or never handled (the
+    // session closed first; which of the two, and how many, is scheduling). That a publish
+    // arriving after shutdown began is refused is `node_tests::
+    // a_publish_after_shutdown_begins_is_refused`.
     assert!(
-        !refused.is_empty(),
-        "shutdown must have refused some of the {sent} publishes (acked {})",
-        acked.len()
+        (acked.len() as u64) < sent,
+        "shutdown did not interrupt the {sent} publishes: all acknowledged"
     );
     let (frames, code) = legacy_reader.await.unwrap();
     assert_eq!(code, Some(1001));

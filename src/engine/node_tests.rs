@@ -466,3 +466,30 @@ async fn a_publish_that_outlives_the_shutdown_wait_is_not_acknowledged() {
     node.begin_shutdown(Duration::from_secs(5)).await;
     assert!(publishing.await.expect("task").is_ok());
 }
+
+#[tokio::test]
+async fn a_publish_after_shutdown_begins_is_refused() {
+    let (node, _broker) = faulty_node();
+    node.begin_shutdown(Duration::from_millis(20)).await;
+    let answer = node
+        .publish("room", json("1"), None, None, Caller::Server)
+        .await;
+    assert!(
+        matches!(answer, Err(ClientError::ShuttingDown)),
+        "{answer:?}"
+    );
+    let answers = node
+        .publish_batch(
+            "room",
+            vec![(json("1"), None), (json("2"), None)],
+            None,
+            Caller::Server,
+        )
+        .await;
+    assert!(
+        answers
+            .iter()
+            .all(|a| matches!(a, Err(ClientError::ShuttingDown))),
+        "{answers:?}"
+    );
+}

@@ -339,8 +339,10 @@ pub struct Pushing<'a> {
 }
 
 impl Pushing<'_> {
-    /// [`Outbox::try_push`] under the lock already held.
+    /// [`Outbox::try_push`] under the lock already held: one frame (a run goes through
+    /// [`Pushing::push_run`], which checks it fits whole).
     pub fn push(&mut self, frame: SharedFrame) -> Push {
+        debug_assert_eq!(frame.frames(), 1, "a run pushed as one frame");
         let Some(queue) = self.queue.as_deref_mut() else {
             return Push::Closed;
         };
@@ -452,7 +454,7 @@ fn hold_or_wake(shared: &Arc<Shared>, queue: MutexGuard<'_, Queue>) {
 /// Held back until the batch ends, the wake-ups go out once per subscriber per batch again,
 /// however many workers there are. Frames are queued at once either way; only the wake waits,
 /// for at most one batch of the publisher's messages ([`crate::engine::session`] yields every
-/// 16).
+/// 256).
 #[derive(Debug, Default)]
 pub struct WakeBatch {
     held: Vec<Arc<Shared>>,
@@ -545,8 +547,9 @@ impl OutboxReceiver {
     }
 
     /// Moves queued frames into `buf` until it holds `limit` bytes (at least one entry, a
-    /// frame or a run, if any is queued), compressed when the connection negotiated `deflate`; returns how many
-    /// frames were moved and since when the oldest of them waited ([`clock::stamp_us`]).
+    /// frame or a run, if any is queued), compressed when the connection negotiated
+    /// `deflate`; returns how many frames were moved and since when the oldest of them waited
+    /// ([`clock::stamp_us`]).
     pub fn drain_into(
         &self,
         buf: &mut BytesMut,
@@ -587,8 +590,9 @@ impl OutboxReceiver {
     /// how many frames were moved, since when the oldest of them waited
     /// ([`clock::stamp_us`]), their bytes as this connection sends them (`deflate`), and the
     /// bytes they keep alive (the plain frames, which a compressed one keeps too): a slow
-    /// client is bounded by what it keeps, not by what its frames compress to. For a transport that writes them without copying each
-    /// into a buffer of the connection's own (see `session/output.rs`).
+    /// client is bounded by what it keeps, not by what its frames compress to. For a
+    /// transport that writes them without copying each into a buffer of the connection's own
+    /// (see `session/output.rs`).
     pub fn drain_frames(
         &self,
         out: &mut VecDeque<SharedFrame>,

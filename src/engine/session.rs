@@ -721,8 +721,10 @@ where
 /// batch went to each subscriber as runs of frames (docs/BENCHMARKS.md, "Issue 19: a batch
 /// laid end to end once"): through Redis or NATS, where each pipeline costs a broker round
 /// trip and arrives as one batch, 10-30 % more deliveries per CPU-second; the memory broker
-/// the same. A slice of 256 messages to 1,000 subscribers takes a few milliseconds of the
-/// worker (about 20 at 10,000), and no outbox (1,024 frames by default) fills in one.
+/// the same. A slice of 256 messages holds the worker for its fan-out: about 2 ms at 1,000
+/// subscribers and 30 ms at 10,000 by the profile's user-space cost per delivery, what a slice
+/// of 64 took at 10,000 before runs. One publisher's slice does not fill an outbox of the
+/// default 1,024 frames; a much smaller `RUSTY_SOCKS_BUFFER` can (README says so).
 const MESSAGES_PER_YIELD: u64 = 256;
 
 /// Each message may fan out to many outboxes. Yielding every few messages makes a client that
