@@ -395,16 +395,23 @@ pub fn wire(data: &[u8]) {
         return;
     };
     match event {
-        WireEvent::Publication { epoch, publication } => {
+        WireEvent::Publication {
+            epoch,
+            publication,
+            run,
+        } => {
             // Epochs the server generates never contain the separator; one that does cannot
             // have come from `decode`.
             assert!(!epoch.contains('|'), "epoch {epoch:?}");
-            let again = wire::decode(&wire::publication(&epoch, &publication));
+            assert!(run >= 1, "run {run}");
+            let again = wire::decode(&wire::publication(&epoch, &publication, run));
             match again {
                 Ok(WireEvent::Publication {
                     epoch: epoch2,
                     publication: p2,
+                    run: run2,
                 }) => {
+                    assert_eq!(run2, run);
                     assert_eq!(epoch2, epoch);
                     assert_eq!(p2.offset, publication.offset);
                     assert_eq!(p2.client_id, publication.client_id);

@@ -18,16 +18,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::history::Arrived;
 use super::{Inner, unavailable};
 use crate::broker::batch::Batch;
-use crate::broker::local::Continuity;
 use crate::broker::{BrokerError, ClientInfo, wire};
 use crate::types::StreamPosition;
-
-/// How long a feed holds the first publication of an announced pipeline (`Rs-Run`) for the
-/// rest of it, which its publisher sends right behind it (a predicted pipeline) or right after
-/// the first one's ack (one JetStream round trip): far less than this unless the rest was
-/// refused (published again one by one) or the publisher failed. Bounds the extra wait of
-/// those cases.
-const RUN_WAIT: Duration = Duration::from_millis(20);
 
 /// Live delivery of one channel to this node; dropping it stops the task.
 pub(super) struct Feed {
@@ -178,8 +170,6 @@ impl Inner {
         stop: CancellationToken,
     ) {
         let mut batch = Batch::default();
-        // The last offset of the announced pipeline being held, if one is.
-        let mut run_end: Option<u64> = None;
         loop {
             // In this order: whatever the feed has received already is taken into the batch
             // before a due batch is delivered, so a task that was kept from running (a busy
@@ -199,8 +189,8 @@ impl Inner {
                 }
                 message = streams.history.next() => match message {
                     Some(Ok(message)) => {
-                        if self.deliver(&channel, &message, &live, &mut batch, &mut run_end) {
-                            self.flush(&mut batch, &live, &mut run_end);
+                        if self.deliver(&channel, &message, &live, &mut batch) {
+                            self.flush(&mut batch, &live);
                         }
                         false
                     }
@@ -213,14 +203,14 @@ impl Inner {
                 message = streams.events.next() => match message {
                     Some(message) => {
                         if self.deliver_event(&channel, &message.payload, &mut batch) {
-                            self.flush(&mut batch, &live, &mut run_end);
+                            self.flush(&mut batch, &live);
                         }
                         false
                     }
                     None => true,
                 },
                 () = batch.due(), if batch.holding() => {
-                    self.flush(&mut batch, &live, &mut run_end);
+                    self.flush(&mut batch, &live);
                     false
                 }
             };
@@ -228,7 +218,7 @@ impl Inner {
                 continue;
             }
             // What arrived before goes out before any gap the reopening reports.
-            self.flush(&mut batch, &live, &mut run_end);
+            self.flush(&mut batch, &live);
             self.delete_consumer(std::mem::take(&mut streams.consumer));
             let mut backoff = Duration::from_millis(100);
             streams = loop {
@@ -262,27 +252,22 @@ impl Inner {
 
     /// Delivers what `batch` holds, unless the feed was stopped meanwhile. A pipeline not
     /// complete by then is no longer waited for.
-    fn flush(&self, batch: &mut Batch, live: &Live, run_end: &mut Option<u64>) {
+    fn flush(&self, batch: &mut Batch, live: &Live) {
         live.run(|| batch.flush(&*self.events));
         batch.discard();
-        *run_end = None;
     }
 
     /// Takes one publication into `batch`; `true` if the batch must be delivered now.
     ///
-    /// The first publication of a pipeline says how many follow it (`Rs-Run`): it is held
-    /// (even after a quiet spell) until the pipeline's last offset arrives or [`RUN_WAIT`]
-    /// passes; then the batch is due as usual (the window after its first event, at once if
-    /// that has passed). So the pipeline wakes each subscriber once, as the memory broker's
-    /// gathered publish does, rather than for its first publication and then for the rest,
-    /// and what follows within the window still joins it.
+    /// The first publication of a pipeline says how many follow it (`Rs-Run`): the batch
+    /// waits for the rest ([`Batch::expect_run`]), so the pipeline wakes each subscriber
+    /// once, as the memory broker's gathered publish does.
     fn deliver(
         &self,
         channel: &str,
         message: &jetstream::Message,
         live: &Live,
         batch: &mut Batch,
-        run_end: &mut Option<u64>,
     ) -> bool {
         let (epoch, publication, run) = match Arrived::decode(message) {
             Ok(Arrived {
@@ -299,38 +284,12 @@ impl Inner {
                 return false;
             }
         };
-        let offset = publication.offset;
         let mut now = false;
-        let mut held = false;
-        live.run(|| match self.subs.observe(channel, epoch, offset) {
-            Continuity::Next => {
-                now = batch.publication(channel, epoch, publication);
-                held = true;
-            }
-            Continuity::Gap => {
-                let quiet = batch.gap(channel);
-                now = batch.publication(channel, epoch, publication) || quiet;
-                held = true;
-            }
-            Continuity::Seen | Continuity::Unwanted => {}
+        live.run(|| {
+            let continuity = self.subs.observe(channel, epoch, publication.offset);
+            now = batch.arrived(channel, epoch, publication, continuity, run);
         });
-        if !held {
-            return now;
-        }
-        if run > 1 {
-            *run_end = Some(offset.saturating_add(run - 1));
-            batch.hold_for(RUN_WAIT);
-            return batch.full();
-        }
-        match *run_end {
-            Some(end) if offset >= end => {
-                *run_end = None;
-                batch.stop_holding();
-                batch.full()
-            }
-            Some(_) => batch.full(),
-            None => now,
-        }
+        now
     }
 
     /// Takes one join or leave into `batch`; `true` if the batch must be delivered now.

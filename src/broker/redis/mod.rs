@@ -51,7 +51,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::batch::Batch;
-use super::local::{Continuity, PresenceEntries, Subscriptions};
+use super::local::{PresenceEntries, Subscriptions};
 use super::wire::{self, WireEvent};
 use super::{
     Broker, BrokerError, BrokerEvents, BrokerFuture, BrokerStatus, ClientInfo, HistoryPage,
@@ -206,10 +206,14 @@ impl Shared {
     }
 
     /// The [`PUBLISH`] script's invocation for `request` on `channel`.
+    /// The publish script's call for `request`; `run` is how many publications it starts that
+    /// are sent together (1: just itself), announced to the receiving nodes (`p<n>` in
+    /// [`wire`]) so they wake their subscribers once for all of them.
     fn publish_invocation(
         &self,
         channel: &str,
         request: &PublishRequest,
+        run: usize,
     ) -> redis::ScriptInvocation<'_> {
         let limits = request.history;
         let keep = STREAM_KEEP.max(limits.ttl.unwrap_or_default());
@@ -234,7 +238,12 @@ impl Shared {
             .arg(limits.max_bytes.min(MAX_READ))
             .arg(millis(keep))
             .arg(crate::broker::history::new_epoch())
-            .arg(window);
+            .arg(window)
+            .arg(if run > 1 {
+                run.to_string()
+            } else {
+                String::new()
+            });
         invocation
     }
 
@@ -346,18 +355,15 @@ impl Shared {
             }
         };
         match event {
-            WireEvent::Publication { epoch, publication } => {
-                match self
+            WireEvent::Publication {
+                epoch,
+                publication,
+                run,
+            } => {
+                let continuity = self
                     .subscriptions
-                    .observe(channel, &epoch, publication.offset)
-                {
-                    Continuity::Next => batch.publication(channel, &epoch, publication),
-                    Continuity::Gap => {
-                        let quiet = batch.gap(channel);
-                        batch.publication(channel, &epoch, publication) || quiet
-                    }
-                    Continuity::Seen | Continuity::Unwanted => false,
-                }
+                    .observe(channel, &epoch, publication.offset);
+                batch.arrived(channel, &epoch, publication, continuity, run)
             }
             WireEvent::Join(client) if self.subscriptions.wanted(channel) => {
                 batch.join(channel, client)
@@ -564,7 +570,7 @@ impl Broker for RedisBroker {
     ) -> BrokerFuture<'a, Published> {
         Box::pin(async move {
             let shared = &self.shared;
-            let invocation = shared.publish_invocation(channel, &request);
+            let invocation = shared.publish_invocation(channel, &request, 1);
             let (lease, mut conn) = shared.commands.get().await?;
             let reply: PublishReply = lease.finish(invocation.invoke_async(&mut conn).await)?;
             Ok(published(reply))

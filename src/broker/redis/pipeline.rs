@@ -4,8 +4,9 @@
 //! Why: a publish is a round trip to Redis. A client that sends many messages at once would
 //! otherwise publish them one round trip after another, and each would reach the other
 //! nodes' subscriptions alone, so every subscriber there is woken (and written to) once per
-//! message. Pipelined, they arrive together and the receiving node delivers them in one
-//! batch ([`crate::broker::batch`]). Redis runs the scripts in the order they were sent, so
+//! message. Pipelined, they arrive close together, and the first announces how many follow
+//! it (`p<n>`, [`crate::broker::wire`]), so the receiving node delivers them in one batch
+//! ([`crate::broker::batch`]) however long Redis takes to run the scripts. Redis runs the scripts in the order they were sent, so
 //! offsets follow the requests' order.
 
 use redis::{ErrorKind, RedisResult, ServerErrorKind};
@@ -82,8 +83,11 @@ impl Shared {
     ) -> Result<Vec<RedisResult<PublishReply>>, BrokerError> {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
+        // The first says how many follow it, so receiving nodes hold it for the rest.
+        let mut run = requests.len();
         for request in requests {
-            pipe.invoke_script(&self.publish_invocation(channel, request));
+            pipe.invoke_script(&self.publish_invocation(channel, request, run));
+            run = 1;
         }
         let (lease, mut conn) = self.commands.get().await?;
         let replies: Vec<RedisResult<PublishReply>> =

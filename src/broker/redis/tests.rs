@@ -134,6 +134,68 @@ async fn two_nodes_share_publications_and_presence() {
     assert_eq!(b.presence("room").await.expect("presence"), vec![ann]);
 }
 
+fn request(n: u64) -> PublishRequest {
+    PublishRequest {
+        data: conformance::json(&n.to_string()),
+        client_id: None,
+        history: crate::broker::history::HistoryLimits {
+            size: 100,
+            ttl: None,
+            max_bytes: 1 << 20,
+        },
+        idempotency: None,
+    }
+}
+
+/// A pipeline's first publication announces the rest (`p<n>`), so every subscribed node hands
+/// the pipeline to its subscribers in one go, even after a quiet spell (which alone would
+/// deliver the first publication at once and the rest when they arrived), and however long
+/// Redis takes to run the scripts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
+async fn a_pipeline_reaches_every_node_as_one_batch_in_order() {
+    let (url, prefix) = (url(), prefix());
+    let (events_a, events_b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
+    let a = RedisBroker::connect(options(&url, &prefix), events_a.clone())
+        .await
+        .expect("redis");
+    let b = RedisBroker::connect(options(&url, &prefix), events_b.clone())
+        .await
+        .expect("redis");
+    let c = "pipelined";
+    a.subscribe(c).await.expect("subscribe");
+    b.subscribe(c).await.expect("subscribe");
+    a.publish(c, request(0)).await.expect("publish");
+    for events in [&events_a, &events_b] {
+        assert_eq!(events.wait_for(c, 1).await.len(), 1);
+    }
+    let mut offset = 1;
+    for round in 0..3 {
+        tokio::time::sleep(crate::broker::batch::QUIET * 2).await;
+        let requests = (0..16).map(|n| request(round * 100 + n)).collect();
+        let published: Vec<u64> = a
+            .publish_batch(c, requests)
+            .await
+            .expect("pipeline")
+            .into_iter()
+            .map(|p| p.expect("publish").position.offset)
+            .collect();
+        assert_eq!(published, (offset + 1..=offset + 16).collect::<Vec<_>>());
+        offset += 16;
+    }
+    let expected: Vec<Event> = (1..=offset)
+        .map(|n| Event::Publication(c.into(), n))
+        .collect();
+    for events in [&events_a, &events_b] {
+        assert_eq!(events.wait_for(c, expected.len()).await, expected);
+        assert_eq!(
+            events.runs(c),
+            [1, 16, 16, 16],
+            "each pipeline handed over in one go"
+        );
+    }
+}
+
 #[tokio::test]
 #[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
 async fn reading_a_never_published_channel_creates_no_keys() {
