@@ -112,3 +112,41 @@ async fn a_reply_is_never_overtaken_by_frames_queued_after_it() {
     }
     server.stop().await;
 }
+
+/// `RUSTY_SOCKS_WRITE_DELAY_MS`: a subscriber that was just written to waits for more. What is
+/// published once the first message has reached it arrives no sooner than the delay after
+/// that first message was sent (the server cannot have written it earlier, and what follows
+/// waits for the delay since that write), all of it and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_write_delay_what_follows_a_write_waits_for_the_delay() {
+    const DELAY: Duration = Duration::from_millis(100);
+    const FOLLOWING: usize = 20;
+    let server = TestServer::start(|c| c.write_delay = DELAY).await;
+    let mut subscriber = RawClient::connect(server.addr, "/ws").await;
+    let (_, welcome) = subscriber.read_frame().await.expect("welcome");
+    let welcome: Value = serde_json::from_slice(&welcome).expect("welcome JSON");
+    assert_eq!(welcome["type"], "Connect", "{welcome}");
+    let (mut publisher, _) = join(&server).await;
+
+    let chat = |i: usize| json!({"sender": "p", "content": format!("m{i}")}).to_string();
+    let content = |frame: Option<(u8, Vec<u8>)>| {
+        let (_, payload) = frame.expect("a frame");
+        let chat: Value = serde_json::from_slice(&payload).expect("chat JSON");
+        chat["content"].as_str().expect("content").to_owned()
+    };
+    let sent = std::time::Instant::now();
+    send_text(&mut publisher, &chat(0)).await;
+    assert_eq!(content(subscriber.read_frame().await), "m0");
+    for i in 1..=FOLLOWING {
+        send_text(&mut publisher, &chat(i)).await;
+    }
+    for i in 1..=FOLLOWING {
+        assert_eq!(content(subscriber.read_frame().await), format!("m{i}"));
+        assert!(
+            sent.elapsed() >= DELAY,
+            "m{i} arrived {:?} after m0 was sent, before the delay",
+            sent.elapsed()
+        );
+    }
+    server.stop().await;
+}

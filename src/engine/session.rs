@@ -18,13 +18,13 @@ use tokio::time::timeout;
 
 use super::outbox::{OutboxReceiver, WakeBatch};
 use crate::engine::stats::Stats;
-use crate::types::clock::now_us;
+use crate::types::clock::{micros_since, now_us, stamp_us};
 use crate::ws::close::CloseCode;
 use crate::ws::deflate::{self, Deflate};
 use crate::ws::frame::{OpCode, encode_into};
 use crate::ws::reader::Incoming;
 use crate::ws::transport::{READ_CHUNK, Transport, reserve_for_read};
-use busy::{Busy, busy, pending_write, replies_in};
+use busy::{Busy, busy, pending_write, poll_due, replies_in};
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -47,6 +47,8 @@ pub struct SessionConfig {
     ping_ms: u32,
     timeout_ms: u32,
     close_grace_ms: u32,
+    /// Microseconds; 0 = write at once (see [`SessionConfig::with_write_delay`]).
+    write_delay_us: u32,
     /// permessage-deflate, when the connection negotiated it.
     deflate: Option<Deflate>,
 }
@@ -74,8 +76,24 @@ impl SessionConfig {
             ping_ms: ping_interval.map_or(0, millis),
             timeout_ms: millis(timeout),
             close_grace_ms: millis(close_grace),
+            write_delay_us: 0,
             deflate: None,
         }
+    }
+
+    /// The same settings with a write delay (`RUSTY_SOCKS_WRITE_DELAY_MS`): frames the outbox
+    /// wakes the session for wait until `delay` has passed since its last write, if that
+    /// was more recent, so a connection that streams writes about once per `delay`, each
+    /// write carrying what arrived meanwhile, and one that was quiet for `delay` writes at
+    /// once. On a busy server every write is a system call and, on loopback or a LAN, most
+    /// of a delivery's cost: at a high rate per channel, a few milliseconds of delay save
+    /// most of them (docs/BENCHMARKS.md, "Write delay"). Replies to the client's own
+    /// messages never wait (they take queued frames along), nor does a write already under
+    /// way. Frames that wait count against the outbox's limit (`RUSTY_SOCKS_BUFFER`).
+    /// Rounded up to the runtime timer's millisecond.
+    pub fn with_write_delay(mut self, delay: Duration) -> Self {
+        self.write_delay_us = u32::try_from(delay.as_micros()).unwrap_or(u32::MAX);
+        self
     }
 
     /// The same settings on a connection that negotiated permessage-deflate (`Some`): the
@@ -99,6 +117,10 @@ impl SessionConfig {
 
     fn close_grace(&self) -> Duration {
         Duration::from_millis(u64::from(self.close_grace_ms))
+    }
+
+    fn write_delay_us(&self) -> u64 {
+        u64::from(self.write_delay_us)
     }
 }
 
@@ -177,6 +199,8 @@ pub trait Handler: Send {
 enum Event {
     /// The outbox woke the session: frames, a close request, a tick or gaps.
     Woken,
+    /// The write delay of frames held back for more has passed (`Session::hold_for_more`).
+    Due,
     /// The socket took bytes of what waits (frames, then the write buffer).
     Written(std::io::Result<usize>),
     /// TLS flushed the records it held.
@@ -444,7 +468,12 @@ where
                             self.on_tick(now, &mut next_ping);
                         }
                         // Not while the write buffer is at its high mark (a tick's ping may
-                        // have taken it there).
+                        // have taken it there), nor while the write delay holds them back.
+                        if self.write_waiting() < WRITE_HIGH_WATER && !self.hold_for_more() {
+                            self.take_from_outbox();
+                        }
+                    }
+                    Event::Due => {
                         if self.write_waiting() < WRITE_HIGH_WATER {
                             self.take_from_outbox();
                         }
@@ -556,7 +585,17 @@ where
     fn poll_event(&mut self, cx: &mut Context<'_>, turn: u8, read: bool) -> Poll<Event> {
         for source in 0..4u8 {
             let polled = match turn.wrapping_add(source) % 4 {
-                0 => self.outbox.poll_woken(cx).map(|()| Event::Woken),
+                0 => {
+                    let due = self
+                        .busy
+                        .as_deref_mut()
+                        .is_some_and(|busy| busy.held && poll_due(busy, cx));
+                    if due {
+                        Poll::Ready(Event::Due)
+                    } else {
+                        self.outbox.poll_woken(cx).map(|()| Event::Woken)
+                    }
+                }
                 1 => match pending_write(&self.busy) {
                     Some(busy) => output::poll_write(
                         &self.io,
@@ -583,11 +622,47 @@ where
         Poll::Pending
     }
 
+    /// With a write delay ([`SessionConfig::with_write_delay`]): whether the frames the outbox
+    /// woke the session for wait for more instead of being taken now. They wait when the
+    /// last write was less than the delay ago and nothing is being written (a write under way
+    /// takes them along for free), until the delay has passed since that write
+    /// ([`Event::Due`]). With no [`Busy`] state nothing was written lately: it is dropped
+    /// only after a heartbeat tick with nothing in it.
+    fn hold_for_more(&mut self) -> bool {
+        let delay = self.config.write_delay_us();
+        if delay == 0 || self.outbox.is_empty() {
+            return false;
+        }
+        let Some(busy) = self.busy.as_deref_mut() else {
+            return false;
+        };
+        if busy.held {
+            return true;
+        }
+        if busy.last_write == 0 || !busy.wbuf.is_empty() || !busy.frames.is_empty() {
+            return false;
+        }
+        let since = micros_since(busy.last_write);
+        if since >= delay {
+            return false;
+        }
+        let due = tokio::time::Instant::now() + Duration::from_micros(delay - since);
+        match busy.timer.as_mut() {
+            Some(timer) => timer.as_mut().reset(due),
+            None => busy.timer = Some(Box::pin(tokio::time::sleep_until(due))),
+        }
+        busy.held = true;
+        true
+    }
+
     /// Accounts for `n` written bytes; an emptied buffer is released, and queued frames that
     /// waited for room move in (pushes only wake the session when its queue was empty).
     fn wrote(&mut self, n: usize) {
         let stats = self.guards.stats();
         let busy = busy(&mut self.busy, &self.config);
+        if self.config.write_delay_us() > 0 {
+            busy.last_write = stamp_us();
+        }
         output::advance(&mut busy.frames, &mut busy.wbuf, n, self.config.deflate);
         stats.add_bytes_out(n);
         let nothing_waits = busy.wbuf.is_empty() && busy.frames.is_empty();
@@ -650,6 +725,7 @@ where
             parser,
             batch_since,
             frames,
+            ..
         } = busy(&mut self.busy, &self.config);
         let frames_before = parser.frames();
         let mut replies = Replies {

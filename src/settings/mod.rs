@@ -70,6 +70,10 @@ pub struct Config {
     pub timeout: Duration,
     /// `RUSTY_SOCKS_PING`: interval between server pings.
     pub ping_interval: Duration,
+    /// `RUSTY_SOCKS_WRITE_DELAY_MS`: how long a connection that wrote less than this ago
+    /// waits for more messages before writing again (0: never waits); see
+    /// [`crate::engine::session::SessionConfig::with_write_delay`].
+    pub write_delay: Duration,
     /// `RUSTY_SOCKS_THREAD_POOL_SIZE`: worker threads of the tokio runtime.
     pub worker_threads: usize,
     /// `RUSTY_SOCKS_MAX_QUEUED_TASKS`: accepted sockets allowed to be mid-handshake at once.
@@ -221,6 +225,7 @@ impl Default for Config {
             buffer: 1024,
             timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(30),
+            write_delay: Duration::ZERO,
             worker_threads: 4,
             max_queued_tasks: 1000,
             max_message_size: 64 * 1024,

@@ -97,6 +97,12 @@ pub const SETTINGS: &[Setting] = &[
         meaning: "seconds between server pings (must be below TIMEOUT)",
     },
     Setting {
+        var: "RUSTY_SOCKS_WRITE_DELAY_MS",
+        default: "0",
+        kind: Kind::Int,
+        meaning: "milliseconds a streaming connection's writer waits for more messages before writing, 0-100 (0: at once)",
+    },
+    Setting {
         var: "RUSTY_SOCKS_THREAD_POOL_SIZE",
         default: "4",
         kind: Kind::Int,

@@ -1,6 +1,11 @@
 //! What a session holds only while it has something to do, and the helpers that reach it.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Context;
+
 use bytes::BytesMut;
+use tokio::time::Sleep;
 
 use super::output::Frames;
 use super::{Replies, SessionConfig};
@@ -25,6 +30,13 @@ pub(super) struct Busy {
     /// [`stamp_us`](crate::types::clock::stamp_us); 0: none), for the queue-to-socket
     /// latency histogram.
     pub(super) batch_since: u32,
+    /// When the last write went out (a [`stamp_us`](crate::types::clock::stamp_us); 0: none
+    /// since this state was made), kept only with a write delay.
+    pub(super) last_write: u32,
+    /// Whether queued frames are held back for more until `timer` fires (the write delay).
+    pub(super) held: bool,
+    /// The write delay's timer, made the first time frames are held back and reused.
+    pub(super) timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Busy {
@@ -34,6 +46,7 @@ impl Busy {
             && self.wbuf.is_empty()
             && self.frames.is_empty()
             && self.batch_since == 0
+            && !self.held
             && self.parser.between_messages()
     }
 }
@@ -48,8 +61,24 @@ pub(super) fn busy<'a>(slot: &'a mut Option<Box<Busy>>, config: &SessionConfig) 
             frames: Frames::default(),
             parser: MessageReader::with_deflate(config.max_message(), config.deflate.is_some()),
             batch_since: 0,
+            last_write: 0,
+            held: false,
+            timer: None,
         })
     })
+}
+
+/// Whether the write delay of held-back frames has passed (use only while `busy.held`); if
+/// so, they are held no longer.
+pub(super) fn poll_due(busy: &mut Busy, cx: &mut Context<'_>) -> bool {
+    let due = busy
+        .timer
+        .as_mut()
+        .is_none_or(|timer| timer.as_mut().poll(cx).is_ready());
+    if due {
+        busy.held = false;
+    }
+    due
 }
 
 /// Replies into the write buffer.
