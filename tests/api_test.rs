@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use rusty_socks::settings::{Config, Secret};
 use serde_json::{Value, json};
@@ -270,6 +272,45 @@ async fn disconnect_closes_every_connection_of_the_user_with_4501() {
     assert_eq!(body["disconnected_here"], 2);
     assert_eq!(recv_close_code(&mut a).await, 4501);
     assert_eq!(recv_close_code(&mut b).await, 4501);
+    server.stop().await;
+}
+
+/// With a write delay, frames held back for it would already have been written without it:
+/// a disconnect does not drop them. The publish is acknowledged only once it is in the
+/// subscriber's queue, so the disconnect comes while the frame waits there (or, on a slow
+/// machine, after the delay wrote it: the order seen is the same).
+#[tokio::test]
+async fn disconnect_delivers_what_the_write_delay_held_back_first() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let secret = "test-secret-0123456789";
+    let server = TestServer::start(|c| {
+        with_api(c);
+        c.jwt_secret = Some(Secret(secret.into()));
+        c.write_delay = Duration::from_millis(100);
+    })
+    .await;
+    let url = |user: &str| {
+        let claims = json!({"sub": user});
+        let key = EncodingKey::from_secret(secret.as_bytes());
+        let token = encode(&Header::default(), &claims, &key).unwrap();
+        server.url(&format!("/ws?token={token}"))
+    };
+    let (mut gus, _) = v1_client_url(&url("gus")).await;
+    subscribe(&mut gus, "news").await;
+    let (mut publisher, _) = v1_client_url(&url("pia")).await;
+    for (id, data) in [(1, "m0"), (2, "m1")] {
+        let command = json!({"type":"publish","id":id,"channel":"news","data":data});
+        let reply = call(&mut publisher, command).await;
+        assert_eq!(reply["type"], "published", "{reply}");
+        if id == 1 {
+            assert_eq!(recv_json(&mut gus).await["data"], "m0");
+        }
+    }
+    let body = r#"{"user":"gus"}"#;
+    let (status, reply) = api(&server, "POST", "/api/disconnect", Some(body)).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(recv_json(&mut gus).await["data"], "m1");
+    assert_eq!(recv_close_code(&mut gus).await, 4501);
     server.stop().await;
 }
 

@@ -43,9 +43,11 @@ pub const WINDOW: Duration = Duration::from_millis(1);
 /// How recent the previous event must be for a new one to be held at all.
 pub const QUIET: Duration = Duration::from_millis(100);
 
-/// How long a batch waits for the rest of an announced pipeline ([`Batch::arrived`]): its
-/// publisher sent them together, so they follow within milliseconds unless some were refused
-/// (published again one by one) or the publisher failed. Bounds the extra wait of those cases.
+/// How long a batch's first event may wait for the rest of announced pipelines
+/// ([`Batch::arrived`]): a publisher sent them together, so they follow within milliseconds,
+/// unless some were refused (published again one by one), the publisher failed, or (Redis) an
+/// idempotent duplicate among them published nothing, so the announced last offset never
+/// comes. Bounds the extra wait of those cases.
 pub const RUN_WAIT: Duration = Duration::from_millis(20);
 
 /// Events held at most: a full batch is delivered at once. As many as a publisher's pipeline
@@ -79,11 +81,12 @@ pub struct Batch {
     last: Option<Instant>,
     /// Fires when the held events are due; reset when the first one is held.
     timer: std::pin::Pin<Box<Sleep>>,
-    /// When the held events are due without a longer wait ([`Batch::hold_for`]).
+    /// When the held events are due without a longer wait ([`Batch::hold_until`]): the
+    /// usual window after the first one.
     window_end: Instant,
-    /// The channel and last offset of the announced pipeline being waited for, if one is
-    /// ([`Batch::expect_run`]).
-    run_end: Option<(String, u64)>,
+    /// The channel and last offset of each announced pipeline being waited for
+    /// ([`Batch::expect_run`]); a few at most (one per channel).
+    runs: Vec<(String, u64)>,
 }
 
 impl Default for Batch {
@@ -94,7 +97,7 @@ impl Default for Batch {
             last: None,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             window_end: Instant::now(),
-            run_end: None,
+            runs: Vec::new(),
         }
     }
 }
@@ -130,14 +133,14 @@ impl Batch {
     }
 
     /// Holds a publication; `true` if the batch must be flushed now.
-    pub fn publication(&mut self, channel: &str, epoch: &str, publication: Publication) -> bool {
+    fn publication(&mut self, channel: &str, epoch: &str, publication: Publication) -> bool {
         let now = self.note_arrival();
-        if let Some((run_channel, end)) = &self.run_end
-            && run_channel == channel
-            && publication.offset >= *end
-        {
-            self.run_end = None;
-            self.stop_holding();
+        if !self.runs.is_empty() {
+            let offset = publication.offset;
+            self.runs.retain(|(c, end)| c != channel || offset < *end);
+            if self.runs.is_empty() {
+                self.stop_holding();
+            }
         }
         if let Some(Held::Run {
             channel: run_channel,
@@ -163,7 +166,7 @@ impl Batch {
 
     /// Holds a gap report (in order with the publications around it); `true` if the batch
     /// must be flushed now.
-    pub fn gap(&mut self, channel: &str) -> bool {
+    fn gap(&mut self, channel: &str) -> bool {
         self.hold(Held::Gap(channel.to_owned()))
     }
 
@@ -205,31 +208,34 @@ impl Batch {
         self.count >= MAX_HELD
     }
 
-    /// Keeps what is held until at least `wait` from now (unless it fills up first): for an
-    /// announced pipeline ([`Batch::expect_run`]), until its last offset has arrived
+    /// Keeps what is held until at least `until` (unless it fills up first): for announced
+    /// pipelines ([`Batch::expect_run`]), until their last offsets have arrived
     /// ([`Batch::stop_holding`]).
-    fn hold_for(&mut self, wait: Duration) {
-        let until = Instant::now() + wait;
+    fn hold_until(&mut self, until: Instant) {
         if self.holding() && self.timer.deadline() < until {
             self.timer.as_mut().reset(until);
         }
     }
 
     /// Says that the publication of `channel` just held at `offset` starts a pipeline of `run`
-    /// (its publisher sent them together): what is held waits for the pipeline's last offset
-    /// (at most [`RUN_WAIT`]), even if it arrived after a quiet spell, and is then due as
-    /// usual. The caller delivers the batch only if it is full. A later announcement
-    /// replaces an earlier one (of this or another channel) still waited for: the wait only
-    /// grows, and stays bounded by [`RUN_WAIT`] and [`MAX_HELD`].
+    /// (its publisher sent them together): what is held waits for the pipeline's last offset,
+    /// even if it arrived after a quiet spell, and is then due as usual. The caller delivers
+    /// the batch only if it is full. Several channels' pipelines may be waited for at once
+    /// (one receive task serves every channel of a Redis node); the batch waits for all of
+    /// them, at most [`RUN_WAIT`] after its first event, or until [`MAX_HELD`].
     fn expect_run(&mut self, channel: &str, offset: u64, run: u64) {
         if run <= 1 {
             return;
         }
-        self.run_end = Some((channel.to_owned(), offset.saturating_add(run - 1)));
-        self.hold_for(RUN_WAIT);
+        let end = offset.saturating_add(run - 1);
+        match self.runs.iter_mut().find(|(c, _)| c == channel) {
+            Some(pending) => pending.1 = end,
+            None => self.runs.push((channel.to_owned(), end)),
+        }
+        self.hold_until(self.window_end - WINDOW + RUN_WAIT);
     }
 
-    /// Ends a longer wait ([`Batch::hold_for`]): what is held is due when it would have been
+    /// Ends a longer wait ([`Batch::hold_until`]): what is held is due when it would have been
     /// without it, at once if that time has passed. Later events still join it until then,
     /// so a subscriber's wake may carry more than what was waited for.
     fn stop_holding(&mut self) {
@@ -272,7 +278,7 @@ impl Batch {
     pub fn discard(&mut self) {
         self.held.clear();
         self.count = 0;
-        self.run_end = None;
+        self.runs.clear();
     }
 }
 
@@ -366,14 +372,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_batch_told_more_is_coming_waits_longer_and_only_then() {
         let mut batch = Batch::default();
-        batch.hold_for(Duration::from_millis(20));
+        batch.hold_until(Instant::now() + Duration::from_millis(20));
         assert!(!batch.holding(), "nothing held: nothing to wait for");
         assert!(batch.publication("c", "e", publication(1)));
         batch.discard();
         assert!(!batch.publication("c", "e", publication(2)));
         let waited = Instant::now();
-        batch.hold_for(Duration::from_millis(20));
-        batch.hold_for(Duration::from_millis(5));
+        batch.hold_until(Instant::now() + Duration::from_millis(20));
+        batch.hold_until(Instant::now() + Duration::from_millis(5));
         assert!(!batch.publication("c", "e", publication(3)));
         batch.due().await;
         assert_eq!(
@@ -393,14 +399,14 @@ mod tests {
         // What was waited for came early: due at the end of the usual window.
         let waited = Instant::now();
         assert!(!batch.publication("c", "e", publication(5)));
-        batch.hold_for(Duration::from_millis(20));
+        batch.hold_until(Instant::now() + Duration::from_millis(20));
         batch.stop_holding();
         batch.due().await;
         assert_eq!(waited.elapsed(), WINDOW);
         batch.flush(&node);
         // ... or late: due at once.
         assert!(!batch.publication("c", "e", publication(6)));
-        batch.hold_for(Duration::from_millis(20));
+        batch.hold_until(Instant::now() + Duration::from_millis(20));
         tokio::time::advance(WINDOW * 3).await;
         let waited = Instant::now();
         batch.stop_holding();
@@ -463,6 +469,38 @@ mod tests {
             Continuity::Next,
             1
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pipelines_of_several_channels_are_all_waited_for_and_run_wait_bounds_the_first() {
+        let mut batch = Batch::default();
+        let node = Recorder::default();
+        let waited = Instant::now();
+        assert!(!batch.arrived("a", "e", publication(1), Continuity::Next, 3));
+        assert!(!batch.arrived("b", "e", publication(1), Continuity::Next, 2));
+        assert!(!batch.arrived("b", "e", publication(2), Continuity::Next, 1));
+        tokio::time::advance(WINDOW * 5).await;
+        assert!(
+            tokio::time::timeout(Duration::ZERO, batch.due())
+                .await
+                .is_err(),
+            "b is complete, a is not: still waiting"
+        );
+        assert!(!batch.arrived("a", "e", publication(2), Continuity::Next, 1));
+        assert!(!batch.arrived("a", "e", publication(3), Continuity::Next, 1));
+        batch.due().await;
+        assert_eq!(waited.elapsed(), WINDOW * 5, "both complete: due at once");
+        batch.flush(&node);
+        assert_eq!((node.runs("a"), node.runs("b")), (vec![1, 2], vec![2]));
+
+        // Announcements that keep coming and never complete: the first event waits RUN_WAIT.
+        let waited = Instant::now();
+        for offset in 4..10 {
+            assert!(!batch.arrived("a", "e", publication(offset), Continuity::Next, 100));
+            tokio::time::advance(RUN_WAIT / 8).await;
+        }
+        batch.due().await;
+        assert_eq!(waited.elapsed(), RUN_WAIT);
     }
 
     #[tokio::test(start_paused = true)]

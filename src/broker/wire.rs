@@ -104,14 +104,14 @@ pub fn decode(bytes: &[u8]) -> Result<WireEvent, WireError> {
     }
 }
 
-/// The pipeline size after a publication's `p`: nothing (1), or more than one in plain digits.
+/// The pipeline size after a publication's `p`: nothing (1), or more than one in plain digits
+/// without leading zeros (as [`publication`] writes it).
 fn run_of(digits: &str) -> Result<u64, WireError> {
     if digits.is_empty() {
         return Ok(1);
     }
-    digits
-        .bytes()
-        .all(|b| b.is_ascii_digit())
+    let canonical = digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0');
+    canonical
         .then(|| digits.parse::<u64>().ok())
         .flatten()
         .filter(|run| *run > 1)
@@ -220,6 +220,7 @@ mod tests {
             b"p|e|1||{",
             b"p1|e|1||1",
             b"p0|e|1||1",
+            b"p02|e|1||1",
             b"p+5|e|1||1",
             b"px|e|1||1",
             b"p99999999999999999999|e|1||1",

@@ -18,13 +18,13 @@ use tokio::time::timeout;
 
 use super::outbox::{OutboxReceiver, WakeBatch};
 use crate::engine::stats::Stats;
-use crate::types::clock::{micros_since, now_us, stamp_us};
+use crate::types::clock::{now_us, stamp_us};
 use crate::ws::close::CloseCode;
 use crate::ws::deflate::{self, Deflate};
 use crate::ws::frame::{OpCode, encode_into};
 use crate::ws::reader::Incoming;
 use crate::ws::transport::{READ_CHUNK, Transport, reserve_for_read};
-use busy::{Busy, busy, pending_write, poll_due, replies_in};
+use busy::{Busy, busy, pending_write, replies_in};
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -81,16 +81,9 @@ impl SessionConfig {
         }
     }
 
-    /// The same settings with a write delay (`RUSTY_SOCKS_WRITE_DELAY_MS`): frames the outbox
-    /// wakes the session for wait until `delay` has passed since its last write, if that
-    /// was more recent, so a connection that streams writes about once per `delay`, each
-    /// write carrying what arrived meanwhile, and one that was quiet for `delay` writes at
-    /// once. On a busy server every write is a system call and, on loopback or a LAN, most
-    /// of a delivery's cost: at a high rate per channel, a few milliseconds of delay save
-    /// most of them (docs/BENCHMARKS.md, "Write delay"). Replies to the client's own
-    /// messages never wait (they take queued frames along), nor does a write already under
-    /// way. Frames that wait count against the outbox's limit (`RUSTY_SOCKS_BUFFER`).
-    /// Rounded up to the runtime timer's millisecond.
+    /// The same settings with a write delay (`RUSTY_SOCKS_WRITE_DELAY_MS`): a connection written
+    /// to less than `delay` ago waits until then before its next write (see `session/delay.rs`
+    /// for why and how). Zero writes at once.
     pub fn with_write_delay(mut self, delay: Duration) -> Self {
         self.write_delay_us = u32::try_from(delay.as_micros()).unwrap_or(u32::MAX);
         self
@@ -515,7 +508,9 @@ where
             busy.wbuf = BytesMut::new();
         }
         busy.frames.release();
-        if !pending_input && busy.is_idle() {
+        // Kept while the write delay still counts from its last write.
+        let recent = delay::wrote_recently(busy, self.config.write_delay_us());
+        if !pending_input && busy.is_idle() && !recent {
             self.busy = None;
         }
     }
@@ -589,7 +584,7 @@ where
                     let due = self
                         .busy
                         .as_deref_mut()
-                        .is_some_and(|busy| busy.held && poll_due(busy, cx));
+                        .is_some_and(|busy| busy.held && delay::poll_due(busy, cx));
                     if due {
                         Poll::Ready(Event::Due)
                     } else {
@@ -622,37 +617,10 @@ where
         Poll::Pending
     }
 
-    /// With a write delay ([`SessionConfig::with_write_delay`]): whether the frames the outbox
-    /// woke the session for wait for more instead of being taken now. They wait when the
-    /// last write was less than the delay ago and nothing is being written (a write under way
-    /// takes them along for free), until the delay has passed since that write
-    /// ([`Event::Due`]). With no [`Busy`] state nothing was written lately: it is dropped
-    /// only after a heartbeat tick with nothing in it.
+    /// Whether the frames the outbox woke the session for wait for the write delay.
     fn hold_for_more(&mut self) -> bool {
-        let delay = self.config.write_delay_us();
-        if delay == 0 || self.outbox.is_empty() {
-            return false;
-        }
-        let Some(busy) = self.busy.as_deref_mut() else {
-            return false;
-        };
-        if busy.held {
-            return true;
-        }
-        if busy.last_write == 0 || !busy.wbuf.is_empty() || !busy.frames.is_empty() {
-            return false;
-        }
-        let since = micros_since(busy.last_write);
-        if since >= delay {
-            return false;
-        }
-        let due = tokio::time::Instant::now() + Duration::from_micros(delay - since);
-        match busy.timer.as_mut() {
-            Some(timer) => timer.as_mut().reset(due),
-            None => busy.timer = Some(Box::pin(tokio::time::sleep_until(due))),
-        }
-        busy.held = true;
-        true
+        let (delay, empty) = (self.config.write_delay_us(), self.outbox.is_empty());
+        delay::hold_for_more(self.busy.as_deref_mut(), delay, empty)
     }
 
     /// Accounts for `n` written bytes; an emptied buffer is released, and queued frames that
@@ -814,6 +782,7 @@ async fn yield_every(handled: u64) {
 
 mod busy;
 mod closing;
+mod delay;
 mod output;
 
 #[cfg(test)]

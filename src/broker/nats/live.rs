@@ -259,8 +259,8 @@ impl Inner {
 
     /// Takes one publication into `batch`; `true` if the batch must be delivered now.
     ///
-    /// The first publication of a pipeline says how many follow it (`Rs-Run`): the batch
-    /// waits for the rest ([`Batch::expect_run`]), so the pipeline wakes each subscriber
+    /// The first publication of a pipeline says how many were sent together (`Rs-Run`): the
+    /// batch waits for the rest ([`Batch::arrived`]), so the pipeline wakes each subscriber
     /// once, as the memory broker's gathered publish does.
     fn deliver(
         &self,

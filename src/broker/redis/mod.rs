@@ -205,8 +205,7 @@ impl Shared {
         format!("{}:{{{channel}}}:{what}", self.options.prefix)
     }
 
-    /// The [`PUBLISH`] script's invocation for `request` on `channel`.
-    /// The publish script's call for `request`; `run` is how many publications it starts that
+    /// The [`PUBLISH`] script's call for `request`; `run` is how many publications it starts that
     /// are sent together (1: just itself), announced to the receiving nodes (`p<n>` in
     /// [`wire`]) so they wake their subscribers once for all of them.
     fn publish_invocation(

@@ -4,10 +4,11 @@
 //! Why: a publish is a round trip to Redis. A client that sends many messages at once would
 //! otherwise publish them one round trip after another, and each would reach the other
 //! nodes' subscriptions alone, so every subscriber there is woken (and written to) once per
-//! message. Pipelined, they arrive close together, and the first announces how many follow
-//! it (`p<n>`, [`crate::broker::wire`]), so the receiving node delivers them in one batch
-//! ([`crate::broker::batch`]) however long Redis takes to run the scripts. Redis runs the scripts in the order they were sent, so
-//! offsets follow the requests' order.
+//! message. Pipelined, they arrive close together, and the first says how many were sent
+//! together (`p<n>`, [`crate::broker::wire`]), so the receiving node delivers them in one
+//! batch ([`crate::broker::batch`]) even when Redis takes several milliseconds to run the
+//! scripts (up to the batch's `RUN_WAIT`). Redis runs the scripts in the order they were
+//! sent, so offsets follow the requests' order.
 
 use redis::{ErrorKind, RedisResult, ServerErrorKind};
 
@@ -83,7 +84,7 @@ impl Shared {
     ) -> Result<Vec<RedisResult<PublishReply>>, BrokerError> {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        // The first says how many follow it, so receiving nodes hold it for the rest.
+        // The first says how many were sent together, so receiving nodes hold it for the rest.
         let mut run = requests.len();
         for request in requests {
             pipe.invoke_script(&self.publish_invocation(channel, request, run));

@@ -149,8 +149,8 @@ fn request(n: u64) -> PublishRequest {
 
 /// A pipeline's first publication announces the rest (`p<n>`), so every subscribed node hands
 /// the pipeline to its subscribers in one go, even after a quiet spell (which alone would
-/// deliver the first publication at once and the rest when they arrived), and however long
-/// Redis takes to run the scripts.
+/// deliver the first publication at once and the rest when they arrived), and even when Redis
+/// takes milliseconds to run the scripts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
 async fn a_pipeline_reaches_every_node_as_one_batch_in_order() {

@@ -1,8 +1,6 @@
 //! What a session holds only while it has something to do, and the helpers that reach it.
 
-use std::future::Future;
 use std::pin::Pin;
-use std::task::Context;
 
 use bytes::BytesMut;
 use tokio::time::Sleep;
@@ -12,11 +10,12 @@ use super::{Replies, SessionConfig};
 use crate::ws::reader::MessageReader;
 
 /// What a session holds only while it has something to do: its buffers, the parser's state
-/// between frames, the write-delay stamp. Allocated for the welcome, when bytes arrive, when
-/// frames are queued or a tick has something to send, and for closing; dropped on the
-/// heartbeat tick once all of it is empty and no input is pending, so an idle connection's
-/// task carries one pointer for it instead of 104 bytes (which put every idle connection's
-/// task in the next 128-byte size class).
+/// between frames, the queue-to-socket stamp, the write delay's state. Allocated for the
+/// welcome, when bytes arrive, when frames are queued or a tick has something to send, and for
+/// closing; dropped on the heartbeat tick once all of it is empty, no input is pending and the
+/// write delay no longer counts from the last write, so an idle connection's task carries one
+/// pointer for it instead of all of it (104 bytes before the write delay's fields, which put
+/// every idle connection's task in the next 128-byte size class).
 pub(super) struct Busy {
     /// Bytes read and not yet parsed.
     pub(super) rbuf: BytesMut,
@@ -66,19 +65,6 @@ pub(super) fn busy<'a>(slot: &'a mut Option<Box<Busy>>, config: &SessionConfig) 
             timer: None,
         })
     })
-}
-
-/// Whether the write delay of held-back frames has passed (use only while `busy.held`); if
-/// so, they are held no longer.
-pub(super) fn poll_due(busy: &mut Busy, cx: &mut Context<'_>) -> bool {
-    let due = busy
-        .timer
-        .as_mut()
-        .is_none_or(|timer| timer.as_mut().poll(cx).is_ready());
-    if due {
-        busy.held = false;
-    }
-    due
 }
 
 /// Replies into the write buffer.

@@ -45,8 +45,10 @@ where
             wbuf,
             frames,
             parser,
+            held,
             ..
         } = busy(&mut self.busy, &self.config);
+        let held = *held;
         // Closing writes one buffer: the uncopied frames that still wait go in front of it.
         frames.flatten_into(wbuf, self.config.deflate);
         let code = match end {
@@ -69,6 +71,14 @@ where
                 stats.add_out(n);
             }
             CloseCode::SlowConsumer => stats.slow_consumer_closed(),
+            // Frames the write delay held back would have been written already without it:
+            // they go out before the close (but not ahead of a protocol violation's).
+            _ if held && !matches!(end, End::Violation(_)) => {
+                let (n, _) = self
+                    .outbox
+                    .drain_into(wbuf, usize::MAX, self.config.deflate);
+                stats.add_out(n);
+            }
             _ => {}
         }
         encode_close(wbuf, code.code(), code.reason());

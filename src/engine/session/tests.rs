@@ -20,7 +20,7 @@ const WAIT: Duration = Duration::from_secs(5);
 /// 384 bytes or less (see `the_session_task_of_a_chat_connection_stays_within_its_size_class`):
 /// tokio's task cell adds 104 bytes to the future it runs (header 32, scheduler handle, task
 /// id and stage tag 24, trailer 48) and the `TaskTracker` 8 more, and rounds up to 128. (It
-/// was 512: the buffers, the parser and the write-delay stamp now live in `Busy`, boxed and
+/// was 512: the buffers, the parser and the queue-to-socket stamp now live in `Busy`, boxed and
 /// dropped while idle.) The allocator is asked for 384 bytes per idle connection instead of
 /// 512; the binary's allocator (`src/allocator.rs`) serves such 128-aligned blocks at their
 /// exact size, where mimalloc alone would take the next power of two (docs/BENCHMARKS.md,
