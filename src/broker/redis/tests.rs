@@ -91,6 +91,20 @@ async fn an_unreachable_redis_stops_startup_with_a_clear_error() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+/// A publication of `n` with room for 100 in history.
+fn request(n: u64) -> PublishRequest {
+    PublishRequest {
+        data: conformance::json(&n.to_string()),
+        client_id: None,
+        history: crate::broker::history::HistoryLimits {
+            size: 100,
+            ttl: None,
+            max_bytes: 1 << 20,
+        },
+        idempotency: None,
+    }
+}
+
 #[tokio::test]
 #[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
 async fn two_nodes_share_publications_and_presence() {
@@ -108,17 +122,7 @@ async fn two_nodes_share_publications_and_presence() {
     b.subscribe("room").await.expect("subscribe");
     for n in 1..=20 {
         let broker = if n % 2 == 0 { &a } else { &b };
-        let request = PublishRequest {
-            data: conformance::json(&n.to_string()),
-            client_id: None,
-            history: crate::broker::history::HistoryLimits {
-                size: 100,
-                ttl: None,
-                max_bytes: 1 << 20,
-            },
-            idempotency: None,
-        };
-        broker.publish("room", request).await.expect("publish");
+        broker.publish("room", request(n)).await.expect("publish");
     }
     let expected: Vec<Event> = (1..=20)
         .map(|n| Event::Publication("room".into(), n))
@@ -132,19 +136,6 @@ async fn two_nodes_share_publications_and_presence() {
     };
     a.add_presence("room", ann.clone()).await.expect("presence");
     assert_eq!(b.presence("room").await.expect("presence"), vec![ann]);
-}
-
-fn request(n: u64) -> PublishRequest {
-    PublishRequest {
-        data: conformance::json(&n.to_string()),
-        client_id: None,
-        history: crate::broker::history::HistoryLimits {
-            size: 100,
-            ttl: None,
-            max_bytes: 1 << 20,
-        },
-        idempotency: None,
-    }
 }
 
 /// A pipeline's first publication announces the rest (`p<n>`), so every subscribed node hands
