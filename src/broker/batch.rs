@@ -18,8 +18,8 @@
 //! every such stream for sparse traffic and deliver it one publication at a time again.
 //!
 //! A pipeline's first publication says how many were sent together (NATS: the `Rs-Run`
-//! header; Redis: the `p<n>` kind, see [`crate::broker::wire`]). A receive task that got it
-//! passes it to [`Batch::arrived`]: the batch then waits for the pipeline's last offset (at most
+//! header, passed to [`Batch::arrived`]; Redis: an `r|<n>` message published right before it,
+//! passed to [`Batch::announce`]; see [`crate::broker::wire`]). The batch then waits for the pipeline's last offset (at most
 //! [`RUN_WAIT`]), even after a quiet spell, and is due as usual once it arrived, so the
 //! pipeline wakes each subscriber once rather than once per piece the broker's timing cut it
 //! into. Through Redis that matters most: every publish is a script (about 24 µs each on the
@@ -87,7 +87,15 @@ pub struct Batch {
     /// The channel and last offset of each announced pipeline being waited for
     /// ([`Batch::expect_run`]); a few at most (one per channel).
     runs: Vec<(String, u64)>,
+    /// Pipelines announced ahead of their first publication ([`Batch::announce`]), by
+    /// channel; at most [`MAX_ANNOUNCED`].
+    announced: Vec<(String, u64)>,
 }
+
+/// Announcements kept at most while their first publication has not arrived (an announced
+/// pipeline whose publications were all idempotent duplicates never brings one): the oldest
+/// goes first.
+const MAX_ANNOUNCED: usize = 64;
 
 impl Default for Batch {
     fn default() -> Self {
@@ -98,6 +106,7 @@ impl Default for Batch {
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             window_end: Instant::now(),
             runs: Vec::new(),
+            announced: Vec::new(),
         }
     }
 }
@@ -114,9 +123,14 @@ impl Batch {
         epoch: &str,
         publication: Publication,
         continuity: Continuity,
-        run: u64,
+        mut run: u64,
     ) -> bool {
         let offset = publication.offset;
+        if !self.announced.is_empty()
+            && let Some(at) = self.announced.iter().position(|(c, _)| c == channel)
+        {
+            run = run.max(self.announced.remove(at).1);
+        }
         let now = match continuity {
             Continuity::Next => self.publication(channel, epoch, publication),
             Continuity::Gap => {
@@ -130,6 +144,19 @@ impl Batch {
             return self.full();
         }
         now
+    }
+
+    /// Notes that the next publication of `channel` to arrive starts a pipeline of `run` (for a
+    /// broker that announces pipelines with a message of their own, as Redis does): it is then
+    /// taken as if [`Batch::arrived`] had been told so. A later announcement of the channel
+    /// replaces an earlier one that brought no publication.
+    pub fn announce(&mut self, channel: &str, run: u64) {
+        if let Some(at) = self.announced.iter().position(|(c, _)| c == channel) {
+            self.announced.remove(at);
+        } else if self.announced.len() >= MAX_ANNOUNCED {
+            self.announced.remove(0);
+        }
+        self.announced.push((channel.to_owned(), run));
     }
 
     /// Holds a publication; `true` if the batch must be flushed now.
@@ -270,7 +297,9 @@ impl Batch {
                 Held::Leave(channel, client) => events.on_leave(&channel, &client),
             }
         }
-        self.discard();
+        // Announcements stay: their publications may still be on their way.
+        self.count = 0;
+        self.runs.clear();
     }
 
     /// Drops what is held (the feed stopped: nobody wants it any more). A pipeline not
@@ -279,6 +308,7 @@ impl Batch {
         self.held.clear();
         self.count = 0;
         self.runs.clear();
+        self.announced.clear();
     }
 }
 
@@ -501,6 +531,44 @@ mod tests {
         }
         batch.due().await;
         assert_eq!(waited.elapsed(), RUN_WAIT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pipeline_announced_ahead_is_waited_for_from_its_first_publication() {
+        let mut batch = Batch::default();
+        let node = Recorder::default();
+        batch.announce("c", 2);
+        batch.announce("d", 5);
+        // A flush in between (another channel's batch) keeps the announcements.
+        assert!(batch.arrived("x", "e", publication(1), Continuity::Next, 1));
+        batch.flush(&node);
+        tokio::time::advance(QUIET * 2).await;
+        let waited = Instant::now();
+        assert!(
+            !batch.arrived("c", "e", publication(1), Continuity::Next, 1),
+            "quiet, but announced: held"
+        );
+        tokio::time::advance(WINDOW * 3).await;
+        assert!(!batch.arrived("c", "e", publication(2), Continuity::Next, 1));
+        batch.due().await;
+        assert_eq!(waited.elapsed(), WINDOW * 3, "complete: due at once");
+        batch.flush(&node);
+        assert_eq!(node.runs("c"), [2]);
+        // Used once: the channel's next publication after a quiet spell goes at once.
+        tokio::time::advance(QUIET * 2).await;
+        assert!(batch.arrived("c", "e", publication(3), Continuity::Next, 1));
+        batch.flush(&node);
+        // A later announcement replaces one that brought nothing; only so many are kept.
+        batch.announce("d", 2);
+        for n in 0..MAX_ANNOUNCED {
+            batch.announce(&format!("other{n}"), 2);
+        }
+        tokio::time::advance(QUIET * 2).await;
+        assert!(
+            batch.arrived("d", "e", publication(1), Continuity::Next, 1),
+            "the oldest announcement was dropped"
+        );
+        assert!(batch.announced.len() <= MAX_ANNOUNCED);
     }
 
     #[tokio::test(start_paused = true)]

@@ -205,14 +205,11 @@ impl Shared {
         format!("{}:{{{channel}}}:{what}", self.options.prefix)
     }
 
-    /// The [`PUBLISH`] script's call for `request`; `run` is how many publications it starts that
-    /// are sent together (1: just itself), announced to the receiving nodes (`p<n>` in
-    /// [`wire`]) so they wake their subscribers once for all of them.
+    /// The [`PUBLISH`] script's invocation for `request` on `channel`.
     fn publish_invocation(
         &self,
         channel: &str,
         request: &PublishRequest,
-        run: usize,
     ) -> redis::ScriptInvocation<'_> {
         let limits = request.history;
         let keep = STREAM_KEEP.max(limits.ttl.unwrap_or_default());
@@ -237,12 +234,7 @@ impl Shared {
             .arg(limits.max_bytes.min(MAX_READ))
             .arg(millis(keep))
             .arg(crate::broker::history::new_epoch())
-            .arg(window)
-            .arg(if run > 1 {
-                run.to_string()
-            } else {
-                String::new()
-            });
+            .arg(window);
         invocation
     }
 
@@ -354,15 +346,17 @@ impl Shared {
             }
         };
         match event {
-            WireEvent::Publication {
-                epoch,
-                publication,
-                run,
-            } => {
+            WireEvent::Publication { epoch, publication } => {
                 let continuity = self
                     .subscriptions
                     .observe(channel, &epoch, publication.offset);
-                batch.arrived(channel, &epoch, publication, continuity, run)
+                batch.arrived(channel, &epoch, publication, continuity, 1)
+            }
+            WireEvent::Run(run) => {
+                if self.subscriptions.wanted(channel) {
+                    batch.announce(channel, run);
+                }
+                false
             }
             WireEvent::Join(client) if self.subscriptions.wanted(channel) => {
                 batch.join(channel, client)
@@ -569,7 +563,7 @@ impl Broker for RedisBroker {
     ) -> BrokerFuture<'a, Published> {
         Box::pin(async move {
             let shared = &self.shared;
-            let invocation = shared.publish_invocation(channel, &request, 1);
+            let invocation = shared.publish_invocation(channel, &request);
             let (lease, mut conn) = shared.commands.get().await?;
             let reply: PublishReply = lease.finish(invocation.invoke_async(&mut conn).await)?;
             Ok(published(reply))

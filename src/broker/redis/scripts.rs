@@ -32,9 +32,7 @@ pub fn script(body: &str) -> Script {
 /// key holds `epoch|offset` of its first publish: if it is there *and of the current epoch*,
 /// nothing is done and that offset is returned as a duplicate (a key that outlived its
 /// channel's stream must not name an offset of the new one). Returns epoch, offset and `1`
-/// for a duplicate or `0`. `ARGV[10]` is how many publications this one starts that were
-/// pipelined together, `''` for one on its own (the published kind is then `p<n>`, see
-/// [`crate::broker::wire`]).
+/// for a duplicate or `0`.
 pub const PUBLISH: &str = r"
 local meta, stream, idem = KEYS[1], KEYS[2], KEYS[3]
 local epoch = epoch_of(meta, stream, ARGV[8])
@@ -70,7 +68,7 @@ end
 redis.call('HSET', meta, 'b', bytes, 't', ttl)
 redis.call('PEXPIRE', meta, ARGV[7])
 redis.call('PEXPIRE', stream, ARGV[7])
-redis.call('PUBLISH', ARGV[1], 'p' .. ARGV[10] .. '|' .. epoch .. '|' .. offset .. '|' .. client .. '|' .. data)
+redis.call('PUBLISH', ARGV[1], 'p|' .. epoch .. '|' .. offset .. '|' .. client .. '|' .. data)
 if ARGV[9] ~= '' then
   redis.call('SET', idem, epoch .. '|' .. offset, 'PX', ARGV[9])
 end

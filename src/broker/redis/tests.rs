@@ -138,7 +138,7 @@ async fn two_nodes_share_publications_and_presence() {
     assert_eq!(b.presence("room").await.expect("presence"), vec![ann]);
 }
 
-/// A pipeline's first publication announces the rest (`p<n>`), so every subscribed node hands
+/// A pipeline is announced ahead of its first publication (`r|<n>`), so every subscribed node hands
 /// the pipeline to its subscribers in one go, even after a quiet spell (which alone would
 /// deliver the first publication at once and the rest when they arrived), and even when Redis
 /// takes milliseconds to run the scripts.
