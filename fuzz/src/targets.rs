@@ -421,9 +421,13 @@ pub fn wire(data: &[u8]) {
                 other => panic!("re-encoded presence change decodes to {other:?}"),
             }
         }
-        WireEvent::Run(run) => {
-            assert!(run > 1, "run {run}");
-            assert_eq!(wire::run(run), data, "only the canonical form decodes");
+        WireEvent::Run { run, offset } => {
+            assert!(run > 1 && offset > 0, "run {run} at {offset}");
+            assert_eq!(
+                wire::run(run, offset),
+                data,
+                "only the canonical form decodes"
+            );
         }
     }
 }

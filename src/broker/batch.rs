@@ -17,9 +17,10 @@
 //! behind them on the node (1,000 subscribers take milliseconds), and a short one would take
 //! every such stream for sparse traffic and deliver it one publication at a time again.
 //!
-//! A pipeline's first publication says how many were sent together (NATS: the `Rs-Run`
-//! header, passed to [`Batch::arrived`]; Redis: an `r|<n>` message published right before it,
-//! passed to [`Batch::announce`]; see [`crate::broker::wire`]). The batch then waits for the pipeline's last offset (at most
+//! A pipeline's first publication is announced with how many were sent together (NATS: the
+//! `Rs-Run` header, passed to [`Batch::arrived`]; Redis: an `r|<n>|<offset>` message its
+//! script publishes right before it, passed to [`Batch::announce`]; see
+//! [`crate::broker::wire`]). The batch then waits for the pipeline's last offset (at most
 //! [`RUN_WAIT`]), even after a quiet spell, and is due as usual once it arrived, so the
 //! pipeline wakes each subscriber once rather than once per piece the broker's timing cut it
 //! into. Through Redis that matters most: every publish is a script (about 24 µs each on the
@@ -87,14 +88,13 @@ pub struct Batch {
     /// The channel and last offset of each announced pipeline being waited for
     /// ([`Batch::expect_run`]); a few at most (one per channel).
     runs: Vec<(String, u64)>,
-    /// Pipelines announced ahead of their first publication ([`Batch::announce`]), by
-    /// channel; at most [`MAX_ANNOUNCED`].
-    announced: Vec<(String, u64)>,
+    /// Pipelines announced ahead of their first publication ([`Batch::announce`]): channel,
+    /// count and the first one's offset; one per channel, at most [`MAX_ANNOUNCED`].
+    announced: Vec<(String, u64, u64)>,
 }
 
-/// Announcements kept at most while their first publication has not arrived (an announced
-/// pipeline whose publications were all idempotent duplicates never brings one): the oldest
-/// goes first.
+/// Announcements kept at most while their first publication has not arrived (it follows at
+/// once, unless the connection dropped in between): the oldest goes first.
 const MAX_ANNOUNCED: usize = 64;
 
 impl Default for Batch {
@@ -115,8 +115,9 @@ impl Batch {
     /// Takes a received publication as the channel's continuity check classified it: the
     /// next one is held, one after a gap is held behind a gap report, one seen already or of
     /// a channel no longer wanted is dropped. `run` is how many publications it starts that
-    /// its publisher sent together (1 if it says nothing): for more than one, the batch
-    /// waits for the rest ([`RUN_WAIT`] at most). `true` if the batch must be flushed now.
+    /// its publisher sent together (1 if it says nothing, or as [`Batch::announce`]d): for
+    /// more than one, the batch waits for the rest ([`RUN_WAIT`] at most). `true` if the
+    /// batch must be flushed now.
     pub fn arrived(
         &mut self,
         channel: &str,
@@ -127,9 +128,14 @@ impl Batch {
     ) -> bool {
         let offset = publication.offset;
         if !self.announced.is_empty()
-            && let Some(at) = self.announced.iter().position(|(c, _)| c == channel)
+            && let Some(at) = self.announced.iter().position(|(c, ..)| c == channel)
+            && self.announced[at].2 <= offset
         {
-            run = run.max(self.announced.remove(at).1);
+            // Its own announcement, or one whose publication never came: used or dropped.
+            let (_, announced, first) = self.announced.remove(at);
+            if first == offset {
+                run = run.max(announced);
+            }
         }
         let now = match continuity {
             Continuity::Next => self.publication(channel, epoch, publication),
@@ -146,17 +152,18 @@ impl Batch {
         now
     }
 
-    /// Notes that the next publication of `channel` to arrive starts a pipeline of `run` (for a
-    /// broker that announces pipelines with a message of their own, as Redis does): it is then
-    /// taken as if [`Batch::arrived`] had been told so. A later announcement of the channel
-    /// replaces an earlier one that brought no publication.
-    pub fn announce(&mut self, channel: &str, run: u64) {
-        if let Some(at) = self.announced.iter().position(|(c, _)| c == channel) {
+    /// Notes that the publication of `channel` at `offset` starts a pipeline of `run` (for a
+    /// broker that announces pipelines with a message of their own right before that
+    /// publication, as Redis does): when it arrives, it is taken as if [`Batch::arrived`] had
+    /// been told so. Only that offset takes it, so another node's publication in between
+    /// cannot; a later publication drops it. A later announcement of the channel replaces it.
+    pub fn announce(&mut self, channel: &str, run: u64, offset: u64) {
+        if let Some(at) = self.announced.iter().position(|(c, ..)| c == channel) {
             self.announced.remove(at);
         } else if self.announced.len() >= MAX_ANNOUNCED {
             self.announced.remove(0);
         }
-        self.announced.push((channel.to_owned(), run));
+        self.announced.push((channel.to_owned(), run, offset));
     }
 
     /// Holds a publication; `true` if the batch must be flushed now.
@@ -537,8 +544,8 @@ mod tests {
     async fn a_pipeline_announced_ahead_is_waited_for_from_its_first_publication() {
         let mut batch = Batch::default();
         let node = Recorder::default();
-        batch.announce("c", 2);
-        batch.announce("d", 5);
+        batch.announce("c", 2, 1);
+        batch.announce("d", 5, 1);
         // A flush in between (another channel's batch) keeps the announcements.
         assert!(batch.arrived("x", "e", publication(1), Continuity::Next, 1));
         batch.flush(&node);
@@ -558,10 +565,24 @@ mod tests {
         tokio::time::advance(QUIET * 2).await;
         assert!(batch.arrived("c", "e", publication(3), Continuity::Next, 1));
         batch.flush(&node);
+        // Only the announced offset takes it: an earlier one (another node's publication in
+        // between) does not, and a later one drops it (its publication never came).
+        batch.announce("c", 2, 5);
+        tokio::time::advance(QUIET * 2).await;
+        assert!(batch.arrived("c", "e", publication(4), Continuity::Next, 1));
+        batch.flush(&node);
+        tokio::time::advance(QUIET * 2).await;
+        assert!(!batch.arrived("c", "e", publication(5), Continuity::Next, 1));
+        batch.discard();
+        batch.announce("c", 2, 7);
+        tokio::time::advance(QUIET * 2).await;
+        assert!(batch.arrived("c", "e", publication(8), Continuity::Next, 1));
+        assert!(!batch.announced.iter().any(|(c, ..)| c == "c"), "dropped");
+        batch.flush(&node);
         // A later announcement replaces one that brought nothing; only so many are kept.
-        batch.announce("d", 2);
+        batch.announce("d", 2, 1);
         for n in 0..MAX_ANNOUNCED {
-            batch.announce(&format!("other{n}"), 2);
+            batch.announce(&format!("other{n}"), 2, 1);
         }
         tokio::time::advance(QUIET * 2).await;
         assert!(

@@ -297,7 +297,7 @@ impl Inner {
         match wire::decode(payload) {
             Ok(wire::WireEvent::Join(client)) => batch.join(channel, client),
             Ok(wire::WireEvent::Leave(client)) => batch.leave(channel, client),
-            Ok(wire::WireEvent::Publication { .. } | wire::WireEvent::Run(_)) => false,
+            Ok(wire::WireEvent::Publication { .. } | wire::WireEvent::Run { .. }) => false,
             Err(err) => {
                 tracing::warn!(%err, channel, "dropped a join/leave message");
                 false

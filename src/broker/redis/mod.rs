@@ -7,7 +7,8 @@
 //!   channel's publications in offset order.
 //! - **Pipelines**: [`Broker::publish_batch`] sends the scripts of several publishes back to
 //!   back on the command connection and then reads the answers (`pipeline.rs`): Redis runs
-//!   them in that order, and they reach the other nodes together.
+//!   them in that order, and they reach the other nodes together, the first announced with
+//!   their number (`r|<n>|<offset>`, see [`super::wire`]).
 //! - **Live delivery**: Redis pub/sub, one Redis channel per channel, subscribed on one
 //!   connection per node only while the node has local subscribers. Each publication crosses
 //!   Redis once per subscribed node.
@@ -205,11 +206,14 @@ impl Shared {
         format!("{}:{{{channel}}}:{what}", self.options.prefix)
     }
 
-    /// The [`PUBLISH`] script's invocation for `request` on `channel`.
+    /// The [`PUBLISH`] script's invocation for `request` on `channel`; `run` is how many
+    /// publications it starts that are pipelined together (1: just itself), announced to the
+    /// receiving nodes so they wake their subscribers once for all of them.
     fn publish_invocation(
         &self,
         channel: &str,
         request: &PublishRequest,
+        run: usize,
     ) -> redis::ScriptInvocation<'_> {
         let limits = request.history;
         let keep = STREAM_KEEP.max(limits.ttl.unwrap_or_default());
@@ -234,7 +238,12 @@ impl Shared {
             .arg(limits.max_bytes.min(MAX_READ))
             .arg(millis(keep))
             .arg(crate::broker::history::new_epoch())
-            .arg(window);
+            .arg(window)
+            .arg(if run > 1 {
+                run.to_string()
+            } else {
+                String::new()
+            });
         invocation
     }
 
@@ -352,9 +361,9 @@ impl Shared {
                     .observe(channel, &epoch, publication.offset);
                 batch.arrived(channel, &epoch, publication, continuity, 1)
             }
-            WireEvent::Run(run) => {
+            WireEvent::Run { run, offset } => {
                 if self.subscriptions.wanted(channel) {
-                    batch.announce(channel, run);
+                    batch.announce(channel, run, offset);
                 }
                 false
             }
@@ -563,7 +572,7 @@ impl Broker for RedisBroker {
     ) -> BrokerFuture<'a, Published> {
         Box::pin(async move {
             let shared = &self.shared;
-            let invocation = shared.publish_invocation(channel, &request);
+            let invocation = shared.publish_invocation(channel, &request, 1);
             let (lease, mut conn) = shared.commands.get().await?;
             let reply: PublishReply = lease.finish(invocation.invoke_async(&mut conn).await)?;
             Ok(published(reply))

@@ -4,16 +4,16 @@
 //! Why: a publish is a round trip to Redis. A client that sends many messages at once would
 //! otherwise publish them one round trip after another, and each would reach the other
 //! nodes' subscriptions alone, so every subscriber there is woken (and written to) once per
-//! message. Pipelined, they arrive close together, announced by a message of their own
-//! (`r|<n>`, [`crate::broker::wire`]) published right before them, so the receiving node
-//! delivers them in one batch ([`crate::broker::batch`]) even when Redis takes several
-//! milliseconds to run the scripts (up to the batch's `RUN_WAIT`). Redis runs the commands in
+//! message. Pipelined, they arrive close together, and the first one's script announces them
+//! right before its publication (`r|<n>|<offset>`, [`crate::broker::wire`]), so the receiving
+//! node delivers them in one batch ([`crate::broker::batch`]) even when Redis takes several
+//! milliseconds to run the scripts (up to the batch's `RUN_WAIT`). Redis runs the scripts in
 //! the order they were sent, so offsets follow the requests' order.
 
 use redis::{ErrorKind, RedisResult, ServerErrorKind};
 
 use super::{PublishReply, Shared, published, unavailable};
-use crate::broker::{BrokerError, PublishRequest, Published, wire};
+use crate::broker::{BrokerError, PublishRequest, Published};
 
 fn no_script(reply: &RedisResult<PublishReply>) -> bool {
     matches!(reply, Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript))
@@ -84,16 +84,12 @@ impl Shared {
     ) -> Result<Vec<RedisResult<PublishReply>>, BrokerError> {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        if requests.len() > 1 {
-            // Announced first, so receiving nodes hold the first publication for the rest.
-            let run = wire::run(requests.len() as u64);
-            pipe.cmd("PUBLISH")
-                .arg(self.live(channel))
-                .arg(run)
-                .ignore();
-        }
+        // The first one's script announces how many were sent together, so receiving nodes
+        // hold its publication for the rest.
+        let mut run = requests.len();
         for request in requests {
-            pipe.invoke_script(&self.publish_invocation(channel, request));
+            pipe.invoke_script(&self.publish_invocation(channel, request, run));
+            run = 1;
         }
         let (lease, mut conn) = self.commands.get().await?;
         let replies: Vec<RedisResult<PublishReply>> =

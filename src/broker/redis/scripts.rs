@@ -32,7 +32,9 @@ pub fn script(body: &str) -> Script {
 /// key holds `epoch|offset` of its first publish: if it is there *and of the current epoch*,
 /// nothing is done and that offset is returned as a duplicate (a key that outlived its
 /// channel's stream must not name an offset of the new one). Returns epoch, offset and `1`
-/// for a duplicate or `0`.
+/// for a duplicate or `0`. `ARGV[10]`: for the first publication of a pipeline, how many were
+/// pipelined together (`''` otherwise): the publication is then announced right before it
+/// (`r|<n>|<offset>`, see [`crate::broker::wire`]), atomically and only if it is published.
 pub const PUBLISH: &str = r"
 local meta, stream, idem = KEYS[1], KEYS[2], KEYS[3]
 local epoch = epoch_of(meta, stream, ARGV[8])
@@ -68,6 +70,9 @@ end
 redis.call('HSET', meta, 'b', bytes, 't', ttl)
 redis.call('PEXPIRE', meta, ARGV[7])
 redis.call('PEXPIRE', stream, ARGV[7])
+if ARGV[10] ~= '' then
+  redis.call('PUBLISH', ARGV[1], 'r|' .. ARGV[10] .. '|' .. offset)
+end
 redis.call('PUBLISH', ARGV[1], 'p|' .. epoch .. '|' .. offset .. '|' .. client .. '|' .. data)
 if ARGV[9] ~= '' then
   redis.call('SET', idem, epoch .. '|' .. offset, 'PX', ARGV[9])

@@ -156,6 +156,13 @@ async fn a_pipeline_reaches_every_node_as_one_batch_in_order() {
     let c = "pipelined";
     a.subscribe(c).await.expect("subscribe");
     b.subscribe(c).await.expect("subscribe");
+    // What a node of an earlier version would receive: the publications as before, each
+    // pipeline's first preceded by its announcement.
+    let client = redis::Client::open(url.as_str()).expect("redis url");
+    let mut raw = client.get_async_pubsub().await.expect("pubsub");
+    raw.subscribe(format!("{prefix}:live:{c}"))
+        .await
+        .expect("subscribe");
     a.publish(c, request(0)).await.expect("publish");
     for events in [&events_a, &events_b] {
         assert_eq!(events.wait_for(c, 1).await.len(), 1);
@@ -185,6 +192,30 @@ async fn a_pipeline_reaches_every_node_as_one_batch_in_order() {
             "each pipeline handed over in one go"
         );
     }
+    let mut messages = raw.on_message();
+    let mut kinds = Vec::new();
+    while kinds.len() < 1 + 3 * 17 {
+        let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .expect("a message within 5 s")
+            .expect("pubsub open");
+        let text = String::from_utf8(message.get_payload_bytes().to_vec()).expect("UTF-8");
+        let (kind, rest) = text.split_once('|').expect("a kind");
+        kinds.push(match kind {
+            "r" => rest.to_owned(),
+            "p" => rest.split('|').nth(1).expect("offset").to_owned(),
+            other => panic!("kind {other}: {text}"),
+        });
+    }
+    let mut want = vec!["1".to_owned()];
+    for first in [2, 18, 34] {
+        want.push(format!("16|{first}"));
+        want.extend((first..first + 16).map(|o| o.to_string()));
+    }
+    assert_eq!(
+        kinds, want,
+        "announcement right before each pipeline's first `p|`"
+    );
 }
 
 #[tokio::test]
