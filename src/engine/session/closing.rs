@@ -62,27 +62,22 @@ where
             End::Violation(code) => code,
             End::Server(code) => code,
         };
-        match code {
-            CloseCode::GoingAway => {
-                // Shutdown: deliver what was already queued for this client first.
-                let (n, _) = self
-                    .outbox
-                    .drain_into(wbuf, usize::MAX, self.config.deflate);
-                stats.add_out(n);
-            }
-            CloseCode::SlowConsumer => stats.slow_consumer_closed(),
-            // Frames the write delay held back would have been written already without it:
-            // they go out before the close (but not ahead of a protocol violation's).
-            _ if held && !matches!(end, End::Violation(_)) => {
-                let (n, _) = self
-                    .outbox
-                    .drain_into(wbuf, usize::MAX, self.config.deflate);
-                stats.add_out(n);
-            }
-            _ => {}
+        let violation = matches!(end, End::Violation(_));
+        if code == CloseCode::SlowConsumer {
+            stats.slow_consumer_closed();
+        }
+        // On shutdown, what was already queued for this client goes out first; so do frames
+        // the write delay held back (they would have been written already without it), but
+        // not ahead of a slow consumer's or a protocol violation's close.
+        let deliver_queued =
+            code == CloseCode::GoingAway || (held && !violation && code != CloseCode::SlowConsumer);
+        if deliver_queued {
+            let (n, _) = self
+                .outbox
+                .drain_into(wbuf, usize::MAX, self.config.deflate);
+            stats.add_out(n);
         }
         encode_close(wbuf, code.code(), code.reason());
-        let violation = matches!(end, End::Violation(_));
         let closing = async {
             write_all(&self.io, wbuf).await?;
             if violation {
