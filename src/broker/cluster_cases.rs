@@ -3,13 +3,14 @@
 //! across them; a call repeated for the same state (its answer was lost) returns the same
 //! decision; a dead node's holdings are claimed by exactly one survivor within the presence
 //! TTL, and what a claimer died with before acknowledging is taken over by another survivor
-//! with the same ids. The Redis and NATS tests run these.
+//! with the same ids; a pipeline reaches every node as one batch. The Redis and NATS tests run
+//! these.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::conformance::{Recorder, holding, prefix};
+use super::conformance::{Event, Recorder, holding, prefix, request_for_tests};
 use super::{Broker, BrokerEvents, TransitionKind};
 
 /// A broker being built, as a test's factory returns it.
@@ -351,4 +352,55 @@ where
     assert!(vacated.values().all(|&n| n == 1), "one decision each");
     assert_eq!(vacated.len(), HELD);
     saw_more
+}
+
+/// For networked brokers: `publisher` publishes on `channel`, to which every node recording
+/// into `nodes` is subscribed (the publisher's own included). A first publication, then three
+/// pipelines of 16, each after a quiet spell, which alone would deliver a pipeline's first
+/// publication at once and the rest when they arrived: every node gets every publication in
+/// order, exactly once, and each pipeline in one go (the broker announces it, and the node's
+/// batch waits for it whole).
+pub async fn pipelines_reach_every_node_as_one_batch(
+    publisher: &dyn Broker,
+    nodes: &[&Recorder],
+    channel: &str,
+) {
+    publisher
+        .publish(channel, request_for_tests("0"))
+        .await
+        .expect("publish");
+    for events in nodes {
+        assert_eq!(events.wait_for_publications(channel, 1).await.len(), 1);
+    }
+    let mut offset = 1;
+    for round in 0..3 {
+        tokio::time::sleep(super::batch::QUIET * 2).await;
+        let requests = (0..16)
+            .map(|n| request_for_tests(&(round * 100 + n).to_string()))
+            .collect();
+        let published: Vec<u64> = publisher
+            .publish_batch(channel, requests)
+            .await
+            .expect("pipeline")
+            .into_iter()
+            .map(|p| p.expect("publish").position.offset)
+            .collect();
+        assert_eq!(published, (offset + 1..=offset + 16).collect::<Vec<_>>());
+        offset += 16;
+    }
+    let expected: Vec<Event> = (1..=offset)
+        .map(|n| Event::Publication(channel.into(), n))
+        .collect();
+    for events in nodes {
+        assert_eq!(
+            events.wait_for_publications(channel, expected.len()).await,
+            expected,
+            "in order, exactly once"
+        );
+        assert_eq!(
+            events.runs(channel),
+            [1, 16, 16, 16],
+            "each pipeline handed over in one go"
+        );
+    }
 }

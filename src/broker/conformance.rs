@@ -107,6 +107,17 @@ impl Recorder {
         self.wait_until(prefix, |got| got.len() >= count).await
     }
 
+    /// Waits up to five seconds for `count` publications under `prefix`; all its events.
+    pub async fn wait_for_publications(&self, prefix: &str, count: usize) -> Vec<Event> {
+        self.wait_until(prefix, |got| {
+            got.iter()
+                .filter(|e| matches!(e, Event::Publication(..)))
+                .count()
+                >= count
+        })
+        .await
+    }
+
     /// Waits up to five seconds until the events under `prefix` satisfy `done`.
     pub async fn wait_until(&self, prefix: &str, done: impl Fn(&[Event]) -> bool) -> Vec<Event> {
         for _ in 0..500 {

@@ -351,18 +351,6 @@ async fn two_nodes_share_publications_and_presence() {
     assert_eq!(a.presence(c).await.expect("presence"), vec![alice]);
 }
 
-/// Waits until `events` holds `count` publications of `channel`, or five seconds passed.
-async fn publications(events: &Recorder, channel: &str, count: usize) -> Vec<Event> {
-    events
-        .wait_until(channel, |got| {
-            got.iter()
-                .filter(|e| matches!(e, Event::Publication(..)))
-                .count()
-                >= count
-        })
-        .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs NATS: RUSTY_SOCKS_TEST_NATS_URL=nats://127.0.0.1:4222 cargo test -- --include-ignored"]
 async fn a_pipeline_reaches_every_node_as_one_batch_in_order() {
@@ -370,43 +358,12 @@ async fn a_pipeline_reaches_every_node_as_one_batch_in_order() {
     let _cleanup = Cleanup(options.clone());
     let c = "pipelined";
     let [(a, events_a), (_b, events_b)] = subscribed_nodes(&options, c).await;
-    a.publish(c, request("0", 100, 1 << 20))
-        .await
-        .expect("publish");
-    for events in [&events_a, &events_b] {
-        assert_eq!(publications(events, c, 1).await.len(), 1);
-    }
-    let mut offset = 1;
-    for round in 0..3 {
-        // After a quiet spell, which alone would deliver the pipeline's first publication at
-        // once and the rest a round trip later.
-        tokio::time::sleep(crate::broker::batch::QUIET * 2).await;
-        let requests = (0..16)
-            .map(|n| request(&format!("{round}{n}"), 100, 1 << 20))
-            .collect();
-        let published = a.publish_batch(c, requests).await.expect("pipeline");
-        let published: Vec<u64> = published
-            .into_iter()
-            .map(|p| p.expect("publish").position.offset)
-            .collect();
-        assert_eq!(published, (offset + 1..=offset + 16).collect::<Vec<_>>());
-        offset += 16;
-    }
-    let expected: Vec<Event> = (1..=offset)
-        .map(|n| Event::Publication(c.into(), n))
-        .collect();
-    for events in [&events_a, &events_b] {
-        assert_eq!(
-            publications(events, c, expected.len()).await,
-            expected,
-            "in order, exactly once"
-        );
-        assert_eq!(
-            events.runs(c),
-            [1, 16, 16, 16],
-            "each pipeline handed over in one go"
-        );
-    }
+    crate::broker::cluster_cases::pipelines_reach_every_node_as_one_batch(
+        a.as_ref(),
+        &[&events_a, &events_b],
+        c,
+    )
+    .await;
 }
 
 /// Publishes `from..=to` (each its own number) on `c` as one pipeline; the offsets given.
@@ -460,7 +417,7 @@ async fn a_predicted_pipeline_that_finds_the_stream_moved_is_stored_once_in_orde
     assert_eq!(data, numbers, "each stored once, in order");
     let expected: Vec<Event> = (1..=22).map(|n| Event::Publication(c.into(), n)).collect();
     for events in [&events_a, &events_b] {
-        assert_eq!(publications(events, c, 22).await, expected);
+        assert_eq!(events.wait_for_publications(c, 22).await, expected);
     }
 }
 
@@ -499,7 +456,7 @@ async fn an_announced_pipeline_that_never_completes_is_not_waited_for_long() {
         .await
         .expect("stored");
     assert_eq!(
-        publications(&events, c, 1).await,
+        events.wait_for_publications(c, 1).await,
         [Event::Publication(c.into(), 1)]
     );
     assert!(
@@ -514,7 +471,7 @@ async fn an_announced_pipeline_that_never_completes_is_not_waited_for_long() {
         .expect("publish");
     assert_eq!(published.position.offset, 2);
     assert_eq!(
-        publications(&events, c, 2).await,
+        events.wait_for_publications(c, 2).await,
         [
             Event::Publication(c.into(), 1),
             Event::Publication(c.into(), 2)

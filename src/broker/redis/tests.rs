@@ -91,20 +91,6 @@ async fn an_unreachable_redis_stops_startup_with_a_clear_error() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
-/// A publication of `n` with room for 100 in history.
-fn request(n: u64) -> PublishRequest {
-    PublishRequest {
-        data: conformance::json(&n.to_string()),
-        client_id: None,
-        history: crate::broker::history::HistoryLimits {
-            size: 100,
-            ttl: None,
-            max_bytes: 1 << 20,
-        },
-        idempotency: None,
-    }
-}
-
 #[tokio::test]
 #[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
 async fn two_nodes_share_publications_and_presence() {
@@ -122,7 +108,8 @@ async fn two_nodes_share_publications_and_presence() {
     b.subscribe("room").await.expect("subscribe");
     for n in 1..=20 {
         let broker = if n % 2 == 0 { &a } else { &b };
-        broker.publish("room", request(n)).await.expect("publish");
+        let request = conformance::request_for_tests(&n.to_string());
+        broker.publish("room", request).await.expect("publish");
     }
     let expected: Vec<Event> = (1..=20)
         .map(|n| Event::Publication("room".into(), n))
@@ -138,10 +125,10 @@ async fn two_nodes_share_publications_and_presence() {
     assert_eq!(b.presence("room").await.expect("presence"), vec![ann]);
 }
 
-/// A pipeline is announced ahead of its first publication (`r|<n>`), so every subscribed node hands
-/// the pipeline to its subscribers in one go, even after a quiet spell (which alone would
-/// deliver the first publication at once and the rest when they arrived), and even when Redis
-/// takes milliseconds to run the scripts.
+/// A pipeline is announced ahead of its first publication (`r|<n>|<offset>`), so every
+/// subscribed node hands the pipeline to its subscribers in one go, even after a quiet spell
+/// (which alone would deliver the first publication at once and the rest when they arrived),
+/// and even when Redis takes milliseconds to run the scripts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Redis: RUSTY_SOCKS_TEST_REDIS_URL=redis://127.0.0.1:6379 cargo test -- --include-ignored"]
 async fn a_pipeline_reaches_every_node_as_one_batch_in_order() {
@@ -163,35 +150,12 @@ async fn a_pipeline_reaches_every_node_as_one_batch_in_order() {
     raw.subscribe(format!("{prefix}:live:{c}"))
         .await
         .expect("subscribe");
-    a.publish(c, request(0)).await.expect("publish");
-    for events in [&events_a, &events_b] {
-        assert_eq!(events.wait_for(c, 1).await.len(), 1);
-    }
-    let mut offset = 1;
-    for round in 0..3 {
-        tokio::time::sleep(crate::broker::batch::QUIET * 2).await;
-        let requests = (0..16).map(|n| request(round * 100 + n)).collect();
-        let published: Vec<u64> = a
-            .publish_batch(c, requests)
-            .await
-            .expect("pipeline")
-            .into_iter()
-            .map(|p| p.expect("publish").position.offset)
-            .collect();
-        assert_eq!(published, (offset + 1..=offset + 16).collect::<Vec<_>>());
-        offset += 16;
-    }
-    let expected: Vec<Event> = (1..=offset)
-        .map(|n| Event::Publication(c.into(), n))
-        .collect();
-    for events in [&events_a, &events_b] {
-        assert_eq!(events.wait_for(c, expected.len()).await, expected);
-        assert_eq!(
-            events.runs(c),
-            [1, 16, 16, 16],
-            "each pipeline handed over in one go"
-        );
-    }
+    crate::broker::cluster_cases::pipelines_reach_every_node_as_one_batch(
+        &a,
+        &[&events_a, &events_b],
+        c,
+    )
+    .await;
     let mut messages = raw.on_message();
     let mut kinds = Vec::new();
     while kinds.len() < 1 + 3 * 17 {
@@ -207,6 +171,7 @@ async fn a_pipeline_reaches_every_node_as_one_batch_in_order() {
             other => panic!("kind {other}: {text}"),
         });
     }
+    // The case's first publication alone, then its three pipelines of 16.
     let mut want = vec!["1".to_owned()];
     for first in [2, 18, 34] {
         want.push(format!("16|{first}"));
