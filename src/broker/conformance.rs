@@ -109,13 +109,9 @@ impl Recorder {
 
     /// Waits up to five seconds for `count` publications under `prefix`; all its events.
     pub async fn wait_for_publications(&self, prefix: &str, count: usize) -> Vec<Event> {
-        self.wait_until(prefix, |got| {
-            got.iter()
-                .filter(|e| matches!(e, Event::Publication(..)))
-                .count()
-                >= count
-        })
-        .await
+        let published = |e: &&Event| matches!(e, Event::Publication(..));
+        let done = |got: &[Event]| got.iter().filter(published).count() >= count;
+        self.wait_until(prefix, done).await
     }
 
     /// Waits up to five seconds until the events under `prefix` satisfy `done`.
