@@ -120,13 +120,88 @@ async fn a_reply_is_never_overtaken_by_frames_queued_after_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_write_delay_what_follows_a_write_waits_for_the_delay() {
     const DELAY: Duration = Duration::from_millis(100);
-    const FOLLOWING: usize = 20;
     let server = TestServer::start(|c| c.write_delay = DELAY).await;
+    what_follows_a_write_waits_for(&server, DELAY).await;
+    server.stop().await;
+}
+
+/// `RUSTY_SOCKS_BUSY_WRITE_DELAY_MS`: while the server's CPU is the limit, its busy write delay
+/// applies as `RUSTY_SOCKS_WRITE_DELAY_MS` would. The server runs in this test's process,
+/// whose CPU time it measures, with one worker thread; two threads spinning here use more
+/// than that worker could, until the server reports itself saturated on `/metrics` and to
+/// the end of the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_server_is_saturated_the_busy_write_delay_applies() {
+    const DELAY: Duration = Duration::from_millis(100);
+    let server = TestServer::start(|c| {
+        c.busy_write_delay = DELAY;
+        c.worker_threads = 1;
+    })
+    .await;
+    let spinning = Spinners::start(2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, metrics) = http(server.addr, "GET", "/metrics", &[]).await;
+        assert_eq!(status, 200, "{metrics}");
+        let windows = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("rusty_socks_saturated_windows_total "))
+            .expect("the saturation counter");
+        if windows != "0" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not saturated after 20 s of spinning: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    what_follows_a_write_waits_for(&server, DELAY).await;
+    drop(spinning);
+    server.stop().await;
+}
+
+/// Threads that keep CPUs busy until dropped.
+struct Spinners {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Spinners {
+    fn start(n: usize) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = std::sync::Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for Spinners {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Sends one chat message and, once it has arrived, twenty more: each of those must arrive,
+/// in order, no sooner than `delay` after the first was sent.
+async fn what_follows_a_write_waits_for(server: &TestServer, delay: Duration) {
+    const FOLLOWING: usize = 20;
     let mut subscriber = RawClient::connect(server.addr, "/ws").await;
     let (_, welcome) = subscriber.read_frame().await.expect("welcome");
     let welcome: Value = serde_json::from_slice(&welcome).expect("welcome JSON");
     assert_eq!(welcome["type"], "Connect", "{welcome}");
-    let (mut publisher, _) = join(&server).await;
+    let (mut publisher, _) = join(server).await;
 
     let chat = |i: usize| json!({"sender": "p", "content": format!("m{i}")}).to_string();
     let content = |frame: Option<(u8, Vec<u8>)>| {
@@ -143,10 +218,9 @@ async fn with_a_write_delay_what_follows_a_write_waits_for_the_delay() {
     for i in 1..=FOLLOWING {
         assert_eq!(content(subscriber.read_frame().await), format!("m{i}"));
         assert!(
-            sent.elapsed() >= DELAY,
+            sent.elapsed() >= delay,
             "m{i} arrived {:?} after m0 was sent, before the delay",
             sent.elapsed()
         );
     }
-    server.stop().await;
 }

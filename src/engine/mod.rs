@@ -11,7 +11,8 @@
 //! - [`admission`]: the connection and handshake bounds; [`per_address`]: sockets per client
 //!   address.
 //! - [`namespace`]: per-namespace channel options.
-//! - [`stats`]: counters for `/stats` and `/metrics`.
+//! - [`stats`]: counters for `/stats` and `/metrics`; [`load`]: whether the server is
+//!   saturated (the runtime's lag).
 //! - [`webhook`]: channel, member and client events POSTed to the backend, at least once.
 //! - [`backend`]: calls to the application's backend (HTTP client, proxy).
 //! - [`transitions`]: this node's part in cluster-wide transitions (webhook events).
@@ -22,6 +23,7 @@ pub mod chat;
 pub mod control;
 pub mod echo;
 pub mod hub;
+pub mod load;
 pub mod namespace;
 pub mod node;
 #[cfg(test)]

@@ -47,8 +47,12 @@ pub struct SessionConfig {
     ping_ms: u32,
     timeout_ms: u32,
     close_grace_ms: u32,
-    /// Microseconds; 0 = write at once (see [`SessionConfig::with_write_delay`]).
-    write_delay_us: u32,
+    /// Milliseconds; 0 = write at once (see [`SessionConfig::with_write_delay`], in
+    /// `session/delay.rs` with the rest of the write delay).
+    write_delay_ms: u8,
+    /// Milliseconds, while the server is saturated; 0 = never (see
+    /// [`SessionConfig::with_busy_write_delay`]).
+    busy_write_delay_ms: u8,
     /// permessage-deflate, when the connection negotiated it.
     deflate: Option<Deflate>,
 }
@@ -76,17 +80,10 @@ impl SessionConfig {
             ping_ms: ping_interval.map_or(0, millis),
             timeout_ms: millis(timeout),
             close_grace_ms: millis(close_grace),
-            write_delay_us: 0,
+            write_delay_ms: 0,
+            busy_write_delay_ms: 0,
             deflate: None,
         }
-    }
-
-    /// The same settings with a write delay (`RUSTY_SOCKS_WRITE_DELAY_MS`): a connection written
-    /// to less than `delay` ago waits until then before its next write (see `session/delay.rs`
-    /// for why and how). Zero writes at once.
-    pub fn with_write_delay(mut self, delay: Duration) -> Self {
-        self.write_delay_us = u32::try_from(delay.as_micros()).unwrap_or(u32::MAX);
-        self
     }
 
     /// The same settings on a connection that negotiated permessage-deflate (`Some`): the
@@ -110,10 +107,6 @@ impl SessionConfig {
 
     fn close_grace(&self) -> Duration {
         Duration::from_millis(u64::from(self.close_grace_ms))
-    }
-
-    fn write_delay_us(&self) -> u64 {
-        u64::from(self.write_delay_us)
     }
 }
 
@@ -498,6 +491,7 @@ where
     /// per message); an idle one gives them back within a tick, and with them its [`Busy`]
     /// state once nothing is left in it.
     fn release_buffers(&mut self, pending_input: bool) {
+        let delay = self.write_delay_us();
         let Some(busy) = self.busy.as_deref_mut() else {
             return;
         };
@@ -509,7 +503,7 @@ where
         }
         busy.frames.release();
         // Kept while the write delay still counts from its last write.
-        let recent = delay::wrote_recently(busy, self.config.write_delay_us());
+        let recent = delay::wrote_recently(busy, delay);
         if !pending_input && busy.is_idle() && !recent {
             self.busy = None;
         }
@@ -617,9 +611,15 @@ where
         Poll::Pending
     }
 
+    /// The write delay in effect now (see [`SessionConfig::write_delay_us`]).
+    fn write_delay_us(&self) -> u64 {
+        let stats = self.guards.stats();
+        self.config.write_delay_us(|| stats.load().saturated())
+    }
+
     /// Whether the frames the outbox woke the session for wait for the write delay.
     fn hold_for_more(&mut self) -> bool {
-        let (delay, empty) = (self.config.write_delay_us(), self.outbox.is_empty());
+        let (delay, empty) = (self.write_delay_us(), self.outbox.is_empty());
         delay::hold_for_more(self.busy.as_deref_mut(), delay, empty)
     }
 
@@ -628,7 +628,7 @@ where
     fn wrote(&mut self, n: usize) {
         let stats = self.guards.stats();
         let busy = busy(&mut self.busy, &self.config);
-        if self.config.write_delay_us() > 0 {
+        if self.config.delays_writes() {
             busy.last_write = stamp_us();
         }
         output::advance(&mut busy.frames, &mut busy.wbuf, n, self.config.deflate);

@@ -70,6 +70,7 @@ pub struct Stats {
     rate_limited_messages: AtomicU64,
     notices_dropped: AtomicU64,
     write_delay: prometheus::Histogram,
+    load: crate::engine::load::Load,
 }
 
 impl Default for Stats {
@@ -96,6 +97,7 @@ impl Default for Stats {
                 .buckets(LATENCY_BUCKETS.to_vec()),
             )
             .expect("static histogram options are valid"),
+            load: crate::engine::load::Load::default(),
         }
     }
 }
@@ -218,6 +220,12 @@ impl Stats {
         self.write_delay.observe(waited as f64 / 1e6);
     }
 
+    /// Whether the server is saturated, as its runtime's lag probe last found
+    /// ([`crate::engine::load`]).
+    pub fn load(&self) -> &crate::engine::load::Load {
+        &self.load
+    }
+
     /// Whole seconds since the server started.
     pub fn uptime_s(&self) -> u64 {
         self.started.elapsed().as_secs()
@@ -298,6 +306,18 @@ impl Stats {
             "rusty_socks_notices_dropped_total",
             "Join, leave and Disconnect notice frames dropped instead of queued (a burst past a channel's budget, or a connection already behind)",
             self.notices_dropped_total(),
+        );
+        gauge(
+            out,
+            "rusty_socks_cpu_busy_percent",
+            "Share of the worker threads' CPU the server used in the last 100 ms",
+            i64::try_from(self.load.busy_pct()).unwrap_or(i64::MAX),
+        );
+        counter(
+            out,
+            "rusty_socks_saturated_windows_total",
+            "100 ms windows in which the server counted as saturated (the busy write delay applied)",
+            self.load.saturated_windows(),
         );
         let encoder = prometheus::TextEncoder::new();
         if let Ok(text) =

@@ -302,6 +302,7 @@ impl Prepared {
             reloader,
         } = self;
         state.tracker.spawn(heartbeat(Arc::clone(&state)));
+        state.tracker.spawn(load_probe(Arc::clone(&state)));
         if let Some(reloader) = reloader {
             state
                 .tracker
@@ -520,6 +521,15 @@ async fn heartbeat(state: Arc<AppState>) {
             _ = ticks.tick() => state.sessions.tick(),
             () = state.shutdown.cancelled() => return,
         }
+    }
+}
+
+/// Measures how busy the server is, for the busy write delay, until shutdown.
+async fn load_probe(state: Arc<AppState>) {
+    let workers = state.config.worker_threads;
+    tokio::select! {
+        () = crate::engine::load::probe(state.stats.load(), workers) => {}
+        () = state.shutdown.cancelled() => {}
     }
 }
 

@@ -375,6 +375,7 @@ fields! {
     restart shown "RUSTY_SOCKS_TIMEOUT" timeout,
     restart shown "RUSTY_SOCKS_PING" ping_interval,
     restart shown "RUSTY_SOCKS_WRITE_DELAY_MS" write_delay,
+    restart shown "RUSTY_SOCKS_BUSY_WRITE_DELAY_MS" busy_write_delay,
     restart shown "RUSTY_SOCKS_THREAD_POOL_SIZE" worker_threads,
     restart shown "RUSTY_SOCKS_MAX_QUEUED_TASKS" max_queued_tasks,
     restart shown "RUSTY_SOCKS_MAX_MESSAGE_SIZE" max_message_size,

@@ -286,7 +286,8 @@ pub async fn start(pending: Pending, state: &Arc<AppState>, address: Option<Addr
                 config.shutdown_grace,
             )
             .with_deflate(deflate)
-            .with_write_delay(config.write_delay);
+            .with_write_delay(config.write_delay)
+            .with_busy_write_delay(config.busy_write_delay);
             let dialect = if v1 { Dialect::V1 } else { Dialect::Legacy };
             let handler = ChatHandler::new(outbox, Arc::clone(&state.chat), identity, dialect);
             spawn_on_socket(upgraded, rx, handler, session_config, guards, state);

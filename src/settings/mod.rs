@@ -74,6 +74,10 @@ pub struct Config {
     /// waits for more messages before writing again (0: never waits); see
     /// [`crate::engine::session::SessionConfig::with_write_delay`].
     pub write_delay: Duration,
+    /// `RUSTY_SOCKS_BUSY_WRITE_DELAY_MS`: the same, but only while the server is saturated
+    /// (its runtime falls behind; see `engine/load.rs`), when it takes the load off (0:
+    /// never); see [`crate::engine::session::SessionConfig::with_busy_write_delay`].
+    pub busy_write_delay: Duration,
     /// `RUSTY_SOCKS_THREAD_POOL_SIZE`: worker threads of the tokio runtime.
     pub worker_threads: usize,
     /// `RUSTY_SOCKS_MAX_QUEUED_TASKS`: accepted sockets allowed to be mid-handshake at once.
@@ -226,6 +230,7 @@ impl Default for Config {
             timeout: Duration::from_secs(60),
             ping_interval: Duration::from_secs(30),
             write_delay: Duration::ZERO,
+            busy_write_delay: Duration::from_millis(10),
             worker_threads: 4,
             max_queued_tasks: 1000,
             max_message_size: 64 * 1024,

@@ -120,6 +120,12 @@ impl Config {
                 0,
                 100,
             )? as u64),
+            busy_write_delay: Duration::from_millis(int(
+                "RUSTY_SOCKS_BUSY_WRITE_DELAY_MS",
+                d.busy_write_delay.as_millis() as usize,
+                0,
+                100,
+            )? as u64),
             worker_threads: int("RUSTY_SOCKS_THREAD_POOL_SIZE", d.worker_threads, 1, 1024)?,
             max_queued_tasks: int(
                 "RUSTY_SOCKS_MAX_QUEUED_TASKS",

@@ -322,12 +322,20 @@ fn the_write_delay_is_read_in_milliseconds_and_checked() {
     assert_eq!(with(&[]).expect("defaults").write_delay, Duration::ZERO);
     let c = with(&[("RUSTY_SOCKS_WRITE_DELAY_MS", "5")]).expect("valid");
     assert_eq!(c.write_delay, Duration::from_millis(5));
-    for value in ["101", "-1", "2ms", ""] {
-        let err = with(&[("RUSTY_SOCKS_WRITE_DELAY_MS", value)]).expect_err(value);
-        assert_eq!(err.var, "RUSTY_SOCKS_WRITE_DELAY_MS");
-        assert!(
-            err.to_string().contains("RUSTY_SOCKS_WRITE_DELAY_MS"),
-            "{err}"
-        );
+    assert_eq!(
+        with(&[]).expect("defaults").busy_write_delay,
+        Duration::from_millis(10)
+    );
+    let c = with(&[("RUSTY_SOCKS_BUSY_WRITE_DELAY_MS", "0")]).expect("valid");
+    assert_eq!(c.busy_write_delay, Duration::ZERO);
+    for var in [
+        "RUSTY_SOCKS_WRITE_DELAY_MS",
+        "RUSTY_SOCKS_BUSY_WRITE_DELAY_MS",
+    ] {
+        for value in ["101", "-1", "2ms", ""] {
+            let err = with(&[(var, value)]).expect_err(value);
+            assert_eq!(err.var, var);
+            assert!(err.to_string().contains(var), "{err}");
+        }
     }
 }

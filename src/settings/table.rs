@@ -103,6 +103,12 @@ pub const SETTINGS: &[Setting] = &[
         meaning: "milliseconds a streaming connection's writer waits for more messages before writing, 0-100 (0: at once)",
     },
     Setting {
+        var: "RUSTY_SOCKS_BUSY_WRITE_DELAY_MS",
+        default: "10",
+        kind: Kind::Int,
+        meaning: "the same, only while the server is saturated (its runtime falls 2 ms behind), 0-100 (0: never)",
+    },
+    Setting {
         var: "RUSTY_SOCKS_THREAD_POOL_SIZE",
         default: "4",
         kind: Kind::Int,

@@ -1,4 +1,7 @@
-//! The write delay (`RUSTY_SOCKS_WRITE_DELAY_MS`, [`SessionConfig::with_write_delay`]).
+//! The write delay (`RUSTY_SOCKS_WRITE_DELAY_MS`, [`SessionConfig::with_write_delay`]), and
+//! the busy one that applies only while the server is saturated
+//! (`RUSTY_SOCKS_BUSY_WRITE_DELAY_MS`, [`SessionConfig::with_busy_write_delay`]; on by
+//! default, see `engine/load.rs`).
 //!
 //! Why: on a busy server every write is a system call and, on loopback or a LAN, most of a
 //! delivery's cost. A subscriber of a high-rate channel is otherwise written to once per
@@ -16,12 +19,48 @@
 //! is the runtime's, so a delay is rounded up to its millisecond.
 //!
 //! [`SessionConfig::with_write_delay`]: super::SessionConfig::with_write_delay
+//! [`SessionConfig::with_busy_write_delay`]: super::SessionConfig::with_busy_write_delay
 
 use std::task::Context;
 use std::time::Duration;
 
+use super::SessionConfig;
 use super::busy::Busy;
 use crate::types::clock::micros_since;
+
+impl SessionConfig {
+    /// The same settings with a write delay (`RUSTY_SOCKS_WRITE_DELAY_MS`): a connection written
+    /// to less than `delay` ago waits until then before its next write. Zero writes at once.
+    /// Whole milliseconds, up to 255 (the settings allow 100).
+    pub fn with_write_delay(mut self, delay: Duration) -> Self {
+        self.write_delay_ms = u8::try_from(delay.as_millis()).unwrap_or(u8::MAX);
+        self
+    }
+
+    /// The same settings with a write delay that applies only while the server is saturated
+    /// (`RUSTY_SOCKS_BUSY_WRITE_DELAY_MS`); a longer one of
+    /// [`with_write_delay`](Self::with_write_delay) applies always. Whole milliseconds, up to
+    /// 255.
+    pub fn with_busy_write_delay(mut self, delay: Duration) -> Self {
+        self.busy_write_delay_ms = u8::try_from(delay.as_millis()).unwrap_or(u8::MAX);
+        self
+    }
+
+    /// The write delay in effect, in microseconds: the busy one only while `saturated` says
+    /// so (asked only when it would be the longer).
+    pub(super) fn write_delay_us(&self, saturated: impl FnOnce() -> bool) -> u64 {
+        let mut ms = self.write_delay_ms;
+        if self.busy_write_delay_ms > ms && saturated() {
+            ms = self.busy_write_delay_ms;
+        }
+        u64::from(ms) * 1000
+    }
+
+    /// Whether writes are stamped for a write delay (one may come into effect).
+    pub(super) fn delays_writes(&self) -> bool {
+        self.write_delay_ms > 0 || self.busy_write_delay_ms > 0
+    }
+}
 
 /// Whether frames the outbox woke the session for wait for more instead of being taken now
 /// (`delay_us` 0: never; `outbox_empty`: nothing to wait with). If they start waiting, the
@@ -67,4 +106,30 @@ pub(super) fn poll_due(busy: &mut Busy, cx: &mut Context<'_>) -> bool {
         busy.held = false;
     }
     due
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(fixed_ms: u64, busy_ms: u64) -> SessionConfig {
+        let second = Duration::from_secs(1);
+        SessionConfig::new(1024, None, second, second)
+            .with_write_delay(Duration::from_millis(fixed_ms))
+            .with_busy_write_delay(Duration::from_millis(busy_ms))
+    }
+
+    #[test]
+    fn the_busy_delay_applies_only_while_saturated_and_only_when_longer() {
+        assert_eq!(config(0, 10).write_delay_us(|| false), 0);
+        assert_eq!(config(0, 10).write_delay_us(|| true), 10_000);
+        assert_eq!(config(5, 10).write_delay_us(|| false), 5_000);
+        assert_eq!(config(5, 10).write_delay_us(|| true), 10_000);
+        let never = || panic!("a shorter busy delay cannot matter: not asked");
+        assert_eq!(config(20, 10).write_delay_us(never), 20_000);
+        assert_eq!(config(0, 0).write_delay_us(never), 0);
+        assert!(!config(0, 0).delays_writes());
+        assert!(config(0, 10).delays_writes() && config(3, 0).delays_writes());
+        assert_eq!(config(0, 300).write_delay_us(|| true), 255_000, "saturates");
+    }
 }

@@ -1,0 +1,186 @@
+//! Whether the server is saturated: the signal behind the busy write delay
+//! (`RUSTY_SOCKS_BUSY_WRITE_DELAY_MS`).
+//!
+//! Why: a write delay cuts the system calls a streaming subscriber costs, which is what a
+//! saturated server needs (docs/BENCHMARKS.md, "Write delay"), but on a server with room to
+//! spare it only adds latency. So the delay that is on by default applies only while the
+//! server's CPU is the limit. [`probe`] reads the process's CPU time every [`WINDOW`] and
+//! compares it with what its worker threads could use (their number, or the CPUs the process
+//! may run on if fewer). A window [`ENGAGE`] or busier marks the server saturated; it stays
+//! so while windows stay [`KEEP`] or busier, which the delay itself keeps them at (it takes
+//! the load off but does not remove it), and for [`HOLD`] after the last one. Without that
+//! hysteresis the delay would switch itself off the moment it worked, and the backlog of
+//! every saturated spell would set the latency tail.
+//!
+//! A runtime lag probe (how late a timer fires) was tried first and measured nothing: a task
+//! woken by the timer runs next on tokio's scheduler, ahead of the queue, so even a
+//! saturated server woke it within 1-2 ms.
+//!
+//! The CPU time comes from `/proc/self/stat`; where there is none the server never counts as
+//! saturated and only `RUSTY_SOCKS_WRITE_DELAY_MS` applies. Sessions read the result with one
+//! relaxed load per wake.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::types::clock::now_us;
+
+/// How often the probe reads the CPU time: the kernel counts it in 10 ms ticks, so a window
+/// of ten reads it to within 10 %.
+pub const WINDOW: Duration = Duration::from_millis(100);
+/// Share of the workers' CPU, in percent, at which the server counts as saturated.
+pub const ENGAGE: u64 = 90;
+/// Share, in percent, above which a saturated server stays so.
+pub const KEEP: u64 = 50;
+/// How long the server stays marked saturated after its last busy window.
+pub const HOLD: Duration = Duration::from_secs(1);
+
+/// The probe's findings, read by every session.
+#[derive(Debug, Default)]
+pub struct Load {
+    /// [`now_us`] until which the server counts as saturated (0: never was).
+    saturated_until: AtomicU64,
+    /// The last window's share of the workers' CPU, in percent, for `/metrics`.
+    busy_pct: AtomicU64,
+    /// Windows in which the server counted as saturated, for `/metrics`.
+    saturated_windows: AtomicU64,
+}
+
+impl Load {
+    /// Whether the server counts as saturated now.
+    pub fn saturated(&self) -> bool {
+        now_us() < self.saturated_until.load(Ordering::Relaxed)
+    }
+
+    /// Takes one window in which the workers were `busy_pct` percent busy.
+    pub fn observe(&self, busy_pct: u64) {
+        self.busy_pct.store(busy_pct, Ordering::Relaxed);
+        let threshold = if self.saturated() { KEEP } else { ENGAGE };
+        if busy_pct >= threshold {
+            self.saturated_windows.fetch_add(1, Ordering::Relaxed);
+            let hold = u64::try_from(HOLD.as_micros()).unwrap_or(u64::MAX);
+            self.saturated_until
+                .store(now_us().saturating_add(hold), Ordering::Relaxed);
+        }
+    }
+
+    /// The last window's share of the workers' CPU, in percent.
+    pub fn busy_pct(&self) -> u64 {
+        self.busy_pct.load(Ordering::Relaxed)
+    }
+
+    /// How many windows counted as saturated.
+    pub fn saturated_windows(&self) -> u64 {
+        self.saturated_windows.load(Ordering::Relaxed)
+    }
+}
+
+/// Measures how busy `workers` worker threads are into `load`, forever (the caller ends it
+/// with the server); returns at once where the process's CPU time cannot be read.
+pub async fn probe(load: &Load, workers: usize) {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let capacity = workers.clamp(1, cpus.max(1)) as u128;
+    let Some(mut cpu) = process_cpu() else {
+        tracing::info!("no process CPU time here: the busy write delay stays off");
+        return;
+    };
+    let mut at = Instant::now();
+    let mut ticks = tokio::time::interval(WINDOW);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let (Some(now_cpu), now) = (process_cpu(), Instant::now()) else {
+            return;
+        };
+        let wall = now.duration_since(at).as_micros() * capacity;
+        let used = now_cpu.saturating_sub(cpu).as_micros();
+        if wall > 0 {
+            let pct = u64::try_from(used * 100 / wall).unwrap_or(u64::MAX);
+            load.observe(pct);
+        }
+        (cpu, at) = (now_cpu, now);
+    }
+}
+
+/// This process's CPU time (user and system, every thread), from `/proc/self/stat`.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    parse_cpu(&stat)
+}
+
+/// The user and system time of a `/proc/<pid>/stat` line: the 14th and 15th fields, counted
+/// after the command name, which is in parentheses and may hold spaces. They are in clock
+/// ticks of 1/100 s (`USER_HZ`, 100 on every Linux architecture).
+fn parse_cpu(stat: &str) -> Option<Duration> {
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis(
+        user.saturating_add(system).saturating_mul(10),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_time_is_read_past_a_command_name_with_spaces_and_parentheses() {
+        let stat = "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 37 0 0 20 0 5 0";
+        assert_eq!(parse_cpu(stat), Some(Duration::from_millis(2870)));
+        assert_eq!(parse_cpu("4242 (x) S 1 2"), None);
+        assert_eq!(parse_cpu("no parenthesis"), None);
+    }
+
+    #[test]
+    fn a_busy_window_engages_and_a_quieter_one_keeps_it() {
+        let load = Load::default();
+        assert!(!load.saturated(), "never observed");
+        load.observe(ENGAGE - 1);
+        assert!(!load.saturated(), "below the threshold");
+        load.observe(ENGAGE);
+        assert!(load.saturated());
+        let windows = load.saturated_windows();
+        load.observe(KEEP);
+        assert!(load.saturated());
+        assert_eq!(load.saturated_windows(), windows + 1, "KEEP extends it");
+        load.observe(KEEP - 1);
+        assert_eq!(load.saturated_windows(), windows + 1, "below KEEP does not");
+        assert_eq!(load.busy_pct(), KEEP - 1);
+    }
+
+    #[tokio::test]
+    async fn the_probe_finds_a_process_that_burns_its_cpu_saturated() {
+        if process_cpu().is_none() {
+            return; // No /proc here: the probe turns itself off (the test above covers it).
+        }
+        let load = std::sync::Arc::new(Load::default());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spinner = {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let probing = {
+            let load = std::sync::Arc::clone(&load);
+            tokio::spawn(async move { probe(&load, 1).await })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !load.saturated() && Instant::now() < deadline {
+            tokio::time::sleep(WINDOW).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        probing.abort();
+        let _ = spinner.join();
+        assert!(
+            load.saturated(),
+            "a thread spinning on one worker's CPU for 10 s, last window {} %",
+            load.busy_pct()
+        );
+    }
+}
