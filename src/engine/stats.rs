@@ -220,8 +220,9 @@ impl Stats {
         self.write_delay.observe(waited as f64 / 1e6);
     }
 
-    /// Whether the server is saturated, as its runtime's lag probe last found
-    /// ([`crate::engine::load`]).
+    /// Whether the server is saturated, as the CPU probe last found
+    /// ([`crate::engine::load`]): kept here because every session already reaches the
+    /// counters, and `/metrics` shows it.
     pub fn load(&self) -> &crate::engine::load::Load {
         &self.load
     }
