@@ -95,9 +95,8 @@ pub async fn probe(load: &Load, workers: usize) {
         };
         let wall = now.duration_since(at).as_micros() * capacity;
         let used = now_cpu.saturating_sub(cpu).as_micros();
-        if wall > 0 {
-            let pct = u64::try_from(used * 100 / wall).unwrap_or(u64::MAX);
-            load.observe(pct);
+        if let Some(pct) = (used * 100).checked_div(wall) {
+            load.observe(u64::try_from(pct).unwrap_or(u64::MAX));
         }
         (cpu, at) = (now_cpu, now);
     }
