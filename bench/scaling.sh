@@ -3,7 +3,8 @@
 # with the load generator's broadcast scenario. Subscribers are spread over the nodes; the
 # publisher is on the first node, so with 2 and 3 nodes most deliveries cross the broker.
 # Nodes run pinned to CPU 1 (one worker thread each), the generator to CPU 0; the broker
-# servers are the machine's own and are not pinned. Loopback only; stops by itself.
+# servers are the machine's own and are not pinned (OWN_BROKERS below pins its own). Loopback
+# only; stops by itself.
 #
 # Usage: bench/scaling.sh [BROKER_URL...]
 #   default: memory (1 node), redis://127.0.0.1:6379, nats://127.0.0.1:4222
@@ -15,6 +16,10 @@
 #   WINDOW (default 256): messages the publisher may run ahead of the slowest subscriber. It
 #   sends 32 at a time, so keep WINDOW + 32 within the nodes' RUSTY_SOCKS_BUFFER (1024), or
 #   subscribers are closed as slow consumers (4001) and the run ends at its timeout.
+#   OWN_BROKERS=1 starts a redis-server (port 6391) and a nats-server with JetStream (port
+#   4231) of its own, pinned to BROKER_CPUS (default 0, the generator's CPU), and measures
+#   those (with no URL given: memory, then both): the nodes' CPU then runs nothing but the
+#   nodes, as with the broker on another host. Both are stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${NO_BUILD:-}" ] || cargo build --release --quiet --workspace --bins
@@ -33,7 +38,34 @@ stop_all() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
   PIDS=()
 }
-trap stop_all EXIT
+BROKER_PIDS=()
+BROKER_DIR=""
+stop_brokers() {
+  for pid in "${BROKER_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  BROKER_PIDS=()
+  [ -z "$BROKER_DIR" ] || rm -rf "$BROKER_DIR"
+}
+trap 'stop_all; stop_brokers' EXIT
+
+wait_port() { # port name
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return; fi
+    sleep 0.1
+  done
+  echo "$2 on port $1 did not start" >&2; exit 1
+}
+
+if [ -n "${OWN_BROKERS:-}" ]; then
+  BROKER_DIR=$(mktemp -d)
+  taskset -c "${BROKER_CPUS:-0}" redis-server --port 6391 --bind 127.0.0.1 --save '' --appendonly no \
+    --dir "$BROKER_DIR" >/dev/null 2>&1 &
+  BROKER_PIDS+=($!)
+  taskset -c "${BROKER_CPUS:-0}" nats-server -js -a 127.0.0.1 -p 4231 -sd "$BROKER_DIR/js" >/dev/null 2>&1 &
+  BROKER_PIDS+=($!)
+  wait_port 6391 redis-server
+  wait_port 4231 nats-server
+  if [ $# -eq 0 ]; then BROKERS=(memory redis://127.0.0.1:6391 nats://127.0.0.1:4231); fi
+fi
 
 start_node() { # broker port prefix
   RUSTY_SOCKS_HOST=127.0.0.1 RUSTY_SOCKS_PORT=$2 RUSTY_SOCKS_THREAD_POOL_SIZE=1 \
