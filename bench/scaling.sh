@@ -18,8 +18,9 @@
 #   subscribers are closed as slow consumers (4001) and the run ends at its timeout.
 #   OWN_BROKERS=1 starts a redis-server (port 6391) and a nats-server with JetStream (port
 #   4231) of its own, pinned to BROKER_CPUS (default 0, the generator's CPU), and measures
-#   those (with no URL given: memory, then both): the nodes' CPU then runs nothing but the
-#   nodes, as with the broker on another host. Both are stopped at the end.
+#   those (memory, then both): the nodes' CPU then runs nothing but the
+#   nodes, as with the broker on another host. Both are stopped at the end; the ports must be
+#   free, and no URL may be given with it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${NO_BUILD:-}" ] || cargo build --release --quiet --workspace --bins
@@ -47,24 +48,31 @@ stop_brokers() {
 }
 trap 'stop_all; stop_brokers' EXIT
 
-wait_port() { # port name
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() { # port name pid: fails if the process it started died instead
   for _ in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return; fi
+    if ! kill -0 "$3" 2>/dev/null; then echo "$2 on port $1 exited" >&2; exit 1; fi
+    if port_open "$1"; then return; fi
     sleep 0.1
   done
   echo "$2 on port $1 did not start" >&2; exit 1
 }
 
-if [ -n "${OWN_BROKERS:-}" ]; then
+if [ "${OWN_BROKERS:-0}" = 1 ]; then
+  if [ $# -gt 0 ]; then echo "OWN_BROKERS=1 measures its own brokers: give no URL" >&2; exit 2; fi
+  for port in 6391 4231; do
+    if port_open $port; then echo "port $port is taken: OWN_BROKERS=1 needs it free" >&2; exit 1; fi
+  done
   BROKER_DIR=$(mktemp -d)
   taskset -c "${BROKER_CPUS:-0}" redis-server --port 6391 --bind 127.0.0.1 --save '' --appendonly no \
     --dir "$BROKER_DIR" >/dev/null 2>&1 &
   BROKER_PIDS+=($!)
+  wait_port 6391 redis-server $!
   taskset -c "${BROKER_CPUS:-0}" nats-server -js -a 127.0.0.1 -p 4231 -sd "$BROKER_DIR/js" >/dev/null 2>&1 &
   BROKER_PIDS+=($!)
-  wait_port 6391 redis-server
-  wait_port 4231 nats-server
-  if [ $# -eq 0 ]; then BROKERS=(memory redis://127.0.0.1:6391 nats://127.0.0.1:4231); fi
+  wait_port 4231 nats-server $!
+  BROKERS=(memory redis://127.0.0.1:6391 nats://127.0.0.1:4231)
 fi
 
 start_node() { # broker port prefix

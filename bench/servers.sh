@@ -3,8 +3,8 @@
 # `*-envelope` peers build the legacy `Chat` frame per message (parse, id, timestamp) instead of
 # forwarding the client's bytes. THREADS (default 1) sets every server's worker threads and
 # SERVER_CPUS (default 1) the CPUs they are pinned to. `rusty_socks-wdN` is this build with
-# RUSTY_SOCKS_WRITE_DELAY_MS=N (N milliseconds of write delay); `rusty_socks-nobusy` with
-# RUSTY_SOCKS_BUSY_WRITE_DELAY_MS=0 (no delay while saturated either).
+# RUSTY_SOCKS_WRITE_DELAY_MS=N (N milliseconds of write delay, always, and no other);
+# `rusty_socks-nobusy` with RUSTY_SOCKS_BUSY_WRITE_DELAY_MS=0 (no delay while saturated either).
 SERVER_PID=""
 THREADS=${THREADS:-1}
 SERVER_CPUS=${SERVER_CPUS:-1}
@@ -16,7 +16,7 @@ start() { # name -> sets SERVER_PID and PORT
   case "$name" in
     rusty_socks | baseline | rusty_socks-wd* | rusty_socks-nobusy)
       [ "$name" = baseline ] && binary=$BASELINE
-      case "$name" in rusty_socks-wd*) delay=${name#rusty_socks-wd} ;; rusty_socks-nobusy) busy=0 ;; esac
+      case "$name" in rusty_socks-wd*) delay=${name#rusty_socks-wd} busy=0 ;; rusty_socks-nobusy) busy=0 ;; esac
       PORT=9500
       RUSTY_SOCKS_WRITE_DELAY_MS=$delay RUSTY_SOCKS_BUSY_WRITE_DELAY_MS=$busy RUSTY_SOCKS_HOST=127.0.0.1 RUSTY_SOCKS_PORT=$PORT RUSTY_SOCKS_THREAD_POOL_SIZE=$THREADS \
         RUSTY_SOCKS_MAX_CONN=20000 RUSTY_SOCKS_MAX_QUEUED_TASKS=20000 RUSTY_SOCKS_MAX_CONN_PER_IP=0 RUSTY_SOCKS_ECHO_ENDPOINT=true \

@@ -127,9 +127,9 @@ async fn with_a_write_delay_what_follows_a_write_waits_for_the_delay() {
 
 /// `RUSTY_SOCKS_BUSY_WRITE_DELAY_MS`: while the server's CPU is the limit, its busy write delay
 /// applies as `RUSTY_SOCKS_WRITE_DELAY_MS` would. The server runs in this test's process,
-/// whose CPU time it measures, with one worker thread; two threads spinning here use more
-/// than that worker could, until the server reports itself saturated on `/metrics` and to
-/// the end of the test.
+/// whose CPU time it measures, against the capacity of one worker thread (its setting; the
+/// test's runtime has two); two threads spinning here use more than that, until the server
+/// reports itself saturated on `/metrics` and to the end of the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_the_server_is_saturated_the_busy_write_delay_applies() {
     const DELAY: Duration = Duration::from_millis(100);

@@ -12,7 +12,7 @@
 //!   address.
 //! - [`namespace`]: per-namespace channel options.
 //! - [`stats`]: counters for `/stats` and `/metrics`; [`load`]: whether the server is
-//!   saturated (the runtime's lag).
+//!   saturated (its CPU time).
 //! - [`webhook`]: channel, member and client events POSTed to the backend, at least once.
 //! - [`backend`]: calls to the application's backend (HTTP client, proxy).
 //! - [`transitions`]: this node's part in cluster-wide transitions (webhook events).

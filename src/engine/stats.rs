@@ -317,7 +317,7 @@ impl Stats {
         counter(
             out,
             "rusty_socks_saturated_windows_total",
-            "100 ms windows in which the server counted as saturated (the busy write delay applied)",
+            "100 ms windows busy enough to make or keep the server saturated (when the busy write delay applies)",
             self.load.saturated_windows(),
         );
         let encoder = prometheus::TextEncoder::new();

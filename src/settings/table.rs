@@ -106,7 +106,7 @@ pub const SETTINGS: &[Setting] = &[
         var: "RUSTY_SOCKS_BUSY_WRITE_DELAY_MS",
         default: "10",
         kind: Kind::Int,
-        meaning: "the same, only while the server is saturated (its runtime falls 2 ms behind), 0-100 (0: never)",
+        meaning: "the same, only while the server is saturated (a 100 ms window at 90 % of its workers' CPU, until a second below 75 %), 0-100 (0: never)",
     },
     Setting {
         var: "RUSTY_SOCKS_THREAD_POOL_SIZE",

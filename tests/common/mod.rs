@@ -38,6 +38,10 @@ impl TestServer {
         let mut config = Config {
             host: "127.0.0.1".parse().unwrap(),
             port: 0,
+            // The busy write delay measures the CPU of the whole process, here the test
+            // binary with every test running in it: off unless a test asks for it, so that
+            // no test's timing depends on its neighbours.
+            busy_write_delay: Duration::ZERO,
             ..Config::default()
         };
         tweak(&mut config);

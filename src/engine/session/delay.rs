@@ -31,18 +31,18 @@ use crate::types::clock::micros_since;
 impl SessionConfig {
     /// The same settings with a write delay (`RUSTY_SOCKS_WRITE_DELAY_MS`): a connection written
     /// to less than `delay` ago waits until then before its next write. Zero writes at once.
-    /// Whole milliseconds, up to 255 (the settings allow 100).
+    /// Whole milliseconds, rounded up, up to 255 (the settings allow 100).
     pub fn with_write_delay(mut self, delay: Duration) -> Self {
-        self.write_delay_ms = u8::try_from(delay.as_millis()).unwrap_or(u8::MAX);
+        self.write_delay_ms = whole_millis(delay);
         self
     }
 
     /// The same settings with a write delay that applies only while the server is saturated
     /// (`RUSTY_SOCKS_BUSY_WRITE_DELAY_MS`); a longer one of
     /// [`with_write_delay`](Self::with_write_delay) applies always. Whole milliseconds, up to
-    /// 255.
+    /// 255, rounded up.
     pub fn with_busy_write_delay(mut self, delay: Duration) -> Self {
-        self.busy_write_delay_ms = u8::try_from(delay.as_millis()).unwrap_or(u8::MAX);
+        self.busy_write_delay_ms = whole_millis(delay);
         self
     }
 
@@ -62,18 +62,26 @@ impl SessionConfig {
     }
 }
 
+/// `delay` in whole milliseconds, rounded up (a delay is never shortened to nothing), at most
+/// 255.
+fn whole_millis(delay: Duration) -> u8 {
+    u8::try_from(delay.as_micros().div_ceil(1000)).unwrap_or(u8::MAX)
+}
+
 /// Whether frames the outbox woke the session for wait for more instead of being taken now
 /// (`delay_us` 0: never; `outbox_empty`: nothing to wait with). If they start waiting, the
 /// timer is armed for the delay since the last write ([`poll_due`]). With no [`Busy`] state
 /// nothing was written within the delay: it is kept while the delay counts
 /// ([`wrote_recently`]).
 pub(super) fn hold_for_more(busy: Option<&mut Busy>, delay_us: u64, outbox_empty: bool) -> bool {
-    if delay_us == 0 || outbox_empty {
-        return false;
-    }
     let Some(busy) = busy else {
         return false;
     };
+    if delay_us == 0 || outbox_empty {
+        // A delay that ended (the server is no longer saturated) holds nothing any more.
+        busy.held = false;
+        return false;
+    }
     if busy.held {
         return true;
     }
@@ -131,5 +139,13 @@ mod tests {
         assert!(!config(0, 0).delays_writes());
         assert!(config(0, 10).delays_writes() && config(3, 0).delays_writes());
         assert_eq!(config(0, 300).write_delay_us(|| true), 255_000, "saturates");
+        let rounded = SessionConfig::new(1024, None, Duration::ZERO, Duration::ZERO)
+            .with_write_delay(Duration::from_micros(1_500))
+            .with_busy_write_delay(Duration::from_micros(1));
+        assert_eq!(rounded.write_delay_us(|| true), 2_000, "rounded up");
+        assert_eq!(rounded.write_delay_us(|| false), 2_000);
+        let busy_only = SessionConfig::new(1024, None, Duration::ZERO, Duration::ZERO)
+            .with_busy_write_delay(Duration::from_micros(1));
+        assert_eq!(busy_only.write_delay_us(|| true), 1_000, "not shortened to nothing");
     }
 }
