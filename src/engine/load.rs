@@ -113,7 +113,9 @@ pub async fn probe(load: &Load, workers: usize) {
     loop {
         ticks.tick().await;
         let (Some(now_cpu), now) = (process_cpu(), Instant::now()) else {
-            tracing::warn!("the process's CPU time can no longer be read: the busy write delay stops");
+            tracing::warn!(
+                "the process's CPU time can no longer be read: the busy write delay stops"
+            );
             load.stopped();
             return;
         };
@@ -175,7 +177,10 @@ mod tests {
         assert!(load.saturated(), "KEEP extends it");
         assert_eq!(load.saturated_windows(), 2);
         load.observe_at(KEEP - 1, 3_000 + 2 * hold - 2);
-        assert!(load.saturated(), "below KEEP: held for HOLD after the last busy window");
+        assert!(
+            load.saturated(),
+            "below KEEP: held for HOLD after the last busy window"
+        );
         assert_eq!(load.saturated_windows(), 2, "and not counted");
         load.observe_at(KEEP - 1, 3_000 + 2 * hold - 1);
         assert!(!load.saturated(), "HOLD passed");

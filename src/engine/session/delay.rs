@@ -146,6 +146,10 @@ mod tests {
         assert_eq!(rounded.write_delay_us(|| false), 2_000);
         let busy_only = SessionConfig::new(1024, None, Duration::ZERO, Duration::ZERO)
             .with_busy_write_delay(Duration::from_micros(1));
-        assert_eq!(busy_only.write_delay_us(|| true), 1_000, "not shortened to nothing");
+        assert_eq!(
+            busy_only.write_delay_us(|| true),
+            1_000,
+            "not shortened to nothing"
+        );
     }
 }
