@@ -75,7 +75,8 @@ pub struct Config {
     /// [`crate::engine::session::SessionConfig::with_write_delay`].
     pub write_delay: Duration,
     /// `RUSTY_SOCKS_BUSY_WRITE_DELAY_MS`: the same, but only while the server is saturated
-    /// (its CPU time says so; see `engine/load.rs`), when it takes the load off (0: never); see [`crate::engine::session::SessionConfig::with_busy_write_delay`].
+    /// (its CPU time says so; see `engine/load.rs`), when it takes the load off (0: never);
+    /// see [`crate::engine::session::SessionConfig::with_busy_write_delay`].
     pub busy_write_delay: Duration,
     /// `RUSTY_SOCKS_THREAD_POOL_SIZE`: worker threads of the tokio runtime.
     pub worker_threads: usize,
