@@ -275,13 +275,7 @@ impl Latencies {
 /// CPU time (user + system) a process has used.
 pub fn process_cpu(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces) start after the last ')'.
-    let after = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    // USER_HZ is 100 on Linux.
-    Some(Duration::from_millis((utime + stime) * 10))
+    rusty_socks::engine::load::parse_cpu(&stat)
 }
 
 /// Resident set size of a process, in KiB.

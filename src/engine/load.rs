@@ -67,17 +67,14 @@ impl Load {
     /// [`Load::observe`] at `now` ([`now_us`]).
     fn observe_at(&self, busy_pct: u64, now: u64) {
         self.busy_pct.store(busy_pct, Ordering::Relaxed);
-        let until = self.saturated_until.load(Ordering::Relaxed);
+        let mut until = self.saturated_until.load(Ordering::Relaxed);
         let threshold = if now < until { KEEP } else { ENGAGE };
-        let until = if busy_pct >= threshold {
+        if busy_pct >= threshold {
             self.saturated_windows.fetch_add(1, Ordering::Relaxed);
             let hold = u64::try_from(HOLD.as_micros()).unwrap_or(u64::MAX);
-            self.saturated_until
-                .store(now.saturating_add(hold), Ordering::Relaxed);
-            now.saturating_add(hold)
-        } else {
-            until
-        };
+            until = now.saturating_add(hold);
+            self.saturated_until.store(until, Ordering::Relaxed);
+        }
         self.saturated.store(now < until, Ordering::Relaxed);
     }
 
@@ -140,8 +137,9 @@ fn process_cpu() -> Option<Duration> {
 
 /// The user and system time of a `/proc/<pid>/stat` line: the 14th and 15th fields, counted
 /// after the command name, which is in parentheses and may hold spaces. They are in clock
-/// ticks of 1/100 s (`USER_HZ`, 100 on every Linux architecture).
-fn parse_cpu(stat: &str) -> Option<Duration> {
+/// ticks of 1/100 s (`USER_HZ`, 100 on every Linux architecture). Public for the benchmark
+/// tools, which read the server's CPU time the same way.
+pub fn parse_cpu(stat: &str) -> Option<Duration> {
     let rest = stat.get(stat.rfind(')')? + 1..)?;
     let mut fields = rest.split_whitespace().skip(11);
     let user: u64 = fields.next()?.parse().ok()?;
