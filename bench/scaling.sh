@@ -13,6 +13,8 @@
 #   MAX_NODES=N (default 3) stops at N nodes per broker (1: every broker with one node, the
 #   comparison with the memory broker). MESSAGES (default 2000): on a fast machine 2,000 is a 0.3 s burst, a
 #   few tens of the 10 ms ticks the server's CPU time is read in; MESSAGES=10000 reads closer.
+#   RATE=N sends N messages/s per publisher instead of a burst (for latency at a steady load;
+#   see bench/compare.sh).
 #   WINDOW (default 256): messages the publisher may run ahead of the slowest subscriber. It
 #   sends 32 at a time, so keep WINDOW + 32 within the nodes' RUSTY_SOCKS_BUFFER (1024), or
 #   subscribers are closed as slow consumers (4001) and the run ends at its timeout.
@@ -102,7 +104,7 @@ for broker in "${BROKERS[@]}"; do
     pids=$(IFS=,; echo "${PIDS[*]}")
     printf '%-24s nodes=%s ' "$broker" "$nodes"
     taskset -c 0 "$BIN/loadgen" broadcast --url "$urls" --server-pid "$pids" \
-      --subscribers "$SUBSCRIBERS" --publishers "$PUBLISHERS" --messages "$MESSAGES" --window "$WINDOW" --timeout 120 | grep '^RESULT' \
+      --subscribers "$SUBSCRIBERS" --publishers "$PUBLISHERS" --messages "$MESSAGES" --window "$WINDOW" ${RATE:+--rate "$RATE"} --timeout 120 | grep '^RESULT' \
       || echo "RESULT failed"
     stop_all
     nats_delete_prefix "$broker" "$prefix"
