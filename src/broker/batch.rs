@@ -12,10 +12,11 @@
 //! go when the batch is full ([`MAX_HELD`]) or its deadline ([`WINDOW`] after the first held
 //! event, rounded up to the runtime timer's millisecond) passes. An event that arrives after
 //! a quiet spell (nothing for [`QUIET`]) is delivered at once, so sparse traffic keeps its
-//! latency; events that follow each other closer than that wait up to about 2 ms. The quiet
-//! spell is long on purpose: while a batch's subscribers write, the next publication waits
-//! behind them on the node (1,000 subscribers take milliseconds), and a short one would take
-//! every such stream for sparse traffic and deliver it one publication at a time again.
+//! latency; events that follow each other closer than that wait up to about 2 ms (longer while
+//! a pipeline is waited for, below: up to [`RUN_WAIT`]). The quiet spell is long on purpose:
+//! while a batch's subscribers write, the next publication waits behind them on the node
+//! (1,000 subscribers take milliseconds), and a short one would take every such stream for
+//! sparse traffic and deliver it one publication at a time again.
 //!
 //! A pipeline's first publication is announced with how many were sent together (NATS: the
 //! `Rs-Run` header, passed to [`Batch::arrived`]; Redis: an `r|<n>|<offset>` message its
@@ -26,17 +27,22 @@
 //! publish is a script (about 24 µs each on the benchmark machine), so a pipeline of 256 runs
 //! for about 6 ms, several of the usual windows.
 //!
-//! Once the pipelines waited for have all arrived, the batch still waits [`FOLLOW`] for its
-//! publisher's next pipeline (never past [`RUN_WAIT`] after its first event). A publisher that
-//! sends in bulk sends its next pipeline as soon as the previous one is answered, which is
-//! when that one's last publication reaches the nodes. Delivered without that wait, a stream
-//! of pipelines reaches each subscriber as one write per pipeline, and pipelines are short:
-//! the publisher's messages are split between the one the broker runs and the one the node
-//! writes out. Waiting for the next one doubles what each write carries (measured, 1,000
-//! subscribers: 6.2-7.1 `writev` per 1,000 deliveries without it, 4.0-4.4 with it, the memory
-//! broker's 4.0; docs/BENCHMARKS.md, "Issue 19: the next pipeline waited for"). The cost is
-//! up to [`FOLLOW`] of latency after a bulk publisher's last pipeline; single publications
-//! never wait for it.
+//! In a stream of pipelines (one completes less than [`QUIET`] after the previous one), the
+//! batch still waits [`FOLLOW`] for the next pipeline once those it waits for have all
+//! arrived (never past [`RUN_WAIT`] after its first event). A publisher that sends in bulk
+//! sends its next pipeline as soon as the previous one is answered, which is when that one's
+//! last publication reaches the nodes. Delivered without that wait, a stream of pipelines
+//! reaches each subscriber as one write per pipeline, and pipelines are short: the
+//! publisher's messages are split between the one the broker runs and the one the node writes
+//! out. Waiting for the next one doubles what each write carries (measured, 1,000
+//! subscribers: 6.2-7.1 `writev` per 1,000 deliveries without it, about 4.0 with it, the
+//! memory broker's 4.0; docs/BENCHMARKS.md, "Issue 19: the next pipeline waited for"). The
+//! cost: in such a stream, each batch is delivered up to [`FOLLOW`] after its last pipeline
+//! arrived, and whatever else arrives meanwhile (through Redis, any channel's events) waits
+//! with it. A pipeline after a quiet spell, and publications that arrive one by one, never
+//! wait for it. A pipeline that would not fit in the batch is not added to it: the receive
+//! task delivers what is held first ([`Batch::flush_first`]), so pipelines stay whole (a
+//! stream that takes longer than [`RUN_WAIT`] is still cut there).
 //!
 //! Order is kept: events are delivered in arrival order, and whoever drives a batch flushes
 //! it before anything it reports on its own (a gap after a reconnect). When the node stops, the
@@ -110,6 +116,9 @@ pub struct Batch {
     /// Pipelines announced ahead of their first publication ([`Batch::announce`]): channel,
     /// count and the first one's offset; one per channel, at most [`MAX_ANNOUNCED`].
     announced: Vec<(String, u64, u64)>,
+    /// When the pipelines waited for last all arrived: one that completes less than
+    /// [`QUIET`] after the previous one is part of a stream, and waits [`FOLLOW`] for the next.
+    run_ended: Option<Instant>,
 }
 
 /// Announcements kept at most while their first publication has not arrived (it follows at
@@ -126,6 +135,7 @@ impl Default for Batch {
             window_end: Instant::now(),
             runs: Vec::new(),
             announced: Vec::new(),
+            run_ended: None,
         }
     }
 }
@@ -169,6 +179,25 @@ impl Batch {
             return self.full();
         }
         now
+    }
+
+    /// Whether what is held must be delivered before the publication of `channel` at `offset`
+    /// is taken ([`Batch::arrived`], with the same `run`): when it starts a pipeline that
+    /// would not fit in this batch ([`MAX_HELD`]). Delivered first, the held events keep
+    /// their pipelines whole, and the new one starts a batch of its own, instead of being cut
+    /// where this one fills up. (One that does not complete within the batch's [`RUN_WAIT`]
+    /// is still cut there: the wait is bounded.)
+    pub fn flush_first(&self, channel: &str, offset: u64, run: u64) -> bool {
+        if !self.holding() {
+            return false;
+        }
+        let announced = self
+            .announced
+            .iter()
+            .find(|(c, _, first)| c == channel && *first == offset)
+            .map_or(1, |(_, announced, _)| *announced);
+        let run = run.max(announced);
+        run > 1 && (self.count as u64).saturating_add(run) > MAX_HELD as u64
     }
 
     /// Notes that the publication of `channel` at `offset` starts a pipeline of `run` (for a
@@ -272,8 +301,8 @@ impl Batch {
 
     /// Says that the publication of `channel` just held at `offset` starts a pipeline of `run`
     /// (its publisher sent them together): what is held waits for the pipeline's last offset,
-    /// even if it arrived after a quiet spell, and is then due as usual. The caller delivers
-    /// the batch only if it is full. Several channels' pipelines may be waited for at once
+    /// even if it arrived after a quiet spell, and is then due as [`Batch::runs_arrived`]
+    /// says. The caller delivers the batch only if it is full. Several channels' pipelines may be waited for at once
     /// (one receive task serves every channel of a Redis node); the batch waits for all of
     /// them, at most [`RUN_WAIT`] after its first event, or until [`MAX_HELD`].
     fn expect_run(&mut self, channel: &str, offset: u64, run: u64) {
@@ -288,14 +317,23 @@ impl Batch {
         self.hold_until(self.first() + RUN_WAIT);
     }
 
-    /// The pipelines waited for have all arrived ([`Batch::expect_run`]): what is held is due
-    /// [`FOLLOW`] from now, for the publisher's next pipeline (one announced meanwhile is
-    /// waited for too), but no later than [`RUN_WAIT`] after the first event, and no sooner
-    /// than the usual window's end. Later events still join it until then.
+    /// The pipelines waited for have all arrived ([`Batch::expect_run`]). If the previous
+    /// ones did so less than [`QUIET`] ago (a stream of pipelines), what is held is due
+    /// [`FOLLOW`] from now, for the next pipeline (one announced meanwhile is waited for too),
+    /// but no later than [`RUN_WAIT`] after the first event. Otherwise it is due when it would
+    /// have been without the longer wait: at the end of the usual window, at once if that has
+    /// passed. Later events still join it until then.
     fn runs_arrived(&mut self) {
+        let now = Instant::now();
+        let streaming = self.run_ended.is_some_and(|ended| now - ended < QUIET);
+        self.run_ended = Some(now);
         if self.holding() {
-            let follow = (Instant::now() + FOLLOW).min(self.first() + RUN_WAIT);
-            self.timer.as_mut().reset(self.window_end.max(follow));
+            let due = if streaming {
+                (now + FOLLOW).min(self.first() + RUN_WAIT)
+            } else {
+                self.window_end
+            };
+            self.timer.as_mut().reset(due);
         }
     }
 
@@ -459,22 +497,45 @@ mod tests {
         assert_eq!(waited.elapsed(), WINDOW, "the next batch waits as usual");
         batch.flush(&node);
 
-        // What was waited for came: due FOLLOW later, for a pipeline that may follow ...
+        // What was waited for came early: due at the end of the usual window ...
         let waited = Instant::now();
         assert!(!batch.publication("c", "e", publication(5)));
         batch.hold_until(Instant::now() + Duration::from_millis(20));
         batch.runs_arrived();
         batch.due().await;
-        assert_eq!(waited.elapsed(), FOLLOW);
+        assert_eq!(waited.elapsed(), WINDOW);
         batch.flush(&node);
-        // ... but never later than RUN_WAIT after the first event.
-        assert!(!batch.publication("c", "e", publication(6)));
+        // ... or late: due at once, ...
+        tokio::time::advance(QUIET).await;
+        assert!(
+            batch.publication("c", "e", publication(6)),
+            "quiet: at once"
+        );
+        batch.flush(&node);
+        assert!(!batch.publication("c", "e", publication(7)));
         batch.hold_until(Instant::now() + Duration::from_millis(20));
-        tokio::time::advance(RUN_WAIT - WINDOW).await;
+        tokio::time::advance(WINDOW * 3).await;
         let waited = Instant::now();
         batch.runs_arrived();
         batch.due().await;
-        assert_eq!(waited.elapsed(), WINDOW);
+        assert_eq!(waited.elapsed(), Duration::ZERO);
+        batch.flush(&node);
+        // ... unless the previous one came less than QUIET before (a stream of pipelines):
+        // then FOLLOW later, for the next one, but never past RUN_WAIT after the first event.
+        assert!(!batch.publication("c", "e", publication(8)));
+        let first = Instant::now();
+        batch.hold_until(Instant::now() + Duration::from_millis(20));
+        batch.runs_arrived();
+        batch.due().await;
+        assert_eq!(first.elapsed(), FOLLOW);
+        batch.flush(&node);
+        assert!(!batch.publication("c", "e", publication(9)));
+        let first = Instant::now();
+        batch.hold_until(Instant::now() + Duration::from_millis(20));
+        tokio::time::advance(RUN_WAIT - WINDOW).await;
+        batch.runs_arrived();
+        batch.due().await;
+        assert_eq!(first.elapsed(), RUN_WAIT);
     }
 
     #[tokio::test(start_paused = true)]
@@ -499,8 +560,8 @@ mod tests {
         batch.due().await;
         assert_eq!(
             waited.elapsed(),
-            WINDOW * 5 + FOLLOW,
-            "complete: due FOLLOW later (the window passed)"
+            WINDOW * 5,
+            "due at once: the window passed"
         );
         batch.flush(&node);
         assert_eq!(node.runs("c"), [2, 1], "the pipeline in one batch");
@@ -552,11 +613,7 @@ mod tests {
         assert!(!batch.arrived("a", "e", publication(2), Continuity::Next, 1));
         assert!(!batch.arrived("a", "e", publication(3), Continuity::Next, 1));
         batch.due().await;
-        assert_eq!(
-            waited.elapsed(),
-            WINDOW * 5 + FOLLOW,
-            "both complete: due FOLLOW later"
-        );
+        assert_eq!(waited.elapsed(), WINDOW * 5, "both complete: due at once");
         batch.flush(&node);
         assert_eq!((node.runs("a"), node.runs("b")), (vec![1, 2], vec![2]));
 
@@ -571,14 +628,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_complete_pipeline_waits_for_the_next_one_of_its_publisher() {
+    async fn in_a_stream_of_pipelines_a_complete_one_waits_for_the_next() {
         let mut batch = Batch::default();
         let node = Recorder::default();
-        let waited = Instant::now();
+        // A pipeline after a quiet spell: due as soon as it is complete.
         assert!(!batch.arrived("c", "e", publication(1), Continuity::Next, 2));
         tokio::time::advance(WINDOW * 2).await;
         assert!(!batch.arrived("c", "e", publication(2), Continuity::Next, 1));
-        // The next pipeline starts within FOLLOW: it is waited for as well, ...
+        let waited = Instant::now();
+        batch.due().await;
+        assert_eq!(waited.elapsed(), Duration::ZERO, "alone: at once");
+        batch.flush(&node);
+        // The next one, complete less than QUIET later, waits for a third, ...
+        let waited = Instant::now();
+        assert!(!batch.arrived("c", "e", publication(3), Continuity::Next, 2));
+        tokio::time::advance(WINDOW * 2).await;
+        assert!(!batch.arrived("c", "e", publication(4), Continuity::Next, 1));
         tokio::time::advance(FOLLOW - WINDOW).await;
         assert!(
             tokio::time::timeout(Duration::ZERO, batch.due())
@@ -586,7 +651,8 @@ mod tests {
                 .is_err(),
             "complete, but the next pipeline may follow"
         );
-        assert!(!batch.arrived("c", "e", publication(3), Continuity::Next, 3));
+        assert!(!batch.flush_first("c", 5, 3), "it fits: it joins");
+        assert!(!batch.arrived("c", "e", publication(5), Continuity::Next, 3));
         tokio::time::advance(FOLLOW).await;
         assert!(
             tokio::time::timeout(Duration::ZERO, batch.due())
@@ -594,18 +660,18 @@ mod tests {
                 .is_err(),
             "the next pipeline is not complete yet"
         );
-        assert!(!batch.arrived("c", "e", publication(4), Continuity::Next, 1));
-        assert!(!batch.arrived("c", "e", publication(5), Continuity::Next, 1));
-        // ... and when none follows it within FOLLOW, both go as one batch.
+        assert!(!batch.arrived("c", "e", publication(6), Continuity::Next, 1));
+        assert!(!batch.arrived("c", "e", publication(7), Continuity::Next, 1));
+        // ... and when none follows within FOLLOW, both go as one batch.
         batch.due().await;
         assert_eq!(waited.elapsed(), WINDOW + FOLLOW * 3);
         assert!(waited.elapsed() < RUN_WAIT, "not cut short by RUN_WAIT");
         batch.flush(&node);
-        assert_eq!(node.runs("c"), [5], "both pipelines, one wake");
+        assert_eq!(node.runs("c"), [2, 5], "the last two pipelines, one wake");
 
         // A chain of pipelines is delivered RUN_WAIT after its first event at the latest.
         let waited = Instant::now();
-        let mut offset = 6;
+        let mut offset = 8;
         while waited.elapsed() < RUN_WAIT * 2 {
             assert!(!batch.arrived("c", "e", publication(offset), Continuity::Next, 2));
             assert!(!batch.arrived("c", "e", publication(offset + 1), Continuity::Next, 1));
@@ -620,6 +686,28 @@ mod tests {
             "{:?}",
             waited.elapsed()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pipeline_that_would_be_cut_starts_a_batch_of_its_own() {
+        let mut batch = Batch::default();
+        let node = Recorder::default();
+        assert!(!batch.flush_first("c", 1, 200), "nothing held");
+        assert!(!batch.arrived("c", "e", publication(1), Continuity::Next, 200));
+        for offset in 2..=200 {
+            assert!(!batch.arrived("c", "e", publication(offset), Continuity::Next, 1));
+        }
+        // 200 held: a pipeline of 100 would be cut at MAX_HELD, one of 50 fits, and a single
+        // publication is no pipeline.
+        assert!(batch.flush_first("c", 201, 100));
+        assert!(!batch.flush_first("c", 201, 50));
+        assert!(!batch.flush_first("c", 201, 1));
+        batch.announce("c", 100, 201);
+        assert!(batch.flush_first("c", 201, 1), "announced ahead (Redis)");
+        assert!(!batch.flush_first("c", 202, 1), "not its first offset");
+        batch.flush(&node);
+        assert_eq!(node.runs("c"), [200]);
+        assert!(!batch.flush_first("c", 201, 100), "nothing held");
     }
 
     #[tokio::test(start_paused = true)]
@@ -640,11 +728,7 @@ mod tests {
         tokio::time::advance(WINDOW * 3).await;
         assert!(!batch.arrived("c", "e", publication(2), Continuity::Next, 1));
         batch.due().await;
-        assert_eq!(
-            waited.elapsed(),
-            WINDOW * 3 + FOLLOW,
-            "complete: FOLLOW later"
-        );
+        assert_eq!(waited.elapsed(), WINDOW * 3, "complete: due at once");
         batch.flush(&node);
         assert_eq!(node.runs("c"), [2]);
         // Used once: the channel's next publication after a quiet spell goes at once.

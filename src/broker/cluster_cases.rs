@@ -359,9 +359,10 @@ where
 /// pipelines of 16, each after a quiet spell, which alone would deliver a pipeline's first
 /// publication at once and the rest when they arrived: every node gets every publication in
 /// order, exactly once, and each pipeline in one go (the broker announces it, and the node's
-/// batch waits for it whole). Then pairs of pipelines, the second sent once the first was
-/// answered and the batch's usual window has passed, as a publisher sending in bulk does:
-/// the nodes wait for the second ([`super::batch::FOLLOW`]) and hand both over together.
+/// batch waits for it whole). Then streams of three pipelines, each sent once the previous
+/// one was answered, as a publisher sending in bulk does: the nodes deliver the first alone
+/// and wait for the third after the second ([`super::batch::FOLLOW`]), handing both over
+/// together.
 /// Only with a networked broker built in (the batch is theirs).
 #[cfg(any(feature = "redis", feature = "nats"))]
 pub async fn pipelines_reach_every_node_as_one_batch(
@@ -408,28 +409,35 @@ pub async fn pipelines_reach_every_node_as_one_batch(
             "each pipeline handed over in one go"
         );
     }
-    // The pairs, of pipelines long enough that the broker takes longer than the batch's
-    // window to run one: without the wait, the first is due as soon as its last publication
-    // arrived, before the second is sent. In a debug build the publisher takes milliseconds
-    // to read one pipeline's answers and send the next, and a loaded machine longer, so only
-    // two pairs of ten must be merged on every node (checked: in four runs with the wait,
-    // 3-8 per node; in three without it, 0-4, and 0-1 on some node of every run). A pair
-    // may also be cut at RUN_WAIT after its first publication.
-    const PAIRS: usize = 10;
+    // Streams of three pipelines, each sent as soon as the one before was answered, as a
+    // publisher sending in bulk does. The pipelines are long enough that the broker takes
+    // longer than the batch's window to run one, so without the wait for the next one each
+    // is due as soon as it is complete, before the next is sent. The first of each stream
+    // follows a quiet spell and goes alone; the second waits for the third (FOLLOW). In a
+    // debug build the publisher takes milliseconds to read one pipeline's answers and send
+    // the next, and a loaded machine longer, so only two of ten streams must be merged on
+    // every node (checked: in four runs with the wait, 4-10 of ten per node; in three
+    // without it, 0-3, and 0-1 on some node of every run). A merge may also be cut at
+    // RUN_WAIT, so any run longer than one pipeline counts.
+    const STREAMS: usize = 10;
     const LONG: u64 = 100;
-    for pair in 0..PAIRS as u64 {
+    for stream in 0..STREAMS as u64 {
         tokio::time::sleep(super::batch::QUIET * 2).await;
-        for half in 0..2 {
-            let requests = (0..LONG)
-                .map(|n| request_for_tests(&(1000 * (pair * 2 + half + 1) + n).to_string()))
-                .collect();
+        let pipelines: Vec<Vec<_>> = (0..3)
+            .map(|nth| {
+                (0..LONG)
+                    .map(|n| request_for_tests(&(1000 * (stream * 3 + nth + 1) + n).to_string()))
+                    .collect()
+            })
+            .collect();
+        for requests in pipelines {
             let published = publisher
                 .publish_batch(channel, requests)
                 .await
                 .expect("pipeline");
             assert!(published.iter().all(Result::is_ok), "{published:?}");
         }
-        offset += 2 * LONG;
+        offset += 3 * LONG;
         let expected: Vec<Event> = (1..=offset)
             .map(|n| Event::Publication(channel.into(), n))
             .collect();
@@ -446,7 +454,7 @@ pub async fn pipelines_reach_every_node_as_one_batch(
         let merged = runs[4..].iter().filter(|&&n| n > LONG as usize).count();
         assert!(
             merged >= 2,
-            "pairs of pipelines handed over in one go: {runs:?}"
+            "streams whose last two pipelines were handed over in one go: {runs:?}"
         );
     }
 }

@@ -286,6 +286,9 @@ impl Inner {
         };
         let mut now = false;
         live.run(|| {
+            if batch.flush_first(channel, publication.offset, run) {
+                batch.flush(&*self.events);
+            }
             let continuity = self.subs.observe(channel, epoch, publication.offset);
             now = batch.arrived(channel, epoch, publication, continuity, run);
         });

@@ -356,6 +356,9 @@ impl Shared {
         };
         match event {
             WireEvent::Publication { epoch, publication } => {
+                if batch.flush_first(channel, publication.offset, 1) {
+                    batch.flush(&*self.events);
+                }
                 let continuity = self
                     .subscriptions
                     .observe(channel, &epoch, publication.offset);
