@@ -102,7 +102,7 @@ for broker in "${BROKERS[@]}"; do
       urls="${urls:+$urls,}ws://127.0.0.1:$port/ws"
     done
     pids=$(IFS=,; echo "${PIDS[*]}")
-    printf '%-24s nodes=%s ' "$broker" "$nodes"
+    printf '%-24s nodes=%s %s' "$broker" "$nodes" "${RATE:+rate=$RATE }"
     taskset -c 0 "$BIN/loadgen" broadcast --url "$urls" --server-pid "$pids" \
       --subscribers "$SUBSCRIBERS" --publishers "$PUBLISHERS" --messages "$MESSAGES" --window "$WINDOW" ${RATE:+--rate "$RATE"} --timeout 120 | grep '^RESULT' \
       || echo "RESULT failed"
