@@ -396,6 +396,13 @@ mod tests {
         }
     }
 
+    /// Whether the batch is not due yet (its timer has not fired).
+    async fn not_due(batch: &mut Batch) -> bool {
+        tokio::time::timeout(Duration::ZERO, batch.due())
+            .await
+            .is_err()
+    }
+
     fn client() -> ClientInfo {
         ClientInfo {
             client_id: uuid::Uuid::new_v4(),
@@ -551,9 +558,7 @@ mod tests {
         let waited = Instant::now();
         tokio::time::advance(WINDOW * 5).await;
         assert!(
-            tokio::time::timeout(Duration::ZERO, batch.due())
-                .await
-                .is_err(),
+            not_due(&mut batch).await,
             "not due before the last offset, though the window passed"
         );
         assert!(!batch.arrived("c", "e", publication(3), Continuity::Next, 1));
@@ -605,9 +610,7 @@ mod tests {
         assert!(!batch.arrived("b", "e", publication(2), Continuity::Next, 1));
         tokio::time::advance(WINDOW * 5).await;
         assert!(
-            tokio::time::timeout(Duration::ZERO, batch.due())
-                .await
-                .is_err(),
+            not_due(&mut batch).await,
             "b is complete, a is not: still waiting"
         );
         assert!(!batch.arrived("a", "e", publication(2), Continuity::Next, 1));
@@ -646,18 +649,14 @@ mod tests {
         assert!(!batch.arrived("c", "e", publication(4), Continuity::Next, 1));
         tokio::time::advance(FOLLOW - WINDOW).await;
         assert!(
-            tokio::time::timeout(Duration::ZERO, batch.due())
-                .await
-                .is_err(),
+            not_due(&mut batch).await,
             "complete, but the next pipeline may follow"
         );
         assert!(!batch.flush_first("c", 5, 3), "it fits: it joins");
         assert!(!batch.arrived("c", "e", publication(5), Continuity::Next, 3));
         tokio::time::advance(FOLLOW).await;
         assert!(
-            tokio::time::timeout(Duration::ZERO, batch.due())
-                .await
-                .is_err(),
+            not_due(&mut batch).await,
             "the next pipeline is not complete yet"
         );
         assert!(!batch.arrived("c", "e", publication(6), Continuity::Next, 1));
