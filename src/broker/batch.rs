@@ -27,22 +27,25 @@
 //! publish is a script (about 24 µs each on the benchmark machine), so a pipeline of 256 runs
 //! for about 6 ms, several of the usual windows.
 //!
-//! In a stream of pipelines (one completes less than [`QUIET`] after the previous one), the
-//! batch still waits [`FOLLOW`] for the next pipeline once those it waits for have all
-//! arrived (never past [`RUN_WAIT`] after its first event). A publisher that sends in bulk
-//! sends its next pipeline as soon as the previous one is answered, which is when that one's
-//! last publication reaches the nodes. Delivered without that wait, a stream of pipelines
-//! reaches each subscriber as one write per pipeline, and pipelines are short: the
-//! publisher's messages are split between the one the broker runs and the one the node writes
-//! out. Waiting for the next one doubles what each write carries (measured, 1,000
-//! subscribers: 6.2-7.1 `writev` per 1,000 deliveries without it, about 4.0 with it, the
-//! memory broker's 4.0; docs/BENCHMARKS.md, "Issue 19: the next pipeline waited for"). The
-//! cost: in such a stream, each batch is delivered up to [`FOLLOW`] after its last pipeline
+//! In a stream of pipelines (a pipeline whose first publication arrived less than
+//! [`RUN_WAIT`] after its channel's previous pipeline was complete), the batch still waits
+//! [`FOLLOW`] for the next pipeline once those it waits for have all arrived, unless that
+//! would pass [`RUN_WAIT`] after its first event. A publisher that sends in bulk sends its
+//! next pipeline as soon as the previous one is answered, which is when that one's last
+//! publication reaches the nodes. Delivered without that wait, a stream of pipelines reaches
+//! each subscriber as one write per pipeline, and pipelines are short: the publisher's
+//! messages are split between the one the broker runs and the one the node writes out.
+//! Waiting for the next one doubles what each write carries (measured, 1,000 subscribers:
+//! 6.2-7.1 `writev` per 1,000 deliveries without it, 4.0-4.4 with it, the memory broker's 4.0;
+//! docs/BENCHMARKS.md, "Issue 19: the next pipeline waited for, and a full run"). The cost:
+//! in such a stream, each batch is delivered up to [`FOLLOW`] after its last pipeline
 //! arrived, and whatever else arrives meanwhile (through Redis, any channel's events) waits
-//! with it. A pipeline after a quiet spell, and publications that arrive one by one, never
-//! wait for it. A pipeline that would not fit in the batch is not added to it: the receive
-//! task delivers what is held first ([`Batch::flush_first`]), so pipelines stay whole (a
-//! stream that takes longer than [`RUN_WAIT`] is still cut there).
+//! with it. A pipeline after a quiet spell, or whose channel had no pipeline just before,
+//! and publications that arrive one by one, never wait for it. A pipeline that would not fit
+//! in the batch is not added to it while no other is incomplete: the receive task delivers
+//! what is held first ([`Batch::take`]), so pipelines are not cut where a batch fills up.
+//! (They still are where a batch's [`RUN_WAIT`] ends, or at [`MAX_HELD`] when longer than
+//! that or while another pipeline is incomplete: every wait is bounded.)
 //!
 //! Order is kept: events are delivered in arrival order, and whoever drives a batch flushes
 //! it before anything it reports on its own (a gap after a reconnect). When the node stops, the
@@ -70,9 +73,9 @@ pub const QUIET: Duration = Duration::from_millis(100);
 pub const RUN_WAIT: Duration = Duration::from_millis(20);
 
 /// How long a batch whose announced pipelines have all arrived still waits for the next
-/// pipeline of their publisher (see the module docs). On the benchmark machine, with the
-/// publisher's node busy writing to its subscribers, 1 ms merged almost no pipelines, 2 ms
-/// some, 3 ms and 6 ms nearly all once the stream settled; 5 ms leaves a margin for a
+/// pipeline, in a stream of pipelines (see the module docs). On the benchmark machine, with
+/// the publisher's node busy writing to its subscribers, 1 ms merged almost no pipelines,
+/// 2 ms some, 3 ms and 6 ms nearly all once the stream settled; 5 ms leaves a margin for a
 /// busier publisher's node (in a debug build the next one often follows 3-5 ms later).
 pub const FOLLOW: Duration = Duration::from_millis(5);
 
@@ -110,15 +113,20 @@ pub struct Batch {
     /// When the held events are due without a longer wait ([`Batch::hold_until`]): the
     /// usual window after the first one.
     window_end: Instant,
-    /// The channel and last offset of each announced pipeline being waited for
-    /// ([`Batch::expect_run`]); a few at most (one per channel).
-    runs: Vec<(String, u64)>,
+    /// The channel, last offset and first arrival of each announced pipeline being waited
+    /// for ([`Batch::expect_run`]); a few at most (one per channel).
+    runs: Vec<(String, u64, Instant)>,
     /// Pipelines announced ahead of their first publication ([`Batch::announce`]): channel,
     /// count and the first one's offset; one per channel, at most [`MAX_ANNOUNCED`].
     announced: Vec<(String, u64, u64)>,
-    /// When the pipelines waited for last all arrived: one that completes less than
-    /// [`QUIET`] after the previous one is part of a stream, and waits [`FOLLOW`] for the next.
-    run_ended: Option<Instant>,
+    /// When each channel's last pipeline was complete, for those within [`RUN_WAIT`]: a
+    /// pipeline whose first publication arrived sooner than that after its channel's
+    /// previous one was complete is part of a stream ([`Batch::run_complete`]). A pipeline
+    /// cut short (the batch delivered before it was complete) records nothing.
+    run_ended: Vec<(String, Instant)>,
+    /// Whether a pipeline of a stream completed since the last delivery: the batch then
+    /// waits [`FOLLOW`] for the next one ([`Batch::runs_arrived`]).
+    follow: bool,
 }
 
 /// Announcements kept at most while their first publication has not arrived (it follows at
@@ -135,7 +143,8 @@ impl Default for Batch {
             window_end: Instant::now(),
             runs: Vec::new(),
             announced: Vec::new(),
-            run_ended: None,
+            run_ended: Vec::new(),
+            follow: false,
         }
     }
 }
@@ -181,14 +190,37 @@ impl Batch {
         now
     }
 
-    /// Whether what is held must be delivered before the publication of `channel` at `offset`
-    /// is taken ([`Batch::arrived`], with the same `run`): when it starts a pipeline that
-    /// would not fit in this batch ([`MAX_HELD`]). Delivered first, the held events keep
-    /// their pipelines whole, and the new one starts a batch of its own, instead of being cut
-    /// where this one fills up. (One that does not complete within the batch's [`RUN_WAIT`]
-    /// is still cut there: the wait is bounded.)
-    pub fn flush_first(&self, channel: &str, offset: u64, run: u64) -> bool {
-        if !self.holding() {
+    /// Takes a received publication as [`Batch::arrived`] does, delivering what is held to
+    /// `events` first if the publication starts a pipeline that would not fit in this batch
+    /// ([`MAX_HELD`]) while no other pipeline is being waited for: the held events keep
+    /// their pipelines whole, and the new one starts a batch of its own instead of being cut
+    /// where this one fills up. (A pipeline is still cut where the batch's [`RUN_WAIT`] ends,
+    /// or at [`MAX_HELD`] when it is longer or another is incomplete: the wait is bounded.)
+    /// `true` if the batch must be delivered now.
+    pub fn take(
+        &mut self,
+        events: &dyn BrokerEvents,
+        channel: &str,
+        epoch: &str,
+        publication: Publication,
+        continuity: Continuity,
+        run: u64,
+    ) -> bool {
+        if self.flush_first(channel, publication.offset, continuity, run) {
+            self.flush(events);
+        }
+        self.arrived(channel, epoch, publication, continuity, run)
+    }
+
+    /// See [`Batch::take`].
+    fn flush_first(&self, channel: &str, offset: u64, continuity: Continuity, run: u64) -> bool {
+        // A publication after a gap is held behind a gap report: one event more.
+        let gap = match continuity {
+            Continuity::Next => 0,
+            Continuity::Gap => 1,
+            Continuity::Seen | Continuity::Unwanted => return false,
+        };
+        if !self.holding() || !self.runs.is_empty() {
             return false;
         }
         let announced = self
@@ -197,7 +229,7 @@ impl Batch {
             .find(|(c, _, first)| c == channel && *first == offset)
             .map_or(1, |(_, announced, _)| *announced);
         let run = run.max(announced);
-        run > 1 && (self.count as u64).saturating_add(run) > MAX_HELD as u64
+        run > 1 && (self.count as u64).saturating_add(gap + run) > MAX_HELD as u64
     }
 
     /// Notes that the publication of `channel` at `offset` starts a pipeline of `run` (for a
@@ -219,9 +251,16 @@ impl Batch {
         let now = self.note_arrival();
         if !self.runs.is_empty() {
             let offset = publication.offset;
-            self.runs.retain(|(c, end)| c != channel || offset < *end);
-            if self.runs.is_empty() {
-                self.runs_arrived();
+            if let Some(at) = self
+                .runs
+                .iter()
+                .position(|(c, end, _)| c == channel && offset >= *end)
+            {
+                let (_, _, started) = self.runs.swap_remove(at);
+                self.run_complete(channel, started);
+                if self.runs.is_empty() {
+                    self.runs_arrived();
+                }
             }
         }
         if let Some(Held::Run {
@@ -302,34 +341,53 @@ impl Batch {
     /// Says that the publication of `channel` just held at `offset` starts a pipeline of `run`
     /// (its publisher sent them together): what is held waits for the pipeline's last offset,
     /// even if it arrived after a quiet spell, and is then due as [`Batch::runs_arrived`]
-    /// says. The caller delivers the batch only if it is full. Several channels' pipelines may be waited for at once
-    /// (one receive task serves every channel of a Redis node); the batch waits for all of
-    /// them, at most [`RUN_WAIT`] after its first event, or until [`MAX_HELD`].
+    /// says. The caller delivers the batch only if it is full. Several channels' pipelines
+    /// may be waited for at once (one receive task serves every channel of a Redis node); the
+    /// batch waits for all of them, at most [`RUN_WAIT`] after its first event, or until
+    /// [`MAX_HELD`].
     fn expect_run(&mut self, channel: &str, offset: u64, run: u64) {
         if run <= 1 {
             return;
         }
         let end = offset.saturating_add(run - 1);
-        match self.runs.iter_mut().find(|(c, _)| c == channel) {
+        match self.runs.iter_mut().find(|(c, ..)| c == channel) {
             Some(pending) => pending.1 = end,
-            None => self.runs.push((channel.to_owned(), end)),
+            None => self.runs.push((channel.to_owned(), end, Instant::now())),
         }
         self.hold_until(self.first() + RUN_WAIT);
     }
 
-    /// The pipelines waited for have all arrived ([`Batch::expect_run`]). If the previous
-    /// ones did so less than [`QUIET`] ago (a stream of pipelines), what is held is due
-    /// [`FOLLOW`] from now, for the next pipeline (one announced meanwhile is waited for too),
-    /// but no later than [`RUN_WAIT`] after the first event. Otherwise it is due when it would
-    /// have been without the longer wait: at the end of the usual window, at once if that has
-    /// passed. Later events still join it until then.
-    fn runs_arrived(&mut self) {
+    /// A pipeline of `channel` whose first publication arrived at `started` is complete: it
+    /// is part of a stream if its channel's previous one was complete less than
+    /// [`RUN_WAIT`] before that (a publisher sending in bulk sends the next pipeline as soon
+    /// as the previous one is answered, 1-5 ms later on the benchmark machine).
+    fn run_complete(&mut self, channel: &str, started: Instant) {
         let now = Instant::now();
-        let streaming = self.run_ended.is_some_and(|ended| now - ended < QUIET);
-        self.run_ended = Some(now);
+        self.follow |= self
+            .run_ended
+            .iter()
+            .any(|(c, ended)| c == channel && started.saturating_duration_since(*ended) < RUN_WAIT);
+        self.run_ended
+            .retain(|(c, ended)| c != channel && now - *ended < RUN_WAIT);
+        if self.run_ended.len() >= MAX_ANNOUNCED {
+            self.run_ended.remove(0);
+        }
+        self.run_ended.push((channel.to_owned(), now));
+    }
+
+    /// The pipelines waited for have all arrived ([`Batch::expect_run`]). If one of them was
+    /// part of a stream ([`Batch::run_complete`]), what is held is due [`FOLLOW`] from now,
+    /// for the next pipeline (one announced meanwhile is waited for too), unless that would
+    /// pass [`RUN_WAIT`] after the first event (a pipeline starting that late would be cut
+    /// there). Otherwise it is due when it would have been without the longer wait: at the
+    /// end of the usual window, at once if that has passed. Later events still join it until
+    /// then.
+    fn runs_arrived(&mut self) {
+        let follow = std::mem::take(&mut self.follow);
         if self.holding() {
-            let due = if streaming {
-                (now + FOLLOW).min(self.first() + RUN_WAIT)
+            let next = Instant::now() + FOLLOW;
+            let due = if follow && next <= self.first() + RUN_WAIT {
+                next
             } else {
                 self.window_end
             };
@@ -371,6 +429,7 @@ impl Batch {
         // Announcements stay: their publications may still be on their way.
         self.count = 0;
         self.runs.clear();
+        self.follow = false;
     }
 
     /// Drops what is held (the feed stopped: nobody wants it any more). A pipeline not
@@ -380,439 +439,10 @@ impl Batch {
         self.count = 0;
         self.runs.clear();
         self.announced.clear();
+        self.follow = false;
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::broker::conformance::{Event, Recorder, json};
-
-    fn publication(offset: u64) -> Publication {
-        Publication {
-            offset,
-            data: json("1"),
-            client_id: None,
-        }
-    }
-
-    /// Whether the batch is not due yet (its timer has not fired).
-    async fn not_due(batch: &mut Batch) -> bool {
-        tokio::time::timeout(Duration::ZERO, batch.due())
-            .await
-            .is_err()
-    }
-
-    fn client() -> ClientInfo {
-        ClientInfo {
-            client_id: uuid::Uuid::new_v4(),
-            user: None,
-            info: None,
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_first_event_after_a_quiet_spell_goes_at_once_and_a_stream_waits_for_more() {
-        let mut batch = Batch::default();
-        let node = Recorder::default();
-        assert!(
-            batch.publication("c", "e", publication(1)),
-            "quiet: at once"
-        );
-        batch.flush(&node);
-        let (joined, left) = (client(), client());
-        assert!(
-            !batch.publication("c", "e", publication(2)),
-            "streaming: held"
-        );
-        assert!(!batch.gap("c"));
-        assert!(!batch.publication("c", "e", publication(4)));
-        assert!(!batch.join("c", joined.clone()));
-        assert!(!batch.leave("c", left.clone()));
-        assert!(batch.holding());
-        assert_eq!(node.taken("").len(), 1, "nothing delivered early");
-        let waited = Instant::now();
-        batch.due().await;
-        assert_eq!(
-            waited.elapsed(),
-            WINDOW,
-            "due one window after the first held"
-        );
-        batch.flush(&node);
-        assert!(!batch.holding());
-        assert_eq!(
-            node.taken(""),
-            [
-                Event::Publication("c".into(), 1),
-                Event::Publication("c".into(), 2),
-                Event::Gap("c".into()),
-                Event::Publication("c".into(), 4),
-                Event::Join("c".into(), joined.client_id),
-                Event::Leave("c".into(), left.client_id),
-            ],
-            "delivered in arrival order"
-        );
-        assert_eq!(node.epochs("c").len(), 3);
-        tokio::time::advance(QUIET - WINDOW - Duration::from_millis(1)).await;
-        assert!(
-            !batch.publication("c", "e", publication(5)),
-            "still streaming"
-        );
-        batch.flush(&node);
-        tokio::time::advance(QUIET).await;
-        assert!(batch.publication("c", "e", publication(6)), "quiet again");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_full_batch_is_delivered_at_once() {
-        let mut batch = Batch::default();
-        assert!(batch.publication("c", "e", publication(1)));
-        batch.discard();
-        for offset in 2..=MAX_HELD as u64 {
-            assert!(!batch.publication("c", "e", publication(offset)));
-        }
-        assert!(batch.publication("c", "e", publication(MAX_HELD as u64 + 1)));
-        let node = Recorder::default();
-        batch.flush(&node);
-        assert_eq!(node.taken("c").len(), MAX_HELD);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_batch_told_more_is_coming_waits_longer_and_only_then() {
-        let mut batch = Batch::default();
-        batch.hold_until(Instant::now() + Duration::from_millis(20));
-        assert!(!batch.holding(), "nothing held: nothing to wait for");
-        assert!(batch.publication("c", "e", publication(1)));
-        batch.discard();
-        assert!(!batch.publication("c", "e", publication(2)));
-        let waited = Instant::now();
-        batch.hold_until(Instant::now() + Duration::from_millis(20));
-        batch.hold_until(Instant::now() + Duration::from_millis(5));
-        assert!(!batch.publication("c", "e", publication(3)));
-        batch.due().await;
-        assert_eq!(
-            waited.elapsed(),
-            Duration::from_millis(20),
-            "the longest wait asked for"
-        );
-        let node = Recorder::default();
-        batch.flush(&node);
-        assert_eq!(node.runs("c"), [2]);
-        let waited = Instant::now();
-        assert!(!batch.publication("c", "e", publication(4)));
-        batch.due().await;
-        assert_eq!(waited.elapsed(), WINDOW, "the next batch waits as usual");
-        batch.flush(&node);
-
-        // What was waited for came early: due at the end of the usual window ...
-        let waited = Instant::now();
-        assert!(!batch.publication("c", "e", publication(5)));
-        batch.hold_until(Instant::now() + Duration::from_millis(20));
-        batch.runs_arrived();
-        batch.due().await;
-        assert_eq!(waited.elapsed(), WINDOW);
-        batch.flush(&node);
-        // ... or late: due at once, ...
-        tokio::time::advance(QUIET).await;
-        assert!(
-            batch.publication("c", "e", publication(6)),
-            "quiet: at once"
-        );
-        batch.flush(&node);
-        assert!(!batch.publication("c", "e", publication(7)));
-        batch.hold_until(Instant::now() + Duration::from_millis(20));
-        tokio::time::advance(WINDOW * 3).await;
-        let waited = Instant::now();
-        batch.runs_arrived();
-        batch.due().await;
-        assert_eq!(waited.elapsed(), Duration::ZERO);
-        batch.flush(&node);
-        // ... unless the previous one came less than QUIET before (a stream of pipelines):
-        // then FOLLOW later, for the next one, but never past RUN_WAIT after the first event.
-        assert!(!batch.publication("c", "e", publication(8)));
-        let first = Instant::now();
-        batch.hold_until(Instant::now() + Duration::from_millis(20));
-        batch.runs_arrived();
-        batch.due().await;
-        assert_eq!(first.elapsed(), FOLLOW);
-        batch.flush(&node);
-        assert!(!batch.publication("c", "e", publication(9)));
-        let first = Instant::now();
-        batch.hold_until(Instant::now() + Duration::from_millis(20));
-        tokio::time::advance(RUN_WAIT - WINDOW).await;
-        batch.runs_arrived();
-        batch.due().await;
-        assert_eq!(first.elapsed(), RUN_WAIT);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_announced_pipeline_waits_for_its_last_offset_even_after_a_quiet_spell() {
-        let mut batch = Batch::default();
-        let node = Recorder::default();
-        assert!(
-            !batch.arrived("c", "e", publication(1), Continuity::Next, 3),
-            "quiet, but announced: held"
-        );
-        assert!(!batch.arrived("c", "e", publication(2), Continuity::Next, 1));
-        assert!(!batch.arrived("d", "e", publication(1), Continuity::Next, 1));
-        let waited = Instant::now();
-        tokio::time::advance(WINDOW * 5).await;
-        assert!(
-            not_due(&mut batch).await,
-            "not due before the last offset, though the window passed"
-        );
-        assert!(!batch.arrived("c", "e", publication(3), Continuity::Next, 1));
-        batch.due().await;
-        assert_eq!(
-            waited.elapsed(),
-            WINDOW * 5,
-            "due at once: the window passed"
-        );
-        batch.flush(&node);
-        assert_eq!(node.runs("c"), [2, 1], "the pipeline in one batch");
-
-        // A pipeline whose rest never comes is waited for RUN_WAIT at most; a duplicate or an
-        // unwanted publication is not held; a gap is reported before its publication.
-        let waited = Instant::now();
-        assert!(!batch.arrived("c", "e", publication(10), Continuity::Gap, 5));
-        assert!(!batch.arrived("c", "e", publication(10), Continuity::Seen, 1));
-        assert!(!batch.arrived("x", "e", publication(1), Continuity::Unwanted, 1));
-        batch.due().await;
-        assert_eq!(waited.elapsed(), RUN_WAIT);
-        batch.flush(&node);
-        assert_eq!(
-            node.taken("").into_iter().skip(4).collect::<Vec<_>>(),
-            [Event::Gap("c".into()), Event::Publication("c".into(), 10)]
-        );
-        assert!(!batch.holding());
-
-        // A full batch goes at once, announced or not.
-        assert!(!batch.arrived("c", "e", publication(11), Continuity::Next, 1000));
-        for offset in 12..11 + MAX_HELD as u64 - 1 {
-            assert!(!batch.arrived("c", "e", publication(offset), Continuity::Next, 1));
-        }
-        assert!(batch.arrived(
-            "c",
-            "e",
-            publication(10 + MAX_HELD as u64),
-            Continuity::Next,
-            1
-        ));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn pipelines_of_several_channels_are_all_waited_for_and_run_wait_bounds_the_first() {
-        let mut batch = Batch::default();
-        let node = Recorder::default();
-        let waited = Instant::now();
-        assert!(!batch.arrived("a", "e", publication(1), Continuity::Next, 3));
-        assert!(!batch.arrived("b", "e", publication(1), Continuity::Next, 2));
-        assert!(!batch.arrived("b", "e", publication(2), Continuity::Next, 1));
-        tokio::time::advance(WINDOW * 5).await;
-        assert!(
-            not_due(&mut batch).await,
-            "b is complete, a is not: still waiting"
-        );
-        assert!(!batch.arrived("a", "e", publication(2), Continuity::Next, 1));
-        assert!(!batch.arrived("a", "e", publication(3), Continuity::Next, 1));
-        batch.due().await;
-        assert_eq!(waited.elapsed(), WINDOW * 5, "both complete: due at once");
-        batch.flush(&node);
-        assert_eq!((node.runs("a"), node.runs("b")), (vec![1, 2], vec![2]));
-
-        // Announcements that keep coming and never complete: the first event waits RUN_WAIT.
-        let waited = Instant::now();
-        for offset in 4..10 {
-            assert!(!batch.arrived("a", "e", publication(offset), Continuity::Next, 100));
-            tokio::time::advance(RUN_WAIT / 8).await;
-        }
-        batch.due().await;
-        assert_eq!(waited.elapsed(), RUN_WAIT);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn in_a_stream_of_pipelines_a_complete_one_waits_for_the_next() {
-        let mut batch = Batch::default();
-        let node = Recorder::default();
-        // A pipeline after a quiet spell: due as soon as it is complete.
-        assert!(!batch.arrived("c", "e", publication(1), Continuity::Next, 2));
-        tokio::time::advance(WINDOW * 2).await;
-        assert!(!batch.arrived("c", "e", publication(2), Continuity::Next, 1));
-        let waited = Instant::now();
-        batch.due().await;
-        assert_eq!(waited.elapsed(), Duration::ZERO, "alone: at once");
-        batch.flush(&node);
-        // The next one, complete less than QUIET later, waits for a third, ...
-        let waited = Instant::now();
-        assert!(!batch.arrived("c", "e", publication(3), Continuity::Next, 2));
-        tokio::time::advance(WINDOW * 2).await;
-        assert!(!batch.arrived("c", "e", publication(4), Continuity::Next, 1));
-        tokio::time::advance(FOLLOW - WINDOW).await;
-        assert!(
-            not_due(&mut batch).await,
-            "complete, but the next pipeline may follow"
-        );
-        assert!(!batch.flush_first("c", 5, 3), "it fits: it joins");
-        assert!(!batch.arrived("c", "e", publication(5), Continuity::Next, 3));
-        tokio::time::advance(FOLLOW).await;
-        assert!(
-            not_due(&mut batch).await,
-            "the next pipeline is not complete yet"
-        );
-        assert!(!batch.arrived("c", "e", publication(6), Continuity::Next, 1));
-        assert!(!batch.arrived("c", "e", publication(7), Continuity::Next, 1));
-        // ... and when none follows within FOLLOW, both go as one batch.
-        batch.due().await;
-        assert_eq!(waited.elapsed(), WINDOW + FOLLOW * 3);
-        assert!(waited.elapsed() < RUN_WAIT, "not cut short by RUN_WAIT");
-        batch.flush(&node);
-        assert_eq!(node.runs("c"), [2, 5], "the last two pipelines, one wake");
-
-        // A chain of pipelines is delivered RUN_WAIT after its first event at the latest.
-        let waited = Instant::now();
-        let mut offset = 8;
-        while waited.elapsed() < RUN_WAIT * 2 {
-            assert!(!batch.arrived("c", "e", publication(offset), Continuity::Next, 2));
-            assert!(!batch.arrived("c", "e", publication(offset + 1), Continuity::Next, 1));
-            offset += 2;
-            if tokio::time::timeout(FOLLOW / 2, batch.due()).await.is_ok() {
-                break;
-            }
-        }
-        assert!(waited.elapsed() <= RUN_WAIT, "{:?}", waited.elapsed());
-        assert!(
-            waited.elapsed() >= RUN_WAIT - FOLLOW / 2,
-            "{:?}",
-            waited.elapsed()
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_pipeline_that_would_be_cut_starts_a_batch_of_its_own() {
-        let mut batch = Batch::default();
-        let node = Recorder::default();
-        assert!(!batch.flush_first("c", 1, 200), "nothing held");
-        assert!(!batch.arrived("c", "e", publication(1), Continuity::Next, 200));
-        for offset in 2..=200 {
-            assert!(!batch.arrived("c", "e", publication(offset), Continuity::Next, 1));
-        }
-        // 200 held: a pipeline of 100 would be cut at MAX_HELD, one of 50 fits, and a single
-        // publication is no pipeline.
-        assert!(batch.flush_first("c", 201, 100));
-        assert!(!batch.flush_first("c", 201, 50));
-        assert!(!batch.flush_first("c", 201, 1));
-        batch.announce("c", 100, 201);
-        assert!(batch.flush_first("c", 201, 1), "announced ahead (Redis)");
-        assert!(!batch.flush_first("c", 202, 1), "not its first offset");
-        batch.flush(&node);
-        assert_eq!(node.runs("c"), [200]);
-        assert!(!batch.flush_first("c", 201, 100), "nothing held");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_pipeline_announced_ahead_is_waited_for_from_its_first_publication() {
-        let mut batch = Batch::default();
-        let node = Recorder::default();
-        batch.announce("c", 2, 1);
-        batch.announce("d", 5, 1);
-        // A flush in between (another channel's batch) keeps the announcements.
-        assert!(batch.arrived("x", "e", publication(1), Continuity::Next, 1));
-        batch.flush(&node);
-        tokio::time::advance(QUIET * 2).await;
-        let waited = Instant::now();
-        assert!(
-            !batch.arrived("c", "e", publication(1), Continuity::Next, 1),
-            "quiet, but announced: held"
-        );
-        tokio::time::advance(WINDOW * 3).await;
-        assert!(!batch.arrived("c", "e", publication(2), Continuity::Next, 1));
-        batch.due().await;
-        assert_eq!(waited.elapsed(), WINDOW * 3, "complete: due at once");
-        batch.flush(&node);
-        assert_eq!(node.runs("c"), [2]);
-        // Used once: the channel's next publication after a quiet spell goes at once.
-        tokio::time::advance(QUIET * 2).await;
-        assert!(batch.arrived("c", "e", publication(3), Continuity::Next, 1));
-        batch.flush(&node);
-        // Only the announced offset takes it: an earlier one (another node's publication in
-        // between) does not, and a later one drops it (its publication never came).
-        batch.announce("c", 2, 5);
-        tokio::time::advance(QUIET * 2).await;
-        assert!(batch.arrived("c", "e", publication(4), Continuity::Next, 1));
-        batch.flush(&node);
-        tokio::time::advance(QUIET * 2).await;
-        assert!(!batch.arrived("c", "e", publication(5), Continuity::Next, 1));
-        batch.discard();
-        batch.announce("c", 2, 7);
-        tokio::time::advance(QUIET * 2).await;
-        assert!(batch.arrived("c", "e", publication(8), Continuity::Next, 1));
-        assert!(!batch.announced.iter().any(|(c, ..)| c == "c"), "dropped");
-        batch.flush(&node);
-        // A later announcement replaces one that brought nothing; only so many are kept.
-        batch.announce("d", 2, 1);
-        for n in 0..MAX_ANNOUNCED {
-            batch.announce(&format!("other{n}"), 2, 1);
-        }
-        tokio::time::advance(QUIET * 2).await;
-        assert!(
-            batch.arrived("d", "e", publication(1), Continuity::Next, 1),
-            "the oldest announcement was dropped"
-        );
-        assert!(batch.announced.len() <= MAX_ANNOUNCED);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn consecutive_publications_of_one_channel_and_epoch_go_over_together() {
-        let mut batch = Batch::default();
-        batch.publication("a", "e1", publication(1));
-        batch.discard();
-        for (channel, epoch, offset) in [
-            ("a", "e1", 2),
-            ("a", "e1", 3),
-            ("b", "e1", 1),
-            ("a", "e1", 4),
-            ("a", "e2", 1),
-            ("a", "e2", 2),
-        ] {
-            batch.publication(channel, epoch, publication(offset));
-        }
-        batch.gap("a");
-        batch.publication("a", "e2", publication(3));
-        batch.join("b", client());
-        batch.publication("a", "e2", publication(4));
-        let node = Recorder::default();
-        batch.flush(&node);
-        assert_eq!(
-            node.runs("a"),
-            [2, 1, 2, 1, 1],
-            "runs of one channel and epoch"
-        );
-        assert_eq!(node.runs("b"), [1]);
-        assert_eq!(
-            node.epochs("a"),
-            [
-                (2, "e1"),
-                (3, "e1"),
-                (4, "e1"),
-                (1, "e2"),
-                (2, "e2"),
-                (3, "e2"),
-                (4, "e2")
-            ]
-            .map(|(o, e)| (o, e.to_owned()))
-        );
-        let order: Vec<Event> = node.taken("").into_iter().skip(6).collect();
-        assert!(
-            matches!(
-                &order[..],
-                [
-                    Event::Gap(_),
-                    Event::Publication(_, 3),
-                    Event::Join(..),
-                    Event::Publication(_, 4)
-                ]
-            ),
-            "gaps and joins keep their place: {order:?}"
-        );
-    }
-}
+#[path = "batch_tests.rs"]
+mod tests;

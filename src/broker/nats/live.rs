@@ -286,11 +286,8 @@ impl Inner {
         };
         let mut now = false;
         live.run(|| {
-            if batch.flush_first(channel, publication.offset, run) {
-                batch.flush(&*self.events);
-            }
             let continuity = self.subs.observe(channel, epoch, publication.offset);
-            now = batch.arrived(channel, epoch, publication, continuity, run);
+            now = batch.take(&*self.events, channel, epoch, publication, continuity, run);
         });
         now
     }

@@ -356,13 +356,10 @@ impl Shared {
         };
         match event {
             WireEvent::Publication { epoch, publication } => {
-                if batch.flush_first(channel, publication.offset, 1) {
-                    batch.flush(&*self.events);
-                }
                 let continuity = self
                     .subscriptions
                     .observe(channel, &epoch, publication.offset);
-                batch.arrived(channel, &epoch, publication, continuity, 1)
+                batch.take(&*self.events, channel, &epoch, publication, continuity, 1)
             }
             WireEvent::Run { run, offset } => {
                 if self.subscriptions.wanted(channel) {
