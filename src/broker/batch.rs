@@ -27,8 +27,8 @@
 //! publish is a script (about 24 µs each on the benchmark machine), so a pipeline of 256 runs
 //! for about 6 ms, several of the usual windows.
 //!
-//! In a stream of pipelines (a pipeline whose first publication arrived less than
-//! [`RUN_WAIT`] after its channel's previous pipeline was complete), the batch still waits
+//! In a stream of pipelines (a pipeline whose first publication arrived less than [`QUIET`]
+//! after its channel's previous pipeline was complete), the batch still waits
 //! [`FOLLOW`] for the next pipeline once those it waits for have all arrived, unless that
 //! would pass [`RUN_WAIT`] after its first event. A publisher that sends in bulk sends its
 //! next pipeline as soon as the previous one is answered, which is when that one's last
@@ -119,7 +119,7 @@ pub struct Batch {
     /// Pipelines announced ahead of their first publication ([`Batch::announce`]): channel,
     /// count and the first one's offset; one per channel, at most [`MAX_ANNOUNCED`].
     announced: Vec<(String, u64, u64)>,
-    /// When each channel's last pipeline was complete, for those within [`RUN_WAIT`]: a
+    /// When each channel's last pipeline was complete, for those within [`QUIET`]: a
     /// pipeline whose first publication arrived sooner than that after its channel's
     /// previous one was complete is part of a stream ([`Batch::run_complete`]). A pipeline
     /// cut short (the batch delivered before it was complete) records nothing.
@@ -358,17 +358,19 @@ impl Batch {
     }
 
     /// A pipeline of `channel` whose first publication arrived at `started` is complete: it
-    /// is part of a stream if its channel's previous one was complete less than
-    /// [`RUN_WAIT`] before that (a publisher sending in bulk sends the next pipeline as soon
-    /// as the previous one is answered, 1-5 ms later on the benchmark machine).
+    /// is part of a stream if its channel's previous one was complete less than [`QUIET`]
+    /// before that. A publisher sending in bulk sends the next pipeline as soon as the
+    /// previous one is answered, but its own node may first spend 10-20 ms writing the
+    /// previous batch to its subscribers, and the generator of the benchmark sends more only
+    /// once it received that: [`RUN_WAIT`] as the limit missed every other pipeline there.
     fn run_complete(&mut self, channel: &str, started: Instant) {
         let now = Instant::now();
         self.follow |= self
             .run_ended
             .iter()
-            .any(|(c, ended)| c == channel && started.saturating_duration_since(*ended) < RUN_WAIT);
+            .any(|(c, ended)| c == channel && started.saturating_duration_since(*ended) < QUIET);
         self.run_ended
-            .retain(|(c, ended)| c != channel && now - *ended < RUN_WAIT);
+            .retain(|(c, ended)| c != channel && now - *ended < QUIET);
         if self.run_ended.len() >= MAX_ANNOUNCED {
             self.run_ended.remove(0);
         }

@@ -288,9 +288,9 @@ async fn in_a_stream_of_pipelines_a_complete_one_waits_for_the_next() {
         waited.elapsed()
     );
 
-    // A pipeline more than RUN_WAIT after its channel's previous one is not a stream.
+    // A pipeline more than QUIET after its channel's previous one is not a stream.
     batch.flush(&node);
-    tokio::time::advance(RUN_WAIT).await;
+    tokio::time::advance(QUIET).await;
     assert!(!batch.arrived("c", "e", publication(offset), Continuity::Next, 2));
     assert!(!batch.arrived("c", "e", publication(offset + 1), Continuity::Next, 1));
     let waited = Instant::now();
