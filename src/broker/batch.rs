@@ -62,7 +62,9 @@ use crate::types::Publication;
 /// How long a held event may wait for more.
 pub const WINDOW: Duration = Duration::from_millis(1);
 
-/// How recent the previous event must be for a new one to be held at all.
+/// How recent the previous event must be for a new one to be held at all; also how soon
+/// after its channel's previous pipeline was complete a pipeline must start to be part of a
+/// stream (which waits [`FOLLOW`] for the next).
 pub const QUIET: Duration = Duration::from_millis(100);
 
 /// How long a batch's first event may wait for the rest of announced pipelines
