@@ -164,18 +164,14 @@ impl Batch {
         epoch: &str,
         publication: Publication,
         continuity: Continuity,
-        mut run: u64,
+        run: u64,
     ) -> bool {
         let offset = publication.offset;
-        if !self.announced.is_empty()
-            && let Some(at) = self.announced.iter().position(|(c, ..)| c == channel)
-            && self.announced[at].2 <= offset
-        {
+        let run = run.max(self.announced_run(channel, offset));
+        if !self.announced.is_empty() {
             // Its own announcement, or one whose publication never came: used or dropped.
-            let (_, announced, first) = self.announced.remove(at);
-            if first == offset {
-                run = run.max(announced);
-            }
+            self.announced
+                .retain(|(c, _, first)| c != channel || *first > offset);
         }
         let now = match continuity {
             Continuity::Next => self.publication(channel, epoch, publication),
@@ -225,13 +221,17 @@ impl Batch {
         if !self.holding() || !self.runs.is_empty() {
             return false;
         }
-        let announced = self
-            .announced
+        let run = run.max(self.announced_run(channel, offset));
+        run > 1 && (self.count as u64).saturating_add(gap + run) > MAX_HELD as u64
+    }
+
+    /// How many publications the pipeline [`Batch::announce`]d to start with `channel`'s
+    /// publication at `offset` holds; 1 if none was.
+    fn announced_run(&self, channel: &str, offset: u64) -> u64 {
+        self.announced
             .iter()
             .find(|(c, _, first)| c == channel && *first == offset)
-            .map_or(1, |(_, announced, _)| *announced);
-        let run = run.max(announced);
-        run > 1 && (self.count as u64).saturating_add(gap + run) > MAX_HELD as u64
+            .map_or(1, |(_, run, _)| *run)
     }
 
     /// Notes that the publication of `channel` at `offset` starts a pipeline of `run` (for a
