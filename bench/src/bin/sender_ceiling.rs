@@ -487,7 +487,10 @@ mod tests {
         let (sender, mut receiver) = pair();
         let pipe = zero_copy::Pipe::new(0).expect("pipe");
         let first = zero_copy::Pages::filled(b"first frame!", 1000).expect("mmap");
-        assert_eq!(pipe.send(&first, &sender).expect("splice"), 2);
+        assert!(
+            pipe.send(&first, &sender).expect("splice") >= 2,
+            "a vmsplice and a splice at least"
+        );
         // The socket buffer still refers to those pages; unmapping them and writing new ones
         // (likely at the same address) must not change what the reader gets.
         drop(first);
