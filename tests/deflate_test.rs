@@ -65,30 +65,10 @@ fn inflate(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// One masked client frame.
-fn masked_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![first_byte];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    let key = [0x12, 0x34, 0x56, 0x78];
-    out.extend_from_slice(&key);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    out
-}
-
 impl DeflateClient {
     async fn send_frame(&mut self, first_byte: u8, payload: &[u8]) {
         self.stream
-            .write_all(&masked_frame(first_byte, payload))
+            .write_all(&common::client_frame(first_byte, payload, true))
             .await
             .unwrap();
     }
@@ -318,7 +298,11 @@ async fn pipelined_publications_reach_deflate_subscribers_one_message_each() {
     let mut pipeline = Vec::new();
     for i in 0..20 {
         let publish = json!({"type":"publish","id":i.to_string(),"channel":"feed","data":data(i)});
-        pipeline.extend(masked_frame(0x81, publish.to_string().as_bytes()));
+        pipeline.extend(common::client_frame(
+            0x81,
+            publish.to_string().as_bytes(),
+            true,
+        ));
     }
     publisher.stream.write_all(&pipeline).await.unwrap();
     for (n, client) in subscribers.iter_mut().enumerate() {

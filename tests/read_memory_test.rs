@@ -187,16 +187,6 @@ async fn headers_declaring_maximum_frames_do_not_make_the_server_reserve_them() 
     wait_exit(&mut server.child, Duration::from_secs(10));
 }
 
-/// One masked frame (key 12 34 56 78), as `RawClient::send_frame` writes it.
-fn masked_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() < 126);
-    let key = [0x12, 0x34, 0x56, 0x78];
-    let mut frame = vec![first_byte, 0x80 | payload.len() as u8];
-    frame.extend_from_slice(&key);
-    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    frame
-}
-
 /// An idle session gives its buffers and its parser back on the heartbeat tick (once a
 /// second); a message still under way must keep them. A fragmented message, a character split
 /// between fragments and a frame cut in two, each completed after two ticks, come back whole.
@@ -211,7 +201,7 @@ async fn a_message_under_way_survives_the_ticks_that_release_idle_buffers() {
     // Ends between the two bytes of the umlaut.
     split_char.send_frame(0x01, &word[..2], true).await;
     let mut cut = RawClient::connect(addr, "/echo").await;
-    let frame = masked_frame(0x82, b"0123456789");
+    let frame = client_frame(0x82, b"0123456789", true);
     cut.stream.write_all(&frame[..7]).await.unwrap();
 
     tokio::time::sleep(Duration::from_millis(2500)).await;

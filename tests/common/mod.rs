@@ -355,6 +355,32 @@ pub async fn raw_upgrade(
     (stream, buf, head)
 }
 
+/// One client frame with `first_byte` (FIN, RSV and opcode) and the shortest length
+/// encoding; `masked` (key 12 34 56 78) for a well-behaved client.
+pub fn client_frame(first_byte: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut out = vec![first_byte];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n <= 0xFFFF => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let key = [0x12, 0x34, 0x56, 0x78];
+    if masked {
+        out.extend_from_slice(&key);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
 /// A hand-driven WebSocket client for what real clients refuse to send.
 pub struct RawClient {
     pub stream: TcpStream,
@@ -373,27 +399,10 @@ impl RawClient {
 
     /// Sends one frame; `masked` should be true for a well-behaved client.
     pub async fn send_frame(&mut self, first_byte: u8, payload: &[u8], masked: bool) {
-        let mut out = vec![first_byte];
-        let mask_bit = if masked { 0x80 } else { 0 };
-        match payload.len() {
-            n if n < 126 => out.push(mask_bit | n as u8),
-            n if n <= 0xFFFF => {
-                out.push(mask_bit | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(mask_bit | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        let key = [0x12, 0x34, 0x56, 0x78];
-        if masked {
-            out.extend_from_slice(&key);
-            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-        } else {
-            out.extend_from_slice(payload);
-        }
-        self.stream.write_all(&out).await.unwrap();
+        self.stream
+            .write_all(&client_frame(first_byte, payload, masked))
+            .await
+            .unwrap();
     }
 
     pub async fn send_text(&mut self, text: &str) {
