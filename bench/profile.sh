@@ -20,7 +20,9 @@
 # first message and --after-burst stops right after the last delivery, so connecting and
 # closing are not counted.
 #
-# Usage: [SIZE=64] bench/profile.sh MODE [SUBSCRIBERS] [MESSAGES] [DIALECT] [THREADS] [BINARY]
+# WARMUP=N sends N messages to the same subscribers first, unmeasured (sockets warm).
+#
+# Usage: [SIZE=64] [WARMUP=0] bench/profile.sh MODE [SUBSCRIBERS] [MESSAGES] [DIALECT] [THREADS] [BINARY]
 #   e.g. bench/profile.sh callgrind 1000 2000 legacy 1
 #        bench/profile.sh syscalls 10000 200 v1 2 /tmp/base/target/release/rusty_socks
 # Fixed port 9500 like the other bench scripts: run it under `flock /tmp/bench.lock`.
@@ -73,7 +75,7 @@ for _ in $(seq 1 300); do
 done
 
 result=$(taskset -c 0 target/release/loadgen broadcast --subscribers "$SUBSCRIBERS" \
-  --messages "$MESSAGES" --size "${SIZE:-64}" --window 256 --dialect "$DIALECT" \
+  --messages "$MESSAGES" --size "${SIZE:-64}" --window 256 --warmup "${WARMUP:-0}" --dialect "$DIALECT" \
   --url "ws://127.0.0.1:$PORT/ws" --server-pid "$SERVER_PID" --timeout 900 \
   --before-burst "$BEFORE" --after-burst "$AFTER" 2>/dev/null | grep '^RESULT')
 stop

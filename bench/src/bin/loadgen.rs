@@ -21,7 +21,7 @@ USAGE:
                     [--messages 2000] [--size 64] [--rate 0] [--window 256]
                     [--stalled 0] [--server-pid PID] [--timeout 60] [--deflate [--inflate-every 1]]
                     [--dialect legacy|v1] [--channel bench]
-                    [--before-burst CMD] [--after-burst CMD]
+                    [--before-burst CMD] [--after-burst CMD] [--warmup 0]
       N subscribers and P publishers connect; each publisher sends --messages JSON chat
       messages of --size bytes ({\"sender\":..,\"content\":..}); every one must reach every
       subscriber. --rate is messages/s per publisher (0 = flat out, at most --window messages
@@ -40,7 +40,9 @@ USAGE:
       --before-burst / --after-burst run a shell command (sh -c) right before the first
       message is sent and right after the last one arrived, while every connection is still
       open: bench/callgrind.sh zeroes and dumps the server's instruction counts there, so
-      connecting and closing are not counted.
+      connecting and closing are not counted. --warmup N makes each publisher send N messages
+      first, on the same connections, and waits until every subscriber has them before the
+      hook runs and measuring starts: the measured burst then finds its sockets warm.
 
   loadgen echo --url ws://127.0.0.1:3030/echo [--connections 100] [--window 1] [--size 64]
                [--duration 10] [--server-pid PID]
@@ -233,6 +235,8 @@ async fn broadcast(args: &Args) -> Result<(), String> {
     let subscribers = args.number("subscribers", 1000)? as usize;
     let publishers = args.number("publishers", 1)?.max(1) as usize;
     let messages = args.number("messages", 2000)?;
+    // Sent first and not measured: sequence numbers 0..warmup, then the measured burst.
+    let warmup = args.number("warmup", 0)?;
     let size = args.number("size", 64)? as usize;
     let rate = args.number("rate", 0)?;
     let window = args.number("window", 256)?.max(1);
@@ -313,7 +317,7 @@ async fn broadcast(args: &Args) -> Result<(), String> {
             let mut inflated = Vec::new();
             let mut buf = leftover;
             let mut stream = stream;
-            let expected_total = messages * publishers as u64;
+            let expected_total = (warmup + messages) * publishers as u64;
             let mut got = 0u64;
             let mut pongs = Vec::new();
             while got < expected_total {
@@ -358,7 +362,9 @@ async fn broadcast(args: &Args) -> Result<(), String> {
                     }
                     progress.store(seq + 1, Ordering::Release);
                     got += 1 + (seq - expected);
-                    latencies.record(micros_since(start).saturating_sub(sent));
+                    if seq >= warmup {
+                        latencies.record(micros_since(start).saturating_sub(sent));
+                    }
                 });
                 if !pongs.is_empty() {
                     let _ = stream.write_all(&pongs).await;
@@ -394,27 +400,28 @@ async fn broadcast(args: &Args) -> Result<(), String> {
         start.elapsed().as_secs_f64()
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    if let Some(hook) = args
-        .flag("before-burst")
-        .then(|| args.string("before-burst", ""))
-    {
-        run_hook("before-burst", &hook)?;
-    }
-
-    let cpu_before = cluster_cpu(&server_pids);
-    let own_before = process_cpu(std::process::id());
-    let began = Instant::now();
     let subs = Arc::new(subs);
+    // Publishers wait here after their warm-up until it has reached every subscriber.
+    let go = Arc::new(Semaphore::new(0));
     let mut sending = Vec::new();
     for (publisher, mut wr) in publisher_streams.into_iter().enumerate() {
         let subs = Arc::clone(&subs);
+        let go = Arc::clone(&go);
         let channel = v1.then(|| channel.clone());
         sending.push(tokio::spawn(async move {
             let interval = (rate > 0).then(|| Duration::from_secs_f64(1.0 / rate as f64));
             let mut next = Instant::now();
             let mut out = Vec::new();
             let mut seq = 0;
-            while seq < messages {
+            let total = warmup + messages;
+            while seq < total {
+                if seq == warmup {
+                    match go.acquire().await {
+                        Ok(permit) => permit.forget(),
+                        Err(_) => return seq,
+                    }
+                    next = Instant::now();
+                }
                 // Never more than `window` ahead of the slowest subscriber.
                 loop {
                     let slowest = subs
@@ -427,7 +434,8 @@ async fn broadcast(args: &Args) -> Result<(), String> {
                     }
                     tokio::time::sleep(Duration::from_micros(200)).await;
                 }
-                let batch_end = (seq + 32).min(messages);
+                // A batch never crosses from the warm-up into the measured burst.
+                let batch_end = (seq + 32).min(if seq < warmup { warmup } else { total });
                 out.clear();
                 while seq < batch_end {
                     let msg = chat_message(run, publisher, seq, micros_since(start), size);
@@ -451,6 +459,34 @@ async fn broadcast(args: &Args) -> Result<(), String> {
             seq
         }));
     }
+    if warmup > 0 {
+        let deadline = Instant::now() + timeout;
+        while subs.iter().any(|s| {
+            s.progress
+                .iter()
+                .any(|p| p.load(Ordering::Acquire) < warmup)
+        }) {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the {warmup}-message warm-up did not reach every subscriber in {timeout:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Let the last warm-up writes settle before measuring.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    if let Some(hook) = args
+        .flag("before-burst")
+        .then(|| args.string("before-burst", ""))
+    {
+        run_hook("before-burst", &hook)?;
+    }
+
+    let cpu_before = cluster_cpu(&server_pids);
+    let own_before = process_cpu(std::process::id());
+    let began = Instant::now();
+    go.add_permits(publishers);
     for handle in sending {
         let _ = handle.await;
     }
@@ -498,7 +534,8 @@ async fn broadcast(args: &Args) -> Result<(), String> {
                 .sum::<u64>()
         })
         .sum::<u64>()
-        - lost.load(Ordering::Relaxed);
+        - lost.load(Ordering::Relaxed)
+        - warmup * publishers as u64 * subscribers as u64;
     let missing = expected - delivered;
     let (p50, p99, p999) = latencies.percentiles();
     let per_cpu = cpu.map_or(0.0, |c| delivered as f64 / c.as_secs_f64().max(0.001));
