@@ -6,9 +6,8 @@
 #
 # WRITE=splice measures the zero-copy prototype instead (each batch encoded once into fresh
 # pages and handed to every socket by reference with vmsplice + splice), WRITE="writev splice"
-# both in turn. Run at 1000 and at 9900 connections to see how a bare sender's cost per frame
-# grows with the audience (each connection holds two descriptors here: 9900 fits a limit of
-# 20,000).
+# both in turn. Run at 1000 and at 9900 connections to compare a bare sender's cost per frame
+# at two audiences (each connection holds two descriptors here: 9900 fits a limit of 20,000).
 #
 # Usage: [WRITE=writev|splice|"writev splice"] bench/sender_ceiling.sh [SECONDS_PER_BATCH_SIZE] [CONNECTIONS]
 #   (defaults: 5, 1000, writev)

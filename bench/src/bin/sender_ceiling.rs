@@ -17,8 +17,8 @@
 //! by reference (`vmsplice` into a pipe, `splice` from the pipe to the socket) instead of a
 //! copy into its own socket buffer. The kernel's copy into fresh, cache-cold socket-buffer
 //! pages is the largest part of a delivery's cost in a profile of a burst to 10,000 subscribers
-//! (40 %, docs/BENCHMARKS.md); this measures what is left
-//! without it. The server does not do this (see [`zero_copy`]).
+//! (40 %, docs/BENCHMARKS.md); this measures what is left without it. The server does not do
+//! this (see [`zero_copy`]).
 
 use std::io::{IoSlice, Read, Write};
 use std::net::{TcpListener, TcpStream};
